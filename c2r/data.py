@@ -1,0 +1,127 @@
+"""Training text: an embedded real corpus that needs no download, or the user's own files; byte-level tokens.
+
+The embedded corpus is the Python standard library's own source, which every Python install ships. Files are split
+into train and validation by file (every ``val_every``-th file in sorted order is held out), so validation text is
+never seen in training, not even as a neighbouring window.
+"""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".jsonl"}
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from. ``path`` None means the embedded standard-library corpus."""
+
+    path: str | None = None
+    max_bytes: int = 8_000_000
+    val_every: int = 20
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: vocabulary 256, lossless, no training needed."""
+
+    vocab_size = 256
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+
+    def decode(self, tokens) -> str:
+        return bytes(int(t) for t in tokens).decode("utf-8", errors="replace")
+
+
+@dataclass
+class Corpus:
+    train: np.ndarray  # uint8 tokens
+    val: np.ndarray
+    source: str
+    num_documents: int
+
+
+def stdlib_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "__pycache__" not in p.parts)
+
+
+def user_documents(path: Path) -> list[str]:
+    """Texts from a file or a directory of .txt/.md/.rst/.py files and .jsonl files (one {"text": ...} per line)."""
+    if not path.exists():
+        raise FileNotFoundError(f"--data path {str(path)!r} does not exist")
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES)
+    if not files:
+        raise ValueError(f"no text files ({', '.join(sorted(TEXT_SUFFIXES))}) under {str(path)!r}")
+    documents = []
+    for file in files:
+        if file.suffix == ".jsonl":
+            documents.extend(_jsonl_texts(file))
+        else:
+            documents.append(file.read_text(encoding="utf-8", errors="replace"))
+    return documents
+
+
+def _jsonl_texts(file: Path) -> list[str]:
+    texts = []
+    for line_no, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{file}:{line_no}: not valid JSON ({error.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ValueError(f"{file}:{line_no}: expected an object with a string field 'text'")
+        texts.append(record["text"])
+    return texts
+
+
+def load_corpus(config: DataConfig) -> Corpus:
+    if config.path is None:
+        documents, source = [], f"python {sysconfig.get_python_version()} standard library source"
+        size = 0
+        for file in stdlib_files():
+            if size >= config.max_bytes:
+                break
+            documents.append(file.read_text(encoding="utf-8", errors="replace"))
+            size += len(documents[-1])
+    else:
+        documents, source = user_documents(Path(config.path)), config.path
+    return split_documents(documents, config, source)
+
+
+def split_documents(documents: list[str], config: DataConfig, source: str) -> Corpus:
+    tokenizer = ByteTokenizer()
+    if len(documents) >= 2 * config.val_every:
+        val_docs = documents[::config.val_every]
+        train_docs = [d for i, d in enumerate(documents) if i % config.val_every]
+        train, val = (tokenizer.encode("\n".join(docs))[: config.max_bytes] for docs in (train_docs, val_docs))
+    else:  # too few documents to hold whole ones out: hold out the tail instead
+        tokens = tokenizer.encode("\n".join(documents))[: config.max_bytes]
+        cut = len(tokens) - max(len(tokens) // config.val_every, 1)
+        train, val = tokens[:cut], tokens[cut:]
+    return Corpus(train=train, val=val, source=source, num_documents=len(documents))
+
+
+class BatchSampler:
+    """Random windows of ``block_size + 1`` tokens: inputs are the first L, targets the last L."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int):
+        if len(tokens) <= block_size + 1:
+            raise ValueError(f"text of {len(tokens)} tokens is too short for block_size {block_size}")
+        self.tokens = torch.from_numpy(tokens.astype(np.int64))
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.randint(len(self.tokens) - self.block_size - 1, (self.batch_size,), generator=self.generator)
+        windows = torch.stack([self.tokens[s : s + self.block_size + 1] for s in starts.tolist()])
+        return windows[:, :-1].to(device), windows[:, 1:].to(device)

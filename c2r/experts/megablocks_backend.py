@@ -1,0 +1,99 @@
+"""MegaBlocks' dropless expert computation on our stacked weights (CUDA only).
+
+The same steps as MegaBlocks' ``ParallelDroplessMLP.grouped_forward_once``: radix-sort the expert ids, histogram
+them, gather tokens into expert order with MegaBlocks' Triton kernels, run the expert MLP as grouped GEMMs
+(grouped_gemm, CUTLASS), and scatter back with the combine weights folded in. Empty slots (variable k) go to an
+extra bin past the last expert: gathered but never multiplied, and scattered with weight 0.
+
+Shape legend: T tokens, K slots, D hidden size, E experts, F expert ffn size, S = T * K sorted rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from c2r.experts.weights import ExpertWeights, gelu_tanh
+from c2r.routing.result import RoutingResult
+
+GPU_INSTALL_HINT = (
+    "install the GPU extras built against your torch: `pip install --no-deps --no-build-isolation megablocks==0.10.0 "
+    "grouped_gemm==0.3.0 stanford-stk==0.7.1` (see README.md, 'GPU install'), or use backend='torch'")
+
+
+def megablocks_unavailable_reason() -> str | None:
+    """None when MegaBlocks' grouped path can run here, else why not (a sentence naming what to do)."""
+    if not torch.cuda.is_available():
+        return "the megablocks backend needs a CUDA GPU and none is visible (torch.cuda.is_available() is False)"
+    try:
+        import grouped_gemm  # noqa: F401
+        import megablocks.ops  # noqa: F401
+    except Exception as error:  # its compiled ops fail with ImportError or OSError depending on what is missing
+        return f"MegaBlocks cannot be imported ({type(error).__name__}: {error}); {GPU_INSTALL_HINT}"
+    return None
+
+
+def sparse_impl_refusal() -> str:
+    """Why we refuse MegaBlocks' stk block-sparse path (DESIGN.md: broken upstream with triton >= 3.2)."""
+    try:
+        import triton
+
+        found = f"triton {triton.__version__} is installed"
+    except ImportError:
+        found = "triton is not installed"
+    return (f"megablocks_impl='sparse' is not supported: MegaBlocks refuses it with triton >= 3.2 and, if forced, "
+            f"stk's sdd kernel overflows 16-bit block offsets (megablocks PR #168, stk PR #17); {found}. "
+            "Use megablocks_impl='grouped'.")
+
+
+def _grouped_mlp(x_SD: torch.Tensor, batch_sizes_E: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:
+    from grouped_gemm import ops as gg_ops
+
+    h_SF = gg_ops.gmm(x_SD, experts.stacked("w1"), batch_sizes_E, trans_b=True)
+    if experts.is_glu:
+        h_SF = F.silu(h_SF) * gg_ops.gmm(x_SD, experts.stacked("v1"), batch_sizes_E, trans_b=True)
+    else:
+        h_SF = gelu_tanh(h_SF)
+    return gg_ops.gmm(h_SF, experts.stacked("w2"), batch_sizes_E)
+
+
+class MegaBlocksBackend:
+    name = "megablocks"
+
+    def __init__(self, impl: str = "grouped"):
+        if impl == "sparse":
+            raise ValueError(sparse_impl_refusal())
+        reason = megablocks_unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(reason)
+        self.impl = impl
+
+    def __call__(self, x_TD: torch.Tensor, routing: RoutingResult, experts: ExpertWeights) -> torch.Tensor:
+        import megablocks.ops as mops
+
+        if x_TD.device.type != "cuda" or x_TD.dtype != torch.bfloat16:
+            raise ValueError(f"the megablocks backend runs bfloat16 tensors on a CUDA GPU; got {x_TD.dtype} on "
+                             f"{x_TD.device} (use backend='auto' or 'torch' for other dtypes/devices)")
+        num_tokens, top_k = routing.expert_ids_TK.shape
+        num_experts = experts.num_experts
+        num_bins = num_experts if routing.fixed_k else num_experts + 1  # + the bin of empty slots
+        with torch.no_grad():
+            keys = routing.expert_ids_TK
+            if not routing.fixed_k:
+                keys = torch.where(routing.valid_TK, keys, num_experts)
+            keys = keys.flatten().int()
+            bin_ids, indices = mops.sort(keys, max(1, math.ceil(math.log2(num_bins))))
+            tokens_per_bin = mops.histogram(keys, num_bins)
+            bins = mops.inclusive_cumsum(tokens_per_bin, 0).view(-1)
+            batch_sizes_E = tokens_per_bin[:num_experts].cpu().long()  # NOTE: host sync; grouped_gemm wants sizes
+        x_SD = mops.gather(x_TD, indices, bin_ids, bins, top_k)
+        num_valid = int(batch_sizes_E.sum())
+        y_SD = _grouped_mlp(x_SD[:num_valid], batch_sizes_E, experts)
+        if num_valid < num_tokens * top_k:
+            y_SD = F.pad(y_SD, (0, 0, 0, num_tokens * top_k - num_valid))
+        weights = routing.weights_TK
+        if not routing.fixed_k:
+            weights = torch.where(routing.valid_TK, weights, torch.zeros_like(weights))
+        return mops.scatter(y_SD, indices, bin_ids, weights.flatten().to(x_TD.dtype), bins, top_k)

@@ -1,0 +1,91 @@
+"""Sort + grouped GEMM in plain PyTorch: runs anywhere torch does.
+
+Tokens are sorted by expert once; the three expert matrices then run as grouped GEMMs (``torch._grouped_mm``)
+over the sorted rows, or, where torch has no grouped kernel for the device/dtype/shape, as a loop over the
+contiguous per-expert segments.
+
+Shape legend: T tokens, D hidden size, E experts, F expert ffn size, S sorted (token, slot) rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from c2r.experts.permute import ExpertOrder, combine, sort_by_expert
+from c2r.experts.weights import ExpertWeights, gelu_tanh
+from c2r.routing.result import RoutingResult
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous: the CPU ``_grouped_mm`` backward rejects strided
+    gradients (e.g. the stride-0 gradient of ``.sum()``)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def grouped_mm_supported(x: torch.Tensor, experts: ExpertWeights) -> bool:
+    """Whether ``torch._grouped_mm`` has a kernel for this device, dtype and shape."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cuda":
+        ok_dtype = x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    else:
+        ok_dtype = x.device.type == "cpu" and x.dtype == torch.float32
+    # Row strides must be multiples of 16 bytes.
+    per_16_bytes = 16 // x.element_size()
+    aligned = experts.hidden_size % per_16_bytes == 0 and experts.ffn_hidden_size % per_16_bytes == 0
+    return ok_dtype and aligned and experts.w1.dtype == x.dtype
+
+
+def _gmm(x_SK: torch.Tensor, w_EKN: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    return _ContiguousGrad.apply(torch._grouped_mm(x_SK, w_EKN, offs=offsets_E))
+
+
+def grouped_mm_mlp(x_SD: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:
+    offsets_E = tokens_per_expert_E.cumsum(0).to(torch.int32)  # no host sync: offsets stay on the device
+    h_SF = _gmm(x_SD, experts.stacked("w1").transpose(1, 2), offsets_E)
+    if experts.is_glu:
+        h_SF = F.silu(h_SF) * _gmm(x_SD, experts.stacked("v1").transpose(1, 2), offsets_E)
+    else:
+        h_SF = gelu_tanh(h_SF)
+    return _gmm(h_SF, experts.stacked("w2"), offsets_E)
+
+
+def segment_loop_mlp(x_SD: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:
+    counts = tokens_per_expert_E.tolist()  # NOTE: host sync; the loop needs segment lengths on the host
+    outputs = [experts.expert_mlp(seg_ND, e) for e, seg_ND in enumerate(x_SD.split(counts)) if counts[e] > 0]
+    return torch.cat(outputs) if outputs else x_SD.new_zeros(0, experts.hidden_size)
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, impl: str = "auto"):
+        self.impl = impl
+
+    def use_grouped_mm(self, x: torch.Tensor, experts: ExpertWeights) -> bool:
+        if self.impl == "loop":
+            return False
+        supported = grouped_mm_supported(x, experts)
+        if self.impl == "grouped_mm":
+            if not supported:
+                raise RuntimeError(
+                    f"torch_impl='grouped_mm' has no kernel here: device {x.device}, dtype {x.dtype}, hidden "
+                    f"{experts.hidden_size}, ffn {experts.ffn_hidden_size} (needs bf16 on sm90+ GPUs or float32 on "
+                    "the CPU, and sizes whose rows are multiples of 16 bytes); use torch_impl='auto'")
+            return True
+        return supported and x.device.type != "cpu"
+
+    def __call__(self, x_TD: torch.Tensor, routing: RoutingResult, experts: ExpertWeights) -> torch.Tensor:
+        order: ExpertOrder = sort_by_expert(routing, experts.num_experts)
+        x_SD = x_TD[order.token_idx_S]
+        mlp = grouped_mm_mlp if self.use_grouped_mm(x_TD, experts) else segment_loop_mlp
+        y_SD = mlp(x_SD, order.tokens_per_expert_E, experts)
+        return combine(y_SD, order, x_TD.shape[0])

@@ -1,0 +1,76 @@
+"""The dropless MoE layer: router -> sort tokens by expert -> expert MLPs -> combine. No capacity, no dropped
+tokens; empty routing slots cost nothing.
+
+Shape legend: B batch, L sequence, T = B * L tokens, D hidden size, E experts, K slots per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from c2r.config_utils import require_positive
+from c2r.experts import ExpertBackend, ExpertConfig, ExpertWeights, build_backend, resolve_backend_name
+from c2r.routing import RouterConfig, RoutingResult, build_router
+
+
+@dataclass
+class MoEConfig:
+    """One MoE layer: how many experts, how big, how tokens are routed and how experts compute."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    ffn_hidden_size: int = 256
+    router: RouterConfig = field(default_factory=RouterConfig)
+    experts: ExpertConfig = field(default_factory=ExpertConfig)
+
+    def __post_init__(self) -> None:
+        require_positive(num_experts=self.num_experts, top_k=self.top_k, ffn_hidden_size=self.ffn_hidden_size)
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+
+
+class MoELayer(nn.Module):
+    """Drop-in replacement for a transformer MLP: ``y, routing = layer(x)`` with ``x`` of shape [..., D]."""
+
+    def __init__(self, hidden_size: int, config: MoEConfig, output_init_std: float = 0.02):
+        super().__init__()
+        self.config = config
+        self.hidden_size = hidden_size
+        self.router = build_router(hidden_size, config.num_experts, config.top_k, config.router)
+        self.experts = ExpertWeights(config.num_experts, hidden_size, config.ffn_hidden_size,
+                                     config.experts.activation, output_init_std=output_init_std)
+        self._backends: dict[str, ExpertBackend] = {}
+        if config.experts.backend != "auto":
+            self._backend(config.experts.backend)  # fail at construction, not at the first step
+
+    def _backend(self, name: str) -> ExpertBackend:
+        if name not in self._backends:
+            self._backends[name] = build_backend(name, self.config.experts)
+        return self._backends[name]
+
+    def backend_for(self, x: torch.Tensor) -> ExpertBackend:
+        return self._backend(resolve_backend_name(self.config.experts, x.device, x.dtype))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingResult]:
+        if x.shape[-1] != self.hidden_size:
+            raise ValueError(f"input hidden size {x.shape[-1]} does not match the layer's hidden size "
+                             f"{self.hidden_size} (input shape {tuple(x.shape)})")
+        x_TD = x.reshape(-1, self.hidden_size)
+        routing = self.router(x_TD)
+        out_TD = self.backend_for(x_TD)(x_TD, routing, self.experts)
+        return out_TD.view(x.shape), routing
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A clearer message than torch's generic size mismatch: name the shapes the layer was built with.
+        for name in ("w1", "v1", "w2"):
+            key = f"{prefix}experts.{name}"
+            ours = getattr(self.experts, name)
+            if key in state_dict and ours is not None and state_dict[key].shape != ours.shape:
+                E, F, D = self.config.num_experts, self.config.ffn_hidden_size, self.hidden_size
+                raise ValueError(f"checkpoint tensor {key} has shape {tuple(state_dict[key].shape)} but this layer "
+                                 f"has num_experts={E}, ffn_hidden_size={F}, hidden_size={D}, i.e. "
+                                 f"{tuple(ours.shape)} = [E*F, D]")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

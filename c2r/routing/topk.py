@@ -1,0 +1,70 @@
+"""Top-k softmax router, the baseline every MoE system uses (ALGORITHMS.md section 1).
+
+Shape legend: T tokens, D hidden size, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from c2r.routing.config import RouterConfig
+from c2r.routing.losses import load_balancing_loss, router_z_loss
+from c2r.routing.result import RoutingResult, count_tokens_per_expert
+
+
+def check_finite_logits(logits_TE: torch.Tensor) -> None:
+    # NOTE: host sync. Corrupt logits would otherwise silently route every token to expert 0.
+    bad = ~torch.isfinite(logits_TE)
+    if bool(bad.any()):
+        rows = bad.any(dim=1).nonzero().flatten()
+        raise FloatingPointError(f"router logits contain NaN/Inf for {rows.numel()} of {logits_TE.shape[0]} tokens "
+                                 f"(first token indices: {rows[:5].tolist()}); check the input activations and the "
+                                 "learning rate")
+
+
+class TopKRouter(nn.Module):
+    """``p = softmax(x W^T)`` in float32; each token goes to its k most probable experts."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, config: RouterConfig | None = None):
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k ({top_k}) must be between 1 and num_experts ({num_experts})")
+        self.config = config or RouterConfig()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        # Named "gate", never "expert": DeepSpeed's checkpointing treats any key containing "expert" as an expert.
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        nn.init.normal_(self.gate.weight, std=0.02)
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
+        if self.config.check_finite:
+            check_finite_logits(logits_TE)
+        return logits_TE
+
+    def forward(self, x_TD: torch.Tensor) -> RoutingResult:
+        logits_TE = self.logits(x_TD)
+        probs_TE = logits_TE.softmax(dim=-1)
+        weights_TK, expert_ids_TK = probs_TE.topk(self.top_k, dim=-1)
+        if self.config.renormalize:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        valid_TK = torch.ones_like(expert_ids_TK, dtype=torch.bool)
+        tokens_per_expert_E = count_tokens_per_expert(expert_ids_TK, valid_TK, self.num_experts)
+        return RoutingResult(
+            expert_ids_TK=expert_ids_TK,
+            weights_TK=weights_TK,
+            valid_TK=valid_TK,
+            aux_loss=self.aux_loss(logits_TE, probs_TE, tokens_per_expert_E),
+            tokens_per_expert_E=tokens_per_expert_E,
+            fixed_k=True,
+        )
+
+    def aux_loss(self, logits_TE: torch.Tensor, probs_TE: torch.Tensor, tokens_per_expert_E: torch.Tensor):
+        loss = logits_TE.new_zeros(())
+        if self.config.aux_loss_weight > 0:
+            loss = loss + self.config.aux_loss_weight * load_balancing_loss(probs_TE, tokens_per_expert_E)
+        if self.config.z_loss_weight > 0:
+            loss = loss + self.config.z_loss_weight * router_z_loss(logits_TE)
+        return loss
