@@ -19,8 +19,9 @@ def config_from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in config section {where or cls.__name__!r}; valid keys: "
-                         f"{sorted(fields)}")
+        raise ValueError(
+            f"unknown key(s) {unknown} in config section {where or cls.__name__!r}; valid keys: {sorted(fields)}"
+        )
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():

@@ -100,7 +100,7 @@ def load_corpus(config: DataConfig) -> Corpus:
 def split_documents(documents: list[str], config: DataConfig, source: str) -> Corpus:
     tokenizer = ByteTokenizer()
     if len(documents) >= 2 * config.val_every:
-        val_docs = documents[::config.val_every]
+        val_docs = documents[:: config.val_every]
         train_docs = [d for i, d in enumerate(documents) if i % config.val_every]
         train, val = (tokenizer.encode("\n".join(docs))[: config.max_bytes] for docs in (train_docs, val_docs))
     else:  # too few documents to hold whole ones out: hold out the tail instead

@@ -34,8 +34,14 @@ class ModelConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self) -> None:
-        require_positive(vocab_size=self.vocab_size, block_size=self.block_size, n_layer=self.n_layer,
-                         n_head=self.n_head, d_model=self.d_model, moe_every=self.moe_every)
+        require_positive(
+            vocab_size=self.vocab_size,
+            block_size=self.block_size,
+            n_layer=self.n_layer,
+            n_head=self.n_head,
+            d_model=self.d_model,
+            moe_every=self.moe_every,
+        )
         if self.d_model % self.n_head:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
         if self.moe_every > self.n_layer:
@@ -129,7 +135,7 @@ class MoEGPT(nn.Module):
 
     def forward(self, idx_BL: torch.Tensor, targets_BL: torch.Tensor | None = None) -> ModelOutput:
         B, L = idx_BL.shape
-        if L > self.config.block_size:
+        if self.config.block_size < L:
             raise ValueError(f"sequence length {L} exceeds block_size {self.config.block_size}")
         pos = torch.arange(L, device=idx_BL.device)
         x = self.drop(self.tok_emb(idx_BL) + self.pos_emb(pos))  # (B, L, D)

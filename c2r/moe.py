@@ -40,8 +40,13 @@ class MoELayer(nn.Module):
         self.config = config
         self.hidden_size = hidden_size
         self.router = build_router(hidden_size, config.num_experts, config.top_k, config.router)
-        self.experts = ExpertWeights(config.num_experts, hidden_size, config.ffn_hidden_size,
-                                     config.experts.activation, output_init_std=output_init_std)
+        self.experts = ExpertWeights(
+            config.num_experts,
+            hidden_size,
+            config.ffn_hidden_size,
+            config.experts.activation,
+            output_init_std=output_init_std,
+        )
         self._backends: dict[str, ExpertBackend] = {}
         if config.experts.backend != "auto":
             self._backend(config.experts.backend)  # fail at construction, not at the first step
@@ -56,8 +61,10 @@ class MoELayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingResult]:
         if x.shape[-1] != self.hidden_size:
-            raise ValueError(f"input hidden size {x.shape[-1]} does not match the layer's hidden size "
-                             f"{self.hidden_size} (input shape {tuple(x.shape)})")
+            raise ValueError(
+                f"input hidden size {x.shape[-1]} does not match the layer's hidden size "
+                f"{self.hidden_size} (input shape {tuple(x.shape)})"
+            )
         x_TD = x.reshape(-1, self.hidden_size)
         routing = self.router(x_TD)
         out_TD = self.backend_for(x_TD)(x_TD, routing, self.experts)
@@ -70,7 +77,9 @@ class MoELayer(nn.Module):
             ours = getattr(self.experts, name)
             if key in state_dict and ours is not None and state_dict[key].shape != ours.shape:
                 E, F, D = self.config.num_experts, self.config.ffn_hidden_size, self.hidden_size
-                raise ValueError(f"checkpoint tensor {key} has shape {tuple(state_dict[key].shape)} but this layer "
-                                 f"has num_experts={E}, ffn_hidden_size={F}, hidden_size={D}, i.e. "
-                                 f"{tuple(ours.shape)} = [E*F, D]")
+                raise ValueError(
+                    f"checkpoint tensor {key} has shape {tuple(state_dict[key].shape)} but this layer "
+                    f"has num_experts={E}, ffn_hidden_size={F}, hidden_size={D}, i.e. "
+                    f"{tuple(ours.shape)} = [E*F, D]"
+                )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -1,8 +1,8 @@
 """``c2r-train``: train the MoE GPT on the embedded corpus (default) or your own text.
 
-    c2r-train                                   # the demo: ~300 steps on the CPU, a few minutes
-    c2r-train --data my_texts/ --steps 2000     # your own .txt/.md/.py/.jsonl files
-    c2r-train --set model.moe.num_experts=16 --set model.moe.router.kind=topk --backend torch
+c2r-train                                   # the demo: ~300 steps on the CPU, a few minutes
+c2r-train --data my_texts/ --steps 2000     # your own .txt/.md/.py/.jsonl files
+c2r-train --set model.moe.num_experts=16 --set model.moe.router.kind=topk --backend torch
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from c2r.config_utils import config_from_dict, config_to_dict, require_choice, require_positive
 from c2r.data import BatchSampler, Corpus, DataConfig, load_corpus
-from c2r.model import ModelConfig, MoEGPT, ModelOutput
+from c2r.model import ModelConfig, ModelOutput, MoEGPT
 from c2r.routing import RoutingResult
 
 log = logging.getLogger("c2r.train")
@@ -45,8 +45,13 @@ class TrainConfig:
     out_dir: str = "runs/demo"
 
     def __post_init__(self) -> None:
-        require_positive(steps=self.steps, batch_size=self.batch_size, lr=self.lr, eval_every=self.eval_every,
-                         eval_batches=self.eval_batches)
+        require_positive(
+            steps=self.steps,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            eval_every=self.eval_every,
+            eval_batches=self.eval_batches,
+        )
         require_choice("dtype", self.dtype, ("float32", "bfloat16"))
 
 
@@ -126,12 +131,25 @@ def train(config: RunConfig) -> dict[str, Any]:
     if tc.dtype == "bfloat16":
         model = model.to(torch.bfloat16)
     params = model.num_parameters()
-    log.info("corpus: %s (%d documents, %.1f MB train, %.2f MB validation)", corpus.source, corpus.num_documents,
-             len(corpus.train) / 1e6, len(corpus.val) / 1e6)
-    log.info("model: %.2fM parameters (%.2fM in experts, %.2fM active per token), %d MoE layers of %d experts, "
-             "top-%d, backend %s, on %s", params["total"] / 1e6, params["expert"] / 1e6,
-             params["active_per_token"] / 1e6, config.model.num_moe_layers, config.model.moe.num_experts,
-             config.model.moe.top_k, config.model.moe.experts.backend, device)
+    log.info(
+        "corpus: %s (%d documents, %.1f MB train, %.2f MB validation)",
+        corpus.source,
+        corpus.num_documents,
+        len(corpus.train) / 1e6,
+        len(corpus.val) / 1e6,
+    )
+    log.info(
+        "model: %.2fM parameters (%.2fM in experts, %.2fM active per token), %d MoE layers of %d experts, "
+        "top-%d, backend %s, on %s",
+        params["total"] / 1e6,
+        params["expert"] / 1e6,
+        params["active_per_token"] / 1e6,
+        config.model.num_moe_layers,
+        config.model.moe.num_experts,
+        config.model.moe.top_k,
+        config.model.moe.experts.backend,
+        device,
+    )
     block = config.model.block_size
     train_batches = BatchSampler(corpus.train, block, tc.batch_size, seed=tc.seed)
     val_batches = BatchSampler(corpus.val, block, tc.batch_size, seed=tc.seed + 1)
@@ -153,18 +171,24 @@ def train(config: RunConfig) -> dict[str, Any]:
             window.append(out.lm_loss.item())
             bar.set_postfix(loss=f"{window[-1]:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}")
             if (step + 1) % tc.eval_every == 0 or step + 1 == tc.steps:
-                record = {"step": step + 1, "train_loss": sum(window) / len(window),
-                          "val_loss": evaluate(model, val_batches, tc.eval_batches, device),
-                          "aux_loss": out.aux_loss.item(), **routing_stats(out.routing),
-                          "elapsed_s": time.perf_counter() - start}
+                record = {
+                    "step": step + 1,
+                    "train_loss": sum(window) / len(window),
+                    "val_loss": evaluate(model, val_batches, tc.eval_batches, device),
+                    "aux_loss": out.aux_loss.item(),
+                    **routing_stats(out.routing),
+                    "elapsed_s": time.perf_counter() - start,
+                }
                 window.clear()
                 history.append(record)
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
-                tqdm.write(f"step {record['step']:>5}  train loss {record['train_loss']:.4f}  "
-                           f"val loss {record['val_loss']:.4f}  active experts/token "
-                           f"{record.get('active_experts_per_token', 0):.2f}  load imbalance "
-                           f"{record.get('load_imbalance', 0):.2f}")
+                tqdm.write(
+                    f"step {record['step']:>5}  train loss {record['train_loss']:.4f}  "
+                    f"val loss {record['val_loss']:.4f}  active experts/token "
+                    f"{record.get('active_experts_per_token', 0):.2f}  load imbalance "
+                    f"{record.get('load_imbalance', 0):.2f}"
+                )
     checkpoint = save_checkpoint(model, config, tc.steps, out_dir)
     log.info("saved %s; metrics in %s", checkpoint, out_dir / "metrics.jsonl")
     return {"history": history, "checkpoint": str(checkpoint), "parameters": params}
@@ -172,9 +196,14 @@ def train(config: RunConfig) -> dict[str, Any]:
 
 def build_config(args: argparse.Namespace) -> RunConfig:
     raw: dict[str, Any] = json.loads(Path(args.config).read_text()) if args.config else {}
-    shortcuts = {"data.path": args.data, "train.steps": args.steps, "train.device": args.device,
-                 "train.out_dir": args.out, "model.moe.experts.backend": args.backend,
-                 "model.moe.router.kind": args.router}
+    shortcuts = {
+        "data.path": args.data,
+        "train.steps": args.steps,
+        "train.device": args.device,
+        "train.out_dir": args.out,
+        "model.moe.experts.backend": args.backend,
+        "model.moe.router.kind": args.router,
+    }
     for key, value in shortcuts.items():
         if value is not None:
             apply_override(raw, f"{key}={json.dumps(value)}")
@@ -184,25 +213,33 @@ def build_config(args: argparse.Namespace) -> RunConfig:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="c2r-train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="c2r-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", help="JSON file with sections model / train / data (see c2r/train.py)")
-    parser.add_argument("--data", help="text file or directory (.txt .md .rst .py .jsonl); default: the embedded "
-                                       "Python standard-library corpus")
+    parser.add_argument(
+        "--data",
+        help="text file or directory (.txt .md .rst .py .jsonl); default: the embedded Python standard-library corpus",
+    )
     parser.add_argument("--steps", type=int, help="optimizer steps (default 300)")
     parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
     parser.add_argument("--backend", help="expert backend: auto, reference, torch, megablocks")
     parser.add_argument("--router", help="router kind (default topk)")
     parser.add_argument("--out", help="output directory (default runs/demo)")
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
-                        help="override any config field, e.g. --set model.moe.num_experts=16 (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override any config field, e.g. --set model.moe.num_experts=16 (repeatable)",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     args = parse_args(argv)
     try:
         config = build_config(args)
@@ -213,8 +250,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     result = train(config)
     first, last = result["history"][0], result["history"][-1]
-    print(f"done: train loss {first['train_loss']:.3f} -> {last['train_loss']:.3f}, "
-          f"val loss {first['val_loss']:.3f} -> {last['val_loss']:.3f} over {config.train.steps} steps")
+    print(
+        f"done: train loss {first['train_loss']:.3f} -> {last['train_loss']:.3f}, "
+        f"val loss {first['val_loss']:.3f} -> {last['val_loss']:.3f} over {config.train.steps} steps"
+    )
     return 0
 
 

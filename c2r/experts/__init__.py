@@ -16,8 +16,15 @@ from c2r.experts.torch_backend import TorchBackend
 from c2r.experts.weights import ExpertWeights
 from c2r.routing.result import RoutingResult
 
-__all__ = ["ACTIVATIONS", "BACKENDS", "ExpertBackend", "ExpertConfig", "ExpertWeights", "build_backend",
-           "resolve_backend_name"]
+__all__ = [
+    "ACTIVATIONS",
+    "BACKENDS",
+    "ExpertBackend",
+    "ExpertConfig",
+    "ExpertWeights",
+    "build_backend",
+    "resolve_backend_name",
+]
 
 
 class ExpertBackend(Protocol):
@@ -25,13 +32,21 @@ class ExpertBackend(Protocol):
 
     def __call__(self, x_TD: torch.Tensor, routing: RoutingResult, experts: ExpertWeights) -> torch.Tensor: ...
 
+    def grouped_mlp(
+        self, x_SD: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts: ExpertWeights
+    ) -> torch.Tensor: ...
+
 
 def resolve_backend_name(config: ExpertConfig, device: torch.device, dtype: torch.dtype) -> str:
     """``auto`` picks MegaBlocks where it can run (CUDA, bf16, installed), else torch."""
     if config.backend != "auto":
         return config.backend
-    use_megablocks = (device.type == "cuda" and dtype == torch.bfloat16 and config.megablocks_impl == "grouped"
-                      and megablocks_unavailable_reason() is None)
+    use_megablocks = (
+        device.type == "cuda"
+        and dtype == torch.bfloat16
+        and config.megablocks_impl == "grouped"
+        and megablocks_unavailable_reason() is None
+    )
     return "megablocks" if use_megablocks else "torch"
 
 

@@ -20,7 +20,8 @@ from c2r.routing.result import RoutingResult
 
 GPU_INSTALL_HINT = (
     "install the GPU extras built against your torch: `pip install --no-deps --no-build-isolation megablocks==0.10.0 "
-    "grouped_gemm==0.3.0 stanford-stk==0.7.1` (see README.md, 'GPU install'), or use backend='torch'")
+    "grouped_gemm==0.3.0 stanford-stk==0.7.1` (see README.md, 'GPU install'), or use backend='torch'"
+)
 
 
 def megablocks_unavailable_reason() -> str | None:
@@ -43,9 +44,11 @@ def sparse_impl_refusal() -> str:
         found = f"triton {triton.__version__} is installed"
     except ImportError:
         found = "triton is not installed"
-    return (f"megablocks_impl='sparse' is not supported: MegaBlocks refuses it with triton >= 3.2 and, if forced, "
-            f"stk's sdd kernel overflows 16-bit block offsets (megablocks PR #168, stk PR #17); {found}. "
-            "Use megablocks_impl='grouped'.")
+    return (
+        f"megablocks_impl='sparse' is not supported: MegaBlocks refuses it with triton >= 3.2 and, if forced, "
+        f"stk's sdd kernel overflows 16-bit block offsets (megablocks PR #168, stk PR #17); {found}. "
+        "Use megablocks_impl='grouped'."
+    )
 
 
 def _grouped_mlp(x_SD: torch.Tensor, batch_sizes_E: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:
@@ -70,12 +73,23 @@ class MegaBlocksBackend:
             raise RuntimeError(reason)
         self.impl = impl
 
+    @staticmethod
+    def _check_input(x: torch.Tensor) -> None:
+        if x.device.type != "cuda" or x.dtype != torch.bfloat16:
+            raise ValueError(
+                f"the megablocks backend runs bfloat16 tensors on a CUDA GPU; got {x.dtype} on "
+                f"{x.device} (use backend='auto' or 'torch' for other dtypes/devices)"
+            )
+
+    def grouped_mlp(self, x_SD: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts: ExpertWeights):
+        """The expert MLPs on rows already sorted by expert (grouped_gemm only; the permutation is the caller's)."""
+        self._check_input(x_SD)
+        return _grouped_mlp(x_SD, tokens_per_expert_E.cpu().long(), experts)  # NOTE: host sync for grouped_gemm
+
     def __call__(self, x_TD: torch.Tensor, routing: RoutingResult, experts: ExpertWeights) -> torch.Tensor:
         import megablocks.ops as mops
 
-        if x_TD.device.type != "cuda" or x_TD.dtype != torch.bfloat16:
-            raise ValueError(f"the megablocks backend runs bfloat16 tensors on a CUDA GPU; got {x_TD.dtype} on "
-                             f"{x_TD.device} (use backend='auto' or 'torch' for other dtypes/devices)")
+        self._check_input(x_TD)
         num_tokens, top_k = routing.expert_ids_TK.shape
         num_experts = experts.num_experts
         num_bins = num_experts if routing.fixed_k else num_experts + 1  # + the bin of empty slots

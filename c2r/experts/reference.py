@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import torch
 
+from c2r.experts.torch_backend import segment_loop_mlp
 from c2r.experts.weights import ExpertWeights
 from c2r.routing.result import RoutingResult
 
 
 class ReferenceBackend:
     name = "reference"
+
+    def grouped_mlp(self, x_SD: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts: ExpertWeights):
+        """Rows already sorted by expert (expert parallelism hands them over so): one expert at a time."""
+        return segment_loop_mlp(x_SD, tokens_per_expert_E, experts)
 
     def __call__(self, x_TD: torch.Tensor, routing: RoutingResult, experts: ExpertWeights) -> torch.Tensor:
         out_TD = torch.zeros_like(x_TD)

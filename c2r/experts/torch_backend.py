@@ -79,13 +79,17 @@ class TorchBackend:
                 raise RuntimeError(
                     f"torch_impl='grouped_mm' has no kernel here: device {x.device}, dtype {x.dtype}, hidden "
                     f"{experts.hidden_size}, ffn {experts.ffn_hidden_size} (needs bf16 on sm90+ GPUs or float32 on "
-                    "the CPU, and sizes whose rows are multiples of 16 bytes); use torch_impl='auto'")
+                    "the CPU, and sizes whose rows are multiples of 16 bytes); use torch_impl='auto'"
+                )
             return True
         return supported and x.device.type != "cpu"
 
+    def grouped_mlp(self, x_SD: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts: ExpertWeights):
+        """The expert MLPs on rows already sorted by expert."""
+        mlp = grouped_mm_mlp if self.use_grouped_mm(x_SD, experts) else segment_loop_mlp
+        return mlp(x_SD, tokens_per_expert_E, experts)
+
     def __call__(self, x_TD: torch.Tensor, routing: RoutingResult, experts: ExpertWeights) -> torch.Tensor:
         order: ExpertOrder = sort_by_expert(routing, experts.num_experts)
-        x_SD = x_TD[order.token_idx_S]
-        mlp = grouped_mm_mlp if self.use_grouped_mm(x_TD, experts) else segment_loop_mlp
-        y_SD = mlp(x_SD, order.tokens_per_expert_E, experts)
+        y_SD = self.grouped_mlp(x_TD[order.token_idx_S], order.tokens_per_expert_E, experts)
         return combine(y_SD, order, x_TD.shape[0])

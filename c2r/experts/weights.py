@@ -19,8 +19,15 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 class ExpertWeights(nn.Module):
-    def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int, activation: str,
-                 init_std: float = 0.02, output_init_std: float = 0.02):
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        ffn_hidden_size: int,
+        activation: str,
+        init_std: float = 0.02,
+        output_init_std: float = 0.02,
+    ):
         super().__init__()
         self.num_experts = num_experts
         self.hidden_size = hidden_size
@@ -54,5 +61,7 @@ class ExpertWeights(nn.Module):
         return h_NF @ self.w2[rows]
 
     def extra_repr(self) -> str:
-        return (f"experts={self.num_experts}, hidden={self.hidden_size}, ffn={self.ffn_hidden_size}, "
-                f"activation={self.activation}")
+        return (
+            f"experts={self.num_experts}, hidden={self.hidden_size}, ffn={self.ffn_hidden_size}, "
+            f"activation={self.activation}"
+        )

@@ -30,5 +30,6 @@ class RouterConfig:
     def __post_init__(self) -> None:
         require_choice("router kind", self.kind, ROUTER_KINDS)
         if self.aux_loss_weight < 0 or self.z_loss_weight < 0:
-            raise ValueError(f"aux_loss_weight ({self.aux_loss_weight}) and z_loss_weight ({self.z_loss_weight}) "
-                             "must be >= 0")
+            raise ValueError(
+                f"aux_loss_weight ({self.aux_loss_weight}) and z_loss_weight ({self.z_loss_weight}) must be >= 0"
+            )

@@ -19,9 +19,11 @@ def check_finite_logits(logits_TE: torch.Tensor) -> None:
     bad = ~torch.isfinite(logits_TE)
     if bool(bad.any()):
         rows = bad.any(dim=1).nonzero().flatten()
-        raise FloatingPointError(f"router logits contain NaN/Inf for {rows.numel()} of {logits_TE.shape[0]} tokens "
-                                 f"(first token indices: {rows[:5].tolist()}); check the input activations and the "
-                                 "learning rate")
+        raise FloatingPointError(
+            f"router logits contain NaN/Inf for {rows.numel()} of {logits_TE.shape[0]} tokens "
+            f"(first token indices: {rows[:5].tolist()}); check the input activations and the "
+            "learning rate"
+        )
 
 
 class TopKRouter(nn.Module):

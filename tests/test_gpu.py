@@ -1,0 +1,113 @@
+"""GPU tests: run with `pytest -m gpu` on a CUDA machine with the GPU extras (README.md, "GPU install").
+
+The fast bf16 paths are compared with the float32 per-expert reference on the same weights; bf16 keeps ~3 significant
+digits, so we bound the relative error of whole tensors (||a - b|| / ||b||).
+"""
+
+import pytest
+import torch
+
+from c2r.experts import ExpertConfig, ExpertWeights, build_backend
+from c2r.moe import MoEConfig, MoELayer
+from tests.routing_cases import random_routing
+
+pytestmark = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+BF16_REL_TOL = 2e-2
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12))
+
+
+def run(backend: str, x, routing, experts, **config):
+    x = x.detach().clone().requires_grad_(True)
+    routing.weights_TK = routing.weights_TK.detach().clone().requires_grad_(True)
+    experts.zero_grad(set_to_none=True)
+    out = build_backend(backend, ExpertConfig(**config))(x, routing, experts)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out)
+    (out.float() * grad_out.float()).sum().backward()
+    return [out, x.grad, routing.weights_TK.grad] + [p.grad for p in experts.parameters()]
+
+
+@needs_cuda
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("empty_fraction,idle", [(0.0, 0), (0.0, 5), (0.35, 3)])
+@pytest.mark.parametrize("backend,impl", [("megablocks", "auto"), ("torch", "grouped_mm")])
+def test_bf16_fast_paths_match_float32_reference(activation, empty_fraction, idle, backend, impl):
+    T, K, E, D, F = 512, 4, 16, 256, 128
+    torch.manual_seed(0)
+    experts32 = ExpertWeights(E, D, F, activation).cuda()
+    experts16 = ExpertWeights(E, D, F, activation).cuda().to(torch.bfloat16)
+    experts16.load_state_dict({k: v.to(torch.bfloat16) for k, v in experts32.state_dict().items()})
+    x = torch.randn(T, D, device="cuda")
+    routing = random_routing(T, K, E, empty_fraction=empty_fraction, idle_experts=idle)
+    routing = type(routing)(**{k: (v.cuda() if torch.is_tensor(v) else v) for k, v in vars(routing).items()})
+    # Reference sees the bf16-rounded input and weights in float32, so the comparison measures the kernels alone.
+    ref = run("reference", x.to(torch.bfloat16).float(), routing, experts32)
+    got = run(backend, x.to(torch.bfloat16), routing, experts16, megablocks_impl="grouped", torch_impl=impl)
+    names = ["output", "x grad", "weight grad"] + [n for n, _ in experts32.named_parameters()]
+    for name, a, b in zip(names, got, ref):
+        assert a.dtype in (torch.bfloat16, torch.float32)
+        assert rel_err(a, b) < BF16_REL_TOL, f"{backend}: {name} rel err {rel_err(a, b):.2e}"
+
+
+@needs_cuda
+def test_cpu_saved_layer_loads_and_runs_on_gpu_backend(tmp_path):
+    config = MoEConfig(num_experts=8, top_k=2, ffn_hidden_size=128, experts=ExpertConfig(backend="reference"))
+    torch.manual_seed(3)
+    cpu_layer = MoELayer(256, config)
+    torch.save(cpu_layer.state_dict(), tmp_path / "layer.pt")
+    x = torch.randn(4, 64, 256)
+    with torch.no_grad():
+        expected, _ = cpu_layer(x.to(torch.bfloat16).float())
+
+    gpu_config = MoEConfig(num_experts=8, top_k=2, ffn_hidden_size=128, experts=ExpertConfig(backend="auto"))
+    gpu_layer = MoELayer(256, gpu_config)
+    gpu_layer.load_state_dict(torch.load(tmp_path / "layer.pt"))
+    gpu_layer = gpu_layer.cuda().to(torch.bfloat16)
+    x16 = x.cuda().to(torch.bfloat16)
+    assert gpu_layer.backend_for(x16).name == "megablocks"
+    with torch.no_grad():
+        got, _ = gpu_layer(x16)
+    assert rel_err(got.cpu(), expected) < BF16_REL_TOL
+
+
+@needs_cuda
+def test_sparse_impl_is_refused_with_a_reason():
+    with pytest.raises(ValueError, match=r"megablocks_impl='sparse' is not supported.*triton"):
+        MoELayer(
+            64,
+            MoEConfig(
+                num_experts=4,
+                top_k=1,
+                ffn_hidden_size=128,
+                experts=ExpertConfig(backend="megablocks", megablocks_impl="sparse"),
+            ),
+        )
+
+
+@needs_cuda
+def test_megablocks_rejects_float32_input_clearly():
+    layer = MoELayer(
+        64, MoEConfig(num_experts=4, top_k=1, ffn_hidden_size=128, experts=ExpertConfig(backend="megablocks"))
+    ).cuda()
+    with pytest.raises(ValueError, match="runs bfloat16 tensors on a CUDA GPU; got torch.float32"):
+        layer(torch.randn(8, 64, device="cuda"))
+
+
+@needs_cuda
+def test_demo_model_trains_on_gpu_with_megablocks(tmp_path):
+    from c2r.config_utils import config_from_dict
+    from c2r.train import RunConfig, train
+
+    config = config_from_dict(
+        RunConfig,
+        {
+            "model": {"moe": {"experts": {"backend": "megablocks"}}},
+            "train": {"steps": 60, "eval_every": 30, "dtype": "bfloat16", "device": "cuda", "out_dir": str(tmp_path)},
+            "data": {"max_bytes": 2_000_000},
+        },
+    )
+    history = train(config)["history"]
+    assert history[-1]["val_loss"] < history[0]["val_loss"]

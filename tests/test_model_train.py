@@ -1,0 +1,124 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from c2r.config_utils import config_from_dict
+from c2r.model import ModelConfig, MoEGPT
+from c2r.moe import MoELayer
+from c2r.train import RunConfig, build_config, parse_args, train
+
+
+def tiny_model_config(**moe) -> ModelConfig:
+    return config_from_dict(
+        ModelConfig,
+        {
+            "block_size": 32,
+            "n_layer": 2,
+            "n_head": 2,
+            "d_model": 32,
+            "moe": {"num_experts": 4, "top_k": 2, "ffn_hidden_size": 32, **moe},
+        },
+    )
+
+
+def test_model_shapes_and_moe_placement():
+    config = config_from_dict(ModelConfig, {"n_layer": 4, "moe_every": 2, "d_model": 32, "n_head": 2, "block_size": 16})
+    model = MoEGPT(config)
+    assert [isinstance(b.mlp, MoELayer) for b in model.blocks] == [False, True, False, True]
+    idx = torch.randint(0, 256, (3, 16))
+    out = model(idx, idx)
+    assert out.logits.shape == (3, 16, 256)
+    assert len(out.routing) == 2
+    assert torch.isfinite(out.loss) and out.loss > out.lm_loss  # aux loss is added
+    assert model.head.weight is model.tok_emb.weight
+    params = model.num_parameters()
+    assert params["active_per_token"] < params["total"]
+
+
+def test_model_backends_give_same_loss_and_grads():
+    results = []
+    for backend in ("reference", "torch"):
+        torch.manual_seed(0)
+        model = MoEGPT(tiny_model_config(experts={"backend": backend}))
+        idx = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+        out = model(idx, idx)
+        out.loss.backward()
+        results.append((out.loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b)
+
+
+def test_bad_model_config():
+    with pytest.raises(ValueError, match=r"d_model \(30\) must be divisible by n_head \(4\)"):
+        config_from_dict(ModelConfig, {"d_model": 30, "n_head": 4})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['num_expert'\] in config section 'moe'"):
+        config_from_dict(ModelConfig, {"moe": {"num_expert": 4}})
+    model = MoEGPT(tiny_model_config())
+    with pytest.raises(ValueError, match="sequence length 40 exceeds block_size 32"):
+        model(torch.zeros(1, 40, dtype=torch.long))
+
+
+def test_training_lowers_loss_and_checkpoint_reloads(tmp_path):
+    config = config_from_dict(
+        RunConfig,
+        {
+            "model": {
+                "block_size": 32,
+                "n_layer": 2,
+                "n_head": 2,
+                "d_model": 64,
+                "moe": {"num_experts": 4, "top_k": 2, "ffn_hidden_size": 64},
+            },
+            "train": {
+                "steps": 60,
+                "batch_size": 8,
+                "eval_every": 20,
+                "eval_batches": 4,
+                "lr": 3e-3,
+                "warmup_steps": 5,
+                "out_dir": str(tmp_path),
+            },
+            "data": {"max_bytes": 400_000},
+        },
+    )
+    result = train(config)
+    history = result["history"]
+    assert len(history) == 3
+    assert history[-1]["val_loss"] < history[0]["val_loss"] - 0.3
+    assert history[-1]["train_loss"] < history[0]["train_loss"] - 0.3
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [20, 40, 60]
+
+    saved = torch.load(tmp_path / "model.pt", weights_only=False)
+    reloaded = MoEGPT(config_from_dict(ModelConfig, saved["config"]["model"]))
+    reloaded.load_state_dict(saved["model"])
+    assert not (tmp_path / "model.pt.tmp").exists()
+    idx = torch.randint(0, 256, (2, 32))
+    original = MoEGPT(config.model)
+    original.load_state_dict(saved["model"])
+    torch.testing.assert_close(reloaded(idx).logits, original(idx).logits)
+
+
+def test_cli_overrides_and_errors():
+    config = build_config(
+        parse_args(
+            ["--steps", "7", "--backend", "reference", "--set", "model.moe.top_k=1", "--set", "train.out_dir=/tmp/x"]
+        )
+    )
+    assert config.train.steps == 7 and config.model.moe.top_k == 1
+    assert config.model.moe.experts.backend == "reference" and config.train.out_dir == "/tmp/x"
+    with pytest.raises(ValueError, match="top_k"):
+        build_config(parse_args(["--set", "model.moe.top_k=99"]))
+
+
+def test_cli_help_and_bad_config_exit_cleanly():
+    help_text = subprocess.run([sys.executable, "-m", "c2r.train", "--help"], capture_output=True, text=True)
+    assert help_text.returncode == 0 and "--data" in help_text.stdout
+    bad = subprocess.run([sys.executable, "-m", "c2r.train", "--backend", "gpu-magic"], capture_output=True, text=True)
+    assert bad.returncode != 0
+    assert "c2r-train: bad config: expert backend 'gpu-magic' is not one of" in bad.stderr
+    assert "Traceback" not in bad.stderr

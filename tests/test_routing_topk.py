@@ -1,0 +1,76 @@
+import math
+
+import pytest
+import torch
+
+from c2r.routing import RouterConfig, TopKRouter
+from c2r.routing.losses import load_balancing_loss, router_z_loss
+
+
+def router_with_logits(logits_TE: torch.Tensor, top_k: int, **config) -> tuple[TopKRouter, torch.Tensor]:
+    """A router whose gate is the identity, so the input *is* the logits."""
+    num_experts = logits_TE.shape[1]
+    router = TopKRouter(num_experts, num_experts, top_k, RouterConfig(**config))
+    with torch.no_grad():
+        router.gate.weight.copy_(torch.eye(num_experts))
+    return router, logits_TE
+
+
+def test_topk_matches_hand_computed_case():
+    # Token 0: logits [ln 1, ln 2, ln 3, ln 4] -> p = [.1, .2, .3, .4]; top-2 = experts 3 (.4) and 2 (.3).
+    # Token 1: p = [.4, .3, .2, .1]; top-2 = experts 0 and 1.
+    logits = torch.log(torch.tensor([[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]]))
+    router, x = router_with_logits(logits, top_k=2, renormalize=False, aux_loss_weight=0.0)
+    r = router(x)
+    assert r.expert_ids_TK.tolist() == [[3, 2], [0, 1]]
+    torch.testing.assert_close(r.weights_TK, torch.tensor([[0.4, 0.3], [0.4, 0.3]]))
+    assert r.valid_TK.all() and r.fixed_k
+    assert r.tokens_per_expert_E.tolist() == [1, 1, 1, 1]
+    assert float(r.aux_loss) == 0.0
+
+    router, x = router_with_logits(logits, top_k=2, renormalize=True, aux_loss_weight=0.0)
+    torch.testing.assert_close(router(x).weights_TK, torch.tensor([[4 / 7, 3 / 7], [4 / 7, 3 / 7]]))
+
+
+def test_aux_loss_matches_switch_formula():
+    # Worked example, E=4, k=1, T=2: token 0 -> expert 3, token 1 -> expert 0, so f = [.5, 0, 0, .5];
+    # P = mean of p over tokens = [.25, .25, .25, .25]; loss = alpha * E * sum f*P = alpha * 4 * .25 = alpha.
+    logits = torch.log(torch.tensor([[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]]))
+    router, x = router_with_logits(logits, top_k=1, aux_loss_weight=0.01)
+    torch.testing.assert_close(router(x).aux_loss, torch.tensor(0.01))
+
+    probs = torch.softmax(torch.randn(16, 8), dim=-1)
+    counts = torch.randint(0, 5, (8,))
+    expected = 8 * sum((counts[e] / counts.sum()) * probs[:, e].mean() for e in range(8))
+    torch.testing.assert_close(load_balancing_loss(probs, counts), expected)
+
+
+def test_z_loss_formula_and_weighting():
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
+    # logsumexp: ln 2 and ln 4.
+    expected = (math.log(2) ** 2 + math.log(4) ** 2) / 2
+    torch.testing.assert_close(router_z_loss(logits), torch.tensor(expected))
+    router, x = router_with_logits(logits, top_k=1, aux_loss_weight=0.0, z_loss_weight=0.001)
+    torch.testing.assert_close(router(x).aux_loss, torch.tensor(0.001 * expected))
+
+
+def test_router_gradients_flow_through_weights_and_aux_loss():
+    router = TopKRouter(8, 4, 2)
+    r = router(torch.randn(10, 8))
+    (r.weights_TK.sum() + r.aux_loss).backward()
+    assert router.gate.weight.grad is not None and router.gate.weight.grad.abs().sum() > 0
+
+
+def test_nan_logits_raise_a_clear_error():
+    router = TopKRouter(8, 4, 2)
+    x = torch.randn(6, 8)
+    x[4, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"NaN/Inf for 1 of 6 tokens.*\[4\]"):
+        router(x)
+
+
+def test_bad_router_config():
+    with pytest.raises(ValueError, match=r"top_k \(5\) must be between 1 and num_experts \(4\)"):
+        TopKRouter(8, 4, 5)
+    with pytest.raises(ValueError, match="router kind 'nope' is not one of"):
+        RouterConfig(kind="nope")
