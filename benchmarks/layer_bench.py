@@ -46,9 +46,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -442,7 +442,7 @@ def notes_text(args) -> str:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Configs (T, H, F, E, k): " + "; ".join(
                                          f"{c.name} {c.activation} ({c.T}, {c.H}, {c.F}, {c.E}, {c.k})"

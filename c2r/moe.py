@@ -48,6 +48,9 @@ class MoELayer(nn.Module):
             output_init_std=output_init_std,
         )
         self._backends: dict[str, ExpertBackend] = {}
+        # Set by c2r.parallel.shard_experts: then ``experts`` holds this rank's experts only.
+        self.dispatcher = None
+        self.last_dispatch = None  # the DispatchMeta of the last forward (counts for profiling and tests)
         if config.experts.backend != "auto":
             self._backend(config.experts.backend)  # fail at construction, not at the first step
 
@@ -67,7 +70,14 @@ class MoELayer(nn.Module):
             )
         x_TD = x.reshape(-1, self.hidden_size)
         routing = self.router(x_TD)
-        out_TD = self.backend_for(x_TD)(x_TD, routing, self.experts)
+        backend = self.backend_for(x_TD)
+        if self.dispatcher is None:
+            out_TD = backend(x_TD, routing, self.experts)
+        else:
+            x_QD, meta = self.dispatcher.dispatch(x_TD, routing)
+            y_QD = backend.grouped_mlp(x_QD, meta.tokens_per_local_expert_L, self.experts)
+            out_TD = self.dispatcher.combine(y_QD, meta, x_TD.shape[0])
+            self.last_dispatch = meta
         return out_TD.view(x.shape), routing
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -76,7 +86,7 @@ class MoELayer(nn.Module):
             key = f"{prefix}experts.{name}"
             ours = getattr(self.experts, name)
             if key in state_dict and ours is not None and state_dict[key].shape != ours.shape:
-                E, F, D = self.config.num_experts, self.config.ffn_hidden_size, self.hidden_size
+                E, F, D = self.experts.num_experts, self.config.ffn_hidden_size, self.hidden_size
                 raise ValueError(
                     f"checkpoint tensor {key} has shape {tuple(state_dict[key].shape)} but this layer "
                     f"has num_experts={E}, ffn_hidden_size={F}, hidden_size={D}, i.e. "

@@ -60,8 +60,9 @@ def grouped_mm_mlp(x_SD: torch.Tensor, tokens_per_expert_E: torch.Tensor, expert
 
 def segment_loop_mlp(x_SD: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:
     counts = tokens_per_expert_E.tolist()  # NOTE: host sync; the loop needs segment lengths on the host
-    outputs = [experts.expert_mlp(seg_ND, e) for e, seg_ND in enumerate(x_SD.split(counts)) if counts[e] > 0]
-    return torch.cat(outputs) if outputs else x_SD.new_zeros(0, experts.hidden_size)
+    # Empty segments are computed too (0-row matmuls cost nothing): the output must stay connected to the input in
+    # autograd, or a rank that received no tokens would skip the backward all-to-all and hang its peers.
+    return torch.cat([experts.expert_mlp(seg_ND, e) for e, seg_ND in enumerate(x_SD.split(counts))])
 
 
 class TorchBackend:

@@ -1,0 +1,48 @@
+"""Turn a single-device model into an expert-parallel one from the outside.
+
+Every rank builds the same full model (same seed), then keeps only its own experts and routes the rest of the
+tokens through the all-to-all dispatcher. The model code stays single-device math.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from c2r.experts import ExpertWeights
+from c2r.moe import MoELayer
+from c2r.parallel.dispatch import ExpertParallelDispatcher
+from c2r.parallel.layout import ExpertLayout
+
+
+def local_expert_weights(full: ExpertWeights, experts: list[int]) -> ExpertWeights:
+    """A new :class:`ExpertWeights` holding ``experts`` (logical ids) of ``full``, in that order."""
+    local = ExpertWeights(len(experts), full.hidden_size, full.ffn_hidden_size, full.activation)
+    F = full.ffn_hidden_size
+    rows = torch.cat([torch.arange(e * F, (e + 1) * F) for e in experts])
+    with torch.no_grad():
+        for name in ("w1", "v1", "w2"):
+            src = getattr(full, name)
+            if src is not None:
+                getattr(local, name).data = src.detach()[rows].clone()
+    return local.to(device=full.w1.device, dtype=full.w1.dtype)
+
+
+def shard_experts(model: nn.Module, layout: ExpertLayout | None = None, group=None) -> list[MoELayer]:
+    """Make every :class:`MoELayer` in ``model`` expert parallel over ``group`` (default: the world).
+
+    ``layout`` defaults to the contiguous one. Returns the converted layers.
+    """
+    ep_size = dist.get_world_size(group)
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    for layer in layers:
+        num_experts = layer.config.num_experts
+        layer_layout = layout or ExpertLayout.contiguous(num_experts, ep_size)
+        if layer_layout.num_experts != num_experts:
+            raise ValueError(f"the expert layout is for {layer_layout.num_experts} experts but the layer has "
+                             f"{num_experts}")
+        dispatcher = ExpertParallelDispatcher(layer_layout, group)
+        layer.experts = local_expert_weights(layer.experts, layer_layout.local_experts(dispatcher.rank))
+        layer.dispatcher = dispatcher
+    return layers
