@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import traceback
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -18,8 +19,9 @@ def free_port() -> int:
 
 
 def _worker(rank: int, world_size: int, port: int, fn, args, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
@@ -39,6 +41,6 @@ def run_distributed(fn, world_size: int, tmp_path, *args) -> list:
     try:
         mp.spawn(_worker, args=(world_size, free_port(), fn, args, out_dir), nprocs=world_size, join=True)
     except Exception as error:
-        errors = [open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir)) if f.endswith(".error")]
+        errors = [Path(out_dir, f).read_text() for f in sorted(os.listdir(out_dir)) if f.endswith(".error")]
         raise AssertionError("a rank failed:\n" + "\n".join(errors)) from error
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]

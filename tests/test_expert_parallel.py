@@ -45,19 +45,29 @@ def ep_worker(rank, world, expert_to_rank, skew):
     router_grad = layer.router.gate.weight.grad.clone()
     dist.all_reduce(router_grad)  # the data-parallel gradient sum the trainer would do
     meta = layer.last_dispatch
-    return {"y": y, "x_grad": x_grad, "router_grad": router_grad,
-            "expert_grads": {n: p.grad for n, p in layer.experts.named_parameters()},
-            "local_experts": layout.local_experts(rank), "valid_slots": int(routing.valid_TK.sum()),
-            "sent": sum(meta.send_splits), "received": sum(meta.recv_splits),
-            "computed": int(meta.tokens_per_local_expert_L.sum()), "send_splits": meta.send_splits}
+    return {
+        "y": y,
+        "x_grad": x_grad,
+        "router_grad": router_grad,
+        "expert_grads": {n: p.grad for n, p in layer.experts.named_parameters()},
+        "local_experts": layout.local_experts(rank),
+        "valid_slots": int(routing.valid_TK.sum()),
+        "sent": sum(meta.send_splits),
+        "received": sum(meta.recv_splits),
+        "computed": int(meta.tokens_per_local_expert_L.sum()),
+        "send_splits": meta.send_splits,
+    }
 
 
-@pytest.mark.parametrize("world,expert_to_rank,skew", [
-    (2, [0, 0, 0, 0, 1, 1, 1, 1], "none"),
-    (4, [0, 0, 1, 1, 2, 2, 3, 3], "none"),
-    (2, [1, 0, 1, 0, 0, 1, 1, 0], "none"),  # a non-contiguous placement
-    (4, [3, 1, 0, 2, 1, 0, 3, 2], "one_expert"),  # most tokens go to the same experts; some ranks get none
-])
+@pytest.mark.parametrize(
+    "world,expert_to_rank,skew",
+    [
+        (2, [0, 0, 0, 0, 1, 1, 1, 1], "none"),
+        (4, [0, 0, 1, 1, 2, 2, 3, 3], "none"),
+        (2, [1, 0, 1, 0, 0, 1, 1, 0], "none"),  # a non-contiguous placement
+        (4, [3, 1, 0, 2, 1, 0, 3, 2], "one_expert"),  # most tokens go to the same experts; some ranks get none
+    ],
+)
 def test_expert_parallel_matches_single_process(tmp_path, world, expert_to_rank, skew):
     results = run_distributed(ep_worker, world, tmp_path, expert_to_rank, skew)
     ref_layer = build_layer()

@@ -74,3 +74,14 @@ def test_bad_router_config():
         TopKRouter(8, 4, 5)
     with pytest.raises(ValueError, match="router kind 'nope' is not one of"):
         RouterConfig(kind="nope")
+
+
+def test_input_dtype_logits_match_float32_routing_on_float32_input():
+    router = TopKRouter(16, 8, 2)
+    fast = TopKRouter(16, 8, 2, RouterConfig(logits_dtype="input"))
+    fast.load_state_dict(router.state_dict())
+    x = torch.randn(32, 16)
+    a, b = router(x), fast(x)
+    assert torch.equal(a.expert_ids_TK, b.expert_ids_TK)
+    torch.testing.assert_close(a.weights_TK, b.weights_TK)
+    assert b.weights_TK.dtype == torch.float32

@@ -40,8 +40,9 @@ def shard_experts(model: nn.Module, layout: ExpertLayout | None = None, group=No
         num_experts = layer.config.num_experts
         layer_layout = layout or ExpertLayout.contiguous(num_experts, ep_size)
         if layer_layout.num_experts != num_experts:
-            raise ValueError(f"the expert layout is for {layer_layout.num_experts} experts but the layer has "
-                             f"{num_experts}")
+            raise ValueError(
+                f"the expert layout is for {layer_layout.num_experts} experts but the layer has {num_experts}"
+            )
         dispatcher = ExpertParallelDispatcher(layer_layout, group)
         layer.experts = local_expert_weights(layer.experts, layer_layout.local_experts(dispatcher.rank))
         layer.dispatcher = dispatcher

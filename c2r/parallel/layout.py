@@ -29,8 +29,10 @@ class ExpertLayout:
         per_rank = Counter(self.expert_to_rank)
         wrong = {r: per_rank.get(r, 0) for r in range(self.num_ranks) if per_rank.get(r, 0) != self.experts_per_rank}
         if wrong:
-            raise ValueError(f"every rank must hold exactly {self.experts_per_rank} experts "
-                             f"(num_experts {num_experts} / ep_size {self.num_ranks}); these ranks hold: {wrong}")
+            raise ValueError(
+                f"every rank must hold exactly {self.experts_per_rank} experts "
+                f"(num_experts {num_experts} / ep_size {self.num_ranks}); these ranks hold: {wrong}"
+            )
 
     @classmethod
     def contiguous(cls, num_experts: int, num_ranks: int) -> ExpertLayout:

@@ -41,7 +41,10 @@ class TopKRouter(nn.Module):
         nn.init.normal_(self.gate.weight, std=0.02)
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
+        if self.config.logits_dtype == "float32":
+            logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
+        else:
+            logits_TE = F.linear(x_TD, self.gate.weight.to(x_TD.dtype)).float()
         if self.config.check_finite:
             check_finite_logits(logits_TE)
         return logits_TE
