@@ -111,7 +111,11 @@ def split_documents(documents: list[str], config: DataConfig, source: str) -> Co
 
 
 class BatchSampler:
-    """Random windows of ``block_size + 1`` tokens: inputs are the first L, targets the last L."""
+    """Random windows of ``block_size + 1`` tokens: inputs are the first L, targets the last L.
+
+    Batch ``step`` depends only on (seed, step), so a resumed run sees exactly the batches it would have seen, and
+    runs with different parallel layouts see the same data. Give each data-parallel rank its own seed.
+    """
 
     def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int):
         if len(tokens) <= block_size + 1:
@@ -119,9 +123,10 @@ class BatchSampler:
         self.tokens = torch.from_numpy(tokens.astype(np.int64))
         self.block_size = block_size
         self.batch_size = batch_size
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
 
-    def next(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        starts = torch.randint(len(self.tokens) - self.block_size - 1, (self.batch_size,), generator=self.generator)
+    def batch_at(self, step: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        starts = torch.randint(len(self.tokens) - self.block_size - 1, (self.batch_size,), generator=generator)
         windows = torch.stack([self.tokens[s : s + self.block_size + 1] for s in starts.tolist()])
         return windows[:, :-1].to(device), windows[:, 1:].to(device)

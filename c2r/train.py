@@ -1,8 +1,10 @@
-"""``c2r-train``: train the MoE GPT on the embedded corpus (default) or your own text.
+"""``c2r-train``: train the MoE GPT with DeepSpeed (ZeRO, expert parallelism) on the embedded corpus or your text.
 
-c2r-train                                   # the demo: ~300 steps on the CPU, a few minutes
-c2r-train --data my_texts/ --steps 2000     # your own .txt/.md/.py/.jsonl files
-c2r-train --set model.moe.num_experts=16 --set model.moe.router.kind=topk --backend torch
+c2r-train                                               # one process: the demo on the embedded corpus
+deepspeed --num_gpus 2 -m c2r.train --ep-size 2         # 2 ranks (GPUs, or CPU processes on a CPU machine)
+mpirun -np 4 python -m c2r.train --ep-size 2            # MPI launch (mpi4py discovers the ranks)
+c2r-train --data my_texts/ --steps 2000 --set model.moe.num_experts=16
+c2r-train --out runs/demo --resume                      # continue from runs/demo/checkpoints/latest
 """
 
 from __future__ import annotations
@@ -11,17 +13,17 @@ import argparse
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from c2r.config_utils import config_from_dict, config_to_dict, require_choice, require_positive
-from c2r.data import BatchSampler, Corpus, DataConfig, load_corpus
+from c2r.config_utils import config_from_dict, config_to_dict, require_positive
+from c2r.data import BatchSampler, DataConfig, load_corpus
 from c2r.model import ModelConfig, ModelOutput, MoEGPT
 from c2r.routing import RoutingResult
 
@@ -30,6 +32,8 @@ log = logging.getLogger("c2r.train")
 
 @dataclass
 class TrainConfig:
+    """Optimisation and parallelism. ``batch_size`` is per rank (DeepSpeed's micro batch)."""
+
     steps: int = 300
     batch_size: int = 16
     lr: float = 2e-3
@@ -39,9 +43,12 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_every: int = 100
     eval_batches: int = 8
+    save_every: int = 0  # 0: only at the end
+    resume: bool = False
     seed: int = 0
     device: str = "auto"
-    dtype: str = "float32"
+    ep_size: int = 1
+    deepspeed_config: str | None = None  # default: deepspeed_configs/cpu_zero2.json or gpu_bf16_zero2.json
     out_dir: str = "runs/demo"
 
     def __post_init__(self) -> None:
@@ -51,8 +58,8 @@ class TrainConfig:
             lr=self.lr,
             eval_every=self.eval_every,
             eval_batches=self.eval_batches,
+            ep_size=self.ep_size,
         )
-        require_choice("dtype", self.dtype, ("float32", "bfloat16"))
 
 
 @dataclass
@@ -60,6 +67,10 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.moe.num_experts % self.train.ep_size:
+            raise ValueError(f"ep_size ({self.train.ep_size}) must divide num_experts ({self.model.moe.num_experts})")
 
 
 def apply_override(config: dict[str, Any], assignment: str) -> None:
@@ -88,49 +99,132 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
 
 
-def routing_stats(routings: list[RoutingResult]) -> dict[str, float]:
-    """Mean active experts per token and mean expert-load imbalance (max/mean tokens per expert) over layers."""
+def global_mean(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
+
+
+def routing_stats(routings: list[RoutingResult], device: torch.device) -> dict[str, float]:
+    """Active experts per token and load imbalance (max/mean tokens per expert over the whole job), averaged over
+    MoE layers."""
     if not routings:
         return {}
-    active = torch.stack([r.active_experts_per_token() for r in routings]).mean()
-    loads = torch.stack([r.tokens_per_expert_E.float() for r in routings])
+    loads = torch.stack([r.tokens_per_expert_E.float() for r in routings]).to(device)
+    active = torch.stack([r.active_experts_per_token() for r in routings]).mean().to(device).view(1)
+    dist.all_reduce(loads)
     imbalance = (loads.max(dim=1).values / loads.mean(dim=1).clamp(min=1e-9)).mean()
-    return {"active_experts_per_token": float(active), "load_imbalance": float(imbalance)}
+    return {"active_experts_per_token": global_mean(float(active), device), "load_imbalance": float(imbalance)}
 
 
 @torch.no_grad()
-def evaluate(model: MoEGPT, sampler: BatchSampler, batches: int, device: torch.device) -> float:
-    model.eval()
-    losses = [model(*sampler.next(device)).lm_loss.item() for _ in range(batches)]
-    model.train()
-    return sum(losses) / len(losses)
+def evaluate(engine, sampler: BatchSampler, batches: int, device: torch.device) -> float:
+    engine.eval()
+    loss = sum(engine(*sampler.batch_at(i, device)).lm_loss.item() for i in range(batches)) / batches
+    engine.train()
+    return global_mean(loss, device)
 
 
-def save_checkpoint(model: MoEGPT, config: RunConfig, step: int, out_dir: Path) -> Path:
-    """Write to a temporary file and rename: a crash mid-save leaves the previous checkpoint intact."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "model.pt"
-    tmp = out_dir / "model.pt.tmp"
-    torch.save({"model": model.state_dict(), "config": config_to_dict(config), "step": step}, tmp)
-    os.replace(tmp, path)
-    return path
+def build_engine(config: RunConfig, device: torch.device):
+    import deepspeed
 
+    from c2r.deepspeed import load_deepspeed_config, make_expert_parallel, optimizer_param_groups
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    tc = config.train
+    ds_config = load_deepspeed_config(tc.deepspeed_config, device.type == "cuda", tc.batch_size, tc.grad_clip)
+    torch.manual_seed(tc.seed)  # the same initial model on every rank; each then keeps its own experts
+    model = MoEGPT(config.model)
+    make_expert_parallel(model, tc.ep_size)
+    model.to(device)
+    optimizer = torch.optim.AdamW(optimizer_param_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, tc) / tc.lr)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    return engine, model
 
 
 def train(config: RunConfig) -> dict[str, Any]:
+    from c2r.deepspeed import init_distributed
+    from c2r.deepspeed.checkpoint import resume, save_checkpoint
+
     tc = config.train
-    torch.manual_seed(tc.seed)
-    device = resolve_device(tc.device)
-    corpus: Corpus = load_corpus(config.data)
-    model = MoEGPT(config.model).to(device)
-    if tc.dtype == "bfloat16":
-        model = model.to(torch.bfloat16)
-    params = model.num_parameters()
+    info = init_distributed(tc.device)
+    if info.world_size % tc.ep_size:
+        raise ValueError(f"ep_size ({tc.ep_size}) must divide the world size ({info.world_size})")
+    is_main = info.rank == 0
+    corpus = load_corpus(config.data)
+    engine, model = build_engine(config, info.device)
+    run_config = config_to_dict(config)
+    out_dir, ckpt_dir = Path(tc.out_dir), Path(tc.out_dir) / "checkpoints"
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log_start(config, corpus, model, info)
+    start = resume(engine, ckpt_dir, run_config) if tc.resume else 0
+    block = config.model.block_size
+    train_batches = BatchSampler(corpus.train, block, tc.batch_size, seed=tc.seed + 7919 * info.rank)
+    val_batches = BatchSampler(corpus.val, block, tc.batch_size, seed=tc.seed + 104729 + 7919 * info.rank)
+    history, step_losses, window = [], [], []
+    started = time.perf_counter()
+    bar = tqdm(range(start, tc.steps), desc="train", unit="step", disable=not is_main, initial=start, total=tc.steps)
+    with MetricsLog(out_dir / "metrics.jsonl", append=tc.resume, enabled=is_main) as metrics:
+        for step in bar:
+            out: ModelOutput = engine(*train_batches.batch_at(step, info.device))
+            engine.backward(out.loss)
+            engine.step()
+            step_losses.append(global_mean(out.lm_loss.item(), info.device))
+            window.append(step_losses[-1])
+            bar.set_postfix(loss=f"{step_losses[-1]:.3f}", lr=f"{lr_at(step, tc):.1e}")
+            done = step + 1
+            if done % tc.eval_every == 0 or done == tc.steps:
+                record = {
+                    "step": done,
+                    "train_loss": sum(window) / len(window),
+                    "val_loss": evaluate(engine, val_batches, tc.eval_batches, info.device),
+                    "aux_loss": out.aux_loss.item(),
+                    **routing_stats(out.routing, info.device),
+                    "elapsed_s": time.perf_counter() - started,
+                }
+                window.clear()
+                history.append(record)
+                metrics.write(record)
+            if (tc.save_every and done % tc.save_every == 0) or done == tc.steps:
+                save_checkpoint(engine, ckpt_dir, done, run_config)
+    if is_main:
+        log.info("checkpoint in %s; metrics in %s", ckpt_dir, out_dir / "metrics.jsonl")
+    return {"history": history, "step_losses": step_losses, "checkpoint_dir": str(ckpt_dir), "engine": engine}
+
+
+class MetricsLog:
+    """metrics.jsonl and the terminal lines, written by rank 0 only."""
+
+    def __init__(self, path: Path, append: bool, enabled: bool):
+        self.path, self.mode, self.enabled, self.file = path, "a" if append else "w", enabled, None
+
+    def __enter__(self) -> MetricsLog:
+        if self.enabled:
+            self.file = open(self.path, self.mode)  # noqa: SIM115 (closed in __exit__)
+        return self
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+            tqdm.write(format_record(record))
+
+    def __exit__(self, *exc) -> None:
+        if self.file:
+            self.file.close()
+
+
+def format_record(r: dict[str, Any]) -> str:
+    return (
+        f"step {r['step']:>5}  train loss {r['train_loss']:.4f}  val loss {r['val_loss']:.4f}  "
+        f"active experts/token {r.get('active_experts_per_token', 0):.2f}  "
+        f"load imbalance {r.get('load_imbalance', 0):.2f}"
+    )
+
+
+def log_start(config: RunConfig, corpus, model: MoEGPT, info) -> None:
+    moe = config.model.moe
     log.info(
         "corpus: %s (%d documents, %.1f MB train, %.2f MB validation)",
         corpus.source,
@@ -139,59 +233,18 @@ def train(config: RunConfig) -> dict[str, Any]:
         len(corpus.val) / 1e6,
     )
     log.info(
-        "model: %.2fM parameters (%.2fM in experts, %.2fM active per token), %d MoE layers of %d experts, "
-        "top-%d, backend %s, on %s",
-        params["total"] / 1e6,
-        params["expert"] / 1e6,
-        params["active_per_token"] / 1e6,
+        "model: %d MoE layers of %d experts (top-%d, %s router, %s backend), %d ranks on %s, ep_size %d "
+        "(%d experts per rank)",
         config.model.num_moe_layers,
-        config.model.moe.num_experts,
-        config.model.moe.top_k,
-        config.model.moe.experts.backend,
-        device,
+        moe.num_experts,
+        moe.top_k,
+        moe.router.kind,
+        moe.experts.backend,
+        info.world_size,
+        info.device.type,
+        config.train.ep_size,
+        moe.num_experts // config.train.ep_size,
     )
-    block = config.model.block_size
-    train_batches = BatchSampler(corpus.train, block, tc.batch_size, seed=tc.seed)
-    val_batches = BatchSampler(corpus.val, block, tc.batch_size, seed=tc.seed + 1)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.95))
-    out_dir = Path(tc.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    history: list[dict[str, Any]] = []
-    window: list[float] = []
-    start = time.perf_counter()
-    with open(out_dir / "metrics.jsonl", "w") as metrics_file, tqdm(range(tc.steps), desc="train", unit="step") as bar:
-        for step in bar:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, tc)
-            out: ModelOutput = model(*train_batches.next(device))
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            optimizer.step()
-            window.append(out.lm_loss.item())
-            bar.set_postfix(loss=f"{window[-1]:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}")
-            if (step + 1) % tc.eval_every == 0 or step + 1 == tc.steps:
-                record = {
-                    "step": step + 1,
-                    "train_loss": sum(window) / len(window),
-                    "val_loss": evaluate(model, val_batches, tc.eval_batches, device),
-                    "aux_loss": out.aux_loss.item(),
-                    **routing_stats(out.routing),
-                    "elapsed_s": time.perf_counter() - start,
-                }
-                window.clear()
-                history.append(record)
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-                tqdm.write(
-                    f"step {record['step']:>5}  train loss {record['train_loss']:.4f}  "
-                    f"val loss {record['val_loss']:.4f}  active experts/token "
-                    f"{record.get('active_experts_per_token', 0):.2f}  load imbalance "
-                    f"{record.get('load_imbalance', 0):.2f}"
-                )
-    checkpoint = save_checkpoint(model, config, tc.steps, out_dir)
-    log.info("saved %s; metrics in %s", checkpoint, out_dir / "metrics.jsonl")
-    return {"history": history, "checkpoint": str(checkpoint), "parameters": params}
 
 
 def build_config(args: argparse.Namespace) -> RunConfig:
@@ -201,12 +254,16 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         "train.steps": args.steps,
         "train.device": args.device,
         "train.out_dir": args.out,
+        "train.ep_size": args.ep_size,
+        "train.deepspeed_config": args.deepspeed_config,
         "model.moe.experts.backend": args.backend,
         "model.moe.router.kind": args.router,
     }
     for key, value in shortcuts.items():
         if value is not None:
             apply_override(raw, f"{key}={json.dumps(value)}")
+    if args.resume:
+        apply_override(raw, "train.resume=true")
     for assignment in args.set or []:
         apply_override(raw, assignment)
     return config_from_dict(RunConfig, raw)
@@ -216,16 +273,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="c2r-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", help="JSON file with sections model / train / data (see c2r/train.py)")
+    parser.add_argument("--config", help="JSON file with sections model / train / data (see --print-config)")
     parser.add_argument(
         "--data",
         help="text file or directory (.txt .md .rst .py .jsonl); default: the embedded Python standard-library corpus",
     )
     parser.add_argument("--steps", type=int, help="optimizer steps (default 300)")
-    parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
+    parser.add_argument(
+        "--ep-size",
+        type=int,
+        help="expert-parallel ranks; must divide the world size and the number of experts (default 1)",
+    )
+    parser.add_argument(
+        "--deepspeed-config",
+        help="DeepSpeed JSON (default: deepspeed_configs/cpu_zero2.json on CPU, gpu_bf16_zero2.json on GPU)",
+    )
+    parser.add_argument("--device", help="auto (default), cpu or cuda")
     parser.add_argument("--backend", help="expert backend: auto, reference, torch, megablocks")
     parser.add_argument("--router", help="router kind (default topk)")
     parser.add_argument("--out", help="output directory (default runs/demo)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
     parser.add_argument(
         "--set",
         action="append",
@@ -233,6 +300,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="override any config field, e.g. --set model.moe.num_experts=16 (repeatable)",
     )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by the launcher
     return parser.parse_args(argv)
 
 
@@ -248,12 +316,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(json.dumps(config_to_dict(config), indent=2))
         return 0
-    result = train(config)
-    first, last = result["history"][0], result["history"][-1]
-    print(
-        f"done: train loss {first['train_loss']:.3f} -> {last['train_loss']:.3f}, "
-        f"val loss {first['val_loss']:.3f} -> {last['val_loss']:.3f} over {config.train.steps} steps"
-    )
+    try:
+        result = train(config)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"c2r-train: {error}") from None
+    if dist.get_rank() == 0 and result["history"]:
+        first, last = result["history"][0], result["history"][-1]
+        print(
+            f"done: train loss {first['train_loss']:.3f} -> {last['train_loss']:.3f}, "
+            f"val loss {first['val_loss']:.3f} -> {last['val_loss']:.3f} over {config.train.steps} steps"
+        )
+    dist.destroy_process_group()
     return 0
 
 

@@ -38,6 +38,7 @@ def _worker(rank: int, world_size: int, port: int, fn, args, out_dir: str) -> No
 def run_distributed(fn, world_size: int, tmp_path, *args) -> list:
     """Call ``fn(rank, world_size, *args)`` on every rank; return the per-rank results (rank order)."""
     out_dir = str(tmp_path)
+    os.makedirs(out_dir, exist_ok=True)
     try:
         mp.spawn(_worker, args=(world_size, free_port(), fn, args, out_dir), nprocs=world_size, join=True)
     except Exception as error:

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from c2r.data import BatchSampler, ByteTokenizer, DataConfig, load_corpus
 
@@ -22,7 +23,9 @@ def test_user_text_and_jsonl(tmp_path):
     corpus = load_corpus(DataConfig(path=str(tmp_path)))
     assert corpus.num_documents == 6
     assert len(corpus.val) > 0 and len(corpus.train) > len(corpus.val)
-    x, y = BatchSampler(corpus.train, 16, 4, seed=0).next()
+    sampler = BatchSampler(corpus.train, 16, 4, seed=0)
+    x, y = sampler.batch_at(3)
+    assert torch.equal(x, sampler.batch_at(3)[0]) and not torch.equal(x, sampler.batch_at(4)[0])
     assert x.shape == y.shape == (4, 16)
     assert (x[:, 1:] == y[:, :-1]).all()
 

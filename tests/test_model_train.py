@@ -9,6 +9,7 @@ from c2r.config_utils import config_from_dict
 from c2r.model import ModelConfig, MoEGPT
 from c2r.moe import MoELayer
 from c2r.train import RunConfig, build_config, parse_args, train
+from tests.distributed import run_distributed
 
 
 def tiny_model_config(**moe) -> ModelConfig:
@@ -62,45 +63,44 @@ def test_bad_model_config():
         model(torch.zeros(1, 40, dtype=torch.long))
 
 
-def test_training_lowers_loss_and_checkpoint_reloads(tmp_path):
-    config = config_from_dict(
-        RunConfig,
-        {
-            "model": {
-                "block_size": 32,
-                "n_layer": 2,
-                "n_head": 2,
-                "d_model": 64,
-                "moe": {"num_experts": 4, "top_k": 2, "ffn_hidden_size": 64},
-            },
-            "train": {
-                "steps": 60,
-                "batch_size": 8,
-                "eval_every": 20,
-                "eval_batches": 4,
-                "lr": 3e-3,
-                "warmup_steps": 5,
-                "out_dir": str(tmp_path),
-            },
-            "data": {"max_bytes": 400_000},
+def tiny_run_config(out_dir, **train) -> dict:
+    return {
+        "model": {
+            "block_size": 32,
+            "n_layer": 2,
+            "n_head": 2,
+            "d_model": 64,
+            "moe": {"num_experts": 4, "top_k": 2, "ffn_hidden_size": 64},
         },
-    )
-    result = train(config)
-    history = result["history"]
-    assert len(history) == 3
-    assert history[-1]["val_loss"] < history[0]["val_loss"] - 0.3
-    assert history[-1]["train_loss"] < history[0]["train_loss"] - 0.3
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines] == [20, 40, 60]
+        "train": {
+            "steps": 60,
+            "batch_size": 8,
+            "eval_every": 20,
+            "eval_batches": 4,
+            "lr": 3e-3,
+            "warmup_steps": 5,
+            "out_dir": str(out_dir),
+            **train,
+        },
+        "data": {"max_bytes": 400_000},
+    }
 
-    saved = torch.load(tmp_path / "model.pt", weights_only=False)
-    reloaded = MoEGPT(config_from_dict(ModelConfig, saved["config"]["model"]))
-    reloaded.load_state_dict(saved["model"])
-    assert not (tmp_path / "model.pt.tmp").exists()
-    idx = torch.randint(0, 256, (2, 32))
-    original = MoEGPT(config.model)
-    original.load_state_dict(saved["model"])
-    torch.testing.assert_close(reloaded(idx).logits, original(idx).logits)
+
+def train_worker(rank, world, raw_config):
+    result = train(config_from_dict(RunConfig, raw_config))
+    return {k: v for k, v in result.items() if k != "engine"}
+
+
+def test_training_lowers_loss_and_writes_metrics_and_checkpoint(tmp_path):
+    (result,) = run_distributed(train_worker, 1, tmp_path / "ranks", tiny_run_config(tmp_path / "run"))
+    history = result["history"]
+    assert len(history) == 3 and len(result["step_losses"]) == 60
+    assert history[-1]["val_loss"] < history[0]["val_loss"] - 0.1
+    assert history[-1]["train_loss"] < history[0]["train_loss"] - 0.3
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [20, 40, 60]
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step60"
+    assert (tmp_path / "run" / "checkpoints" / "step60" / "layer_1_expert_3_mp_rank_00_model_states.pt").exists()
 
 
 def test_cli_overrides_and_errors():
@@ -113,6 +113,8 @@ def test_cli_overrides_and_errors():
     assert config.model.moe.experts.backend == "reference" and config.train.out_dir == "/tmp/x"
     with pytest.raises(ValueError, match="top_k"):
         build_config(parse_args(["--set", "model.moe.top_k=99"]))
+    with pytest.raises(ValueError, match=r"ep_size \(3\) must divide num_experts \(8\)"):
+        build_config(parse_args(["--ep-size", "3"]))
 
 
 def test_cli_help_and_bad_config_exit_cleanly():

@@ -42,6 +42,45 @@ class ExpertWeights(nn.Module):
             nn.init.normal_(self.v1, std=init_std)
         nn.init.normal_(self.w2, std=output_init_std)
 
+    # DeepSpeed finds expert tensors by this key pattern (deepspeed_moe.experts.deepspeed_experts.<local id>.<name>)
+    # and writes one checkpoint file per expert from it.
+    PER_EXPERT_KEY = "deepspeed_experts"
+
+    def use_per_expert_state_dict(self, enabled: bool = True) -> None:
+        """Save/load each expert's rows as its own tensor ``deepspeed_experts.<i>.w1`` (shape [F, D]) instead of the
+        stacked ``w1`` (shape [E*F, D]). The parameters stay stacked; only the checkpoint keys change."""
+        self._per_expert_state_dict = enabled
+
+    def _param_names(self) -> list[str]:
+        return [n for n in ("w1", "v1", "w2") if getattr(self, n) is not None]
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if not getattr(self, "_per_expert_state_dict", False):
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in self._param_names():
+            stacked = self.stacked(name) if keep_vars else self.stacked(name).detach()
+            for e in range(self.num_experts):
+                destination[f"{prefix}{self.PER_EXPERT_KEY}.{e}.{name}"] = stacked[e]
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        if getattr(self, "_per_expert_state_dict", False):
+            for name in self._param_names():
+                keys = [f"{prefix}{self.PER_EXPERT_KEY}.{e}.{name}" for e in range(self.num_experts)]
+                present = [k for k in keys if k in state_dict]
+                if present and len(present) < len(keys):
+                    missing_keys.extend(k for k in keys if k not in state_dict)
+                elif present:
+                    state_dict[f"{prefix}{name}"] = torch.cat([state_dict.pop(k) for k in keys])
+            stray = [k for k in state_dict if k.startswith(f"{prefix}{self.PER_EXPERT_KEY}.")]
+            unexpected_keys.extend(stray)
+            for k in stray:
+                state_dict.pop(k)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
     @property
     def is_glu(self) -> bool:
         return self.v1 is not None

@@ -1,0 +1,81 @@
+"""DeepSpeed checkpoints that survive a crash mid-save, and refuse to load into a different model.
+
+``engine.save_checkpoint`` writes the model, optimizer and per-expert files under ``<dir>/<tag>/``. We write the
+``latest`` pointer ourselves, atomically and only after every rank has finished, so a crash mid-save leaves
+``latest`` on the previous complete checkpoint. Each tag also gets ``c2r_config.json`` (our run config), which
+``resume`` compares with the model it is asked to load into.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+LATEST = "latest"
+CONFIG_FILE = "c2r_config.json"
+# Model settings that change parameter shapes or expert identity: a checkpoint only loads if these match.
+SHAPE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "moe_every", "dense_ffn_hidden_size")
+MOE_SHAPE_KEYS = ("num_experts", "ffn_hidden_size")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(engine, ckpt_dir: str | Path, step: int, run_config: dict[str, Any]) -> str:
+    ckpt_dir = Path(ckpt_dir)
+    tag = f"step{step}"
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+    dist.barrier()  # every rank's files are on disk before anyone points at them
+    if dist.get_rank() == 0:
+        _atomic_write(ckpt_dir / tag / CONFIG_FILE, json.dumps(run_config, indent=2))
+        _atomic_write(ckpt_dir / LATEST, tag)
+    dist.barrier()
+    return tag
+
+
+def latest_tag(ckpt_dir: str | Path) -> str | None:
+    latest = Path(ckpt_dir) / LATEST
+    return latest.read_text().strip() if latest.exists() else None
+
+
+def check_compatible(saved_model: dict[str, Any], model: dict[str, Any], where: str) -> None:
+    diffs = [
+        f"{k}={saved_model.get(k)} in the checkpoint, {model.get(k)} here"
+        for k in SHAPE_KEYS
+        if saved_model.get(k) != model.get(k)
+    ]
+    saved_moe, moe = saved_model.get("moe", {}), model.get("moe", {})
+    diffs += [
+        f"{k}={saved_moe.get(k)} in the checkpoint, {moe.get(k)} here"
+        for k in MOE_SHAPE_KEYS
+        if saved_moe.get(k) != moe.get(k)
+    ]
+    saved_act, act = saved_moe.get("experts", {}).get("activation"), moe.get("experts", {}).get("activation")
+    if saved_act != act:
+        diffs.append(f"activation={saved_act} in the checkpoint, {act} here")
+    if diffs:
+        raise ValueError(f"checkpoint {where} does not fit this model: " + "; ".join(diffs))
+
+
+def resume(engine, ckpt_dir: str | Path, run_config: dict[str, Any]) -> int:
+    """Load the latest complete checkpoint into ``engine``; return the step it was taken at."""
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        raise FileNotFoundError(f"no checkpoint to resume in {str(ckpt_dir)!r} (no '{LATEST}' file)")
+    config_path = Path(ckpt_dir) / tag / CONFIG_FILE
+    saved = json.loads(config_path.read_text())
+    check_compatible(saved["model"], run_config["model"], str(Path(ckpt_dir) / tag))
+    saved_ep, ep = saved["train"].get("ep_size"), run_config["train"].get("ep_size")
+    if saved_ep != ep:
+        raise ValueError(f"checkpoint {tag} was saved with ep_size={saved_ep}, this run has ep_size={ep}")
+    _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    if client_state is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {Path(ckpt_dir) / tag}")
+    return int(client_state["step"])

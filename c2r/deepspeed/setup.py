@@ -1,0 +1,138 @@
+"""Bringing a c2r model up under DeepSpeed: process groups, expert sharding, optimizer groups, the JSON config."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+from deepspeed.utils import groups
+from torch import nn
+
+from c2r.deepspeed.moe_layer import DeepSpeedMoELayer, expert_group_name
+from c2r.moe import MoELayer
+from c2r.parallel import shard_experts
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "deepspeed_configs"
+LAUNCHER_ENV = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the job the launcher started (deepspeed, torchrun, mpirun via mpi4py, srun), or start a one-process job."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if not dist.is_initialized() and not any(v in os.environ for v in LAUNCHER_ENV):
+        # Plain `c2r-train` without a launcher: a world of one.
+        os.environ.update(
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())),
+        )
+    # Also when torch.distributed is already up: DeepSpeed's own comm layer must be told about it.
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=True, verbose=False)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", rank)))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        return DistInfo(rank, world, local_rank, torch.device("cuda", local_rank))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", world)))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))  # don't oversubscribe the cores
+    return DistInfo(rank, world, local_rank, torch.device("cpu"))
+
+
+def ensure_expert_groups(ep_size: int):
+    """Create DeepSpeed's expert-parallel and expert-data-parallel groups for ``ep_size`` (once); return this
+    rank's expert-parallel group. EP groups are contiguous ranks ([0, 1], [2, 3], ... for ep 2)."""
+    world = dist.get_world_size()
+    if ep_size <= 0 or world % ep_size:
+        raise ValueError(f"ep_size ({ep_size}) must divide the world size ({world})")
+    name = expert_group_name(ep_size)
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+    return groups._get_expert_parallel_group(name)
+
+
+def make_expert_parallel(model: nn.Module, ep_size: int) -> list[DeepSpeedMoELayer]:
+    """Shard every MoE layer's experts over ``ep_size`` ranks and wrap it as a DeepSpeed MoE module.
+
+    Call after building the model (same seed on every rank) and before building the optimizer.
+    """
+    for layer in (m for m in model.modules() if isinstance(m, MoELayer)):
+        if layer.config.num_experts % ep_size:
+            raise ValueError(f"ep_size ({ep_size}) must divide num_experts ({layer.config.num_experts})")
+    group = ensure_expert_groups(ep_size)
+    if ep_size > 1:
+        shard_experts(model, group=group)
+    wrapped = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, MoELayer):
+                wrapped.append(DeepSpeedMoELayer(child, ep_size))
+                setattr(parent, name, wrapped[-1])
+    return wrapped
+
+
+def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay for matrices, none for norms and biases; expert parameters split into their own groups (DeepSpeed's
+    ZeRO and bf16 optimizers require this)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    param_groups = [
+        {"name": "decay", "params": decay, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+    ]
+    return split_params_into_different_moe_groups_for_optimizer(param_groups)
+
+
+def load_deepspeed_config(path: str | None, use_cuda: bool, micro_batch: int, grad_clip: float) -> dict[str, Any]:
+    """Read the user's DeepSpeed JSON (default: ours for the device); our batch size and clipping fill it in."""
+    if path is None:
+        default = CONFIG_DIR / ("gpu_bf16_zero2.json" if use_cuda else "cpu_zero2.json")
+        if not default.exists():
+            raise FileNotFoundError(
+                f"default DeepSpeed config {default} not found (installed without the "
+                "repository?); pass --deepspeed-config PATH"
+            )
+        path = str(default)
+    try:
+        config = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"DeepSpeed config {path!r} does not exist") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"DeepSpeed config {path!r} is not valid JSON: {error}") from None
+    config.pop("_comment", None)
+    config["train_micro_batch_size_per_gpu"] = micro_batch
+    config.setdefault("gradient_accumulation_steps", 1)
+    config.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the world size
+    config.setdefault("gradient_clipping", grad_clip)
+    config.setdefault("steps_per_print", 10**9)  # our progress bar does the printing
+    if "optimizer" in config:
+        raise ValueError(
+            f"{path}: remove the 'optimizer' section; c2r-train passes its own AdamW with DeepSpeed's "
+            "MoE parameter groups"
+        )
+    return config
