@@ -1,0 +1,211 @@
+"""c2r-train under DeepSpeed on CPU ranks (gloo): expert parallelism, ZeRO stages, checkpoints, launchers."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from c2r.config_utils import config_from_dict
+from c2r.deepspeed import DeepSpeedMoELayer
+from c2r.train import RunConfig, train
+from tests.distributed import run_distributed
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_config(out_dir, steps=20, **train_options) -> dict:
+    return {
+        "model": {"block_size": 32, "n_layer": 2, "n_head": 2, "d_model": 32,
+                  "moe": {"num_experts": 8, "top_k": 2, "ffn_hidden_size": 32}},
+        "train": {"steps": steps, "batch_size": 4, "eval_every": 10, "eval_batches": 2, "lr": 3e-3,
+                  "warmup_steps": 3, "out_dir": str(out_dir), **train_options},
+        "data": {"max_bytes": 200_000},
+    }
+
+
+def expert_weights_by_global_id(engine) -> dict:
+    """{(layer, logical expert): w1 rows} of the experts this rank holds."""
+    out = {}
+    layers = [m for m in engine.module.modules() if isinstance(m, DeepSpeedMoELayer)]
+    for index, wrapper in enumerate(layers):
+        layer = wrapper.deepspeed_moe
+        held = (layer.dispatcher.layout.local_experts(layer.dispatcher.rank) if layer.dispatcher
+                else range(wrapper.num_experts))
+        w1 = layer.experts.stacked("w1").detach().clone()
+        out.update({(index, e): w1[slot] for slot, e in enumerate(held)})
+    return out
+
+
+def train_worker(rank, world, raw):
+    result = train(config_from_dict(RunConfig, raw))
+    return {"step_losses": result["step_losses"], "history": result["history"],
+            "experts": expert_weights_by_global_id(result["engine"])}
+
+
+def test_ep_1_2_4_train_identically(tmp_path):
+    # World 4, same seed and global batch; only the expert layout differs. Expert gradients are summed over the
+    # EP group by the all-to-all and averaged over the expert-data-parallel group by DeepSpeed: no double scaling.
+    runs = {ep: run_distributed(train_worker, 4, tmp_path / f"ep{ep}", run_config(tmp_path / f"out{ep}", ep_size=ep))
+            for ep in (1, 2, 4)}
+    for ep in (2, 4):
+        torch.testing.assert_close(runs[ep][0]["step_losses"], runs[1][0]["step_losses"], rtol=2e-5, atol=2e-5)
+        final = {k: v for rank in runs[ep] for k, v in rank["experts"].items()}
+        assert len(final) == 2 * 8
+        for key, weight in final.items():
+            torch.testing.assert_close(weight, runs[1][0]["experts"][key], rtol=1e-4, atol=1e-5, msg=str(key))
+    losses = runs[1][0]["step_losses"]
+    assert losses[-1] < losses[0]
+
+
+class Killed(Exception):
+    pass
+
+
+def killed_worker(rank, world, raw, kill_after_step):
+    """Train, but die (as if killed) right after the checkpoint of ``kill_after_step`` is complete."""
+    import c2r.deepspeed.checkpoint as checkpoint
+
+    real_save = checkpoint.save_checkpoint
+
+    def save_then_die(engine, ckpt_dir, step, run_config):
+        tag = real_save(engine, ckpt_dir, step, run_config)
+        if step == kill_after_step:
+            raise Killed
+        return tag
+
+    checkpoint.save_checkpoint = save_then_die
+    try:
+        train(config_from_dict(RunConfig, raw))
+    except Killed:
+        return "killed"
+    return "finished"
+
+
+def write_ds_config(path: Path, stage: int) -> str:
+    path.write_text(json.dumps({"zero_optimization": {"stage": stage}, "bf16": {"enabled": False}}))
+    return str(path)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_zero_stage_trains_and_resumes_like_an_uninterrupted_run(tmp_path, stage):
+    ds_config = write_ds_config(tmp_path / "ds.json", stage)
+    full = run_distributed(train_worker, 2, tmp_path / "r1",
+                           run_config(tmp_path / "full", steps=12, ep_size=2, deepspeed_config=ds_config))
+    # The "killed" run: dies right after its step-6 checkpoint; a fresh set of processes resumes it to step 12.
+    run_distributed(killed_worker, 2, tmp_path / "r2",
+                    run_config(tmp_path / "part", steps=12, ep_size=2, save_every=6, deepspeed_config=ds_config), 6)
+    part_dir = tmp_path / "part" / "checkpoints"
+    assert (part_dir / "latest").read_text() == "step6"
+    files = sorted(p.name for p in (part_dir / "step6").iterdir())
+    assert [f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt" for layer in (0, 1) for e in range(8)] == \
+        [f for f in files if f.startswith("layer_")]
+    resumed = run_distributed(train_worker, 2, tmp_path / "r3",
+                              run_config(tmp_path / "part", steps=12, ep_size=2, deepspeed_config=ds_config,
+                                         resume=True))
+    torch.testing.assert_close(resumed[0]["step_losses"], full[0]["step_losses"][6:], rtol=1e-5, atol=1e-5)
+    for key, weight in resumed[0]["experts"].items():
+        torch.testing.assert_close(weight, full[0]["experts"][key], rtol=1e-5, atol=1e-6)
+
+
+def resume_worker(rank, world, raw):
+    try:
+        train(config_from_dict(RunConfig, raw))
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def test_resume_refuses_a_checkpoint_of_another_shape(tmp_path):
+    run_distributed(train_worker, 1, tmp_path / "a", run_config(tmp_path / "run", steps=2))
+    other = run_config(tmp_path / "run", steps=4, resume=True)
+    other["model"]["moe"]["num_experts"] = 16
+    (message,) = run_distributed(resume_worker, 1, tmp_path / "b", other)
+    assert "does not fit this model: num_experts=8 in the checkpoint, 16 here" in message
+
+
+def crash_worker(rank, world, ckpt_dir):
+    import torch.distributed as dist  # noqa: F401  (initialised by the harness)
+
+    from c2r.deepspeed.checkpoint import latest_tag, save_checkpoint
+
+    class Engine:
+        def __init__(self, crash):
+            self.crash = crash
+
+        def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+            assert save_latest is False
+            os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
+            with open(os.path.join(save_dir, tag, "mp_rank_00_model_states.pt"), "w") as f:
+                f.write("partial")
+            if self.crash:
+                raise OSError("disk full")
+
+    save_checkpoint(Engine(crash=False), ckpt_dir, 1, {"model": {}, "train": {}})
+    try:
+        save_checkpoint(Engine(crash=True), ckpt_dir, 2, {"model": {}, "train": {}})
+    except OSError:
+        pass
+    return latest_tag(ckpt_dir)
+
+
+def test_crash_mid_save_leaves_latest_on_the_last_complete_checkpoint(tmp_path):
+    (tag,) = run_distributed(crash_worker, 1, tmp_path / "w", str(tmp_path / "ckpt"))
+    assert tag == "step1"
+    assert (tmp_path / "ckpt" / "step2").exists()  # the partial one is there, but nothing points at it
+
+
+def bad_ep_worker(rank, world):
+    from c2r.deepspeed import ensure_expert_groups
+
+    try:
+        ensure_expert_groups(4)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def test_ep_size_must_divide_world_size(tmp_path):
+    messages = run_distributed(bad_ep_worker, 2, tmp_path)
+    assert messages == ["ep_size (4) must divide the world size (2)"] * 2
+
+
+def launcher_env() -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env.pop("RANK", None)
+    return env
+
+
+def test_deepspeed_launcher_runs_the_demo_with_2_ranks(tmp_path):
+    deepspeed_bin = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(deepspeed_bin), "--num_gpus", "2", "--master_port", str(29500 + os.getpid() % 1000), "--module",
+           "c2r.train", "--ep-size", "2", "--steps", "4", "--set", "train.eval_every=2", "--set",
+           "data.max_bytes=200000", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=launcher_env(), timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "done: train loss" in proc.stdout
+    assert (tmp_path / "checkpoints" / "step4" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").exists()
+
+
+def mpi_available() -> bool:
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return False
+    return shutil.which("mpirun") is not None
+
+
+@pytest.mark.skipif(not mpi_available() and os.environ.get("CI") != "true",
+                    reason="needs OpenMPI and mpi4py (installed by .ci/run; `make mpi` installs them)")
+def test_mpirun_runs_the_demo_with_2_ranks(tmp_path):
+    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", "PYTHONPATH", "-x",
+           "OMP_NUM_THREADS", sys.executable, "-m", "c2r.train", "--ep-size", "2", "--steps", "4", "--set",
+           "train.eval_every=2", "--set", "data.max_bytes=200000", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=launcher_env(), timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "done: train loss" in proc.stdout
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step4"
