@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 STAMP  := $(BIN)/.c2r-installed
 
-.PHONY: setup demo test test-gpu lint format clean
+.PHONY: setup demo test test-gpu mpi lint format clean
 
 setup: $(STAMP)
 
@@ -20,8 +20,13 @@ $(STAMP): pyproject.toml
 	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q $(FIND_LINKS) -e ".[dev]"
 	touch $@
 
+# The demo: 2 ranks under the deepspeed launcher, experts split over both (CPU processes on a CPU-only machine).
 demo: setup
-	$(BIN)/c2r-train $(ARGS)
+	BIN=$(BIN) bash launch/quickstart.sh $(ARGS)
+
+# mpi4py for `launch/mpirun.sh`; needs OpenMPI (Debian: apt-get install openmpi-bin libopenmpi-dev).
+mpi: setup
+	$(BIN)/python -m pip install -q $(FIND_LINKS) "mpi4py>=3.1"
 
 test: setup
 	$(BIN)/python -m pytest $(ARGS)

@@ -139,7 +139,7 @@ def build_engine(config: RunConfig, device: torch.device):
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, tc) / tc.lr)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-    return engine, model
+    return engine
 
 
 def train(config: RunConfig) -> dict[str, Any]:
@@ -152,12 +152,12 @@ def train(config: RunConfig) -> dict[str, Any]:
         raise ValueError(f"ep_size ({tc.ep_size}) must divide the world size ({info.world_size})")
     is_main = info.rank == 0
     corpus = load_corpus(config.data)
-    engine, model = build_engine(config, info.device)
+    engine = build_engine(config, info.device)
     run_config = config_to_dict(config)
     out_dir, ckpt_dir = Path(tc.out_dir), Path(tc.out_dir) / "checkpoints"
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        log_start(config, corpus, model, info)
+        log_start(config, corpus, info, dtype=next(engine.module.parameters()).dtype)
     start = resume(engine, ckpt_dir, run_config) if tc.resume else 0
     block = config.model.block_size
     train_batches = BatchSampler(corpus.train, block, tc.batch_size, seed=tc.seed + 7919 * info.rank)
@@ -186,11 +186,19 @@ def train(config: RunConfig) -> dict[str, Any]:
                 window.clear()
                 history.append(record)
                 metrics.write(record)
+                write_monitor(engine, record)
             if (tc.save_every and done % tc.save_every == 0) or done == tc.steps:
                 save_checkpoint(engine, ckpt_dir, done, run_config)
     if is_main:
         log.info("checkpoint in %s; metrics in %s", ckpt_dir, out_dir / "metrics.jsonl")
     return {"history": history, "step_losses": step_losses, "checkpoint_dir": str(ckpt_dir), "engine": engine}
+
+
+def write_monitor(engine, record: dict[str, Any]) -> None:
+    """Our eval record to DeepSpeed's monitor (TensorBoard / CSV / W&B), when the DeepSpeed config enables one."""
+    if engine.monitor.enabled:
+        step = record["step"]
+        engine.monitor.write_events([(f"c2r/{key}", value, step) for key, value in record.items() if key != "step"])
 
 
 class MetricsLog:
@@ -223,8 +231,11 @@ def format_record(r: dict[str, Any]) -> str:
     )
 
 
-def log_start(config: RunConfig, corpus, model: MoEGPT, info) -> None:
+def log_start(config: RunConfig, corpus, info, dtype: torch.dtype) -> None:
+    from c2r.experts import resolve_backend_name
+
     moe = config.model.moe
+    backend = resolve_backend_name(moe.experts, info.device, dtype)
     log.info(
         "corpus: %s (%d documents, %.1f MB train, %.2f MB validation)",
         corpus.source,
@@ -233,13 +244,14 @@ def log_start(config: RunConfig, corpus, model: MoEGPT, info) -> None:
         len(corpus.val) / 1e6,
     )
     log.info(
-        "model: %d MoE layers of %d experts (top-%d, %s router, %s backend), %d ranks on %s, ep_size %d "
-        "(%d experts per rank)",
+        "model: %d MoE layers of %d experts (top-%d, %s router, %s expert backend, %s), %d ranks on %s, "
+        "ep_size %d (%d experts per rank)",
         config.model.num_moe_layers,
         moe.num_experts,
         moe.top_k,
         moe.router.kind,
-        moe.experts.backend,
+        backend,
+        str(dtype).removeprefix("torch."),
         info.world_size,
         info.device.type,
         config.train.ep_size,

@@ -20,10 +20,23 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_config(out_dir, steps=20, **train_options) -> dict:
     return {
-        "model": {"block_size": 32, "n_layer": 2, "n_head": 2, "d_model": 32,
-                  "moe": {"num_experts": 8, "top_k": 2, "ffn_hidden_size": 32}},
-        "train": {"steps": steps, "batch_size": 4, "eval_every": 10, "eval_batches": 2, "lr": 3e-3,
-                  "warmup_steps": 3, "out_dir": str(out_dir), **train_options},
+        "model": {
+            "block_size": 32,
+            "n_layer": 2,
+            "n_head": 2,
+            "d_model": 32,
+            "moe": {"num_experts": 8, "top_k": 2, "ffn_hidden_size": 32},
+        },
+        "train": {
+            "steps": steps,
+            "batch_size": 4,
+            "eval_every": 10,
+            "eval_batches": 2,
+            "lr": 3e-3,
+            "warmup_steps": 3,
+            "out_dir": str(out_dir),
+            **train_options,
+        },
         "data": {"max_bytes": 200_000},
     }
 
@@ -34,8 +47,11 @@ def expert_weights_by_global_id(engine) -> dict:
     layers = [m for m in engine.module.modules() if isinstance(m, DeepSpeedMoELayer)]
     for index, wrapper in enumerate(layers):
         layer = wrapper.deepspeed_moe
-        held = (layer.dispatcher.layout.local_experts(layer.dispatcher.rank) if layer.dispatcher
-                else range(wrapper.num_experts))
+        held = (
+            layer.dispatcher.layout.local_experts(layer.dispatcher.rank)
+            if layer.dispatcher
+            else range(wrapper.num_experts)
+        )
         w1 = layer.experts.stacked("w1").detach().clone()
         out.update({(index, e): w1[slot] for slot, e in enumerate(held)})
     return out
@@ -43,15 +59,20 @@ def expert_weights_by_global_id(engine) -> dict:
 
 def train_worker(rank, world, raw):
     result = train(config_from_dict(RunConfig, raw))
-    return {"step_losses": result["step_losses"], "history": result["history"],
-            "experts": expert_weights_by_global_id(result["engine"])}
+    return {
+        "step_losses": result["step_losses"],
+        "history": result["history"],
+        "experts": expert_weights_by_global_id(result["engine"]),
+    }
 
 
 def test_ep_1_2_4_train_identically(tmp_path):
     # World 4, same seed and global batch; only the expert layout differs. Expert gradients are summed over the
     # EP group by the all-to-all and averaged over the expert-data-parallel group by DeepSpeed: no double scaling.
-    runs = {ep: run_distributed(train_worker, 4, tmp_path / f"ep{ep}", run_config(tmp_path / f"out{ep}", ep_size=ep))
-            for ep in (1, 2, 4)}
+    runs = {
+        ep: run_distributed(train_worker, 4, tmp_path / f"ep{ep}", run_config(tmp_path / f"out{ep}", ep_size=ep))
+        for ep in (1, 2, 4)
+    }
     for ep in (2, 4):
         torch.testing.assert_close(runs[ep][0]["step_losses"], runs[1][0]["step_losses"], rtol=2e-5, atol=2e-5)
         final = {k: v for rank in runs[ep] for k, v in rank["experts"].items()}
@@ -94,19 +115,29 @@ def write_ds_config(path: Path, stage: int) -> str:
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_zero_stage_trains_and_resumes_like_an_uninterrupted_run(tmp_path, stage):
     ds_config = write_ds_config(tmp_path / "ds.json", stage)
-    full = run_distributed(train_worker, 2, tmp_path / "r1",
-                           run_config(tmp_path / "full", steps=12, ep_size=2, deepspeed_config=ds_config))
+    full = run_distributed(
+        train_worker, 2, tmp_path / "r1", run_config(tmp_path / "full", steps=12, ep_size=2, deepspeed_config=ds_config)
+    )
     # The "killed" run: dies right after its step-6 checkpoint; a fresh set of processes resumes it to step 12.
-    run_distributed(killed_worker, 2, tmp_path / "r2",
-                    run_config(tmp_path / "part", steps=12, ep_size=2, save_every=6, deepspeed_config=ds_config), 6)
+    run_distributed(
+        killed_worker,
+        2,
+        tmp_path / "r2",
+        run_config(tmp_path / "part", steps=12, ep_size=2, save_every=6, deepspeed_config=ds_config),
+        6,
+    )
     part_dir = tmp_path / "part" / "checkpoints"
     assert (part_dir / "latest").read_text() == "step6"
     files = sorted(p.name for p in (part_dir / "step6").iterdir())
-    assert [f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt" for layer in (0, 1) for e in range(8)] == \
-        [f for f in files if f.startswith("layer_")]
-    resumed = run_distributed(train_worker, 2, tmp_path / "r3",
-                              run_config(tmp_path / "part", steps=12, ep_size=2, deepspeed_config=ds_config,
-                                         resume=True))
+    assert [f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt" for layer in (0, 1) for e in range(8)] == [
+        f for f in files if f.startswith("layer_")
+    ]
+    resumed = run_distributed(
+        train_worker,
+        2,
+        tmp_path / "r3",
+        run_config(tmp_path / "part", steps=12, ep_size=2, deepspeed_config=ds_config, resume=True),
+    )
     torch.testing.assert_close(resumed[0]["step_losses"], full[0]["step_losses"][6:], rtol=1e-5, atol=1e-5)
     for key, weight in resumed[0]["experts"].items():
         torch.testing.assert_close(weight, full[0]["experts"][key], rtol=1e-5, atol=1e-6)
@@ -118,6 +149,18 @@ def resume_worker(rank, world, raw):
     except ValueError as error:
         return str(error)
     return None
+
+
+def test_deepspeed_csv_monitor_gets_our_metrics(tmp_path):
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 2},
+                                  "csv_monitor": {"enabled": True, "output_path": str(tmp_path / "csv"),
+                                                  "job_name": "demo"}}))
+    run_distributed(train_worker, 1, tmp_path / "w", run_config(tmp_path / "run", steps=4, eval_every=2,
+                                                                deepspeed_config=str(config)))
+    val_loss = (tmp_path / "csv" / "demo" / "c2r_val_loss.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in val_loss[1:]] == ["2", "4"]
+    assert (tmp_path / "csv" / "demo" / "c2r_load_imbalance.csv").exists()
 
 
 def test_resume_refuses_a_checkpoint_of_another_shape(tmp_path):
@@ -148,14 +191,14 @@ def crash_worker(rank, world, ckpt_dir):
     save_checkpoint(Engine(crash=False), ckpt_dir, 1, {"model": {}, "train": {}})
     try:
         save_checkpoint(Engine(crash=True), ckpt_dir, 2, {"model": {}, "train": {}})
-    except OSError:
-        pass
-    return latest_tag(ckpt_dir)
+    except OSError as error:
+        return str(error), latest_tag(ckpt_dir)
+    return "no crash", latest_tag(ckpt_dir)
 
 
 def test_crash_mid_save_leaves_latest_on_the_last_complete_checkpoint(tmp_path):
-    (tag,) = run_distributed(crash_worker, 1, tmp_path / "w", str(tmp_path / "ckpt"))
-    assert tag == "step1"
+    ((error, tag),) = run_distributed(crash_worker, 1, tmp_path / "w", str(tmp_path / "ckpt"))
+    assert (error, tag) == ("disk full", "step1")
     assert (tmp_path / "ckpt" / "step2").exists()  # the partial one is there, but nothing points at it
 
 
@@ -175,19 +218,25 @@ def test_ep_size_must_divide_world_size(tmp_path):
 
 
 def launcher_env() -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO),
+        OMP_NUM_THREADS="1",
+        BIN=str(Path(sys.executable).parent),
+        MASTER_PORT=str(29500 + os.getpid() % 1000),
+    )
     env.pop("RANK", None)
     return env
 
 
-def test_deepspeed_launcher_runs_the_demo_with_2_ranks(tmp_path):
-    deepspeed_bin = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(deepspeed_bin), "--num_gpus", "2", "--master_port", str(29500 + os.getpid() % 1000), "--module",
-           "c2r.train", "--ep-size", "2", "--steps", "4", "--set", "train.eval_every=2", "--set",
-           "data.max_bytes=200000", "--out", str(tmp_path)]
+DEMO_ARGS = ["--steps", "4", "--set", "train.eval_every=2", "--set", "data.max_bytes=200000"]
+
+
+def test_quickstart_runs_the_demo_under_the_deepspeed_launcher_with_2_ranks(tmp_path):
+    cmd = ["bash", "launch/quickstart.sh", *DEMO_ARGS, "--out", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=launcher_env(), timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "done: train loss" in proc.stdout
+    assert "done: train loss" in proc.stdout and "2 ranks on cpu, ep_size 2" in proc.stderr
     assert (tmp_path / "checkpoints" / "step4" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").exists()
 
 
@@ -199,13 +248,20 @@ def mpi_available() -> bool:
     return shutil.which("mpirun") is not None
 
 
-@pytest.mark.skipif(not mpi_available() and os.environ.get("CI") != "true",
-                    reason="needs OpenMPI and mpi4py (installed by .ci/run; `make mpi` installs them)")
-def test_mpirun_runs_the_demo_with_2_ranks(tmp_path):
-    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", "PYTHONPATH", "-x",
-           "OMP_NUM_THREADS", sys.executable, "-m", "c2r.train", "--ep-size", "2", "--steps", "4", "--set",
-           "train.eval_every=2", "--set", "data.max_bytes=200000", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=launcher_env(), timeout=300, cwd=REPO)
+@pytest.mark.skipif(
+    not mpi_available() and os.environ.get("CI") != "true",
+    reason="needs OpenMPI and mpi4py (installed by .ci/run; `make mpi` installs them)",
+)
+def test_mpirun_script_runs_the_demo_with_2_ranks(tmp_path):
+    cmd = ["bash", "launch/mpirun.sh", *DEMO_ARGS, "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(launcher_env(), NP="2"), timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "done: train loss" in proc.stdout
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step4"
+
+
+def test_multinode_script_names_a_missing_hostfile(tmp_path):
+    env = dict(launcher_env(), HOSTFILE=str(tmp_path / "hosts"))
+    proc = subprocess.run(["bash", "launch/deepspeed_multinode.sh"], capture_output=True, text=True, env=env, cwd=REPO)
+    assert proc.returncode == 2
+    assert f"hostfile '{tmp_path / 'hosts'}' not found" in proc.stderr

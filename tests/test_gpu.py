@@ -97,17 +97,19 @@ def test_megablocks_rejects_float32_input_clearly():
 
 
 @needs_cuda
-def test_demo_model_trains_on_gpu_with_megablocks(tmp_path):
-    from c2r.config_utils import config_from_dict
-    from c2r.train import RunConfig, train
+def test_demo_trains_through_deepspeed_on_one_gpu_with_megablocks(tmp_path):
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    config = config_from_dict(
-        RunConfig,
-        {
-            "model": {"moe": {"experts": {"backend": "megablocks"}}},
-            "train": {"steps": 60, "eval_every": 30, "dtype": "bfloat16", "device": "cuda", "out_dir": str(tmp_path)},
-            "data": {"max_bytes": 2_000_000},
-        },
-    )
-    history = train(config)["history"]
-    assert history[-1]["val_loss"] < history[0]["val_loss"]
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--module", "c2r.train",
+           "--steps", "60", "--set", "train.eval_every=30", "--set", "data.max_bytes=2000000", "--out", str(tmp_path)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=repo, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "megablocks expert backend, bfloat16" in proc.stderr
+    first, last = map(float, re.search(r"val loss ([\d.]+) -> ([\d.]+)", proc.stdout).groups())
+    assert last < first

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# MPI launch: mpirun starts the ranks and DeepSpeed finds them through mpi4py (auto_mpi_discovery).
+#   NP=2 EP_SIZE=2 bash launch/mpirun.sh --steps 100                      (this machine)
+#   NP=16 EP_SIZE=8 MPI_ARGS="--hostfile hosts -npernode 8" bash launch/mpirun.sh
+# Hardware: OpenMPI and mpi4py (Debian: apt-get install openmpi-bin libopenmpi-dev; pip install mpi4py; or
+# `make mpi`). On CPUs each rank is a process over gloo; on GPUs one rank per GPU over NCCL. Expected: the same
+# output as launch/quickstart.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN="${BIN:-.venv/bin}"
+NP="${NP:-2}"
+EP_SIZE="${EP_SIZE:-$NP}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+ROOT_ARGS=()
+[ "$(id -u)" = 0 ] && ROOT_ARGS=(--allow-run-as-root)
+# shellcheck disable=SC2086
+exec mpirun "${ROOT_ARGS[@]}" --oversubscribe -np "$NP" ${MPI_ARGS:-} -x OMP_NUM_THREADS -x PATH \
+    "$BIN/python" -m c2r.train --ep-size "$EP_SIZE" "$@"
