@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,7 +165,8 @@ def train(config: RunConfig) -> dict[str, Any]:
     val_batches = BatchSampler(corpus.val, block, tc.batch_size, seed=tc.seed + 104729 + 7919 * info.rank)
     history, step_losses, window = [], [], []
     started = time.perf_counter()
-    bar = tqdm(range(start, tc.steps), desc="train", unit="step", disable=not is_main, initial=start, total=tc.steps)
+    bar = tqdm(range(start, tc.steps), desc="train", unit="step", disable=not is_main, initial=start, total=tc.steps,
+               mininterval=0.1 if sys.stderr.isatty() else 5.0)  # keep logs of non-interactive runs short
     with MetricsLog(out_dir / "metrics.jsonl", append=tc.resume, enabled=is_main) as metrics:
         for step in bar:
             out: ModelOutput = engine(*train_batches.batch_at(step, info.device))

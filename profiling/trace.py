@@ -1,0 +1,149 @@
+"""Routing traces: which experts each token chose, per MoE layer, streamed to disk in shards with bounded memory.
+
+Layout of a trace directory (one per run; every rank writes its own files):
+
+    header.json                 {"format": "c2r-routing-trace", "version": 1, "num_layers": L, "num_experts": E,
+                                 "top_k": K, "router": ..., "source": ..., "sample_rate": p, "token_cap": N | null,
+                                 "world_size": W, ...}   (rank 0)
+    rank000-00000.npz ...       shards: layer int16 [N], step int32 [N], expert_ids int16 [N, K] (-1: empty slot),
+                                weights float32 [N, K]. Written to a temporary name and renamed, so a crash never
+                                leaves a half-written shard under a shard's name.
+    counts-rank000.npz          online counters over *every* routed token (not only the sampled ones):
+                                coactivation int64 [L, E, E] (tokens whose expert set holds both i and j; the
+                                diagonal is the expert load), tokens int64 [L]
+
+Shape legend: T tokens, K slots, E experts, L MoE layers, N trace rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT = "c2r-routing-trace"
+VERSION = 1
+
+
+@dataclass
+class TraceConfig:
+    """Sampling of the written trace; the online counters always see every token.
+
+    Attributes:
+        sample_rate: fraction of tokens written (uniform, per batch).
+        token_cap: at most this many tokens written per layer per rank (None: no cap).
+        shard_rows: rows buffered before a shard is written (bounds memory: about 8 + 6K bytes a row).
+    """
+
+    sample_rate: float = 1.0
+    token_cap: int | None = None
+    shard_rows: int = 65536
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.sample_rate <= 1.0:
+            raise ValueError(f"sample_rate ({self.sample_rate}) must be in (0, 1]")
+        if self.token_cap is not None and self.token_cap < 0:
+            raise ValueError(f"token_cap ({self.token_cap}) must be >= 0")
+        if self.shard_rows <= 0:
+            raise ValueError(f"shard_rows ({self.shard_rows}) must be > 0")
+
+
+def coactivation_counts(expert_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E, E] int64: C[i, j] = tokens whose (valid) expert set holds both i and j; C[i, i] = load of i."""
+    valid = expert_ids_TK >= 0
+    onehot_TE = torch.zeros(expert_ids_TK.shape[0], num_experts, dtype=torch.float32, device=expert_ids_TK.device)
+    onehot_TE.scatter_(1, expert_ids_TK.clamp(min=0), valid.float())
+    # float32 products are exact while a batch has fewer than 2**24 tokens
+    return (onehot_TE.t() @ onehot_TE).round().long()
+
+
+class RoutingTraceRecorder:
+    """Collects routing decisions and writes them as shards (see the module docstring for the layout)."""
+
+    def __init__(self, out_dir: str | Path, *, num_layers: int, num_experts: int, top_k: int, source: str,
+                 router: str = "topk", rank: int = 0, world_size: int = 1, config: TraceConfig | None = None,
+                 extra_header: dict[str, Any] | None = None, seed: int = 0):
+        self.dir = Path(out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.config = config or TraceConfig()
+        self.num_layers, self.num_experts, self.top_k, self.rank = num_layers, num_experts, top_k, rank
+        self.step = 0
+        self._rows: list[dict[str, np.ndarray]] = []
+        self._buffered = 0
+        self._shard_index = 0
+        self._written_per_layer = np.zeros(num_layers, dtype=np.int64)
+        self.coactivation = torch.zeros(num_layers, num_experts, num_experts, dtype=torch.int64)
+        self.tokens = torch.zeros(num_layers, dtype=torch.int64)
+        self._generator = torch.Generator().manual_seed(seed + 1009 * rank)
+        if rank == 0:
+            header = {"format": FORMAT, "version": VERSION, "num_layers": num_layers, "num_experts": num_experts,
+                      "top_k": top_k, "router": router, "source": source, "world_size": world_size,
+                      "sample_rate": self.config.sample_rate, "token_cap": self.config.token_cap,
+                      **(extra_header or {})}
+            _atomic_write_text(self.dir / "header.json", json.dumps(header, indent=2))
+
+    def record(self, layer: int, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor | None = None) -> None:
+        """One layer's routing for one batch. ``expert_ids_TK``: int, -1 marks an empty slot."""
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer {layer} out of range for a trace of {self.num_layers} MoE layers")
+        if expert_ids_TK.shape[1] != self.top_k:
+            raise ValueError(f"layer {layer} routed {expert_ids_TK.shape[1]} slots per token, the trace header says "
+                             f"top_k={self.top_k}")
+        ids = expert_ids_TK.detach()
+        self.coactivation[layer] += coactivation_counts(ids, self.num_experts).cpu()
+        self.tokens[layer] += ids.shape[0]
+        keep = self._sample(layer, ids.shape[0])
+        if keep is None:
+            return
+        ids_np = ids.cpu()[keep].to(torch.int16).numpy()
+        w = weights_TK.detach().float().cpu()[keep].numpy() if weights_TK is not None else np.ones(ids_np.shape,
+                                                                                                  np.float32)
+        self._rows.append({"layer": np.full(len(ids_np), layer, np.int16), "step": np.full(len(ids_np), self.step,
+                           np.int32), "expert_ids": ids_np, "weights": w.astype(np.float32)})
+        self._buffered += len(ids_np)
+        self._written_per_layer[layer] += len(ids_np)
+        if self._buffered >= self.config.shard_rows:
+            self.flush()
+
+    def _sample(self, layer: int, num_tokens: int) -> torch.Tensor | None:
+        room = num_tokens
+        if self.config.token_cap is not None:
+            room = min(room, int(self.config.token_cap - self._written_per_layer[layer]))
+        if room <= 0:
+            return None
+        keep = torch.arange(num_tokens)
+        if self.config.sample_rate < 1.0:
+            keep = keep[torch.rand(num_tokens, generator=self._generator) < self.config.sample_rate]
+        return keep[:room] if len(keep) else None
+
+    def flush(self) -> None:
+        """Write the buffered rows as one shard, and the counters (so a crash keeps what was seen)."""
+        if self._rows:
+            shard = {k: np.concatenate([r[k] for r in self._rows]) for k in self._rows[0]}
+            path = self.dir / f"rank{self.rank:03d}-{self._shard_index:05d}.npz"
+            _atomic_save_npz(path, shard)
+            self._shard_index += 1
+            self._rows, self._buffered = [], 0
+        _atomic_save_npz(self.dir / f"counts-rank{self.rank:03d}.npz",
+                         {"coactivation": self.coactivation.numpy(), "tokens": self.tokens.numpy()})
+
+    def close(self) -> None:
+        self.flush()
+
+
+def _atomic_save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
