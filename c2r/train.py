@@ -27,6 +27,7 @@ from c2r.config_utils import config_from_dict, config_to_dict, require_positive
 from c2r.data import BatchSampler, DataConfig, load_corpus
 from c2r.model import ModelConfig, ModelOutput, MoEGPT
 from c2r.routing import RoutingResult
+from profiling.session import ProfileConfig, ProfileSession
 
 log = logging.getLogger("c2r.train")
 
@@ -68,6 +69,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def __post_init__(self) -> None:
         if self.model.moe.num_experts % self.train.ep_size:
@@ -163,15 +165,34 @@ def train(config: RunConfig) -> dict[str, Any]:
     block = config.model.block_size
     train_batches = BatchSampler(corpus.train, block, tc.batch_size, seed=tc.seed + 7919 * info.rank)
     val_batches = BatchSampler(corpus.val, block, tc.batch_size, seed=tc.seed + 104729 + 7919 * info.rank)
+    profiler = None
+    if config.profile.enabled:
+        profiler = ProfileSession(
+            out_dir / "profile",
+            engine.module,
+            config.profile,
+            {"ep_size": tc.ep_size, "run": str(out_dir), "steps": tc.steps},
+        )
     history, step_losses, window = [], [], []
     started = time.perf_counter()
-    bar = tqdm(range(start, tc.steps), desc="train", unit="step", disable=not is_main, initial=start, total=tc.steps,
-               mininterval=0.1 if sys.stderr.isatty() else 5.0)  # keep logs of non-interactive runs short
+    bar = tqdm(
+        range(start, tc.steps),
+        desc="train",
+        unit="step",
+        disable=not is_main,
+        initial=start,
+        total=tc.steps,
+        mininterval=0.1 if sys.stderr.isatty() else 5.0,
+    )  # keep logs of non-interactive runs short
     with MetricsLog(out_dir / "metrics.jsonl", append=tc.resume, enabled=is_main) as metrics:
         for step in bar:
+            if profiler:
+                profiler.begin_step(step)
             out: ModelOutput = engine(*train_batches.batch_at(step, info.device))
             engine.backward(out.loss)
             engine.step()
+            if profiler:
+                profiler.end_step(step)
             step_losses.append(global_mean(out.lm_loss.item(), info.device))
             window.append(step_losses[-1])
             bar.set_postfix(loss=f"{step_losses[-1]:.3f}", lr=f"{lr_at(step, tc):.1e}")
@@ -191,8 +212,12 @@ def train(config: RunConfig) -> dict[str, Any]:
                 write_monitor(engine, record)
             if (tc.save_every and done % tc.save_every == 0) or done == tc.steps:
                 save_checkpoint(engine, ckpt_dir, done, run_config)
+    if profiler:
+        profiler.close()
     if is_main:
         log.info("checkpoint in %s; metrics in %s", ckpt_dir, out_dir / "metrics.jsonl")
+        if profiler:
+            log.info("profile in %s (c2r-profile summarize %s)", out_dir / "profile", out_dir)
     return {"history": history, "step_losses": step_losses, "checkpoint_dir": str(ckpt_dir), "engine": engine}
 
 
@@ -278,6 +303,8 @@ def build_config(args: argparse.Namespace) -> RunConfig:
             apply_override(raw, f"{key}={json.dumps(value)}")
     if args.resume:
         apply_override(raw, "train.resume=true")
+    if args.profile:
+        apply_override(raw, "profile.enabled=true")
     for assignment in args.set or []:
         apply_override(raw, assignment)
     return config_from_dict(RunConfig, raw)
@@ -307,6 +334,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--router", help="router kind (default topk)")
     parser.add_argument("--out", help="output directory (default runs/demo)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="record routing traces and all-to-all traffic in OUT/profile (see c2r-profile)",
+    )
     parser.add_argument(
         "--set",
         action="append",

@@ -1,0 +1,1 @@
+"""Profiling: routing traces, all-to-all counts and times, summaries and dashboards (``c2r-profile``)."""

@@ -65,9 +65,21 @@ def coactivation_counts(expert_ids_TK: torch.Tensor, num_experts: int) -> torch.
 class RoutingTraceRecorder:
     """Collects routing decisions and writes them as shards (see the module docstring for the layout)."""
 
-    def __init__(self, out_dir: str | Path, *, num_layers: int, num_experts: int, top_k: int, source: str,
-                 router: str = "topk", rank: int = 0, world_size: int = 1, config: TraceConfig | None = None,
-                 extra_header: dict[str, Any] | None = None, seed: int = 0):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        *,
+        num_layers: int,
+        num_experts: int,
+        top_k: int,
+        source: str,
+        router: str = "topk",
+        rank: int = 0,
+        world_size: int = 1,
+        config: TraceConfig | None = None,
+        extra_header: dict[str, Any] | None = None,
+        seed: int = 0,
+    ):
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config = config or TraceConfig()
@@ -81,10 +93,19 @@ class RoutingTraceRecorder:
         self.tokens = torch.zeros(num_layers, dtype=torch.int64)
         self._generator = torch.Generator().manual_seed(seed + 1009 * rank)
         if rank == 0:
-            header = {"format": FORMAT, "version": VERSION, "num_layers": num_layers, "num_experts": num_experts,
-                      "top_k": top_k, "router": router, "source": source, "world_size": world_size,
-                      "sample_rate": self.config.sample_rate, "token_cap": self.config.token_cap,
-                      **(extra_header or {})}
+            header = {
+                "format": FORMAT,
+                "version": VERSION,
+                "num_layers": num_layers,
+                "num_experts": num_experts,
+                "top_k": top_k,
+                "router": router,
+                "source": source,
+                "world_size": world_size,
+                "sample_rate": self.config.sample_rate,
+                "token_cap": self.config.token_cap,
+                **(extra_header or {}),
+            }
             _atomic_write_text(self.dir / "header.json", json.dumps(header, indent=2))
 
     def record(self, layer: int, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor | None = None) -> None:
@@ -92,8 +113,10 @@ class RoutingTraceRecorder:
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer {layer} out of range for a trace of {self.num_layers} MoE layers")
         if expert_ids_TK.shape[1] != self.top_k:
-            raise ValueError(f"layer {layer} routed {expert_ids_TK.shape[1]} slots per token, the trace header says "
-                             f"top_k={self.top_k}")
+            raise ValueError(
+                f"layer {layer} routed {expert_ids_TK.shape[1]} slots per token, the trace header says "
+                f"top_k={self.top_k}"
+            )
         ids = expert_ids_TK.detach()
         self.coactivation[layer] += coactivation_counts(ids, self.num_experts).cpu()
         self.tokens[layer] += ids.shape[0]
@@ -101,10 +124,19 @@ class RoutingTraceRecorder:
         if keep is None:
             return
         ids_np = ids.cpu()[keep].to(torch.int16).numpy()
-        w = weights_TK.detach().float().cpu()[keep].numpy() if weights_TK is not None else np.ones(ids_np.shape,
-                                                                                                  np.float32)
-        self._rows.append({"layer": np.full(len(ids_np), layer, np.int16), "step": np.full(len(ids_np), self.step,
-                           np.int32), "expert_ids": ids_np, "weights": w.astype(np.float32)})
+        w = (
+            weights_TK.detach().float().cpu()[keep].numpy()
+            if weights_TK is not None
+            else np.ones(ids_np.shape, np.float32)
+        )
+        self._rows.append(
+            {
+                "layer": np.full(len(ids_np), layer, np.int16),
+                "step": np.full(len(ids_np), self.step, np.int32),
+                "expert_ids": ids_np,
+                "weights": w.astype(np.float32),
+            }
+        )
         self._buffered += len(ids_np)
         self._written_per_layer[layer] += len(ids_np)
         if self._buffered >= self.config.shard_rows:
@@ -129,8 +161,10 @@ class RoutingTraceRecorder:
             _atomic_save_npz(path, shard)
             self._shard_index += 1
             self._rows, self._buffered = [], 0
-        _atomic_save_npz(self.dir / f"counts-rank{self.rank:03d}.npz",
-                         {"coactivation": self.coactivation.numpy(), "tokens": self.tokens.numpy()})
+        _atomic_save_npz(
+            self.dir / f"counts-rank{self.rank:03d}.npz",
+            {"coactivation": self.coactivation.numpy(), "tokens": self.tokens.numpy()},
+        )
 
     def close(self) -> None:
         self.flush()

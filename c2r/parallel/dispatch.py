@@ -42,6 +42,7 @@ class ExpertParallelDispatcher:
         if world != layout.num_ranks:
             raise ValueError(f"the expert layout is for {layout.num_ranks} ranks but the EP group has {world}")
         self.rank = dist.get_rank(group)
+        self.timer = None  # set by the communication profiler to time each exchange
 
     def dispatch(self, x_TD: torch.Tensor, routing: RoutingResult) -> tuple[torch.Tensor, DispatchMeta]:
         R, L = self.layout.num_ranks, self.layout.experts_per_rank
@@ -55,7 +56,7 @@ class ExpertParallelDispatcher:
         send_splits = send_counts_RL.sum(1).tolist()
         recv_splits = recv_counts_RL.sum(1).tolist()
         # 3. Exchange the token copies.
-        x_QD = all_to_all(x_TD[order.token_idx_S], recv_splits, send_splits, self.group)
+        x_QD = all_to_all(x_TD[order.token_idx_S], recv_splits, send_splits, self.group, self.timer, "dispatch")
         # 4. Received rows come grouped by source rank; the grouped GEMM wants them grouped by local expert.
         slot_Q = torch.arange(L, device=x_QD.device).repeat(R).repeat_interleave(recv_counts_RL.flatten())
         regroup_Q = torch.argsort(slot_Q, stable=True)
@@ -65,5 +66,5 @@ class ExpertParallelDispatcher:
     def combine(self, y_QD: torch.Tensor, meta: DispatchMeta, num_tokens: int) -> torch.Tensor:
         # 1. Back to source-rank order, 2. return the rows, 3. weighted sum per token on the token's own rank.
         y_by_source = torch.empty_like(y_QD).index_copy(0, meta.regroup_Q, y_QD)
-        y_SD = all_to_all(y_by_source, meta.send_splits, meta.recv_splits, self.group)
+        y_SD = all_to_all(y_by_source, meta.send_splits, meta.recv_splits, self.group, self.timer, "combine")
         return combine(y_SD, meta.order, num_tokens)

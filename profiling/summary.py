@@ -1,0 +1,154 @@
+"""One run's profile reduced to the numbers people ask for: per MoE layer, the rank x rank traffic, copies per token,
+cross-rank bytes, all-to-all time, expert and rank load. ``c2r-profile summarize`` prints it; the dashboard draws it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from profiling.reader import read_comm_records, read_online_counts
+
+
+def find_profile_dir(path: str | Path) -> Path:
+    """Accept a run directory (holding profile/) or the profile directory itself."""
+    path = Path(path)
+    for candidate in (path, path / "profile"):
+        if (candidate / "profile.json").exists():
+            return candidate
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    raise FileNotFoundError(
+        f"no profile in {path} (expected {path / 'profile' / 'profile.json'}; run c2r-train with --profile)"
+    )
+
+
+def _layer_traffic(records: list[dict[str, Any]], num_ranks: int) -> dict[str, Any]:
+    copies_RR = np.zeros((num_ranks, num_ranks), dtype=np.int64)
+    load_R = np.zeros(num_ranks, dtype=np.int64)
+    sums = defaultdict(int)
+    for r in records:
+        copies_RR[r["ep_rank"]] += np.asarray(r["send_copies"], dtype=np.int64)
+        load_R[r["ep_rank"]] += sum(r["local_expert_load"])
+        for key in ("tokens", "valid_slots", "distinct_ranks", "remote_ranks"):
+            sums[key] += r[key]
+    bytes_per_copy = records[0]["bytes_per_copy"]
+    tokens = max(sums["tokens"], 1)
+    cross = int(copies_RR.sum() - np.trace(copies_RR))
+    return {
+        "tokens": sums["tokens"],
+        "copies_rank_to_rank": copies_RR.tolist(),
+        "bytes_rank_to_rank": (copies_RR * bytes_per_copy).tolist(),
+        "bytes_per_copy": bytes_per_copy,
+        "copies_per_token": sums["valid_slots"] / tokens,
+        "distinct_ranks_per_token": sums["distinct_ranks"] / tokens,
+        "cross_rank_copies_per_token": cross / tokens,
+        "cross_rank_bytes_per_token": cross * bytes_per_copy / tokens,
+        "remote_ranks_per_token": sums["remote_ranks"] / tokens,
+        "rank_load": load_R.tolist(),
+        "rank_load_imbalance": float(load_R.max() / max(load_R.mean(), 1e-9)),
+    }
+
+
+def _step_times(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per step: all-to-all milliseconds summed over layers and phases; the slowest rank counts."""
+    per_rank_step: dict[tuple[int, int], float] = defaultdict(float)
+    for r in records:
+        per_rank_step[(r["step"], r["rank"])] += sum(r.get("time_ms", {}).values())
+    steps: dict[int, float] = defaultdict(float)
+    for (step, _), ms in per_rank_step.items():
+        steps[step] = max(steps[step], ms)
+    return [{"step": s, "all_to_all_ms": steps[s]} for s in sorted(steps)]
+
+
+def summarize(path: str | Path) -> dict[str, Any]:
+    profile_dir = find_profile_dir(path)
+    info = json.loads((profile_dir / "profile.json").read_text())
+    summary: dict[str, Any] = {
+        "format": "c2r-profile-summary",
+        "version": 1,
+        "profile": info,
+        "layers": [],
+        "steps": [],
+    }
+    coactivation = None
+    if (profile_dir / "traces").exists():
+        coactivation, _ = read_online_counts(profile_dir / "traces")
+    records = read_comm_records(profile_dir / "comm") if (profile_dir / "comm").exists() else []
+    by_layer: dict[int, list] = defaultdict(list)
+    for r in records:
+        by_layer[r["layer"]].append(r)
+    for layer in range(info["num_layers"]):
+        entry: dict[str, Any] = {"layer": layer, "expert_to_rank": info["expert_to_rank"][layer]}
+        if by_layer.get(layer):
+            entry.update(_layer_traffic(by_layer[layer], by_layer[layer][0]["ep_size"]))
+        if coactivation is not None:
+            load_E = np.diag(coactivation[layer]).astype(np.int64)
+            entry["expert_load"] = load_E.tolist()
+            entry["expert_load_imbalance"] = float(load_E.max() / max(load_E.mean(), 1e-9))
+        summary["layers"].append(entry)
+    summary["steps"] = _step_times(records)
+    summary["overall"] = _overall(summary["layers"], summary["steps"])
+    return summary
+
+
+def _overall(layers: list[dict[str, Any]], steps: list[dict[str, Any]]) -> dict[str, Any]:
+    with_traffic = [entry for entry in layers if "tokens" in entry]
+    overall: dict[str, Any] = {}
+    if with_traffic:
+        for key in (
+            "copies_per_token",
+            "distinct_ranks_per_token",
+            "cross_rank_copies_per_token",
+            "cross_rank_bytes_per_token",
+            "remote_ranks_per_token",
+            "rank_load_imbalance",
+        ):
+            overall[key] = float(np.mean([entry[key] for entry in with_traffic]))
+    if steps:
+        overall["all_to_all_ms_per_step"] = float(np.median([s["all_to_all_ms"] for s in steps]))
+    return overall
+
+
+def coactivation_matrix(path: str | Path) -> np.ndarray:
+    """[L, E, E] online co-activation counts of a profiled run, summed over ranks (diagonal: expert load)."""
+    return read_online_counts(find_profile_dir(path) / "traces")[0]
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    info = summary["profile"]
+    lines = [
+        f"profile of {info.get('run', '?')}: {info['num_layers']} MoE layers, {info['num_experts']} experts, "
+        f"top-{info['top_k']}, ep_size {info.get('ep_size', '?')}, {len(summary['steps'])} steps"
+    ]
+    header = (
+        f"{'layer':>5} {'copies/tok':>10} {'ranks/tok':>9} {'cross/tok':>9} {'cross KB/tok':>12} "
+        f"{'rank load max/mean':>18} {'expert load max/mean':>20}"
+    )
+    lines.append(header)
+    for e in summary["layers"]:
+        if "tokens" not in e:
+            lines.append(f"{e['layer']:>5} {'(no expert parallelism: no all-to-all)':>60}")
+            continue
+        lines.append(
+            f"{e['layer']:>5} {e['copies_per_token']:>10.3f} {e['distinct_ranks_per_token']:>9.3f} "
+            f"{e['cross_rank_copies_per_token']:>9.3f} {e['cross_rank_bytes_per_token'] / 1024:>12.3f} "
+            f"{e['rank_load_imbalance']:>18.3f} {e.get('expert_load_imbalance', float('nan')):>20.3f}"
+        )
+    o = summary["overall"]
+    if "cross_rank_copies_per_token" in o:
+        lines.append(
+            f"mean over layers: {o['copies_per_token']:.3f} copies/token sent (per-expert dispatch), "
+            f"{o['distinct_ranks_per_token']:.3f} distinct ranks/token (what per-rank dispatch sends), "
+            f"{o['cross_rank_copies_per_token']:.3f} cross-rank copies/token"
+        )
+    if "all_to_all_ms_per_step" in o:
+        lines.append(
+            f"all-to-all time: {o['all_to_all_ms_per_step']:.2f} ms per step (median; slowest rank, "
+            "forward + backward, all layers)"
+        )
+    return "\n".join(lines)
