@@ -57,7 +57,8 @@ def coactivation_counts(expert_ids_TK: torch.Tensor, num_experts: int) -> torch.
     """[E, E] int64: C[i, j] = tokens whose (valid) expert set holds both i and j; C[i, i] = load of i."""
     valid = expert_ids_TK >= 0
     onehot_TE = torch.zeros(expert_ids_TK.shape[0], num_experts, dtype=torch.float32, device=expert_ids_TK.device)
-    onehot_TE.scatter_(1, expert_ids_TK.clamp(min=0), valid.float())
+    # scatter_add, not scatter_: an empty slot (clamped to expert 0, adding 0) must not overwrite a real expert 0.
+    onehot_TE.scatter_add_(1, expert_ids_TK.clamp(min=0).long(), valid.float())
     # float32 products are exact while a batch has fewer than 2**24 tokens
     return (onehot_TE.t() @ onehot_TE).round().long()
 

@@ -1,0 +1,606 @@
+"""``c2r-profile dashboard``: one self-contained HTML file (plotly and its JavaScript inline, opens offline) showing
+one profiled run, or two side by side (before, after) with the change in %.
+
+Per MoE layer (a layer selector on each figure): the rank x rank all-to-all traffic, the expert co-activation with the
+experts grouped by the rank that holds them (so experts that fire together on one rank show as blocks), expert and
+rank load; over layers: copies and cross-rank bytes per token; over steps: all-to-all time. Every figure has a plain
+HTML table with the same numbers below it. What a run did not record (no expert parallelism: no all-to-all; no
+routing traces: no co-activation) is said, not drawn.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.offline import get_plotlyjs
+from plotly.subplots import make_subplots
+
+from profiling.summary import coactivation_matrix, find_profile_dir, summarize
+
+RUN_COLORS = ("#4C78A8", "#F58518")
+PLOT_CONFIG = {"displaylogo": False, "responsive": True}
+
+# (summary["overall"] key, label, lower is better (None: neither), format)
+HEADLINE = (
+    ("copies_per_token", "copies sent per token (all destinations)", None, "{:.3f}"),
+    ("distinct_ranks_per_token", "distinct ranks per token", True, "{:.3f}"),
+    ("cross_rank_copies_per_token", "cross-rank copies per token", True, "{:.3f}"),
+    ("cross_rank_bytes_per_token", "cross-rank bytes per token", True, "{:,.0f}"),
+    ("all_to_all_ms_per_step", "all-to-all ms per step (median, slowest rank)", True, "{:.2f}"),
+    ("rank_load_imbalance", "rank load imbalance (max / mean)", True, "{:.3f}"),
+    ("expert_load_imbalance", "expert load imbalance (max / mean)", True, "{:.3f}"),
+)
+
+# per-layer table: (summary["layers"][i] key, label, format)
+LAYER_COLUMNS = (
+    ("copies_per_token", "copies / token", "{:.3f}"),
+    ("distinct_ranks_per_token", "distinct ranks / token", "{:.3f}"),
+    ("cross_rank_copies_per_token", "cross-rank copies / token", "{:.3f}"),
+    ("cross_rank_bytes_per_token", "cross-rank bytes / token", "{:,.0f}"),
+    ("rank_load_imbalance", "rank load max/mean", "{:.3f}"),
+    ("expert_load_imbalance", "expert load max/mean", "{:.3f}"),
+)
+
+
+@dataclass
+class RunData:
+    """One profiled run: its label, its :func:`profiling.summary.summarize` dict, and its [L, E, E] co-activation
+    counts (None when the run recorded no routing traces)."""
+
+    name: str
+    summary: dict[str, Any]
+    coactivation: np.ndarray | None = None
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self.summary["profile"]
+
+    @property
+    def layers(self) -> list[dict[str, Any]]:
+        return self.summary["layers"]
+
+    @property
+    def has_traffic(self) -> bool:
+        return any("tokens" in entry for entry in self.layers)
+
+    def layer(self, index: int) -> dict[str, Any]:
+        return self.layers[index] if index < len(self.layers) else {"layer": index}
+
+    def expert_to_rank(self, index: int) -> list[int] | None:
+        return self.layer(index).get("expert_to_rank")
+
+    def rank_load(self, index: int) -> list[int] | None:
+        """Tokens each EP rank's experts processed: recorded by the all-to-all profiler, else from the traces."""
+        entry = self.layer(index)
+        if "rank_load" in entry:
+            return entry["rank_load"]
+        placement, load = entry.get("expert_to_rank"), entry.get("expert_load")
+        if placement is None or load is None:
+            return None
+        return np.bincount(placement, weights=load, minlength=max(placement) + 1).astype(np.int64).tolist()
+
+
+def load_run(path: str | Path, name: str | None = None) -> RunData:
+    summary = summarize(path)
+    profile_dir = find_profile_dir(path)
+    coactivation = coactivation_matrix(path) if (profile_dir / "traces").exists() else None
+    summary["overall"].update(_expert_imbalance(summary["layers"]))
+    return RunData(name or Path(path).resolve().name, summary, coactivation)
+
+
+def _expert_imbalance(layers: list[dict[str, Any]]) -> dict[str, float]:
+    values = [entry["expert_load_imbalance"] for entry in layers if "expert_load_imbalance" in entry]
+    return {"expert_load_imbalance": float(np.mean(values))} if values else {}
+
+
+# ---------------------------------------------------------------------------------------------------- HTML helpers
+
+
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def fmt(value: Any, spec: str = "{:,}") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return spec.format(value)
+
+
+def change(before: float | None, after: float | None, lower_is_better: bool | None = True) -> str:
+    """The change from before to after in %, as an HTML span coloured good (green) or bad (red)."""
+    if before is None or after is None:
+        return '<span class="na">–</span>'
+    if before == 0:
+        return '<span class="na">n/a</span>' if after else '<span class="same">0%</span>'
+    pct = (after - before) / abs(before) * 100
+    kind = "same" if abs(pct) < 0.05 or lower_is_better is None else ("good" if (pct < 0) == lower_is_better else "bad")
+    return f'<span class="{kind}">{pct:+.1f}%</span>'
+
+
+def table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
+    """An HTML table; header cells are escaped, row cells are HTML already (escape them with :func:`esc`)."""
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def details(summary: str, body: str) -> str:
+    return f"<details><summary>{esc(summary)}</summary>{body}</details>"
+
+
+def num_layers(runs: list[RunData]) -> int:
+    return max(run.info["num_layers"] for run in runs)
+
+
+def layer_menu(count: int, trace_args, layout_args=None) -> list[dict[str, Any]]:
+    """A plotly dropdown "layer i" whose button i applies trace_args(i) (and layout_args(i)) to the figure."""
+    buttons = [
+        {
+            "label": f"layer {i}",
+            "method": "update",
+            "args": [trace_args(i), layout_args(i) if layout_args else {}],
+        }
+        for i in range(count)
+    ]
+    return [
+        {
+            "buttons": buttons,
+            "direction": "down",
+            "x": 0,
+            "xanchor": "left",
+            "y": 1.0,
+            "yanchor": "bottom",
+            "pad": {"b": 34},
+            "showactive": True,
+            "name": "layer",
+        }
+    ]
+
+
+def style(fig: go.Figure, height: int, title: str) -> go.Figure:
+    fig.update_layout(
+        height=height,
+        template="plotly_white",
+        title={"text": title, "x": 0.5, "xanchor": "center", "y": 0.98, "yanchor": "top", "font": {"size": 15}},
+        margin={"t": 110, "l": 70, "r": 30, "b": 60},
+        legend={"orientation": "h", "x": 1, "xanchor": "right", "y": 1.0, "yanchor": "bottom"},
+        font={"size": 12},
+    )
+    return fig
+
+
+def run_titles(runs: list[RunData], what: str = "") -> list[str]:
+    return [f"{esc(run.name)}{what}" for run in runs]
+
+
+# ------------------------------------------------------------------------------------------------------- figures
+
+
+def traffic_matrices(run: RunData, index: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    entry = run.layer(index)
+    if "copies_rank_to_rank" not in entry:
+        return None, None
+    return np.asarray(entry["copies_rank_to_rank"]), np.asarray(entry["bytes_rank_to_rank"], dtype=float)
+
+
+def fig_traffic(runs: list[RunData]) -> go.Figure | None:
+    """Rank x rank token copies of one MoE layer's dispatch (bytes in the hover), one panel per run."""
+    if not any(run.has_traffic for run in runs):
+        return None
+    fig = make_subplots(1, len(runs), subplot_titles=run_titles(runs), horizontal_spacing=0.12)
+
+    def traces(index: int) -> dict[str, list]:
+        mats = [traffic_matrices(run, index) for run in runs]
+        return {
+            "z": [m[0].tolist() if m[0] is not None else [[None]] for m in mats],
+            "customdata": [m[1].tolist() if m[1] is not None else [[None]] for m in mats],
+        }
+
+    first = traces(0)
+    for col, run in enumerate(runs, start=1):
+        fig.add_trace(
+            go.Heatmap(
+                z=first["z"][col - 1],
+                customdata=first["customdata"][col - 1],
+                coloraxis="coloraxis",
+                texttemplate="%{z:.3s}",
+                hovertemplate="from rank %{y} to rank %{x}<br>%{z:,} copies<br>%{customdata:.3s}B<extra></extra>",
+                name=esc(run.name),
+            ),
+            1,
+            col,
+        )
+        fig.update_xaxes(title_text="to rank", dtick=1, constrain="domain", row=1, col=col)
+        fig.update_yaxes(title_text="from rank", dtick=1, autorange="reversed", constrain="domain",
+                         scaleanchor=f"x{'' if col == 1 else col}", row=1, col=col)  # fmt: skip
+    fig.update_layout(
+        coloraxis={"colorscale": "Blues", "colorbar": {"title": {"text": "copies"}}},
+        updatemenus=layer_menu(num_layers(runs), traces),
+    )
+    return style(fig, 460, "All-to-all dispatch: token copies from rank to rank (diagonal: stays on its rank)")
+
+
+def placement_order(placement: list[int] | None, num_experts: int) -> tuple[list[int], list[int]]:
+    """Experts sorted by (rank, id), and the positions in that order where a new rank's experts begin."""
+    if placement is None:
+        return list(range(num_experts)), []
+    order = sorted(range(num_experts), key=lambda e: (placement[e], e))
+    starts = [i for i in range(1, num_experts) if placement[order[i]] != placement[order[i - 1]]]
+    return order, starts
+
+
+def coactivation_panel(run: RunData, index: int) -> dict[str, Any]:
+    """One run's co-activation heatmap data for one layer: experts in placement order, diagonal masked."""
+    if run.coactivation is None or index >= len(run.coactivation):
+        return {"z": [[None]], "customdata": [[None]], "order": [], "starts": [], "placement": None}
+    counts = run.coactivation[index].astype(float)
+    placement = run.expert_to_rank(index)
+    order, starts = placement_order(placement, len(counts))
+    z = counts[np.ix_(order, order)]
+    np.fill_diagonal(z, np.nan)
+    ids = np.asarray(order)
+    custom = np.stack(np.broadcast_arrays(ids[:, None], ids[None, :]), axis=-1)
+    return {
+        "z": np.where(np.isnan(z), None, z).tolist(),
+        "customdata": custom.tolist(),
+        "order": order,
+        "starts": starts,
+        "placement": placement,
+    }
+
+
+def coactivation_layout(panels: list[dict[str, Any]]) -> dict[str, Any]:
+    """Tick labels (expert ids in placement order), rank boundary lines and rank labels for every panel."""
+    layout: dict[str, Any] = {"shapes": [], "annotations": []}
+    for col, panel in enumerate(panels, start=1):
+        axis = "" if col == 1 else str(col)
+        n, step = len(panel["order"]), max(1, math.ceil(len(panel["order"]) / 32))
+        ticks = {"tickvals": list(range(0, n, step)), "ticktext": [str(e) for e in panel["order"][::step]]}
+        layout[f"xaxis{axis}"] = dict(ticks)
+        layout[f"yaxis{axis}"] = dict(ticks)
+        line = {"color": "#d62728", "width": 2}
+        for b in panel["starts"]:
+            layout["shapes"].append(
+                {"type": "line", "xref": f"x{axis}", "yref": f"y{axis}", "x0": b - 0.5, "x1": b - 0.5,
+                 "y0": -0.5, "y1": n - 0.5, "line": line}
+            )  # fmt: skip
+            layout["shapes"].append(
+                {"type": "line", "xref": f"x{axis}", "yref": f"y{axis}", "y0": b - 0.5, "y1": b - 0.5,
+                 "x0": -0.5, "x1": n - 0.5, "line": line}
+            )  # fmt: skip
+        bounds = [0, *panel["starts"], n]
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            if panel["placement"] is not None and n:
+                layout["annotations"].append(
+                    {"text": f"rank {panel['placement'][panel['order'][lo]]}", "showarrow": False,
+                     "xref": f"x{axis}", "yref": f"y{axis} domain", "x": (lo + hi - 1) / 2, "y": 1.0,
+                     "yanchor": "bottom", "font": {"size": 11, "color": "#d62728"}}
+                )  # fmt: skip
+    return layout
+
+
+def fig_coactivation(runs: list[RunData]) -> go.Figure | None:
+    """Expert co-activation (tokens routed to both experts) of one layer, experts grouped by the rank holding them."""
+    if all(run.coactivation is None for run in runs):
+        return None
+    titles = run_titles(runs, ": experts grouped by rank")
+    fig = make_subplots(1, len(runs), subplot_titles=titles, horizontal_spacing=0.1)
+
+    def panels(index: int) -> list[dict[str, Any]]:
+        return [coactivation_panel(run, index) for run in runs]
+
+    def traces(index: int) -> dict[str, list]:
+        data = panels(index)
+        return {"z": [p["z"] for p in data], "customdata": [p["customdata"] for p in data]}
+
+    def layout(index: int) -> dict[str, Any]:
+        found = coactivation_layout(panels(index))
+        # subplot titles are annotations too: keep them, lifted above the rank labels
+        titles = [{**a.to_plotly_json(), "yshift": 22} for a in fig.layout.annotations[: len(runs)]]
+        found["annotations"] = titles + found["annotations"]
+        return found
+
+    first = traces(0)
+    for col, run in enumerate(runs, start=1):
+        fig.add_trace(
+            go.Heatmap(
+                z=first["z"][col - 1],
+                customdata=first["customdata"][col - 1],
+                coloraxis="coloraxis",
+                hovertemplate="expert %{customdata[0]} and expert %{customdata[1]}: %{z:,} tokens<extra></extra>",
+                name=esc(run.name),
+            ),
+            1,
+            col,
+        )
+        fig.update_yaxes(autorange="reversed", title_text="expert", scaleanchor=f"x{'' if col == 1 else col}",
+                         constrain="domain", showgrid=False, row=1, col=col)  # fmt: skip
+        fig.update_xaxes(title_text="expert", constrain="domain", showgrid=False, row=1, col=col)
+    start = layout(0)
+    fig.update_layout(
+        coloraxis={"colorscale": "Viridis", "colorbar": {"title": {"text": "tokens"}}},
+        updatemenus=layer_menu(num_layers(runs), traces, layout),
+        **start,
+    )
+    return style(fig, 560, "Expert co-activation: tokens routed to both experts (diagonal, the load, masked)")
+
+
+def fig_load(runs: list[RunData]) -> go.Figure | None:
+    """Expert load and rank load of one layer, one bar colour per run."""
+    if not any(run.coactivation is not None or run.has_traffic for run in runs):
+        return None
+    fig = make_subplots(1, 2, subplot_titles=["tokens per expert", "tokens per rank"], column_widths=[0.7, 0.3])
+
+    def bars(values: list[int] | None) -> tuple[list[int], list[int]]:
+        return (list(range(len(values))), values) if values else ([], [])
+
+    def traces(index: int) -> dict[str, list]:
+        xs, ys = [], []
+        for run in runs:
+            for x, y in (bars(run.layer(index).get("expert_load")), bars(run.rank_load(index))):
+                xs.append(x)
+                ys.append(y)
+        return {"x": xs, "y": ys}
+
+    first = traces(0)
+    for i, run in enumerate(runs):
+        for col, what in ((1, "expert"), (2, "rank")):
+            fig.add_trace(
+                go.Bar(
+                    x=first["x"][2 * i + col - 1],
+                    y=first["y"][2 * i + col - 1],
+                    name=esc(run.name),
+                    legendgroup=str(i),
+                    showlegend=col == 1 and len(runs) > 1,
+                    marker_color=RUN_COLORS[i],
+                    hovertemplate=f"{what} %{{x}}: %{{y:,}} tokens<extra>{esc(run.name)}</extra>",
+                ),
+                1,
+                col,
+            )
+    fig.update_xaxes(title_text="expert", dtick=1, row=1, col=1)
+    fig.update_xaxes(title_text="rank", dtick=1, row=1, col=2)
+    fig.update_yaxes(title_text="tokens", row=1, col=1)
+    fig.update_layout(barmode="group", updatemenus=layer_menu(num_layers(runs), traces))
+    return style(fig, 420, "Load: tokens each expert and each rank processed")
+
+
+def fig_per_layer(runs: list[RunData]) -> go.Figure | None:
+    """Copies per token, cross-rank copies per token and cross-rank bytes per token, per layer, one bar per run."""
+    if not any(run.has_traffic for run in runs):
+        return None
+    panels = (
+        ("copies_per_token", "copies sent per token"),
+        ("cross_rank_copies_per_token", "cross-rank copies per token"),
+        ("cross_rank_bytes_per_token", "cross-rank bytes per token"),
+    )
+    fig = make_subplots(1, 3, subplot_titles=[title for _, title in panels], horizontal_spacing=0.07)
+    for i, run in enumerate(runs):
+        entries = [e for e in run.layers if "tokens" in e]
+        for col, (key, _) in enumerate(panels, start=1):
+            fig.add_trace(
+                go.Bar(
+                    x=[f"layer {e['layer']}" for e in entries],
+                    y=[e[key] for e in entries],
+                    name=esc(run.name),
+                    legendgroup=str(i),
+                    showlegend=col == 1,
+                    marker_color=RUN_COLORS[i],
+                    hovertemplate="%{x}: %{y:,.3f}<extra>" + esc(run.name) + "</extra>",
+                ),
+                1,
+                col,
+            )
+    fig.update_layout(barmode="group")
+    fig = style(fig, 400, "Per MoE layer: what the all-to-all sends per token")
+    fig.update_layout(margin={"t": 100}, showlegend=len(runs) > 1, legend={"y": 1.12})
+    return fig
+
+
+def fig_step_times(runs: list[RunData]) -> go.Figure | None:
+    """All-to-all milliseconds per training step (slowest rank, forward + backward, all layers), one line per run."""
+    if not any(run.summary["steps"] for run in runs):
+        return None
+    fig = go.Figure()
+    for i, run in enumerate(runs):
+        steps = run.summary["steps"]
+        fig.add_trace(
+            go.Scatter(
+                x=[s["step"] for s in steps],
+                y=[s["all_to_all_ms"] for s in steps],
+                mode="lines+markers",
+                name=esc(run.name),
+                line={"color": RUN_COLORS[i]},
+                hovertemplate="step %{x}: %{y:.2f} ms<extra>" + esc(run.name) + "</extra>",
+            )
+        )
+    fig.update_xaxes(title_text="step")
+    fig.update_yaxes(title_text="ms", rangemode="tozero")
+    fig = style(fig, 380, "All-to-all time per step (slowest rank; forward + backward; all MoE layers)")
+    fig.update_layout(margin={"t": 70}, showlegend=len(runs) > 1)
+    return fig
+
+
+# -------------------------------------------------------------------------------------------------------- tables
+
+
+def table_headline(runs: list[RunData]) -> str:
+    rows = []
+    for key, label, lower, spec in HEADLINE:
+        values = [run.summary["overall"].get(key) for run in runs]
+        row = [esc(label), *[fmt(v, spec) for v in values]]
+        if len(runs) == 2:
+            row.append(change(values[0], values[1], lower))
+        rows.append(row)
+    header = ["mean over MoE layers", *[run.name for run in runs]] + (["change"] if len(runs) == 2 else [])
+    return table(header, rows, "headline")
+
+
+def table_runs(runs: list[RunData]) -> str:
+    keys = ("num_layers", "num_experts", "top_k", "ep_size", "world_size", "hidden_size", "steps", "mode", "run")
+    rows = [[esc(run.name), *[esc(run.info.get(k, "–")) for k in keys]] for run in runs]
+    return table(["run", "MoE layers", "experts", "top-k", "EP size", "ranks", "hidden", "steps", "mode", "path"],
+                 rows, "runs")  # fmt: skip
+
+
+def table_per_layer(runs: list[RunData]) -> str:
+    rows = []
+    for index in range(num_layers(runs)):
+        row = [str(index)]
+        for key, _, spec in LAYER_COLUMNS:
+            values = [run.layer(index).get(key) for run in runs]
+            cell = " → ".join(fmt(v, spec) for v in values)
+            if len(runs) == 2:
+                cell += " " + change(*values, lower_is_better=None if key == "copies_per_token" else True)
+            row.append(cell)
+        rows.append(row)
+    what = "" if len(runs) == 1 else f" ({runs[0].name} → {runs[1].name})"
+    return table([f"layer{what}", *[label for _, label, _ in LAYER_COLUMNS]], rows, "layers")
+
+
+def table_traffic(runs: list[RunData]) -> str:
+    parts = []
+    for index in range(num_layers(runs)):
+        cells = []
+        for run in runs:
+            copies, nbytes = traffic_matrices(run, index)
+            if copies is None:
+                cells.append(f"<div><b>{esc(run.name)}</b>: no all-to-all in this layer</div>")
+                continue
+            rows = [[f"<b>{r}</b>", *[f"{c:,}<br><small>{b / 2**20:,.1f} MiB</small>" for c, b in zip(cr, br)]]
+                    for r, (cr, br) in enumerate(zip(copies.tolist(), nbytes.tolist()))]  # fmt: skip
+            header = ["from \\ to rank", *[str(r) for r in range(len(copies))]]
+            cells.append(f"<div><b>{esc(run.name)}</b>{table(header, rows, 'matrix')}</div>")
+        parts.append(f"<h4>layer {index}</h4><div class='side'>{''.join(cells)}</div>")
+    return details("token copies (and MiB) from rank to rank, every layer", "".join(parts))
+
+
+def table_load(runs: list[RunData]) -> str:
+    parts = []
+    for run in runs:
+        experts = max((len(e.get("expert_load", [])) for e in run.layers), default=0)
+        rows = []
+        for index in range(run.info["num_layers"]):
+            load, ranks = run.layer(index).get("expert_load"), run.rank_load(index)
+            rows.append([str(index), *[fmt(v) for v in (load or [None] * experts)], esc(ranks if ranks else "–")])
+        header = ["layer", *[f"e{e}" for e in range(experts)], "per rank"]
+        parts.append(f"<h4>{esc(run.name)}</h4>{table(header, rows, 'matrix')}")
+    return details("tokens per expert and per rank, every layer", "".join(parts))
+
+
+def table_steps(runs: list[RunData]) -> str:
+    steps = sorted({s["step"] for run in runs for s in run.summary["steps"]})
+    by_run = [{s["step"]: s["all_to_all_ms"] for s in run.summary["steps"]} for run in runs]
+    rows = [[str(step), *[fmt(times.get(step), "{:.2f}") for times in by_run]] for step in steps]
+    return details("all-to-all ms per step", table(["step", *[f"{run.name} (ms)" for run in runs]], rows, "matrix"))
+
+
+# ---------------------------------------------------------------------------------------------------------- page
+
+
+def missing_notes(runs: list[RunData]) -> list[str]:
+    notes = []
+    for run in runs:
+        if not run.has_traffic:
+            notes.append(
+                f"{run.name}: no all-to-all records (no expert parallelism, ep_size 1, or profile.comm off): "
+                "no traffic, copies, bytes or all-to-all time"
+            )
+        if run.coactivation is None:
+            notes.append(f"{run.name}: no routing traces (profile.traces off): no co-activation or expert load")
+    if len(runs) == 2 and runs[0].info["num_layers"] != runs[1].info["num_layers"]:
+        notes.append(
+            f"the runs have different numbers of MoE layers ({runs[0].info['num_layers']} and "
+            f"{runs[1].info['num_layers']}): layers are compared by index"
+        )
+    return notes
+
+
+def figure_html(fig: go.Figure | None, div_id: str, missing: str) -> str:
+    if fig is None:
+        return f'<p class="missing">Not shown: {esc(missing)}.</p>'
+    return fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id, config=PLOT_CONFIG)
+
+
+def section(title: str, body: str, note: str = "") -> str:
+    note_html = f'<p class="note">{note}</p>' if note else ""
+    return f"<section><h2>{esc(title)}</h2>{note_html}{body}</section>"
+
+
+def build_dashboard(runs: list[RunData]) -> str:
+    if not 1 <= len(runs) <= 2:
+        raise ValueError(f"dashboard takes one run, or two to compare; got {len(runs)}")
+    title = "c2r profile: " + (runs[0].name if len(runs) == 1 else f"{runs[0].name} vs {runs[1].name}")
+    notes = "".join(f"<li>{esc(n)}</li>" for n in missing_notes(runs))
+    no_traffic, no_traces = "no run recorded all-to-all traffic", "no run recorded routing traces"
+    body = [
+        f"<h1>{esc(title)}</h1>",
+        f'<p class="note">written {datetime.now():%Y-%m-%d %H:%M}; per-token numbers are means over tokens and '
+        "training steps; &ldquo;mean over MoE layers&rdquo; averages the layers that have the number.</p>",
+        f'<ul class="missing">{notes}</ul>' if notes else "",
+        section("Headline", table_headline(runs) + table_runs(runs)),
+        section("Per layer", figure_html(fig_per_layer(runs), "fig-per-layer", no_traffic) + table_per_layer(runs)),
+        section("Rank-to-rank traffic", figure_html(fig_traffic(runs), "fig-traffic", no_traffic)
+                + table_traffic(runs)),  # fmt: skip
+        section(
+            "Expert co-activation by placement",
+            figure_html(fig_coactivation(runs), "fig-coactivation", no_traces),
+            "Experts are ordered by the rank that holds them (red lines: rank boundaries). Bright blocks on the "
+            "diagonal: experts that fire together live together; bright cells off the blocks cost cross-rank copies.",
+        ),
+        section("Load", figure_html(fig_load(runs), "fig-load", no_traces) + table_load(runs)),
+        section("All-to-all time", figure_html(fig_step_times(runs), "fig-steps", no_traffic) + table_steps(runs)),
+    ]
+    return PAGE.format(title=esc(title), plotlyjs=get_plotlyjs(), css=CSS, body="\n".join(body))
+
+
+def write_dashboard(runs: list[str], out: str, names: list[str] | None = None) -> None:
+    """Write the dashboard of one run directory, or of two (before, after), to ``out``."""
+    if names is not None and len(names) != len(runs):
+        raise ValueError(f"{len(names)} names for {len(runs)} runs")
+    data = [load_run(path, names[i] if names else None) for i, path in enumerate(runs)]
+    if len(data) == 2 and data[0].name == data[1].name:
+        data[0].name, data[1].name = f"{data[0].name} (before)", f"{data[1].name} (after)"
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(build_dashboard(data), encoding="utf-8")
+
+
+CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0 auto; max-width: 1500px;
+       padding: 16px 28px; color: #222; background: #fff; }
+h1 { font-size: 22px; margin: 8px 0; } h2 { font-size: 18px; border-bottom: 2px solid #ddd; padding-bottom: 4px; }
+h4 { margin: 10px 0 4px; }
+section { margin: 22px 0 34px; }
+table { border-collapse: collapse; margin: 10px 0; font-size: 13px; }
+th, td { border: 1px solid #ddd; padding: 4px 9px; text-align: right; }
+th { background: #f3f5f8; } td:first-child, th:first-child { text-align: left; }
+table.headline { font-size: 15px; } table.headline td { padding: 6px 14px; }
+table.matrix small { color: #777; }
+.side { display: flex; gap: 32px; flex-wrap: wrap; }
+.good { color: #1a7f37; font-weight: 600; } .bad { color: #cf222e; font-weight: 600; } .same, .na { color: #777; }
+.note { color: #555; font-size: 13px; }
+.missing { color: #9a6700; background: #fff8c5; padding: 8px 12px 8px 28px; border-radius: 6px; }
+p.missing { padding: 8px 12px; }
+details { margin: 8px 0; } summary { cursor: pointer; color: #0969da; }
+"""
+
+PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{title}</title>
+<script type="text/javascript">{plotlyjs}</script>
+<style>{css}</style>
+</head>
+<body>
+{body}
+</body>
+</html>
+"""

@@ -1,0 +1,171 @@
+"""Profiler counts against independent recounts, trace/co-activation consistency, damaged inputs, the CLI."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from c2r.config_utils import config_from_dict
+from c2r.experts import ExpertConfig
+from c2r.moe import MoEConfig, MoELayer
+from c2r.parallel import ExpertLayout, shard_experts
+from c2r.train import RunConfig, train
+from profiling.comm import CommProfiler
+from profiling.reader import coactivation_from_traces, read_comm_records, read_online_counts, read_traces
+from profiling.summary import summarize
+from profiling.trace import RoutingTraceRecorder, TraceConfig
+from tests.distributed import run_distributed
+from tests.routing_cases import random_routing
+
+D, E, K, T = 16, 8, 2, 40
+
+
+def comm_worker(rank, world, expert_to_rank, out_dir):
+    torch.manual_seed(0)
+    layer = MoELayer(D, MoEConfig(num_experts=E, top_k=K, ffn_hidden_size=8, experts=ExpertConfig(backend="torch")))
+    layout = ExpertLayout(tuple(expert_to_rank), world)
+    shard_experts(layer, layout)
+    profiler = CommProfiler(out_dir, layer)
+    expected = []
+    for step in range(3):
+        x = torch.randn(T, D, generator=torch.Generator().manual_seed(100 * step + rank), requires_grad=True)
+        y, routing = layer(x)
+        y.sum().backward()
+        profiler.end_step(step)
+        # Independent recount from the routing alone: valid slots per destination rank.
+        dest_TK = torch.tensor(expert_to_rank)[routing.expert_ids_TK]
+        per_rank = [int(((dest_TK == j) & routing.valid_TK).sum()) for j in range(world)]
+        lam = [len({int(d) for d, v in zip(dest_TK[t], routing.valid_TK[t]) if v}) for t in range(T)]
+        expected.append({"send": per_rank, "distinct": sum(lam)})
+    profiler.close()
+    return expected
+
+
+@pytest.mark.parametrize("world,expert_to_rank", [(2, [0, 1, 0, 1, 1, 0, 0, 1]), (4, [0, 0, 1, 1, 2, 2, 3, 3])])
+def test_profiler_counts_equal_what_the_dispatch_sent(tmp_path, world, expert_to_rank):
+    expected = run_distributed(comm_worker, world, tmp_path / "w", expert_to_rank, str(tmp_path / "comm"))
+    records = read_comm_records(tmp_path / "comm")
+    assert len(records) == 3 * world
+    for r in records:
+        want = expected[r["rank"]][r["step"]]
+        assert r["send_copies"] == want["send"]
+        assert r["distinct_ranks"] == want["distinct"]
+        assert r["bytes_per_copy"] == D * 4
+        # What rank r received from rank j is what j sent to r.
+        assert r["recv_copies"] == [expected[j][r["step"]]["send"][r["ep_rank"]] for j in range(world)]
+        assert set(r["time_ms"]) == {"dispatch", "combine", "dispatch_backward", "combine_backward"}
+        assert all(ms >= 0 for ms in r["time_ms"].values())
+        assert sum(r["local_expert_load"]) == sum(r["recv_copies"])
+
+
+def test_online_coactivation_equals_the_written_traces(tmp_path):
+    recorder = RoutingTraceRecorder(tmp_path, num_layers=2, num_experts=6, top_k=3, source="test",
+                                    config=TraceConfig(shard_rows=50))
+    for step in range(4):
+        recorder.step = step
+        for layer in range(2):
+            routing = random_routing(37, 3, 6, empty_fraction=0.2, seed=10 * step + layer)
+            recorder.record(layer, torch.where(routing.valid_TK, routing.expert_ids_TK, -1), routing.weights_TK)
+    recorder.close()
+    traces = read_traces(tmp_path, progress=False)
+    assert len(list(tmp_path.glob("rank000-*.npz"))) > 1  # several shards: memory stays bounded
+    online, tokens = read_online_counts(tmp_path)
+    assert tokens.tolist() == [4 * 37, 4 * 37]
+    np.testing.assert_array_equal(coactivation_from_traces(traces), online)
+    # Worked check of the definition: C[i, j] counts tokens holding both i and j; C[i, i] is i's load.
+    ids = traces.expert_ids[0]
+    i, j = 1, 4
+    both = sum(1 for row in ids if i in row and j in row)
+    assert online[0, i, j] == online[0, j, i] == both
+    assert online[0, i, i] == int((ids == i).sum())
+
+
+def test_sampling_and_token_cap_bound_what_is_written(tmp_path):
+    recorder = RoutingTraceRecorder(tmp_path, num_layers=1, num_experts=4, top_k=2, source="test",
+                                    config=TraceConfig(sample_rate=0.25, token_cap=300))
+    for step in range(10):
+        recorder.record(0, random_routing(200, 2, 4, seed=step).expert_ids_TK)
+    recorder.close()
+    traces = read_traces(tmp_path, progress=False)
+    assert len(traces.expert_ids[0]) == 300  # 10 * 200 * 0.25 = 500 sampled, capped at 300
+    assert read_online_counts(tmp_path)[1].tolist() == [2000]  # the counters still see every token
+
+
+def write_trace(tmp_path, shards=3):
+    recorder = RoutingTraceRecorder(tmp_path, num_layers=1, num_experts=4, top_k=2, source="test",
+                                    config=TraceConfig(shard_rows=10))
+    for step in range(shards):
+        recorder.record(0, random_routing(10, 2, 4, seed=step).expert_ids_TK)
+    recorder.close()
+
+
+def test_damaged_shards_are_skipped_and_named(tmp_path, caplog):
+    write_trace(tmp_path)
+    (tmp_path / "rank000-00001.npz").write_bytes(b"PK\x03\x04 truncated")
+    np.savez(tmp_path / "rank000-00002.npz", layer=np.zeros(5, np.int16), step=np.zeros(5, np.int32),
+             expert_ids=np.zeros((5, 3), np.int16), weights=np.zeros((5, 3), np.float32))  # K=3, header says 2
+    traces = read_traces(tmp_path, progress=False)
+    assert [name for name, _ in traces.skipped] == ["rank000-00001.npz", "rank000-00002.npz"]
+    assert "top_k=2" in traces.skipped[1][1]
+    assert len(traces.expert_ids[0]) == 10  # the readable shard is still used
+    assert "skipped trace shard rank000-00001.npz" in caplog.text
+
+
+def test_empty_or_unreadable_trace_directories_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no trace header"):
+        read_traces(tmp_path)
+    write_trace(tmp_path, shards=1)
+    (tmp_path / "rank000-00000.npz").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="every trace shard .* is unreadable"):
+        read_traces(tmp_path, progress=False)
+    for shard in tmp_path.glob("rank*.npz"):
+        shard.unlink()
+    with pytest.raises(FileNotFoundError, match=r"no trace shards \(rank\*-\*.npz\)"):
+        read_traces(tmp_path)
+
+
+def profiled_worker(rank, world, raw):
+    result = train(config_from_dict(RunConfig, raw))
+    return result["step_losses"]
+
+
+def tiny_profiled_run(out_dir, profile: bool) -> dict:
+    return {"model": {"block_size": 32, "n_layer": 2, "n_head": 2, "d_model": 32,
+                      "moe": {"num_experts": 8, "top_k": 2, "ffn_hidden_size": 32}},
+            "train": {"steps": 6, "batch_size": 4, "eval_every": 3, "eval_batches": 2, "ep_size": 2,
+                      "out_dir": str(out_dir)},
+            "data": {"max_bytes": 200_000}, "profile": {"enabled": profile}}
+
+
+def test_profiled_training_run_writes_traces_and_comm_and_changes_nothing(tmp_path):
+    plain = run_distributed(profiled_worker, 2, tmp_path / "a", tiny_profiled_run(tmp_path / "plain", False))
+    profiled = run_distributed(profiled_worker, 2, tmp_path / "b", tiny_profiled_run(tmp_path / "prof", True))
+    assert plain[0] == profiled[0]  # profiling observes; it does not change the numbers
+    summary = summarize(tmp_path / "prof")
+    assert len(summary["steps"]) == 6 and len(summary["layers"]) == 2
+    layer = summary["layers"][0]
+    copies = np.array(layer["copies_rank_to_rank"])
+    assert copies.shape == (2, 2) and copies.sum() == 6 * 2 * 4 * 32 * 2  # steps * ranks * batch * block * k
+    assert layer["copies_per_token"] == 2.0
+    assert 1.0 <= layer["distinct_ranks_per_token"] <= 2.0
+    traces = read_traces(tmp_path / "prof" / "profile" / "traces", progress=False)
+    assert len(traces.expert_ids[1]) == 6 * 2 * 4 * 32
+
+    cli = [sys.executable, "-m", "profiling.cli"]
+    out = subprocess.run([*cli, "summarize", str(tmp_path / "prof")], capture_output=True, text=True)
+    assert out.returncode == 0 and "cross/tok" in out.stdout and "all-to-all time" in out.stdout
+    out = subprocess.run([*cli, "summarize", "--json", str(tmp_path / "prof")], capture_output=True, text=True)
+    assert json.loads(out.stdout)["format"] == "c2r-profile-summary"
+    npy = tmp_path / "coact.npy"
+    out = subprocess.run([*cli, "coactivation", str(tmp_path / "prof"), "-o", str(npy)], capture_output=True, text=True)
+    assert out.returncode == 0 and np.load(npy).shape == (2, 8, 8)
+
+
+def test_cli_errors_are_clear(tmp_path):
+    cli = [sys.executable, "-m", "profiling.cli"]
+    assert subprocess.run([*cli, "--help"], capture_output=True).returncode == 0
+    out = subprocess.run([*cli, "summarize", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 2 and "no profile in" in out.stderr and "Traceback" not in out.stderr
