@@ -74,10 +74,8 @@ class MoELayer(nn.Module):
         if self.dispatcher is None:
             out_TD = backend(x_TD, routing, self.experts)
         else:
-            x_QD, meta = self.dispatcher.dispatch(x_TD, routing)
-            y_QD = backend.grouped_mlp(x_QD, meta.tokens_per_local_expert_L, self.experts)
-            out_TD = self.dispatcher.combine(y_QD, meta, x_TD.shape[0])
-            self.last_dispatch = meta
+            out_TD = self.dispatcher(x_TD, routing, backend, self.experts)
+            self.last_dispatch = self.dispatcher.last_meta
         return out_TD.view(x.shape), routing
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

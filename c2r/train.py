@@ -23,9 +23,10 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from c2r.config_utils import config_from_dict, config_to_dict, require_positive
+from c2r.config_utils import config_from_dict, config_to_dict, require_choice, require_positive
 from c2r.data import BatchSampler, DataConfig, load_corpus
 from c2r.model import ModelConfig, ModelOutput, MoEGPT
+from c2r.parallel import DISPATCH_MODES, ExpertLayout
 from c2r.routing import RoutingResult
 from profiling.session import ProfileConfig, ProfileSession
 
@@ -50,6 +51,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     ep_size: int = 1
+    dispatch: str = "per-expert"  # or "per-rank": one token copy per destination rank (DESIGN.md, "Dispatch")
+    placement_plan: str | None = None  # c2r-place plan JSON: which experts live on which EP rank, per MoE layer
     deepspeed_config: str | None = None  # default: deepspeed_configs/cpu_zero2.json or gpu_bf16_zero2.json
     out_dir: str = "runs/demo"
 
@@ -62,6 +65,7 @@ class TrainConfig:
             eval_batches=self.eval_batches,
             ep_size=self.ep_size,
         )
+        require_choice("dispatch", self.dispatch, DISPATCH_MODES)
 
 
 @dataclass
@@ -137,12 +141,27 @@ def build_engine(config: RunConfig, device: torch.device):
     ds_config = load_deepspeed_config(tc.deepspeed_config, device.type == "cuda", tc.batch_size, tc.grad_clip)
     torch.manual_seed(tc.seed)  # the same initial model on every rank; each then keeps its own experts
     model = MoEGPT(config.model)
-    make_expert_parallel(model, tc.ep_size)
+    make_expert_parallel(model, tc.ep_size, tc.dispatch, plan_layouts(config))
     model.to(device)
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, tc) / tc.lr)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     return engine
+
+
+def plan_layouts(config: RunConfig):
+    """The placement plan's per-layer expert layouts, checked against the model; None for contiguous."""
+    if config.train.placement_plan is None:
+        return None
+    from placement.plan import load_plan
+
+    plan = load_plan(
+        config.train.placement_plan,
+        num_layers=config.model.num_moe_layers,
+        num_experts=config.model.moe.num_experts,
+        num_ranks=config.train.ep_size,
+    )
+    return [ExpertLayout(tuple(layer["expert_to_rank"]), config.train.ep_size) for layer in plan["layers"]]
 
 
 def train(config: RunConfig) -> dict[str, Any]:
@@ -294,6 +313,8 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         "train.device": args.device,
         "train.out_dir": args.out,
         "train.ep_size": args.ep_size,
+        "train.dispatch": args.dispatch,
+        "train.placement_plan": args.plan,
         "train.deepspeed_config": args.deepspeed_config,
         "model.moe.experts.backend": args.backend,
         "model.moe.router.kind": args.router,
@@ -333,6 +354,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backend", help="expert backend: auto, reference, torch, megablocks")
     parser.add_argument("--router", help="router kind (default topk)")
     parser.add_argument("--out", help="output directory (default runs/demo)")
+    parser.add_argument(
+        "--dispatch",
+        choices=["per-expert", "per-rank"],
+        help="per-expert (default): one token copy per routed expert; per-rank: one per destination "
+        "rank, expanded there",
+    )
+    parser.add_argument("--plan", help="placement plan JSON from c2r-place plan (default: contiguous experts)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
     parser.add_argument(
         "--profile",

@@ -96,7 +96,7 @@ class CommProfiler:
             "rank": self.rank,
             "ep_rank": dispatcher.rank,
             "ep_size": layout.num_ranks,
-            "mode": "per-expert",
+            "mode": dispatcher.mode,
             "tokens": routing.num_tokens,
             "valid_slots": counts[2],
             "send_copies": meta.send_splits,

@@ -221,7 +221,7 @@ def fig_traffic(runs: list[RunData]) -> go.Figure | None:
         fig.update_yaxes(title_text="from rank", dtick=1, autorange="reversed", constrain="domain",
                          scaleanchor=f"x{'' if col == 1 else col}", row=1, col=col)  # fmt: skip
     fig.update_layout(
-        coloraxis={"colorscale": "Blues", "colorbar": {"title": {"text": "copies"}}},
+        coloraxis={"colorscale": "Blues", "cmin": 0, "colorbar": {"title": {"text": "copies"}}},
         updatemenus=layer_menu(num_layers(runs), traces),
     )
     return style(fig, 460, "All-to-all dispatch: token copies from rank to rank (diagonal: stays on its rank)")
@@ -291,7 +291,7 @@ def fig_coactivation(runs: list[RunData]) -> go.Figure | None:
     if all(run.coactivation is None for run in runs):
         return None
     titles = run_titles(runs, ": experts grouped by rank")
-    fig = make_subplots(1, len(runs), subplot_titles=titles, horizontal_spacing=0.1)
+    fig = make_subplots(1, len(runs), subplot_titles=titles, horizontal_spacing=0.14)
 
     def panels(index: int) -> list[dict[str, Any]]:
         return [coactivation_panel(run, index) for run in runs]
@@ -309,53 +309,50 @@ def fig_coactivation(runs: list[RunData]) -> go.Figure | None:
 
     first = traces(0)
     for col, run in enumerate(runs, start=1):
+        axis = "" if col == 1 else str(col)
         fig.add_trace(
             go.Heatmap(
                 z=first["z"][col - 1],
                 customdata=first["customdata"][col - 1],
-                coloraxis="coloraxis",
+                coloraxis=f"coloraxis{axis}",
                 hovertemplate="expert %{customdata[0]} and expert %{customdata[1]}: %{z:,} tokens<extra></extra>",
                 name=esc(run.name),
             ),
             1,
             col,
         )
-        fig.update_yaxes(autorange="reversed", title_text="expert", scaleanchor=f"x{'' if col == 1 else col}",
-                         constrain="domain", showgrid=False, row=1, col=col)  # fmt: skip
-        fig.update_xaxes(title_text="expert", constrain="domain", showgrid=False, row=1, col=col)
+        fig.update_yaxes(autorange="reversed", title_text="expert", scaleanchor=f"x{axis}", constrain="domain",
+                         showgrid=False, zeroline=False, row=1, col=col)  # fmt: skip
+        fig.update_xaxes(title_text="expert", constrain="domain", showgrid=False, zeroline=False, row=1, col=col)
+        colorbar = {"title": {"text": "tokens"}, "x": fig.layout[f"xaxis{axis}"].domain[1] + 0.01, "len": 0.9}
+        fig.update_layout({f"coloraxis{axis}": {"colorscale": "Viridis", "colorbar": colorbar}})
     start = layout(0)
-    fig.update_layout(
-        coloraxis={"colorscale": "Viridis", "colorbar": {"title": {"text": "tokens"}}},
-        updatemenus=layer_menu(num_layers(runs), traces, layout),
-        **start,
-    )
+    fig.layout.annotations, fig.layout.shapes = start.pop("annotations"), start.pop("shapes")
+    fig.update_layout(updatemenus=layer_menu(num_layers(runs), traces, layout), **start)
     return style(fig, 560, "Expert co-activation: tokens routed to both experts (diagonal, the load, masked)")
 
 
 def fig_load(runs: list[RunData]) -> go.Figure | None:
-    """Expert load and rank load of one layer, one bar colour per run."""
-    if not any(run.coactivation is not None or run.has_traffic for run in runs):
+    """Expert load and (with expert parallelism) rank load of one layer, one bar colour per run."""
+    panels = [("expert", lambda run, index: run.layer(index).get("expert_load"))]
+    if any(run.rank_load(index) for run in runs for index in range(run.info["num_layers"])):
+        panels.append(("rank", lambda run, index: run.rank_load(index)))
+    if not any(get(run, 0) for run in runs for _, get in panels):
         return None
-    fig = make_subplots(1, 2, subplot_titles=["tokens per expert", "tokens per rank"], column_widths=[0.7, 0.3])
-
-    def bars(values: list[int] | None) -> tuple[list[int], list[int]]:
-        return (list(range(len(values))), values) if values else ([], [])
+    titles, widths = [f"tokens per {what}" for what, _ in panels], [0.7, 0.3][: len(panels)]
+    fig = make_subplots(1, len(panels), subplot_titles=titles, column_widths=widths)
 
     def traces(index: int) -> dict[str, list]:
-        xs, ys = [], []
-        for run in runs:
-            for x, y in (bars(run.layer(index).get("expert_load")), bars(run.rank_load(index))):
-                xs.append(x)
-                ys.append(y)
-        return {"x": xs, "y": ys}
+        values = [get(run, index) or [] for run in runs for _, get in panels]
+        return {"x": [list(range(len(v))) for v in values], "y": values}
 
     first = traces(0)
     for i, run in enumerate(runs):
-        for col, what in ((1, "expert"), (2, "rank")):
+        for col, (what, _) in enumerate(panels, start=1):
             fig.add_trace(
                 go.Bar(
-                    x=first["x"][2 * i + col - 1],
-                    y=first["y"][2 * i + col - 1],
+                    x=first["x"][len(panels) * i + col - 1],
+                    y=first["y"][len(panels) * i + col - 1],
                     name=esc(run.name),
                     legendgroup=str(i),
                     showlegend=col == 1 and len(runs) > 1,
@@ -365,11 +362,12 @@ def fig_load(runs: list[RunData]) -> go.Figure | None:
                 1,
                 col,
             )
-    fig.update_xaxes(title_text="expert", dtick=1, row=1, col=1)
-    fig.update_xaxes(title_text="rank", dtick=1, row=1, col=2)
+            fig.update_xaxes(title_text=what, dtick=1, row=1, col=col)
     fig.update_yaxes(title_text="tokens", row=1, col=1)
     fig.update_layout(barmode="group", updatemenus=layer_menu(num_layers(runs), traces))
-    return style(fig, 420, "Load: tokens each expert and each rank processed")
+    fig = style(fig, 420, "Load: tokens each expert and each rank processed")
+    fig.update_layout(legend={"y": 1.14})
+    return fig
 
 
 def fig_per_layer(runs: list[RunData]) -> go.Figure | None:
@@ -400,7 +398,7 @@ def fig_per_layer(runs: list[RunData]) -> go.Figure | None:
             )
     fig.update_layout(barmode="group")
     fig = style(fig, 400, "Per MoE layer: what the all-to-all sends per token")
-    fig.update_layout(margin={"t": 100}, showlegend=len(runs) > 1, legend={"y": 1.12})
+    fig.update_layout(margin={"t": 100}, showlegend=len(runs) > 1, legend={"y": 1.14})
     return fig
 
 
@@ -466,6 +464,8 @@ def table_per_layer(runs: list[RunData]) -> str:
 
 
 def table_traffic(runs: list[RunData]) -> str:
+    if not any(run.has_traffic for run in runs):
+        return ""
     parts = []
     for index in range(num_layers(runs)):
         cells = []
@@ -489,7 +489,9 @@ def table_load(runs: list[RunData]) -> str:
         rows = []
         for index in range(run.info["num_layers"]):
             load, ranks = run.layer(index).get("expert_load"), run.rank_load(index)
-            rows.append([str(index), *[fmt(v) for v in (load or [None] * experts)], esc(ranks if ranks else "–")])
+            rows.append(
+                [str(index), *[fmt(v) for v in (load or [None] * experts)], " / ".join(fmt(v) for v in ranks or [None])]
+            )
         header = ["layer", *[f"e{e}" for e in range(experts)], "per rank"]
         parts.append(f"<h4>{esc(run.name)}</h4>{table(header, rows, 'matrix')}")
     return details("tokens per expert and per rank, every layer", "".join(parts))
@@ -497,6 +499,8 @@ def table_load(runs: list[RunData]) -> str:
 
 def table_steps(runs: list[RunData]) -> str:
     steps = sorted({s["step"] for run in runs for s in run.summary["steps"]})
+    if not steps:
+        return ""
     by_run = [{s["step"]: s["all_to_all_ms"] for s in run.summary["steps"]} for run in runs]
     rows = [[str(step), *[fmt(times.get(step), "{:.2f}") for times in by_run]] for step in steps]
     return details("all-to-all ms per step", table(["step", *[f"{run.name} (ms)" for run in runs]], rows, "matrix"))
@@ -547,8 +551,9 @@ def build_dashboard(runs: list[RunData]) -> str:
         f'<ul class="missing">{notes}</ul>' if notes else "",
         section("Headline", table_headline(runs) + table_runs(runs)),
         section("Per layer", figure_html(fig_per_layer(runs), "fig-per-layer", no_traffic) + table_per_layer(runs)),
-        section("Rank-to-rank traffic", figure_html(fig_traffic(runs), "fig-traffic", no_traffic)
-                + table_traffic(runs)),  # fmt: skip
+        section(
+            "Rank-to-rank traffic", figure_html(fig_traffic(runs), "fig-traffic", no_traffic) + table_traffic(runs)
+        ),  # fmt: skip
         section(
             "Expert co-activation by placement",
             figure_html(fig_coactivation(runs), "fig-coactivation", no_traces),
@@ -588,7 +593,7 @@ table.matrix small { color: #777; }
 .note { color: #555; font-size: 13px; }
 .missing { color: #9a6700; background: #fff8c5; padding: 8px 12px 8px 28px; border-radius: 6px; }
 p.missing { padding: 8px 12px; }
-details { margin: 8px 0; } summary { cursor: pointer; color: #0969da; }
+details { margin: 8px 0; overflow-x: auto; } summary { cursor: pointer; color: #0969da; }
 """
 
 PAGE = """<!DOCTYPE html>

@@ -36,16 +36,18 @@ def forward_backward(layer: MoELayer, x: torch.Tensor, grad_out: torch.Tensor):
     return y.detach(), x.grad, routing
 
 
-def ep_worker(rank, world, expert_to_rank, skew):
+def ep_worker(rank, world, expert_to_rank, skew, mode="per-expert"):
     layer = build_layer()
     layout = ExpertLayout(tuple(expert_to_rank), world)
-    shard_experts(layer, layout)
+    shard_experts(layer, layout, mode=mode)
     rows = slice(rank * T_PER_RANK, (rank + 1) * T_PER_RANK)
     y, x_grad, routing = forward_backward(layer, global_batch(world, skew)[rows], upstream_grad(world)[rows])
     router_grad = layer.router.gate.weight.grad.clone()
     dist.all_reduce(router_grad)  # the data-parallel gradient sum the trainer would do
     meta = layer.last_dispatch
-    return {
+    dest_TK = torch.tensor(expert_to_rank)[routing.expert_ids_TK]
+    distinct = sum(len({int(d) for d, v in zip(dest_TK[t], routing.valid_TK[t]) if v}) for t in range(len(dest_TK)))
+    return {"distinct_ranks": distinct,
         "y": y,
         "x_grad": x_grad,
         "router_grad": router_grad,
@@ -59,6 +61,7 @@ def ep_worker(rank, world, expert_to_rank, skew):
     }
 
 
+@pytest.mark.parametrize("mode", ["per-expert", "per-rank"])
 @pytest.mark.parametrize(
     "world,expert_to_rank,skew",
     [
@@ -68,8 +71,8 @@ def ep_worker(rank, world, expert_to_rank, skew):
         (4, [3, 1, 0, 2, 1, 0, 3, 2], "one_expert"),  # most tokens go to the same experts; some ranks get none
     ],
 )
-def test_expert_parallel_matches_single_process(tmp_path, world, expert_to_rank, skew):
-    results = run_distributed(ep_worker, world, tmp_path, expert_to_rank, skew)
+def test_expert_parallel_matches_single_process(tmp_path, world, expert_to_rank, skew, mode):
+    results = run_distributed(ep_worker, world, tmp_path, expert_to_rank, skew, mode)
     ref_layer = build_layer()
     y_ref, x_grad_ref, routing = forward_backward(ref_layer, global_batch(world, skew), upstream_grad(world))
 
@@ -81,11 +84,14 @@ def test_expert_parallel_matches_single_process(tmp_path, world, expert_to_rank,
             full = getattr(ref_layer.experts, name).grad.view(E, F, D)[r["local_experts"]].reshape(-1, D)
             torch.testing.assert_close(grad, full, msg=f"grad of {name}")
 
-    # Dropless, counted: every valid (token, slot) pair is sent once, received once and computed once.
+    # Dropless, counted: every valid (token, slot) pair is computed exactly once. Per-expert dispatch sends one copy
+    # per pair; per-rank dispatch one per (token, destination rank), i.e. sum of lambda.
     total_valid = int(routing.valid_TK.sum())
     assert sum(r["valid_slots"] for r in results) == total_valid
-    assert sum(r["sent"] for r in results) == sum(r["received"] for r in results) == total_valid
     assert sum(r["computed"] for r in results) == total_valid
+    sent = sum(r["sent"] for r in results)
+    assert sent == sum(r["received"] for r in results)
+    assert sent == (total_valid if mode == "per-expert" else sum(r["distinct_ranks"] for r in results))
     if skew == "one_expert":
         assert min(r["computed"] for r in results) == 0  # some rank receives nothing, and that is fine
 

@@ -1,7 +1,22 @@
-"""Expert parallelism: expert layouts, the all-to-all dispatcher, and sharding a model's experts over ranks."""
+"""Expert parallelism: expert layouts, the all-to-all dispatchers (per-expert, per-rank), sharding a model's experts."""
 
-from c2r.parallel.dispatch import DispatchMeta, ExpertParallelDispatcher
+from c2r.parallel.dispatch import (
+    DISPATCH_MODES,
+    DispatchMeta,
+    PerExpertDispatcher,
+    PerRankDispatcher,
+    build_dispatcher,
+)
 from c2r.parallel.expert_parallel import local_expert_weights, shard_experts
 from c2r.parallel.layout import ExpertLayout
 
-__all__ = ["DispatchMeta", "ExpertLayout", "ExpertParallelDispatcher", "local_expert_weights", "shard_experts"]
+__all__ = [
+    "DISPATCH_MODES",
+    "DispatchMeta",
+    "ExpertLayout",
+    "PerExpertDispatcher",
+    "PerRankDispatcher",
+    "build_dispatcher",
+    "local_expert_weights",
+    "shard_experts",
+]

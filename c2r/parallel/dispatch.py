@@ -1,11 +1,17 @@
-"""Expert-parallel dispatch: send each (token, expert) pair to the rank that holds the expert, and back.
+"""Expert-parallel dispatch: send tokens to the ranks that hold their experts, compute, and send the results back.
 
-Mode ``per-expert`` (the baseline every system uses): one token copy per routed expert. The dispatcher is split
-into ``dispatch`` and ``combine`` that share a frozen :class:`DispatchMeta`, so a ``per-rank`` mode (one copy per
-destination rank) can replace the steps without touching the layer.
+Two modes, same result (DESIGN.md, "Dispatch"):
+- ``per-expert`` (the baseline every system uses): one token copy per routed (token, expert) pair; the destination
+  runs the expert and returns one row per pair; the source sums them with the combine weights.
+- ``per-rank`` (Occult's idea): one copy per (token, destination rank), carrying which of that rank's experts the
+  token chose and their weights; the destination expands the copy to its local experts, sums their weighted outputs
+  itself, and returns one row per copy. Copies sent = sum over tokens of the distinct destination ranks (lambda).
 
-Shape legend: T local tokens, D hidden, E experts, R ranks in the EP group, L = E / R local experts,
-S sent rows (valid (token, slot) pairs), Q received rows.
+Each dispatcher is called as ``dispatcher(x_TD, routing, backend, experts) -> out_TD`` and keeps the last step's
+:class:`DispatchMeta` for the profiler and tests.
+
+Shape legend: T local tokens, D hidden, K slots, E experts, R ranks in the EP group, L = E / R local experts,
+S sent rows, Q received rows.
 """
 
 from __future__ import annotations
@@ -19,22 +25,27 @@ import torch.distributed as dist
 from c2r.experts.permute import ExpertOrder, combine, sort_by_expert
 from c2r.parallel.all_to_all import all_to_all, exchange_counts
 from c2r.parallel.layout import ExpertLayout
-from c2r.routing import RoutingResult
+from c2r.routing import RoutingResult, count_tokens_per_expert
+
+DISPATCH_MODES = ("per-expert", "per-rank")
 
 
 @dataclass(frozen=True)
 class DispatchMeta:
     """What ``combine`` needs to undo ``dispatch``, plus the counts the profiler and tests read."""
 
-    order: ExpertOrder  # sent rows, sorted by physical expert id (destination rank, then local slot)
+    mode: str
     send_splits: list[int]  # rows sent to each rank
     recv_splits: list[int]  # rows received from each rank
-    regroup_Q: torch.Tensor  # received rows (by source rank, then slot) -> rows sorted by local slot
-    tokens_per_local_expert_L: torch.Tensor
-    recv_counts_RL: torch.Tensor  # rows received from rank r for local slot l
+    tokens_per_local_expert_L: torch.Tensor  # (token, expert) pairs this rank computed, per local expert
+    token_idx_S: torch.Tensor  # source token of each sent row
+    order: ExpertOrder | None = None  # per-expert: sent rows sorted by physical expert id (with weights)
+    regroup_Q: torch.Tensor | None = None  # per-expert: received rows (by source rank) -> sorted by local slot
 
 
-class ExpertParallelDispatcher:
+class _Dispatcher:
+    mode = ""
+
     def __init__(self, layout: ExpertLayout, group=None):
         self.layout = layout
         self.group = group
@@ -43,6 +54,29 @@ class ExpertParallelDispatcher:
             raise ValueError(f"the expert layout is for {layout.num_ranks} ranks but the EP group has {world}")
         self.rank = dist.get_rank(group)
         self.timer = None  # set by the communication profiler to time each exchange
+        self.last_meta: DispatchMeta | None = None
+        self._expert_to_rank_E = torch.tensor(layout.expert_to_rank)
+        physical_E = layout.logical_to_physical
+        self._local_slot_E = physical_E % layout.experts_per_rank
+
+    def _exchange_splits(self, send_counts_RX: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:
+        recv_counts_RX = exchange_counts(send_counts_RX, self.group)
+        # NOTE: host sync; all-to-all split sizes must be Python ints.
+        return recv_counts_RX, send_counts_RX.sum(1).tolist(), recv_counts_RX.sum(1).tolist()
+
+    def _send(self, x: torch.Tensor, meta_splits: tuple[list[int], list[int]], name: str) -> torch.Tensor:
+        send_splits, recv_splits = meta_splits
+        return all_to_all(x, recv_splits, send_splits, self.group, self.timer, name)
+
+
+class PerExpertDispatcher(_Dispatcher):
+    mode = "per-expert"
+
+    def __call__(self, x_TD, routing: RoutingResult, backend, experts) -> torch.Tensor:
+        x_QD, meta = self.dispatch(x_TD, routing)
+        y_QD = backend.grouped_mlp(x_QD, meta.tokens_per_local_expert_L, experts)
+        self.last_meta = meta
+        return self.combine(y_QD, meta, x_TD.shape[0])
 
     def dispatch(self, x_TD: torch.Tensor, routing: RoutingResult) -> tuple[torch.Tensor, DispatchMeta]:
         R, L = self.layout.num_ranks, self.layout.experts_per_rank
@@ -50,21 +84,82 @@ class ExpertParallelDispatcher:
         physical_TK = self.layout.logical_to_physical.to(routing.expert_ids_TK.device)[routing.expert_ids_TK]
         order = sort_by_expert(dataclasses.replace(routing, expert_ids_TK=physical_TK), R * L)
         # 2. Tell every rank how many rows of each of its experts to expect.
-        send_counts_RL = order.tokens_per_expert_E.view(R, L)
-        recv_counts_RL = exchange_counts(send_counts_RL, self.group)
-        # NOTE: host sync; all-to-all split sizes must be Python ints.
-        send_splits = send_counts_RL.sum(1).tolist()
-        recv_splits = recv_counts_RL.sum(1).tolist()
+        recv_counts_RL, send_splits, recv_splits = self._exchange_splits(order.tokens_per_expert_E.view(R, L))
         # 3. Exchange the token copies.
-        x_QD = all_to_all(x_TD[order.token_idx_S], recv_splits, send_splits, self.group, self.timer, "dispatch")
+        x_QD = self._send(x_TD[order.token_idx_S], (send_splits, recv_splits), "dispatch")
         # 4. Received rows come grouped by source rank; the grouped GEMM wants them grouped by local expert.
         slot_Q = torch.arange(L, device=x_QD.device).repeat(R).repeat_interleave(recv_counts_RL.flatten())
         regroup_Q = torch.argsort(slot_Q, stable=True)
-        meta = DispatchMeta(order, send_splits, recv_splits, regroup_Q, recv_counts_RL.sum(0), recv_counts_RL)
+        meta = DispatchMeta(
+            self.mode,
+            send_splits,
+            recv_splits,
+            recv_counts_RL.sum(0),
+            order.token_idx_S,
+            order=order,
+            regroup_Q=regroup_Q,
+        )
         return x_QD[regroup_Q], meta
 
     def combine(self, y_QD: torch.Tensor, meta: DispatchMeta, num_tokens: int) -> torch.Tensor:
         # 1. Back to source-rank order, 2. return the rows, 3. weighted sum per token on the token's own rank.
         y_by_source = torch.empty_like(y_QD).index_copy(0, meta.regroup_Q, y_QD)
-        y_SD = all_to_all(y_by_source, meta.send_splits, meta.recv_splits, self.group, self.timer, "combine")
+        y_SD = self._send(y_by_source, (meta.recv_splits, meta.send_splits), "combine")
         return combine(y_SD, meta.order, num_tokens)
+
+
+class PerRankDispatcher(_Dispatcher):
+    mode = "per-rank"
+
+    def __call__(self, x_TD, routing: RoutingResult, backend, experts) -> torch.Tensor:
+        x_QD, local_routing, meta = self.dispatch(x_TD, routing)
+        # The destination runs the ordinary single-device path on its copies: expand, compute, weighted sum.
+        y_QD = backend(x_QD, local_routing, experts)
+        if y_QD.shape[0] == 0:
+            # Keep the (empty) output attached to the received tensors, so this rank still joins the backward
+            # all-to-alls that its peers start.
+            y_QD = y_QD + (x_QD.sum() + local_routing.weights_TK.sum()) * 0
+        self.last_meta = meta
+        return self.combine(y_QD, meta, x_TD.shape[0])
+
+    def dispatch(self, x_TD: torch.Tensor, routing: RoutingResult):
+        R, L = self.layout.num_ranks, self.layout.experts_per_rank
+        device = routing.expert_ids_TK.device
+        rank_TK = self._expert_to_rank_E.to(device)[routing.expert_ids_TK]
+        # 1. One copy per (token, destination rank), grouped by destination.
+        hits_TR = torch.zeros(rank_TK.shape[0], R, dtype=torch.int64, device=device)
+        hits_TR.scatter_add_(1, rank_TK, routing.valid_TK.long())
+        dest_S, token_S = (hits_TR > 0).t().nonzero(as_tuple=True)
+        # 2. Each copy carries the local slots and weights of the experts the token chose on that rank.
+        chosen_SK = (rank_TK[token_S] == dest_S.unsqueeze(1)) & routing.valid_TK[token_S]
+        slot_SK = torch.where(chosen_SK, self._local_slot_E.to(device)[routing.expert_ids_TK[token_S]], -1)
+        weight_SK = torch.where(chosen_SK, routing.weights_TK[token_S], torch.zeros_like(routing.weights_TK[token_S]))
+        _, send_splits, recv_splits = self._exchange_splits(torch.bincount(dest_S, minlength=R).view(R, 1))
+        # 3. Exchange copies, slots and weights (weights carry gradients back to the router).
+        splits = (send_splits, recv_splits)
+        x_QD = self._send(x_TD[token_S], splits, "dispatch")
+        slot_QK = self._send(slot_SK, splits, "dispatch_meta")
+        weight_QK = self._send(weight_SK, splits, "dispatch_meta")
+        valid_QK = slot_QK >= 0
+        local_routing = RoutingResult(
+            expert_ids_TK=slot_QK.clamp(min=0),
+            weights_TK=weight_QK,
+            valid_TK=valid_QK,
+            aux_loss=weight_QK.new_zeros(()),
+            tokens_per_expert_E=count_tokens_per_expert(slot_QK.clamp(min=0), valid_QK, L),
+        )
+        meta = DispatchMeta(self.mode, send_splits, recv_splits, local_routing.tokens_per_expert_E, token_S)
+        return x_QD, local_routing, meta
+
+    def combine(self, y_QD: torch.Tensor, meta: DispatchMeta, num_tokens: int) -> torch.Tensor:
+        # One reply per copy, already weighted and summed over that rank's experts: the source just adds them up.
+        y_SD = self._send(y_QD, (meta.recv_splits, meta.send_splits), "combine")
+        return y_SD.new_zeros(num_tokens, y_SD.shape[1]).index_add(0, meta.token_idx_S, y_SD)
+
+
+def build_dispatcher(mode: str, layout: ExpertLayout, group=None) -> _Dispatcher:
+    if mode == "per-expert":
+        return PerExpertDispatcher(layout, group)
+    if mode == "per-rank":
+        return PerRankDispatcher(layout, group)
+    raise ValueError(f"dispatch mode {mode!r} is not one of {list(DISPATCH_MODES)}")

@@ -12,7 +12,7 @@ from torch import nn
 
 from c2r.experts import ExpertWeights
 from c2r.moe import MoELayer
-from c2r.parallel.dispatch import ExpertParallelDispatcher
+from c2r.parallel.dispatch import build_dispatcher
 from c2r.parallel.layout import ExpertLayout
 
 
@@ -29,21 +29,27 @@ def local_expert_weights(full: ExpertWeights, experts: list[int]) -> ExpertWeigh
     return local.to(device=full.w1.device, dtype=full.w1.dtype)
 
 
-def shard_experts(model: nn.Module, layout: ExpertLayout | None = None, group=None) -> list[MoELayer]:
+def shard_experts(
+    model: nn.Module, layout: ExpertLayout | list[ExpertLayout] | None = None, group=None, mode: str = "per-expert"
+) -> list[MoELayer]:
     """Make every :class:`MoELayer` in ``model`` expert parallel over ``group`` (default: the world).
 
-    ``layout`` defaults to the contiguous one. Returns the converted layers.
+    ``layout``: one for every layer, one per MoE layer (a placement plan), or None for the contiguous layout.
+    ``mode``: ``per-expert`` or ``per-rank`` dispatch. Returns the converted layers.
     """
     ep_size = dist.get_world_size(group)
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]
-    for layer in layers:
+    if isinstance(layout, list) and len(layout) != len(layers):
+        raise ValueError(f"the placement has {len(layout)} layers but the model has {len(layers)} MoE layers")
+    for index, layer in enumerate(layers):
         num_experts = layer.config.num_experts
-        layer_layout = layout or ExpertLayout.contiguous(num_experts, ep_size)
+        layer_layout = layout[index] if isinstance(layout, list) else layout
+        layer_layout = layer_layout or ExpertLayout.contiguous(num_experts, ep_size)
         if layer_layout.num_experts != num_experts:
             raise ValueError(
-                f"the expert layout is for {layer_layout.num_experts} experts but the layer has {num_experts}"
+                f"the expert layout is for {layer_layout.num_experts} experts but MoE layer {index} has {num_experts}"
             )
-        dispatcher = ExpertParallelDispatcher(layer_layout, group)
+        dispatcher = build_dispatcher(mode, layer_layout, group)
         layer.experts = local_expert_weights(layer.experts, layer_layout.local_experts(dispatcher.rank))
         layer.dispatcher = dispatcher
     return layers
