@@ -44,7 +44,9 @@ def _layer_traffic(records: list[dict[str, Any]], num_ranks: int) -> dict[str, A
         "copies_rank_to_rank": copies_RR.tolist(),
         "bytes_rank_to_rank": (copies_RR * bytes_per_copy).tolist(),
         "bytes_per_copy": bytes_per_copy,
-        "copies_per_token": sums["valid_slots"] / tokens,
+        "mode": records[0].get("mode", "per-expert"),
+        "copies_per_token": int(copies_RR.sum()) / tokens,
+        "routed_slots_per_token": sums["valid_slots"] / tokens,
         "distinct_ranks_per_token": sums["distinct_ranks"] / tokens,
         "cross_rank_copies_per_token": cross / tokens,
         "cross_rank_bytes_per_token": cross * bytes_per_copy / tokens,
@@ -141,8 +143,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         )
     o = summary["overall"]
     if "cross_rank_copies_per_token" in o:
+        mode = next(e["mode"] for e in summary["layers"] if "mode" in e)
         lines.append(
-            f"mean over layers: {o['copies_per_token']:.3f} copies/token sent (per-expert dispatch), "
+            f"mean over layers: {o['copies_per_token']:.3f} copies/token sent ({mode} dispatch), "
             f"{o['distinct_ranks_per_token']:.3f} distinct ranks/token (what per-rank dispatch sends), "
             f"{o['cross_rank_copies_per_token']:.3f} cross-rank copies/token"
         )

@@ -1,0 +1,174 @@
+"""The placement objective and the traffic / load metrics of one placement, per MoE layer and overall.
+
+Setting. One MoE layer, E experts placed on R ranks by ``expert_to_rank`` [E] (exactly E/R each). With nodes, the
+R ranks form N nodes of G = R/N consecutive ranks (rank r is on node r // G, as launchers number them). A token
+routed to the expert set S reaches
+
+    lambda(S) = |{rank(e) : e in S}|   ranks,        nu(S) = |{node(rank(e)) : e in S}|   nodes.
+
+Metrics (per token = averaged over the layer's tokens; "overall" = the mean over layers):
+- ``slots_per_token``: mean |S|: the copies per-expert dispatch sends (one per routed expert; any placement).
+- ``copies_per_token``: mean lambda: the copies per-rank dispatch sends (one per destination rank; Occult's CT).
+- ``km1_per_token``: mean (lambda - 1) over tokens with a non-empty set: the KM1 (connectivity - 1) objective that
+  the planner minimises, divided by tokens.
+- ``cross_rank_copies_per_token``: copies that leave the token's own rank, in per-rank dispatch, assuming a token's
+  source rank is uniform over the R ranks and independent of its experts (data parallelism spreads tokens evenly).
+  A token on rank s sends lambda - [s in ranks(S)] copies to other ranks; P(s in ranks(S)) = lambda / R, so
+
+      E_s[cross-rank copies] = lambda - lambda / R = lambda (R - 1) / R.
+
+  The same argument for per-expert dispatch gives |S| (R - 1) / R (``per_expert_cross_rank_copies_per_token``):
+  under uniform sources the placement does not change per-expert traffic at all; it pays off through per-rank
+  dispatch (dedup per destination rank), which is what the planner optimises.
+- ``cross_rank_bytes_per_token``: cross_rank_copies_per_token * hidden * dtype bytes (dispatch direction only; the
+  combine reply moves the same amount back).
+- ``load_imbalance``: max over ranks of token-expert pairs processed / mean (1.0 = perfectly balanced compute).
+- with N > 1 nodes: ``node_fanout_per_token`` = mean nu; ``inter_node_copies_per_token`` = nu (N - 1) / N (copies
+  crossing nodes with node-level dedup, e.g. hierarchical/DeepEP-style dispatch, uniform source node as above);
+  ``inter_node_rank_copies_per_token`` = lambda (N - 1) / N (flat per-rank dispatch, one copy per remote rank).
+
+Co-activation input (pair counts C only, no per-token sets). Per-token lambda is not computable for k > 2; we use
+the second-order inclusion-exclusion (Bonferroni) bound per rank: for a token with n_r of its experts on rank r,
+1[n_r > 0] >= n_r - C(n_r, 2), so
+
+    sum_tokens lambda  ~=  sum_r max(0, load_r - within_r),   within_r = sum_{i<j on r} C[i, j],
+
+exact whenever no rank holds 3 or more of one token's experts -- in particular exact for top-2 routing -- and a lower
+bound otherwise. These metrics carry ``"exact": false`` and ``"approximation": "pairwise"``. ``cut_pair_fraction``
+(the share of co-activated pairs split over ranks, the graph objective) is reported beside them.
+
+Shape legend: M distinct expert sets, K slots, E experts, R ranks, Q candidate placements.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from placement.errors import PlacementError
+from placement.inputs import LayerRouting
+
+DTYPE_BYTES = {"fp8": 1, "bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def distinct_per_row(groups_MK: np.ndarray) -> np.ndarray:
+    """[..., K] int (-1 = empty) -> [...] int64: number of distinct non-negative values in each row."""
+    g = np.sort(groups_MK, axis=-1)
+    new = g >= 0
+    new[..., 1:] &= g[..., 1:] != g[..., :-1]
+    return new.sum(axis=-1)
+
+
+def ranks_hit(sets_MK: np.ndarray, expert_to_rank_E: np.ndarray) -> np.ndarray:
+    """[M, K] expert sets, [E] placement -> [M] lambda: distinct ranks each set reaches."""
+    e2r = np.asarray(expert_to_rank_E, dtype=np.int64)
+    ranks_MK = np.where(sets_MK >= 0, e2r[np.maximum(sets_MK, 0)], -1)
+    return distinct_per_row(ranks_MK)
+
+
+def km1(routing: LayerRouting, expert_to_rank_E: np.ndarray) -> float:
+    """The objective: sum over tokens of (lambda - 1) for non-empty sets (pairwise input: the cut pair weight)."""
+    lam_M = ranks_hit(routing.sets_MK, expert_to_rank_E)
+    return float((routing.weight_M * np.maximum(lam_M - 1, 0)).sum())
+
+
+def km1_batch(routing: LayerRouting, labels_QE: np.ndarray, chunk_elems: int = 1 << 22) -> np.ndarray:
+    """`km1` of Q placements at once: [Q, E] -> [Q] float64 (chunked to bound memory)."""
+    sets = routing.sets_MK[routing.set_size_M >= 2]
+    weight = routing.weight_M[routing.set_size_M >= 2].astype(np.float64)
+    out = np.zeros(len(labels_QE))
+    if len(sets) == 0:
+        return out
+    step = max(1, chunk_elems // max(1, sets.size))
+    safe = np.maximum(sets, 0)
+    for start in range(0, len(labels_QE), step):
+        labels = labels_QE[start : start + step]
+        ranks_QMK = np.where(sets >= 0, labels[:, safe], -1)
+        out[start : start + step] = (distinct_per_row(ranks_QMK) - 1) @ weight
+    return out
+
+
+def check_topology(num_experts: int, num_ranks: int, num_nodes: int = 1) -> None:
+    """Ranks must divide experts and nodes must divide ranks (errors name both numbers)."""
+    if num_ranks <= 0 or num_experts % num_ranks:
+        raise PlacementError(f"ranks ({num_ranks}) must divide experts ({num_experts})")
+    if num_nodes <= 0 or num_ranks % num_nodes:
+        raise PlacementError(f"nodes ({num_nodes}) must divide ranks ({num_ranks})")
+
+
+def _within_group_pairs(routing: LayerRouting, group_E: np.ndarray, num_groups: int) -> np.ndarray:
+    """[G] pair weight with both experts in the same group (pairwise input)."""
+    i, j = routing.sets_MK[:, 0], routing.sets_MK[:, 1]
+    same = group_E[i] == group_E[j]
+    return np.bincount(group_E[i][same], weights=routing.weight_M[same], minlength=num_groups)
+
+
+def _pairwise_hits(routing: LayerRouting, group_E: np.ndarray, num_groups: int) -> float:
+    """Bonferroni estimate of sum over tokens of distinct groups hit (see the module docstring)."""
+    load_G = np.bincount(group_E, weights=routing.expert_load_E, minlength=num_groups)
+    return float(np.maximum(load_G - _within_group_pairs(routing, group_E, num_groups), 0.0).sum())
+
+
+def layer_metrics(
+    routing: LayerRouting,
+    expert_to_rank_E: np.ndarray,
+    num_ranks: int,
+    num_nodes: int = 1,
+    hidden: int | None = None,
+    dtype_bytes: int = 2,
+) -> dict[str, Any]:
+    """Metrics of one placement on one layer (keys and formulas: module docstring)."""
+    e2r = np.asarray(expert_to_rank_E, dtype=np.int64)
+    tokens = routing.num_tokens
+    out: dict[str, Any] = {"tokens": int(tokens), "exact": not routing.pairwise}
+    if tokens == 0:
+        return out
+    gpus_per_node = num_ranks // num_nodes
+    e2n = e2r // gpus_per_node
+    if routing.pairwise:
+        nonempty = tokens
+        rank_hits = _pairwise_hits(routing, e2r, num_ranks)
+        node_hits = _pairwise_hits(routing, e2n, num_nodes)
+        total_pairs = float(routing.weight_M.sum())
+        cut = total_pairs - float(_within_group_pairs(routing, e2r, num_ranks).sum())
+        out["approximation"] = "pairwise"
+        out["cut_pair_fraction"] = cut / total_pairs if total_pairs else 0.0
+    else:
+        w = routing.weight_M.astype(np.float64)
+        nonempty = float(w[routing.set_size_M > 0].sum())
+        rank_hits = float(ranks_hit(routing.sets_MK, e2r) @ w)
+        node_hits = float(ranks_hit(routing.sets_MK, e2n) @ w)
+    slots = float(routing.expert_load_E.sum()) / tokens
+    copies = rank_hits / tokens
+    out["slots_per_token"] = slots
+    out["copies_per_token"] = copies
+    out["km1_per_token"] = max(rank_hits - nonempty, 0.0) / tokens
+    out["cross_rank_copies_per_token"] = copies * (num_ranks - 1) / num_ranks
+    out["per_expert_cross_rank_copies_per_token"] = slots * (num_ranks - 1) / num_ranks
+    if hidden is not None:
+        bytes_per_copy = hidden * dtype_bytes
+        out["cross_rank_bytes_per_token"] = out["cross_rank_copies_per_token"] * bytes_per_copy
+        out["per_expert_cross_rank_bytes_per_token"] = out["per_expert_cross_rank_copies_per_token"] * bytes_per_copy
+    rank_load_R = np.bincount(e2r, weights=routing.expert_load_E, minlength=num_ranks)
+    out["load_imbalance"] = float(rank_load_R.max() / rank_load_R.mean()) if rank_load_R.sum() else 1.0
+    out["rank_load"] = rank_load_R.round().astype(np.int64).tolist()
+    if num_nodes > 1:
+        out["node_fanout_per_token"] = node_hits / tokens
+        out["inter_node_copies_per_token"] = node_hits / tokens * (num_nodes - 1) / num_nodes
+        out["inter_node_rank_copies_per_token"] = copies * (num_nodes - 1) / num_nodes
+    return out
+
+
+def overall_metrics(layers: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean over layers (with tokens) of every per-token metric; the worst layer's load imbalance beside it."""
+    with_tokens = [m for m in layers if m.get("tokens")]
+    out: dict[str, Any] = {"tokens": int(sum(m.get("tokens", 0) for m in layers)), "layers": len(with_tokens)}
+    if not with_tokens:
+        return out
+    out["exact"] = all(m["exact"] for m in with_tokens)
+    keys = [k for k, v in with_tokens[0].items() if isinstance(v, float)]
+    for key in keys:
+        out[key] = float(np.mean([m[key] for m in with_tokens]))
+    out["max_load_imbalance"] = float(max(m["load_imbalance"] for m in with_tokens))
+    return out
