@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from c2r.config_utils import config_from_dict, config_to_dict, require_choice, require_positive
 from c2r.data import BatchSampler, DataConfig, load_corpus
 from c2r.model import ModelConfig, ModelOutput, MoEGPT
-from c2r.parallel import DISPATCH_MODES, ExpertLayout
+from c2r.parallel import DISPATCH_MODES, ExpertLayout, model_layouts
 from c2r.routing import RoutingResult
 from profiling.session import ProfileConfig, ProfileSession
 
@@ -161,7 +161,7 @@ def plan_layouts(config: RunConfig):
         num_experts=config.model.moe.num_experts,
         num_ranks=config.train.ep_size,
     )
-    return [ExpertLayout(tuple(layer["expert_to_rank"]), config.train.ep_size) for layer in plan["layers"]]
+    return [ExpertLayout(tuple(int(r) for r in row), config.train.ep_size) for row in plan.expert_to_rank]
 
 
 def train(config: RunConfig) -> dict[str, Any]:
@@ -176,6 +176,7 @@ def train(config: RunConfig) -> dict[str, Any]:
     corpus = load_corpus(config.data)
     engine = build_engine(config, info.device)
     run_config = config_to_dict(config)
+    run_config["expert_layouts"] = model_layouts(engine.module)
     out_dir, ckpt_dir = Path(tc.out_dir), Path(tc.out_dir) / "checkpoints"
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -289,9 +289,7 @@ def load_coactivation_input(path: str | Path, holdout: float | None = None) -> P
     counts = validate_coactivation(counts, f"co-activation matrix {path.name}")
     if tokens is not None and len(tokens) != len(counts):
         raise PlacementError(f"{path} has tokens for {len(tokens)} layers but co-activation for {len(counts)}")
-    routings = [
-        routing_from_coactivation(c, None if tokens is None else int(tokens[i])) for i, c in enumerate(counts)
-    ]
+    routings = [routing_from_coactivation(c, None if tokens is None else int(tokens[i])) for i, c in enumerate(counts)]
     info = {
         "kind": "coactivation",
         "path": str(path),

@@ -190,11 +190,19 @@ def traffic_matrices(run: RunData, index: int) -> tuple[np.ndarray | None, np.nd
     return np.asarray(entry["copies_rank_to_rank"]), np.asarray(entry["bytes_rank_to_rank"], dtype=float)
 
 
+def blank_note(axis: str, text: str) -> dict[str, Any]:
+    """An annotation in the middle of an empty subplot (``axis``: "" for the first, "2" for the second)."""
+    return {"text": text, "showarrow": False, "xref": f"x{axis} domain", "yref": f"y{axis} domain", "x": 0.5,
+            "y": 0.5, "font": {"size": 14, "color": "#9a6700"}}  # fmt: skip
+
+
 def fig_traffic(runs: list[RunData]) -> go.Figure | None:
     """Rank x rank token copies of one MoE layer's dispatch (bytes in the hover), one panel per run."""
     if not any(run.has_traffic for run in runs):
         return None
     fig = make_subplots(1, len(runs), subplot_titles=run_titles(runs), horizontal_spacing=0.12)
+    # one colour scale from 0 for every layer and run, so the selector and the panels compare like with like
+    top = max(max(map(max, e["copies_rank_to_rank"])) for run in runs for e in run.layers if "tokens" in e)
 
     def traces(index: int) -> dict[str, list]:
         mats = [traffic_matrices(run, index) for run in runs]
@@ -217,11 +225,16 @@ def fig_traffic(runs: list[RunData]) -> go.Figure | None:
             1,
             col,
         )
+        if not run.has_traffic:
+            fig.update_xaxes(visible=False, row=1, col=col)
+            fig.update_yaxes(visible=False, row=1, col=col)
+            fig.add_annotation(blank_note("" if col == 1 else str(col), "no all-to-all recorded in this run"))
+            continue
         fig.update_xaxes(title_text="to rank", dtick=1, constrain="domain", row=1, col=col)
         fig.update_yaxes(title_text="from rank", dtick=1, autorange="reversed", constrain="domain",
                          scaleanchor=f"x{'' if col == 1 else col}", row=1, col=col)  # fmt: skip
     fig.update_layout(
-        coloraxis={"colorscale": "Blues", "cmin": 0, "colorbar": {"title": {"text": "copies"}}},
+        coloraxis={"colorscale": "Blues", "cmin": 0, "cmax": top, "colorbar": {"title": {"text": "copies"}}},
         updatemenus=layer_menu(num_layers(runs), traces),
     )
     return style(fig, 460, "All-to-all dispatch: token copies from rank to rank (diagonal: stays on its rank)")
@@ -261,10 +274,13 @@ def coactivation_layout(panels: list[dict[str, Any]]) -> dict[str, Any]:
     layout: dict[str, Any] = {"shapes": [], "annotations": []}
     for col, panel in enumerate(panels, start=1):
         axis = "" if col == 1 else str(col)
-        n, step = len(panel["order"]), max(1, math.ceil(len(panel["order"]) / 32))
-        ticks = {"tickvals": list(range(0, n, step)), "ticktext": [str(e) for e in panel["order"][::step]]}
-        layout[f"xaxis{axis}"] = dict(ticks)
-        layout[f"yaxis{axis}"] = dict(ticks)
+        n, step = len(panel["order"]), max(1, math.ceil(len(panel["order"]) / 24))
+        for name in (f"xaxis{axis}", f"yaxis{axis}"):  # dotted paths: a whole axis object would replace the axis
+            layout[f"{name}.tickvals"] = list(range(0, n, step))
+            layout[f"{name}.ticktext"] = [str(e) for e in panel["order"][::step]]
+            layout[f"{name}.visible"] = n > 0
+        if not n:
+            layout["annotations"].append(blank_note(axis, "no routing traces in this run"))
         line = {"color": "#d62728", "width": 2}
         for b in panel["starts"]:
             layout["shapes"].append(
@@ -321,15 +337,17 @@ def fig_coactivation(runs: list[RunData]) -> go.Figure | None:
             1,
             col,
         )
-        fig.update_yaxes(autorange="reversed", title_text="expert", scaleanchor=f"x{axis}", constrain="domain",
-                         showgrid=False, zeroline=False, row=1, col=col)  # fmt: skip
-        fig.update_xaxes(title_text="expert", constrain="domain", showgrid=False, zeroline=False, row=1, col=col)
+        square = {"constrain": "domain", "showgrid": False, "zeroline": False, "title_text": "expert"}
+        fig.update_yaxes(autorange="reversed", scaleanchor=f"x{axis}", constraintoward="top", row=1, col=col, **square)
+        fig.update_xaxes(row=1, col=col, **square)
         colorbar = {"title": {"text": "tokens"}, "x": fig.layout[f"xaxis{axis}"].domain[1] + 0.01, "len": 0.9}
         fig.update_layout({f"coloraxis{axis}": {"colorscale": "Viridis", "colorbar": colorbar}})
     start = layout(0)
     fig.layout.annotations, fig.layout.shapes = start.pop("annotations"), start.pop("shapes")
     fig.update_layout(updatemenus=layer_menu(num_layers(runs), traces, layout), **start)
-    return style(fig, 560, "Expert co-activation: tokens routed to both experts (diagonal, the load, masked)")
+    experts = max(run.info["num_experts"] for run in runs)
+    height = min(900, max(560, 300 + 9 * experts))  # many experts: taller, so each cell stays visible
+    return style(fig, height, "Expert co-activation: tokens routed to both experts (diagonal, the load, masked)")
 
 
 def fig_load(runs: list[RunData]) -> go.Figure | None:
@@ -362,7 +380,7 @@ def fig_load(runs: list[RunData]) -> go.Figure | None:
                 1,
                 col,
             )
-            fig.update_xaxes(title_text=what, dtick=1, row=1, col=col)
+            fig.update_xaxes(title_text=what, dtick=1 if max(map(len, first["x"])) <= 32 else None, row=1, col=col)
     fig.update_yaxes(title_text="tokens", row=1, col=1)
     fig.update_layout(barmode="group", updatemenus=layer_menu(num_layers(runs), traces))
     fig = style(fig, 420, "Load: tokens each expert and each rank processed")

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from c2r.moe import MoELayer
+from c2r.parallel import model_layouts
 from profiling.comm import CommProfiler
 from profiling.trace import RoutingTraceRecorder, TraceConfig
 
@@ -45,14 +46,6 @@ def attach_routing_recorder(model: torch.nn.Module, recorder: RoutingTraceRecord
     return handles
 
 
-def layer_layouts(model: torch.nn.Module) -> list[list[int] | None]:
-    return [
-        list(m.dispatcher.layout.expert_to_rank) if m.dispatcher is not None else None
-        for m in model.modules()
-        if isinstance(m, MoELayer)
-    ]
-
-
 class ProfileSession:
     def __init__(self, out_dir: str | Path, model: torch.nn.Module, config: ProfileConfig, run_info: dict[str, Any]):
         self.dir = Path(out_dir)
@@ -75,7 +68,7 @@ class ProfileSession:
                 "format": "c2r-profile",
                 "version": 1,
                 **shape,
-                "expert_to_rank": layer_layouts(model),
+                "expert_to_rank": model_layouts(model),
                 "mode": "per-expert",
                 **run_info,
             }

@@ -75,7 +75,39 @@ def resume(engine, ckpt_dir: str | Path, run_config: dict[str, Any]) -> int:
     saved_ep, ep = saved["train"].get("ep_size"), run_config["train"].get("ep_size")
     if saved_ep != ep:
         raise ValueError(f"checkpoint {tag} was saved with ep_size={saved_ep}, this run has ep_size={ep}")
-    _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    check_same_placement(saved, run_config, tag)
+    if str(saved.get("optimizer_state", "")).startswith("dropped"):
+        # c2r-place apply moved experts between ranks: weights only, fresh optimizer moments, same schedule.
+        _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_only=True)
+        if client_state is not None and engine.lr_scheduler is not None:
+            engine.lr_scheduler.last_epoch = int(client_state["step"]) - 1
+            engine.lr_scheduler.step()
+    else:
+        _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if client_state is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {Path(ckpt_dir) / tag}")
     return int(client_state["step"])
+
+
+def check_same_placement(saved: dict[str, Any], run_config: dict[str, Any], tag: str) -> None:
+    """Expert files are named by physical slot: loading them under another placement would swap experts."""
+    theirs, ours = saved.get("expert_layouts"), run_config.get("expert_layouts")
+    contiguous = [None] * len(ours or [])
+    if (theirs or contiguous) != (ours or contiguous) and not (_is_contiguous(theirs) and _is_contiguous(ours)):
+        hint = saved.get("placement_plan") or "the contiguous placement"
+        raise ValueError(
+            f"checkpoint {tag} places experts differently from this run (its plan: {hint}); train "
+            "with the same --plan, or move the experts with c2r-place apply"
+        )
+
+
+def _is_contiguous(layouts) -> bool:
+    if not layouts:
+        return True
+    for layout in layouts:
+        if layout is None:
+            continue
+        per_rank = len(layout) // (max(layout) + 1)
+        if list(layout) != [e // per_rank for e in range(len(layout))]:
+            return False
+    return True

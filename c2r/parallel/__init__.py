@@ -7,7 +7,7 @@ from c2r.parallel.dispatch import (
     PerRankDispatcher,
     build_dispatcher,
 )
-from c2r.parallel.expert_parallel import local_expert_weights, shard_experts
+from c2r.parallel.expert_parallel import local_expert_weights, model_layouts, shard_experts
 from c2r.parallel.layout import ExpertLayout
 
 __all__ = [
@@ -18,5 +18,6 @@ __all__ = [
     "PerRankDispatcher",
     "build_dispatcher",
     "local_expert_weights",
+    "model_layouts",
     "shard_experts",
 ]

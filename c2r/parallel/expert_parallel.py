@@ -53,3 +53,12 @@ def shard_experts(
         layer.experts = local_expert_weights(layer.experts, layer_layout.local_experts(dispatcher.rank))
         layer.dispatcher = dispatcher
     return layers
+
+
+def model_layouts(model: nn.Module) -> list[list[int] | None]:
+    """Each MoE layer's ``expert_to_rank`` (None where the layer is not expert parallel)."""
+    return [
+        list(m.dispatcher.layout.expert_to_rank) if m.dispatcher is not None else None
+        for m in model.modules()
+        if isinstance(m, MoELayer)
+    ]

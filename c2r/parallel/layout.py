@@ -62,3 +62,11 @@ class ExpertLayout:
             for slot, expert in enumerate(self.local_experts(rank)):
                 physical[expert] = rank * self.experts_per_rank + slot
         return physical
+
+    @cached_property
+    def physical_to_logical(self) -> list[int]:
+        """[E]: the logical expert held in each physical slot."""
+        logical = [0] * self.num_experts
+        for expert, physical in enumerate(self.logical_to_physical.tolist()):
+            logical[physical] = expert
+        return logical

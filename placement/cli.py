@@ -1,0 +1,243 @@
+"""``c2r-place``: plan where each expert lives, judge a plan, export it.
+
+c2r-place plan --traces runs/demo --ranks 2 --out plan.json             # Mt-KaHyPar, KM1, exactly E/R per rank
+c2r-place plan --traces runs/demo --ranks 16 --nodes 2 --holdout 0.2 --out plan.json
+c2r-place plan --coactivation coact.npy --ranks 4 --method greedy --out plan.json
+c2r-place evaluate --plan plan.json --traces runs/demo [--hidden 4096 --dtype bf16] [--json]
+c2r-place export --plan plan.json --format eplb|autoep [--out placement.json]
+
+--traces takes a trace directory, a profile directory or a run directory (c2r-train --profile writes
+run/profile/traces); --coactivation a [L, E, E] or [E, E] .npy (c2r-profile coactivation) or counts-rank*.npz.
+Bad input exits with code 2 and a message naming the values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from placement.errors import PlacementError
+from placement.evaluate import evaluate_with_baselines, format_comparison
+from placement.export import EXPORT_FORMATS, export_plan
+from placement.inputs import PlannerInput, load_input
+from placement.methods import KAHYPAR_PRESETS, METHODS, plan_placement
+from placement.objective import DTYPE_BYTES, check_topology
+from placement.plan import dumps, load_plan, make_plan, save_plan
+
+
+def _add_input_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    group = p.add_mutually_exclusive_group(required=required)
+    group.add_argument("--traces", metavar="DIR", help="routing traces: trace, profile or run directory")
+    group.add_argument(
+        "--coactivation", metavar="FILE", help="co-activation counts .npy [L,E,E]/[E,E] or .npz (pairwise approx.)"
+    )
+
+
+def _add_bytes_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hidden", type=int, default=4096, help="hidden size for bytes per token (default 4096)")
+    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16", help="activation dtype (default bf16)")
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not args.quiet and sys.stderr.isatty()
+
+
+def _load(args: argparse.Namespace, holdout: float | None) -> PlannerInput:
+    return load_input(args.traces, args.coactivation, holdout, progress=_progress(args))
+
+
+def _summary_line(results: dict[str, dict[str, Any]], name: str) -> str:
+    plan, contig, rand = (results[k]["overall"] for k in ("plan", "contiguous", "random"))
+    cut = 100.0 * (1 - plan["copies_per_token"] / contig["copies_per_token"]) if contig["copies_per_token"] else 0.0
+    return (
+        f"{name}: {plan['copies_per_token']:.3f} copies/token vs {contig['copies_per_token']:.3f} contiguous "
+        f"({cut:.1f}% fewer) and {rand['copies_per_token']:.3f} random"
+    )
+
+
+# ---- plan ------------------------------------------------------------------------------------------------------
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    inp = _load(args, args.holdout)
+    check_topology(inp.num_experts, args.ranks, args.nodes)
+    dtype_bytes = DTYPE_BYTES[args.dtype]
+    expert_to_rank = plan_placement(
+        inp.plan_routings, args.ranks, args.nodes, args.method, args.seed, args.preset, args.threads, _progress(args)
+    )
+    results = evaluate_with_baselines(
+        inp.eval_routings, expert_to_rank, args.ranks, args.nodes, args.hidden, dtype_bytes, args.seed
+    )
+    plan = make_plan(
+        expert_to_rank,
+        num_ranks=args.ranks,
+        num_nodes=args.nodes,
+        method=args.method,
+        seed=args.seed,
+        inputs=inp.info,
+        layer_metrics={
+            "predicted": results["plan"]["layers"],
+            "baseline_contiguous": results["contiguous"]["layers"],
+            "baseline_random": results["random"]["layers"],
+        },
+        overall={
+            "predicted": results["plan"]["overall"],
+            "baseline_contiguous": results["contiguous"]["overall"],
+            "baseline_random": results["random"]["overall"],
+        },
+        expert_load_LE=np.stack([r.expert_load_E for r in inp.plan_routings]),
+        options={"preset": args.preset, "hidden": args.hidden, "dtype": args.dtype},
+    )
+    save_plan(plan, args.out)
+    print(format_comparison(results, detailed=False))
+    if inp.info.get("holdout"):
+        h = inp.info["holdout"]
+        print(
+            f"planned on steps < {h['first_held_out_step']} ({h['plan_tokens']} tokens); predicted on the held-out "
+            f"steps >= {h['first_held_out_step']} ({h['eval_tokens']} tokens)"
+        )
+    print(_summary_line(results, f"wrote {args.out} ({args.method}, {args.ranks} ranks, {args.nodes} node(s))"))
+    return 0
+
+
+def add_plan_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="plan a balanced expert placement (exactly E/R experts per rank) minimising token copies",
+        description="Plan where each expert lives: per MoE layer, minimise the ranks each token reaches (KM1) "
+        "with exactly E/R experts per rank; write a plan file and print predicted copies per token beside "
+        "contiguous and random placement.",
+    )
+    _add_input_args(p)
+    p.add_argument("--ranks", type=int, required=True, help="expert-parallel ranks R (must divide the experts)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes N (R/N GPUs each): two-level placement (default 1)")
+    p.add_argument("--method", choices=list(METHODS), default="kahypar", help="partitioner (default kahypar)")
+    p.add_argument("--seed", type=int, default=0, help="seed (every method is deterministic given it)")
+    p.add_argument("--holdout", type=float, help="hold out the latest FRACTION of steps; predict on them")
+    p.add_argument("--preset", choices=KAHYPAR_PRESETS, default="deterministic", help="Mt-KaHyPar preset")
+    p.add_argument("--threads", type=int, help="Mt-KaHyPar threads (default: all cores)")
+    _add_bytes_args(p)
+    p.add_argument("--out", "-o", required=True, help="plan file to write (JSON)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_plan)
+
+
+# ---- evaluate --------------------------------------------------------------------------------------------------
+
+
+def _evaluate_holdout(args: argparse.Namespace, plan_inputs: dict[str, Any]) -> float | None:
+    """An explicit --holdout, else the plan's own holdout when evaluating on the very traces it was made from."""
+    if args.holdout is not None:
+        return args.holdout or None
+    recorded = plan_inputs.get("holdout")
+    if args.traces and recorded and plan_inputs.get("kind") == "traces":
+        from placement.inputs import find_trace_dir, trace_digest
+
+        if trace_digest(find_trace_dir(args.traces)) == plan_inputs.get("digest"):
+            print(f"evaluating on the plan's held-out steps (--holdout {recorded['fraction']}; --holdout 0: all)")
+            return recorded["fraction"]
+    return None
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    plan = load_plan(args.plan)
+    inp = _load(args, _evaluate_holdout(args, plan.data.get("inputs", {})))
+    plan = load_plan(args.plan, num_layers=inp.num_layers, num_experts=inp.num_experts)
+    nodes = args.nodes or plan.num_nodes
+    check_topology(plan.num_experts, plan.num_ranks, nodes)
+    results = evaluate_with_baselines(
+        inp.eval_routings, plan.expert_to_rank, plan.num_ranks, nodes, args.hidden, DTYPE_BYTES[args.dtype], args.seed
+    )
+    if args.json:
+        doc = {"plan": str(args.plan), "num_ranks": plan.num_ranks, "num_nodes": nodes, "inputs": inp.info, **results}
+        print(dumps(doc))
+        return 0
+    print(format_comparison(results, detailed=True))
+    print(_summary_line(results, f"{args.plan} ({plan.method}, {plan.num_ranks} ranks, {nodes} node(s))"))
+    return 0
+
+
+def add_evaluate_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="judge a plan on routing data, beside contiguous and random placement",
+        description="Per layer and overall: copies per token (distinct ranks, what per-rank dispatch sends), "
+        "sum(lambda-1) per token, cross-rank bytes per token, load imbalance; for the plan, contiguous and random.",
+    )
+    p.add_argument("--plan", required=True, help="plan file (c2r-place plan)")
+    _add_input_args(p)
+    _add_bytes_args(p)
+    p.add_argument("--nodes", type=int, help="nodes for inter-node metrics (default: the plan's)")
+    p.add_argument("--holdout", type=float, help="evaluate on the latest FRACTION of steps only (0: all steps)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    p.add_argument("--json", action="store_true", help="print everything as JSON")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_evaluate)
+
+
+# ---- export ----------------------------------------------------------------------------------------------------
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    doc = export_plan(load_plan(args.plan), args.format, args.replicas)
+    text = dumps(doc) + "\n"
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out} ({args.format}, {doc['num_layers']} layers)")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def add_export_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a plan as EPLB phy2log/log2phy/logcnt or DeepSpeed AutoEP placement descriptors",
+        description="eplb: {phy2log [L][P], log2phy [L][E][X], logcnt [L][E]} (no replication: logcnt all 1). "
+        "autoep: per layer {version, num_experts, ep_size, ranks: [{rank, experts}]}.",
+    )
+    p.add_argument("--plan", required=True, help="plan file (c2r-place plan)")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="target format")
+    p.add_argument(
+        "--replicas", type=int, help="eplb only: physical slots P > E, hot experts replicated (load-only packing)"
+    )
+    p.add_argument("--out", "-o", help="output file (default: stdout)")
+    p.set_defaults(func=cmd_export)
+
+
+# ---- entry point -----------------------------------------------------------------------------------------------
+
+# One function per subcommand; add_apply_command (placement.apply) joins this tuple.
+COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    add_plan_command,
+    add_evaluate_command,
+    add_export_command,
+)
+
+
+def build_parser(commands: tuple[Callable[[argparse._SubParsersAction], None], ...] = COMMANDS):
+    parser = argparse.ArgumentParser(
+        prog="c2r-place", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add_command in commands:
+        add_command(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (PlacementError, FileNotFoundError, ValueError) as error:
+        print(f"c2r-place {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

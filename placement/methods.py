@@ -1,0 +1,366 @@
+"""Balanced expert placement: every method returns ``expert_to_rank`` [E] with exactly E/R experts per rank.
+
+Methods (``METHODS``; all deterministic given ``seed``):
+- ``kahypar`` (default): Mt-KaHyPar on the hypergraph whose hyperedges are the distinct expert sets (weight = how
+  many tokens chose the set), objective KM1 = sum over tokens of (lambda - 1), unit expert weights, epsilon 0 (exact
+  equal part sizes). Co-activation input: the pair graph (exact for top-2).
+- ``greedy``: collaboration clustering: seed a group with the heaviest co-activated pair of unplaced experts, grow
+  it with the expert of highest affinity to the group until E/R, repeat.
+- ``spectral``: scikit-learn SpectralClustering on the co-activation affinity, then the balancing pass.
+- ``kl``: recursive Kernighan-Lin bisection (networkx) of the clique-expansion graph.
+- ``contiguous``: experts 0..E/R-1 on rank 0, ... (what frameworks do); ``random``: a seeded balanced shuffle.
+- ``exact``: enumerates every balanced placement modulo rank relabelling (small E only): ground truth.
+
+Two levels (N nodes of G GPUs): partition into N nodes first (exact balance, KM1 over nodes), then each node's
+experts into its G GPUs on the hyperedges restricted to that node; rank = node * G + local GPU.
+
+Graph methods use the clique expansion of the hypergraph: a set of size s adds weight w / (s - 1) to each of its
+pairs (the usual weighting: a cut set costs about the same whatever its size); for top-2 this is the co-activation
+matrix itself.
+
+Shape legend: M distinct expert sets, K slots, E experts, P parts (ranks or nodes), Q candidate placements.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import warnings
+from collections.abc import Callable
+from itertools import combinations
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from placement.errors import PlacementError
+from placement.inputs import LayerRouting, restrict
+from placement.objective import check_topology, km1_batch
+
+PartitionFn = Callable[[LayerRouting, int, int], np.ndarray]
+
+EXACT_MAX_PLACEMENTS = 200_000
+KAHYPAR_PRESETS = ("deterministic", "default", "quality", "highest_quality")
+_KAHYPAR_MAX_TOTAL_WEIGHT = 1 << 26  # keeps Mt-KaHyPar's 32-bit edge weights and gains far from overflow
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------------
+
+
+def contiguous_placement(num_experts: int, num_ranks: int) -> np.ndarray:
+    """[E]: experts 0..E/R-1 on rank 0, E/R..2E/R-1 on rank 1, ..."""
+    check_topology(num_experts, num_ranks)
+    return np.arange(num_experts, dtype=np.int64) // (num_experts // num_ranks)
+
+
+def random_placement(num_experts: int, num_ranks: int, seed: int = 0) -> np.ndarray:
+    """[E]: a uniformly random balanced placement (seeded)."""
+    perm = np.random.default_rng(seed).permutation(num_experts)
+    e2r = np.empty(num_experts, dtype=np.int64)
+    e2r[perm] = contiguous_placement(num_experts, num_ranks)
+    return e2r
+
+
+def affinity_matrix(routing: LayerRouting) -> np.ndarray:
+    """[E, E] float64 clique-expansion affinity (zero diagonal): each set of size s >= 2 adds w / (s - 1) to every
+    pair it contains; co-activation input: the off-diagonal counts."""
+    num_experts = routing.num_experts
+    if routing.pairwise:
+        return routing.coactivation_EE - np.diag(np.diag(routing.coactivation_EE))
+    size_M = routing.set_size_M
+    keep = size_M >= 2
+    sets, w = routing.sets_MK[keep], routing.weight_M[keep] / (size_M[keep] - 1.0)
+    flat = np.zeros(num_experts * num_experts)
+    for a, b in combinations(range(sets.shape[1]), 2):
+        valid = sets[:, b] >= 0  # sets are sorted with padding last, so column a is valid too
+        idx = sets[valid, a].astype(np.int64) * num_experts + sets[valid, b]
+        flat += np.bincount(idx, weights=w[valid], minlength=num_experts * num_experts)
+    upper = flat.reshape(num_experts, num_experts)
+    return upper + upper.T
+
+
+def is_balanced(labels_E: np.ndarray, num_parts: int) -> bool:
+    sizes = np.bincount(labels_E, minlength=num_parts)
+    return len(sizes) == num_parts and bool((sizes == len(labels_E) // num_parts).all())
+
+
+def balance(labels_E: np.ndarray, affinity_EE: np.ndarray, num_parts: int) -> np.ndarray:
+    """Move experts out of over-full parts, one at a time, choosing the move that loses the least affinity
+    (affinity to the target part minus affinity to the current part, largest first), until every part holds E/P."""
+    labels = np.asarray(labels_E, dtype=np.int64).copy()
+    capacity = len(labels) // num_parts
+    sizes = np.bincount(labels, minlength=num_parts)
+    conn_EP = affinity_EE @ np.eye(num_parts)[labels]  # [E, P]: affinity of each expert to each part
+    while (sizes > capacity).any():
+        movable = np.flatnonzero(sizes[labels] > capacity)
+        targets = np.flatnonzero(sizes < capacity)
+        gain = conn_EP[np.ix_(movable, targets)] - conn_EP[movable, labels[movable]][:, None]
+        i, j = np.unravel_index(np.argmax(gain), gain.shape)
+        expert, src, dst = movable[i], labels[movable[i]], targets[j]
+        labels[expert] = dst
+        sizes[src] -= 1
+        sizes[dst] += 1
+        conn_EP[:, src] -= affinity_EE[:, expert]
+        conn_EP[:, dst] += affinity_EE[:, expert]
+    return labels
+
+
+# ---- methods: (routing, num_parts, seed) -> labels [E] in 0..P-1 -------------------------------------------------
+
+
+def partition_contiguous(routing: LayerRouting, num_parts: int, seed: int = 0) -> np.ndarray:
+    return contiguous_placement(routing.num_experts, num_parts)
+
+
+def partition_random(routing: LayerRouting, num_parts: int, seed: int = 0) -> np.ndarray:
+    return random_placement(routing.num_experts, num_parts, seed)
+
+
+def partition_greedy(routing: LayerRouting, num_parts: int, seed: int = 0) -> np.ndarray:
+    """Collaboration clustering (see the module docstring). Ties go to the lowest expert id."""
+    affinity = affinity_matrix(routing)
+    num_experts = routing.num_experts
+    capacity = num_experts // num_parts
+    labels = np.full(num_experts, -1, dtype=np.int64)
+    for part in range(num_parts):
+        free = np.flatnonzero(labels < 0)
+        if capacity == 1 or len(free) == capacity:
+            group = list(free[:capacity])
+        else:
+            sub = np.triu(affinity[np.ix_(free, free)], k=1)
+            i, j = np.unravel_index(np.argmax(sub), sub.shape)
+            group = [free[i], free[j]] if sub[i, j] > 0 else [free[0], free[1]]
+        labels[group] = part
+        while len(group) < capacity:
+            score = affinity[group].sum(axis=0)
+            score[labels >= 0] = -np.inf
+            best = int(np.argmax(score))
+            group.append(best)
+            labels[best] = part
+    return labels
+
+
+def partition_spectral(routing: LayerRouting, num_parts: int, seed: int = 0) -> np.ndarray:
+    """SpectralClustering on the affinity (+ a tiny uniform floor so that idle experts keep the graph connected);
+    its clusters are unequal in size, so the caller's balancing pass follows."""
+    try:
+        from sklearn.cluster import SpectralClustering
+    except ImportError as error:
+        raise PlacementError("method 'spectral' needs scikit-learn: pip install scikit-learn") from error
+    affinity = affinity_matrix(routing)
+    floor = 1e-6 * max(float(affinity.max()), 1.0)
+    affinity = affinity + floor - np.diag(np.full(len(affinity), floor))
+    model = SpectralClustering(
+        n_clusters=num_parts, affinity="precomputed", random_state=seed, assign_labels="cluster_qr"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        labels = model.fit_predict(affinity).astype(np.int64)
+    return labels if is_balanced(labels, num_parts) else balance(labels, affinity, num_parts)
+
+
+def partition_kl(routing: LayerRouting, num_parts: int, seed: int = 0) -> np.ndarray:
+    """Recursive Kernighan-Lin bisection: split P parts into floor(P/2) + ceil(P/2), the experts in proportion
+    (from a seeded random balanced start; KL swaps pairs, so sizes hold), and recurse on each side."""
+    try:
+        import networkx as nx
+    except ImportError as error:
+        raise PlacementError("method 'kl' needs networkx: pip install networkx") from error
+    affinity = affinity_matrix(routing)
+    capacity = routing.num_experts // num_parts
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(routing.num_experts, dtype=np.int64)
+    todo = [(np.arange(routing.num_experts), num_parts, 0)]  # (experts, parts, first label)
+    while todo:
+        experts, parts, first = todo.pop()
+        if parts == 1:
+            labels[experts] = first
+            continue
+        left_parts = parts // 2
+        n_left = capacity * left_parts
+        graph = nx.Graph()
+        graph.add_nodes_from(int(e) for e in experts)
+        sub = affinity[np.ix_(experts, experts)]
+        for i, j in zip(*np.nonzero(np.triu(sub, k=1))):
+            graph.add_edge(int(experts[i]), int(experts[j]), weight=float(sub[i, j]))
+        start = rng.permutation(experts)
+        a, b = nx.community.kernighan_lin_bisection(
+            graph, ({int(e) for e in start[:n_left]}, {int(e) for e in start[n_left:]}), max_iter=20, seed=seed
+        )
+        left, right = (a, b) if len(a) == n_left else (b, a)
+        todo.append((np.array(sorted(left)), left_parts, first))
+        todo.append((np.array(sorted(right)), parts - left_parts, first + left_parts))
+    return labels
+
+
+def count_balanced_placements(num_experts: int, num_parts: int) -> int:
+    """Balanced placements modulo part relabelling: E! / ((E/P)!^P P!)."""
+    m = num_experts // num_parts
+    return math.factorial(num_experts) // (math.factorial(m) ** num_parts * math.factorial(num_parts))
+
+
+def balanced_labelings(num_experts: int, num_parts: int) -> np.ndarray:
+    """[Q, E]: every balanced placement once (modulo relabelling: part p's lowest expert is lower than part
+    p+1's), in a fixed order."""
+    capacity = num_experts // num_parts
+    labels = np.full(num_experts, -1, dtype=np.int64)
+    out: list[np.ndarray] = []
+
+    def fill(part: int) -> None:
+        free = np.flatnonzero(labels < 0)
+        if len(free) == 0:
+            out.append(labels.copy())
+            return
+        for companions in combinations(free[1:], capacity - 1):
+            block = [free[0], *companions]
+            labels[block] = part
+            fill(part + 1)
+            labels[block] = -1
+
+    fill(0)
+    return np.array(out, dtype=np.int64).reshape(-1, num_experts)
+
+
+def partition_exact(routing: LayerRouting, num_parts: int, seed: int = 0) -> np.ndarray:
+    """The KM1 optimum by enumeration (first optimum in enumeration order). Refuses more than
+    ``EXACT_MAX_PLACEMENTS`` candidates."""
+    count = count_balanced_placements(routing.num_experts, num_parts)
+    if count > EXACT_MAX_PLACEMENTS:
+        raise PlacementError(
+            f"method 'exact' would enumerate {count} balanced placements of {routing.num_experts} experts on "
+            f"{num_parts} parts (limit {EXACT_MAX_PLACEMENTS}; about 12 experts at most); use --method kahypar"
+        )
+    candidates = balanced_labelings(routing.num_experts, num_parts)
+    return candidates[int(np.argmin(km1_batch(routing, candidates)))]
+
+
+@functools.cache
+def _mtkahypar(threads: int):
+    """Mt-KaHyPar's module and its initializer (its thread pool is created once per process)."""
+    try:
+        import mtkahypar
+    except ImportError as error:
+        raise PlacementError(
+            "method 'kahypar' needs Mt-KaHyPar: pip install mtkahypar (or choose --method greedy, spectral, kl, "
+            "exact, contiguous or random)"
+        ) from error
+    return mtkahypar, mtkahypar.initialize(threads, False)
+
+
+def _hyperedges(routing: LayerRouting) -> tuple[list[list[int]], list[int]]:
+    """Sets of size >= 2 as pin lists, with integer weights scaled down if their total could overflow."""
+    size_M = routing.set_size_M
+    weight = routing.weight_M.astype(np.float64)
+    total = weight[size_M >= 2].sum()
+    if total > _KAHYPAR_MAX_TOTAL_WEIGHT:
+        weight = np.maximum(1.0, np.round(weight * _KAHYPAR_MAX_TOTAL_WEIGHT / total))
+    edges: list[list[int]] = []
+    weights: list[int] = []
+    for size in np.unique(size_M[size_M >= 2]):
+        rows = size_M == size
+        edges += routing.sets_MK[rows, :size].tolist()
+        weights += weight[rows].astype(np.int64).tolist()
+    return edges, weights
+
+
+def partition_kahypar(
+    routing: LayerRouting, num_parts: int, seed: int = 0, preset: str = "deterministic", threads: int | None = None
+) -> np.ndarray:
+    """Mt-KaHyPar, KM1, epsilon 0, unit expert weights; hyperedges = distinct sets weighted by token count.
+    ``preset``: deterministic (default; reproducible for a seed at any thread count), default, quality,
+    highest_quality."""
+    if preset not in KAHYPAR_PRESETS:
+        raise PlacementError(f"unknown Mt-KaHyPar preset {preset!r}; choose from {', '.join(KAHYPAR_PRESETS)}")
+    edges, weights = _hyperedges(routing)
+    if not edges:
+        return contiguous_placement(routing.num_experts, num_parts)
+    mt, initializer = _mtkahypar(threads or os.cpu_count() or 1)
+    mt.set_seed(seed)
+    context = initializer.context_from_preset(getattr(mt.PresetType, preset.upper()))
+    context.set_partitioning_parameters(num_parts, 0.0, mt.Objective.KM1)
+    context.logging = False
+    hypergraph = initializer.create_hypergraph(
+        context, routing.num_experts, len(edges), edges, [1] * routing.num_experts, weights
+    )
+    return np.asarray(hypergraph.partition(context).get_partition(), dtype=np.int64)
+
+
+METHODS: dict[str, PartitionFn] = {
+    "kahypar": partition_kahypar,
+    "greedy": partition_greedy,
+    "spectral": partition_spectral,
+    "kl": partition_kl,
+    "contiguous": partition_contiguous,
+    "random": partition_random,
+    "exact": partition_exact,
+}
+
+
+# ---- planning --------------------------------------------------------------------------------------------------
+
+
+def _partition(routing: LayerRouting, num_parts: int, partition: PartitionFn, seed: int) -> np.ndarray:
+    """One balanced partition into ``num_parts`` (the balancing pass runs if a method could not hold sizes)."""
+    if num_parts == 1:
+        return np.zeros(routing.num_experts, dtype=np.int64)
+    labels = np.asarray(partition(routing, num_parts, seed), dtype=np.int64)
+    if len(labels) != routing.num_experts or labels.min() < 0 or labels.max() >= num_parts:
+        raise RuntimeError(f"partitioner returned labels outside 0..{num_parts - 1} or of the wrong length")
+    if not is_balanced(labels, num_parts):
+        labels = balance(labels, affinity_matrix(routing), num_parts)
+    return labels
+
+
+def get_method(method: str, preset: str = "deterministic", threads: int | None = None) -> PartitionFn:
+    if method not in METHODS:
+        raise PlacementError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if method == "kahypar":
+        return functools.partial(partition_kahypar, preset=preset, threads=threads)
+    return METHODS[method]
+
+
+def plan_layer(
+    routing: LayerRouting,
+    num_ranks: int,
+    num_nodes: int = 1,
+    method: str = "kahypar",
+    seed: int = 0,
+    preset: str = "deterministic",
+    threads: int | None = None,
+) -> np.ndarray:
+    """One layer's placement: [E] int64 rank of each expert, exactly E/R per rank (two levels when
+    1 < num_nodes < num_ranks: nodes first, then GPUs within each node)."""
+    num_experts = routing.num_experts
+    check_topology(num_experts, num_ranks, num_nodes)
+    partition = get_method(method, preset, threads)
+    if num_nodes in (1, num_ranks):
+        expert_to_rank = _partition(routing, num_ranks, partition, seed)
+    else:
+        gpus_per_node = num_ranks // num_nodes
+        expert_to_node = _partition(routing, num_nodes, partition, seed)
+        expert_to_rank = np.empty(num_experts, dtype=np.int64)
+        for node in range(num_nodes):
+            experts = np.flatnonzero(expert_to_node == node)
+            local = _partition(restrict(routing, experts), gpus_per_node, partition, seed)
+            expert_to_rank[experts] = node * gpus_per_node + local
+    if not is_balanced(expert_to_rank, num_ranks):
+        raise RuntimeError(f"internal error: unbalanced placement {expert_to_rank.tolist()}")
+    return expert_to_rank
+
+
+def plan_placement(
+    routings: list[LayerRouting],
+    num_ranks: int,
+    num_nodes: int = 1,
+    method: str = "kahypar",
+    seed: int = 0,
+    preset: str = "deterministic",
+    threads: int | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """Every layer's placement: [L, E] int64."""
+    rows = [
+        plan_layer(r, num_ranks, num_nodes, method, seed, preset, threads)
+        for r in tqdm(routings, desc=f"planning ({method})", unit="layer", disable=not progress)
+    ]
+    return np.stack(rows) if rows else np.zeros((0, 0), dtype=np.int64)
