@@ -107,6 +107,11 @@ class CommProfiler:
             "local_expert_load": meta.tokens_per_local_expert_L.tolist(),
         }
 
+    def begin_step(self) -> None:
+        """Forget exchanges timed outside training steps (evaluation passes run the dispatcher too)."""
+        self._records.clear()
+        self._timings.clear()
+
     def end_step(self, step: int) -> None:
         """Write this step's records (call after the optimizer step, when the backward exchanges are done)."""
         if self.use_cuda_events and self._timings:

@@ -29,7 +29,7 @@ PLOT_CONFIG = {"displaylogo": False, "responsive": True}
 
 # (summary["overall"] key, label, lower is better (None: neither), format)
 HEADLINE = (
-    ("copies_per_token", "copies sent per token (all destinations)", None, "{:.3f}"),
+    ("copies_per_token", "token copies sent per token (own rank included)", True, "{:.3f}"),
     ("distinct_ranks_per_token", "distinct ranks per token", True, "{:.3f}"),
     ("cross_rank_copies_per_token", "cross-rank copies per token", True, "{:.3f}"),
     ("cross_rank_bytes_per_token", "cross-rank bytes per token", True, "{:,.0f}"),
@@ -459,11 +459,24 @@ def table_headline(runs: list[RunData]) -> str:
     return table(header, rows, "headline")
 
 
+def placement_kind(run: RunData) -> str:
+    """How the run placed its experts: contiguous blocks per rank, a plan, or no expert parallelism."""
+    layouts = [run.expert_to_rank(i) for i in range(run.info["num_layers"])]
+    if all(layout is None for layout in layouts):
+        return "none (no expert parallelism)"
+    contiguous = all(layout is None or layout == sorted(layout) for layout in layouts)
+    return "contiguous" if contiguous else "planned"
+
+
 def table_runs(runs: list[RunData]) -> str:
-    keys = ("num_layers", "num_experts", "top_k", "ep_size", "world_size", "hidden_size", "steps", "mode", "run")
-    rows = [[esc(run.name), *[esc(run.info.get(k, "–")) for k in keys]] for run in runs]
-    return table(["run", "MoE layers", "experts", "top-k", "EP size", "ranks", "hidden", "steps", "mode", "path"],
-                 rows, "runs")  # fmt: skip
+    keys = ("num_layers", "num_experts", "top_k", "ep_size", "world_size", "hidden_size", "steps")
+    rows = []
+    for run in runs:
+        mode = next((e["mode"] for e in run.layers if "mode" in e), "–")
+        row = [esc(run.name), *[esc(run.info.get(k, "–")) for k in keys], esc(mode), esc(placement_kind(run))]
+        rows.append([*row, esc(run.info.get("run", "–"))])
+    header = ["run", "MoE layers", "experts", "top-k", "EP size", "ranks", "hidden", "steps", "dispatch", "placement"]
+    return table([*header, "path"], rows, "runs")
 
 
 def table_per_layer(runs: list[RunData]) -> str:
@@ -474,7 +487,7 @@ def table_per_layer(runs: list[RunData]) -> str:
             values = [run.layer(index).get(key) for run in runs]
             cell = " → ".join(fmt(v, spec) for v in values)
             if len(runs) == 2:
-                cell += " " + change(*values, lower_is_better=None if key == "copies_per_token" else True)
+                cell += " " + change(*values)
             row.append(cell)
         rows.append(row)
     what = "" if len(runs) == 1 else f" ({runs[0].name} → {runs[1].name})"
@@ -605,7 +618,7 @@ table { border-collapse: collapse; margin: 10px 0; font-size: 13px; }
 th, td { border: 1px solid #ddd; padding: 4px 9px; text-align: right; }
 th { background: #f3f5f8; } td:first-child, th:first-child { text-align: left; }
 table.headline { font-size: 15px; } table.headline td { padding: 6px 14px; }
-table.matrix small { color: #777; }
+table.matrix small { color: #777; } table.layers td, table.layers th { white-space: nowrap; }
 .side { display: flex; gap: 32px; flex-wrap: wrap; }
 .good { color: #1a7f37; font-weight: 600; } .bad { color: #cf222e; font-weight: 600; } .same, .na { color: #777; }
 .note { color: #555; font-size: 13px; }

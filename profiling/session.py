@@ -95,6 +95,8 @@ class ProfileSession:
     def begin_step(self, step: int) -> None:
         if self.recorder is not None:
             self.recorder.step = step
+        if self.comm is not None:
+            self.comm.begin_step()
 
     def end_step(self, step: int) -> None:
         if self.comm is not None:

@@ -87,8 +87,8 @@ def test_compare_shows_changes(runs, tmp_path):
     assert profile_cli(["dashboard", str(runs["before"]), str(runs["after"]), "-o", str(out), "--names", "k2,k1"]) == 0
     page = out.read_text()
     assert "k2 vs k1" in page and "change" in page
-    # top-1 sends half the copies of top-2: the headline says -50.0%
-    assert '<span class="same">-50.0%</span>' in page
+    # top-1 sends half the copies of top-2: the headline says -50.0%, in green
+    assert '<span class="good">-50.0%</span>' in page and "contiguous" in page
 
 
 def test_missing_comm_or_traces_is_said_not_crashed(runs, tmp_path):
