@@ -68,7 +68,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     check_topology(inp.num_experts, args.ranks, args.nodes)
     dtype_bytes = DTYPE_BYTES[args.dtype]
     expert_to_rank = plan_placement(
-        inp.plan_routings, args.ranks, args.nodes, args.method, args.seed, args.preset, args.threads, _progress(args)
+        inp.plan_routings,
+        args.ranks,
+        args.nodes,
+        args.method,
+        args.seed,
+        args.preset,
+        args.threads,
+        args.max_tokens or None,
+        _progress(args),
     )
     results = evaluate_with_baselines(
         inp.eval_routings, expert_to_rank, args.ranks, args.nodes, args.hidden, dtype_bytes, args.seed
@@ -91,7 +99,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "baseline_random": results["random"]["overall"],
         },
         expert_load_LE=np.stack([r.expert_load_E for r in inp.plan_routings]),
-        options={"preset": args.preset, "hidden": args.hidden, "dtype": args.dtype},
+        options={"preset": args.preset, "max_tokens": args.max_tokens, "hidden": args.hidden, "dtype": args.dtype},
     )
     save_plan(plan, args.out)
     print(format_comparison(results, detailed=False))
@@ -121,6 +129,13 @@ def add_plan_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--holdout", type=float, help="hold out the latest FRACTION of steps; predict on them")
     p.add_argument("--preset", choices=KAHYPAR_PRESETS, default="deterministic", help="Mt-KaHyPar preset")
     p.add_argument("--threads", type=int, help="Mt-KaHyPar threads (default: all cores)")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=20000,
+        help="plan each layer on a seeded sample of at most this many tokens (default 20000; 0: all); the "
+        "prediction uses every (held-out) token",
+    )
     _add_bytes_args(p)
     p.add_argument("--out", "-o", required=True, help="plan file to write (JSON)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")

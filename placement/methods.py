@@ -34,7 +34,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from placement.errors import PlacementError
-from placement.inputs import LayerRouting, restrict
+from placement.inputs import LayerRouting, restrict, subsample
 from placement.objective import check_topology, km1_batch
 
 PartitionFn = Callable[[LayerRouting, int, int], np.ndarray]
@@ -102,6 +102,32 @@ def balance(labels_E: np.ndarray, affinity_EE: np.ndarray, num_parts: int) -> np
         sizes[dst] += 1
         conn_EP[:, src] -= affinity_EE[:, expert]
         conn_EP[:, dst] += affinity_EE[:, expert]
+    return labels
+
+
+def refine_by_swaps(
+    routing: LayerRouting, labels_E: np.ndarray, max_work: int = 10_000_000, max_rounds: int = 20
+) -> np.ndarray:
+    """Best-improvement local search on the exact KM1 objective: swap the pair of experts (on different parts)
+    that lowers KM1 most, until no swap helps (sizes never change). Skipped when one round would evaluate more
+    than ``max_work`` pin x candidate pairs (large E: Mt-KaHyPar's own refinement has to do)."""
+    labels = np.asarray(labels_E, dtype=np.int64).copy()
+    i, j = np.triu_indices(len(labels), k=1)
+    pins = int(routing.set_size_M[routing.set_size_M >= 2].sum())
+    if pins == 0 or len(i) * pins > max_work:
+        return labels
+    best = km1_batch(routing, labels[None])[0]
+    for _ in range(max_rounds):
+        pairs = np.flatnonzero(labels[i] != labels[j])
+        a, b = i[pairs], j[pairs]
+        candidates = np.repeat(labels[None], len(pairs), axis=0)
+        candidates[np.arange(len(pairs)), a] = labels[b]
+        candidates[np.arange(len(pairs)), b] = labels[a]
+        values = km1_batch(routing, candidates)
+        q = int(np.argmin(values))
+        if values[q] >= best:
+            break
+        best, labels = values[q], candidates[q]
     return labels
 
 
@@ -266,9 +292,9 @@ def _hyperedges(routing: LayerRouting) -> tuple[list[list[int]], list[int]]:
 def partition_kahypar(
     routing: LayerRouting, num_parts: int, seed: int = 0, preset: str = "deterministic", threads: int | None = None
 ) -> np.ndarray:
-    """Mt-KaHyPar, KM1, epsilon 0, unit expert weights; hyperedges = distinct sets weighted by token count.
-    ``preset``: deterministic (default; reproducible for a seed at any thread count), default, quality,
-    highest_quality."""
+    """Mt-KaHyPar, KM1, epsilon 0, unit expert weights; hyperedges = distinct sets weighted by token count; then
+    `refine_by_swaps` where it is cheap (small E). ``preset``: deterministic (default; reproducible for a seed at
+    any thread count), default, quality, highest_quality."""
     if preset not in KAHYPAR_PRESETS:
         raise PlacementError(f"unknown Mt-KaHyPar preset {preset!r}; choose from {', '.join(KAHYPAR_PRESETS)}")
     edges, weights = _hyperedges(routing)
@@ -282,7 +308,8 @@ def partition_kahypar(
     hypergraph = initializer.create_hypergraph(
         context, routing.num_experts, len(edges), edges, [1] * routing.num_experts, weights
     )
-    return np.asarray(hypergraph.partition(context).get_partition(), dtype=np.int64)
+    labels = np.asarray(hypergraph.partition(context).get_partition(), dtype=np.int64)
+    return refine_by_swaps(routing, labels) if is_balanced(labels, num_parts) else labels
 
 
 METHODS: dict[str, PartitionFn] = {
@@ -327,11 +354,14 @@ def plan_layer(
     seed: int = 0,
     preset: str = "deterministic",
     threads: int | None = None,
+    max_tokens: int | None = None,
 ) -> np.ndarray:
     """One layer's placement: [E] int64 rank of each expert, exactly E/R per rank (two levels when
-    1 < num_nodes < num_ranks: nodes first, then GPUs within each node)."""
+    1 < num_nodes < num_ranks: nodes first, then GPUs within each node). ``max_tokens``: plan on a seeded sample of
+    at most that many tokens (None: all)."""
     num_experts = routing.num_experts
     check_topology(num_experts, num_ranks, num_nodes)
+    routing = subsample(routing, max_tokens, seed)
     partition = get_method(method, preset, threads)
     if num_nodes in (1, num_ranks):
         expert_to_rank = _partition(routing, num_ranks, partition, seed)
@@ -356,11 +386,12 @@ def plan_placement(
     seed: int = 0,
     preset: str = "deterministic",
     threads: int | None = None,
+    max_tokens: int | None = None,
     progress: bool = True,
 ) -> np.ndarray:
-    """Every layer's placement: [L, E] int64."""
+    """Every layer's placement: [L, E] int64 (arguments: `plan_layer`)."""
     rows = [
-        plan_layer(r, num_ranks, num_nodes, method, seed, preset, threads)
+        plan_layer(r, num_ranks, num_nodes, method, seed, preset, threads, max_tokens)
         for r in tqdm(routings, desc=f"planning ({method})", unit="layer", disable=not progress)
     ]
     return np.stack(rows) if rows else np.zeros((0, 0), dtype=np.int64)

@@ -18,6 +18,7 @@ def synthetic_expert_ids(
     zipf: float = 1.0,
     cluster_bonus: float = 3.0,
     seed: int = 0,
+    structure_seed: int | None = None,
     chunk: int = 16384,
 ) -> np.ndarray:
     """[N, K] int16 distinct expert ids per token, drawn without replacement by Gumbel top-k over
@@ -26,12 +27,14 @@ def synthetic_expert_ids(
 
     popularity[e] ~ 1 / (position of e in a random order + 1) ** zipf; experts fall into ``num_clusters`` random
     equal clusters; a token's cluster is drawn in proportion to the clusters' total popularity. ``cluster_bonus`` 0
-    gives independent (unclustered) routing. Memory stays at ``chunk`` x E floats."""
+    gives independent (unclustered) routing. ``structure_seed`` (default ``seed``) draws popularity and clusters,
+    ``seed`` the tokens: keep the first fixed to sample several batches of one layer. Memory: ``chunk`` x E floats."""
     if top_k > num_experts:
         raise ValueError(f"top_k ({top_k}) must be <= num_experts ({num_experts})")
-    rng = np.random.default_rng(seed)
-    popularity_E = 1.0 / (rng.permutation(num_experts) + 1.0) ** zipf
-    cluster_E = rng.permutation(num_experts) % num_clusters
+    structure = np.random.default_rng(seed if structure_seed is None else structure_seed)
+    popularity_E = 1.0 / (structure.permutation(num_experts) + 1.0) ** zipf
+    cluster_E = structure.permutation(num_experts) % num_clusters
+    rng = np.random.default_rng(seed) if structure_seed is not None else structure
     cluster_weight_C = np.bincount(cluster_E, weights=popularity_E, minlength=num_clusters)
     log_pop_E = np.log(popularity_E / popularity_E.sum()).astype(np.float32)
     bonus_CE = (cluster_bonus * (cluster_E[None, :] == np.arange(num_clusters)[:, None])).astype(np.float32)
