@@ -90,7 +90,8 @@ class CommProfiler:
         lam_T = distinct_ranks_per_token(routing, expert_to_rank_E, layout.num_ranks)
         own_T = expert_to_rank_E.to(routing.expert_ids_TK.device)[routing.expert_ids_TK] == dispatcher.rank
         own_T = (own_T & routing.valid_TK).any(1)
-        counts = torch.stack([lam_T.sum(), (lam_T - own_T.long()).sum(), routing.valid_TK.sum()]).tolist()
+        # Device tensors until end_step, which reads every layer's counts with one copy.
+        counts = torch.stack([lam_T.sum(), (lam_T - own_T.long()).sum(), routing.valid_TK.sum()])
         return {
             "layer": index,
             "rank": self.rank,
@@ -104,7 +105,7 @@ class CommProfiler:
             "bytes_per_copy": x.shape[-1] * x.element_size(),
             "distinct_ranks": counts[0],
             "remote_ranks": counts[1],
-            "local_expert_load": meta.tokens_per_local_expert_L.tolist(),
+            "local_expert_load": meta.tokens_per_local_expert_L,
         }
 
     def begin_step(self) -> None:
@@ -117,6 +118,7 @@ class CommProfiler:
         if self.use_cuda_events and self._timings:
             torch.cuda.synchronize()  # NOTE: host sync, only while profiling, to read the CUDA events
         for index, record in sorted(self._records.items()):
+            record = {key: value.tolist() if torch.is_tensor(value) else value for key, value in record.items()}
             times: dict[str, float] = defaultdict(float)
             for name, begin, end in self._timings.get(index, []):
                 times[name] += begin.elapsed_time(end) if end is not None else begin

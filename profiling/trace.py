@@ -86,11 +86,13 @@ class RoutingTraceRecorder:
         self.config = config or TraceConfig()
         self.num_layers, self.num_experts, self.top_k, self.rank = num_layers, num_experts, top_k, rank
         self.step = 0
-        self._rows: list[dict[str, np.ndarray]] = []
+        # Rows and counters stay on the routing's device until a flush: one device-to-host copy per shard instead
+        # of several host syncs per layer and step.
+        self._rows: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
         self._buffered = 0
         self._shard_index = 0
         self._written_per_layer = np.zeros(num_layers, dtype=np.int64)
-        self.coactivation = torch.zeros(num_layers, num_experts, num_experts, dtype=torch.int64)
+        self._coactivation: torch.Tensor | None = None
         self.tokens = torch.zeros(num_layers, dtype=torch.int64)
         self._generator = torch.Generator().manual_seed(seed + 1009 * rank)
         if rank == 0:
@@ -119,29 +121,33 @@ class RoutingTraceRecorder:
                 f"top_k={self.top_k}"
             )
         ids = expert_ids_TK.detach()
-        self.coactivation[layer] += coactivation_counts(ids, self.num_experts).cpu()
+        if self._coactivation is None:
+            self._coactivation = torch.zeros(
+                self.num_layers, self.num_experts, self.num_experts, dtype=torch.int64, device=ids.device
+            )
+        self._coactivation[layer] += coactivation_counts(ids, self.num_experts)
         self.tokens[layer] += ids.shape[0]
         keep = self._sample(layer, ids.shape[0])
         if keep is None:
             return
-        ids_np = ids.cpu()[keep].to(torch.int16).numpy()
-        w = (
-            weights_TK.detach().float().cpu()[keep].numpy()
+        keep = keep.to(ids.device)
+        weights = (
+            weights_TK.detach()[keep].float()
             if weights_TK is not None
-            else np.ones(ids_np.shape, np.float32)
+            else torch.ones_like(ids[keep], dtype=torch.float32)
         )
-        self._rows.append(
-            {
-                "layer": np.full(len(ids_np), layer, np.int16),
-                "step": np.full(len(ids_np), self.step, np.int32),
-                "expert_ids": ids_np,
-                "weights": w.astype(np.float32),
-            }
-        )
-        self._buffered += len(ids_np)
-        self._written_per_layer[layer] += len(ids_np)
+        self._rows.append((layer, self.step, ids[keep].to(torch.int16), weights))
+        self._buffered += len(keep)
+        self._written_per_layer[layer] += len(keep)
         if self._buffered >= self.config.shard_rows:
             self.flush()
+
+    @property
+    def coactivation(self) -> torch.Tensor:
+        """[L, E, E] int64 online co-activation over every recorded token (on the CPU; a host sync on GPUs)."""
+        if self._coactivation is None:
+            return torch.zeros(self.num_layers, self.num_experts, self.num_experts, dtype=torch.int64)
+        return self._coactivation.cpu()
 
     def _sample(self, layer: int, num_tokens: int) -> torch.Tensor | None:
         room = num_tokens
@@ -157,9 +163,14 @@ class RoutingTraceRecorder:
     def flush(self) -> None:
         """Write the buffered rows as one shard, and the counters (so a crash keeps what was seen)."""
         if self._rows:
-            shard = {k: np.concatenate([r[k] for r in self._rows]) for k in self._rows[0]}
-            path = self.dir / f"rank{self.rank:03d}-{self._shard_index:05d}.npz"
-            _atomic_save_npz(path, shard)
+            ids = torch.cat([r[2] for r in self._rows]).cpu().numpy()  # NOTE: host sync, once per shard
+            shard = {
+                "layer": np.concatenate([np.full(len(r[2]), r[0], np.int16) for r in self._rows]),
+                "step": np.concatenate([np.full(len(r[2]), r[1], np.int32) for r in self._rows]),
+                "expert_ids": ids,
+                "weights": torch.cat([r[3] for r in self._rows]).cpu().numpy(),
+            }
+            _atomic_save_npz(self.dir / f"rank{self.rank:03d}-{self._shard_index:05d}.npz", shard)
             self._shard_index += 1
             self._rows, self._buffered = [], 0
         _atomic_save_npz(
