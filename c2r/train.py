@@ -224,6 +224,7 @@ def train(config: RunConfig) -> dict[str, Any]:
                     "val_loss": evaluate(engine, val_batches, tc.eval_batches, info.device),
                     "aux_loss": out.aux_loss.item(),
                     **routing_stats(out.routing, info.device),
+                    **(profiler.scalars() if profiler else {}),
                     "elapsed_s": time.perf_counter() - started,
                 }
                 window.clear()

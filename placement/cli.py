@@ -126,12 +126,15 @@ def add_plan_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nodes", type=int, default=1, help="nodes N (R/N GPUs each): two-level placement (default 1)")
     p.add_argument("--method", choices=list(METHODS), default="kahypar", help="partitioner (default kahypar)")
     p.add_argument("--seed", type=int, default=0, help="seed (every method is deterministic given it)")
-    p.add_argument("--holdout", type=float, help="hold out the latest FRACTION of steps; predict on them")
+    p.add_argument(
+        "--holdout", type=float, metavar="FRACTION", help="hold out the latest FRACTION of steps; predict on them"
+    )
     p.add_argument("--preset", choices=KAHYPAR_PRESETS, default="deterministic", help="Mt-KaHyPar preset")
     p.add_argument("--threads", type=int, help="Mt-KaHyPar threads (default: all cores)")
     p.add_argument(
         "--max-tokens",
         type=int,
+        metavar="N",
         default=20000,
         help="plan each layer on a seeded sample of at most this many tokens (default 20000; 0: all); the "
         "prediction uses every (held-out) token",
@@ -188,7 +191,9 @@ def add_evaluate_command(sub: argparse._SubParsersAction) -> None:
     _add_input_args(p)
     _add_bytes_args(p)
     p.add_argument("--nodes", type=int, help="nodes for inter-node metrics (default: the plan's)")
-    p.add_argument("--holdout", type=float, help="evaluate on the latest FRACTION of steps only (0: all steps)")
+    p.add_argument(
+        "--holdout", type=float, metavar="FRACTION", help="evaluate on the latest FRACTION of steps only (0: all steps)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
     p.add_argument("--json", action="store_true", help="print everything as JSON")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")

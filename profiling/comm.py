@@ -69,6 +69,7 @@ class CommProfiler:
         self._records: dict[int, dict[str, Any]] = {}
         self._timings: dict[int, list] = defaultdict(list)
         self._handles = []
+        self._totals: dict[str, float] = defaultdict(float)
         self._file = open(self.dir / f"comm-rank{self.rank:03d}.jsonl", "a")  # noqa: SIM115 (closed in close())
         for index, layer in enumerate(self.layers):
             if layer.dispatcher is None:
@@ -123,9 +124,30 @@ class CommProfiler:
             for name, begin, end in self._timings.get(index, []):
                 times[name] += begin.elapsed_time(end) if end is not None else begin
             self._file.write(json.dumps({"step": step, **record, "time_ms": dict(times)}) + "\n")
+            self._accumulate(record, times)
         self._file.flush()
         self._records.clear()
         self._timings.clear()
+
+    def _accumulate(self, record: dict[str, Any], times: dict[str, float]) -> None:
+        own = record["send_copies"][record["ep_rank"]]
+        self._totals["tokens"] += record["tokens"]
+        self._totals["copies"] += sum(record["send_copies"])
+        self._totals["cross_rank_copies"] += sum(record["send_copies"]) - own
+        self._totals["all_to_all_ms"] += sum(times.values())
+        self._totals["layer_steps"] += 1
+
+    def take_scalars(self) -> dict[str, float]:
+        """This rank's traffic since the last call, per token (and all-to-all ms per step), for the monitor."""
+        t, self._totals = self._totals, defaultdict(float)
+        if not t["tokens"]:
+            return {}
+        steps = t["layer_steps"] / max(1, len(self._handles))
+        return {
+            "comm_copies_per_token": t["copies"] / t["tokens"],
+            "comm_cross_rank_copies_per_token": t["cross_rank_copies"] / t["tokens"],
+            "comm_all_to_all_ms_per_step": t["all_to_all_ms"] / max(steps, 1),
+        }
 
     def close(self) -> None:
         for handle in self._handles:

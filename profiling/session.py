@@ -102,6 +102,10 @@ class ProfileSession:
         if self.comm is not None:
             self.comm.end_step(step)
 
+    def scalars(self) -> dict[str, float]:
+        """Traffic since the last call (this rank's view), merged into the trainer's eval record and monitor."""
+        return self.comm.take_scalars() if self.comm is not None else {}
+
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()

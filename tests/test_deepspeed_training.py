@@ -156,11 +156,16 @@ def test_deepspeed_csv_monitor_gets_our_metrics(tmp_path):
     config.write_text(json.dumps({"zero_optimization": {"stage": 2},
                                   "csv_monitor": {"enabled": True, "output_path": str(tmp_path / "csv"),
                                                   "job_name": "demo"}}))
-    run_distributed(train_worker, 1, tmp_path / "w", run_config(tmp_path / "run", steps=4, eval_every=2,
-                                                                deepspeed_config=str(config)))
+    raw = run_config(tmp_path / "run", steps=4, eval_every=2, ep_size=2, deepspeed_config=str(config))
+    raw["profile"] = {"enabled": True}
+    run_distributed(train_worker, 2, tmp_path / "w", raw)
     val_loss = (tmp_path / "csv" / "demo" / "c2r_val_loss.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in val_loss[1:]] == ["2", "4"]
     assert (tmp_path / "csv" / "demo" / "c2r_load_imbalance.csv").exists()
+    # With --profile the all-to-all profiler's scalars go to the monitor too (per-expert dispatch: k copies).
+    copies = (tmp_path / "csv" / "demo" / "c2r_comm_copies_per_token.csv").read_text().splitlines()
+    assert [float(line.split(",")[1]) for line in copies[1:]] == [2.0, 2.0]
+    assert (tmp_path / "csv" / "demo" / "c2r_comm_all_to_all_ms_per_step.csv").exists()
 
 
 def test_resume_refuses_a_checkpoint_of_another_shape(tmp_path):
