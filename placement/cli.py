@@ -230,12 +230,40 @@ def add_export_command(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_export)
 
 
+# ---- apply -----------------------------------------------------------------------------------------------------
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from placement.apply import apply_plan
+
+    written = apply_plan(load_plan(args.plan), args.checkpoint, args.out, tag=args.tag, plan_path=args.plan)
+    print(f"wrote {written}: experts moved to the plan's ranks; continue with "
+          f"`c2r-train --resume --plan {args.plan} --out {Path(args.out).parent}` (optimizer moments start afresh)")
+    return 0
+
+
+def add_apply_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "apply",
+        help="move experts between ranks' files of a c2r-train DeepSpeed checkpoint; the model is unchanged",
+        description="Renames each expert's checkpoint file (and the slot in its keys) from its old rank/slot to the "
+        "plan's. ZeRO optimizer partitions are not carried over (they are in slot order): the resumed run loads the "
+        "weights and starts Adam's moments afresh at the same step.",
+    )
+    p.add_argument("--plan", required=True, help="plan file (c2r-place plan)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (RUN/checkpoints, with 'latest')")
+    p.add_argument("--out", required=True, help="new checkpoint directory (e.g. RUN2/checkpoints)")
+    p.add_argument("--tag", help="checkpoint tag (default: the one 'latest' names)")
+    p.set_defaults(func=cmd_apply)
+
+
 # ---- entry point -----------------------------------------------------------------------------------------------
 
-# One function per subcommand; add_apply_command (placement.apply) joins this tuple.
+# One function per subcommand.
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     add_plan_command,
     add_evaluate_command,
+    add_apply_command,
     add_export_command,
 )
 
@@ -254,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (PlacementError, FileNotFoundError, ValueError) as error:
+    except (PlacementError, FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"c2r-place {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -1,6 +1,8 @@
 """c2r-place apply: experts moved between ranks' checkpoint files; the model computes the same function."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -146,5 +148,11 @@ def test_apply_refuses_a_plan_of_another_shape(tmp_path):
         match="num_experts=16 in the plan, 8 in the checkpoint; num_ranks=4 in the plan, 2 in the checkpoint",
     ):
         apply_plan(plan, tmp_path / "run" / "checkpoints", tmp_path / "out")
+    bad_plan = tmp_path / "bad_plan.json"
+    bad_plan.write_text(json.dumps(raw))
+    cli = subprocess.run([sys.executable, "-m", "placement.cli", "apply", "--plan", str(bad_plan), "--checkpoint",
+                          str(tmp_path / "run" / "checkpoints"), "--out", str(tmp_path / "out2")],
+                         capture_output=True, text=True)
+    assert cli.returncode == 2 and "num_experts=16 in the plan, 8 in the checkpoint" in cli.stderr
     with pytest.raises(FileNotFoundError, match="no checkpoint in"):
         apply_plan(plan_from_dict(plan_dict()), tmp_path / "nowhere", tmp_path / "out")
