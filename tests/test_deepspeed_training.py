@@ -14,31 +14,9 @@ from c2r.config_utils import config_from_dict
 from c2r.deepspeed import DeepSpeedMoELayer
 from c2r.train import RunConfig, train
 from tests.distributed import run_distributed
+from tests.run_configs import tiny_run_config as run_config
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def run_config(out_dir, steps=20, **train_options) -> dict:
-    return {
-        "model": {
-            "block_size": 32,
-            "n_layer": 2,
-            "n_head": 2,
-            "d_model": 32,
-            "moe": {"num_experts": 8, "top_k": 2, "ffn_hidden_size": 32},
-        },
-        "train": {
-            "steps": steps,
-            "batch_size": 4,
-            "eval_every": 10,
-            "eval_batches": 2,
-            "lr": 3e-3,
-            "warmup_steps": 3,
-            "out_dir": str(out_dir),
-            **train_options,
-        },
-        "data": {"max_bytes": 200_000},
-    }
 
 
 def expert_weights_by_global_id(engine) -> dict:
@@ -153,9 +131,14 @@ def resume_worker(rank, world, raw):
 
 def test_deepspeed_csv_monitor_gets_our_metrics(tmp_path):
     config = tmp_path / "ds.json"
-    config.write_text(json.dumps({"zero_optimization": {"stage": 2},
-                                  "csv_monitor": {"enabled": True, "output_path": str(tmp_path / "csv"),
-                                                  "job_name": "demo"}}))
+    config.write_text(
+        json.dumps(
+            {
+                "zero_optimization": {"stage": 2},
+                "csv_monitor": {"enabled": True, "output_path": str(tmp_path / "csv"), "job_name": "demo"},
+            }
+        )
+    )
     raw = run_config(tmp_path / "run", steps=4, eval_every=2, ep_size=2, deepspeed_config=str(config))
     raw["profile"] = {"enabled": True}
     run_distributed(train_worker, 2, tmp_path / "w", raw)

@@ -14,30 +14,14 @@ from c2r.train import RunConfig, build_engine, train
 from placement.apply import apply_plan
 from placement.plan import plan_from_dict
 from tests.distributed import run_distributed
-
-PLAN_LAYOUTS = [[1, 0, 1, 0, 0, 1, 1, 0], [0, 1, 1, 0, 1, 0, 0, 1]]
+from tests.run_configs import tiny_run_config
 
 
 def raw_config(out_dir, steps=4, **train_options) -> dict:
-    return {
-        "model": {
-            "block_size": 32,
-            "n_layer": 2,
-            "n_head": 2,
-            "d_model": 32,
-            "moe": {"num_experts": 8, "top_k": 2, "ffn_hidden_size": 32},
-        },
-        "train": {
-            "steps": steps,
-            "batch_size": 4,
-            "eval_every": 2,
-            "eval_batches": 2,
-            "ep_size": 2,
-            "out_dir": str(out_dir),
-            **train_options,
-        },
-        "data": {"max_bytes": 200_000},
-    }
+    return tiny_run_config(out_dir, steps, ep_size=2, eval_every=2, **train_options)
+
+
+PLAN_LAYOUTS = [[1, 0, 1, 0, 0, 1, 1, 0], [0, 1, 1, 0, 1, 0, 0, 1]]
 
 
 def plan_dict() -> dict:
@@ -150,9 +134,22 @@ def test_apply_refuses_a_plan_of_another_shape(tmp_path):
         apply_plan(plan, tmp_path / "run" / "checkpoints", tmp_path / "out")
     bad_plan = tmp_path / "bad_plan.json"
     bad_plan.write_text(json.dumps(raw))
-    cli = subprocess.run([sys.executable, "-m", "placement.cli", "apply", "--plan", str(bad_plan), "--checkpoint",
-                          str(tmp_path / "run" / "checkpoints"), "--out", str(tmp_path / "out2")],
-                         capture_output=True, text=True)
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "placement.cli",
+            "apply",
+            "--plan",
+            str(bad_plan),
+            "--checkpoint",
+            str(tmp_path / "run" / "checkpoints"),
+            "--out",
+            str(tmp_path / "out2"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert cli.returncode == 2 and "num_experts=16 in the plan, 8 in the checkpoint" in cli.stderr
     with pytest.raises(FileNotFoundError, match="no checkpoint in"):
         apply_plan(plan_from_dict(plan_dict()), tmp_path / "nowhere", tmp_path / "out")

@@ -19,6 +19,7 @@ from profiling.summary import summarize
 from profiling.trace import RoutingTraceRecorder, TraceConfig
 from tests.distributed import run_distributed
 from tests.routing_cases import random_routing
+from tests.run_configs import tiny_run_config
 
 D, E, K, T = 16, 8, 2, 40
 
@@ -62,8 +63,9 @@ def test_profiler_counts_equal_what_the_dispatch_sent(tmp_path, world, expert_to
 
 
 def test_online_coactivation_equals_the_written_traces(tmp_path):
-    recorder = RoutingTraceRecorder(tmp_path, num_layers=2, num_experts=6, top_k=3, source="test",
-                                    config=TraceConfig(shard_rows=50))
+    recorder = RoutingTraceRecorder(
+        tmp_path, num_layers=2, num_experts=6, top_k=3, source="test", config=TraceConfig(shard_rows=50)
+    )
     for step in range(4):
         recorder.step = step
         for layer in range(2):
@@ -84,8 +86,14 @@ def test_online_coactivation_equals_the_written_traces(tmp_path):
 
 
 def test_sampling_and_token_cap_bound_what_is_written(tmp_path):
-    recorder = RoutingTraceRecorder(tmp_path, num_layers=1, num_experts=4, top_k=2, source="test",
-                                    config=TraceConfig(sample_rate=0.25, token_cap=300))
+    recorder = RoutingTraceRecorder(
+        tmp_path,
+        num_layers=1,
+        num_experts=4,
+        top_k=2,
+        source="test",
+        config=TraceConfig(sample_rate=0.25, token_cap=300),
+    )
     for step in range(10):
         recorder.record(0, random_routing(200, 2, 4, seed=step).expert_ids_TK)
     recorder.close()
@@ -95,8 +103,9 @@ def test_sampling_and_token_cap_bound_what_is_written(tmp_path):
 
 
 def write_trace(tmp_path, shards=3):
-    recorder = RoutingTraceRecorder(tmp_path, num_layers=1, num_experts=4, top_k=2, source="test",
-                                    config=TraceConfig(shard_rows=10))
+    recorder = RoutingTraceRecorder(
+        tmp_path, num_layers=1, num_experts=4, top_k=2, source="test", config=TraceConfig(shard_rows=10)
+    )
     for step in range(shards):
         recorder.record(0, random_routing(10, 2, 4, seed=step).expert_ids_TK)
     recorder.close()
@@ -105,8 +114,13 @@ def write_trace(tmp_path, shards=3):
 def test_damaged_shards_are_skipped_and_named(tmp_path, caplog):
     write_trace(tmp_path)
     (tmp_path / "rank000-00001.npz").write_bytes(b"PK\x03\x04 truncated")
-    np.savez(tmp_path / "rank000-00002.npz", layer=np.zeros(5, np.int16), step=np.zeros(5, np.int32),
-             expert_ids=np.zeros((5, 3), np.int16), weights=np.zeros((5, 3), np.float32))  # K=3, header says 2
+    np.savez(
+        tmp_path / "rank000-00002.npz",
+        layer=np.zeros(5, np.int16),
+        step=np.zeros(5, np.int32),
+        expert_ids=np.zeros((5, 3), np.int16),
+        weights=np.zeros((5, 3), np.float32),
+    )  # K=3, header says 2
     traces = read_traces(tmp_path, progress=False)
     assert [name for name, _ in traces.skipped] == ["rank000-00001.npz", "rank000-00002.npz"]
     assert "top_k=2" in traces.skipped[1][1]
@@ -132,17 +146,13 @@ def profiled_worker(rank, world, raw):
     return result["step_losses"]
 
 
-def tiny_profiled_run(out_dir, profile: bool) -> dict:
-    return {"model": {"block_size": 32, "n_layer": 2, "n_head": 2, "d_model": 32,
-                      "moe": {"num_experts": 8, "top_k": 2, "ffn_hidden_size": 32}},
-            "train": {"steps": 6, "batch_size": 4, "eval_every": 3, "eval_batches": 2, "ep_size": 2,
-                      "out_dir": str(out_dir)},
-            "data": {"max_bytes": 200_000}, "profile": {"enabled": profile}}
-
-
 def test_profiled_training_run_writes_traces_and_comm_and_changes_nothing(tmp_path):
-    plain = run_distributed(profiled_worker, 2, tmp_path / "a", tiny_profiled_run(tmp_path / "plain", False))
-    profiled = run_distributed(profiled_worker, 2, tmp_path / "b", tiny_profiled_run(tmp_path / "prof", True))
+    plain = run_distributed(
+        profiled_worker, 2, tmp_path / "a", tiny_run_config(tmp_path / "plain", 6, eval_every=3, ep_size=2)
+    )
+    profiled = run_distributed(
+        profiled_worker, 2, tmp_path / "b", tiny_run_config(tmp_path / "prof", 6, profile=True, eval_every=3, ep_size=2)
+    )
     assert plain[0] == profiled[0]  # profiling observes; it does not change the numbers
     summary = summarize(tmp_path / "prof")
     assert len(summary["steps"]) == 6 and len(summary["layers"]) == 2
