@@ -23,29 +23,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from c2r.deepspeed.checkpoint import CONFIG_FILE, LATEST, latest_tag
+from c2r.deepspeed.checkpoint import CONFIG_FILE, LATEST, latest_tag, recorded_layouts
 from c2r.parallel import ExpertLayout
 from placement.plan import Plan
 
 EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_(mp_rank_\d+)_model_states\.pt")
 OPTIMIZER_FILE = re.compile(r".*optim_states\.pt")
 KEY_SLOT = re.compile(r"(deepspeed_experts\.)(\d+)(\.)")
-
-
-def checkpoint_layouts(run_config: dict[str, Any]) -> list[ExpertLayout]:
-    """The expert layouts a checkpoint was written with (contiguous when it records none)."""
-    ep_size = run_config["train"]["ep_size"]
-    num_layers = run_config.get("num_moe_layers") or _num_moe_layers(run_config["model"])
-    num_experts = run_config["model"]["moe"]["num_experts"]
-    saved = run_config.get("expert_layouts")
-    if not saved:
-        return [ExpertLayout.contiguous(num_experts, ep_size)] * num_layers
-    return [ExpertLayout(tuple(layout), ep_size) for layout in saved]
-
-
-def _num_moe_layers(model: dict[str, Any]) -> int:
-    every = model.get("moe_every", 1)
-    return sum(i % every == every - 1 for i in range(model["n_layer"]))
 
 
 def apply_plan(
@@ -64,7 +48,7 @@ def apply_plan(
     if not (src / CONFIG_FILE).exists():
         raise FileNotFoundError(f"{src} has no {CONFIG_FILE}: not a c2r-train checkpoint")
     run_config = json.loads((src / CONFIG_FILE).read_text())
-    old = checkpoint_layouts(run_config)
+    old = recorded_layouts(run_config)
     new = plan_layouts_for(plan, run_config, len(old))
     dst = out_dir / tag
     if dst.exists():

@@ -25,15 +25,8 @@ import torch
 import torch.distributed as dist
 
 from c2r.moe import MoELayer
+from c2r.parallel.dispatch import ranks_hit
 from c2r.routing import RoutingResult
-
-
-def distinct_ranks_per_token(routing: RoutingResult, expert_to_rank_E: torch.Tensor, num_ranks: int) -> torch.Tensor:
-    """lambda per token: how many different ranks its valid experts live on. [T] int64."""
-    ranks_TK = expert_to_rank_E.to(routing.expert_ids_TK.device)[routing.expert_ids_TK]
-    hit_TR = torch.zeros(ranks_TK.shape[0], num_ranks, dtype=torch.bool, device=ranks_TK.device)
-    hit_TR.scatter_(1, ranks_TK, routing.valid_TK)
-    return hit_TR.sum(1)
 
 
 class _LayerTimer:
@@ -87,10 +80,9 @@ class CommProfiler:
     def _layer_record(self, index: int, layer: MoELayer, x: torch.Tensor, routing: RoutingResult) -> dict[str, Any]:
         dispatcher, meta = layer.dispatcher, layer.last_dispatch
         layout = dispatcher.layout
-        expert_to_rank_E = torch.tensor(layout.expert_to_rank)
-        lam_T = distinct_ranks_per_token(routing, expert_to_rank_E, layout.num_ranks)
-        own_T = expert_to_rank_E.to(routing.expert_ids_TK.device)[routing.expert_ids_TK] == dispatcher.rank
-        own_T = (own_T & routing.valid_TK).any(1)
+        rank_TK = dispatcher.expert_to_rank_E.to(routing.expert_ids_TK.device)[routing.expert_ids_TK]
+        hits_TR = ranks_hit(rank_TK, routing.valid_TK, layout.num_ranks)
+        lam_T, own_T = hits_TR.sum(1), hits_TR[:, dispatcher.rank]
         # Device tensors until end_step, which reads every layer's counts with one copy.
         counts = torch.stack([lam_T.sum(), (lam_T - own_T.long()).sum(), routing.valid_TK.sum()])
         return {

@@ -15,6 +15,10 @@ from typing import Any
 
 import torch.distributed as dist
 
+from c2r.config_utils import config_from_dict
+from c2r.model import ModelConfig
+from c2r.parallel import ExpertLayout
+
 LATEST = "latest"
 CONFIG_FILE = "c2r_config.json"
 # Model settings that change parameter shapes or expert identity: a checkpoint only loads if these match.
@@ -89,25 +93,19 @@ def resume(engine, ckpt_dir: str | Path, run_config: dict[str, Any]) -> int:
     return int(client_state["step"])
 
 
+def recorded_layouts(run_config: dict[str, Any]) -> list[ExpertLayout]:
+    """Each MoE layer's expert layout as a run config records it (contiguous where it records none)."""
+    num_layers = config_from_dict(ModelConfig, run_config["model"]).num_moe_layers
+    contiguous = ExpertLayout.contiguous(run_config["model"]["moe"]["num_experts"], run_config["train"]["ep_size"])
+    saved = run_config.get("expert_layouts") or [None] * num_layers
+    return [contiguous if layout is None else ExpertLayout(tuple(layout), contiguous.num_ranks) for layout in saved]
+
+
 def check_same_placement(saved: dict[str, Any], run_config: dict[str, Any], tag: str) -> None:
     """Expert files are named by physical slot: loading them under another placement would swap experts."""
-    theirs, ours = saved.get("expert_layouts"), run_config.get("expert_layouts")
-    contiguous = [None] * len(ours or [])
-    if (theirs or contiguous) != (ours or contiguous) and not (_is_contiguous(theirs) and _is_contiguous(ours)):
+    if recorded_layouts(saved) != recorded_layouts(run_config):
         hint = saved.get("placement_plan") or "the contiguous placement"
         raise ValueError(
             f"checkpoint {tag} places experts differently from this run (its plan: {hint}); train "
             "with the same --plan, or move the experts with c2r-place apply"
         )
-
-
-def _is_contiguous(layouts) -> bool:
-    if not layouts:
-        return True
-    for layout in layouts:
-        if layout is None:
-            continue
-        per_rank = len(layout) // (max(layout) + 1)
-        if list(layout) != [e // per_rank for e in range(len(layout))]:
-            return False
-    return True

@@ -43,6 +43,13 @@ class DispatchMeta:
     regroup_Q: torch.Tensor | None = None  # per-expert: received rows (by source rank) -> sorted by local slot
 
 
+def ranks_hit(rank_TK: torch.Tensor, valid_TK: torch.Tensor, num_ranks: int) -> torch.Tensor:
+    """[T, R] bool: which ranks each token's valid slots go to (a row's sum is the token's lambda)."""
+    hits_TR = torch.zeros(rank_TK.shape[0], num_ranks, dtype=torch.int64, device=rank_TK.device)
+    hits_TR.scatter_add_(1, rank_TK, valid_TK.long())  # add, not scatter: several slots may hit one rank
+    return hits_TR > 0
+
+
 class _Dispatcher:
     mode = ""
 
@@ -55,7 +62,7 @@ class _Dispatcher:
         self.rank = dist.get_rank(group)
         self.timer = None  # set by the communication profiler to time each exchange
         self.last_meta: DispatchMeta | None = None
-        self._expert_to_rank_E = torch.tensor(layout.expert_to_rank)
+        self.expert_to_rank_E = torch.tensor(layout.expert_to_rank)
         physical_E = layout.logical_to_physical
         self._local_slot_E = physical_E % layout.experts_per_rank
 
@@ -125,11 +132,9 @@ class PerRankDispatcher(_Dispatcher):
     def dispatch(self, x_TD: torch.Tensor, routing: RoutingResult):
         R, L = self.layout.num_ranks, self.layout.experts_per_rank
         device = routing.expert_ids_TK.device
-        rank_TK = self._expert_to_rank_E.to(device)[routing.expert_ids_TK]
+        rank_TK = self.expert_to_rank_E.to(device)[routing.expert_ids_TK]
         # 1. One copy per (token, destination rank), grouped by destination.
-        hits_TR = torch.zeros(rank_TK.shape[0], R, dtype=torch.int64, device=device)
-        hits_TR.scatter_add_(1, rank_TK, routing.valid_TK.long())
-        dest_S, token_S = (hits_TR > 0).t().nonzero(as_tuple=True)
+        dest_S, token_S = ranks_hit(rank_TK, routing.valid_TK, R).t().nonzero(as_tuple=True)
         # 2. Each copy carries the local slots and weights of the experts the token chose on that rank.
         chosen_SK = (rank_TK[token_S] == dest_S.unsqueeze(1)) & routing.valid_TK[token_S]
         slot_SK = torch.where(chosen_SK, self._local_slot_E.to(device)[routing.expert_ids_TK[token_S]], -1)
