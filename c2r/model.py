@@ -99,7 +99,8 @@ class Block(nn.Module):
         # GPT-2's scaled init of residual projections, so depth does not blow up the residual stream.
         out_std = 0.02 / math.sqrt(2 * config.n_layer)
         if config.is_moe_layer(index):
-            self.mlp: nn.Module = MoELayer(config.d_model, config.moe, output_init_std=out_std)
+            moe_index = sum(config.is_moe_layer(i) for i in range(index))
+            self.mlp: nn.Module = MoELayer(config.d_model, config.moe, output_init_std=out_std, layer_index=moe_index)
         else:
             self.mlp = DenseMLP(config.d_model, config.dense_ffn_hidden_size or 4 * config.d_model)
 
@@ -126,7 +127,8 @@ class MoEGPT(nn.Module):
     def _init_dense_weights(self) -> None:
         out_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)) and not name.endswith("router.gate"):
+            # Routers initialise their own layers (gate, null gate, allocator).
+            if isinstance(module, (nn.Linear, nn.Embedding)) and ".router." not in name:
                 std = out_std if name.endswith(".proj") else 0.02
                 nn.init.normal_(module.weight, std=std)
 

@@ -28,18 +28,18 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         require_positive(num_experts=self.num_experts, top_k=self.top_k, ffn_hidden_size=self.ffn_hidden_size)
-        if self.top_k > self.num_experts:
-            raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+        self.router.check_fits(self.num_experts, self.top_k)
 
 
 class MoELayer(nn.Module):
     """Drop-in replacement for a transformer MLP: ``y, routing = layer(x)`` with ``x`` of shape [..., D]."""
 
-    def __init__(self, hidden_size: int, config: MoEConfig, output_init_std: float = 0.02):
+    def __init__(self, hidden_size: int, config: MoEConfig, output_init_std: float = 0.02, layer_index: int = 0):
         super().__init__()
         self.config = config
         self.hidden_size = hidden_size
-        self.router = build_router(hidden_size, config.num_experts, config.top_k, config.router)
+        self.layer_index = layer_index  # position among the model's MoE layers
+        self.router = build_router(hidden_size, config.num_experts, config.top_k, config.router, layer_index)
         self.experts = ExpertWeights(
             config.num_experts,
             hidden_size,

@@ -27,7 +27,7 @@ from c2r.config_utils import config_from_dict, config_to_dict, require_choice, r
 from c2r.data import BatchSampler, DataConfig, load_corpus
 from c2r.model import ModelConfig, ModelOutput, MoEGPT
 from c2r.parallel import DISPATCH_MODES, ExpertLayout, model_layouts
-from c2r.routing import RoutingResult
+from c2r.routing import RoutingResult, after_optimizer_step
 from profiling.session import ProfileConfig, ProfileSession
 
 log = logging.getLogger("c2r.train")
@@ -48,6 +48,7 @@ class TrainConfig:
     eval_batches: int = 8
     save_every: int = 0  # 0: only at the end
     resume: bool = False
+    init_from: str | None = None  # start from another run's weights (fresh optimizer, step 0), e.g. to switch router
     seed: int = 0
     device: str = "auto"
     ep_size: int = 1
@@ -112,16 +113,22 @@ def global_mean(value: float, device: torch.device) -> float:
     return float(t) / dist.get_world_size()
 
 
-def routing_stats(routings: list[RoutingResult], device: torch.device) -> dict[str, float]:
-    """Active experts per token and load imbalance (max/mean tokens per expert over the whole job), averaged over
-    MoE layers."""
+def routing_stats(routings: list[RoutingResult], device: torch.device) -> dict[str, Any]:
+    """Active experts per token (per MoE layer and their mean: variable-k routers spend less where it is lower) and
+    load imbalance (max/mean tokens per expert over the whole job, averaged over MoE layers)."""
     if not routings:
         return {}
     loads = torch.stack([r.tokens_per_expert_E.float() for r in routings]).to(device)
-    active = torch.stack([r.active_experts_per_token() for r in routings]).mean().to(device).view(1)
+    active_L = torch.stack([r.active_experts_per_token() for r in routings]).to(device)
     dist.all_reduce(loads)
+    dist.all_reduce(active_L)
+    active_L = active_L / dist.get_world_size()
     imbalance = (loads.max(dim=1).values / loads.mean(dim=1).clamp(min=1e-9)).mean()
-    return {"active_experts_per_token": global_mean(float(active), device), "load_imbalance": float(imbalance)}
+    return {
+        "active_experts_per_token": float(active_L.mean()),
+        "active_experts_per_token_by_layer": [round(float(a), 4) for a in active_L],
+        "load_imbalance": float(imbalance),
+    }
 
 
 @torch.no_grad()
@@ -166,7 +173,7 @@ def plan_layouts(config: RunConfig):
 
 def train(config: RunConfig) -> dict[str, Any]:
     from c2r.deepspeed import init_distributed
-    from c2r.deepspeed.checkpoint import resume, save_checkpoint
+    from c2r.deepspeed.checkpoint import init_from_checkpoint, resume, save_checkpoint
 
     tc = config.train
     info = init_distributed(tc.device)
@@ -181,6 +188,10 @@ def train(config: RunConfig) -> dict[str, Any]:
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         log_start(config, corpus, info, dtype=next(engine.module.parameters()).dtype)
+    if tc.init_from and not tc.resume:
+        init_from_checkpoint(engine, tc.init_from, run_config)
+        if is_main:
+            log.info("initialised from the weights in %s", tc.init_from)
     start = resume(engine, ckpt_dir, run_config) if tc.resume else 0
     block = config.model.block_size
     train_batches = BatchSampler(corpus.train, block, tc.batch_size, seed=tc.seed + 7919 * info.rank)
@@ -193,7 +204,7 @@ def train(config: RunConfig) -> dict[str, Any]:
             config.profile,
             {"ep_size": tc.ep_size, "run": str(out_dir), "steps": tc.steps},
         )
-    history, step_losses, window = [], [], []
+    history, step_losses, window, router_state = [], [], [], {}
     started = time.perf_counter()
     bar = tqdm(
         range(start, tc.steps),
@@ -210,7 +221,10 @@ def train(config: RunConfig) -> dict[str, Any]:
                 profiler.begin_step(step)
             out: ModelOutput = engine(*train_batches.batch_at(step, info.device))
             engine.backward(out.loss)
+            boundary = engine.is_gradient_accumulation_boundary()  # before step(), which advances the micro step
             engine.step()
+            if boundary:
+                router_state = after_optimizer_step(engine.module)  # ReMoE's lambda, group-limited bias, ...
             if profiler:
                 profiler.end_step(step)
             step_losses.append(global_mean(out.lm_loss.item(), info.device))
@@ -224,6 +238,7 @@ def train(config: RunConfig) -> dict[str, Any]:
                     "val_loss": evaluate(engine, val_batches, tc.eval_batches, info.device),
                     "aux_loss": out.aux_loss.item(),
                     **routing_stats(out.routing, info.device),
+                    **router_state,
                     **(profiler.scalars() if profiler else {}),
                     "elapsed_s": time.perf_counter() - started,
                 }
@@ -317,6 +332,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         "train.ep_size": args.ep_size,
         "train.dispatch": args.dispatch,
         "train.placement_plan": args.plan,
+        "train.init_from": args.init_from,
         "train.deepspeed_config": args.deepspeed_config,
         "model.moe.experts.backend": args.backend,
         "model.moe.router.kind": args.router,
@@ -354,7 +370,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--device", help="auto (default), cpu or cuda")
     parser.add_argument("--backend", help="expert backend: auto, reference, torch, megablocks")
-    parser.add_argument("--router", help="router kind (default topk)")
+    parser.add_argument(
+        "--router", help="router kind: topk (default), c2r, group_limited, adamoe, remoe, adak (options: --set)"
+    )
     parser.add_argument("--out", help="output directory (default runs/demo)")
     parser.add_argument(
         "--dispatch",
@@ -364,6 +382,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--plan", help="placement plan JSON from c2r-place plan (default: contiguous experts)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
+    parser.add_argument(
+        "--init-from",
+        metavar="CKPT",
+        help="start from the weights of another run's checkpoint (fresh optimizer, step 0); e.g. convert a trained "
+        "top-k model to --router adamoe",
+    )
     parser.add_argument(
         "--profile",
         action="store_true",

@@ -121,7 +121,7 @@ def test_layer_backends_agree_end_to_end_with_router():
 
 
 def test_bad_layer_configs_give_clear_errors():
-    with pytest.raises(ValueError, match=r"top_k \(9\) must be <= num_experts \(8\)"):
+    with pytest.raises(ValueError, match=r"top_k \(9\) must be between 1 and num_experts \(8\)"):
         MoEConfig(num_experts=8, top_k=9)
     with pytest.raises(ValueError, match=r"expert backend 'cuda-magic' is not one of \['auto', 'reference'"):
         ExpertConfig(backend="cuda-magic")

@@ -109,3 +109,46 @@ def check_same_placement(saved: dict[str, Any], run_config: dict[str, Any], tag:
             f"checkpoint {tag} places experts differently from this run (its plan: {hint}); train "
             "with the same --plan, or move the experts with c2r-place apply"
         )
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
+    """``(checkpoint dir, tag)`` from a checkpoint dir (its ``latest``), a tag dir, or a run dir (``checkpoints/``)."""
+    path = Path(path)
+    for ckpt_dir in (path, path / "checkpoints"):
+        tag = latest_tag(ckpt_dir)
+        if tag is not None:
+            return ckpt_dir, tag
+    if (path / CONFIG_FILE).exists():
+        return path.parent, path.name
+    raise FileNotFoundError(f"{str(path)!r} is not a c2r-train checkpoint (no '{LATEST}' and no {CONFIG_FILE})")
+
+
+def init_from_checkpoint(engine, path: str | Path, run_config: dict[str, Any]) -> dict[str, Any]:
+    """Start a run from another run's weights (fresh optimizer, step 0), e.g. to switch a trained top-k model to
+    another router. Parameters the checkpoint lacks (a new router's null gate or allocator) keep their fresh values;
+    routers with ``init_from_pretrained(saved_router_config)`` then convert themselves (AdaMoE copies its null
+    logits' rows from the trained gate). Returns the checkpoint's run config."""
+    ckpt_dir, tag = resolve_checkpoint(path)
+    saved = json.loads((ckpt_dir / tag / CONFIG_FILE).read_text())
+    check_compatible(saved["model"], run_config["model"], str(ckpt_dir / tag))
+    saved_order = [layout.physical_to_logical for layout in recorded_layouts(saved)]
+    if saved_order != [layout.physical_to_logical for layout in recorded_layouts(run_config)]:
+        raise ValueError(
+            f"checkpoint {ckpt_dir / tag} stores its experts in another physical order than this run places them; "
+            "use the same --plan, or move the experts with c2r-place apply"
+        )
+    loaded, _ = engine.load_checkpoint(
+        str(ckpt_dir),
+        tag=tag,
+        load_module_strict=False,
+        load_optimizer_states=False,
+        load_lr_scheduler_states=False,
+        load_module_only=True,
+    )
+    if loaded is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+    saved_router = saved["model"]["moe"]["router"]
+    for module in engine.module.modules():
+        if hasattr(module, "init_from_pretrained"):
+            module.init_from_pretrained(saved_router)
+    return saved

@@ -29,13 +29,20 @@ def check_finite_logits(logits_TE: torch.Tensor) -> None:
 class TopKRouter(nn.Module):
     """``p = softmax(x W^T)`` in float32; each token goes to its k most probable experts."""
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, config: RouterConfig | None = None):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        config: RouterConfig | None = None,
+        layer_index: int = 0,
+    ):
         super().__init__()
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k ({top_k}) must be between 1 and num_experts ({num_experts})")
         self.config = config or RouterConfig()
+        self.config.check_fits(num_experts, top_k)
         self.num_experts = num_experts
         self.top_k = top_k
+        self.layer_index = layer_index
         # Named "gate", never "expert": DeepSpeed's checkpointing treats any key containing "expert" as an expert.
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
         nn.init.normal_(self.gate.weight, std=0.02)
