@@ -47,7 +47,8 @@ def ep_worker(rank, world, expert_to_rank, skew, mode="per-expert"):
     meta = layer.last_dispatch
     dest_TK = torch.tensor(expert_to_rank)[routing.expert_ids_TK]
     distinct = sum(len({int(d) for d, v in zip(dest_TK[t], routing.valid_TK[t]) if v}) for t in range(len(dest_TK)))
-    return {"distinct_ranks": distinct,
+    return {
+        "distinct_ranks": distinct,
         "y": y,
         "x_grad": x_grad,
         "router_grad": router_grad,

@@ -105,8 +105,23 @@ def test_demo_trains_through_deepspeed_on_one_gpu_with_megablocks(tmp_path):
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--module", "c2r.train",
-           "--steps", "60", "--set", "train.eval_every=30", "--set", "data.max_bytes=2000000", "--out", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        "1",
+        "--module",
+        "c2r.train",
+        "--steps",
+        "60",
+        "--set",
+        "train.eval_every=30",
+        "--set",
+        "data.max_bytes=2000000",
+        "--out",
+        str(tmp_path),
+    ]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=repo, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -153,7 +153,7 @@ class RouterConfig:
         if self.c2r.collaborators is None:
             raise ValueError(
                 "the c2r router needs collaborator lists: make them from a profiled top-k run with "
-                "`c2r-route lists --traces RUN/profile --out lists.npz` and set model.moe.router.c2r.collaborators"
+                "`c2r-route collaborators RUN --out lists.npz` and set model.moe.router.c2r.collaborators"
             )
         top_t = self.c2r.resolved_top_t(num_experts)
         if not top_k - 1 <= top_t <= num_experts - 1:

@@ -47,11 +47,16 @@ class TopKRouter(nn.Module):
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
         nn.init.normal_(self.gate.weight, std=0.02)
 
+    def gate_weight(self) -> torch.Tensor:
+        """[logits, D]: the rows that score this router's choices (AdaMoE appends its null experts' rows)."""
+        return self.gate.weight
+
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        weight = self.gate_weight()
         if self.config.logits_dtype == "float32":
-            logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
+            logits_TE = F.linear(x_TD.float(), weight.float())
         else:
-            logits_TE = F.linear(x_TD, self.gate.weight.to(x_TD.dtype)).float()
+            logits_TE = F.linear(x_TD, weight.to(x_TD.dtype)).float()
         if self.config.check_finite:
             check_finite_logits(logits_TE)
         return logits_TE
