@@ -1,5 +1,7 @@
-"""DeepSpeed glue: our MoE layer as a ``deepspeed.moe.layer.MoE``, process groups, optimizer groups, checkpoints."""
+"""DeepSpeed glue: our MoE layer as a ``deepspeed.moe.layer.MoE``, our routers as its gates, process groups, optimizer
+groups, checkpoints."""
 
+from c2r.deepspeed.gates import RouterGate, use_router
 from c2r.deepspeed.moe_layer import DeepSpeedMoELayer, expert_group_name
 from c2r.deepspeed.setup import (
     DistInfo,
@@ -19,4 +21,6 @@ __all__ = [
     "load_deepspeed_config",
     "make_expert_parallel",
     "optimizer_param_groups",
+    "RouterGate",
+    "use_router",
 ]
