@@ -189,3 +189,28 @@ def test_remoe_layer_is_dropless_for_uneven_fan_out():
 def test_remoe_bad_config():
     with pytest.raises(ValueError, match=r"lambda_factor > 1 \(got 1.0\)"):
         RouterConfig(kind="remoe", remoe=ReMoEConfig(lambda_factor=1.0)).check_fits(8, 2)
+
+
+@pytest.mark.parametrize(
+    "kind, top_k, extra", [("adamoe", 4, {"adamoe": AdaMoEConfig(num_null_experts=8)}), ("remoe", 2, {})]
+)
+def test_variable_k_costs_only_the_valid_slots(kind, top_k, extra):
+    # The experts see exactly the valid (token, slot) rows: a token with fewer active experts costs fewer FLOPs.
+    torch.manual_seed(0)
+    layer = MoELayer(
+        16,
+        MoEConfig(
+            num_experts=8,
+            top_k=top_k,
+            ffn_hidden_size=8,
+            router=RouterConfig(kind=kind, **extra),
+            experts=ExpertConfig(backend="torch"),
+        ),
+    )
+    backend = layer.backend_for(torch.zeros(1, 16))
+    rows = []
+    real = backend.grouped_mlp
+    backend.grouped_mlp = lambda x_SD, counts, experts: rows.append(x_SD.shape[0]) or real(x_SD, counts, experts)
+    _, routing = layer(torch.randn(64, 16))
+    valid = int(routing.valid_TK.sum())
+    assert rows == [valid] and valid < routing.valid_TK.numel()

@@ -1,0 +1,166 @@
+"""Report of the router quality study (see benchmarks/router_quality.py): copies per token from the evaluated routing,
+the markdown table and the plot (plotly HTML, and a PNG screenshot of it from headless Chromium when available).
+
+Shape legend: L MoE layers, T evaluated tokens, E experts, R ranks.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from placement.inputs import routing_from_expert_ids
+from placement.methods import contiguous_placement, plan_layer
+from placement.objective import layer_metrics
+
+LABELS = {
+    "topk": "top-k (k=4)",
+    "c2r_T4": "C2R, T=4",
+    "c2r_T8": "C2R, T=8",
+    "group_M1": "group-limited, M=1 of 4",
+    "group_M2": "group-limited, M=2 of 4",
+    "adamoe": "AdaMoE (m=16, k=6)",
+    "remoe": "ReMoE (target k=4)",
+    "adak": "Ada-K (on the top-k model)",
+}
+
+
+def expert_sets(masks_TE: np.ndarray) -> np.ndarray:
+    """[T, E] bool -> [T, E] expert ids, -1 padded (the planner's trace form)."""
+    ids = np.where(masks_TE, np.arange(masks_TE.shape[1]), -1)
+    return -np.sort(-ids, axis=1)
+
+
+def copies_per_token(masks_LTE: np.ndarray, num_ranks: int) -> dict[str, float]:
+    """Mean over layers of copies per token on the second half of the tokens, contiguous vs planned (Mt-KaHyPar on
+    the first half: the gain is measured on tokens the plan did not see)."""
+    contiguous, planned, imbalance = [], [], []
+    for masks_TE in masks_LTE:
+        half = len(masks_TE) // 2
+        plan_on = routing_from_expert_ids(expert_sets(masks_TE[:half]), masks_TE.shape[1])
+        measure_on = routing_from_expert_ids(expert_sets(masks_TE[half:]), masks_TE.shape[1])
+        base = contiguous_placement(masks_TE.shape[1], num_ranks)
+        contiguous.append(layer_metrics(measure_on, base, num_ranks)["copies_per_token"])
+        metrics = layer_metrics(measure_on, plan_layer(plan_on, num_ranks, method="kahypar"), num_ranks)
+        planned.append(metrics["copies_per_token"])
+        imbalance.append(metrics["load_imbalance"])
+    return {
+        "copies_contiguous": float(np.mean(contiguous)),
+        "copies_planned": float(np.mean(planned)),
+        "load_imbalance_planned": float(np.mean(imbalance)),
+    }
+
+
+def load_results(out: Path, num_ranks: int) -> dict[str, dict[str, Any]]:
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    for name, result in evaluation.items():
+        with np.load(out / f"routing_{name}.npz") as data:
+            E = int(data["num_experts"])
+            masks = np.unpackbits(data["masks"], axis=-1, count=E).astype(bool)
+        result.update(copies_per_token(masks, num_ranks))
+    return evaluation
+
+
+def markdown_table(results: dict[str, dict[str, Any]], num_ranks: int) -> str:
+    base = results["topk"]
+    rows = [
+        "| router | val loss | vs top-k | active experts / token | expert FLOPs vs top-k | copies / token, "
+        f"contiguous ({num_ranks} ranks) | copies / token, planned | active per layer |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for name, r in results.items():
+        rows.append(
+            f"| {LABELS.get(name, name)} | {r['val_loss']:.4f} | {r['val_loss'] - base['val_loss']:+.4f} | "
+            f"{r['active']:.2f} | {100 * (r['active'] / base['active'] - 1):+.1f}% | {r['copies_contiguous']:.3f} | "
+            f"{r['copies_planned']:.3f} | {' / '.join(f'{a:.2f}' for a in r['active_by_layer'])} |"
+        )
+    return "\n".join(rows)
+
+
+def plot(results: dict[str, dict[str, Any]], html_path: Path, num_ranks: int) -> None:
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        subplot_titles=(
+            "validation loss vs active experts per token (expert FLOPs)",
+            f"validation loss vs all-to-all copies per token ({num_ranks} ranks)",
+        ),
+        horizontal_spacing=0.08,
+    )
+    names = list(results)
+    labels = [LABELS.get(n, n) for n in names]
+    loss = [results[n]["val_loss"] for n in names]
+    fig.add_trace(
+        go.Scatter(
+            x=[results[n]["active"] for n in names],
+            y=loss,
+            text=labels,
+            mode="markers+text",
+            textposition="top center",
+            marker={"size": 11},
+            showlegend=False,
+        ),
+        row=1,
+        col=1,
+    )
+    for key, label, symbol in (
+        ("copies_contiguous", "contiguous", "circle-open"),
+        ("copies_planned", "planned", "circle"),
+    ):
+        fig.add_trace(
+            go.Scatter(
+                x=[results[n][key] for n in names],
+                y=loss,
+                text=labels,
+                mode="markers+text" if key == "copies_planned" else "markers",
+                textposition="top center",
+                marker={"size": 11, "symbol": symbol},
+                name=f"{label} placement",
+            ),
+            row=1,
+            col=2,
+        )
+    fig.update_xaxes(title_text="active experts per token", row=1, col=1)
+    fig.update_xaxes(title_text="copies per token (per-rank dispatch)", row=1, col=2)
+    fig.update_yaxes(title_text="validation loss (nats/byte)", row=1, col=1)
+    fig.update_layout(width=1500, height=650, template="plotly_white", legend={"x": 0.86, "y": 0.02})
+    fig.write_html(html_path, include_plotlyjs=True)
+
+
+def screenshot(html_path: Path, png_path: Path) -> bool:
+    """PNG of the plot through headless Chromium; False when no browser is available."""
+    chromium = Path("/usr/bin/chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        return False
+    if not chromium.exists():
+        return False
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(chromium), args=["--no-sandbox"], headless=True)
+        page = browser.new_page(viewport={"width": 1500, "height": 650})
+        page.goto(html_path.resolve().as_uri())
+        page.wait_for_selector(".main-svg")
+        page.screenshot(path=str(png_path))
+        browser.close()
+    return True
+
+
+def write_report(out: Path, num_ranks: int, results_md: Path) -> None:
+    results = load_results(out, num_ranks)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    html = out / "router_quality.html"
+    plot(results, html, num_ranks)
+    png = results_md.parent / "img" / "router_quality.png"
+    png.parent.mkdir(parents=True, exist_ok=True)
+    shot = screenshot(html, png)
+    table = markdown_table(results, num_ranks)
+    print(table)
+    print(f"plot: {html}" + (f", {png}" if shot else " (no PNG: headless Chromium not available)"))
+    (out / "results_table.md").write_text(table + "\n")
