@@ -1,0 +1,282 @@
+"""c2r-adak: P-Warm labels and p bisection, PPO loss sign and clipping, the expected-k penalty (hand-computed), and
+end to end under DeepSpeed on CPU: a tiny top-k model trained by c2r.train, then its allocators on 1 and 2 ranks."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from c2r.adak_train import (
+    AdaKTrainConfig,
+    adak_run_config,
+    calibrate_pwarm_p,
+    expected_k,
+    layer_advantages,
+    parse_args,
+    ppo_clip_loss,
+    ppo_objective,
+    pwarm_labels,
+    pwarm_loss,
+    read_source_config,
+    token_log_likelihood,
+)
+from c2r.config_utils import config_from_dict
+from c2r.routing import RouterConfig
+from c2r.routing.adak import AdaKRouter
+from c2r.routing.config import AdaKConfig
+from c2r.train import RunConfig, train
+from tests.distributed import run_distributed
+from tests.run_configs import tiny_run_config
+
+# Rows are tokens; columns deliberately unsorted. Sorted running sums:
+#   (0.5, 0.8, 1.0, 1.0)   (0.4, 0.8, 0.9, 1.0)   (0.9, 0.95, 0.98, 1.0)   (0.25, 0.5, 0.75, 1.0)
+PROBS_TE = torch.tensor(
+    [
+        [0.2, 0.5, 0.0, 0.3],
+        [0.1, 0.4, 0.1, 0.4],
+        [0.03, 0.02, 0.9, 0.05],
+        [0.25, 0.25, 0.25, 0.25],
+    ],
+    dtype=torch.float64,
+)
+
+
+def test_pwarm_labels_hand_case():
+    # The smallest k whose top-k mass reaches p ("at least": p = 0.5 is reached by 0.5 itself).
+    assert pwarm_labels(PROBS_TE, 0.3, 4).tolist() == [1, 1, 1, 2]
+    assert pwarm_labels(PROBS_TE, 0.5, 4).tolist() == [1, 2, 1, 2]
+    assert pwarm_labels(PROBS_TE, 0.6, 4).tolist() == [2, 2, 1, 3]
+    assert pwarm_labels(PROBS_TE, 0.85, 4).tolist() == [3, 3, 1, 4]
+    assert pwarm_labels(PROBS_TE, 0.85, 3).tolist() == [3, 3, 1, 3]  # clipped to the allocator's N
+
+
+def test_p_bisection_hits_the_target_mean_label():
+    # Mean label: 1.5 for p in (0.4, 0.5], 2.0 for p in (0.5, 0.75], 2.25 for p in (0.75, 0.8].
+    p, mean = calibrate_pwarm_p([PROBS_TE], target_k=2.0, max_k=4)
+    assert mean == 2.0 and 0.5 < p <= 0.75
+    assert pwarm_labels(PROBS_TE, p, 4).float().mean().item() == 2.0
+    p, mean = calibrate_pwarm_p([PROBS_TE[:2], PROBS_TE[2:]], target_k=1.9, max_k=4)  # nearest reachable: 2.0
+    assert mean == 2.0 and 0.5 < p <= 0.75
+    p, mean = calibrate_pwarm_p([PROBS_TE], target_k=1.0, max_k=4)
+    assert mean == 1.0 and p < 0.25
+
+
+def test_pwarm_loss_of_a_uniform_allocator_is_log_n():
+    router = AdaKRouter(3, 4, 2, RouterConfig(kind="adak", adak=AdaKConfig(mode="default")))
+    router(torch.randn(5, 3))
+    loss = pwarm_loss([router.last_allocation], [torch.tensor([1, 2, 3, 4, 2])])
+    torch.testing.assert_close(loss, torch.tensor(math.log(4.0)))
+
+
+def test_layer_advantages():
+    # A_l = gamma^(L - l) (reward - baseline); diff = (0.5, -1); L = 3, gamma = 0.5.
+    adv = layer_advantages(torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0]), num_layers=3, gamma=0.5)
+    torch.testing.assert_close(adv, torch.tensor([[0.125, -0.25], [0.25, -0.5], [0.5, -1.0]]))
+
+
+def ppo_grad(ratio: float, advantage: float, eps: float = 0.2) -> tuple[float, float]:
+    new = torch.tensor([math.log(ratio)], requires_grad=True)
+    loss = ppo_clip_loss(new, torch.zeros(1), torch.tensor([advantage]), eps)
+    loss.backward()
+    return loss.item(), new.grad.item()
+
+
+def test_ppo_clipping_zeroes_the_gradient_on_the_clipped_side_only():
+    # ratio 1.5 > 1 + eps with A > 0: min(1.5, 1.2) = 1.2 is a constant -> no gradient (no further push).
+    assert ppo_grad(1.5, 1.0) == pytest.approx((-1.2, 0.0))
+    # ratio 0.5 < 1 - eps with A < 0: min(-0.5, -0.8) = -0.8 -> no gradient.
+    assert ppo_grad(0.5, -1.0) == pytest.approx((0.8, 0.0))
+    # The other sides stay unclipped: d(-r A)/d log r = -r A.
+    assert ppo_grad(1.5, -1.0) == pytest.approx((1.5, 1.5))
+    assert ppo_grad(0.5, 1.0) == pytest.approx((-0.5, -0.5))
+    assert ppo_grad(1.1, 2.0) == pytest.approx((-2.2, -2.2))  # inside the band: plain policy gradient
+
+
+@pytest.mark.parametrize("advantage, moves", [(1.0, "up"), (-1.0, "down")])
+def test_ppo_step_moves_the_chosen_k_with_the_advantage_sign(advantage, moves):
+    # One token took k = 3; one AdamW step on the PPO objective (ratio 1, inside the band) moves P(k = 3) up for a
+    # positive advantage and down for a negative one.
+    torch.manual_seed(0)
+    router = AdaKRouter(4, 4, 2, RouterConfig(kind="adak"))
+    x = torch.randn(1, 4)
+    router.force_k(torch.tensor([3]))
+    router(x)
+    before = router.last_allocation.probs_TN[0, 2].item()
+    old = [router.last_allocation.log_prob_T.detach()]
+    loss, _ = ppo_objective([router.last_allocation], old, torch.tensor([[advantage]]), 0.2, k_penalty=0.0)
+    loss.backward()
+    torch.optim.AdamW(router.allocator.parameters(), lr=1e-2, weight_decay=0.1).step()
+    router(x)
+    after = router.last_allocation.probs_TN[0, 2].item()
+    assert before == pytest.approx(0.25)
+    assert (after > before) if moves == "up" else (after < before)
+
+
+def test_expected_k_penalty_value():
+    # Rows (0.5, 0.25, 0.25) -> 1*0.5 + 2*0.25 + 3*0.25 = 1.75 and (0, 0, 1) -> 3: mean 2.375.
+    log_probs = torch.tensor([[0.5, 0.25, 0.25], [1e-30, 1e-30, 1.0]]).log()
+    torch.testing.assert_close(expected_k(log_probs), torch.tensor(2.375))
+
+    class Alloc:  # zero advantage: the objective is lambda times the layers' mean expected k
+        def __init__(self, log_probs_TN):
+            self.log_probs_TN, self.log_prob_T = log_probs_TN, log_probs_TN[:, 0]
+
+    uniform = torch.full((2, 3), 1 / 3).log()  # expected k 2
+    loss, stats = ppo_objective(
+        [Alloc(log_probs), Alloc(uniform)], [log_probs[:, 0], uniform[:, 0]], torch.zeros(2, 2), 0.2, k_penalty=3e-3
+    )
+    torch.testing.assert_close(loss, torch.tensor(3e-3 * (2.375 + 2.0) / 2))
+    torch.testing.assert_close(stats["expected_k"], torch.tensor((2.375 + 2.0) / 2))
+
+
+def test_token_log_likelihood_is_in_router_token_order():
+    logits = torch.randn(2, 3, 5)
+    targets = torch.randint(0, 5, (2, 3))
+    ll = token_log_likelihood(logits, targets)
+    assert ll.shape == (6,)
+    torch.testing.assert_close(ll[4], logits[1, 1].log_softmax(0)[targets[1, 1]])
+
+
+def test_options_are_validated_and_help_works(capsys):
+    with pytest.raises(ValueError, match=r"clip_eps \(1.5\) must be between 0 and 1"):
+        AdaKTrainConfig(checkpoint="x", clip_eps=1.5)
+    with pytest.raises(ValueError, match=r"steps \(-1\) and warm_steps \(0\) must be >= 0"):
+        AdaKTrainConfig(checkpoint="x", steps=-1, warm_steps=0)
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--help"])
+    assert exit_info.value.code == 0
+    assert "--warm-steps" in capsys.readouterr().out
+
+
+def test_run_config_switches_to_adak_and_refuses_other_routers(tmp_path):
+    saved = tiny_run_config(tmp_path / "src")
+    saved["model"]["moe"]["router"] = {"kind": "topk"}
+    opts = AdaKTrainConfig(checkpoint=str(tmp_path / "src"), ep_size=2, steps=5, warm_steps=3, batch_size=2)
+    config = adak_run_config(saved, opts, ["data.max_bytes=1000", "model.moe.router.adak.max_k=4"])
+    router = config.model.moe.router
+    assert (router.kind, router.adak.mode, router.adak.max_k) == ("adak", "argmax", 4)
+    tc = config.train
+    assert (tc.init_from, tc.ep_size, tc.steps, tc.batch_size) == (opts.checkpoint, 2, 8, 2)
+    assert (tc.lr, tc.weight_decay, tc.grad_clip, tc.resume) == (1e-3, 0.1, 0.0, False)
+    assert config.data.max_bytes == 1000
+    tag = tmp_path / "other" / "step1"
+    tag.mkdir(parents=True)
+    other = tiny_run_config(tmp_path / "other")
+    other["model"]["moe"]["router"] = {"kind": "remoe"}
+    (tag / "c2r_config.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="has router kind 'remoe'"):
+        read_source_config(str(tag))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# End to end under DeepSpeed (gloo): c2r.train makes a tiny top-k model, c2r-adak trains its allocators.
+
+
+def topk_worker(rank, world, raw):
+    train(config_from_dict(RunConfig, raw))
+
+
+def saved_tensors(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a DeepSpeed checkpoint's module: the non-expert state dict and the per-expert files."""
+    tensors = dict(torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)["module"])
+    for path in sorted(tag_dir.glob("layer_*_expert_*_model_states.pt")):
+        tensors.update({f"{path.name}:{k}": v for k, v in torch.load(path, weights_only=False).items()})
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def topk_checkpoint(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("topk")
+    run_distributed(topk_worker, 1, root / "w", tiny_run_config(root / "run", steps=3))
+    return root / "run"
+
+
+def adak_worker(rank, world, options, check_reload):
+    from c2r.adak_train import train_adak
+
+    result = train_adak(AdaKTrainConfig(**options), ["train.batch_size=2"])
+    out = {
+        "allocators": [r.allocator.weight.detach().clone() for r in result["routers"]],
+        "history": result["history"],
+    }
+    if check_reload:
+        out["reload_error"] = reload_difference(result["engine"], options["out_dir"])
+    return out
+
+
+def reload_difference(engine, out_dir: str) -> float:
+    """Load the Ada-K checkpoint the way `c2r-train --init-from` does; return the largest difference of its
+    argmax-mode logits from the trained engine's."""
+    from c2r.config_utils import config_to_dict
+    from c2r.deepspeed.checkpoint import init_from_checkpoint
+    from c2r.parallel import model_layouts
+    from c2r.routing.adak import adak_routers
+    from c2r.train import build_engine
+
+    _, saved = read_source_config(out_dir)
+    config = config_from_dict(RunConfig, {key: saved[key] for key in ("model", "train", "data", "profile")})
+    fresh = build_engine(config, torch.device("cpu"))
+    init_from_checkpoint(fresh, out_dir, {**config_to_dict(config), "expert_layouts": model_layouts(fresh.module)})
+    assert [r.mode for r in adak_routers(fresh.module)] == ["argmax", "argmax"]
+    idx = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return float((fresh(idx).logits - engine(idx).logits).abs().max())
+
+
+def check_frozen_and_trained(source: Path, out: Path) -> None:
+    """Only the allocators differ between the source checkpoint and the Ada-K one."""
+    before = saved_tensors(source)
+    after = saved_tensors(out)
+    allocator_keys = sorted(k for k in after if "allocator" in k)
+    assert len(allocator_keys) == 2 and set(after) - set(allocator_keys) == set(before)
+    for key, tensor in before.items():
+        assert torch.equal(after[key], tensor), key
+    assert all(float(after[k].abs().max()) > 0 for k in allocator_keys)  # trained away from the zero start
+
+
+def options(checkpoint: Path, out: Path, **extra) -> dict:
+    return {
+        "checkpoint": str(checkpoint),
+        "out_dir": str(out),
+        "warm_steps": 2,
+        "steps": 2,
+        "calib_batches": 1,
+        "eval_batches": 1,
+        "log_every": 1,
+        **extra,
+    }
+
+
+def test_adak_trains_only_the_allocators_and_its_checkpoint_loads(topk_checkpoint, tmp_path):
+    (result,) = run_distributed(adak_worker, 1, tmp_path / "w", options(topk_checkpoint, tmp_path / "adak"), True)
+    assert result["reload_error"] < 1e-5
+    assert [r["phase"] for r in result["history"]] == ["pwarm", "pwarm", "ppo", "ppo"]
+    assert {"reward", "baseline", "advantage", "sampled_k", "expected_k", "clip_fraction"} <= set(result["history"][-1])
+    source_dir, _ = read_source_config(str(topk_checkpoint))
+    out_dir, saved = read_source_config(str(tmp_path / "adak"))
+    assert saved["model"]["moe"]["router"]["kind"] == "adak"
+    assert saved["model"]["moe"]["router"]["adak"]["mode"] == "argmax"
+    check_frozen_and_trained(source_dir, out_dir)
+    summary = json.loads((tmp_path / "adak" / "adak_eval.json").read_text())
+    assert summary["topk"]["active_experts_per_token_by_layer"] == [2.0, 2.0]
+    assert len(summary["adak_argmax"]["active_experts_per_token_by_layer"]) == 2
+    assert len(summary["adak_argmax"]["mean_k_by_difficulty_quartile"]) == 4
+    assert summary["pwarm_mean_label"] == pytest.approx(2.0, abs=0.1)
+    assert (tmp_path / "adak" / "adak_metrics.jsonl").read_text().count("\n") == 4
+
+
+def test_adak_with_expert_parallelism_on_2_ranks(topk_checkpoint, tmp_path):
+    # The ep-1 checkpoint's per-expert files load into ep 2; allocators stay identical on both ranks (replicated,
+    # gradients all-reduced over the whole job).
+    ranks = run_distributed(
+        adak_worker, 2, tmp_path / "w", options(topk_checkpoint, tmp_path / "adak", ep_size=2), False
+    )
+    for mine, theirs in zip(ranks[0]["allocators"], ranks[1]["allocators"]):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+    source_dir, _ = read_source_config(str(topk_checkpoint))
+    out_dir, saved = read_source_config(str(tmp_path / "adak"))
+    assert saved["train"]["ep_size"] == 2
+    check_frozen_and_trained(source_dir, out_dir)
+    assert json.loads((tmp_path / "adak" / "adak_eval.json").read_text())["world_size"] == 2
