@@ -187,7 +187,10 @@ def evaluate_run(run_dir: Path, device, args: argparse.Namespace, masks_path: Pa
     masks_LTE = np.stack([np.concatenate(m) for m in masks])
     np.savez_compressed(masks_path, masks=np.packbits(masks_LTE, axis=-1), num_experts=num_experts)
     active_L = masks_LTE.sum(axis=-1).mean(axis=-1)
-    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = run_dir / "metrics.jsonl"  # c2r-adak writes adak_metrics.jsonl instead
+    history = (
+        [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
+    )
     return {
         "val_loss": float(np.mean(losses)),
         "active": float(active_L.mean()),
