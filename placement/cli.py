@@ -14,6 +14,7 @@ Bad input exits with code 2 and a message naming the values.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -237,8 +238,11 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from placement.apply import apply_plan
 
     written = apply_plan(load_plan(args.plan), args.checkpoint, args.out, tag=args.tag, plan_path=args.plan)
-    print(f"wrote {written}: experts moved to the plan's ranks; continue with "
-          f"`c2r-train --resume --plan {args.plan} --out {Path(args.out).parent}` (optimizer moments start afresh)")
+    optimizer_state = json.loads((written / "c2r_config.json").read_text())["optimizer_state"]
+    print(
+        f"wrote {written}: experts moved to the plan's ranks; optimizer state {optimizer_state}; continue with "
+        f"`c2r-train --resume --plan {args.plan} --out {Path(args.out).parent}`"
+    )
     return 0
 
 
@@ -247,8 +251,9 @@ def add_apply_command(sub: argparse._SubParsersAction) -> None:
         "apply",
         help="move experts between ranks' files of a c2r-train DeepSpeed checkpoint; the model is unchanged",
         description="Renames each expert's checkpoint file (and the slot in its keys) from its old rank/slot to the "
-        "plan's. ZeRO optimizer partitions are not carried over (they are in slot order): the resumed run loads the "
-        "weights and starts Adam's moments afresh at the same step.",
+        "plan's, and moves its rows of the fp32 master weights and Adam moments between the ranks' optimizer files "
+        "(ZeRO 0/1/2, fp32 or bf16). An optimizer layout it does not know is dropped and flagged: the resumed run "
+        "then loads the weights and starts Adam's moments afresh at the same step.",
     )
     p.add_argument("--plan", required=True, help="plan file (c2r-place plan)")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (RUN/checkpoints, with 'latest')")
