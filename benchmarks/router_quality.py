@@ -67,7 +67,7 @@ def run_config(name: str, moe_overrides: dict[str, Any], args: argparse.Namespac
             "warmup_steps": max(1, args.steps // 20),
             "eval_every": max(1, args.steps // 4),
             "eval_batches": 8,
-            "seed": 0,
+            "seed": args.seed,
             "out_dir": str(Path(args.out) / name),
         },
         "data": {"max_bytes": 400_000} if args.tiny else {},
@@ -126,6 +126,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         adak_out = out / "adak"
         adak_out.mkdir(parents=True, exist_ok=True)
         adak_cmd = [sys.executable, "-m", "c2r.adak_train", "--checkpoint", str(out / "topk"), "--out", str(adak_out)]
+        adak_cmd += ["--seed", str(args.seed)]
         procs["adak"] = start("adak", adak_cmd + args.adak_args, adak_out)
     wait_all(procs, args)
     print(f"all training done in {time.time() - started:.0f} s", flush=True)
@@ -204,13 +205,14 @@ def evaluate_run(run_dir: Path, device, args: argparse.Namespace, masks_path: Pa
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["train", "evaluate", "report"])
-    parser.add_argument("--out", default="runs/quality")
+    parser.add_argument("--out", default="runs/quality", help="study directory (report: several, comma-separated)")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--eval-batches", type=int, default=16)
     parser.add_argument("--eval-batch-size", type=int, default=16)
     parser.add_argument("--ranks", type=int, default=4, help="expert-parallel ranks for copies per token (report)")
     parser.add_argument("--results", default="docs/results.md", help="report: the markdown file to write")
+    parser.add_argument("--seed", type=int, default=0, help="model init and data order (the same for every router)")
     parser.add_argument("--tiny", action="store_true", help="a small model on little data: a CPU smoke run")
     parser.add_argument("--no-adak", action="store_true", help="skip the Ada-K run")
     parser.add_argument("--adak-args", nargs=argparse.REMAINDER, default=[], help="passed to c2r-adak (last)")
@@ -226,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from benchmarks.router_quality_report import write_report
 
-        write_report(Path(args.out), args.ranks, Path(args.results))
+        write_report([Path(out) for out in args.out.split(",")], args.ranks, Path(args.results))
     return 0
 
 

@@ -64,23 +64,50 @@ def load_results(out: Path, num_ranks: int) -> dict[str, dict[str, Any]]:
     return evaluation
 
 
+METRICS = ("val_loss", "active", "copies_contiguous", "copies_planned", "load_imbalance_planned")
+
+
+def aggregate(per_seed: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Mean and standard deviation over seeds of each router's metrics, and of its difference to top-k in the same
+    seed (the paired difference is what the claims are about: seeds move every router together)."""
+    out = {}
+    for name in per_seed[0]:
+        runs = [seed[name] for seed in per_seed if name in seed]
+        row: dict[str, Any] = {"seeds": len(runs)}
+        for key in METRICS:
+            values = np.array([r[key] for r in runs])
+            row[key], row[f"{key}_std"] = float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        delta = np.array([seed[name]["val_loss"] - seed["topk"]["val_loss"] for seed in per_seed if name in seed])
+        row["delta_loss"], row["delta_loss_std"] = (
+            float(delta.mean()),
+            float(delta.std(ddof=1)) if len(delta) > 1 else 0.0,
+        )
+        row["active_by_layer"] = np.mean([r["active_by_layer"] for r in runs], axis=0).round(2).tolist()
+        out[name] = row
+    return out
+
+
 def markdown_table(results: dict[str, dict[str, Any]], num_ranks: int) -> str:
     base = results["topk"]
     rows = [
-        "| router | val loss | vs top-k | active experts / token | expert FLOPs vs top-k | copies / token, "
+        "| router | val loss | vs top-k (paired) | active experts / token | expert FLOPs vs top-k | copies / token, "
         f"contiguous ({num_ranks} ranks) | copies / token, planned | active per layer |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for name, r in results.items():
         rows.append(
-            f"| {LABELS.get(name, name)} | {r['val_loss']:.4f} | {r['val_loss'] - base['val_loss']:+.4f} | "
-            f"{r['active']:.2f} | {100 * (r['active'] / base['active'] - 1):+.1f}% | {r['copies_contiguous']:.3f} | "
+            f"| {LABELS.get(name, name)} | {r['val_loss']:.4f} ± {r['val_loss_std']:.4f} | "
+            f"{r['delta_loss']:+.4f} ± {r['delta_loss_std']:.4f} | {r['active']:.2f} ± {r['active_std']:.2f} | "
+            f"{100 * (r['active'] / base['active'] - 1):+.1f}% | {r['copies_contiguous']:.3f} | "
             f"{r['copies_planned']:.3f} | {' / '.join(f'{a:.2f}' for a in r['active_by_layer'])} |"
         )
     return "\n".join(rows)
 
 
 def plot(results: dict[str, dict[str, Any]], html_path: Path, num_ranks: int) -> None:
+    """Two panels sharing one legend (a color per router): loss vs active experts; loss vs copies per token, an open
+    marker for the contiguous placement joined to a filled one for the planned placement."""
+    import plotly.express as px
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -89,47 +116,45 @@ def plot(results: dict[str, dict[str, Any]], html_path: Path, num_ranks: int) ->
         cols=2,
         subplot_titles=(
             "validation loss vs active experts per token (expert FLOPs)",
-            f"validation loss vs all-to-all copies per token ({num_ranks} ranks)",
+            f"validation loss vs all-to-all copies per token, {num_ranks} ranks (open: contiguous, filled: planned)",
         ),
-        horizontal_spacing=0.08,
+        horizontal_spacing=0.07,
     )
-    names = list(results)
-    labels = [LABELS.get(n, n) for n in names]
-    loss = [results[n]["val_loss"] for n in names]
-    fig.add_trace(
-        go.Scatter(
-            x=[results[n]["active"] for n in names],
-            y=loss,
-            text=labels,
-            mode="markers+text",
-            textposition="top center",
-            marker={"size": 11},
-            showlegend=False,
-        ),
-        row=1,
-        col=1,
-    )
-    for key, label, symbol in (
-        ("copies_contiguous", "contiguous", "circle-open"),
-        ("copies_planned", "planned", "circle"),
-    ):
+    for index, (name, r) in enumerate(results.items()):
+        color = px.colors.qualitative.D3[index % 10]
+        label = LABELS.get(name, name)
         fig.add_trace(
             go.Scatter(
-                x=[results[n][key] for n in names],
-                y=loss,
-                text=labels,
-                mode="markers+text" if key == "copies_planned" else "markers",
-                textposition="top center",
-                marker={"size": 11, "symbol": symbol},
-                name=f"{label} placement",
+                x=[r["active"]],
+                y=[r["val_loss"]],
+                error_y={"array": [r["val_loss_std"]]},
+                error_x={"array": [r["active_std"]]},
+                mode="markers",
+                marker={"size": 12, "color": color},
+                name=label,
+                legendgroup=name,
+            ),
+            row=1,
+            col=1,
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=[r["copies_contiguous"], r["copies_planned"]],
+                y=[r["val_loss"]] * 2,
+                mode="lines+markers",
+                marker={"size": 12, "color": color, "symbol": ["circle-open", "circle"]},
+                line={"color": color, "width": 1, "dash": "dot"},
+                name=label,
+                legendgroup=name,
+                showlegend=False,
             ),
             row=1,
             col=2,
         )
     fig.update_xaxes(title_text="active experts per token", row=1, col=1)
     fig.update_xaxes(title_text="copies per token (per-rank dispatch)", row=1, col=2)
-    fig.update_yaxes(title_text="validation loss (nats/byte)", row=1, col=1)
-    fig.update_layout(width=1500, height=650, template="plotly_white", legend={"x": 0.86, "y": 0.02})
+    fig.update_yaxes(title_text="validation loss (nats per byte)", row=1, col=1)
+    fig.update_layout(width=1500, height=650, template="plotly_white", font={"size": 14})
     fig.write_html(html_path, include_plotlyjs=True)
 
 
@@ -152,10 +177,14 @@ def screenshot(html_path: Path, png_path: Path) -> bool:
     return True
 
 
-def write_report(out: Path, num_ranks: int, results_md: Path) -> None:
-    results = load_results(out, num_ranks)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    html = out / "router_quality.html"
+def write_report(outs: list[Path], num_ranks: int, results_md: Path) -> dict[str, dict[str, Any]]:
+    """Aggregate the study directories ``outs`` (one per seed); write results.json, the plot and the table next to
+    the first; return the aggregated rows."""
+    per_seed = [load_results(out, num_ranks) for out in outs]
+    results = aggregate(per_seed)
+    base = outs[0].parent if len(outs) > 1 else outs[0]
+    (base / "results.json").write_text(json.dumps({"seeds": per_seed, "mean": results}, indent=2))
+    html = base / "router_quality.html"
     plot(results, html, num_ranks)
     png = results_md.parent / "img" / "router_quality.png"
     png.parent.mkdir(parents=True, exist_ok=True)
@@ -163,4 +192,5 @@ def write_report(out: Path, num_ranks: int, results_md: Path) -> None:
     table = markdown_table(results, num_ranks)
     print(table)
     print(f"plot: {html}" + (f", {png}" if shot else " (no PNG: headless Chromium not available)"))
-    (out / "results_table.md").write_text(table + "\n")
+    (base / "results_table.md").write_text(table + "\n")
+    return results

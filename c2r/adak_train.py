@@ -316,21 +316,6 @@ def build_adak_engine(config: RunConfig, device: torch.device):
     return engine, routers
 
 
-@contextlib.contextmanager
-def frozen_params_marked_trainable(model: torch.nn.Module):
-    """Load a checkpoint into a partly frozen model. DeepSpeed 0.19.8 copies frozen parameters from the checkpoint's
-    ``frozen_param_fragments``, which a ZeRO-1/2 run without frozen parameters saves as an empty dict (KeyError on
-    the first frozen name); they are also in the module state dict it loads anyway, so hide the freezing meanwhile."""
-    frozen = [param for param in model.parameters() if not param.requires_grad]
-    for param in frozen:
-        param.requires_grad_(True)
-    try:
-        yield
-    finally:
-        for param in frozen:
-            param.requires_grad_(False)
-
-
 def set_routers(routers: list[AdaKRouter], mode: str, forced_k: list[torch.Tensor] | None = None) -> None:
     for index, router in enumerate(routers):
         router.set_mode(mode)
@@ -487,8 +472,7 @@ def setup_run(opts: AdaKTrainConfig, overrides: list[str]) -> AdaKRun:
     engine, routers = build_adak_engine(config, info.device)
     run_config = config_to_dict(config)
     run_config["expert_layouts"] = model_layouts(engine.module)
-    with frozen_params_marked_trainable(engine.module):
-        init_from_checkpoint(engine, opts.checkpoint, run_config)
+    init_from_checkpoint(engine, opts.checkpoint, run_config)
     torch.manual_seed(tc.seed + 1 + info.rank)  # each rank samples its own ks
     block, batch_size = config.model.block_size, tc.batch_size
     run = AdaKRun(

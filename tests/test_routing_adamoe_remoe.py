@@ -132,6 +132,9 @@ def test_remoe_lambda_update_direction_and_checkpoint_round_trip():
     router(-torch.ones(5, 4))  # all zero: sparsity 1 > .75 -> lambda / 1.2
     after_optimizer_step(router)
     assert router.reg_lambda == pytest.approx(1e-8, rel=1e-6)
+    router(-torch.ones(5, 4))  # still too sparse, but lambda stays at its floor, lambda_init
+    after_optimizer_step(router)
+    assert router.reg_lambda == np.float32(1e-8)
     router.reg_lambda = np.float32(3.5e-3)
     fresh = identity_router("remoe", 4, 1)
     fresh.load_state_dict(router.state_dict())
@@ -141,13 +144,13 @@ def test_remoe_lambda_update_direction_and_checkpoint_round_trip():
 
 
 def test_remoe_lambda_is_shared_across_layers_from_their_mean_sparsity():
-    a, b = identity_router("remoe", 4, 2), identity_router("remoe", 4, 2, remoe={"lambda_init": 1e-8})
+    a, b = identity_router("remoe", 4, 2), identity_router("remoe", 4, 2)
     a.train(), b.train()
     model = torch.nn.ModuleList([a, b])
     a(torch.ones(4, 4))  # sparsity 0
-    b(-torch.ones(4, 4))  # sparsity 1: the mean .5 equals the target 1 - 2/4 -> not below -> divide
+    b(torch.ones(4, 4) * torch.tensor([1.0, -1, -1, -1]))  # sparsity .75: the mean .375 < target .5 -> multiply
     after_optimizer_step(model)
-    assert a.reg_lambda == b.reg_lambda == pytest.approx(1e-8 / 1.2)
+    assert a.reg_lambda == b.reg_lambda == pytest.approx(1.2e-8)
 
 
 def test_remoe_layer_is_dropless_for_uneven_fan_out():

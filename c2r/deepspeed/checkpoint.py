@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -123,6 +124,22 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
     raise FileNotFoundError(f"{str(path)!r} is not a c2r-train checkpoint (no '{LATEST}' and no {CONFIG_FILE})")
 
 
+@contextlib.contextmanager
+def frozen_params_marked_trainable(model):
+    """Load a checkpoint into a partly frozen model (c2r-adak freezes all but the allocators). DeepSpeed 0.19.8
+    copies frozen parameters from the checkpoint's ``frozen_param_fragments``, which a run without frozen parameters
+    saves empty (KeyError on the first frozen name); they are in the module state dict it loads anyway, so hide the
+    freezing meanwhile."""
+    frozen = [param for param in model.parameters() if not param.requires_grad]
+    for param in frozen:
+        param.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for param in frozen:
+            param.requires_grad_(False)
+
+
 def init_from_checkpoint(engine, path: str | Path, run_config: dict[str, Any]) -> dict[str, Any]:
     """Start a run from another run's weights (fresh optimizer, step 0), e.g. to switch a trained top-k model to
     another router. Parameters the checkpoint lacks (a new router's null gate or allocator) keep their fresh values;
@@ -137,14 +154,15 @@ def init_from_checkpoint(engine, path: str | Path, run_config: dict[str, Any]) -
             f"checkpoint {ckpt_dir / tag} stores its experts in another physical order than this run places them; "
             "use the same --plan, or move the experts with c2r-place apply"
         )
-    loaded, _ = engine.load_checkpoint(
-        str(ckpt_dir),
-        tag=tag,
-        load_module_strict=False,
-        load_optimizer_states=False,
-        load_lr_scheduler_states=False,
-        load_module_only=True,
-    )
+    with frozen_params_marked_trainable(engine.module):
+        loaded, _ = engine.load_checkpoint(
+            str(ckpt_dir),
+            tag=tag,
+            load_module_strict=False,
+            load_optimizer_states=False,
+            load_lr_scheduler_states=False,
+            load_module_only=True,
+        )
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
     saved_router = saved["model"]["moe"]["router"]

@@ -42,6 +42,7 @@ class ReMoERouter(TopKRouter):
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, config: RouterConfig, layer_index: int = 0):
         super().__init__(hidden_size, num_experts, top_k, config, layer_index)
         self.reg_lambda = np.float32(config.remoe.lambda_init)
+        self.lambda_floor = np.float32(config.remoe.lambda_init)
         self.lambda_factor = np.float32(config.remoe.lambda_factor)
         self.target_sparsity = 1.0 - top_k / num_experts
         self._zero_fraction_sum: torch.Tensor | None = None  # summed over forwards since the last optimizer step
@@ -68,7 +69,8 @@ class ReMoERouter(TopKRouter):
     @classmethod
     def update_after_step(cls, routers: list[ReMoERouter], group=None) -> dict[str, float]:
         """``lambda *= alpha`` if the measured sparsity S is below ``1 - k/E`` (too many active experts), else
-        ``lambda /= alpha``; S is the mean zero-gate fraction over layers, micro-batches and ranks."""
+        ``lambda /= alpha`` (but not below ``lambda_init``); S is the mean zero-gate fraction over layers,
+        micro-batches and ranks."""
         seen = [r for r in routers if r._forwards]
         if not seen:
             return {}
@@ -84,7 +86,10 @@ class ReMoERouter(TopKRouter):
         target = seen[0].target_sparsity
         for router in routers:
             factor = router.lambda_factor if sparsity < router.target_sparsity else 1 / router.lambda_factor
-            router.reg_lambda = np.float32(router.reg_lambda * factor)
+            # Never below lambda_init (the paper's "off"): a layer stack sparser than the target without any
+            # regularisation would otherwise drive lambda to float32 underflow (2.8e-45 after 800 steps in the
+            # quality study), and hundreds of steps would pass before it could bite again.
+            router.reg_lambda = max(np.float32(router.reg_lambda * factor), router.lambda_floor)
             router._zero_fraction_sum, router._forwards = None, 0
         return {
             "remoe_lambda": float(routers[0].reg_lambda),
