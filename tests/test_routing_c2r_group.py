@@ -170,3 +170,19 @@ def test_group_limited_bad_configs_name_the_values():
     router = build_router(8, 8, 2, RouterConfig(kind="group_limited", group_limited=GroupLimitedConfig(max_groups=2)))
     with pytest.raises(ValueError, match=r"max_groups \(2\) is larger than the number of groups \(1\)"):
         router.set_expert_placement([0] * 8, num_ranks=1)
+
+
+def test_c2r_route_reads_a_trace_directory_with_or_without_counters(tmp_path, capsys):
+    from profiling.trace import RoutingTraceRecorder
+
+    # Two tokens through one layer of 4 experts: {0, 2} and {0, 2}, then {1, 3}: C[0, 2] = 2, C[1, 3] = 1.
+    recorder = RoutingTraceRecorder(tmp_path / "traces", num_layers=1, num_experts=4, top_k=2, source="test")
+    recorder.record(0, torch.tensor([[0, 2], [2, 0], [1, 3]]))
+    recorder.close()
+    assert route_main(["collaborators", str(tmp_path / "traces"), "--out", str(tmp_path / "a.npz")]) == 0
+    for counters in (tmp_path / "traces").glob("counts-rank*.npz"):
+        counters.unlink()  # e.g. traces written by the Hugging Face hooks of another tool: the shards alone
+    assert route_main(["collaborators", str(tmp_path / "traces"), "--out", str(tmp_path / "b.npz")]) == 0
+    for name in ("a.npz", "b.npz"):
+        lists = load_collaborators(tmp_path / name, 0, 4)
+        assert lists[0, 0] == 2 and lists[1, 0] == 3 and lists[2, 0] == 0 and lists[3, 0] == 1

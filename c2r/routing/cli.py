@@ -28,15 +28,24 @@ def pair_coverage(coactivation_EE: np.ndarray, lists_EE: np.ndarray, top_t: int)
 
 
 def load_counts(args: argparse.Namespace) -> tuple[np.ndarray, str]:
+    """[L, E, E] co-activation counts from a .npy file, a run or profile directory (the online counters: every
+    token), or a trace directory (its counters if present, else the written trace shards, e.g. from HF hooks)."""
     if args.coactivation:
         from placement.inputs import validate_coactivation
 
         return validate_coactivation(np.load(args.coactivation)), str(args.coactivation)
     if not args.run:
-        raise ValueError("give a profiled run directory or --coactivation FILE.npy")
+        raise ValueError("give a profiled run directory, a trace directory or --coactivation FILE.npy")
+    path = Path(args.run)
+    if (path / "header.json").exists() or any(path.glob("counts-rank*.npz")):
+        from profiling.reader import coactivation_from_traces, read_online_counts, read_traces
+
+        if any(path.glob("counts-rank*.npz")):
+            return read_online_counts(path)[0], str(path)
+        return coactivation_from_traces(read_traces(path)), str(path)
     from profiling.summary import coactivation_matrix
 
-    return coactivation_matrix(args.run), str(args.run)
+    return coactivation_matrix(path), str(path)
 
 
 def cmd_collaborators(args: argparse.Namespace) -> int:
@@ -61,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     lists = sub.add_parser("collaborators", help="C2R collaborator lists from a profiled run or co-activation counts")
-    lists.add_argument("run", nargs="?", help="run directory of c2r-train --profile (or its profile/ directory)")
+    lists.add_argument(
+        "run", nargs="?", help="run directory of c2r-train --profile, its profile/ or profile/traces/ directory"
+    )
     lists.add_argument("--coactivation", type=Path, help="[L, E, E] or [E, E] counts (.npy) instead of a run")
     lists.add_argument("--out", "-o", required=True, type=Path, help="output .npz")
     lists.set_defaults(func=cmd_collaborators)
