@@ -19,7 +19,7 @@ from torch import nn
 
 from c2r.config_utils import require_choice
 from c2r.routing.config import RouterConfig
-from c2r.routing.result import RoutingResult, count_tokens_per_expert
+from c2r.routing.result import RoutingResult
 from c2r.routing.topk import TopKRouter
 
 ADAK_MODES = ("default", "sample", "argmax")
@@ -134,15 +134,7 @@ class AdaKRouter(TopKRouter):
         # Default mode keeps K = top_k full slots: the output is then exactly TopKRouter's.
         slots = self.top_k if fixed_k else self.max_k
         expert_ids_TK, weights_TK, valid_TK = select_top_k_star(probs_TE, k_T, slots, self.config.renormalize)
-        tokens_per_expert_E = count_tokens_per_expert(expert_ids_TK, valid_TK, self.num_experts)
-        return RoutingResult(
-            expert_ids_TK=expert_ids_TK,
-            weights_TK=weights_TK,
-            valid_TK=valid_TK,
-            aux_loss=self.aux_loss(logits_TE, probs_TE, tokens_per_expert_E),
-            tokens_per_expert_E=tokens_per_expert_E,
-            fixed_k=fixed_k,
-        )
+        return self.selection_result(logits_TE, probs_TE, expert_ids_TK, weights_TK, None if fixed_k else valid_TK)
 
     def extra_repr(self) -> str:
         return f"top_k={self.top_k}, max_k={self.max_k}, mode={self.mode}"

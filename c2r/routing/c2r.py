@@ -13,7 +13,7 @@ import torch
 
 from c2r.routing.collaborators import load_collaborators
 from c2r.routing.config import RouterConfig
-from c2r.routing.result import RoutingResult, count_tokens_per_expert
+from c2r.routing.result import RoutingResult
 from c2r.routing.topk import TopKRouter
 
 
@@ -39,16 +39,4 @@ class C2RRouter(TopKRouter):
             candidates_TC = self.collaborators_EE[anchor_T, : self.top_t]
             _, best_TK1 = probs_TE.gather(1, candidates_TC).topk(self.top_k - 1, dim=-1)
             expert_ids_TK = torch.cat([expert_ids_TK, candidates_TC.gather(1, best_TK1)], dim=1)
-        weights_TK = probs_TE.gather(1, expert_ids_TK)
-        if self.config.renormalize:
-            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-        valid_TK = torch.ones_like(expert_ids_TK, dtype=torch.bool)
-        tokens_per_expert_E = count_tokens_per_expert(expert_ids_TK, valid_TK, self.num_experts)
-        return RoutingResult(
-            expert_ids_TK=expert_ids_TK,
-            weights_TK=weights_TK,
-            valid_TK=valid_TK,
-            aux_loss=self.aux_loss(logits_TE, probs_TE, tokens_per_expert_E),
-            tokens_per_expert_E=tokens_per_expert_E,
-            fixed_k=True,
-        )
+        return self.selection_result(logits_TE, probs_TE, expert_ids_TK)

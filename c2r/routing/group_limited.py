@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from c2r.routing.config import RouterConfig, check_groups_fit
-from c2r.routing.result import RoutingResult, count_tokens_per_expert
+from c2r.routing.result import RoutingResult
 from c2r.routing.topk import TopKRouter
 from c2r.routing.updates import all_reduce_sum
 
@@ -75,22 +75,11 @@ class GroupLimitedRouter(TopKRouter):
             self.selection_bias_E = self.selection_bias_E.to(probs_TE.device)
             scores_TE = scores_TE + self.selection_bias_E
         expert_ids_TK = self.select(scores_TE)
-        weights_TK = probs_TE.gather(1, expert_ids_TK)
-        if self.config.renormalize:
-            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-        valid_TK = torch.ones_like(expert_ids_TK, dtype=torch.bool)
-        tokens_per_expert_E = count_tokens_per_expert(expert_ids_TK, valid_TK, self.num_experts)
+        result = self.selection_result(logits_TE, probs_TE, expert_ids_TK)  # weights: the unbiased p
         if self.bias_update_rate > 0 and self.training:
-            load = tokens_per_expert_E.detach()
+            load = result.tokens_per_expert_E.detach()
             self._load_since_step_E = load if self._load_since_step_E is None else self._load_since_step_E + load
-        return RoutingResult(
-            expert_ids_TK=expert_ids_TK,
-            weights_TK=weights_TK,
-            valid_TK=valid_TK,
-            aux_loss=self.aux_loss(logits_TE, probs_TE, tokens_per_expert_E),
-            tokens_per_expert_E=tokens_per_expert_E,
-            fixed_k=True,
-        )
+        return result
 
     def select(self, scores_TE: torch.Tensor) -> torch.Tensor:
         """[T, E] selection scores -> [T, K] expert ids, all within the token's top-M groups."""

@@ -64,10 +64,25 @@ class TopKRouter(nn.Module):
     def forward(self, x_TD: torch.Tensor) -> RoutingResult:
         logits_TE = self.logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
-        weights_TK, expert_ids_TK = probs_TE.topk(self.top_k, dim=-1)
-        if self.config.renormalize:
-            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-        valid_TK = torch.ones_like(expert_ids_TK, dtype=torch.bool)
+        return self.selection_result(logits_TE, probs_TE, probs_TE.topk(self.top_k, dim=-1).indices)
+
+    def selection_result(
+        self,
+        logits_TE: torch.Tensor,
+        probs_TE: torch.Tensor,
+        expert_ids_TK: torch.Tensor,
+        weights_TK: torch.Tensor | None = None,
+        valid_TK: torch.Tensor | None = None,
+    ) -> RoutingResult:
+        """The routing result of a selection of softmax experts (every router built on this one ends here): by
+        default every slot valid and weighted by its probability, renormalised over the slots when configured."""
+        if weights_TK is None:
+            weights_TK = probs_TE.gather(1, expert_ids_TK)
+            if self.config.renormalize:
+                weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        fixed_k = valid_TK is None
+        if valid_TK is None:
+            valid_TK = torch.ones_like(expert_ids_TK, dtype=torch.bool)
         tokens_per_expert_E = count_tokens_per_expert(expert_ids_TK, valid_TK, self.num_experts)
         return RoutingResult(
             expert_ids_TK=expert_ids_TK,
@@ -75,7 +90,7 @@ class TopKRouter(nn.Module):
             valid_TK=valid_TK,
             aux_loss=self.aux_loss(logits_TE, probs_TE, tokens_per_expert_E),
             tokens_per_expert_E=tokens_per_expert_E,
-            fixed_k=True,
+            fixed_k=fixed_k,
         )
 
     def aux_loss(self, logits_TE: torch.Tensor, probs_TE: torch.Tensor, tokens_per_expert_E: torch.Tensor):
