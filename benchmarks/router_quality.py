@@ -71,7 +71,7 @@ def run_config(name: str, moe_overrides: dict[str, Any], args: argparse.Namespac
             "out_dir": str(Path(args.out) / name),
         },
         "data": {"max_bytes": 400_000} if args.tiny else {},
-        "profile": {"enabled": name == "topk", "trace": {"sample_rate": 0.01}},
+        "profile": {"enabled": Path(name).name == "topk", "trace": {"sample_rate": 0.01}},  # for the C2R lists
     }
 
 
@@ -132,6 +132,53 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"all training done in {time.time() - started:.0f} s", flush=True)
 
 
+FINETUNES = {
+    "topk_cont": {},
+    # m = E null twins and k doubled: the converted layer starts as exactly the trained top-4 function.
+    "adamoe_conv": {
+        "top_k": 8,
+        "router": {"kind": "adamoe", "aux_loss_weight": 0.02, "adamoe": {"num_null_experts": 16}},
+    },
+    **{f"c2r_T{t}_ft": {"router": {"kind": "c2r", "c2r": {"top_t": t}}} for t in C2R_TOP_T},
+}
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    """The papers' own setting for AdaMoE and C2R: switch a trained top-k model's router and fine-tune it, against
+    the same model fine-tuned as top-k for the same steps. One base model per seed, all runs sharing the GPU."""
+    started, out = time.time(), Path(args.out)
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    bases = {}
+    for seed in seeds:
+        args.seed = seed
+        bases[f"s{seed}/topk"] = run_config(f"s{seed}/topk", {}, args)
+    wait_all({name: launch(name, config, args) for name, config in bases.items()}, args)
+    print(f"base models done in {time.time() - started:.0f} s", flush=True)
+    procs = {}
+    for seed in seeds:
+        args.seed = seed
+        base = out / f"s{seed}" / "topk"
+        lists = out / f"s{seed}" / "c2r_lists.npz"
+        subprocess.run(
+            [sys.executable, "-m", "c2r.routing.cli", "collaborators", str(base), "--out", str(lists)], check=True
+        )
+        for name, moe in FINETUNES.items():
+            moe = json.loads(json.dumps(moe))
+            if moe.get("router", {}).get("kind") == "c2r":
+                moe["router"]["c2r"]["collaborators"] = str(lists)
+            config = run_config(f"s{seed}/{name}", moe, args)
+            config["train"].update(
+                steps=args.finetune_steps,
+                init_from=str(base),
+                lr=args.finetune_lr,
+                warmup_steps=10,
+                eval_every=args.finetune_steps,
+            )
+            procs[f"s{seed}/{name}"] = launch(f"s{seed}/{name}", config, args)
+    wait_all(procs, args)
+    print(f"fine-tuning done in {time.time() - started:.0f} s", flush=True)
+
+
 def epoch_length(args: argparse.Namespace) -> int:
     from c2r.data import DataConfig, load_corpus
 
@@ -140,8 +187,9 @@ def epoch_length(args: argparse.Namespace) -> int:
 
 
 def run_names(out: Path) -> list[str]:
-    order = ["topk", *(f"c2r_T{t}" for t in C2R_TOP_T), "group_M1", "group_M2", "adamoe", "remoe", "adak"]
-    return [name for name in order if (out / name / "checkpoints" / "latest").exists()]
+    order = ["topk", *(f"c2r_T{t}" for t in C2R_TOP_T), "group_M1", "group_M2", "adamoe", "remoe", "adak", *FINETUNES]
+    found = sorted(path.parent.parent.name for path in out.glob("*/checkpoints/latest"))
+    return [name for name in order if name in found] + [name for name in found if name not in order]
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -204,7 +252,7 @@ def evaluate_run(run_dir: Path, device, args: argparse.Namespace, masks_path: Pa
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["train", "evaluate", "report"])
+    parser.add_argument("command", choices=["train", "finetune", "evaluate", "report"])
     parser.add_argument("--out", default="runs/quality", help="study directory (report: several, comma-separated)")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -213,6 +261,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ranks", type=int, default=4, help="expert-parallel ranks for copies per token (report)")
     parser.add_argument("--results", default="docs/results.md", help="report: the markdown file to write")
     parser.add_argument("--seed", type=int, default=0, help="model init and data order (the same for every router)")
+    parser.add_argument("--seeds", default="0,1,2", help="finetune: the seeds, one base model each")
+    parser.add_argument("--finetune-steps", type=int, default=300)
+    parser.add_argument("--finetune-lr", type=float, default=5e-4)
+    parser.add_argument("--baseline", default="topk", help="report: the run the others are compared with")
+    parser.add_argument("--plot-name", default="router_quality", help="report: docs/img/<name>.png")
     parser.add_argument("--tiny", action="store_true", help="a small model on little data: a CPU smoke run")
     parser.add_argument("--no-adak", action="store_true", help="skip the Ada-K run")
     parser.add_argument("--adak-args", nargs=argparse.REMAINDER, default=[], help="passed to c2r-adak (last)")
@@ -223,12 +276,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command == "train":
         cmd_train(args)
+    elif args.command == "finetune":
+        cmd_finetune(args)
     elif args.command == "evaluate":
         cmd_evaluate(args)
     else:
         from benchmarks.router_quality_report import write_report
 
-        write_report([Path(out) for out in args.out.split(",")], args.ranks, Path(args.results))
+        outs = [Path(out) for out in args.out.split(",")]
+        write_report(outs, args.ranks, Path(args.results), args.baseline, args.plot_name)
     return 0
 
 

@@ -25,6 +25,10 @@ LABELS = {
     "adamoe": "AdaMoE (m=16, k=6)",
     "remoe": "ReMoE (target k=4)",
     "adak": "Ada-K (on the top-k model)",
+    "topk_cont": "top-k, fine-tuned on",
+    "adamoe_conv": "AdaMoE, converted (m=16, k=6)",
+    "c2r_T4_ft": "C2R T=4, fine-tuned",
+    "c2r_T8_ft": "C2R T=8, fine-tuned",
 }
 
 
@@ -67,7 +71,7 @@ def load_results(out: Path, num_ranks: int) -> dict[str, dict[str, Any]]:
 METRICS = ("val_loss", "active", "copies_contiguous", "copies_planned", "load_imbalance_planned")
 
 
-def aggregate(per_seed: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+def aggregate(per_seed: list[dict[str, dict[str, Any]]], baseline: str = "topk") -> dict[str, dict[str, Any]]:
     """Mean and standard deviation over seeds of each router's metrics, and of its difference to top-k in the same
     seed (the paired difference is what the claims are about: seeds move every router together)."""
     out = {}
@@ -77,7 +81,7 @@ def aggregate(per_seed: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, 
         for key in METRICS:
             values = np.array([r[key] for r in runs])
             row[key], row[f"{key}_std"] = float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
-        delta = np.array([seed[name]["val_loss"] - seed["topk"]["val_loss"] for seed in per_seed if name in seed])
+        delta = np.array([seed[name]["val_loss"] - seed[baseline]["val_loss"] for seed in per_seed if name in seed])
         row["delta_loss"], row["delta_loss_std"] = (
             float(delta.mean()),
             float(delta.std(ddof=1)) if len(delta) > 1 else 0.0,
@@ -87,8 +91,8 @@ def aggregate(per_seed: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, 
     return out
 
 
-def markdown_table(results: dict[str, dict[str, Any]], num_ranks: int) -> str:
-    base = results["topk"]
+def markdown_table(results: dict[str, dict[str, Any]], num_ranks: int, baseline: str = "topk") -> str:
+    base = results[baseline]
     rows = [
         "| router | val loss | vs top-k (paired) | active experts / token | expert FLOPs vs top-k | copies / token, "
         f"contiguous ({num_ranks} ranks) | copies / token, planned | active per layer |",
@@ -177,20 +181,22 @@ def screenshot(html_path: Path, png_path: Path) -> bool:
     return True
 
 
-def write_report(outs: list[Path], num_ranks: int, results_md: Path) -> dict[str, dict[str, Any]]:
+def write_report(
+    outs: list[Path], num_ranks: int, results_md: Path, baseline: str = "topk", plot_name: str = "router_quality"
+) -> dict[str, dict[str, Any]]:
     """Aggregate the study directories ``outs`` (one per seed); write results.json, the plot and the table next to
     the first; return the aggregated rows."""
     per_seed = [load_results(out, num_ranks) for out in outs]
-    results = aggregate(per_seed)
+    results = aggregate(per_seed, baseline)
     base = outs[0].parent if len(outs) > 1 else outs[0]
-    (base / "results.json").write_text(json.dumps({"seeds": per_seed, "mean": results}, indent=2))
-    html = base / "router_quality.html"
+    (base / f"{plot_name}.json").write_text(json.dumps({"seeds": per_seed, "mean": results}, indent=2))
+    html = base / f"{plot_name}.html"
     plot(results, html, num_ranks)
-    png = results_md.parent / "img" / "router_quality.png"
+    png = results_md.parent / "img" / f"{plot_name}.png"
     png.parent.mkdir(parents=True, exist_ok=True)
     shot = screenshot(html, png)
-    table = markdown_table(results, num_ranks)
+    table = markdown_table(results, num_ranks, baseline)
     print(table)
     print(f"plot: {html}" + (f", {png}" if shot else " (no PNG: headless Chromium not available)"))
-    (base / "results_table.md").write_text(table + "\n")
+    (base / f"{plot_name}_table.md").write_text(table + "\n")
     return results
