@@ -8,20 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from c2r.adak_train import (
-    AdaKTrainConfig,
-    adak_run_config,
+from c2r.adak_objective import (
     calibrate_pwarm_p,
     expected_k,
     layer_advantages,
-    parse_args,
     ppo_clip_loss,
     ppo_objective,
     pwarm_labels,
     pwarm_loss,
-    read_source_config,
     token_log_likelihood,
 )
+from c2r.adak_train import AdaKTrainConfig, adak_run_config, parse_args, read_source_config
 from c2r.config_utils import config_from_dict
 from c2r.routing import RouterConfig
 from c2r.routing.adak import AdaKRouter
