@@ -2,6 +2,7 @@
 
 c2r-place plan --traces runs/demo --ranks 2 --out plan.json             # Mt-KaHyPar, KM1, exactly E/R per rank
 c2r-place plan --traces runs/demo --ranks 16 --nodes 2 --holdout 0.2 --out plan.json
+c2r-place plan --traces runs/demo --ranks 16 --nodes 2 --topology map --inter-node-cost 10 --out plan.json
 c2r-place plan --coactivation coact.npy --ranks 4 --method greedy --out plan.json
 c2r-place evaluate --plan plan.json --traces runs/demo [--hidden 4096 --dtype bf16] [--json]
 c2r-place export --plan plan.json --format eplb|autoep [--out placement.json]
@@ -26,7 +27,7 @@ from placement.errors import PlacementError
 from placement.evaluate import evaluate_with_baselines, format_comparison
 from placement.export import EXPORT_FORMATS, export_plan
 from placement.inputs import PlannerInput, load_input
-from placement.methods import KAHYPAR_PRESETS, METHODS, plan_placement
+from placement.methods import DEFAULT_INTER_NODE_COST, KAHYPAR_PRESETS, METHODS, TOPOLOGIES, plan_placement
 from placement.objective import DTYPE_BYTES, check_topology
 from placement.plan import dumps, load_plan, make_plan, save_plan
 
@@ -78,6 +79,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         args.threads,
         args.max_tokens or None,
         _progress(args),
+        args.topology,
+        args.inter_node_cost,
     )
     results = evaluate_with_baselines(
         inp.eval_routings, expert_to_rank, args.ranks, args.nodes, args.hidden, dtype_bytes, args.seed
@@ -100,7 +103,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "baseline_random": results["random"]["overall"],
         },
         expert_load_LE=np.stack([r.expert_load_E for r in inp.plan_routings]),
-        options={"preset": args.preset, "max_tokens": args.max_tokens, "hidden": args.hidden, "dtype": args.dtype},
+        options={
+            "preset": args.preset,
+            "max_tokens": args.max_tokens,
+            "hidden": args.hidden,
+            "dtype": args.dtype,
+            "topology": args.topology,
+            "inter_node_cost": args.inter_node_cost,
+        },
     )
     save_plan(plan, args.out)
     print(format_comparison(results, detailed=False))
@@ -124,8 +134,27 @@ def add_plan_command(sub: argparse._SubParsersAction) -> None:
     )
     _add_input_args(p)
     p.add_argument("--ranks", type=int, required=True, help="expert-parallel ranks R (must divide the experts)")
-    p.add_argument("--nodes", type=int, default=1, help="nodes N (R/N GPUs each): two-level placement (default 1)")
+    p.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="nodes N (R/N GPUs each): topology-aware placement, see --topology (default 1)",
+    )
     p.add_argument("--method", choices=list(METHODS), default="kahypar", help="partitioner (default kahypar)")
+    p.add_argument(
+        "--topology",
+        choices=TOPOLOGIES,
+        default="two-level",
+        help="with 1 < nodes < ranks: two-level (nodes first, then GPUs; any method) or map (Mt-KaHyPar maps onto "
+        "the ranks' graph, inter-node edges costing --inter-node-cost; needs --method kahypar). Default two-level",
+    )
+    p.add_argument(
+        "--inter-node-cost",
+        type=int,
+        default=DEFAULT_INTER_NODE_COST,
+        metavar="C",
+        help=f"--topology map: cost of an inter-node edge, intra-node edges cost 1 (default {DEFAULT_INTER_NODE_COST})",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed (every method is deterministic given it)")
     p.add_argument(
         "--holdout", type=float, metavar="FRACTION", help="hold out the latest FRACTION of steps; predict on them"

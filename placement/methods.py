@@ -8,11 +8,20 @@ Methods (``METHODS``; all deterministic given ``seed``):
   it with the expert of highest affinity to the group until E/R, repeat.
 - ``spectral``: scikit-learn SpectralClustering on the co-activation affinity, then the balancing pass.
 - ``kl``: recursive Kernighan-Lin bisection (networkx) of the clique-expansion graph.
+- ``metis``: METIS recursive bisection (pymetis) on the clique-expansion graph with integer edge weights, then the
+  balancing pass (METIS allows a little imbalance).
 - ``contiguous``: experts 0..E/R-1 on rank 0, ... (what frameworks do); ``random``: a seeded balanced shuffle.
 - ``exact``: enumerates every balanced placement modulo rank relabelling (small E only): ground truth.
 
-Two levels (N nodes of G GPUs): partition into N nodes first (exact balance, KM1 over nodes), then each node's
-experts into its G GPUs on the hyperedges restricted to that node; rank = node * G + local GPU.
+Two levels (N nodes of G GPUs), ``topology="two-level"`` (any method): partition into N nodes first (exact balance,
+KM1 over nodes), then each node's experts into its G GPUs on the hyperedges restricted to that node;
+rank = node * G + local GPU.
+
+Mapping, ``topology="map"`` (Mt-KaHyPar only): one partition into R ranks mapped onto a target graph of the R ranks
+(complete; an edge costs 1 inside a node and ``inter_node_cost`` = c between nodes), minimising the Steiner-tree
+objective: the cheapest tree on the target graph that spans a token's ranks. On this graph a token reaching lambda
+ranks on nu nodes costs (lambda - nu) * 1 + (nu - 1) * c = (lambda - 1) + (c - 1)(nu - 1), i.e. rank KM1 plus
+(c - 1) x node KM1 (`steiner_cost_batch`). Epsilon 0 with unit weights holds exact E/R sizes.
 
 Graph methods use the clique expansion of the hypergraph: a set of size s adds weight w / (s - 1) to each of its
 pairs (the usual weighting: a cut set costs about the same whatever its size); for top-2 this is the co-activation
@@ -38,10 +47,14 @@ from placement.inputs import LayerRouting, restrict, subsample
 from placement.objective import check_topology, km1_batch
 
 PartitionFn = Callable[[LayerRouting, int, int], np.ndarray]
+CostFn = Callable[[np.ndarray], np.ndarray]
 
 EXACT_MAX_PLACEMENTS = 200_000
 KAHYPAR_PRESETS = ("deterministic", "default", "quality", "highest_quality")
+TOPOLOGIES = ("two-level", "map")
+DEFAULT_INTER_NODE_COST = 10
 _KAHYPAR_MAX_TOTAL_WEIGHT = 1 << 26  # keeps Mt-KaHyPar's 32-bit edge weights and gains far from overflow
+_METIS_MAX_TOTAL_WEIGHT = 1 << 30  # METIS sums edge weights into idx_t (32 or 64 bit by build): stay far below
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------------
@@ -105,25 +118,40 @@ def balance(labels_E: np.ndarray, affinity_EE: np.ndarray, num_parts: int) -> np
     return labels
 
 
-def refine_by_swaps(
-    routing: LayerRouting, labels_E: np.ndarray, max_work: int = 2_000_000, max_rounds: int = 20
+def steiner_cost_batch(
+    routing: LayerRouting, labels_QE: np.ndarray, gpus_per_node: int, inter_node_cost: int
 ) -> np.ndarray:
-    """Best-improvement local search on the exact KM1 objective: swap the pair of experts (on different parts)
-    that lowers KM1 most, until no swap helps (sizes never change). Skipped when one round would evaluate more
-    than ``max_work`` pin x candidate pairs (large E: Mt-KaHyPar's own refinement has to do)."""
+    """[Q, E] rank placements -> [Q] Steiner-tree cost on the two-tier target graph (module docstring):
+    rank KM1 + (inter_node_cost - 1) x node KM1 (rank r is on node r // gpus_per_node)."""
+    labels = np.asarray(labels_QE, dtype=np.int64)
+    return km1_batch(routing, labels) + (inter_node_cost - 1) * km1_batch(routing, labels // gpus_per_node)
+
+
+def refine_by_swaps(
+    routing: LayerRouting,
+    labels_E: np.ndarray,
+    max_work: int = 2_000_000,
+    max_rounds: int = 20,
+    cost: CostFn | None = None,
+) -> np.ndarray:
+    """Best-improvement local search on the exact KM1 objective (or ``cost``: [Q, E] -> [Q]): swap the pair of
+    experts (on different parts) that lowers it most, until no swap helps (sizes never change). Skipped when one
+    round would evaluate more than ``max_work`` pin x candidate pairs (large E: Mt-KaHyPar's own refinement has to
+    do)."""
+    cost = cost or functools.partial(km1_batch, routing)
     labels = np.asarray(labels_E, dtype=np.int64).copy()
     i, j = np.triu_indices(len(labels), k=1)
     pins = int(routing.set_size_M[routing.set_size_M >= 2].sum())
     if pins == 0 or len(i) * pins > max_work:
         return labels
-    best = km1_batch(routing, labels[None])[0]
+    best = cost(labels[None])[0]
     for _ in range(max_rounds):
         pairs = np.flatnonzero(labels[i] != labels[j])
         a, b = i[pairs], j[pairs]
         candidates = np.repeat(labels[None], len(pairs), axis=0)
         candidates[np.arange(len(pairs)), a] = labels[b]
         candidates[np.arange(len(pairs)), b] = labels[a]
-        values = km1_batch(routing, candidates)
+        values = cost(candidates)
         q = int(np.argmin(values))
         if values[q] >= best:
             break
@@ -219,6 +247,45 @@ def partition_kl(routing: LayerRouting, num_parts: int, seed: int = 0) -> np.nda
     return labels
 
 
+def integer_affinity(routing: LayerRouting) -> np.ndarray:
+    """[E, E] int64 clique-expansion weights for METIS (which wants positive integers): `affinity_matrix` times
+    lcm(1, ..., K - 1), which makes every w / (s - 1) an integer for integer token counts; scaled down (keeping
+    every nonzero pair >= 1) if the total could overflow."""
+    affinity = affinity_matrix(routing)
+    max_size = 2 if routing.pairwise else int(routing.set_size_M.max(initial=2))
+    scale = float(math.lcm(*range(1, max(max_size, 2))))
+    total = affinity.sum() / 2 * scale
+    if total > _METIS_MAX_TOTAL_WEIGHT:
+        scale *= _METIS_MAX_TOTAL_WEIGHT / total
+    return np.where(affinity > 0, np.maximum(1.0, np.round(affinity * scale)), 0.0).astype(np.int64)
+
+
+def partition_metis(routing: LayerRouting, num_parts: int, seed: int = 0) -> np.ndarray:
+    """METIS on the clique-expansion graph (integer weights: `integer_affinity`), seeded, with the smallest
+    imbalance METIS accepts (ufactor 1: 0.1%); its parts can still be off by an expert or two (or empty), so the
+    balancing pass follows. No KM1 refinement: this is the plain graph baseline. Recursive bisection at every P:
+    k-way METIS (pymetis' choice above 8 parts) did much worse on these small dense graphs (64 experts, top-8,
+    16 ranks: 4.99 vs 4.39 KM1 per token after balancing)."""
+    try:
+        import pymetis
+    except ImportError as error:
+        raise PlacementError("method 'metis' needs pymetis: pip install pymetis") from error
+    weights = integer_affinity(routing)
+    if not weights.any():
+        return contiguous_placement(routing.num_experts, num_parts)
+    rows, cols = np.nonzero(weights)  # row-major: each vertex's neighbours are contiguous, both directions stored
+    starts = np.searchsorted(rows, np.arange(routing.num_experts + 1))
+    result = pymetis.part_graph(
+        num_parts,
+        adjacency=pymetis.CSRAdjacency(starts.tolist(), cols.tolist()),
+        eweights=weights[rows, cols].tolist(),
+        options=pymetis.Options(seed=seed, ufactor=1),
+        recursive=True,
+    )
+    labels = np.asarray(result.vertex_part, dtype=np.int64)
+    return labels if is_balanced(labels, num_parts) else balance(labels, weights.astype(np.float64), num_parts)
+
+
 def count_balanced_placements(num_experts: int, num_parts: int) -> int:
     """Balanced placements modulo part relabelling: E! / ((E/P)!^P P!)."""
     m = num_experts // num_parts
@@ -312,8 +379,52 @@ def partition_kahypar(
     return refine_by_swaps(routing, labels) if is_balanced(labels, num_parts) else labels
 
 
+def map_kahypar(
+    routing: LayerRouting,
+    num_ranks: int,
+    gpus_per_node: int,
+    inter_node_cost: int = DEFAULT_INTER_NODE_COST,
+    seed: int = 0,
+    preset: str = "deterministic",
+    threads: int | None = None,
+) -> np.ndarray:
+    """Mt-KaHyPar's ``map_onto_graph``: the hypergraph of `partition_kahypar` mapped onto the complete graph of
+    ``num_ranks`` ranks whose edges cost 1 within a node (``gpus_per_node`` consecutive ranks) and
+    ``inter_node_cost`` between nodes; Steiner-tree objective (`steiner_cost_batch`), epsilon 0, unit weights.
+    Then `refine_by_swaps` on that same objective where it is cheap; the balancing pass (topology-blind) only if
+    Mt-KaHyPar ever missed exact sizes (not seen). Returns ranks [E]. Slow: about 10x the two-level plan at 64
+    experts on 16 ranks, unfinished after 18 minutes at 256 experts on 64 ranks; within 1.5% of two-level,
+    either way, on the synthetic cases measured (docs/placement.md)."""
+    if preset not in KAHYPAR_PRESETS:
+        raise PlacementError(f"unknown Mt-KaHyPar preset {preset!r}; choose from {', '.join(KAHYPAR_PRESETS)}")
+    if isinstance(inter_node_cost, bool) or not isinstance(inter_node_cost, (int, np.integer)) or inter_node_cost < 1:
+        raise PlacementError(f"inter-node cost must be an integer >= 1 (intra-node cost is 1); got {inter_node_cost!r}")
+    edges, weights = _hyperedges(routing)
+    if not edges:
+        return contiguous_placement(routing.num_experts, num_ranks)
+    mt, initializer = _mtkahypar(threads or os.cpu_count() or 1)
+    mt.set_seed(seed)
+    context = initializer.context_from_preset(getattr(mt.PresetType, preset.upper()))
+    context.set_mapping_parameters(num_ranks, 0.0)
+    context.logging = False
+    hypergraph = initializer.create_hypergraph(
+        context, routing.num_experts, len(edges), edges, [1] * routing.num_experts, weights
+    )
+    pairs = list(combinations(range(num_ranks), 2))
+    costs = [1 if a // gpus_per_node == b // gpus_per_node else int(inter_node_cost) for a, b in pairs]
+    target = initializer.create_target_graph(context, num_ranks, len(pairs), pairs, costs)
+    labels = np.asarray(hypergraph.map_onto_graph(target, context).get_partition(), dtype=np.int64)
+    if not is_balanced(labels, num_ranks):
+        labels = balance(labels, affinity_matrix(routing), num_ranks)
+    cost = functools.partial(
+        steiner_cost_batch, routing, gpus_per_node=gpus_per_node, inter_node_cost=int(inter_node_cost)
+    )
+    return refine_by_swaps(routing, labels, cost=cost)
+
+
 METHODS: dict[str, PartitionFn] = {
     "kahypar": partition_kahypar,
+    "metis": partition_metis,
     "greedy": partition_greedy,
     "spectral": partition_spectral,
     "kl": partition_kl,
@@ -355,16 +466,27 @@ def plan_layer(
     preset: str = "deterministic",
     threads: int | None = None,
     max_tokens: int | None = None,
+    topology: str = "two-level",
+    inter_node_cost: int = DEFAULT_INTER_NODE_COST,
 ) -> np.ndarray:
-    """One layer's placement: [E] int64 rank of each expert, exactly E/R per rank (two levels when
-    1 < num_nodes < num_ranks: nodes first, then GPUs within each node). ``max_tokens``: plan on a seeded sample of
-    at most that many tokens (None: all)."""
+    """One layer's placement: [E] int64 rank of each expert, exactly E/R per rank. When 1 < num_nodes < num_ranks,
+    ``topology`` "two-level": nodes first, then GPUs within each node; "map" (method kahypar only): one Mt-KaHyPar
+    mapping onto the ranks with inter-node edges costing ``inter_node_cost`` (module docstring). With one node, or
+    one GPU per node, both are the flat partition. ``max_tokens``: plan on a seeded sample of at most that many
+    tokens (None: all)."""
     num_experts = routing.num_experts
     check_topology(num_experts, num_ranks, num_nodes)
+    if topology not in TOPOLOGIES:
+        raise PlacementError(f"unknown topology {topology!r}; choose from {', '.join(TOPOLOGIES)}")
+    if topology == "map" and method != "kahypar":
+        raise PlacementError(f"topology 'map' is Mt-KaHyPar's mapping: it needs --method kahypar, not {method!r}")
     routing = subsample(routing, max_tokens, seed)
     partition = get_method(method, preset, threads)
     if num_nodes in (1, num_ranks):
         expert_to_rank = _partition(routing, num_ranks, partition, seed)
+    elif topology == "map":
+        gpus_per_node = num_ranks // num_nodes
+        expert_to_rank = map_kahypar(routing, num_ranks, gpus_per_node, inter_node_cost, seed, preset, threads)
     else:
         gpus_per_node = num_ranks // num_nodes
         expert_to_node = _partition(routing, num_nodes, partition, seed)
@@ -388,10 +510,12 @@ def plan_placement(
     threads: int | None = None,
     max_tokens: int | None = None,
     progress: bool = True,
+    topology: str = "two-level",
+    inter_node_cost: int = DEFAULT_INTER_NODE_COST,
 ) -> np.ndarray:
     """Every layer's placement: [L, E] int64 (arguments: `plan_layer`)."""
     rows = [
-        plan_layer(r, num_ranks, num_nodes, method, seed, preset, threads, max_tokens)
+        plan_layer(r, num_ranks, num_nodes, method, seed, preset, threads, max_tokens, topology, inter_node_cost)
         for r in tqdm(routings, desc=f"planning ({method})", unit="layer", disable=not progress)
     ]
     return np.stack(rows) if rows else np.zeros((0, 0), dtype=np.int64)
