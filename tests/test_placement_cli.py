@@ -196,3 +196,24 @@ def test_help_on_every_subcommand():
     for argv in ([], ["plan"], ["evaluate"], ["export"]):
         out = subprocess.run([sys.executable, "-m", "placement.cli", *argv, "--help"], capture_output=True, text=True)
         assert out.returncode == 0 and "usage: c2r-place" in out.stdout
+
+
+def test_topology_map_plans_from_traces_and_evaluates_against_two_level(run_dir, tmp_path, capsys):
+    plans, fanout = {}, {}
+    for topology in ("two-level", "map"):
+        out = tmp_path / f"{topology}.json"
+        code, _, err = run_cli(
+            capsys, "plan", "--traces", run_dir, "--ranks", 4, "--nodes", 2, "--topology", topology, "--out", out, "-q"
+        )
+        assert code == 0, (topology, err)
+        plans[topology] = load_plan(out)
+        assert plans[topology].data["options"]["topology"] == topology
+        code, report, err = run_cli(capsys, "evaluate", "--plan", out, "--traces", run_dir, "--json")
+        assert code == 0, err
+        report = json.loads(report)
+        fanout[topology] = report["plan"]["overall"]["node_fanout_per_token"]
+        fanout["contiguous"] = report["contiguous"]["overall"]["node_fanout_per_token"]
+    for layer in plans["map"].expert_to_rank:
+        assert sorted(np.bincount(layer, minlength=4).tolist()) == [4, 4, 4, 4]  # exactly E/R per rank
+    # Both put clustered experts together: fewer nodes per token than the contiguous placement.
+    assert fanout["map"] < fanout["contiguous"] and fanout["two-level"] < fanout["contiguous"], fanout
