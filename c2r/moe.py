@@ -35,10 +35,10 @@ class MoELayer(nn.Module):
     """Drop-in replacement for a transformer MLP: ``y, routing = layer(x)`` with ``x`` of shape [..., D]."""
 
     def __init__(self, hidden_size: int, config: MoEConfig, output_init_std: float = 0.02, layer_index: int = 0):
+        """``layer_index``: the layer's position among the model's MoE layers (C2R's lists are per layer)."""
         super().__init__()
         self.config = config
         self.hidden_size = hidden_size
-        self.layer_index = layer_index  # position among the model's MoE layers
         self.router = build_router(hidden_size, config.num_experts, config.top_k, config.router, layer_index)
         self.experts = ExpertWeights(
             config.num_experts,

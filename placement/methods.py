@@ -340,6 +340,20 @@ def _mtkahypar(threads: int):
     return mtkahypar, mtkahypar.initialize(threads, False)
 
 
+def _check_preset(preset: str) -> None:
+    if preset not in KAHYPAR_PRESETS:
+        raise PlacementError(f"unknown Mt-KaHyPar preset {preset!r}; choose from {', '.join(KAHYPAR_PRESETS)}")
+
+
+def _kahypar_context(seed: int, preset: str, threads: int | None):
+    """Mt-KaHyPar's module, initializer and a silent, seeded context of ``preset``."""
+    mt, initializer = _mtkahypar(threads or os.cpu_count() or 1)
+    mt.set_seed(seed)
+    context = initializer.context_from_preset(getattr(mt.PresetType, preset.upper()))
+    context.logging = False
+    return mt, initializer, context
+
+
 def _hyperedges(routing: LayerRouting) -> tuple[list[list[int]], list[int]]:
     """Sets of size >= 2 as pin lists, with integer weights scaled down if their total could overflow."""
     size_M = routing.set_size_M
@@ -362,16 +376,12 @@ def partition_kahypar(
     """Mt-KaHyPar, KM1, epsilon 0, unit expert weights; hyperedges = distinct sets weighted by token count; then
     `refine_by_swaps` where it is cheap (small E). ``preset``: deterministic (default; the same result for a seed at
     any thread count: checked on 1 and 2 threads), default, quality, highest_quality."""
-    if preset not in KAHYPAR_PRESETS:
-        raise PlacementError(f"unknown Mt-KaHyPar preset {preset!r}; choose from {', '.join(KAHYPAR_PRESETS)}")
+    _check_preset(preset)
     edges, weights = _hyperedges(routing)
     if not edges:
         return contiguous_placement(routing.num_experts, num_parts)
-    mt, initializer = _mtkahypar(threads or os.cpu_count() or 1)
-    mt.set_seed(seed)
-    context = initializer.context_from_preset(getattr(mt.PresetType, preset.upper()))
+    mt, initializer, context = _kahypar_context(seed, preset, threads)
     context.set_partitioning_parameters(num_parts, 0.0, mt.Objective.KM1)
-    context.logging = False
     hypergraph = initializer.create_hypergraph(
         context, routing.num_experts, len(edges), edges, [1] * routing.num_experts, weights
     )
@@ -395,18 +405,14 @@ def map_kahypar(
     Mt-KaHyPar ever missed exact sizes (not seen). Returns ranks [E]. Slow: about 10x the two-level plan at 64
     experts on 16 ranks, unfinished after 18 minutes at 256 experts on 64 ranks; within 1.5% of two-level,
     either way, on the synthetic cases measured (docs/placement.md)."""
-    if preset not in KAHYPAR_PRESETS:
-        raise PlacementError(f"unknown Mt-KaHyPar preset {preset!r}; choose from {', '.join(KAHYPAR_PRESETS)}")
+    _check_preset(preset)
     if isinstance(inter_node_cost, bool) or not isinstance(inter_node_cost, (int, np.integer)) or inter_node_cost < 1:
         raise PlacementError(f"inter-node cost must be an integer >= 1 (intra-node cost is 1); got {inter_node_cost!r}")
     edges, weights = _hyperedges(routing)
     if not edges:
         return contiguous_placement(routing.num_experts, num_ranks)
-    mt, initializer = _mtkahypar(threads or os.cpu_count() or 1)
-    mt.set_seed(seed)
-    context = initializer.context_from_preset(getattr(mt.PresetType, preset.upper()))
+    _, initializer, context = _kahypar_context(seed, preset, threads)
     context.set_mapping_parameters(num_ranks, 0.0)
-    context.logging = False
     hypergraph = initializer.create_hypergraph(
         context, routing.num_experts, len(edges), edges, [1] * routing.num_experts, weights
     )

@@ -103,8 +103,11 @@ def recorded_layouts(run_config: dict[str, Any]) -> list[ExpertLayout]:
 
 
 def check_same_placement(saved: dict[str, Any], run_config: dict[str, Any], tag: str) -> None:
-    """Expert files are named by physical slot: loading them under another placement would swap experts."""
-    if recorded_layouts(saved) != recorded_layouts(run_config):
+    """Expert files are named by physical slot: loading them under another placement would swap experts. Compared
+    slot by slot, so a contiguous checkpoint also starts a run of another ep_size (``--init-from``); ``resume``
+    checks ep_size itself, and at equal ep_size the slot order fixes the layout."""
+    order = [layout.physical_to_logical for layout in recorded_layouts(saved)]
+    if order != [layout.physical_to_logical for layout in recorded_layouts(run_config)]:
         hint = saved.get("placement_plan") or "the contiguous placement"
         raise ValueError(
             f"checkpoint {tag} places experts differently from this run (its plan: {hint}); train "
@@ -148,12 +151,7 @@ def init_from_checkpoint(engine, path: str | Path, run_config: dict[str, Any]) -
     ckpt_dir, tag = resolve_checkpoint(path)
     saved = json.loads((ckpt_dir / tag / CONFIG_FILE).read_text())
     check_compatible(saved["model"], run_config["model"], str(ckpt_dir / tag))
-    saved_order = [layout.physical_to_logical for layout in recorded_layouts(saved)]
-    if saved_order != [layout.physical_to_logical for layout in recorded_layouts(run_config)]:
-        raise ValueError(
-            f"checkpoint {ckpt_dir / tag} stores its experts in another physical order than this run places them; "
-            "use the same --plan, or move the experts with c2r-place apply"
-        )
+    check_same_placement(saved, run_config, str(ckpt_dir / tag))
     with frozen_params_marked_trainable(engine.module):
         loaded, _ = engine.load_checkpoint(
             str(ckpt_dir),
