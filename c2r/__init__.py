@@ -5,6 +5,14 @@ Where a token goes, in folder order:
     c2r/experts/   a backend permutes tokens by expert and runs the MLPs -> combined output
     c2r/moe.py     the dropless MoE layer tying the two together
     c2r/model.py   a small GPT whose MLPs are MoE layers
+
+Shape legend (one for the whole package, ``placement/`` and ``profiling/`` included; tensors carry it as a suffix,
+``expert_ids_TK``, ``w1_EFD``):
+    B batch, S sequence length, T tokens on this rank (B * S), D hidden (model width), H attention heads,
+    V vocabulary, F expert FFN width, E routed (logical) experts, K routing slots per token, R ranks in the
+    expert-parallel group, X experts per rank (E / R), C rows this rank sends (copies), Q rows it receives,
+    L MoE layers, N nodes, G expert groups.
+A file may name a further letter in its own docstring, never reuse one of these for something else.
 """
 
 __version__ = "0.1.0"
