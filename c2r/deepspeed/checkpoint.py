@@ -19,6 +19,7 @@ import torch.distributed as dist
 from c2r.config_utils import config_from_dict
 from c2r.model import ModelConfig
 from c2r.parallel import ExpertLayout
+from c2r.routing import Router
 
 LATEST = "latest"
 CONFIG_FILE = "c2r_config.json"
@@ -165,6 +166,6 @@ def init_from_checkpoint(engine, path: str | Path, run_config: dict[str, Any]) -
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
     saved_router = saved["model"]["moe"]["router"]
     for module in engine.module.modules():
-        if hasattr(module, "init_from_pretrained"):
+        if isinstance(module, Router):
             module.init_from_pretrained(saved_router)
     return saved

@@ -38,7 +38,7 @@ from deepspeed.utils import groups
 from deepspeed.utils.bwc import bwc_tensor_model_parallel_world_size
 from torch import nn
 
-from c2r.routing import RouterConfig, RoutingResult, build_router, count_tokens_per_expert
+from c2r.routing import Router, RouterConfig, RoutingResult, build_router, count_tokens_per_expert
 
 
 class RouterGate(nn.Module):
@@ -209,10 +209,10 @@ def use_router(
     return gates
 
 
-def _tell_router_placement(router: nn.Module, num_experts: int, ep_size: int) -> None:
+def _tell_router_placement(router: Router, num_experts: int, ep_size: int) -> None:
     """Routers that group experts by rank (group-limited) learn DeepSpeed's placement: contiguous, expert e on EP
     rank ``e // (E / ep_size)``. With one rank they keep their own grouping (``num_groups`` blocks of experts)."""
-    if ep_size > 1 and hasattr(router, "set_expert_placement"):
+    if ep_size > 1:
         router.set_expert_placement([e // (num_experts // ep_size) for e in range(num_experts)], ep_size)
 
 

@@ -52,8 +52,7 @@ def shard_experts(
         dispatcher = build_dispatcher(mode, layer_layout, group)
         layer.experts = local_expert_weights(layer.experts, layer_layout.local_experts(dispatcher.rank))
         layer.dispatcher = dispatcher
-        if hasattr(layer.router, "set_expert_placement"):  # group-limited routing groups experts by rank
-            layer.router.set_expert_placement(layer_layout.expert_to_rank, layer_layout.num_ranks)
+        layer.router.set_expert_placement(layer_layout.expert_to_rank, layer_layout.num_ranks)  # group-limited uses it
     return layers
 
 

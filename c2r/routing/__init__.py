@@ -2,6 +2,7 @@
 
 One router per module: ``topk`` (the baseline), ``c2r`` (collaboration-constrained), ``group_limited``
 (device-limited, DeepSeek), ``adamoe`` (null experts), ``remoe`` (ReLU gates), ``adak`` (learned per-token k).
+Every router derives from :class:`Router`, which declares the optional hooks callers use, with no-op defaults.
 Routers with state that changes once per optimizer step (ReMoE's lambda, the group-limited bias, AdaMoE's loss
 schedule) are updated by :func:`after_optimizer_step`, which the trainer calls on every rank.
 """
@@ -10,8 +11,7 @@ from __future__ import annotations
 
 import importlib
 
-from torch import nn
-
+from c2r.routing.base import Router
 from c2r.routing.config import ROUTER_KINDS, RouterConfig
 from c2r.routing.result import RoutingResult, count_tokens_per_expert
 from c2r.routing.topk import TopKRouter
@@ -19,6 +19,7 @@ from c2r.routing.updates import after_optimizer_step
 
 __all__ = [
     "ROUTER_KINDS",
+    "Router",
     "RouterConfig",
     "RoutingResult",
     "TopKRouter",
@@ -38,7 +39,7 @@ ROUTER_CLASSES = {
 }
 
 
-def router_class(kind: str) -> type[nn.Module]:
+def router_class(kind: str) -> type[Router]:
     if kind not in ROUTER_CLASSES:
         raise ValueError(f"router kind {kind!r} is not one of {list(ROUTER_KINDS)}")
     module, name = ROUTER_CLASSES[kind]
@@ -47,7 +48,7 @@ def router_class(kind: str) -> type[nn.Module]:
 
 def build_router(
     hidden_size: int, num_experts: int, top_k: int, config: RouterConfig, layer_index: int = 0
-) -> nn.Module:
+) -> Router:
     """The router ``config.kind`` for one MoE layer; ``layer_index`` is the layer's position among MoE layers
     (C2R's collaborator lists are per layer)."""
     config.check_fits(num_experts, top_k)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from c2r.routing.base import Router
 from c2r.routing.config import RouterConfig
 from c2r.routing.losses import load_balancing_loss, router_z_loss
 from c2r.routing.result import RoutingResult, count_tokens_per_expert
@@ -26,7 +27,7 @@ def check_finite_logits(logits_TE: torch.Tensor) -> None:
         )
 
 
-class TopKRouter(nn.Module):
+class TopKRouter(Router):
     """``p = softmax(x W^T)`` in float32; each token goes to its k most probable experts."""
 
     def __init__(
