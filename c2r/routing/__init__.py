@@ -46,9 +46,7 @@ def router_class(kind: str) -> type[Router]:
     return getattr(importlib.import_module(module), name)
 
 
-def build_router(
-    hidden_size: int, num_experts: int, top_k: int, config: RouterConfig, layer_index: int = 0
-) -> Router:
+def build_router(hidden_size: int, num_experts: int, top_k: int, config: RouterConfig, layer_index: int = 0) -> Router:
     """The router ``config.kind`` for one MoE layer; ``layer_index`` is the layer's position among MoE layers
     (C2R's collaborator lists are per layer)."""
     config.check_fits(num_experts, top_k)
