@@ -18,13 +18,14 @@ Shape legend: T tokens, K slots, E experts, L MoE layers, N trace rows.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from profiling.files import atomic_save_npz, atomic_write_text
 
 FORMAT = "c2r-routing-trace"
 VERSION = 1
@@ -109,7 +110,7 @@ class RoutingTraceRecorder:
                 "token_cap": self.config.token_cap,
                 **(extra_header or {}),
             }
-            _atomic_write_text(self.dir / "header.json", json.dumps(header, indent=2))
+            atomic_write_text(self.dir / "header.json", json.dumps(header, indent=2))
 
     def record(self, layer: int, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor | None = None) -> None:
         """One layer's routing for one batch. ``expert_ids_TK``: int, -1 marks an empty slot."""
@@ -170,26 +171,13 @@ class RoutingTraceRecorder:
                 "expert_ids": ids,
                 "weights": torch.cat([r[3] for r in self._rows]).cpu().numpy(),
             }
-            _atomic_save_npz(self.dir / f"rank{self.rank:03d}-{self._shard_index:05d}.npz", shard)
+            atomic_save_npz(self.dir / f"rank{self.rank:03d}-{self._shard_index:05d}.npz", shard)
             self._shard_index += 1
             self._rows, self._buffered = [], 0
-        _atomic_save_npz(
+        atomic_save_npz(
             self.dir / f"counts-rank{self.rank:03d}.npz",
             {"coactivation": self.coactivation.numpy(), "tokens": self.tokens.numpy()},
         )
 
     def close(self) -> None:
         self.flush()
-
-
-def _atomic_save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from c2r.config_utils import config_from_dict
 from c2r.model import ModelConfig
 from c2r.parallel import ExpertLayout
 from c2r.routing import Router
+from profiling.files import atomic_write_text
 
 LATEST = "latest"
 CONFIG_FILE = "c2r_config.json"
@@ -28,20 +28,14 @@ SHAPE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "moe_e
 MOE_SHAPE_KEYS = ("num_experts", "ffn_hidden_size")
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(engine, ckpt_dir: str | Path, step: int, run_config: dict[str, Any]) -> str:
     ckpt_dir = Path(ckpt_dir)
     tag = f"step{step}"
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
     dist.barrier()  # every rank's files are on disk before anyone points at them
     if dist.get_rank() == 0:
-        _atomic_write(ckpt_dir / tag / CONFIG_FILE, json.dumps(run_config, indent=2))
-        _atomic_write(ckpt_dir / LATEST, tag)
+        atomic_write_text(ckpt_dir / tag / CONFIG_FILE, json.dumps(run_config, indent=2))
+        atomic_write_text(ckpt_dir / LATEST, tag)
     dist.barrier()
     return tag
 

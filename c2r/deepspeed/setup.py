@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from torch import nn
 from c2r.deepspeed.moe_layer import DeepSpeedMoELayer, expert_group_name
 from c2r.moe import MoELayer
 from c2r.parallel import ExpertLayout, shard_experts
+from c2r.parallel.ports import free_port
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "deepspeed_configs"
 LAUNCHER_ENV = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
@@ -32,12 +32,6 @@ class DistInfo:
     device: torch.device
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the job the launcher started (deepspeed, torchrun, mpirun via mpi4py, srun), or start a one-process job."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
@@ -48,7 +42,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
             LOCAL_RANK="0",
             WORLD_SIZE="1",
             MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())),
+            MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())),
         )
     # Also when torch.distributed is already up: DeepSpeed's own comm layer must be told about it.
     deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=True, verbose=False)

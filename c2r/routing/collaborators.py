@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from profiling.files import atomic_save_npz
+
 
 def collaborator_lists(coactivation_LEE: np.ndarray) -> np.ndarray:
     """[L, E, E] (or [E, E]) symmetric co-activation counts -> int64 [L, E, E] collaborator lists."""
@@ -37,9 +39,7 @@ def save_collaborators(path: str | Path, coactivation_LEE: np.ndarray, meta: dic
         counts = counts[None]
     lists = collaborator_lists(counts)
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, collaborators=lists, coactivation=counts.astype(np.int64), meta=json.dumps(meta))
-    tmp.replace(path)
+    atomic_save_npz(path, {"collaborators": lists, "coactivation": counts.astype(np.int64), "meta": json.dumps(meta)})
     return lists
 
 
