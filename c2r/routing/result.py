@@ -43,9 +43,6 @@ class RoutingResult:
         """Mean number of valid slots per token (a float tensor; no host sync)."""
         return self.valid_TK.sum(dim=1).float().mean()
 
-    def num_valid_slots(self) -> torch.Tensor:
-        return self.valid_TK.sum()
-
 
 def count_tokens_per_expert(expert_ids_TK: torch.Tensor, valid_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Histogram of valid (token, slot) pairs over experts, shape [E], int64, without a host sync."""
