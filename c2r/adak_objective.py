@@ -69,7 +69,7 @@ def calibrate_pwarm_p(
 
 def pwarm_loss(allocations: list[Allocation], labels: list[torch.Tensor]) -> torch.Tensor:
     """Cross-entropy of the allocators against the P-Warm labels, averaged over tokens and layers."""
-    losses = [F.nll_loss(a.log_probs_TN, k_T - 1) for a, k_T in zip(allocations, labels)]
+    losses = [F.nll_loss(a.log_probs_TJ, k_T - 1) for a, k_T in zip(allocations, labels)]
     return torch.stack(losses).mean()
 
 
@@ -107,7 +107,7 @@ def ppo_objective(
     for a, old_T, adv_T in zip(allocations, log_prob_old_LT, advantage_LT):
         new_T = a.log_prob_T
         clip_terms.append(ppo_clip_loss(new_T, old_T, adv_T, clip_eps))
-        k_terms.append(expected_k(a.log_probs_TN))
+        k_terms.append(expected_k(a.log_probs_TJ))
         clipped.append(((new_T - old_T).exp().detach() - 1).abs().gt(clip_eps).float().mean())
     expected = torch.stack(k_terms).sum() / num_layers
     loss = torch.stack(clip_terms).sum() / num_layers + k_penalty * expected

@@ -251,7 +251,7 @@ def pwarm_step(engine, routers: list[AdaKRouter], idx_BS: torch.Tensor, p: float
     loss = pwarm_loss(allocations, labels)
     engine.backward(loss)
     engine.step()
-    predicted = [a.log_probs_TN.detach().argmax(dim=-1) + 1 for a in allocations]
+    predicted = [a.log_probs_TJ.detach().argmax(dim=-1) + 1 for a in allocations]
     return {
         "loss": loss.detach(),
         "label_k": torch.stack([k.float().mean() for k in labels]).mean(),

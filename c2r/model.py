@@ -1,6 +1,6 @@
 """A small GPT whose MLPs are (every N layers) dropless MoE layers. Small enough to hold in your head.
 
-Shape legend: B batch, L sequence length, D model width, H heads, V vocabulary.
+Shape legend: B batch, S sequence length, D model width, H heads, V vocabulary.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class ModelConfig:
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, L, V)
+    logits: torch.Tensor  # (B, S, V)
     loss: torch.Tensor | None  # lm_loss + aux_loss, what the optimizer minimises
     lm_loss: torch.Tensor | None
     aux_loss: torch.Tensor
@@ -73,11 +73,11 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, L, D = x.shape
+        B, S, D = x.shape
         q, k, v = self.qkv(x).split(D, dim=2)
-        q, k, v = (t.view(B, L, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, L, D/H)
+        q, k, v = (t.view(B, S, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, S, D/H)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0)
-        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+        return self.proj(y.transpose(1, 2).reshape(B, S, D))
 
 
 class DenseMLP(nn.Module):
@@ -135,22 +135,22 @@ class MoEGPT(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [b.mlp for b in self.blocks if isinstance(b.mlp, MoELayer)]
 
-    def forward(self, idx_BL: torch.Tensor, targets_BL: torch.Tensor | None = None) -> ModelOutput:
-        B, L = idx_BL.shape
-        if self.config.block_size < L:
-            raise ValueError(f"sequence length {L} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(L, device=idx_BL.device)
-        x = self.drop(self.tok_emb(idx_BL) + self.pos_emb(pos))  # (B, L, D)
+    def forward(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor | None = None) -> ModelOutput:
+        B, S = idx_BS.shape
+        if self.config.block_size < S:
+            raise ValueError(f"sequence length {S} exceeds block_size {self.config.block_size}")
+        pos = torch.arange(S, device=idx_BS.device)
+        x = self.drop(self.tok_emb(idx_BS) + self.pos_emb(pos))  # (B, S, D)
         routings: list[RoutingResult] = []
         for block in self.blocks:
             x, routing = block(x)
             if routing is not None:
                 routings.append(routing)
-        logits = self.head(self.ln_f(x))  # (B, L, V)
+        logits = self.head(self.ln_f(x))  # (B, S, V)
         aux_loss = sum((r.aux_loss for r in routings), logits.new_zeros((), dtype=torch.float32))
         lm_loss = loss = None
-        if targets_BL is not None:
-            lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets_BL.reshape(-1))
+        if targets_BS is not None:
+            lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets_BS.reshape(-1))
             loss = lm_loss + aux_loss
         return ModelOutput(logits, loss, lm_loss, aux_loss, routings)
 

@@ -1,7 +1,7 @@
 """The dropless MoE layer: router -> sort tokens by expert -> expert MLPs -> combine. No capacity, no dropped
 tokens; empty routing slots cost nothing.
 
-Shape legend: B batch, L sequence, T = B * L tokens, D hidden size, E experts, K slots per token.
+Shape legend: B batch, S sequence length, T = B * S tokens, D hidden size, E experts, K slots per token.
 """
 
 from __future__ import annotations

@@ -100,13 +100,13 @@ def test_ppo_step_moves_the_chosen_k_with_the_advantage_sign(advantage, moves):
     x = torch.randn(1, 4)
     router.force_k(torch.tensor([3]))
     router(x)
-    before = router.last_allocation.probs_TN[0, 2].item()
+    before = router.last_allocation.probs_TJ[0, 2].item()
     old = [router.last_allocation.log_prob_T.detach()]
     loss, _ = ppo_objective([router.last_allocation], old, torch.tensor([[advantage]]), 0.2, k_penalty=0.0)
     loss.backward()
     torch.optim.AdamW(router.allocator.parameters(), lr=1e-2, weight_decay=0.1).step()
     router(x)
-    after = router.last_allocation.probs_TN[0, 2].item()
+    after = router.last_allocation.probs_TJ[0, 2].item()
     assert before == pytest.approx(0.25)
     assert (after > before) if moves == "up" else (after < before)
 
@@ -118,7 +118,7 @@ def test_expected_k_penalty_value():
 
     class Alloc:  # zero advantage: the objective is lambda times the layers' mean expected k
         def __init__(self, log_probs_TN):
-            self.log_probs_TN, self.log_prob_T = log_probs_TN, log_probs_TN[:, 0]
+            self.log_probs_TJ, self.log_prob_T = log_probs_TN, log_probs_TN[:, 0]
 
     uniform = torch.full((2, 3), 1 / 3).log()  # expected k 2
     loss, stats = ppo_objective(

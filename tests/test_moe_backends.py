@@ -85,10 +85,10 @@ def test_sort_by_expert_keeps_every_valid_pair_once():
     routing = random_routing(100, 4, 10, empty_fraction=0.4, idle_experts=3, seed=3)
     order = sort_by_expert(routing, 10)
     valid_pairs = routing.valid_TK.sum().item()
-    assert order.tokens_per_expert_E.sum().item() == valid_pairs == order.token_idx_S.numel()
+    assert order.tokens_per_expert_E.sum().item() == valid_pairs == order.token_idx_P.numel()
     assert order.tokens_per_expert_E[7:].sum() == 0  # idle experts get nothing
     # Each token appears exactly as often as it has valid slots.
-    torch.testing.assert_close(torch.bincount(order.token_idx_S, minlength=100), routing.valid_TK.sum(1))
+    torch.testing.assert_close(torch.bincount(order.token_idx_P, minlength=100), routing.valid_TK.sum(1))
 
 
 def test_one_expert_receives_every_token():

@@ -39,8 +39,8 @@ def test_allocator_shapes_names_and_uniform_start():
     assert not [name for name, _ in router.named_parameters() if "expert" in name]
     router(torch.randn(3, 6))
     allocation = router.last_allocation
-    assert allocation.log_probs_TN.shape == (3, 5) and allocation.router_probs_TE.shape == (3, 8)
-    torch.testing.assert_close(allocation.probs_TN, torch.full((3, 5), 0.2))  # zero weights: uniform over k
+    assert allocation.log_probs_TJ.shape == (3, 5) and allocation.router_probs_TE.shape == (3, 8)
+    torch.testing.assert_close(allocation.probs_TJ, torch.full((3, 5), 0.2))  # zero weights: uniform over k
 
 
 def test_model_init_keeps_the_allocator_at_zero():
@@ -111,7 +111,7 @@ def test_forced_ks_override_the_mode_until_cleared():
     routing = router(x)
     assert routing.valid_TK.sum(dim=1).tolist() == [2, 4] and not routing.fixed_k
     assert routing.expert_ids_TK[1].tolist() == [0, 3, 2, 1]
-    log_probs = router.last_allocation.log_probs_TN
+    log_probs = router.last_allocation.log_probs_TJ
     torch.testing.assert_close(router.last_allocation.log_prob_T, log_probs[[0, 1], [1, 3]])
     assert router.last_allocation.log_prob_T.requires_grad  # PPO's gradient flows to the allocator
     with pytest.raises(ValueError, match="forced ks are for 2 tokens, this call has 3"):

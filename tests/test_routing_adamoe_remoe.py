@@ -213,7 +213,7 @@ def test_variable_k_costs_only_the_valid_slots(kind, top_k, extra):
     backend = layer.backend_for(torch.zeros(1, 16))
     rows = []
     real = backend.grouped_mlp
-    backend.grouped_mlp = lambda x_SD, counts, experts: rows.append(x_SD.shape[0]) or real(x_SD, counts, experts)
+    backend.grouped_mlp = lambda x_PD, counts, experts: rows.append(x_PD.shape[0]) or real(x_PD, counts, experts)
     _, routing = layer(torch.randn(64, 16))
     valid = int(routing.valid_TK.sum())
     assert rows == [valid] and valid < routing.valid_TK.numel()

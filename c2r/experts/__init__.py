@@ -33,7 +33,7 @@ class ExpertBackend(Protocol):
     def __call__(self, x_TD: torch.Tensor, routing: RoutingResult, experts: ExpertWeights) -> torch.Tensor: ...
 
     def grouped_mlp(
-        self, x_SD: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts: ExpertWeights
+        self, x_PD: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts: ExpertWeights
     ) -> torch.Tensor: ...
 
 

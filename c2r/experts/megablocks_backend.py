@@ -5,7 +5,8 @@ them, gather tokens into expert order with MegaBlocks' Triton kernels, run the e
 (grouped_gemm, CUTLASS), and scatter back with the combine weights folded in. Empty slots (variable k) go to an
 extra bin past the last expert: gathered but never multiplied, and scattered with weight 0.
 
-Shape legend: T tokens, K slots, D hidden size, E experts, F expert ffn size, S = T * K sorted rows.
+Shape legend: the package legend (``c2r/__init__.py``), and P = T * K (token, slot) rows in expert order (empty slots
+last).
 """
 
 from __future__ import annotations
@@ -51,15 +52,15 @@ def sparse_impl_refusal() -> str:
     )
 
 
-def _grouped_mlp(x_SD: torch.Tensor, batch_sizes_E: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:
+def _grouped_mlp(x_PD: torch.Tensor, batch_sizes_E: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:
     from grouped_gemm import ops as gg_ops
 
-    h_SF = gg_ops.gmm(x_SD, experts.stacked("w1"), batch_sizes_E, trans_b=True)
+    h_PF = gg_ops.gmm(x_PD, experts.stacked("w1"), batch_sizes_E, trans_b=True)
     if experts.is_glu:
-        h_SF = F.silu(h_SF) * gg_ops.gmm(x_SD, experts.stacked("v1"), batch_sizes_E, trans_b=True)
+        h_PF = F.silu(h_PF) * gg_ops.gmm(x_PD, experts.stacked("v1"), batch_sizes_E, trans_b=True)
     else:
-        h_SF = gelu_tanh(h_SF)
-    return gg_ops.gmm(h_SF, experts.stacked("w2"), batch_sizes_E)
+        h_PF = gelu_tanh(h_PF)
+    return gg_ops.gmm(h_PF, experts.stacked("w2"), batch_sizes_E)
 
 
 class MegaBlocksBackend:
@@ -81,10 +82,10 @@ class MegaBlocksBackend:
                 f"{x.device} (use backend='auto' or 'torch' for other dtypes/devices)"
             )
 
-    def grouped_mlp(self, x_SD: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts: ExpertWeights):
+    def grouped_mlp(self, x_PD: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts: ExpertWeights):
         """The expert MLPs on rows already sorted by expert (grouped_gemm only; the permutation is the caller's)."""
-        self._check_input(x_SD)
-        return _grouped_mlp(x_SD, tokens_per_expert_E.cpu().long(), experts)  # NOTE: host sync for grouped_gemm
+        self._check_input(x_PD)
+        return _grouped_mlp(x_PD, tokens_per_expert_E.cpu().long(), experts)  # NOTE: host sync for grouped_gemm
 
     def __call__(self, x_TD: torch.Tensor, routing: RoutingResult, experts: ExpertWeights) -> torch.Tensor:
         import megablocks.ops as mops
@@ -102,16 +103,16 @@ class MegaBlocksBackend:
             tokens_per_bin = mops.histogram(keys, num_bins)
             bins = mops.inclusive_cumsum(tokens_per_bin, 0).view(-1)
             batch_sizes_E = tokens_per_bin[:num_experts].cpu().long()  # NOTE: host sync; grouped_gemm wants sizes
-        x_SD = mops.gather(x_TD, indices, bin_ids, bins, top_k)
+        x_PD = mops.gather(x_TD, indices, bin_ids, bins, top_k)
         num_valid = int(batch_sizes_E.sum())
         if num_valid == num_tokens * top_k:
             # No empty slots: no slicing either. Even a full-length slice costs, in the backward, a zero-filled
             # [T*K, D] buffer and a copy into it (~0.4 ms at T=16k, K=8, D=2048 on an H100).
-            y_SD = _grouped_mlp(x_SD, batch_sizes_E, experts)
+            y_PD = _grouped_mlp(x_PD, batch_sizes_E, experts)
         else:
-            y_SD = _grouped_mlp(x_SD[:num_valid], batch_sizes_E, experts)
-            y_SD = F.pad(y_SD, (0, 0, 0, num_tokens * top_k - num_valid))
+            y_PD = _grouped_mlp(x_PD[:num_valid], batch_sizes_E, experts)
+            y_PD = F.pad(y_PD, (0, 0, 0, num_tokens * top_k - num_valid))
         weights = routing.weights_TK
         if not routing.fixed_k:
             weights = torch.where(routing.valid_TK, weights, torch.zeros_like(weights))
-        return mops.scatter(y_SD, indices, bin_ids, weights.flatten().to(x_TD.dtype), bins, top_k)
+        return mops.scatter(y_PD, indices, bin_ids, weights.flatten().to(x_TD.dtype), bins, top_k)

@@ -1,6 +1,6 @@
 """Ordering (token, slot) pairs by expert, the first step of every grouped backend.
 
-Shape legend: T tokens, K slots per token, E experts, S valid (token, slot) pairs sorted by expert.
+Shape legend: the package legend (``c2r/__init__.py``), and P valid (token, slot) rows in expert order (permuted).
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ class ExpertOrder:
     """Valid (token, slot) pairs sorted by expert, and the metadata a grouped GEMM needs.
 
     Attributes:
-        token_idx_S: which token each sorted row comes from.
-        weight_S: its combine weight (float32).
+        token_idx_P: which token each sorted row comes from.
+        weight_P: its combine weight (float32).
         tokens_per_expert_E: rows per expert, int64; sums to S.
     """
 
-    token_idx_S: torch.Tensor
-    weight_S: torch.Tensor
+    token_idx_P: torch.Tensor
+    weight_P: torch.Tensor
     tokens_per_expert_E: torch.Tensor
 
 
@@ -37,14 +37,14 @@ def sort_by_expert(routing: RoutingResult, num_experts: int) -> ExpertOrder:
         num_valid = int(valid_TK.sum())  # NOTE: host sync; only for routers with empty slots
         order = order[:num_valid]
     return ExpertOrder(
-        token_idx_S=order // top_k,
-        weight_S=routing.weights_TK.flatten()[order],
+        token_idx_P=order // top_k,
+        weight_P=routing.weights_TK.flatten()[order],
         tokens_per_expert_E=count_tokens_per_expert(ids_TK, valid_TK, num_experts),
     )
 
 
-def combine(rows_SD: torch.Tensor, order: ExpertOrder, num_tokens: int) -> torch.Tensor:
+def combine(rows_PD: torch.Tensor, order: ExpertOrder, num_tokens: int) -> torch.Tensor:
     """Weighted sum of each token's expert outputs back in token order: out[t] = sum_s w_s * rows[s]."""
-    weighted = rows_SD * order.weight_S.to(rows_SD.dtype).unsqueeze(1)
-    out = rows_SD.new_zeros(num_tokens, rows_SD.shape[1])
-    return out.index_add(0, order.token_idx_S, weighted)
+    weighted = rows_PD * order.weight_P.to(rows_PD.dtype).unsqueeze(1)
+    out = rows_PD.new_zeros(num_tokens, rows_PD.shape[1])
+    return out.index_add(0, order.token_idx_P, weighted)

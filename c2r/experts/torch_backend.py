@@ -4,7 +4,8 @@ Tokens are sorted by expert once; the three expert matrices then run as grouped 
 over the sorted rows, or, where torch has no grouped kernel for the device/dtype/shape, as a loop over the
 contiguous per-expert segments.
 
-Shape legend: T tokens, D hidden size, E experts, F expert ffn size, S sorted (token, slot) rows.
+Shape legend: the package legend (``c2r/__init__.py``), P (token, slot) rows in expert order, A the rows of one
+expert, I and J the input and output width of one grouped GEMM (D or F).
 """
 
 from __future__ import annotations
@@ -44,25 +45,25 @@ def grouped_mm_supported(x: torch.Tensor, experts: ExpertWeights) -> bool:
     return ok_dtype and aligned and experts.w1.dtype == x.dtype
 
 
-def _gmm(x_SK: torch.Tensor, w_EKN: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-    return _ContiguousGrad.apply(torch._grouped_mm(x_SK, w_EKN, offs=offsets_E))
+def _gmm(x_PI: torch.Tensor, w_EIJ: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    return _ContiguousGrad.apply(torch._grouped_mm(x_PI, w_EIJ, offs=offsets_E))
 
 
-def grouped_mm_mlp(x_SD: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:
+def grouped_mm_mlp(x_PD: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:
     offsets_E = tokens_per_expert_E.cumsum(0).to(torch.int32)  # no host sync: offsets stay on the device
-    h_SF = _gmm(x_SD, experts.stacked("w1").transpose(1, 2), offsets_E)
+    h_PF = _gmm(x_PD, experts.stacked("w1").transpose(1, 2), offsets_E)
     if experts.is_glu:
-        h_SF = F.silu(h_SF) * _gmm(x_SD, experts.stacked("v1").transpose(1, 2), offsets_E)
+        h_PF = F.silu(h_PF) * _gmm(x_PD, experts.stacked("v1").transpose(1, 2), offsets_E)
     else:
-        h_SF = gelu_tanh(h_SF)
-    return _gmm(h_SF, experts.stacked("w2"), offsets_E)
+        h_PF = gelu_tanh(h_PF)
+    return _gmm(h_PF, experts.stacked("w2"), offsets_E)
 
 
-def segment_loop_mlp(x_SD: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:
+def segment_loop_mlp(x_PD: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:
     counts = tokens_per_expert_E.tolist()  # NOTE: host sync; the loop needs segment lengths on the host
     # Empty segments are computed too (0-row matmuls cost nothing): the output must stay connected to the input in
     # autograd, or a rank that received no tokens would skip the backward all-to-all and hang its peers.
-    return torch.cat([experts.expert_mlp(seg_ND, e) for e, seg_ND in enumerate(x_SD.split(counts))])
+    return torch.cat([experts.expert_mlp(seg_AD, e) for e, seg_AD in enumerate(x_PD.split(counts))])
 
 
 class TorchBackend:
@@ -85,12 +86,12 @@ class TorchBackend:
             return True
         return supported and x.device.type != "cpu"
 
-    def grouped_mlp(self, x_SD: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts: ExpertWeights):
+    def grouped_mlp(self, x_PD: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts: ExpertWeights):
         """The expert MLPs on rows already sorted by expert."""
-        mlp = grouped_mm_mlp if self.use_grouped_mm(x_SD, experts) else segment_loop_mlp
-        return mlp(x_SD, tokens_per_expert_E, experts)
+        mlp = grouped_mm_mlp if self.use_grouped_mm(x_PD, experts) else segment_loop_mlp
+        return mlp(x_PD, tokens_per_expert_E, experts)
 
     def __call__(self, x_TD: torch.Tensor, routing: RoutingResult, experts: ExpertWeights) -> torch.Tensor:
         order: ExpertOrder = sort_by_expert(routing, experts.num_experts)
-        y_SD = self.grouped_mlp(x_TD[order.token_idx_S], order.tokens_per_expert_E, experts)
-        return combine(y_SD, order, x_TD.shape[0])
+        y_PD = self.grouped_mlp(x_TD[order.token_idx_P], order.tokens_per_expert_E, experts)
+        return combine(y_PD, order, x_TD.shape[0])

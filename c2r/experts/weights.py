@@ -3,7 +3,7 @@
 ``w1``, ``v1`` (SwiGLU only) and ``w2`` all have shape [E * F, D]: expert e owns rows e*F .. (e+1)*F. A checkpoint
 written with one backend therefore loads with any other, CPU or GPU.
 
-Shape legend: E experts, F expert ffn size, D hidden size, N tokens routed to one expert.
+Shape legend: the package legend (``c2r/__init__.py``), and A the rows routed to one expert.
 """
 
 from __future__ import annotations
@@ -89,15 +89,15 @@ class ExpertWeights(nn.Module):
         """``w1`` / ``v1`` / ``w2`` viewed as [E, F, D]."""
         return getattr(self, name).view(self.num_experts, self.ffn_hidden_size, self.hidden_size)
 
-    def expert_mlp(self, x_ND: torch.Tensor, expert: int) -> torch.Tensor:
+    def expert_mlp(self, x_AD: torch.Tensor, expert: int) -> torch.Tensor:
         """One expert's MLP on its tokens: the plain math every fast path must reproduce."""
         rows = slice(expert * self.ffn_hidden_size, (expert + 1) * self.ffn_hidden_size)
-        h_NF = x_ND @ self.w1[rows].t()
+        h_AF = x_AD @ self.w1[rows].t()
         if self.is_glu:
-            h_NF = F.silu(h_NF) * (x_ND @ self.v1[rows].t())
+            h_AF = F.silu(h_AF) * (x_AD @ self.v1[rows].t())
         else:
-            h_NF = gelu_tanh(h_NF)
-        return h_NF @ self.w2[rows]
+            h_AF = gelu_tanh(h_AF)
+        return h_AF @ self.w2[rows]
 
     def extra_repr(self) -> str:
         return (

@@ -93,7 +93,7 @@ class PerExpertDispatcher(_Dispatcher):
         # 2. Tell every rank how many rows of each of its experts to expect.
         recv_counts_RL, send_splits, recv_splits = self._exchange_splits(order.tokens_per_expert_E.view(R, L))
         # 3. Exchange the token copies.
-        x_QD = self._send(x_TD[order.token_idx_S], (send_splits, recv_splits), "dispatch")
+        x_QD = self._send(x_TD[order.token_idx_P], (send_splits, recv_splits), "dispatch")
         # 4. Received rows come grouped by source rank; the grouped GEMM wants them grouped by local expert.
         slot_Q = torch.arange(L, device=x_QD.device).repeat(R).repeat_interleave(recv_counts_RL.flatten())
         regroup_Q = torch.argsort(slot_Q, stable=True)
@@ -102,7 +102,7 @@ class PerExpertDispatcher(_Dispatcher):
             send_splits,
             recv_splits,
             recv_counts_RL.sum(0),
-            order.token_idx_S,
+            order.token_idx_P,
             order=order,
             regroup_Q=regroup_Q,
         )

@@ -1,11 +1,11 @@
 """Ada-K routing: a learned number of experts per token (ALGORITHMS.md section 6; Yue et al., ICLR 2025).
 
 A frozen top-k softmax router (``gate``) ranks the experts; a per-layer *allocator* (a bias-free linear map
-D -> N followed by a softmax) gives a distribution over k = 1..N. The token uses the router's top-k* experts, with
-their probabilities renormalised over those k*. Slots k*+1..N are empty (``valid_TK`` False), so they cost no FLOPs
+D -> J followed by a softmax) gives a distribution over k = 1..J. The token uses the router's top-k* experts, with
+their probabilities renormalised over those k*. Slots k*+1..J are empty (``valid_TK`` False), so they cost no FLOPs
 and no bytes downstream. The allocators are trained by ``c2r-adak`` (c2r/adak_train.py): P-Warm, then PPO.
 
-Shape legend: T tokens, D hidden size, E experts, K slots per token, N largest k of the allocator (K = N, or the
+Shape legend: T tokens, D hidden size, E experts, K slots per token, J largest k of the allocator (K = J, or the
 MoE top-k in ``default`` mode).
 """
 
@@ -30,23 +30,23 @@ class Allocation:
     """What the allocator did in the router's last forward; ``c2r-adak`` reads it back from the module.
 
     Attributes:
-        k_T: int64, experts used per token (1..N; the MoE top-k for every token in ``default`` mode).
-        log_probs_TN: float32 ``log P(k = n + 1)`` of the allocator; carries the allocator's gradient.
+        k_T: int64, experts used per token (1..J; the MoE top-k for every token in ``default`` mode).
+        log_probs_TJ: float32 ``log P(k = n + 1)`` of the allocator; carries the allocator's gradient.
         router_probs_TE: float32 softmax of the (frozen) router, detached: P-Warm's labels are made from it.
     """
 
     k_T: torch.Tensor
-    log_probs_TN: torch.Tensor
+    log_probs_TJ: torch.Tensor
     router_probs_TE: torch.Tensor
 
     @property
     def log_prob_T(self) -> torch.Tensor:
         """``log P(k_T)``: the log-probability of the ks actually used (the PPO policy's action log-prob)."""
-        return self.log_probs_TN.gather(1, (self.k_T - 1).unsqueeze(1)).squeeze(1)
+        return self.log_probs_TJ.gather(1, (self.k_T - 1).unsqueeze(1)).squeeze(1)
 
     @property
-    def probs_TN(self) -> torch.Tensor:
-        return self.log_probs_TN.exp()
+    def probs_TJ(self) -> torch.Tensor:
+        return self.log_probs_TJ.exp()
 
 
 def select_top_k_star(probs_TE: torch.Tensor, k_T: torch.Tensor, max_k: int, renormalize: bool = True):
@@ -77,7 +77,7 @@ class AdaKRouter(TopKRouter):
     Every forward records an :class:`Allocation` in ``last_allocation`` (ks, their log-probs, the distribution).
 
     The allocator (named ``allocator``: no parameter may contain the word "expert") starts at zero weights, i.e. a
-    uniform distribution over k = 1..N: the natural start of a policy that P-Warm then moves towards the default k.
+    uniform distribution over k = 1..J: the natural start of a policy that P-Warm then moves towards the default k.
 
     Aux loss: the plain router's balance (and z-) loss over the slots actually used, exactly as
     :class:`TopKRouter` computes it. It only matters if the gate trains (``c2r-train`` with this router); ``c2r-adak``
@@ -98,7 +98,7 @@ class AdaKRouter(TopKRouter):
         self.mode = mode
 
     def force_k(self, k_T: torch.Tensor | None) -> None:
-        """Use exactly these ks (int, 1..N, one per token of the next calls) until ``force_k(None)``."""
+        """Use exactly these ks (int, 1..J, one per token of the next calls) until ``force_k(None)``."""
         if k_T is not None:
             # NOTE: host sync, once per layer and PPO epoch: a bad k would otherwise index out of the slots silently.
             if k_T.dim() != 1 or bool((k_T < 1).any()) or bool((k_T > self.max_k).any()):
@@ -107,29 +107,29 @@ class AdaKRouter(TopKRouter):
         self.forced_k_T = k_T
 
     def allocator_log_probs(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """``log P_l(k)`` over k = 1..N, float32, shape [T, N]."""
-        logits_TN = F.linear(x_TD.float(), self.allocator.weight.float())
-        return logits_TN.log_softmax(dim=-1)
+        """``log P_l(k)`` over k = 1..J, float32, shape [T, J]."""
+        logits_TJ = F.linear(x_TD.float(), self.allocator.weight.float())
+        return logits_TJ.log_softmax(dim=-1)
 
-    def choose_k(self, log_probs_TN: torch.Tensor) -> torch.Tensor:
+    def choose_k(self, log_probs_TJ: torch.Tensor) -> torch.Tensor:
         if self.forced_k_T is not None:
-            if self.forced_k_T.shape[0] != log_probs_TN.shape[0]:
+            if self.forced_k_T.shape[0] != log_probs_TJ.shape[0]:
                 raise ValueError(
-                    f"forced ks are for {self.forced_k_T.shape[0]} tokens, this call has {log_probs_TN.shape[0]}"
+                    f"forced ks are for {self.forced_k_T.shape[0]} tokens, this call has {log_probs_TJ.shape[0]}"
                 )
-            return self.forced_k_T.to(log_probs_TN.device)
+            return self.forced_k_T.to(log_probs_TJ.device)
         if self.mode == "sample":
-            return torch.multinomial(log_probs_TN.detach().exp(), 1).squeeze(1) + 1
+            return torch.multinomial(log_probs_TJ.detach().exp(), 1).squeeze(1) + 1
         if self.mode == "argmax":
-            return log_probs_TN.detach().argmax(dim=-1) + 1
-        return torch.full_like(log_probs_TN[:, 0], self.top_k, dtype=torch.long)
+            return log_probs_TJ.detach().argmax(dim=-1) + 1
+        return torch.full_like(log_probs_TJ[:, 0], self.top_k, dtype=torch.long)
 
     def forward(self, x_TD: torch.Tensor) -> RoutingResult:
         logits_TE = self.logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
-        log_probs_TN = self.allocator_log_probs(x_TD)
-        k_T = self.choose_k(log_probs_TN)
-        self.last_allocation = Allocation(k_T, log_probs_TN, probs_TE.detach())
+        log_probs_TJ = self.allocator_log_probs(x_TD)
+        k_T = self.choose_k(log_probs_TJ)
+        self.last_allocation = Allocation(k_T, log_probs_TJ, probs_TE.detach())
         fixed_k = self.forced_k_T is None and self.mode == "default"
         # Default mode keeps K = top_k full slots: the output is then exactly TopKRouter's.
         slots = self.top_k if fixed_k else self.max_k

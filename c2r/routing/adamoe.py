@@ -5,7 +5,7 @@ The router scores E true experts plus m null experts and takes the top-k of all 
 the routing result: they never enter dispatch, so they cost no FLOPs and no bytes. A token whose top-k holds r nulls
 uses k - r true experts; a token that picks only nulls skips the layer (zero MoE output).
 
-Shape legend: T tokens, D hidden size, E true experts, N = E + m true and null experts, K top-k.
+Shape legend: T tokens, D hidden size, E true experts, U = E + m true and null experts, K top-k.
 """
 
 from __future__ import annotations
@@ -19,16 +19,16 @@ from c2r.routing.result import RoutingResult, count_tokens_per_expert
 from c2r.routing.topk import TopKRouter
 
 
-def null_aware_balance_loss(probs_TN: torch.Tensor, selected_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+def null_aware_balance_loss(probs_TU: torch.Tensor, selected_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     """AdaMoE's balance loss without its coefficient: ``(E + m) * sum_i f~_i * P_i`` over all E + m experts.
 
     ``f_i`` is the fraction of the T*K selections that went to i (no gradient); every null expert gets the mean of
     the nulls' f (nulls are not pushed to balance among themselves); ``P_i`` is the mean probability of i.
     """
-    total = probs_TN.shape[-1]
-    f_N = torch.bincount(selected_TK.flatten(), minlength=total).to(probs_TN.dtype) / selected_TK.numel()
-    f_N = torch.cat([f_N[:num_experts], f_N[num_experts:].mean().expand(total - num_experts)])
-    return total * torch.sum(f_N.detach() * probs_TN.mean(dim=0))
+    total = probs_TU.shape[-1]
+    f_U = torch.bincount(selected_TK.flatten(), minlength=total).to(probs_TU.dtype) / selected_TK.numel()
+    f_U = torch.cat([f_U[:num_experts], f_U[num_experts:].mean().expand(total - num_experts)])
+    return total * torch.sum(f_U.detach() * probs_TU.mean(dim=0))
 
 
 class AdaMoERouter(TopKRouter):
@@ -58,21 +58,21 @@ class AdaMoERouter(TopKRouter):
         return self.config.aux_loss_weight
 
     def forward(self, x_TD: torch.Tensor) -> RoutingResult:
-        logits_TN = self.logits(x_TD)
-        probs_TN = logits_TN.softmax(dim=-1)
-        probs_TK, selected_TK = probs_TN.topk(self.top_k, dim=-1)
+        logits_TU = self.logits(x_TD)
+        probs_TU = logits_TU.softmax(dim=-1)
+        probs_TK, selected_TK = probs_TU.topk(self.top_k, dim=-1)
         valid_TK = selected_TK < self.num_experts  # null slots are empty slots
         weights_TK = probs_TK * valid_TK
         # Over the true experts only; a token of nulls only keeps all-zero weights (0 / 1, not 0 / 0).
         weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(weights_TK.dtype).tiny)
         expert_ids_TK = torch.where(valid_TK, selected_TK, 0)
         tokens_per_expert_E = count_tokens_per_expert(expert_ids_TK, valid_TK, self.num_experts)
-        aux_loss = logits_TN.new_zeros(())
+        aux_loss = logits_TU.new_zeros(())
         alpha = self.current_aux_loss_weight()
         if alpha > 0:
-            aux_loss = aux_loss + alpha * null_aware_balance_loss(probs_TN, selected_TK, self.num_experts)
+            aux_loss = aux_loss + alpha * null_aware_balance_loss(probs_TU, selected_TK, self.num_experts)
         if self.config.z_loss_weight > 0:
-            aux_loss = aux_loss + self.config.z_loss_weight * router_z_loss(logits_TN)
+            aux_loss = aux_loss + self.config.z_loss_weight * router_z_loss(logits_TU)
         return RoutingResult(expert_ids_TK, weights_TK, valid_TK, aux_loss, tokens_per_expert_E, fixed_k=False)
 
     @classmethod

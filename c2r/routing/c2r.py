@@ -1,10 +1,10 @@
 """C2R: collaboration-constrained routing (ALGORITHMS.md section 2; Zhang et al., NAACL 2025, arXiv 2504.01337).
 
-Each token's top-1 expert is its anchor; the other k-1 experts must come from the anchor's T most frequent
+Each token's top-1 expert is its anchor; the other k-1 experts must come from the anchor's ``top_t`` most frequent
 collaborators in a profiled top-k run. Tokens then reach fewer distinct groups of experts, and a placement made from
 the same profile puts those groups on the same GPU.
 
-Shape legend: T tokens, D hidden size, E experts, K top-k, C the T candidates (``top_t``).
+Shape legend: T tokens, D hidden size, E experts, K top-k, W the anchor's ``top_t`` candidate collaborators.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class C2RRouter(TopKRouter):
         anchor_T = probs_TE.argmax(dim=-1)
         expert_ids_TK = anchor_T[:, None]
         if self.top_k > 1:
-            candidates_TC = self.collaborators_EE[anchor_T, : self.top_t]
-            _, best_TK1 = probs_TE.gather(1, candidates_TC).topk(self.top_k - 1, dim=-1)
-            expert_ids_TK = torch.cat([expert_ids_TK, candidates_TC.gather(1, best_TK1)], dim=1)
+            candidates_TW = self.collaborators_EE[anchor_T, : self.top_t]
+            _, best_TK1 = probs_TE.gather(1, candidates_TW).topk(self.top_k - 1, dim=-1)
+            expert_ids_TK = torch.cat([expert_ids_TK, candidates_TW.gather(1, best_TK1)], dim=1)
         return self.selection_result(logits_TE, probs_TE, expert_ids_TK)

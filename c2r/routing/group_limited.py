@@ -4,7 +4,7 @@ Experts are partitioned into G equal groups (by default the expert-parallel rank
 first keeps its M best groups, scored by the sum of the group's top-(k/M) scores, then takes its top-k experts
 among the kept groups only, so it never reaches more than M ranks: fan-out is bounded by construction.
 
-Shape legend: T tokens, D hidden size, E experts, K top-k, G groups, S experts per group (E / G), M kept groups.
+Shape legend: T tokens, D hidden size, E experts, K top-k, G groups, Y experts per group (E / G), M kept groups.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class GroupLimitedRouter(TopKRouter):
             check_groups_fit(self.num_experts, self.top_k, num_groups, self.max_groups)
         self.num_groups = num_groups
         self.register_buffer(
-            "members_GS", torch.argsort(group_of_E, stable=True).view(num_groups, -1), persistent=False
+            "members_GY", torch.argsort(group_of_E, stable=True).view(num_groups, -1), persistent=False
         )
         self.register_buffer("group_of_E", group_of_E, persistent=False)
 
@@ -86,7 +86,7 @@ class GroupLimitedRouter(TopKRouter):
         if self.max_groups >= self.num_groups:
             return scores_TE.topk(self.top_k, dim=-1).indices
         per_group = math.ceil(self.top_k / self.max_groups)
-        group_score_TG = scores_TE[:, self.members_GS].topk(per_group, dim=-1).values.sum(dim=-1)  # [T, G, S] -> [T, G]
+        group_score_TG = scores_TE[:, self.members_GY].topk(per_group, dim=-1).values.sum(dim=-1)  # [T, G, Y] -> [T, G]
         kept_TM = group_score_TG.topk(self.max_groups, dim=-1).indices
         kept_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, kept_TM, True)
         masked_TE = scores_TE.masked_fill(~kept_TG[:, self.group_of_E], float("-inf"))
