@@ -1,4 +1,4 @@
-"""AdaMoE null experts and ReMoE ReLU routing against hand-computed cases (ALGORITHMS.md sections 4 and 5)."""
+"""AdaMoE null experts and ReMoE ReLU routing against hand-computed cases (docs/algorithms.md sections 4 and 5)."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""C2R and group-limited routing against hand-computed cases (ALGORITHMS.md sections 2 and 3)."""
+"""C2R and group-limited routing against hand-computed cases (docs/algorithms.md sections 2 and 3)."""
 
 import numpy as np
 import pytest

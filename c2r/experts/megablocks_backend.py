@@ -38,7 +38,8 @@ def megablocks_unavailable_reason() -> str | None:
 
 
 def sparse_impl_refusal() -> str:
-    """Why we refuse MegaBlocks' stk block-sparse path (DESIGN.md: broken upstream with triton >= 3.2)."""
+    """Why we refuse MegaBlocks' stk block-sparse path: broken upstream with triton >= 3.2 (docs/design.md, "Facts we
+    build on")."""
     try:
         import triton
 

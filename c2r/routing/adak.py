@@ -1,4 +1,4 @@
-"""Ada-K routing: a learned number of experts per token (ALGORITHMS.md section 6; Yue et al., ICLR 2025).
+"""Ada-K routing: a learned number of experts per token (docs/algorithms.md section 6; Yue et al., ICLR 2025).
 
 A frozen top-k softmax router (``gate``) ranks the experts; a per-layer *allocator* (a bias-free linear map
 D -> J followed by a softmax) gives a distribution over k = 1..J. The token uses the router's top-k* experts, with

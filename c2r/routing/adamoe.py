@@ -1,4 +1,4 @@
-"""AdaMoE: null experts make k per token adaptive (ALGORITHMS.md section 4; Zeng et al., Findings of EMNLP 2024,
+"""AdaMoE: null experts make k per token adaptive (docs/algorithms.md section 4; Zeng et al., Findings of EMNLP 2024,
 arXiv 2406.13233).
 
 The router scores E true experts plus m null experts and takes the top-k of all E + m. Null slots are empty slots of

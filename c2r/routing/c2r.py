@@ -1,4 +1,4 @@
-"""C2R: collaboration-constrained routing (ALGORITHMS.md section 2; Zhang et al., NAACL 2025, arXiv 2504.01337).
+"""C2R: collaboration-constrained routing (docs/algorithms.md section 2; Zhang et al., NAACL 2025, arXiv 2504.01337).
 
 Each token's top-1 expert is its anchor; the other k-1 experts must come from the anchor's ``top_t`` most frequent
 collaborators in a profiled top-k run. Tokens then reach fewer distinct groups of experts, and a placement made from

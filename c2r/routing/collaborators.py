@@ -1,5 +1,5 @@
 """C2R collaborator lists: for each MoE layer and expert, the other experts ordered by how often they fire together
-(ALGORITHMS.md section 2, step 1), made from a profiled top-k run and stored in one ``.npz`` file.
+(docs/algorithms.md section 2, step 1), made from a profiled top-k run and stored in one ``.npz`` file.
 
 File format (``np.savez``): ``collaborators`` int64 [L, E, E] (row i = argsort(-C[i]) with C[i, i] = -1, so i itself
 comes last; ties in index order), ``coactivation`` int64 [L, E, E] (the counts they came from) and ``meta`` (a JSON

@@ -16,7 +16,7 @@ ROUTER_KINDS = ("topk", "c2r", "group_limited", "adamoe", "remoe", "adak")
 
 @dataclass
 class C2RConfig:
-    """Collaboration-constrained routing (ALGORITHMS.md section 2).
+    """Collaboration-constrained routing (docs/algorithms.md section 2).
 
     Attributes:
         collaborators: file made by ``c2r-route lists`` (per MoE layer, each expert's collaborators, most frequent
@@ -34,7 +34,7 @@ class C2RConfig:
 
 @dataclass
 class GroupLimitedConfig:
-    """Group- (device-) limited routing (ALGORITHMS.md section 3; DeepSeek-V2/V3).
+    """Group- (device-) limited routing (docs/algorithms.md section 3; DeepSeek-V2/V3).
 
     Attributes:
         max_groups: M, the most groups (ranks or nodes) one token may reach.
@@ -51,7 +51,7 @@ class GroupLimitedConfig:
 
 @dataclass
 class AdaMoEConfig:
-    """Null experts (ALGORITHMS.md section 4). Set the MoE ``top_k`` higher than the plain model's (2 -> 3).
+    """Null experts (docs/algorithms.md section 4). Set the MoE ``top_k`` higher than the plain model's (2 -> 3).
 
     Attributes:
         num_null_experts: m, experts with zero output that cost no FLOPs and no bytes. Must be > 0.
@@ -67,7 +67,7 @@ class AdaMoEConfig:
 
 @dataclass
 class ReMoEConfig:
-    """ReLU routing (ALGORITHMS.md section 5). The MoE ``top_k`` is the target number of active experts per token.
+    """ReLU routing (docs/algorithms.md section 5). The MoE ``top_k`` is the target number of active experts per token.
 
     Attributes:
         lambda_init: the L1 regulariser's initial coefficient.
@@ -80,7 +80,7 @@ class ReMoEConfig:
 
 @dataclass
 class AdaKConfig:
-    """Learned per-token k (ALGORITHMS.md section 6).
+    """Learned per-token k (docs/algorithms.md section 6).
 
     Attributes:
         max_k: N, the allocator's largest k; 0 means the number of experts.

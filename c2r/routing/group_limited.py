@@ -1,4 +1,5 @@
-"""Group- (device-) limited routing (ALGORITHMS.md section 3; DeepSeek-V2 section 2.2.2, DeepSeek-V3 section 2.1.2).
+"""Group- (device-) limited routing (docs/algorithms.md section 3; DeepSeek-V2 section 2.2.2, DeepSeek-V3
+section 2.1.2).
 
 Experts are partitioned into G equal groups (by default the expert-parallel ranks of the layer's placement). A token
 first keeps its M best groups, scored by the sum of the group's top-(k/M) scores, then takes its top-k experts

@@ -1,4 +1,4 @@
-"""Router auxiliary losses (ALGORITHMS.md section 1)."""
+"""Router auxiliary losses (docs/algorithms.md section 1)."""
 
 from __future__ import annotations
 

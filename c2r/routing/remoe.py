@@ -1,4 +1,4 @@
-"""ReMoE: ReLU routing (ALGORITHMS.md section 5; Wang et al., ICLR 2025, arXiv 2412.14711).
+"""ReMoE: ReLU routing (docs/algorithms.md section 5; Wang et al., ICLR 2025, arXiv 2412.14711).
 
 Gates are ``relu(x W^T)``: no softmax, no top-k. An expert is active for a token where its gate is positive, and
 its output is weighted by the gate. An L1 regulariser, weighted by each expert's load, pushes the average number of

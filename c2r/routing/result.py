@@ -1,4 +1,4 @@
-"""The routing contract every router returns (DESIGN.md, "Routing result").
+"""The routing contract every router returns (docs/design.md, "Routing result").
 
 Shape legend: T tokens, K maximum experts per token (slots), E routed experts.
 """

@@ -1,4 +1,4 @@
-"""Top-k softmax router, the baseline every MoE system uses (ALGORITHMS.md section 1).
+"""Top-k softmax router, the baseline every MoE system uses (docs/algorithms.md section 1).
 
 Shape legend: T tokens, D hidden size, E experts, K top-k.
 """
