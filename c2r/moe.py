@@ -50,7 +50,6 @@ class MoELayer(nn.Module):
         self._backends: dict[str, ExpertBackend] = {}
         # Set by c2r.parallel.shard_experts: then ``experts`` holds this rank's experts only.
         self.dispatcher = None
-        self.last_dispatch = None  # the DispatchMeta of the last forward (counts for profiling and tests)
         if config.experts.backend != "auto":
             self._backend(config.experts.backend)  # fail at construction, not at the first step
 
@@ -75,7 +74,6 @@ class MoELayer(nn.Module):
             out_TD = backend(x_TD, routing, self.experts)
         else:
             out_TD = self.dispatcher(x_TD, routing, backend, self.experts)
-            self.last_dispatch = self.dispatcher.last_meta
         return out_TD.view(x.shape), routing
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

@@ -26,9 +26,10 @@ from tqdm.auto import tqdm
 from c2r.config_utils import config_from_dict, config_to_dict, require_choice, require_positive
 from c2r.data import BatchSampler, DataConfig, load_corpus
 from c2r.model import ModelConfig, ModelOutput, MoEGPT
-from c2r.parallel import DISPATCH_MODES, ExpertLayout, model_layouts
+from c2r.parallel import DISPATCH_MODES, DispatchObserver, ExpertLayout, model_layouts
+from c2r.profiled import profiled_model
 from c2r.routing import RoutingResult, after_optimizer_step
-from profiling.session import ProfileConfig, ProfileSession
+from profiling.session import ProfileConfig, ProfileSession, open_comm_profiler
 
 log = logging.getLogger("c2r.train")
 
@@ -139,7 +140,7 @@ def evaluate(engine, sampler: BatchSampler, batches: int, device: torch.device) 
     return global_mean(loss, device)
 
 
-def build_engine(config: RunConfig, device: torch.device):
+def build_engine(config: RunConfig, device: torch.device, observers: list[DispatchObserver] | None = None):
     import deepspeed
 
     from c2r.deepspeed import load_deepspeed_config, make_expert_parallel, optimizer_param_groups
@@ -148,7 +149,7 @@ def build_engine(config: RunConfig, device: torch.device):
     ds_config = load_deepspeed_config(tc.deepspeed_config, device.type == "cuda", tc.batch_size, tc.grad_clip)
     torch.manual_seed(tc.seed)  # the same initial model on every rank; each then keeps its own experts
     model = MoEGPT(config.model)
-    make_expert_parallel(model, tc.ep_size, tc.dispatch, plan_layouts(config))
+    make_expert_parallel(model, tc.ep_size, tc.dispatch, plan_layouts(config), observers)
     model.to(device)
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, tc) / tc.lr)
@@ -181,7 +182,10 @@ def train(config: RunConfig) -> dict[str, Any]:
         raise ValueError(f"ep_size ({tc.ep_size}) must divide the world size ({info.world_size})")
     is_main = info.rank == 0
     corpus = load_corpus(config.data)
-    engine = build_engine(config, info.device)
+    # The all-to-all profiler exists before the engine: each dispatcher is built with its observer.
+    use_cuda = info.device.type == "cuda"
+    comm = open_comm_profiler(Path(tc.out_dir) / "profile", config.profile, config.model.num_moe_layers, use_cuda)
+    engine = build_engine(config, info.device, comm.observers if comm else None)
     run_config = config_to_dict(config)
     run_config["expert_layouts"] = model_layouts(engine.module)
     out_dir, ckpt_dir = Path(tc.out_dir), Path(tc.out_dir) / "checkpoints"
@@ -200,9 +204,10 @@ def train(config: RunConfig) -> dict[str, Any]:
     if config.profile.enabled:
         profiler = ProfileSession(
             out_dir / "profile",
-            engine.module,
+            profiled_model(engine.module),
             config.profile,
             {"ep_size": tc.ep_size, "run": str(out_dir), "steps": tc.steps},
+            comm,
         )
     history, step_losses, window, router_state = [], [], [], {}
     started = time.perf_counter()

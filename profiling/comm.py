@@ -7,9 +7,20 @@ Each rank appends one JSON line per (step, MoE layer) to ``comm-rank<r>.jsonl``:
      "send_copies": [R] (rows sent to each EP rank, itself included), "recv_copies": [R], "bytes_per_copy",
      "distinct_ranks": sum over tokens of the number of distinct EP ranks its experts live on (lambda),
      "remote_ranks": the same, not counting the token's own rank, "local_expert_load": [E/R],
-     "time_ms": {"dispatch", "combine", "dispatch_backward", "combine_backward"}}
+     "time_ms": {"dispatch", "combine", "dispatch_backward", "combine_backward"; per-rank dispatch also
+                 "dispatch_meta", "dispatch_meta_backward" (the copies' expert slots and weights)}}
 
-Off by default. Cost when on: a forward hook per MoE layer, a few small tensor ops, and on GPUs CUDA events plus one
+How it is wired (this package never imports the system it profiles): the caller makes the profiler before its MoE
+layers become expert parallel and gives ``profiler.observers[i]`` to layer i's dispatcher when building it. The
+dispatcher calls the observer's ``start(name) -> handle`` and ``stop(handle)`` around each exchange (forward and
+backward), and ``on_dispatch(meta)`` once per forward, with ``meta`` carrying what it sent:
+
+    mode: str, ep_rank: int, send_splits / recv_splits: [R] ints, num_tokens: int, bytes_per_row: int,
+    valid_slots / distinct_ranks / remote_ranks: () int tensors, tokens_per_local_expert_X: [E/R] int tensor
+
+(c2r's ``DispatchMeta`` is one). The profiler counts nothing itself: it writes down what the dispatcher reports.
+
+Off by default. Cost when on: a few small tensor ops per MoE layer forward, and on GPUs CUDA events plus one
 synchronisation per step to read them (# NOTE: host sync).
 """
 
@@ -24,18 +35,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from c2r.moe import MoELayer
-from c2r.parallel.dispatch import ranks_hit
-from c2r.routing import RoutingResult
 
-
-class _LayerTimer:
-    """Times the exchanges of one layer: a monotonic clock on the CPU, CUDA events on GPUs."""
+class _LayerObserver:
+    """Watches the dispatcher of one layer: times its exchanges (a monotonic clock on the CPU, CUDA events on GPUs)
+    and keeps the counts of its last forward."""
 
     def __init__(self, profiler: CommProfiler, layer: int):
         self.profiler, self.layer = profiler, layer
 
     def start(self, name: str) -> Any:
+        if self.profiler.closed:
+            return None
         if self.profiler.use_cuda_events:
             begin = torch.cuda.Event(enable_timing=True)
             begin.record()
@@ -43,6 +53,8 @@ class _LayerTimer:
         return name, time.perf_counter()
 
     def stop(self, handle: Any) -> None:
+        if handle is None:
+            return
         name, begin = handle
         if self.profiler.use_cuda_events:
             end = torch.cuda.Event(enable_timing=True)
@@ -51,58 +63,48 @@ class _LayerTimer:
         else:
             self.profiler._timings[self.layer].append((name, (time.perf_counter() - begin) * 1e3, None))
 
+    def on_dispatch(self, meta: Any) -> None:
+        if not self.profiler.closed:
+            self.profiler._records[self.layer] = self.profiler._layer_record(self.layer, meta)
+
 
 class CommProfiler:
-    def __init__(self, out_dir: str | Path, model: torch.nn.Module):
+    """``num_layers``: the MoE layers to watch (``observers[i]`` for layer i); ``use_cuda_events``: time with CUDA
+    events (the exchanges run on a GPU) rather than the host clock."""
+
+    def __init__(self, out_dir: str | Path, num_layers: int, use_cuda_events: bool = False):
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.layers = [m for m in model.modules() if isinstance(m, MoELayer)]
-        self.use_cuda_events = any(p.is_cuda for p in model.parameters())
+        self.use_cuda_events = use_cuda_events
+        self.observers = [_LayerObserver(self, index) for index in range(num_layers)]
+        self.closed = False
         self._records: dict[int, dict[str, Any]] = {}
         self._timings: dict[int, list] = defaultdict(list)
-        self._handles = []
         self._totals: dict[str, float] = defaultdict(float)
         self._file = open(self.dir / f"comm-rank{self.rank:03d}.jsonl", "a")  # noqa: SIM115 (closed in close())
-        for index, layer in enumerate(self.layers):
-            if layer.dispatcher is None:
-                continue  # no expert parallelism in this layer: nothing crosses ranks
-            layer.dispatcher.timer = _LayerTimer(self, index)
-            self._handles.append(layer.register_forward_hook(self._hook(index)))
 
-    def _hook(self, index: int):
-        def on_forward(module: MoELayer, inputs, output) -> None:
-            if module.training:  # evaluation passes are not part of a training step's traffic
-                self._records[index] = self._layer_record(index, module, inputs[0], output[1])
-
-        return on_forward
-
-    def _layer_record(self, index: int, layer: MoELayer, x: torch.Tensor, routing: RoutingResult) -> dict[str, Any]:
-        dispatcher, meta = layer.dispatcher, layer.last_dispatch
-        layout = dispatcher.layout
-        rank_TK = dispatcher.expert_to_rank_E.to(routing.expert_ids_TK.device)[routing.expert_ids_TK]
-        hits_TR = ranks_hit(rank_TK, routing.valid_TK, layout.num_ranks)
-        lam_T, own_T = hits_TR.sum(1), hits_TR[:, dispatcher.rank]
-        # Device tensors until end_step, which reads every layer's counts with one copy.
-        counts = torch.stack([lam_T.sum(), (lam_T - own_T.long()).sum(), routing.valid_TK.sum()])
+    def _layer_record(self, index: int, meta: Any) -> dict[str, Any]:
+        # Device tensors until end_step reads them: no host sync inside the step.
+        counts = torch.stack([meta.distinct_ranks, meta.remote_ranks, meta.valid_slots])
         return {
             "layer": index,
             "rank": self.rank,
-            "ep_rank": dispatcher.rank,
-            "ep_size": layout.num_ranks,
-            "mode": dispatcher.mode,
-            "tokens": routing.num_tokens,
+            "ep_rank": meta.ep_rank,
+            "ep_size": len(meta.send_splits),
+            "mode": meta.mode,
+            "tokens": meta.num_tokens,
             "valid_slots": counts[2],
             "send_copies": meta.send_splits,
             "recv_copies": meta.recv_splits,
-            "bytes_per_copy": x.shape[-1] * x.element_size(),
+            "bytes_per_copy": meta.bytes_per_row,
             "distinct_ranks": counts[0],
             "remote_ranks": counts[1],
-            "local_expert_load": meta.tokens_per_local_expert_L,
+            "local_expert_load": meta.tokens_per_local_expert_X,
         }
 
     def begin_step(self) -> None:
-        """Forget exchanges timed outside training steps (evaluation passes run the dispatcher too)."""
+        """Forget what was dispatched outside training steps (evaluation passes run the dispatcher too)."""
         self._records.clear()
         self._timings.clear()
 
@@ -117,6 +119,8 @@ class CommProfiler:
                 times[name] += begin.elapsed_time(end) if end is not None else begin
             self._file.write(json.dumps({"step": step, **record, "time_ms": dict(times)}) + "\n")
             self._accumulate(record, times)
+        if self._records:
+            self._totals["steps"] += 1
         self._file.flush()
         self._records.clear()
         self._timings.clear()
@@ -127,24 +131,21 @@ class CommProfiler:
         self._totals["copies"] += sum(record["send_copies"])
         self._totals["cross_rank_copies"] += sum(record["send_copies"]) - own
         self._totals["all_to_all_ms"] += sum(times.values())
-        self._totals["layer_steps"] += 1
 
     def take_scalars(self) -> dict[str, float]:
         """This rank's traffic since the last call, per token (and all-to-all ms per step), for the monitor."""
         t, self._totals = self._totals, defaultdict(float)
         if not t["tokens"]:
             return {}
-        steps = t["layer_steps"] / max(1, len(self._handles))
         return {
             "comm_copies_per_token": t["copies"] / t["tokens"],
             "comm_cross_rank_copies_per_token": t["cross_rank_copies"] / t["tokens"],
-            "comm_all_to_all_ms_per_step": t["all_to_all_ms"] / max(steps, 1),
+            "comm_all_to_all_ms_per_step": t["all_to_all_ms"] / max(t["steps"], 1),
         }
 
     def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        for layer in self.layers:
-            if layer.dispatcher is not None:
-                layer.dispatcher.timer = None
+        """Stop recording (the dispatchers keep their observers, which from now on do nothing) and close the file."""
+        self.closed = True
+        self._records.clear()
+        self._timings.clear()
         self._file.close()

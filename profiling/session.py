@@ -1,10 +1,16 @@
-"""Profiling a c2r training run: routing traces and all-to-all counts/times, written under ``<out>/profile/``.
+"""Profiling a training run: routing traces and all-to-all counts/times, written under ``<out>/profile/``.
 
-    profile/profile.json        what was profiled: model shape, EP size, each MoE layer's expert_to_rank
+    profile/profile.json        what was profiled: model shape, EP size, dispatch mode, each MoE layer's expert_to_rank
     profile/traces/             routing traces (profiling.trace)
     profile/comm/               per-rank all-to-all records (profiling.comm)
 
 Turned on with ``--profile`` (or ``profile.enabled``) in ``c2r-train``.
+
+This package never imports the system it profiles; the caller hands it a :class:`ProfiledModel`. A MoE layer is any
+``nn.Module`` whose forward returns ``(y, routing)``, where ``routing`` has ``expert_ids_TK`` [T, K] int,
+``weights_TK`` [T, K] float and ``valid_TK`` [T, K] bool (False: the slot is empty). The caller builds the
+:class:`~profiling.comm.CommProfiler` (:func:`open_comm_profiler`) before its layers become expert parallel, so that
+each dispatcher gets its observer at construction, and hands it to the session.
 """
 
 from __future__ import annotations
@@ -16,9 +22,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-from c2r.moe import MoELayer
-from c2r.parallel import model_layouts
 from profiling.comm import CommProfiler
 from profiling.trace import RoutingTraceRecorder, TraceConfig
 
@@ -31,10 +36,46 @@ class ProfileConfig:
     trace: TraceConfig = field(default_factory=TraceConfig)
 
 
-def attach_routing_recorder(model: torch.nn.Module, recorder: RoutingTraceRecorder) -> list:
-    """Record every training forward of every :class:`MoELayer` (logical expert ids; -1 for empty slots)."""
+@dataclass(frozen=True)
+class ProfiledModel:
+    """What the caller tells the profiler about its MoE model.
+
+    ``layers``: the MoE layers in order (the protocol in the module docstring). ``expert_to_rank``: per layer, the
+    rank of each expert, or None where the layer is not expert parallel. ``dispatch_mode``: how the expert-parallel
+    layers send tokens (``per-expert``, ``per-rank``, ...), None when no layer is expert parallel.
+    """
+
+    layers: list[nn.Module]
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    router: str
+    dispatch_mode: str | None
+    expert_to_rank: list[list[int] | None]
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ValueError("profiling needs at least one MoE layer in the model")
+        if len(self.expert_to_rank) != len(self.layers):
+            raise ValueError(
+                f"expert_to_rank has {len(self.expert_to_rank)} layers but the model has {len(self.layers)} MoE layers"
+            )
+
+
+def open_comm_profiler(
+    out_dir: str | Path, config: ProfileConfig, num_layers: int, use_cuda_events: bool
+) -> CommProfiler | None:
+    """The all-to-all profiler for ``ProfileSession(out_dir, ...)`` if ``config`` asks for one. Make it before the
+    model is made expert parallel: ``.observers`` go to the dispatchers."""
+    if not (config.enabled and config.comm):
+        return None
+    return CommProfiler(Path(out_dir) / "comm", num_layers, use_cuda_events)
+
+
+def attach_routing_recorder(layers: list[nn.Module], recorder: RoutingTraceRecorder) -> list:
+    """Record every training forward of every MoE layer (logical expert ids; -1 for empty slots)."""
     handles = []
-    for index, layer in enumerate(m for m in model.modules() if isinstance(m, MoELayer)):
+    for index, layer in enumerate(layers):
 
         def on_forward(module, inputs, output, index=index):
             if module.training:
@@ -47,19 +88,25 @@ def attach_routing_recorder(model: torch.nn.Module, recorder: RoutingTraceRecord
 
 
 class ProfileSession:
-    def __init__(self, out_dir: str | Path, model: torch.nn.Module, config: ProfileConfig, run_info: dict[str, Any]):
+    """``comm``: the all-to-all profiler from :func:`open_comm_profiler`, already observing the dispatchers; the
+    session writes and closes it with the traces."""
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        model: ProfiledModel,
+        config: ProfileConfig,
+        run_info: dict[str, Any],
+        comm: CommProfiler | None = None,
+    ):
         self.dir = Path(out_dir)
         rank = dist.get_rank() if dist.is_initialized() else 0
         world = dist.get_world_size() if dist.is_initialized() else 1
-        layers = [m for m in model.modules() if isinstance(m, MoELayer)]
-        if not layers:
-            raise ValueError("profiling needs at least one MoE layer in the model")
-        moe = layers[0].config
         shape = {
-            "num_layers": len(layers),
-            "num_experts": moe.num_experts,
-            "top_k": moe.top_k,
-            "hidden_size": layers[0].hidden_size,
+            "num_layers": len(model.layers),
+            "num_experts": model.num_experts,
+            "top_k": model.top_k,
+            "hidden_size": model.hidden_size,
             "world_size": world,
         }
         if rank == 0:
@@ -68,29 +115,28 @@ class ProfileSession:
                 "format": "c2r-profile",
                 "version": 1,
                 **shape,
-                "expert_to_rank": model_layouts(model),
-                "mode": "per-expert",
+                "expert_to_rank": model.expert_to_rank,
+                "mode": model.dispatch_mode,
                 **run_info,
             }
             (self.dir / "profile.json").write_text(json.dumps(info, indent=2))
-        self.recorder = self.comm = None
+        self.recorder = None
+        self.comm = comm
         self._handles = []
         if config.traces:
             self.recorder = RoutingTraceRecorder(
                 self.dir / "traces",
                 num_layers=shape["num_layers"],
-                num_experts=moe.num_experts,
-                top_k=moe.top_k,
+                num_experts=model.num_experts,
+                top_k=model.top_k,
                 source="c2r-train",
-                router=moe.router.kind,
+                router=model.router,
                 rank=rank,
                 world_size=world,
                 config=config.trace,
                 extra_header=run_info,
             )
-            self._handles = attach_routing_recorder(model, self.recorder)
-        if config.comm:
-            self.comm = CommProfiler(self.dir / "comm", model)
+            self._handles = attach_routing_recorder(model.layers, self.recorder)
 
     def begin_step(self, step: int) -> None:
         if self.recorder is not None:

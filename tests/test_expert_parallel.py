@@ -36,15 +36,32 @@ def forward_backward(layer: MoELayer, x: torch.Tensor, grad_out: torch.Tensor):
     return y.detach(), x.grad, routing
 
 
+class MetaRecorder:
+    """A dispatch observer that keeps every DispatchMeta it is handed (and times nothing)."""
+
+    def __init__(self):
+        self.metas = []
+
+    def start(self, name):
+        return None
+
+    def stop(self, handle):
+        pass
+
+    def on_dispatch(self, meta):
+        self.metas.append(meta)
+
+
 def ep_worker(rank, world, expert_to_rank, skew, mode="per-expert"):
     layer = build_layer()
     layout = ExpertLayout(tuple(expert_to_rank), world)
-    shard_experts(layer, layout, mode=mode)
+    recorder = MetaRecorder()
+    shard_experts(layer, layout, mode=mode, observers=[recorder])
     rows = slice(rank * T_PER_RANK, (rank + 1) * T_PER_RANK)
     y, x_grad, routing = forward_backward(layer, global_batch(world, skew)[rows], upstream_grad(world)[rows])
     router_grad = layer.router.gate.weight.grad.clone()
     dist.all_reduce(router_grad)  # the data-parallel gradient sum the trainer would do
-    meta = layer.last_dispatch
+    (meta,) = recorder.metas
     dest_TK = torch.tensor(expert_to_rank)[routing.expert_ids_TK]
     distinct = sum(len({int(d) for d, v in zip(dest_TK[t], routing.valid_TK[t]) if v}) for t in range(len(dest_TK)))
     return {
@@ -57,8 +74,10 @@ def ep_worker(rank, world, expert_to_rank, skew, mode="per-expert"):
         "valid_slots": int(routing.valid_TK.sum()),
         "sent": sum(meta.send_splits),
         "received": sum(meta.recv_splits),
-        "computed": int(meta.tokens_per_local_expert_L.sum()),
+        "computed": int(meta.tokens_per_local_expert_X.sum()),
         "send_splits": meta.send_splits,
+        "meta_counts": (meta.num_tokens, int(meta.valid_slots), int(meta.distinct_ranks), int(meta.remote_ranks)),
+        "own_rank_tokens": int(((dest_TK == rank) & routing.valid_TK).any(1).sum()),  # tokens with an expert here
     }
 
 
@@ -93,6 +112,10 @@ def test_expert_parallel_matches_single_process(tmp_path, world, expert_to_rank,
     sent = sum(r["sent"] for r in results)
     assert sent == sum(r["received"] for r in results)
     assert sent == (total_valid if mode == "per-expert" else sum(r["distinct_ranks"] for r in results))
+    # The dispatcher reports the same counts in its metadata, whatever the mode.
+    for r in results:
+        want = (T_PER_RANK, r["valid_slots"], r["distinct_ranks"], r["distinct_ranks"] - r["own_rank_tokens"])
+        assert r["meta_counts"] == want
     if skew == "one_expert":
         assert min(r["computed"] for r in results) == 0  # some rank receives nothing, and that is fine
 

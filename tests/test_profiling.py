@@ -12,9 +12,11 @@ from c2r.config_utils import config_from_dict
 from c2r.experts import ExpertConfig
 from c2r.moe import MoEConfig, MoELayer
 from c2r.parallel import ExpertLayout, shard_experts
+from c2r.profiled import profiled_model
 from c2r.train import RunConfig, train
 from profiling.comm import CommProfiler
 from profiling.reader import coactivation_from_traces, read_comm_records, read_online_counts, read_traces
+from profiling.session import ProfileConfig, ProfileSession
 from profiling.summary import summarize
 from profiling.trace import RoutingTraceRecorder, TraceConfig
 from tests.distributed import run_distributed
@@ -24,42 +26,73 @@ from tests.run_configs import tiny_run_config
 D, E, K, T = 16, 8, 2, 40
 
 
-def comm_worker(rank, world, expert_to_rank, out_dir):
+def comm_worker(rank, world, expert_to_rank, out_dir, mode):
     torch.manual_seed(0)
     layer = MoELayer(D, MoEConfig(num_experts=E, top_k=K, ffn_hidden_size=8, experts=ExpertConfig(backend="torch")))
-    layout = ExpertLayout(tuple(expert_to_rank), world)
-    shard_experts(layer, layout)
-    profiler = CommProfiler(out_dir, layer)
+    # The profiler first: the dispatcher gets its observer when it is built.
+    comm = CommProfiler(f"{out_dir}/comm", num_layers=1)
+    shard_experts(layer, ExpertLayout(tuple(expert_to_rank), world), mode=mode, observers=comm.observers)
+    session = ProfileSession(out_dir, profiled_model(layer), ProfileConfig(enabled=True, traces=False), {}, comm)
     expected = []
     for step in range(3):
+        session.begin_step(step)
         x = torch.randn(T, D, generator=torch.Generator().manual_seed(100 * step + rank), requires_grad=True)
         y, routing = layer(x)
         y.sum().backward()
-        profiler.end_step(step)
-        # Independent recount from the routing alone: valid slots per destination rank.
+        session.end_step(step)
+        # Independent recount from the routing alone: per destination rank, the valid slots (per-expert) or the
+        # tokens with at least one valid slot there (per-rank).
         dest_TK = torch.tensor(expert_to_rank)[routing.expert_ids_TK]
-        per_rank = [int(((dest_TK == j) & routing.valid_TK).sum()) for j in range(world)]
+        hits_TRK = torch.stack([(dest_TK == j) & routing.valid_TK for j in range(world)], dim=1)
+        per_rank = hits_TRK.sum((0, 2)) if mode == "per-expert" else hits_TRK.any(2).sum(0)
         lam = [len({int(d) for d, v in zip(dest_TK[t], routing.valid_TK[t]) if v}) for t in range(T)]
-        expected.append({"send": per_rank, "distinct": sum(lam)})
-    profiler.close()
+        own = sum(1 for t in range(T) if any(int(d) == rank and v for d, v in zip(dest_TK[t], routing.valid_TK[t])))
+        expected.append({"send": per_rank.tolist(), "distinct": sum(lam), "remote": sum(lam) - own})
+    session.close()
     return expected
 
 
-@pytest.mark.parametrize("world,expert_to_rank", [(2, [0, 1, 0, 1, 1, 0, 0, 1]), (4, [0, 0, 1, 1, 2, 2, 3, 3])])
-def test_profiler_counts_equal_what_the_dispatch_sent(tmp_path, world, expert_to_rank):
-    expected = run_distributed(comm_worker, world, tmp_path / "w", expert_to_rank, str(tmp_path / "comm"))
-    records = read_comm_records(tmp_path / "comm")
+@pytest.mark.parametrize(
+    "world,expert_to_rank,mode",
+    [
+        (2, [0, 1, 0, 1, 1, 0, 0, 1], "per-expert"),
+        (4, [0, 0, 1, 1, 2, 2, 3, 3], "per-expert"),
+        (2, [0, 1, 0, 1, 1, 0, 0, 1], "per-rank"),
+    ],
+)
+def test_profiler_counts_equal_what_the_dispatch_sent(tmp_path, world, expert_to_rank, mode):
+    expected = run_distributed(comm_worker, world, tmp_path / "w", expert_to_rank, str(tmp_path / "prof"), mode)
+    info = json.loads((tmp_path / "prof" / "profile.json").read_text())
+    assert info["mode"] == mode  # the dispatch mode the run used, not a fixed "per-expert"
+    assert info["expert_to_rank"] == [expert_to_rank]
+    records = read_comm_records(tmp_path / "prof" / "comm")
     assert len(records) == 3 * world
     for r in records:
         want = expected[r["rank"]][r["step"]]
+        assert r["mode"] == mode
         assert r["send_copies"] == want["send"]
         assert r["distinct_ranks"] == want["distinct"]
+        assert r["remote_ranks"] == want["remote"]
         assert r["bytes_per_copy"] == D * 4
         # What rank r received from rank j is what j sent to r.
         assert r["recv_copies"] == [expected[j][r["step"]]["send"][r["ep_rank"]] for j in range(world)]
-        assert set(r["time_ms"]) == {"dispatch", "combine", "dispatch_backward", "combine_backward"}
+        phases = {"dispatch", "combine", "dispatch_backward", "combine_backward"}
+        if mode == "per-rank":  # the copies' expert slots and weights travel in exchanges of their own
+            phases |= {"dispatch_meta", "dispatch_meta_backward"}
+        assert set(r["time_ms"]) == phases
         assert all(ms >= 0 for ms in r["time_ms"].values())
-        assert sum(r["local_expert_load"]) == sum(r["recv_copies"])
+        if mode == "per-expert":
+            assert sum(r["local_expert_load"]) == sum(r["recv_copies"])
+        else:  # one received copy feeds every expert the token chose on this rank
+            assert sum(r["local_expert_load"]) >= sum(r["recv_copies"])
+
+
+def test_profile_json_of_a_model_without_expert_parallelism_names_no_dispatch_mode(tmp_path):
+    layer = MoELayer(D, MoEConfig(num_experts=E, top_k=K, ffn_hidden_size=8))
+    ProfileSession(tmp_path, profiled_model(layer), ProfileConfig(enabled=True, traces=False), {}).close()
+    info = json.loads((tmp_path / "profile.json").read_text())
+    assert info["mode"] is None and info["expert_to_rank"] == [None]
+    assert (info["num_layers"], info["num_experts"], info["top_k"], info["hidden_size"]) == (1, E, K, D)
 
 
 def test_online_coactivation_equals_the_written_traces(tmp_path):
@@ -154,6 +187,8 @@ def test_profiled_training_run_writes_traces_and_comm_and_changes_nothing(tmp_pa
         profiled_worker, 2, tmp_path / "b", tiny_run_config(tmp_path / "prof", 6, profile=True, eval_every=3, ep_size=2)
     )
     assert plain[0] == profiled[0]  # profiling observes; it does not change the numbers
+    info = json.loads((tmp_path / "prof" / "profile" / "profile.json").read_text())
+    assert info["mode"] == "per-expert" and info["expert_to_rank"] == [[0, 0, 0, 0, 1, 1, 1, 1]] * 2
     summary = summarize(tmp_path / "prof")
     assert len(summary["steps"]) == 6 and len(summary["layers"]) == 2
     layer = summary["layers"][0]

@@ -17,7 +17,7 @@ from torch import nn
 
 from c2r.deepspeed.moe_layer import DeepSpeedMoELayer, expert_group_name
 from c2r.moe import MoELayer
-from c2r.parallel import ExpertLayout, shard_experts
+from c2r.parallel import DispatchObserver, ExpertLayout, shard_experts
 from c2r.parallel.ports import free_port
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "deepspeed_configs"
@@ -69,20 +69,25 @@ def ensure_expert_groups(ep_size: int):
 
 
 def make_expert_parallel(
-    model: nn.Module, ep_size: int, mode: str = "per-expert", layouts: list[ExpertLayout] | None = None
+    model: nn.Module,
+    ep_size: int,
+    mode: str = "per-expert",
+    layouts: list[ExpertLayout] | None = None,
+    observers: list[DispatchObserver] | None = None,
 ) -> list[DeepSpeedMoELayer]:
     """Shard every MoE layer's experts over ``ep_size`` ranks and wrap it as a DeepSpeed MoE module.
 
     ``mode``: ``per-expert`` or ``per-rank`` dispatch; ``layouts``: one :class:`ExpertLayout` per MoE layer (a
-    placement plan), default contiguous. Call after building the model (same seed on every rank) and before building
-    the optimizer.
+    placement plan), default contiguous; ``observers``: one per MoE layer for its dispatcher (the communication
+    profiler's), default none. Call after building the model (same seed on every rank) and before building the
+    optimizer.
     """
     for layer in (m for m in model.modules() if isinstance(m, MoELayer)):
         if layer.config.num_experts % ep_size:
             raise ValueError(f"ep_size ({ep_size}) must divide num_experts ({layer.config.num_experts})")
     group = ensure_expert_groups(ep_size)
     if ep_size > 1:
-        shard_experts(model, layouts, group=group, mode=mode)
+        shard_experts(model, layouts, group=group, mode=mode, observers=observers)
     wrapped = []
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

@@ -3,6 +3,8 @@
 from c2r.parallel.dispatch import (
     DISPATCH_MODES,
     DispatchMeta,
+    DispatchObserver,
+    NoObserver,
     PerExpertDispatcher,
     PerRankDispatcher,
     build_dispatcher,
@@ -13,7 +15,9 @@ from c2r.parallel.layout import ExpertLayout
 __all__ = [
     "DISPATCH_MODES",
     "DispatchMeta",
+    "DispatchObserver",
     "ExpertLayout",
+    "NoObserver",
     "PerExpertDispatcher",
     "PerRankDispatcher",
     "build_dispatcher",

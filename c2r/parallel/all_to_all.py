@@ -1,7 +1,9 @@
 """Variable-size all-to-all with autograd: the backward sends gradients back along the same routes.
 
-An optional ``timer`` (anything with ``start(name) -> handle`` and ``stop(handle)``, e.g. the profiler's) times each
-exchange, forward and backward; without one there is no overhead.
+An optional ``timer`` (an :class:`ExchangeTimer`: ``start(name) -> handle`` and ``stop(handle)``; a dispatcher passes
+its observer, e.g. the profiler's) times each exchange, forward and backward; without one there is no overhead.
+
+Shape letters follow the package legend (c2r/__init__.py): R ranks in the group, X experts per rank.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import torch.distributed as dist
 
 
 class ExchangeTimer(Protocol):
+    """Times one exchange: ``stop`` gets back what ``start`` returned."""
+
     def start(self, name: str) -> Any: ...
 
     def stop(self, handle: Any) -> None: ...
@@ -52,8 +56,8 @@ def all_to_all(
     return _AllToAll.apply(x, output_splits, input_splits, group, timer, name)
 
 
-def exchange_counts(send_counts_RL: torch.Tensor, group=None) -> torch.Tensor:
+def exchange_counts(send_counts_RX: torch.Tensor, group=None) -> torch.Tensor:
     """Row r of the input goes to rank r; row r of the output came from rank r. No gradient."""
-    recv = torch.empty_like(send_counts_RL)
-    dist.all_to_all_single(recv, send_counts_RL.contiguous(), group=group)
+    recv = torch.empty_like(send_counts_RX)
+    dist.all_to_all_single(recv, send_counts_RX.contiguous(), group=group)
     return recv

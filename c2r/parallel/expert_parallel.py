@@ -12,7 +12,7 @@ from torch import nn
 
 from c2r.experts import ExpertWeights
 from c2r.moe import MoELayer
-from c2r.parallel.dispatch import build_dispatcher
+from c2r.parallel.dispatch import NO_OBSERVER, DispatchObserver, build_dispatcher
 from c2r.parallel.layout import ExpertLayout
 
 
@@ -30,17 +30,24 @@ def local_expert_weights(full: ExpertWeights, experts: list[int]) -> ExpertWeigh
 
 
 def shard_experts(
-    model: nn.Module, layout: ExpertLayout | list[ExpertLayout] | None = None, group=None, mode: str = "per-expert"
+    model: nn.Module,
+    layout: ExpertLayout | list[ExpertLayout] | None = None,
+    group=None,
+    mode: str = "per-expert",
+    observers: list[DispatchObserver] | None = None,
 ) -> list[MoELayer]:
     """Make every :class:`MoELayer` in ``model`` expert parallel over ``group`` (default: the world).
 
     ``layout``: one for every layer, one per MoE layer (a placement plan), or None for the contiguous layout.
-    ``mode``: ``per-expert`` or ``per-rank`` dispatch. Returns the converted layers.
+    ``mode``: ``per-expert`` or ``per-rank`` dispatch. ``observers``: one per MoE layer (e.g. the communication
+    profiler's), given to that layer's dispatcher; default none. Returns the converted layers.
     """
     ep_size = dist.get_world_size(group)
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]
     if isinstance(layout, list) and len(layout) != len(layers):
         raise ValueError(f"the placement has {len(layout)} layers but the model has {len(layers)} MoE layers")
+    if observers is not None and len(observers) != len(layers):
+        raise ValueError(f"{len(observers)} dispatch observers given but the model has {len(layers)} MoE layers")
     for index, layer in enumerate(layers):
         num_experts = layer.config.num_experts
         layer_layout = layout[index] if isinstance(layout, list) else layout
@@ -49,7 +56,7 @@ def shard_experts(
             raise ValueError(
                 f"the expert layout is for {layer_layout.num_experts} experts but MoE layer {index} has {num_experts}"
             )
-        dispatcher = build_dispatcher(mode, layer_layout, group)
+        dispatcher = build_dispatcher(mode, layer_layout, group, observers[index] if observers else NO_OBSERVER)
         layer.experts = local_expert_weights(layer.experts, layer_layout.local_experts(dispatcher.rank))
         layer.dispatcher = dispatcher
         layer.router.set_expert_placement(layer_layout.expert_to_rank, layer_layout.num_ranks)  # group-limited uses it

@@ -1,0 +1,30 @@
+"""What a c2r model hands ``profiling/`` (which never imports c2r): its MoE layers, their shape, router, dispatch
+mode and placements, read from the model as built."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from c2r.moe import MoELayer
+from c2r.parallel import model_layouts
+from profiling.session import ProfiledModel
+
+
+def profiled_model(model: nn.Module) -> ProfiledModel:
+    """Call after the model is made expert parallel: the placements and the dispatch mode are the dispatchers'."""
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    if not layers:
+        raise ValueError("profiling needs at least one MoE layer in the model")
+    modes = sorted({layer.dispatcher.mode for layer in layers if layer.dispatcher is not None})
+    if len(modes) > 1:
+        raise ValueError(f"the MoE layers dispatch in different modes {modes}; profile.json records one")
+    moe = layers[0].config
+    return ProfiledModel(
+        layers=layers,
+        num_experts=moe.num_experts,
+        top_k=moe.top_k,
+        hidden_size=layers[0].hidden_size,
+        router=moe.router.kind,
+        dispatch_mode=modes[0] if modes else None,
+        expert_to_rank=model_layouts(model),
+    )
