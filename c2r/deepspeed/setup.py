@@ -18,7 +18,8 @@ from torch import nn
 
 from c2r.deepspeed.moe_layer import DeepSpeedMoELayer, expert_group_name
 from c2r.moe import MoELayer
-from c2r.parallel import ExpertLayout, shard_experts
+from c2r.parallel import shard_experts
+from placement.layout import ExpertLayout, require_divides
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "deepspeed_configs"
 LAUNCHER_ENV = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
@@ -84,8 +85,7 @@ def make_expert_parallel(
     the optimizer.
     """
     for layer in (m for m in model.modules() if isinstance(m, MoELayer)):
-        if layer.config.num_experts % ep_size:
-            raise ValueError(f"ep_size ({ep_size}) must divide num_experts ({layer.config.num_experts})")
+        require_divides(ep_size, "ep_size", layer.config.num_experts, "num_experts")
     group = ensure_expert_groups(ep_size)
     if ep_size > 1:
         shard_experts(model, layouts, group=group, mode=mode)
