@@ -67,8 +67,7 @@ def ensure_expert_groups(ep_size: int):
     """Create DeepSpeed's expert-parallel and expert-data-parallel groups for ``ep_size`` (once); return this
     rank's expert-parallel group. EP groups are contiguous ranks ([0, 1], [2, 3], ... for ep 2)."""
     world = dist.get_world_size()
-    if ep_size <= 0 or world % ep_size:
-        raise ValueError(f"ep_size ({ep_size}) must divide the world size ({world})")
+    require_divides(ep_size, "ep_size", world, "the world size")
     name = expert_group_name(ep_size)
     if name not in groups._get_expert_parallel_group_dict():
         groups._create_expert_and_data_parallel(ep_size)

@@ -63,7 +63,7 @@ class _Dispatcher:
         self.timer = None  # set by the communication profiler to time each exchange
         self.last_meta: DispatchMeta | None = None
         self.expert_to_rank_E = torch.tensor(layout.expert_to_rank)
-        self._physical_E = torch.tensor(layout.logical_to_physical)  # the layout is numpy: tensors are ours to make
+        self._physical_E = torch.tensor(layout.logical_to_physical)  # layouts are numpy: placement needs no torch
         self._local_slot_E = self._physical_E % layout.experts_per_rank
 
     def _exchange_splits(self, send_counts_RX: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:
