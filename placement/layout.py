@@ -109,9 +109,9 @@ class ExpertLayout:
         """Logical ids held by ``rank``, in local-slot order (ascending)."""
         return [e for e, r in enumerate(self.expert_to_rank) if r == rank]
 
-    @cached_property
+    @property
     def rank_to_experts(self) -> list[list[int]]:
-        """R lists of logical expert ids, each in local-slot order."""
+        """R lists of logical expert ids, each in local-slot order (fresh lists: callers may keep or change them)."""
         return [self.local_experts(rank) for rank in range(self.num_ranks)]
 
     @cached_property
