@@ -169,7 +169,9 @@ def test_applied_plan_computes_the_same_function(tmp_path):
     shutil.copytree(tmp_path / "before" / "checkpoints", tmp_path / "old_format" / "checkpoints")
     strip_slice_mappings(tmp_path / "old_format" / "checkpoints", "step4")
     dropped = move_experts(
-        plan_from_dict(plan_dict()), tmp_path / "old_format" / "checkpoints", tmp_path / "dropped" / "checkpoints"
+        plan_from_dict(plan_dict()).layouts,
+        tmp_path / "old_format" / "checkpoints",
+        tmp_path / "dropped" / "checkpoints",
     )
     assert not list(dropped.glob("*optim_states.pt"))
     note = json.loads((dropped / "c2r_config.json").read_text())["optimizer_state"]
