@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from placement.inputs import routing_from_expert_ids
-from placement.methods import contiguous_placement, plan_layer
+from placement.layout import ExpertLayout
+from placement.methods import plan_layer
 from placement.objective import layer_metrics
 
 LABELS = {
@@ -46,9 +47,10 @@ def copies_per_token(masks_LTE: np.ndarray, num_ranks: int) -> dict[str, float]:
         half = len(masks_TE) // 2
         plan_on = routing_from_expert_ids(expert_sets(masks_TE[:half]), masks_TE.shape[1])
         measure_on = routing_from_expert_ids(expert_sets(masks_TE[half:]), masks_TE.shape[1])
-        base = contiguous_placement(masks_TE.shape[1], num_ranks)
-        contiguous.append(layer_metrics(measure_on, base, num_ranks)["copies_per_token"])
-        metrics = layer_metrics(measure_on, plan_layer(plan_on, num_ranks, method="kahypar"), num_ranks)
+        base = ExpertLayout.contiguous(masks_TE.shape[1], num_ranks)
+        contiguous.append(layer_metrics(measure_on, base)["copies_per_token"])
+        planned_layout = ExpertLayout(plan_layer(plan_on, num_ranks, method="kahypar"), num_ranks)
+        metrics = layer_metrics(measure_on, planned_layout)
         planned.append(metrics["copies_per_token"])
         imbalance.append(metrics["load_imbalance"])
     return {

@@ -26,9 +26,10 @@ from tqdm.auto import tqdm
 from c2r.config_utils import config_from_dict, config_to_dict, require_choice, require_positive
 from c2r.data import BatchSampler, DataConfig, load_corpus
 from c2r.model import ModelConfig, ModelOutput, MoEGPT
-from c2r.parallel import DISPATCH_MODES, DispatchObserver, ExpertLayout, model_layouts
+from c2r.parallel import DISPATCH_MODES, DispatchObserver, model_layouts
 from c2r.profiled import profiled_model
 from c2r.routing import RoutingResult, after_optimizer_step
+from placement.layout import require_divides
 from profiling.session import ProfileConfig, ProfileSession, open_comm_profiler
 
 log = logging.getLogger("c2r.train")
@@ -78,8 +79,7 @@ class RunConfig:
     profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def __post_init__(self) -> None:
-        if self.model.moe.num_experts % self.train.ep_size:
-            raise ValueError(f"ep_size ({self.train.ep_size}) must divide num_experts ({self.model.moe.num_experts})")
+        require_divides(self.train.ep_size, "ep_size", self.model.moe.num_experts, "num_experts")
 
 
 def apply_override(config: dict[str, Any], assignment: str) -> None:
@@ -163,13 +163,12 @@ def plan_layouts(config: RunConfig):
         return None
     from placement.plan import load_plan
 
-    plan = load_plan(
+    return load_plan(
         config.train.placement_plan,
         num_layers=config.model.num_moe_layers,
         num_experts=config.model.moe.num_experts,
         num_ranks=config.train.ep_size,
-    )
-    return [ExpertLayout(tuple(int(r) for r in row), config.train.ep_size) for row in plan.expert_to_rank]
+    ).layouts
 
 
 def train(config: RunConfig) -> dict[str, Any]:

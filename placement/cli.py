@@ -1,4 +1,4 @@
-"""``c2r-place``: plan where each expert lives, judge a plan, export it.
+"""``c2r-place``: plan where each expert lives, judge a plan, export it, apply it to a checkpoint.
 
 c2r-place plan --traces runs/demo --ranks 2 --out plan.json             # Mt-KaHyPar, KM1, exactly E/R per rank
 c2r-place plan --traces runs/demo --ranks 16 --nodes 2 --holdout 0.2 --out plan.json
@@ -6,6 +6,7 @@ c2r-place plan --traces runs/demo --ranks 16 --nodes 2 --topology map --inter-no
 c2r-place plan --coactivation coact.npy --ranks 4 --method greedy --out plan.json
 c2r-place evaluate --plan plan.json --traces runs/demo [--hidden 4096 --dtype bf16] [--json]
 c2r-place export --plan plan.json --format eplb|autoep [--out placement.json]
+c2r-place apply --plan plan.json --checkpoint RUN/checkpoints --out RUN2/checkpoints   # c2r-place only
 
 --traces takes a trace directory, a profile directory or a run directory (c2r-train --profile writes
 run/profile/traces); --coactivation a [L, E, E] or [E, E] .npy (c2r-profile coactivation) or counts-rank*.npz.
@@ -15,7 +16,6 @@ Bad input exits with code 2 and a message naming the values.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -69,7 +69,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     inp = _load(args, args.holdout)
     check_topology(inp.num_experts, args.ranks, args.nodes)
     dtype_bytes = DTYPE_BYTES[args.dtype]
-    expert_to_rank = plan_placement(
+    layouts = plan_placement(
         inp.plan_routings,
         args.ranks,
         args.nodes,
@@ -82,12 +82,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         args.topology,
         args.inter_node_cost,
     )
-    results = evaluate_with_baselines(
-        inp.eval_routings, expert_to_rank, args.ranks, args.nodes, args.hidden, dtype_bytes, args.seed
-    )
+    results = evaluate_with_baselines(inp.eval_routings, layouts, args.nodes, args.hidden, dtype_bytes, args.seed)
     plan = make_plan(
-        expert_to_rank,
-        num_ranks=args.ranks,
+        layouts,
         num_nodes=args.nodes,
         method=args.method,
         seed=args.seed,
@@ -199,7 +196,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     nodes = args.nodes or plan.num_nodes
     check_topology(plan.num_experts, plan.num_ranks, nodes)
     results = evaluate_with_baselines(
-        inp.eval_routings, plan.expert_to_rank, plan.num_ranks, nodes, args.hidden, DTYPE_BYTES[args.dtype], args.seed
+        inp.eval_routings, plan.layouts, nodes, args.hidden, DTYPE_BYTES[args.dtype], args.seed
     )
     if args.json:
         doc = {"plan": str(args.plan), "num_ranks": plan.num_ranks, "num_nodes": nodes, "inputs": inp.info, **results}
@@ -260,44 +257,13 @@ def add_export_command(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_export)
 
 
-# ---- apply -----------------------------------------------------------------------------------------------------
-
-
-def cmd_apply(args: argparse.Namespace) -> int:
-    from placement.apply import apply_plan
-
-    written = apply_plan(load_plan(args.plan), args.checkpoint, args.out, tag=args.tag, plan_path=args.plan)
-    optimizer_state = json.loads((written / "c2r_config.json").read_text())["optimizer_state"]
-    print(
-        f"wrote {written}: experts moved to the plan's ranks; optimizer state {optimizer_state}; continue with "
-        f"`c2r-train --resume --plan {args.plan} --out {Path(args.out).parent}`"
-    )
-    return 0
-
-
-def add_apply_command(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "apply",
-        help="move experts between ranks' files of a c2r-train DeepSpeed checkpoint; the model is unchanged",
-        description="Renames each expert's checkpoint file (and the slot in its keys) from its old rank/slot to the "
-        "plan's, and moves its rows of the fp32 master weights and Adam moments between the ranks' optimizer files "
-        "(ZeRO 0/1/2, fp32 or bf16). An optimizer layout it does not know is dropped and flagged: the resumed run "
-        "then loads the weights and starts Adam's moments afresh at the same step.",
-    )
-    p.add_argument("--plan", required=True, help="plan file (c2r-place plan)")
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory (RUN/checkpoints, with 'latest')")
-    p.add_argument("--out", required=True, help="new checkpoint directory (e.g. RUN2/checkpoints)")
-    p.add_argument("--tag", help="checkpoint tag (default: the one 'latest' names)")
-    p.set_defaults(func=cmd_apply)
-
-
 # ---- entry point -----------------------------------------------------------------------------------------------
 
-# One function per subcommand.
+# One function per subcommand. ``apply`` (checkpoint surgery) needs the training system: c2r.place_cli adds it to
+# these for the ``c2r-place`` console script, so this module stays free of c2r.
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     add_plan_command,
     add_evaluate_command,
-    add_apply_command,
     add_export_command,
 )
 
@@ -312,8 +278,10 @@ def build_parser(commands: tuple[Callable[[argparse._SubParsersAction], None], .
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(
+    argv: list[str] | None = None, commands: tuple[Callable[[argparse._SubParsersAction], None], ...] = COMMANDS
+) -> int:
+    args = build_parser(commands).parse_args(argv)
     try:
         return args.func(args)
     except (PlacementError, FileNotFoundError, FileExistsError, ValueError) as error:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from placement.inputs import LayerRouting
-from placement.methods import contiguous_placement, random_placement
+from placement.layout import ExpertLayout
+from placement.methods import random_placement
 from placement.objective import layer_metrics, overall_metrics
 
 BASELINES = ("contiguous", "random")
@@ -17,34 +17,35 @@ BASELINES = ("contiguous", "random")
 
 def evaluate_placement(
     routings: list[LayerRouting],
-    expert_to_rank_LE: np.ndarray,
-    num_ranks: int,
+    layouts: list[ExpertLayout],
     num_nodes: int = 1,
     hidden: int | None = None,
     dtype_bytes: int = 2,
 ) -> dict[str, Any]:
-    """{"layers": [per-layer metrics], "overall": mean over layers} of one [L, E] placement."""
+    """{"layers": [per-layer metrics], "overall": mean over layers} of one placement (a layout per layer)."""
     layers = []
     for layer, routing in enumerate(routings):
-        metrics = layer_metrics(routing, expert_to_rank_LE[layer], num_ranks, num_nodes, hidden, dtype_bytes)
+        metrics = layer_metrics(routing, layouts[layer], num_nodes, hidden, dtype_bytes)
         layers.append({"layer": layer, **metrics})
     return {"layers": layers, "overall": overall_metrics(layers)}
 
 
-def baseline_placements(num_layers: int, num_experts: int, num_ranks: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """[L, E] contiguous and seeded random placements (a different random draw per layer)."""
+def baseline_placements(
+    num_layers: int, num_experts: int, num_ranks: int, seed: int = 0
+) -> dict[str, list[ExpertLayout]]:
+    """Contiguous and seeded random layouts, one per layer (a different random draw per layer)."""
     return {
-        "contiguous": np.tile(contiguous_placement(num_experts, num_ranks), (num_layers, 1)),
-        "random": np.stack([random_placement(num_experts, num_ranks, seed + layer) for layer in range(num_layers)])
-        if num_layers
-        else np.zeros((0, num_experts), np.int64),
+        "contiguous": [ExpertLayout.contiguous(num_experts, num_ranks)] * num_layers,
+        "random": [
+            ExpertLayout(random_placement(num_experts, num_ranks, seed + layer), num_ranks)
+            for layer in range(num_layers)
+        ],
     }
 
 
 def evaluate_with_baselines(
     routings: list[LayerRouting],
-    expert_to_rank_LE: np.ndarray,
-    num_ranks: int,
+    layouts: list[ExpertLayout],
     num_nodes: int = 1,
     hidden: int | None = None,
     dtype_bytes: int = 2,
@@ -52,11 +53,11 @@ def evaluate_with_baselines(
     progress: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """{"plan": ..., "contiguous": ..., "random": ...}, each as `evaluate_placement` returns."""
-    num_experts = routings[0].num_experts if routings else expert_to_rank_LE.shape[1]
-    placements = {"plan": expert_to_rank_LE, **baseline_placements(len(routings), num_experts, num_ranks, seed)}
+    num_experts, num_ranks = layouts[0].num_experts, layouts[0].num_ranks
+    placements = {"plan": layouts, **baseline_placements(len(routings), num_experts, num_ranks, seed)}
     return {
-        name: evaluate_placement(routings, e2r, num_ranks, num_nodes, hidden, dtype_bytes)
-        for name, e2r in tqdm(placements.items(), desc="evaluating", unit="placement", disable=not progress)
+        name: evaluate_placement(routings, placement, num_nodes, hidden, dtype_bytes)
+        for name, placement in tqdm(placements.items(), desc="evaluating", unit="placement", disable=not progress)
     }
 
 

@@ -11,22 +11,18 @@ from typing import Any
 import numpy as np
 
 from placement.errors import PlacementError
-from placement.plan import Plan, rank_to_experts
+from placement.layout import ExpertLayout
+from placement.plan import Plan
 
 EXPORT_FORMATS = ("eplb", "autoep")
 
 
-def eplb_mapping(expert_to_rank_LE: np.ndarray, num_ranks: int) -> dict[str, np.ndarray]:
+def eplb_mapping(layouts: list[ExpertLayout]) -> dict[str, np.ndarray]:
     """A placement without replication in EPLB's terms (physical slot p lives on GPU p // (E/G); each GPU's slots
     hold its experts in local-slot order, ascending id): phy2log [L, E], log2phy [L, E, 1], logcnt [L, E] (all 1)."""
-    num_layers, num_experts = expert_to_rank_LE.shape
-    phy2log = (
-        np.stack([np.concatenate(rank_to_experts(e2r, num_ranks)) for e2r in expert_to_rank_LE])
-        .astype(np.int64)
-        .reshape(num_layers, num_experts)
-    )
-    log2phy = np.argsort(phy2log, axis=1)[:, :, None]
-    return {"phy2log": phy2log, "log2phy": log2phy, "logcnt": np.ones((num_layers, num_experts), dtype=np.int64)}
+    phy2log = np.stack([layout.physical_to_logical for layout in layouts])
+    log2phy = np.stack([layout.logical_to_physical for layout in layouts])[:, :, None]
+    return {"phy2log": phy2log, "log2phy": log2phy, "logcnt": np.ones(phy2log.shape, dtype=np.int64)}
 
 
 def _replica_counts(load_E: np.ndarray, num_replicas: int) -> np.ndarray:
@@ -83,16 +79,14 @@ def replicate_hot_experts(
     return phy2log, log2phy, logcnt
 
 
-def autoep_descriptor(expert_to_rank_E: np.ndarray, num_ranks: int) -> dict[str, Any]:
+def autoep_descriptor(layout: ExpertLayout) -> dict[str, Any]:
     """DeepSpeed AutoEP's placement descriptor (deepspeed/checkpoint/autoep_affine.py, version 1):
     {"version": 1, "num_experts": E, "ep_size": R, "ranks": [{"rank": r, "experts": [ids in local packed order]}]}."""
     return {
         "version": 1,
-        "num_experts": int(len(expert_to_rank_E)),
-        "ep_size": int(num_ranks),
-        "ranks": [
-            {"rank": r, "experts": experts} for r, experts in enumerate(rank_to_experts(expert_to_rank_E, num_ranks))
-        ],
+        "num_experts": layout.num_experts,
+        "ep_size": layout.num_ranks,
+        "ranks": [{"rank": r, "experts": experts} for r, experts in enumerate(layout.rank_to_experts)],
     }
 
 
@@ -110,12 +104,12 @@ def export_plan(plan: Plan, fmt: str, num_replicas: int | None = None) -> dict[s
             "format": "autoep-expert-placement",
             "num_layers": plan.num_layers,
             "layers": [
-                {"layer": layer, "expert_placement": autoep_descriptor(e2r, plan.num_ranks)}
-                for layer, e2r in enumerate(plan.expert_to_rank)
+                {"layer": layer, "expert_placement": autoep_descriptor(layout)}
+                for layer, layout in enumerate(plan.layouts)
             ],
         }
     if num_replicas is None or num_replicas == plan.num_experts:
-        arrays = eplb_mapping(plan.expert_to_rank, plan.num_ranks)
+        arrays = eplb_mapping(plan.layouts)
     else:
         if plan.expert_load is None:
             raise PlacementError("--replicas needs the expert load recorded in the plan; this plan has none")

@@ -1,4 +1,5 @@
-"""Balanced expert placement: every method returns ``expert_to_rank`` [E] with exactly E/R experts per rank.
+"""Balanced expert placement: every method returns ``expert_to_rank`` [E] with exactly E/R experts per rank
+(labels, inside this module); `plan_placement` hands out one `ExpertLayout` per layer.
 
 Methods (``METHODS``; all deterministic given ``seed``):
 - ``kahypar`` (default): Mt-KaHyPar on the hypergraph whose hyperedges are the distinct expert sets (weight = how
@@ -44,6 +45,7 @@ from tqdm.auto import tqdm
 
 from placement.errors import PlacementError
 from placement.inputs import LayerRouting, restrict, subsample
+from placement.layout import ExpertLayout
 from placement.objective import check_topology, km1_batch
 
 PartitionFn = Callable[[LayerRouting, int, int], np.ndarray]
@@ -60,17 +62,11 @@ _METIS_MAX_TOTAL_WEIGHT = 1 << 30  # METIS sums edge weights into idx_t (32 or 6
 # ---- helpers ---------------------------------------------------------------------------------------------------
 
 
-def contiguous_placement(num_experts: int, num_ranks: int) -> np.ndarray:
-    """[E]: experts 0..E/R-1 on rank 0, E/R..2E/R-1 on rank 1, ..."""
-    check_topology(num_experts, num_ranks)
-    return np.arange(num_experts, dtype=np.int64) // (num_experts // num_ranks)
-
-
 def random_placement(num_experts: int, num_ranks: int, seed: int = 0) -> np.ndarray:
     """[E]: a uniformly random balanced placement (seeded)."""
     perm = np.random.default_rng(seed).permutation(num_experts)
     e2r = np.empty(num_experts, dtype=np.int64)
-    e2r[perm] = contiguous_placement(num_experts, num_ranks)
+    e2r[perm] = ExpertLayout.contiguous(num_experts, num_ranks).as_array()
     return e2r
 
 
@@ -163,7 +159,7 @@ def refine_by_swaps(
 
 
 def partition_contiguous(routing: LayerRouting, num_parts: int, seed: int = 0) -> np.ndarray:
-    return contiguous_placement(routing.num_experts, num_parts)
+    return ExpertLayout.contiguous(routing.num_experts, num_parts).as_array()
 
 
 def partition_random(routing: LayerRouting, num_parts: int, seed: int = 0) -> np.ndarray:
@@ -272,7 +268,7 @@ def partition_metis(routing: LayerRouting, num_parts: int, seed: int = 0) -> np.
         raise PlacementError("method 'metis' needs pymetis: pip install pymetis") from error
     weights = integer_affinity(routing)
     if not weights.any():
-        return contiguous_placement(routing.num_experts, num_parts)
+        return ExpertLayout.contiguous(routing.num_experts, num_parts).as_array()
     rows, cols = np.nonzero(weights)  # row-major: each vertex's neighbours are contiguous, both directions stored
     starts = np.searchsorted(rows, np.arange(routing.num_experts + 1))
     result = pymetis.part_graph(
@@ -379,7 +375,7 @@ def partition_kahypar(
     _check_preset(preset)
     edges, weights = _hyperedges(routing)
     if not edges:
-        return contiguous_placement(routing.num_experts, num_parts)
+        return ExpertLayout.contiguous(routing.num_experts, num_parts).as_array()
     mt, initializer, context = _kahypar_context(seed, preset, threads)
     context.set_partitioning_parameters(num_parts, 0.0, mt.Objective.KM1)
     hypergraph = initializer.create_hypergraph(
@@ -410,7 +406,7 @@ def map_kahypar(
         raise PlacementError(f"inter-node cost must be an integer >= 1 (intra-node cost is 1); got {inter_node_cost!r}")
     edges, weights = _hyperedges(routing)
     if not edges:
-        return contiguous_placement(routing.num_experts, num_ranks)
+        return ExpertLayout.contiguous(routing.num_experts, num_ranks).as_array()
     _, initializer, context = _kahypar_context(seed, preset, threads)
     context.set_mapping_parameters(num_ranks, 0.0)
     hypergraph = initializer.create_hypergraph(
@@ -518,10 +514,12 @@ def plan_placement(
     progress: bool = True,
     topology: str = "two-level",
     inter_node_cost: int = DEFAULT_INTER_NODE_COST,
-) -> np.ndarray:
-    """Every layer's placement: [L, E] int64 (arguments: `plan_layer`)."""
-    rows = [
-        plan_layer(r, num_ranks, num_nodes, method, seed, preset, threads, max_tokens, topology, inter_node_cost)
+) -> list[ExpertLayout]:
+    """Every layer's placement, one layout per layer (arguments: `plan_layer`)."""
+    return [
+        ExpertLayout(
+            plan_layer(r, num_ranks, num_nodes, method, seed, preset, threads, max_tokens, topology, inter_node_cost),
+            num_ranks,
+        )
         for r in tqdm(routings, desc=f"planning ({method})", unit="layer", disable=not progress)
     ]
-    return np.stack(rows) if rows else np.zeros((0, 0), dtype=np.int64)

@@ -1,7 +1,8 @@
 """The placement objective and the traffic / load metrics of one placement, per MoE layer and overall.
 
-Setting. One MoE layer, E experts placed on R ranks by ``expert_to_rank`` [E] (exactly E/R each). With nodes, the
-R ranks form N nodes of G = R/N consecutive ranks (rank r is on node r // G, as launchers number them). A token
+Setting. One MoE layer, E experts placed on R ranks by an `ExpertLayout` (``expert_to_rank`` [E], exactly E/R each).
+With nodes, the R ranks form N nodes of G = R/N consecutive ranks (rank r is on node r // G, as launchers number
+them). A token
 routed to the expert set S reaches
 
     lambda(S) = |{rank(e) : e in S}|   ranks,        nu(S) = |{node(rank(e)) : e in S}|   nodes.
@@ -48,6 +49,7 @@ import numpy as np
 
 from placement.errors import PlacementError
 from placement.inputs import LayerRouting
+from placement.layout import ExpertLayout, require_divides
 
 DTYPE_BYTES = {"fp8": 1, "bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -90,11 +92,9 @@ def km1_batch(routing: LayerRouting, labels_QE: np.ndarray, chunk_elems: int = 1
 
 
 def check_topology(num_experts: int, num_ranks: int, num_nodes: int = 1) -> None:
-    """Ranks must divide experts and nodes must divide ranks (errors name both numbers)."""
-    if num_ranks <= 0 or num_experts % num_ranks:
-        raise PlacementError(f"ranks ({num_ranks}) must divide experts ({num_experts})")
-    if num_nodes <= 0 or num_ranks % num_nodes:
-        raise PlacementError(f"nodes ({num_nodes}) must divide ranks ({num_ranks})")
+    """Ranks must divide experts and nodes must divide ranks (errors name both numbers, in the CLI's terms)."""
+    require_divides(num_ranks, "ranks", num_experts, "experts")
+    require_divides(num_nodes, "nodes", num_ranks, "ranks")
 
 
 def _within_group_pairs(routing: LayerRouting, group_E: np.ndarray, num_groups: int) -> np.ndarray:
@@ -112,14 +112,15 @@ def _pairwise_hits(routing: LayerRouting, group_E: np.ndarray, num_groups: int) 
 
 def layer_metrics(
     routing: LayerRouting,
-    expert_to_rank_E: np.ndarray,
-    num_ranks: int,
+    layout: ExpertLayout,
     num_nodes: int = 1,
     hidden: int | None = None,
     dtype_bytes: int = 2,
 ) -> dict[str, Any]:
     """Metrics of one placement on one layer (keys and formulas: module docstring)."""
-    e2r = np.asarray(expert_to_rank_E, dtype=np.int64)
+    e2r, num_ranks = layout.as_array(), layout.num_ranks
+    if layout.num_experts != routing.num_experts:
+        raise PlacementError(f"the layout places {layout.num_experts} experts, the routing has {routing.num_experts}")
     tokens = routing.num_tokens
     out: dict[str, Any] = {"tokens": int(tokens), "exact": not routing.pairwise}
     if tokens == 0:

@@ -9,9 +9,10 @@
      "predicted": {overall metrics}, "baseline_contiguous": {overall}, "baseline_random": {overall},
      "inputs": {"kind": "traces" | "coactivation", "path", "digest": "sha256:...", "tokens", "holdout", ...}}
 
-``expert_to_rank`` is the truth; ``rank_to_experts`` (derived, for people reading the file) lists each rank's experts
-in local-slot order: ascending logical id, the order `c2r.parallel.ExpertLayout.local_experts` uses. Metrics: see
-`placement.objective` (predicted on the held-out tokens when the plan was made with a holdout).
+``expert_to_rank`` is the truth, one `ExpertLayout` per layer (`ExpertLayout.to_json` writes it, `from_json` reads
+it); ``rank_to_experts`` (derived, for people reading the file) lists each rank's experts in local-slot order:
+ascending logical id, the order `ExpertLayout.local_experts` uses. Metrics: see `placement.objective` (predicted on
+the held-out tokens when the plan was made with a holdout).
 """
 
 from __future__ import annotations
@@ -28,46 +29,17 @@ from typing import Any
 import numpy as np
 
 from placement.errors import PlacementError
+from placement.layout import ExpertLayout, require_divides
 
 FORMAT = "c2r-placement"
 _NUMBER_LIST = re.compile(r"\[\s*((?:-?[\d.eE+-]+,?\s*)+)\]")
 VERSION = 1
 
 
-def rank_to_experts(expert_to_rank_E: np.ndarray | list[int], num_ranks: int) -> list[list[int]]:
-    """[E] -> R lists of logical expert ids, each ascending (local-slot order)."""
-    e2r = np.asarray(expert_to_rank_E)
-    return [np.flatnonzero(e2r == r).tolist() for r in range(num_ranks)]
-
-
-def validate_expert_to_rank(
-    expert_to_rank_E: Any, num_experts: int, num_ranks: int, where: str = "expert_to_rank"
-) -> np.ndarray:
-    """Checks a placement and returns it as int64 [E]; errors name the offending values."""
-    if num_ranks <= 0 or num_experts % num_ranks:
-        raise PlacementError(f"{where}: ranks ({num_ranks}) must divide experts ({num_experts})")
-    values = list(expert_to_rank_E) if isinstance(expert_to_rank_E, (list, tuple, np.ndarray)) else None
-    if values is None or len(values) != num_experts:
-        got = "not a list" if values is None else f"{len(values)} entries"
-        raise PlacementError(f"{where} must list a rank for each of {num_experts} experts; got {got}")
-    bad = sorted({v for v in values if isinstance(v, bool) or not isinstance(v, (int, np.integer))}, key=str)
-    if bad:
-        raise PlacementError(f"{where} holds non-integer ranks {bad}")
-    outside = sorted({int(v) for v in values if not 0 <= v < num_ranks})
-    if outside:
-        raise PlacementError(f"{where} names ranks {outside} outside 0..{num_ranks - 1}")
-    counts = Counter(int(v) for v in values)
-    per_rank = num_experts // num_ranks
-    wrong = {r: counts.get(r, 0) for r in range(num_ranks) if counts.get(r, 0) != per_rank}
-    if wrong:
-        raise PlacementError(
-            f"{where}: every rank must hold exactly {per_rank} experts ({num_experts} experts / {num_ranks} ranks); "
-            f"these ranks hold: {wrong}"
-        )
-    return np.asarray(values, dtype=np.int64)
-
-
-def _validate_rank_to_experts(lists: Any, e2r: np.ndarray, num_ranks: int, where: str) -> None:
+def _validate_rank_to_experts(lists: Any, layout: ExpertLayout, where: str) -> None:
+    """The derived per-rank lists, when a file carries them, must agree with ``expert_to_rank`` (any order within a
+    rank: the slot order is always ascending id)."""
+    num_ranks, e2r = layout.num_ranks, layout.expert_to_rank
     if not isinstance(lists, list) or len(lists) != num_ranks or not all(isinstance(x, list) for x in lists):
         raise PlacementError(f"{where}.rank_to_experts must be {num_ranks} lists (one per rank)")
     flat = [e for experts in lists for e in experts]
@@ -85,18 +57,16 @@ def _validate_rank_to_experts(lists: Any, e2r: np.ndarray, num_ranks: int, where
 
 @dataclass
 class Plan:
-    """A loaded, validated plan. ``expert_to_rank``: int64 [L, E]; ``data``: the whole JSON document."""
+    """A loaded, validated plan. ``layouts``: one :class:`ExpertLayout` per MoE layer; ``data``: the whole JSON
+    document."""
 
     num_layers: int
     num_experts: int
     num_ranks: int
     num_nodes: int
-    expert_to_rank: np.ndarray
+    layouts: list[ExpertLayout]
     method: str
     data: dict[str, Any]
-
-    def rank_to_experts(self, layer: int) -> list[list[int]]:
-        return rank_to_experts(self.expert_to_rank[layer], self.num_ranks)
 
     @property
     def expert_load(self) -> np.ndarray | None:
@@ -132,10 +102,8 @@ def plan_from_dict(
         raise PlacementError(f"{source} has plan version {data.get('version')!r}; this c2r reads version {VERSION}")
     layers_n, experts_n, ranks_n = (_positive_int(data, k, source) for k in ("num_layers", "num_experts", "num_ranks"))
     nodes_n = _positive_int(data, "num_nodes", source) if "num_nodes" in data else 1
-    if experts_n % ranks_n:
-        raise PlacementError(f"{source}: ranks ({ranks_n}) must divide experts ({experts_n})")
-    if ranks_n % nodes_n:
-        raise PlacementError(f"{source}: nodes ({nodes_n}) must divide ranks ({ranks_n})")
+    require_divides(ranks_n, "ranks", experts_n, "experts", source)
+    require_divides(nodes_n, "nodes", ranks_n, "ranks", source)
     _check_expected(source, "MoE layers", layers_n, num_layers)
     _check_expected(source, "experts", experts_n, num_experts)
     _check_expected(source, "ranks", ranks_n, num_ranks)
@@ -147,13 +115,14 @@ def plan_from_dict(
         raise PlacementError(
             f"{source}: layers must be numbered 0..{layers_n - 1} once each (num_layers {layers_n}); found {indices}"
         )
-    rows = np.zeros((layers_n, experts_n), dtype=np.int64)
+    layouts: list[ExpertLayout] = [None] * layers_n  # type: ignore[list-item]  # every index is filled below
     for entry in layers:
         where = f"{source} layer {entry['layer']}"
-        rows[entry["layer"]] = validate_expert_to_rank(entry.get("expert_to_rank"), experts_n, ranks_n, where)
+        layout = ExpertLayout.from_json(entry.get("expert_to_rank"), ranks_n, experts_n, where)
         if "rank_to_experts" in entry:
-            _validate_rank_to_experts(entry["rank_to_experts"], rows[entry["layer"]], ranks_n, where)
-    return Plan(layers_n, experts_n, ranks_n, nodes_n, rows, str(data.get("method", "?")), data)
+            _validate_rank_to_experts(entry["rank_to_experts"], layout, where)
+        layouts[entry["layer"]] = layout
+    return Plan(layers_n, experts_n, ranks_n, nodes_n, layouts, str(data.get("method", "?")), data)
 
 
 def load_plan(
@@ -172,9 +141,8 @@ def load_plan(
 
 
 def make_plan(
-    expert_to_rank_LE: np.ndarray,
+    layouts: list[ExpertLayout],
     *,
-    num_ranks: int,
     num_nodes: int,
     method: str,
     seed: int,
@@ -186,14 +154,16 @@ def make_plan(
 ) -> dict[str, Any]:
     """The plan document. ``layer_metrics`` / ``overall``: keyed "predicted", "baseline_contiguous",
     "baseline_random" (per layer lists / overall dicts)."""
-    num_layers, num_experts = expert_to_rank_LE.shape
+    if not layouts or len({(x.num_experts, x.num_ranks) for x in layouts}) != 1:
+        shapes = sorted({(x.num_experts, x.num_ranks) for x in layouts})
+        raise PlacementError(f"a plan needs one or more layers of one shape; got (experts, ranks) {shapes}")
+    num_layers, num_experts, num_ranks = len(layouts), layouts[0].num_experts, layouts[0].num_ranks
     layers = []
-    for layer in range(num_layers):
-        e2r = validate_expert_to_rank(expert_to_rank_LE[layer], num_experts, num_ranks, f"layer {layer}")
+    for layer, layout in enumerate(layouts):
         entry: dict[str, Any] = {
             "layer": layer,
-            "expert_to_rank": e2r.tolist(),
-            "rank_to_experts": rank_to_experts(e2r, num_ranks),
+            "expert_to_rank": layout.to_json(),
+            "rank_to_experts": layout.rank_to_experts,
         }
         if expert_load_LE is not None:
             entry["expert_load"] = np.round(expert_load_LE[layer]).astype(np.int64).tolist()

@@ -6,7 +6,8 @@ import torch.distributed as dist
 
 from c2r.experts import ExpertConfig
 from c2r.moe import MoEConfig, MoELayer
-from c2r.parallel import ExpertLayout, shard_experts
+from c2r.parallel import shard_experts
+from placement.layout import ExpertLayout
 from tests.distributed import run_distributed
 
 T_PER_RANK, D, F, E, K = 24, 16, 8, 8, 2

@@ -12,9 +12,10 @@ import torch
 
 from c2r.config_utils import config_from_dict, config_to_dict
 from c2r.data import BatchSampler, load_corpus
+from c2r.deepspeed.move_experts import REMAPPED, move_experts, move_rows
 from c2r.parallel import model_layouts
 from c2r.train import RunConfig, build_engine, train
-from placement.apply import REMAPPED, apply_plan, move_rows
+from placement.layout import ExpertLayout
 from placement.plan import plan_from_dict
 from tests.distributed import run_distributed
 from tests.run_configs import tiny_run_config
@@ -134,8 +135,6 @@ def strip_slice_mappings(ckpt_dir, tag) -> None:
 
 
 def test_move_rows_moves_each_expert_block_to_its_new_rank_and_slot():
-    from c2r.parallel import ExpertLayout
-
     before, after = ExpertLayout.contiguous(4, 2), ExpertLayout((1, 0, 0, 1), 2)
     old = [torch.tensor([[0.0, 0.0], [1.0, 1.0]]), torch.tensor([[2.0, 2.0], [3.0, 3.0]])]  # rows = expert ids
     new = move_rows(old, before, after)
@@ -147,8 +146,8 @@ def test_applied_plan_computes_the_same_function(tmp_path):
     plan_path = write_plan(tmp_path / "plan.json")
     source = tmp_path / "before" / "checkpoints" / "step4"
     optimizer_bytes = {p.name: p.read_bytes() for p in source.glob("*optim_states.pt")}
-    moved = apply_plan(
-        plan_from_dict(plan_dict()),
+    moved = move_experts(
+        plan_from_dict(plan_dict()).layouts,
         tmp_path / "before" / "checkpoints",
         tmp_path / "after" / "checkpoints",
         plan_path=plan_path,
@@ -169,8 +168,10 @@ def test_applied_plan_computes_the_same_function(tmp_path):
     # A layout apply does not know (here: no param_slice_mappings) drops the optimizer state, and says why.
     shutil.copytree(tmp_path / "before" / "checkpoints", tmp_path / "old_format" / "checkpoints")
     strip_slice_mappings(tmp_path / "old_format" / "checkpoints", "step4")
-    dropped = apply_plan(
-        plan_from_dict(plan_dict()), tmp_path / "old_format" / "checkpoints", tmp_path / "dropped" / "checkpoints"
+    dropped = move_experts(
+        plan_from_dict(plan_dict()).layouts,
+        tmp_path / "old_format" / "checkpoints",
+        tmp_path / "dropped" / "checkpoints",
     )
     assert not list(dropped.glob("*optim_states.pt"))
     note = json.loads((dropped / "c2r_config.json").read_text())["optimizer_state"]
@@ -230,8 +231,8 @@ def test_resumed_under_the_plan_follows_the_uninterrupted_run(tmp_path, stage, w
         tmp_path / "w1",
         raw_config(tmp_path / "full", steps=6, ep_size=ep_size, save_every=3, deepspeed_config=ds_config),
     )
-    apply_plan(
-        plan_from_dict(plan_dict(layouts)),
+    move_experts(
+        plan_from_dict(plan_dict(layouts)).layouts,
         tmp_path / "full" / "checkpoints",
         tmp_path / "moved" / "checkpoints",
         "step3",
@@ -286,8 +287,8 @@ def test_bf16_master_weights_and_moments_move_with_their_experts(tmp_path, confi
 
     trained = run_distributed(train_worker, 2, tmp_path / "w1", raw(tmp_path / "before"))  # its state is saved
     plan_path = write_plan(tmp_path / "plan.json")
-    moved = apply_plan(
-        plan_from_dict(plan_dict()),
+    moved = move_experts(
+        plan_from_dict(plan_dict()).layouts,
         tmp_path / "before" / "checkpoints",
         tmp_path / "after" / "checkpoints",
         plan_path=plan_path,
@@ -331,14 +332,14 @@ def test_apply_refuses_a_plan_of_another_shape(tmp_path):
         ValueError,
         match="num_experts=16 in the plan, 8 in the checkpoint; num_ranks=4 in the plan, 2 in the checkpoint",
     ):
-        apply_plan(plan, tmp_path / "run" / "checkpoints", tmp_path / "out")
+        move_experts(plan.layouts, tmp_path / "run" / "checkpoints", tmp_path / "out")
     bad_plan = tmp_path / "bad_plan.json"
     bad_plan.write_text(json.dumps(raw))
     cli = subprocess.run(
         [
             sys.executable,
             "-m",
-            "placement.cli",
+            "c2r.place_cli",
             "apply",
             "--plan",
             str(bad_plan),
@@ -352,4 +353,4 @@ def test_apply_refuses_a_plan_of_another_shape(tmp_path):
     )
     assert cli.returncode == 2 and "num_experts=16 in the plan, 8 in the checkpoint" in cli.stderr
     with pytest.raises(FileNotFoundError, match="no checkpoint in"):
-        apply_plan(plan_from_dict(plan_dict()), tmp_path / "nowhere", tmp_path / "out")
+        move_experts(plan_from_dict(plan_dict()).layouts, tmp_path / "nowhere", tmp_path / "out")

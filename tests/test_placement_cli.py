@@ -196,6 +196,12 @@ def test_help_on_every_subcommand():
     for argv in ([], ["plan"], ["evaluate"], ["export"]):
         out = subprocess.run([sys.executable, "-m", "placement.cli", *argv, "--help"], capture_output=True, text=True)
         assert out.returncode == 0 and "usage: c2r-place" in out.stdout
+    # The c2r-place console script adds `apply` (checkpoint surgery lives in c2r, above placement).
+    for argv in ([], ["plan"], ["evaluate"], ["apply"], ["export"]):
+        out = subprocess.run([sys.executable, "-m", "c2r.place_cli", *argv, "--help"], capture_output=True, text=True)
+        assert out.returncode == 0 and "usage: c2r-place" in out.stdout
+        if not argv:
+            assert "{plan,evaluate,apply,export}" in out.stdout
 
 
 def test_topology_map_plans_from_traces_and_evaluates_against_two_level(run_dir, tmp_path, capsys):
@@ -213,7 +219,7 @@ def test_topology_map_plans_from_traces_and_evaluates_against_two_level(run_dir,
         report = json.loads(report)
         fanout[topology] = report["plan"]["overall"]["node_fanout_per_token"]
         fanout["contiguous"] = report["contiguous"]["overall"]["node_fanout_per_token"]
-    for layer in plans["map"].expert_to_rank:
-        assert sorted(np.bincount(layer, minlength=4).tolist()) == [4, 4, 4, 4]  # exactly E/R per rank
+    for layout in plans["map"].layouts:
+        assert sorted(np.bincount(layout.expert_to_rank, minlength=4).tolist()) == [4, 4, 4, 4]  # exactly E/R per rank
     # Both put clustered experts together: fewer nodes per token than the contiguous placement.
     assert fanout["map"] < fanout["contiguous"] and fanout["two-level"] < fanout["contiguous"], fanout

@@ -13,6 +13,7 @@ from placement.cli import main as place_main
 from placement.errors import PlacementError
 from placement.export import replicate_hot_experts
 from placement.inputs import restrict, routing_from_coactivation, routing_from_expert_ids, subsample
+from placement.layout import ExpertLayout
 from placement.methods import (
     METHODS,
     balance,
@@ -168,15 +169,15 @@ def test_two_level_placement_cuts_inter_node_fanout():
     groups[1] = np.setdiff1d(np.arange(16), groups[0])
     ids = np.stack([rng.choice(groups[rng.integers(2)], 4, replace=False) for _ in range(600)])
     routing = routing_from_expert_ids(ids, 16)
-    flat = layer_metrics(routing, plan_layer(routing, 8, num_nodes=1), 8, num_nodes=2)
-    two = layer_metrics(routing, plan_layer(routing, 8, num_nodes=2), 8, num_nodes=2)
+    flat = layer_metrics(routing, ExpertLayout(plan_layer(routing, 8, num_nodes=1), 8), num_nodes=2)
+    two = layer_metrics(routing, ExpertLayout(plan_layer(routing, 8, num_nodes=2), 8), num_nodes=2)
     assert two["node_fanout_per_token"] <= flat["node_fanout_per_token"]
     assert two["node_fanout_per_token"] == pytest.approx(1.0)
     for method in ("greedy", "kl", "spectral", "metis", "random", "contiguous"):
         assert_balanced(plan_layer(routing, 8, num_nodes=2, method=method), 16, 8)
     mapped = plan_layer(routing, 8, num_nodes=2, topology="map")
     assert_balanced(mapped, 16, 8)
-    assert layer_metrics(routing, mapped, 8, num_nodes=2)["node_fanout_per_token"] == pytest.approx(1.0)
+    assert layer_metrics(routing, ExpertLayout(mapped, 8), num_nodes=2)["node_fanout_per_token"] == pytest.approx(1.0)
 
 
 # ---- METIS -----------------------------------------------------------------------------------------------------
@@ -264,7 +265,9 @@ def test_map_reaches_the_topology_optimum(top_k, seed):
     assert steiner_cost_batch(routing, mapped[None], 2, 10)[0] == optimum
     two_level = plan_layer(routing, 4, num_nodes=2, seed=seed)
     assert km1_batch(routing, (mapped // 2)[None])[0] <= km1_batch(routing, (two_level // 2)[None])[0]
-    fanout = [layer_metrics(routing, p, 4, num_nodes=2)["node_fanout_per_token"] for p in (mapped, two_level)]
+    fanout = [
+        layer_metrics(routing, ExpertLayout(p, 4), num_nodes=2)["node_fanout_per_token"] for p in (mapped, two_level)
+    ]
     assert fanout[0] <= fanout[1] + 1e-12
 
 

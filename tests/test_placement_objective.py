@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from placement.inputs import routing_from_coactivation, routing_from_expert_ids
+from placement.layout import ExpertLayout
 from placement.objective import distinct_per_row, km1, km1_batch, layer_metrics, overall_metrics
 from placement.synthetic import synthetic_expert_ids
 
@@ -21,7 +22,7 @@ def test_worked_example_by_hand():
     # rank load: rank 0 = load(0)+load(1) = 2+2 = 4, rank 1 = load(2)+load(3) = 2+3 = 5 -> max/mean = 5/4.5.
     ids = np.array([[0, 1], [0, 2], [3, 1], [2, 3], [3, -1]])
     routing = routing_from_expert_ids(ids, 4)
-    m = layer_metrics(routing, np.array([0, 0, 1, 1]), num_ranks=2, hidden=8, dtype_bytes=2)
+    m = layer_metrics(routing, ExpertLayout([0, 0, 1, 1], 2), hidden=8, dtype_bytes=2)
     assert m["tokens"] == 5 and m["exact"]
     assert m["copies_per_token"] == pytest.approx(1.4)
     assert m["slots_per_token"] == pytest.approx(1.8)
@@ -40,7 +41,7 @@ def test_two_level_worked_example():
     #   {0, 1, 3}: ranks {0, 1}    lambda 2, nodes {0}    nu 1
     # node fan-out = 1.5; inter-node copies (node dedup) = 1.5 * 1/2 = 0.75; flat per-rank = 2.5 * 1/2 = 1.25.
     routing = routing_from_expert_ids(np.array([[0, 2, 4], [0, 1, 3]]), 8)
-    m = layer_metrics(routing, np.array([0, 0, 1, 1, 2, 2, 3, 3]), num_ranks=4, num_nodes=2)
+    m = layer_metrics(routing, ExpertLayout([0, 0, 1, 1, 2, 2, 3, 3], 4), num_nodes=2)
     assert m["copies_per_token"] == pytest.approx(2.5)
     assert m["node_fanout_per_token"] == pytest.approx(1.5)
     assert m["inter_node_copies_per_token"] == pytest.approx(0.75)
@@ -60,7 +61,7 @@ def test_cross_rank_formula_matches_simulation_over_source_ranks():
         for s in range(4):
             per_rank.append(len({d for d in dest if d != s}))
             per_expert.append(sum(d != s for d in dest))
-    m = layer_metrics(routing_from_expert_ids(ids, 16), e2r, num_ranks=4)
+    m = layer_metrics(routing_from_expert_ids(ids, 16), ExpertLayout(e2r, 4))
     assert m["cross_rank_copies_per_token"] == pytest.approx(np.mean(per_rank) * 1)
     assert m["per_expert_cross_rank_copies_per_token"] == pytest.approx(np.mean(per_expert))
 
@@ -88,31 +89,29 @@ def test_pairwise_metrics_are_exact_for_top2():
     exact = routing_from_expert_ids(ids, 8)
     pairwise = routing_from_coactivation(_coactivation(ids, 8))
     assert pairwise.num_tokens == 400  # inferred: k = 1 + 2 pairs / trace = 2, T = trace / 2
-    e2r = np.array([0, 1, 2, 3, 0, 1, 2, 3])
-    a = layer_metrics(exact, e2r, 4, num_nodes=2)
-    b = layer_metrics(pairwise, e2r, 4, num_nodes=2)
+    e2r = ExpertLayout([0, 1, 2, 3, 0, 1, 2, 3], 4)
+    a = layer_metrics(exact, e2r, num_nodes=2)
+    b = layer_metrics(pairwise, e2r, num_nodes=2)
     assert not b["exact"] and b["approximation"] == "pairwise"
     for key in ("copies_per_token", "km1_per_token", "load_imbalance", "node_fanout_per_token", "slots_per_token"):
         assert b[key] == pytest.approx(a[key]), key
     # The diagonal may be absent: then the matrix is read as top-2 and the loads are row sums.
     c = _coactivation(ids, 8)
     np.fill_diagonal(c, 0)
-    assert layer_metrics(routing_from_coactivation(c), e2r, 4)["copies_per_token"] == pytest.approx(
-        a["copies_per_token"]
-    )
+    assert layer_metrics(routing_from_coactivation(c), e2r)["copies_per_token"] == pytest.approx(a["copies_per_token"])
 
 
 def test_pairwise_is_a_lower_bound_for_larger_k():
     ids = synthetic_expert_ids(400, 16, 6, seed=6)
-    e2r = np.arange(16) // 4
-    exact = layer_metrics(routing_from_expert_ids(ids, 16), e2r, 4)["copies_per_token"]
-    approx = layer_metrics(routing_from_coactivation(_coactivation(ids, 16), num_tokens=400), e2r, 4)
+    e2r = ExpertLayout.contiguous(16, 4)
+    exact = layer_metrics(routing_from_expert_ids(ids, 16), e2r)["copies_per_token"]
+    approx = layer_metrics(routing_from_coactivation(_coactivation(ids, 16), num_tokens=400), e2r)
     assert approx["copies_per_token"] <= exact + 1e-9
 
 
 def test_overall_is_the_mean_over_layers():
     r = routing_from_expert_ids(np.array([[0, 2], [1, 3]]), 4)
-    layers = [layer_metrics(r, np.array([0, 0, 1, 1]), 2), layer_metrics(r, np.array([0, 1, 0, 1]), 2)]
+    layers = [layer_metrics(r, ExpertLayout([0, 0, 1, 1], 2)), layer_metrics(r, ExpertLayout([0, 1, 0, 1], 2))]
     o = overall_metrics(layers)
     assert o["copies_per_token"] == pytest.approx((2.0 + 1.0) / 2)
     assert o["tokens"] == 4 and o["layers"] == 2

@@ -15,7 +15,8 @@ from placement.inputs import (
     routing_from_coactivation,
     validate_coactivation,
 )
-from placement.plan import load_plan, make_plan, plan_from_dict, rank_to_experts, save_plan, validate_expert_to_rank
+from placement.layout import ExpertLayout, layouts_from_rows
+from placement.plan import load_plan, make_plan, plan_from_dict, save_plan
 from profiling.trace import RoutingTraceRecorder, TraceConfig
 
 E2R = np.array([[1, 0, 1, 0, 2, 3, 3, 2], [0, 0, 1, 1, 2, 2, 3, 3]])
@@ -23,8 +24,7 @@ E2R = np.array([[1, 0, 1, 0, 2, 3, 3, 2], [0, 0, 1, 1, 2, 2, 3, 3]])
 
 def small_plan(**changes):
     plan = make_plan(
-        E2R,
-        num_ranks=4,
+        layouts_from_rows(E2R, 4),
         num_nodes=2,
         method="kahypar",
         seed=0,
@@ -41,9 +41,9 @@ def test_plan_round_trip(tmp_path):
     path = tmp_path / "plan.json"
     save_plan(small_plan(), path)
     plan = load_plan(path, num_layers=2, num_experts=8, num_ranks=4)
-    assert np.array_equal(plan.expert_to_rank, E2R)
+    assert np.array_equal([layout.expert_to_rank for layout in plan.layouts], E2R)
     assert (plan.num_layers, plan.num_experts, plan.num_ranks, plan.num_nodes) == (2, 8, 4, 2)
-    assert plan.rank_to_experts(0) == [[1, 3], [0, 2], [4, 7], [5, 6]]  # ascending: local-slot order
+    assert plan.layouts[0].rank_to_experts == [[1, 3], [0, 2], [4, 7], [5, 6]]  # ascending: local-slot order
     assert plan.expert_load.shape == (2, 8)
     data = json.loads(path.read_text())
     assert data["format"] == "c2r-placement" and data["version"] == 1 and data["objective"] == "km1"
@@ -108,11 +108,16 @@ def test_bad_layer_entries(layer_changes, message):
         plan_from_dict(plan)
 
 
-def test_validate_expert_to_rank_directly():
-    assert validate_expert_to_rank([1, 0, 0, 1], 4, 2).tolist() == [1, 0, 0, 1]
-    with pytest.raises(PlacementError, match=r"ranks \(3\) must divide experts \(4\)"):
-        validate_expert_to_rank([0, 1, 2, 0], 4, 3)
-    assert rank_to_experts([1, 0, 0, 1], 2) == [[1, 2], [0, 3]]
+def test_layout_from_json_directly():
+    # numpy arrays and lists read the same; the saved form is the plain list
+    layout = ExpertLayout.from_json(np.array([1, 0, 0, 1]), 2, num_experts=4)
+    assert layout == ExpertLayout.from_json([1, 0, 0, 1], 2) and layout.to_json() == [1, 0, 0, 1]
+    with pytest.raises(PlacementError, match=r"ep_size \(3\) must divide num_experts \(4\)"):
+        ExpertLayout.from_json([0, 1, 2, 0], 3, num_experts=4)
+    with pytest.raises(PlacementError, match=r"layer 2 must list a rank for each of 4 experts; got 3 entries"):
+        ExpertLayout.from_json([0, 1, 1], 2, num_experts=4, where="layer 2")
+    assert layout.rank_to_experts == [[1, 2], [0, 3]]
+    assert layout.physical_to_logical.tolist() == [1, 2, 0, 3] and layout.logical_to_physical.tolist() == [2, 0, 1, 3]
 
 
 @pytest.mark.parametrize(
@@ -187,11 +192,11 @@ def test_trace_input_accepts_run_profile_and_trace_dirs(tmp_path):
 
 def test_exports():
     plan = plan_from_dict(small_plan())
-    eplb = eplb_mapping(plan.expert_to_rank, 4)
+    eplb = eplb_mapping(plan.layouts)
     assert eplb["phy2log"][0].tolist() == [1, 3, 0, 2, 4, 7, 5, 6]
     assert all(eplb["phy2log"][0][eplb["log2phy"][0, e, 0]] == e for e in range(8))
     assert eplb["logcnt"].tolist() == [[1] * 8] * 2
-    descriptor = autoep_descriptor(plan.expert_to_rank[0], 4)
+    descriptor = autoep_descriptor(plan.layouts[0])
     assert descriptor == {
         "version": 1,
         "num_experts": 8,

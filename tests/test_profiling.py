@@ -11,9 +11,10 @@ import torch
 from c2r.config_utils import config_from_dict
 from c2r.experts import ExpertConfig
 from c2r.moe import MoEConfig, MoELayer
-from c2r.parallel import ExpertLayout, shard_experts
+from c2r.parallel import shard_experts
 from c2r.profiled import profiled_model
 from c2r.train import RunConfig, train
+from placement.layout import ExpertLayout
 from profiling.comm import CommProfiler
 from profiling.reader import coactivation_from_traces, read_comm_records, read_online_counts, read_traces
 from profiling.session import ProfileConfig, ProfileSession

@@ -17,8 +17,8 @@ import torch.distributed as dist
 
 from c2r.config_utils import config_from_dict
 from c2r.model import ModelConfig
-from c2r.parallel import ExpertLayout
 from c2r.routing import Router
+from placement.layout import ExpertLayout
 from profiling.files import atomic_write_text
 
 LATEST = "latest"
@@ -90,19 +90,24 @@ def resume(engine, ckpt_dir: str | Path, run_config: dict[str, Any]) -> int:
 
 
 def recorded_layouts(run_config: dict[str, Any]) -> list[ExpertLayout]:
-    """Each MoE layer's expert layout as a run config records it (contiguous where it records none)."""
+    """Each MoE layer's expert layout as a run config records it (contiguous where it records none: a layer without
+    expert parallelism, or a run saved before layouts were recorded)."""
     num_layers = config_from_dict(ModelConfig, run_config["model"]).num_moe_layers
-    contiguous = ExpertLayout.contiguous(run_config["model"]["moe"]["num_experts"], run_config["train"]["ep_size"])
+    num_experts, ep_size = run_config["model"]["moe"]["num_experts"], run_config["train"]["ep_size"]
+    contiguous = ExpertLayout.contiguous(num_experts, ep_size)
     saved = run_config.get("expert_layouts") or [None] * num_layers
-    return [contiguous if layout is None else ExpertLayout(tuple(layout), contiguous.num_ranks) for layout in saved]
+    return [
+        contiguous if layout is None else ExpertLayout.from_json(layout, ep_size, num_experts, f"expert_layouts[{i}]")
+        for i, layout in enumerate(saved)
+    ]
 
 
 def check_same_placement(saved: dict[str, Any], run_config: dict[str, Any], tag: str) -> None:
     """Expert files are named by physical slot: loading them under another placement would swap experts. Compared
     slot by slot, so a contiguous checkpoint also starts a run of another ep_size (``--init-from``); ``resume``
     checks ep_size itself, and at equal ep_size the slot order fixes the layout."""
-    order = [layout.physical_to_logical for layout in recorded_layouts(saved)]
-    if order != [layout.physical_to_logical for layout in recorded_layouts(run_config)]:
+    order = [layout.physical_to_logical.tolist() for layout in recorded_layouts(saved)]
+    if order != [layout.physical_to_logical.tolist() for layout in recorded_layouts(run_config)]:
         hint = saved.get("placement_plan") or "the contiguous placement"
         raise ValueError(
             f"checkpoint {tag} places experts differently from this run (its plan: {hint}); train "

@@ -39,6 +39,7 @@ from deepspeed.utils.bwc import bwc_tensor_model_parallel_world_size
 from torch import nn
 
 from c2r.routing import Router, RouterConfig, RoutingResult, build_router, count_tokens_per_expert
+from placement.layout import ExpertLayout, require_divides
 
 
 class RouterGate(nn.Module):
@@ -55,8 +56,7 @@ class RouterGate(nn.Module):
 
     def __init__(self, router: nn.Module, num_experts: int, ep_size: int = 1):
         super().__init__()
-        if num_experts % ep_size:
-            raise ValueError(f"ep_size ({ep_size}) must divide num_experts ({num_experts})")
+        require_divides(ep_size, "ep_size", num_experts, "num_experts")
         self.router = router
         self.num_experts = num_experts
         self.ep_size = ep_size
@@ -213,7 +213,8 @@ def _tell_router_placement(router: Router, num_experts: int, ep_size: int) -> No
     """Routers that group experts by rank (group-limited) learn DeepSpeed's placement: contiguous, expert e on EP
     rank ``e // (E / ep_size)``. With one rank they keep their own grouping (``num_groups`` blocks of experts)."""
     if ep_size > 1:
-        router.set_expert_placement([e // (num_experts // ep_size) for e in range(num_experts)], ep_size)
+        layout = ExpertLayout.contiguous(num_experts, ep_size)
+        router.set_expert_placement(layout.expert_to_rank, layout.num_ranks)
 
 
 def _detached(routing: RoutingResult, valid_SK: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> RoutingResult:

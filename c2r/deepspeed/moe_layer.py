@@ -14,6 +14,7 @@ from deepspeed.utils import groups
 from torch import nn
 
 from c2r.moe import MoELayer
+from placement.layout import require_divides
 
 
 def expert_group_name(ep_size: int) -> str:
@@ -24,8 +25,7 @@ class DeepSpeedMoELayer(_DeepSpeedMoE):
     def __init__(self, layer: MoELayer, ep_size: int):
         nn.Module.__init__(self)  # not MoE.__init__: it would build DeepSpeed's TopKGate and Experts
         num_experts = layer.config.num_experts
-        if num_experts % ep_size:
-            raise ValueError(f"ep_size ({ep_size}) must divide num_experts ({num_experts})")
+        require_divides(ep_size, "ep_size", num_experts, "num_experts")
         self.ep_size = ep_size
         self.num_experts = num_experts
         self.num_local_experts = num_experts // ep_size

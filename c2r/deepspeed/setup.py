@@ -17,8 +17,9 @@ from torch import nn
 
 from c2r.deepspeed.moe_layer import DeepSpeedMoELayer, expert_group_name
 from c2r.moe import MoELayer
-from c2r.parallel import DispatchObserver, ExpertLayout, shard_experts
+from c2r.parallel import DispatchObserver, shard_experts
 from c2r.parallel.ports import free_port
+from placement.layout import ExpertLayout, require_divides
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "deepspeed_configs"
 LAUNCHER_ENV = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
@@ -60,8 +61,7 @@ def ensure_expert_groups(ep_size: int):
     """Create DeepSpeed's expert-parallel and expert-data-parallel groups for ``ep_size`` (once); return this
     rank's expert-parallel group. EP groups are contiguous ranks ([0, 1], [2, 3], ... for ep 2)."""
     world = dist.get_world_size()
-    if ep_size <= 0 or world % ep_size:
-        raise ValueError(f"ep_size ({ep_size}) must divide the world size ({world})")
+    require_divides(ep_size, "ep_size", world, "the world size")
     name = expert_group_name(ep_size)
     if name not in groups._get_expert_parallel_group_dict():
         groups._create_expert_and_data_parallel(ep_size)
@@ -83,8 +83,7 @@ def make_expert_parallel(
     optimizer.
     """
     for layer in (m for m in model.modules() if isinstance(m, MoELayer)):
-        if layer.config.num_experts % ep_size:
-            raise ValueError(f"ep_size ({ep_size}) must divide num_experts ({layer.config.num_experts})")
+        require_divides(ep_size, "ep_size", layer.config.num_experts, "num_experts")
     group = ensure_expert_groups(ep_size)
     if ep_size > 1:
         shard_experts(model, layouts, group=group, mode=mode, observers=observers)

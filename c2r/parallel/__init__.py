@@ -1,4 +1,5 @@
-"""Expert parallelism: expert layouts, the all-to-all dispatchers (per-expert, per-rank), sharding a model's experts."""
+"""Expert parallelism: the all-to-all dispatchers (per-expert, per-rank), sharding a model's experts over the ranks of
+an `ExpertLayout` (placement.layout)."""
 
 from c2r.parallel.dispatch import (
     DISPATCH_MODES,
@@ -10,13 +11,11 @@ from c2r.parallel.dispatch import (
     build_dispatcher,
 )
 from c2r.parallel.expert_parallel import local_expert_weights, model_layouts, shard_experts
-from c2r.parallel.layout import ExpertLayout
 
 __all__ = [
     "DISPATCH_MODES",
     "DispatchMeta",
     "DispatchObserver",
-    "ExpertLayout",
     "NoObserver",
     "PerExpertDispatcher",
     "PerRankDispatcher",

@@ -27,8 +27,8 @@ import torch.distributed as dist
 
 from c2r.experts.permute import ExpertOrder, combine, sort_by_expert
 from c2r.parallel.all_to_all import ExchangeTimer, all_to_all, exchange_counts
-from c2r.parallel.layout import ExpertLayout
 from c2r.routing import RoutingResult, count_tokens_per_expert
+from placement.layout import ExpertLayout
 
 DISPATCH_MODES = ("per-expert", "per-rank")
 
@@ -123,8 +123,8 @@ class _Dispatcher:
         self.rank = dist.get_rank(group)
         self.observer = observer
         self.expert_to_rank_E = torch.tensor(layout.expert_to_rank)
-        physical_E = layout.logical_to_physical
-        self._local_slot_E = physical_E % layout.experts_per_rank
+        self._physical_E = torch.tensor(layout.logical_to_physical)  # layouts are numpy: placement needs no torch
+        self._local_slot_E = self._physical_E % layout.experts_per_rank
 
     def _exchange_splits(self, send_counts_RX: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:
         recv_counts_RX = exchange_counts(send_counts_RX, self.group)
@@ -148,7 +148,7 @@ class PerExpertDispatcher(_Dispatcher):
     def dispatch(self, x_TD: torch.Tensor, routing: RoutingResult) -> tuple[torch.Tensor, DispatchMeta]:
         R, X = self.layout.num_ranks, self.layout.experts_per_rank
         # 1. Sort valid pairs by physical expert id: rows for rank 0 first, each rank's block by local slot.
-        physical_TK = self.layout.logical_to_physical.to(routing.expert_ids_TK.device)[routing.expert_ids_TK]
+        physical_TK = self._physical_E.to(routing.expert_ids_TK.device)[routing.expert_ids_TK]
         order = sort_by_expert(dataclasses.replace(routing, expert_ids_TK=physical_TK), R * X)
         # 2. Tell every rank how many rows of each of its experts to expect.
         recv_counts_RX, send_splits, recv_splits = self._exchange_splits(order.tokens_per_expert_E.view(R, X))

@@ -13,7 +13,7 @@ from torch import nn
 from c2r.experts import ExpertWeights
 from c2r.moe import MoELayer
 from c2r.parallel.dispatch import NO_OBSERVER, DispatchObserver, build_dispatcher
-from c2r.parallel.layout import ExpertLayout
+from placement.layout import ExpertLayout
 
 
 def local_expert_weights(full: ExpertWeights, experts: list[int]) -> ExpertWeights:
@@ -64,9 +64,10 @@ def shard_experts(
 
 
 def model_layouts(model: nn.Module) -> list[list[int] | None]:
-    """Each MoE layer's ``expert_to_rank`` (None where the layer is not expert parallel)."""
+    """Each MoE layer's layout in its saved form (`ExpertLayout.to_json`; None where the layer is not expert
+    parallel): what the run config's ``expert_layouts`` and profile.json's ``expert_to_rank`` hold."""
     return [
-        list(m.dispatcher.layout.expert_to_rank) if m.dispatcher is not None else None
+        m.dispatcher.layout.to_json() if m.dispatcher is not None else None
         for m in model.modules()
         if isinstance(m, MoELayer)
     ]

@@ -1,4 +1,5 @@
-"""Applying a placement plan to a DeepSpeed checkpoint written by ``c2r-train``, without changing the model.
+"""Moving experts between the ranks' files of a DeepSpeed checkpoint written by ``c2r-train``, from the layouts it
+was saved with to new ones (``c2r-place apply``: a plan's layouts), without changing the model.
 
 Model weights. DeepSpeed names each expert file by the expert's *physical* slot
 (``layer_<l>_expert_<ep_rank * E/R + slot>``) and loads file ``p`` into slot ``p`` of rank ``p // (E/R)``. Moving
@@ -48,10 +49,9 @@ import torch
 from tqdm.auto import tqdm
 
 from c2r.deepspeed.checkpoint import CONFIG_FILE, LATEST, latest_tag, recorded_layouts
-from c2r.parallel import ExpertLayout
-from placement.plan import Plan
+from placement.layout import ExpertLayout
 
-log = logging.getLogger("placement.apply")
+log = logging.getLogger("c2r.deepspeed.move_experts")
 
 EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_(mp_rank_\d+)_model_states\.pt")
 OPTIMIZER_FILE = re.compile(r".*optim_states\.pt")
@@ -85,15 +85,16 @@ class ExpertParam:
         return int(torch.Size(self.shape).numel())
 
 
-def apply_plan(
-    plan: Plan,
+def move_experts(
+    layouts: list[ExpertLayout],
     checkpoint_dir: str | Path,
     out_dir: str | Path,
     tag: str | None = None,
     plan_path: str | None = None,
 ) -> Path:
-    """Write ``out_dir/<tag>``: ``checkpoint_dir/<tag>`` with every expert moved to its rank under ``plan``, its
-    weights and its optimizer state (module docstring)."""
+    """Write ``out_dir/<tag>``: ``checkpoint_dir/<tag>`` with every expert moved to its rank under ``layouts`` (one
+    per MoE layer: the plan's), its weights and its optimizer state (module docstring). ``plan_path`` is recorded in
+    the new run config, so a later load under another placement names the plan it came from."""
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     tag = tag or latest_tag(checkpoint_dir)
     if tag is None:
@@ -103,7 +104,7 @@ def apply_plan(
         raise FileNotFoundError(f"{src} has no {CONFIG_FILE}: not a c2r-train checkpoint")
     run_config = json.loads((src / CONFIG_FILE).read_text())
     old = recorded_layouts(run_config)
-    new = plan_layouts_for(plan, run_config, len(old))
+    new = check_layouts_fit(layouts, run_config, len(old))
     dst = out_dir / tag
     if dst.exists():
         raise FileExistsError(f"{dst} already exists; choose another --out")
@@ -127,7 +128,7 @@ def apply_plan(
             f"dropped by c2r-place apply: {why}; --resume loads the weights with fresh optimizer moments"
         )
         log.warning("optimizer state not carried over: %s", why)
-    run_config["expert_layouts"] = [list(layout.expert_to_rank) for layout in new]
+    run_config["expert_layouts"] = [layout.to_json() for layout in new]
     run_config["placement_plan"] = plan_path
     (tmp / CONFIG_FILE).write_text(json.dumps(run_config, indent=2))
     os.replace(tmp, dst)  # the new checkpoint appears whole or not at all
@@ -137,19 +138,24 @@ def apply_plan(
     return dst
 
 
-def plan_layouts_for(plan: Plan, run_config: dict[str, Any], num_layers: int) -> list[ExpertLayout]:
+def check_layouts_fit(layouts: list[ExpertLayout], run_config: dict[str, Any], num_layers: int) -> list[ExpertLayout]:
+    """``layouts`` (the plan's) when they are for the checkpoint's model and ep_size; else an error naming both."""
     ep_size, num_experts = run_config["train"]["ep_size"], run_config["model"]["moe"]["num_experts"]
+    shapes = {(layout.num_experts, layout.num_ranks) for layout in layouts}
+    if len(shapes) != 1:
+        raise ValueError(f"the plan's layers differ in shape (experts, ranks): {sorted(shapes)}")
+    ((plan_experts, plan_ranks),) = shapes
     checks = {
-        "num_layers": (plan.num_layers, num_layers),
-        "num_experts": (plan.num_experts, num_experts),
-        "num_ranks": (plan.num_ranks, ep_size),
+        "num_layers": (len(layouts), num_layers),
+        "num_experts": (plan_experts, num_experts),
+        "num_ranks": (plan_ranks, ep_size),
     }
     wrong = [
         f"{k}={mine} in the plan, {theirs} in the checkpoint" for k, (mine, theirs) in checks.items() if mine != theirs
     ]
     if wrong:
         raise ValueError("the plan does not fit the checkpoint: " + "; ".join(wrong))
-    return [ExpertLayout(tuple(int(r) for r in row), ep_size) for row in plan.expert_to_rank]
+    return layouts
 
 
 def _copy_one(path: Path, dst_dir: Path, old: list[ExpertLayout], new: list[ExpertLayout]) -> None:

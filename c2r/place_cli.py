@@ -1,0 +1,60 @@
+"""``c2r-place``: placement's planning CLI (plan, evaluate, export) plus ``apply``, which moves experts between the
+ranks' files of a c2r-train checkpoint. ``placement`` never imports c2r, so the subcommand that needs the training
+system's checkpoint format is added here, one layer up; ``python -m placement.cli`` keeps the other three."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from placement import cli as placement_cli
+from placement.plan import load_plan
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    # torch and DeepSpeed load for this subcommand only: plan / evaluate / export stay quick to start
+    from c2r.deepspeed.checkpoint import CONFIG_FILE
+    from c2r.deepspeed.move_experts import move_experts
+
+    written = move_experts(load_plan(args.plan).layouts, args.checkpoint, args.out, tag=args.tag, plan_path=args.plan)
+    optimizer_state = json.loads((written / CONFIG_FILE).read_text())["optimizer_state"]
+    print(
+        f"wrote {written}: experts moved to the plan's ranks; optimizer state {optimizer_state}; continue with "
+        f"`c2r-train --resume --plan {args.plan} --out {Path(args.out).parent}`"
+    )
+    return 0
+
+
+def add_apply_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "apply",
+        help="move experts between ranks' files of a c2r-train DeepSpeed checkpoint; the model is unchanged",
+        description="Renames each expert's checkpoint file (and the slot in its keys) from its old rank/slot to the "
+        "plan's, and moves its rows of the fp32 master weights and Adam moments between the ranks' optimizer files "
+        "(ZeRO 0/1/2, fp32 or bf16). An optimizer layout it does not know is dropped and flagged: the resumed run "
+        "then loads the weights and starts Adam's moments afresh at the same step.",
+    )
+    p.add_argument("--plan", required=True, help="plan file (c2r-place plan)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (RUN/checkpoints, with 'latest')")
+    p.add_argument("--out", required=True, help="new checkpoint directory (e.g. RUN2/checkpoints)")
+    p.add_argument("--tag", help="checkpoint tag (default: the one 'latest' names)")
+    p.set_defaults(func=cmd_apply)
+
+
+# The order `c2r-place --help` lists them in.
+COMMANDS = (
+    placement_cli.add_plan_command,
+    placement_cli.add_evaluate_command,
+    add_apply_command,
+    placement_cli.add_export_command,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return placement_cli.main(argv, COMMANDS)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
