@@ -13,6 +13,8 @@ Modules: ``architectures`` (the table of supported families), ``block`` (the con
 from c2r.hf.architectures import ARCHITECTURES, Architecture
 from c2r.hf.block import HFMoEBlock, aux_loss, converted_blocks, routing_results
 from c2r.hf.convert import HFConversion, convert
+from c2r.hf.export import export, hf_state_dict
+from c2r.hf.load import load
 
 __all__ = [
     "ARCHITECTURES",
@@ -22,5 +24,8 @@ __all__ = [
     "aux_loss",
     "convert",
     "converted_blocks",
+    "export",
+    "hf_state_dict",
+    "load",
     "routing_results",
 ]

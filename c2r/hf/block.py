@@ -42,6 +42,7 @@ class HFMoEBlock(nn.Module):
         ep_rank: int,
         shared: dict[str, nn.Module],
         native_router: RouterConfig,
+        native_top_k: int,
     ):
         super().__init__()
         self.arch = arch
@@ -51,10 +52,12 @@ class HFMoEBlock(nn.Module):
         self.layout = layout
         self.ep_rank = ep_rank
         self.local_experts = layout.local_experts(ep_rank)
-        self.native_router = native_router
+        self.native_router = native_router  # the model's own routing, and its k: what export can express
+        self.native_top_k = native_top_k
         # The logits Hugging Face's aux loss expects are over the E routed experts and the model's own scoring:
         # recorded for the native router only (a switched router's aux loss is in ``last_routing``).
-        self.router_logits = RouterLogitsTap() if same_routing(moe.config.router, native_router) else None
+        native = same_routing(moe.config.router, native_router) and moe.config.top_k == native_top_k
+        self.router_logits = RouterLogitsTap() if native else None
         self.last_routing: RoutingResult | None = None
 
     @property
