@@ -11,7 +11,7 @@ Modules: ``architectures`` (the table of supported families), ``block`` (the con
 """
 
 from c2r.hf.architectures import ARCHITECTURES, Architecture
-from c2r.hf.block import HFMoEBlock, aux_loss, converted_blocks, routing_results
+from c2r.hf.block import HFMoEBlock, attach_expert_parallel, aux_loss, converted_blocks, routing_results
 from c2r.hf.convert import HFConversion, convert
 from c2r.hf.export import export, hf_state_dict
 from c2r.hf.load import load
@@ -21,6 +21,7 @@ __all__ = [
     "Architecture",
     "HFConversion",
     "HFMoEBlock",
+    "attach_expert_parallel",
     "aux_loss",
     "convert",
     "converted_blocks",

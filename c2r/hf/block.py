@@ -119,3 +119,19 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
     if not losses:
         raise RuntimeError(f"{type(model).__name__}: no converted MoE block has run a forward yet")
     return torch.stack(losses).sum()
+
+
+def attach_expert_parallel(model: nn.Module, group=None, mode: str = "per-expert") -> None:
+    """Give every converted block of a model loaded with ``ep_size`` > 1 its all-to-all dispatcher over ``group``
+    (default: the world), with the layout it was loaded with; call once torch.distributed is initialised."""
+    from c2r.parallel.dispatch import build_dispatcher
+
+    for name, block in converted_blocks(model):
+        dispatcher = build_dispatcher(mode, block.layout, group)
+        if dispatcher.rank != block.ep_rank:
+            raise ValueError(
+                f"{name} was loaded for ep rank {block.ep_rank}, but this process is rank {dispatcher.rank}"
+            )
+        block.moe.dispatcher = dispatcher
+        if hasattr(block.router, "set_expert_placement"):  # group-limited routing groups experts by rank
+            block.router.set_expert_placement(block.layout.expert_to_rank, block.layout.num_ranks)
