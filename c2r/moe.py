@@ -34,14 +34,23 @@ class MoEConfig:
 class MoELayer(nn.Module):
     """Drop-in replacement for a transformer MLP: ``y, routing = layer(x)`` with ``x`` of shape [..., D]."""
 
-    def __init__(self, hidden_size: int, config: MoEConfig, output_init_std: float = 0.02, layer_index: int = 0):
-        """``layer_index``: the layer's position among the model's MoE layers (C2R's lists are per layer)."""
+    def __init__(
+        self,
+        hidden_size: int,
+        config: MoEConfig,
+        output_init_std: float = 0.02,
+        layer_index: int = 0,
+        num_local_experts: int | None = None,
+    ):
+        """``layer_index``: the layer's position among the model's MoE layers (C2R's lists are per layer).
+        ``num_local_experts``: allocate only this many experts (an expert-parallel rank's share, filled by the
+        caller) instead of all ``num_experts``."""
         super().__init__()
         self.config = config
         self.hidden_size = hidden_size
         self.router = build_router(hidden_size, config.num_experts, config.top_k, config.router, layer_index)
         self.experts = ExpertWeights(
-            config.num_experts,
+            config.num_experts if num_local_experts is None else num_local_experts,
             hidden_size,
             config.ffn_hidden_size,
             config.experts.activation,

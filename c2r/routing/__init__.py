@@ -1,7 +1,8 @@
 """Routers: each maps hidden states to a :class:`RoutingResult` (expert ids, weights, validity, aux loss, stats).
 
 One router per module: ``topk`` (the baseline), ``c2r`` (collaboration-constrained), ``group_limited``
-(device-limited, DeepSeek), ``adamoe`` (null experts), ``remoe`` (ReLU gates), ``adak`` (learned per-token k).
+(device-limited, DeepSeek), ``adamoe`` (null experts), ``remoe`` (ReLU gates), ``adak`` (learned per-token k),
+``scored`` (pretrained routers' rules: sigmoid scores, a selection bias, fixed expert groups, a routed scale).
 Every router derives from :class:`Router`, which declares the optional hooks callers use, with no-op defaults.
 Routers with state that changes once per optimizer step (ReMoE's lambda, the group-limited bias, AdaMoE's loss
 schedule) are updated by :func:`after_optimizer_step`, which the trainer calls on every rank.
@@ -36,6 +37,7 @@ ROUTER_CLASSES = {
     "adamoe": ("c2r.routing.adamoe", "AdaMoERouter"),
     "remoe": ("c2r.routing.remoe", "ReMoERouter"),
     "adak": ("c2r.routing.adak", "AdaKRouter"),
+    "scored": ("c2r.routing.scored", "ScoredRouter"),
 }
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from c2r.config_utils import require_choice
 
-ROUTER_KINDS = ("topk", "c2r", "group_limited", "adamoe", "remoe", "adak")
+ROUTER_KINDS = ("topk", "c2r", "group_limited", "adamoe", "remoe", "adak", "scored")
 
 
 @dataclass
@@ -97,6 +97,27 @@ class AdaKConfig:
 
 
 @dataclass
+class ScoredConfig:
+    """Pretrained routers' scoring rules (``kind="scored"``, c2r/routing/scored.py): DeepSeek-V2/V3 and any top-k
+    router that a score function, a routed scaling factor or a fixed expert grouping sets apart. Groups and the
+    selection bias's update rate come from ``group_limited`` (``num_groups`` G, ``max_groups`` M,
+    ``bias_update_rate``); here the groups are always contiguous blocks of expert ids, whatever the placement.
+
+    Attributes:
+        score_function: ``softmax`` (Mixtral, Qwen, DeepSeek-V2) or ``sigmoid`` (DeepSeek-V3).
+        routed_scaling_factor: multiplies the combine weights after renormalisation (DeepSeek's route scale).
+        group_score_top: a group's score is the sum of its best ``group_score_top`` scores (DeepSeek-V3: 2;
+            DeepSeek-V2's group-limited greedy: 1, the max). 0: ceil(k / M), as ``group_limited``.
+        norm_epsilon: added to the renormalisation's denominator (DeepSeek-V3: 1e-20).
+    """
+
+    score_function: str = "softmax"
+    routed_scaling_factor: float = 1.0
+    group_score_top: int = 0
+    norm_epsilon: float = 0.0
+
+
+@dataclass
 class RouterConfig:
     """Options of the router; ``num_experts`` and ``top_k`` live on the MoE config they belong to.
 
@@ -123,11 +144,13 @@ class RouterConfig:
     adamoe: AdaMoEConfig = field(default_factory=AdaMoEConfig)
     remoe: ReMoEConfig = field(default_factory=ReMoEConfig)
     adak: AdaKConfig = field(default_factory=AdaKConfig)
+    scored: ScoredConfig = field(default_factory=ScoredConfig)
 
     def __post_init__(self) -> None:
         require_choice("router kind", self.kind, ROUTER_KINDS)
         require_choice("logits_dtype", self.logits_dtype, ("float32", "input"))
         require_choice("adak.mode", self.adak.mode, ("default", "sample", "argmax"))
+        require_choice("scored.score_function", self.scored.score_function, ("softmax", "sigmoid"))
         if self.aux_loss_weight < 0 or self.z_loss_weight < 0:
             raise ValueError(
                 f"aux_loss_weight ({self.aux_loss_weight}) and z_loss_weight ({self.z_loss_weight}) must be >= 0"
@@ -145,6 +168,7 @@ class RouterConfig:
             "adamoe": self._check_adamoe,
             "remoe": self._check_remoe,
             "adak": self._check_adak,
+            "scored": self._check_scored,
         }.get(self.kind)
         if check is not None:
             check(num_experts, top_k)
@@ -194,6 +218,17 @@ class RouterConfig:
         max_k = self.adak.resolved_max_k(num_experts)
         if not top_k <= max_k <= num_experts:
             raise ValueError(f"adak max_k ({max_k}) must be between top_k ({top_k}) and num_experts ({num_experts})")
+
+    def _check_scored(self, num_experts: int, top_k: int) -> None:
+        self._check_group_limited(num_experts, top_k)
+        s = self.scored
+        group_size = num_experts // (self.group_limited.num_groups or 1)
+        if s.routed_scaling_factor <= 0 or s.norm_epsilon < 0 or not 0 <= s.group_score_top <= group_size:
+            raise ValueError(
+                f"scored needs routed_scaling_factor > 0 (got {s.routed_scaling_factor}), norm_epsilon >= 0 (got "
+                f"{s.norm_epsilon}) and group_score_top between 0 and the group size {group_size} "
+                f"(got {s.group_score_top})"
+            )
 
 
 def check_groups_fit(num_experts: int, top_k: int, num_groups: int, max_groups: int) -> None:
