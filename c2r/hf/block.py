@@ -19,8 +19,8 @@ from torch import nn
 from c2r.hf.architectures import Architecture
 from c2r.hf.routers import same_routing
 from c2r.moe import MoELayer
-from placement.layout import ExpertLayout
 from c2r.routing import RouterConfig, RoutingResult
+from placement.layout import ExpertLayout
 
 
 class RouterLogitsTap(nn.Module):

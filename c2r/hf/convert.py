@@ -19,8 +19,8 @@ from c2r.hf.block import HFMoEBlock
 from c2r.hf.routers import block_router_config, init_from_hf_router
 from c2r.hf.weights import load_hf_experts
 from c2r.moe import MoEConfig, MoELayer
-from placement.layout import ExpertLayout
 from c2r.routing import RouterConfig
+from placement.layout import ExpertLayout
 
 
 @dataclass
