@@ -306,7 +306,7 @@ def k_by_difficulty(nll_T: torch.Tensor, k_T: torch.Tensor, buckets: int = 4) ->
 class AdaKRun:
     """What the phases share: the engine, its Ada-K routers, the run config to save, this rank, the batches."""
 
-    config: RunConfig
+    config: AdaKRunConfig
     run_config: dict[str, Any]
     source: Path
     engine: Any
