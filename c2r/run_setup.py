@@ -242,7 +242,7 @@ class ConfigCli:
         settings = load_config_file(args.config) if args.config else {}
         for s in self.shorthands:
             value = getattr(args, s.key)
-            if value not in (None, False):
+            if value is not None and value is not False:  # not `in (None, False)`: 0 == False, and 0 is a value
                 apply_override(settings, f"{s.key}={json.dumps(value)}")
         for assignment in args.set or []:
             apply_override(settings, assignment)

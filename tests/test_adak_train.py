@@ -177,6 +177,8 @@ def test_run_config_switches_to_adak_and_refuses_other_routers(tmp_path):
     # Ada-K's options are a config section like the others: --set, shorthand flags, validation naming the value.
     config = ADAK_CLI.resolve(["--checkpoint", source, "--set", "adak.ppo_epochs=3", "--lambda", "0.01"])
     assert (config.adak.ppo_epochs, config.adak.k_penalty, config.train.batch_size) == (3, 0.01, 4)
+    config = ADAK_CLI.resolve(["--checkpoint", source, "--warm-steps", "0", "--max-k", "0"])  # 0 is a value
+    assert (config.adak.warm_steps, config.train.steps) == (0, 200)
     with pytest.raises(ValueError, match=r"clip_eps \(1.5\) must be between 0 and 1"):
         ADAK_CLI.resolve(["--checkpoint", source, "--set", "adak.clip_eps=1.5"])
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['ppo_epoch'\] in config section 'adak'"):
