@@ -149,7 +149,7 @@ ADAK_DEFAULTS: dict[str, Any] = {
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Setting up: the run config of the Ada-K model, the engine with everything but the allocators frozen.
+# Setting up: the source checkpoint (the base of the run config), the modules that train.
 
 
 def read_source_config(checkpoint: str) -> tuple[Path, dict[str, Any]]:
@@ -169,7 +169,8 @@ def read_source_config(checkpoint: str) -> tuple[Path, dict[str, Any]]:
 
 def source_settings(user: dict[str, Any]) -> dict[str, Any]:
     """The base of c2r-adak's config: the model, train and data sections of the checkpoint the user names."""
-    checkpoint = user.get("adak", {}).get("checkpoint")
+    adak = user.get("adak")
+    checkpoint = adak.get("checkpoint") if isinstance(adak, dict) else None
     if not checkpoint:
         raise ValueError("c2r-adak needs the model to train allocators on: --checkpoint RUN (adak.checkpoint)")
     _, saved = read_source_config(checkpoint)
@@ -177,6 +178,7 @@ def source_settings(user: dict[str, Any]) -> dict[str, Any]:
 
 
 def allocators(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """What c2r-adak trains: every Ada-K router's allocator (``TrainOnly`` freezes the rest)."""
     return [router.allocator for router in adak_routers(model)]
 
 
