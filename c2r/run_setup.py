@@ -13,6 +13,7 @@ Every checkpoint saves the resolved config (``run_config_record``); ``--print-co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -263,8 +264,12 @@ class ConfigCli:
             level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
         )
         args = self.parse(argv)
+        # What libraries print while the config resolves (DeepSpeed logs to stdout on import, and c2r-adak reads its
+        # source checkpoint through c2r.deepspeed) goes to stderr: --print-config's stdout is the JSON alone.
+        printing = contextlib.redirect_stdout(sys.stderr) if args.print_config else contextlib.nullcontext()
         try:
-            config = self.config(args)
+            with printing:
+                config = self.config(args)
         except (ValueError, TypeError, FileNotFoundError) as error:
             raise SystemExit(f"{self.prog}: bad config: {error}") from None
         if args.print_config:
