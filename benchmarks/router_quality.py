@@ -16,6 +16,7 @@ on the first half of those tokens and measured on the second half, then writes t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -208,7 +209,7 @@ def evaluate_run(run_dir: Path, device, args: argparse.Namespace, masks_path: Pa
     """Validation loss and per-layer expert sets of a run's final model on the same held-out batches."""
     import torch
 
-    from c2r.config_utils import config_from_dict, config_to_dict
+    from c2r.config_utils import config_from_dict
     from c2r.data import BatchSampler, load_corpus
     from c2r.deepspeed.checkpoint import CONFIG_FILE, init_from_checkpoint, resolve_checkpoint
     from c2r.train import RunConfig, build_engine
@@ -219,7 +220,7 @@ def evaluate_run(run_dir: Path, device, args: argparse.Namespace, masks_path: Pa
     raw["train"].update(init_from=None, resume=False)
     config = config_from_dict(RunConfig, raw)
     engine = build_engine(config, device)
-    init_from_checkpoint(engine, ckpt_dir / tag, config_to_dict(config))
+    init_from_checkpoint(engine, ckpt_dir / tag, dataclasses.asdict(config))
     engine.eval()
     corpus = load_corpus(config.data)
     sampler = BatchSampler(corpus.val, config.model.block_size, args.eval_batch_size, seed=12345)

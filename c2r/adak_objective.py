@@ -1,4 +1,4 @@
-"""Ada-K's training objective as pure tensor functions (ALGORITHMS.md section 6): P-Warm labels and the calibration
+"""Ada-K's training objective as pure tensor functions (docs/adak.md): P-Warm labels and the calibration
 of p, the PPO clipped objective with per-layer advantages, and the expected-k penalty. ``c2r-adak``
 (c2r/adak_train.py) runs them on a frozen model.
 

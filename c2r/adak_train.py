@@ -2,27 +2,27 @@
 
 c2r-adak --checkpoint runs/demo --out runs/adak                     # one process (CPU or one GPU)
 deepspeed --num_gpus 2 --module c2r.adak_train --checkpoint runs/demo --ep-size 2 --out runs/adak
-c2r-adak --checkpoint runs/demo --warm-steps 50 --steps 200 --lambda 3e-3
+c2r-adak --checkpoint runs/demo --warm-steps 50 --steps 200 --lambda 3e-3 --set adak.ppo_epochs=3
+c2r-adak --config runs/adak/checkpoints/step300/c2r_config.json --print-config   # a saved Ada-K run's settings
 
-Only the allocators train (ALGORITHMS.md section 6; Yue et al., "Ada-K Routing", ICLR 2025); the model, routers
-included, is loaded from the checkpoint (its per-expert files, under any --ep-size) and frozen. Writes
-OUT/checkpoints (a c2r-train checkpoint whose router is "adak" in "argmax" mode: evaluate or fine-tune it with
-`c2r-train --init-from OUT --router adak`), OUT/adak_metrics.jsonl and OUT/adak_eval.json (validation loss and
-active experts per token of the default top-k and of Ada-K on the same batches, per layer).
+Only the allocators train (docs/adak.md; Yue et al., "Ada-K Routing", ICLR 2025); the model, routers included, is
+loaded from the checkpoint (its per-expert files, under any --ep-size) and frozen. The run config is the
+checkpoint's, with the Ada-K router, the paper's training defaults and an ``adak`` section (--set adak.KEY=VALUE).
+Writes OUT/checkpoints (a c2r-train checkpoint whose router is "adak" in "argmax" mode: evaluate or fine-tune it
+with `c2r-train --init-from OUT --router adak`), OUT/adak_metrics.jsonl and OUT/adak_eval.json (validation loss
+and active experts per token of the default top-k and of Ada-K on the same batches, per layer).
 
 Shape legend: B batch, S sequence length, T = B * S tokens, V vocabulary, E experts, N largest k, L MoE layers.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import copy
+import dataclasses
 import json
 import logging
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,29 +40,40 @@ from c2r.adak_objective import (
     sorted_cumsum,
     token_log_likelihood,
 )
-from c2r.config_utils import config_from_dict, config_to_dict, require_positive
+from c2r.config_utils import require_positive
 from c2r.data import BatchSampler, load_corpus
-from c2r.model import MoEGPT
-from c2r.parallel import model_layouts
 from c2r.routing.adak import AdaKRouter, adak_routers
 from c2r.routing.updates import all_reduce_sum
-from c2r.train import RunConfig, apply_override, global_mean, plan_layouts
+from c2r.run_setup import (
+    ConfigCli,
+    MetricsLog,
+    RunConfig,
+    Shorthand,
+    TrainOnly,
+    batch_samplers,
+    build_engine,
+    global_mean,
+    progress_bar,
+    run_config_record,
+    start_run,
+)
 
 log = logging.getLogger("c2r.adak")
 ADAK_EVAL = "adak_eval.json"
 SOURCE_ROUTERS = ("topk", "adak")  # an Ada-K checkpoint can be trained further
+SOURCE_SECTIONS = ("model", "train", "data")  # what the run takes from its source checkpoint
+ADAK_BATCHES = 31337  # batch_samplers stream: other training batches than the ones the model was trained on
 
 
 @dataclass
 class AdaKTrainConfig:
-    """Ada-K training options (defaults: the paper's, where it gives them).
+    """The ``adak`` section: Ada-K training options (defaults: the paper's, where it gives them). The optimizer's
+    settings (lr, weight decay), batch size, ranks and output directory are the ``train`` section's.
 
     Attributes:
         checkpoint: the trained model: a run dir, its ``checkpoints/`` dir, or one tag dir.
         steps: PPO batches; each takes ``ppo_epochs`` optimizer steps.
         warm_steps: P-Warm optimizer steps (cross-entropy towards the P-Warm labels) before PPO.
-        batch_size: sequences per rank and step; None: the checkpoint's.
-        lr, weight_decay: AdamW over the allocators (paper: 1e-3, 0.1), constant learning rate.
         clip_eps: PPO's epsilon (unstated in the paper: 0.2).
         ppo_epochs: optimizer steps per rollout batch (paper: 2).
         gamma: A_l = gamma^(L-l) * (reward - baseline) (unstated: 1).
@@ -70,17 +81,12 @@ class AdaKTrainConfig:
         pwarm_p: P-Warm's probability mass p; None: bisect for the p whose mean label is ``pwarm_target_k``.
         pwarm_target_k: the mean P-Warm label to aim for; None: the model's top-k.
         calib_batches: batches of router probabilities the p bisection looks at.
-        max_k: N, the allocator's largest k; 0: the number of experts.
-        eval_batches: validation batches of the final top-k vs Ada-K comparison.
+        log_every: steps between log lines and metrics records.
     """
 
     checkpoint: str
-    out_dir: str = "runs/adak"
     steps: int = 200
     warm_steps: int = 100
-    batch_size: int | None = None
-    lr: float = 1e-3
-    weight_decay: float = 0.1
     clip_eps: float = 0.2
     ppo_epochs: int = 2
     gamma: float = 1.0
@@ -88,38 +94,62 @@ class AdaKTrainConfig:
     pwarm_p: float | None = None
     pwarm_target_k: float | None = None
     calib_batches: int = 4
-    max_k: int = 0
-    eval_batches: int = 8
     log_every: int = 10
-    ep_size: int = 1
-    device: str = "auto"
-    deepspeed_config: str | None = None
-    seed: int = 0
 
     def __post_init__(self) -> None:
-        require_positive(
-            lr=self.lr,
-            ppo_epochs=self.ppo_epochs,
-            calib_batches=self.calib_batches,
-            eval_batches=self.eval_batches,
-            log_every=self.log_every,
-            ep_size=self.ep_size,
-        )
+        require_positive(ppo_epochs=self.ppo_epochs, calib_batches=self.calib_batches, log_every=self.log_every)
         if self.steps < 0 or self.warm_steps < 0:
             raise ValueError(f"steps ({self.steps}) and warm_steps ({self.warm_steps}) must be >= 0")
         if not 0 < self.clip_eps < 1:
             raise ValueError(f"clip_eps ({self.clip_eps}) must be between 0 and 1")
-        if not 0 < self.gamma <= 1 or self.k_penalty < 0 or self.weight_decay < 0:
-            raise ValueError(
-                f"need 0 < gamma <= 1 (got {self.gamma}), k_penalty >= 0 (got {self.k_penalty}) and "
-                f"weight_decay >= 0 (got {self.weight_decay})"
-            )
+        if not 0 < self.gamma <= 1 or self.k_penalty < 0:
+            raise ValueError(f"need 0 < gamma <= 1 (got {self.gamma}) and k_penalty >= 0 (got {self.k_penalty})")
         if self.pwarm_p is not None and not 0 < self.pwarm_p <= 1:
             raise ValueError(f"pwarm_p ({self.pwarm_p}) must be in (0, 1]")
 
 
+@dataclass
+class AdaKRunConfig(RunConfig):
+    """A c2r-train run config plus the ``adak`` section; the router must be Ada-K's."""
+
+    adak: AdaKTrainConfig = field(kw_only=True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        kind = self.model.moe.router.kind
+        if kind != "adak":
+            raise ValueError(f"c2r-adak trains Ada-K routers; model.moe.router.kind is {kind!r}, expected 'adak'")
+        if self.train.weight_decay < 0:
+            raise ValueError(f"train.weight_decay ({self.train.weight_decay}) must be >= 0")
+        # Recorded so that the saved run reads like a c2r-train one: its length and the weights it started from.
+        steps = max(1, self.adak.warm_steps + self.adak.steps)
+        self.train = dataclasses.replace(self.train, steps=steps, init_from=self.adak.checkpoint)
+
+
+# c2r-adak's defaults over the source checkpoint's settings: the Ada-K router, recorded in its inference mode; the
+# paper's optimizer (AdamW, lr 1e-3, weight decay 0.1, constant learning rate, no clipping; a DeepSpeed config's
+# gradient_clipping still applies); a fresh run (no resume, no profile, one save at the end).
+ADAK_DEFAULTS: dict[str, Any] = {
+    "model": {"moe": {"router": {"kind": "adak", "adak": {"mode": "argmax"}}}},
+    "train": {
+        "lr": 1e-3,
+        "weight_decay": 0.1,
+        "warmup_steps": 0,
+        "grad_clip": 0.0,
+        "eval_batches": 8,
+        "save_every": 0,
+        "resume": False,
+        "ep_size": 1,
+        "device": "auto",
+        "out_dir": "runs/adak",
+        "seed": 0,
+    },
+    "profile": {"enabled": False},
+}
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Setting up: the run config of the Ada-K model, the engine with everything but the allocators frozen.
+# Setting up: the source checkpoint (the base of the run config), the modules that train.
 
 
 def read_source_config(checkpoint: str) -> tuple[Path, dict[str, Any]]:
@@ -137,88 +167,19 @@ def read_source_config(checkpoint: str) -> tuple[Path, dict[str, Any]]:
     return ckpt_dir / tag, saved
 
 
-def adak_run_config(saved: dict[str, Any], opts: AdaKTrainConfig, overrides: list[str]) -> RunConfig:
-    """The checkpoint's run config with the Ada-K router (recorded as ``argmax``, the inference mode) and our
-    training settings; ``overrides`` (``key=value``, as ``c2r-train --set``) come last."""
-    raw = {key: copy.deepcopy(saved[key]) for key in ("model", "train", "data")}
-    raw["profile"] = {"enabled": False}
-    router = raw["model"]["moe"]["router"]
-    router["kind"] = "adak"
-    router.setdefault("adak", {})["mode"] = "argmax"
-    if opts.max_k or "max_k" not in router["adak"]:
-        router["adak"]["max_k"] = opts.max_k
-    train = raw["train"]
-    train.update(
-        steps=max(1, opts.warm_steps + opts.steps),
-        lr=opts.lr,
-        weight_decay=opts.weight_decay,
-        warmup_steps=0,
-        grad_clip=0.0,  # the paper clips nothing; a DeepSpeed config's gradient_clipping still applies
-        eval_batches=opts.eval_batches,
-        save_every=0,
-        resume=False,
-        init_from=opts.checkpoint,
-        ep_size=opts.ep_size,
-        device=opts.device,
-        out_dir=opts.out_dir,
-        seed=opts.seed,
-    )
-    if opts.deepspeed_config is not None:
-        train["deepspeed_config"] = opts.deepspeed_config
-    if opts.batch_size is not None:
-        train["batch_size"] = opts.batch_size
-    for assignment in overrides:
-        apply_override(raw, assignment)
-    return config_from_dict(RunConfig, raw)
+def source_settings(user: dict[str, Any]) -> dict[str, Any]:
+    """The base of c2r-adak's config: the model, train and data sections of the checkpoint the user names."""
+    adak = user.get("adak")
+    checkpoint = adak.get("checkpoint") if isinstance(adak, dict) else None
+    if not checkpoint:
+        raise ValueError("c2r-adak needs the model to train allocators on: --checkpoint RUN (adak.checkpoint)")
+    _, saved = read_source_config(checkpoint)
+    return {key: copy.deepcopy(saved[key]) for key in SOURCE_SECTIONS}
 
 
-def engine_deepspeed_config(config: RunConfig, device: torch.device) -> tuple[dict[str, Any], torch.dtype]:
-    """The user's DeepSpeed JSON, run at ZeRO stage 0 without DeepSpeed's mixed-precision optimizer; and the
-    dtype the frozen model runs in (bf16/fp16 when the JSON enables it).
-
-    Only the allocators train (a few thousand parameters): ZeRO has nothing worth sharding, and DeepSpeed 0.19.8's
-    ZeRO-1/2 and bf16 optimizers refuse an MoE model whose expert parameters are all frozen ("None of the param
-    groups are marked as MoE"). So: a plain float32 AdamW over the allocators (DeepSpeed all-reduces their
-    gradients over every rank), the frozen rest cast to the 16-bit dtype by us.
-    """
-    from c2r.deepspeed import load_deepspeed_config
-
-    tc = config.train
-    ds_config = load_deepspeed_config(tc.deepspeed_config, device.type == "cuda", tc.batch_size, tc.grad_clip)
-    dtype = torch.float32
-    if ds_config.get("bf16", {}).get("enabled"):
-        dtype = torch.bfloat16
-    elif ds_config.get("fp16", {}).get("enabled"):
-        dtype = torch.float16
-    ds_config["zero_optimization"] = {"stage": 0}
-    ds_config["bf16"] = {"enabled": False}
-    ds_config["fp16"] = {"enabled": False}
-    return ds_config, dtype
-
-
-def build_adak_engine(config: RunConfig, device: torch.device):
-    """Like ``c2r.train.build_engine``, but every parameter except the allocators is frozen before the optimizer
-    is built (frozen parameters get no gradient, no optimizer state and no all-reduce)."""
-    import deepspeed
-
-    from c2r.deepspeed import make_expert_parallel
-
-    tc = config.train
-    ds_config, dtype = engine_deepspeed_config(config, device)
-    torch.manual_seed(tc.seed)  # the same initial model on every rank; the checkpoint then overwrites it
-    model = MoEGPT(config.model)
-    make_expert_parallel(model, tc.ep_size, tc.dispatch, plan_layouts(config))
-    routers = adak_routers(model)
-    model.requires_grad_(False)
-    model.to(device=device, dtype=dtype)
-    for router in routers:
-        router.allocator.float().requires_grad_(True)
-    allocator_weights = [router.allocator.weight for router in routers]
-    optimizer = torch.optim.AdamW(
-        [{"name": "allocators", "params": allocator_weights, "weight_decay": tc.weight_decay}], lr=tc.lr
-    )
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    return engine, routers
+def allocators(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """What c2r-adak trains: every Ada-K router's allocator (``TrainOnly`` freezes the rest)."""
+    return [router.allocator for router in adak_routers(model)]
 
 
 def set_routers(routers: list[AdaKRouter], mode: str, forced_k: list[torch.Tensor] | None = None) -> None:
@@ -347,7 +308,7 @@ def k_by_difficulty(nll_T: torch.Tensor, k_T: torch.Tensor, buckets: int = 4) ->
 class AdaKRun:
     """What the phases share: the engine, its Ada-K routers, the run config to save, this rank, the batches."""
 
-    config: RunConfig
+    config: AdaKRunConfig
     run_config: dict[str, Any]
     source: Path
     engine: Any
@@ -362,24 +323,21 @@ class AdaKRun:
         return self.info.rank == 0
 
 
-def setup_run(opts: AdaKTrainConfig, overrides: list[str]) -> AdaKRun:
+def setup_run(config: AdaKRunConfig) -> AdaKRun:
     """Join the job, build the frozen Ada-K model under DeepSpeed and load the checkpoint into it."""
-    from c2r.deepspeed import init_distributed
     from c2r.deepspeed.checkpoint import init_from_checkpoint
 
-    source, saved = read_source_config(opts.checkpoint)
-    config = adak_run_config(saved, opts, overrides)
+    source, _ = read_source_config(config.adak.checkpoint)
     tc = config.train
-    info = init_distributed(tc.device)
-    if info.world_size % tc.ep_size:
-        raise ValueError(f"ep_size ({tc.ep_size}) must divide the world size ({info.world_size})")
+    info = start_run(config)
     corpus = load_corpus(config.data)
-    engine, routers = build_adak_engine(config, info.device)
-    run_config = config_to_dict(config)
-    run_config["expert_layouts"] = model_layouts(engine.module)
-    init_from_checkpoint(engine, opts.checkpoint, run_config)
+    engine = build_engine(config, info.device, TrainOnly("allocators", allocators))
+    routers = adak_routers(engine.module)
+    run_config = run_config_record(config, engine.module)
+    init_from_checkpoint(engine, config.adak.checkpoint, run_config)
     torch.manual_seed(tc.seed + 1 + info.rank)  # each rank samples its own ks
-    block, batch_size = config.model.block_size, tc.batch_size
+    # c2r-train's validation batches, so its val_loss and ours compare
+    train_batches, val_batches = batch_samplers(corpus, config, info.rank, stream=ADAK_BATCHES)
     run = AdaKRun(
         config=config,
         run_config=run_config,
@@ -387,9 +345,8 @@ def setup_run(opts: AdaKTrainConfig, overrides: list[str]) -> AdaKRun:
         engine=engine,
         routers=routers,
         info=info,
-        train_batches=BatchSampler(corpus.train, block, batch_size, seed=tc.seed + 31337 + 7919 * info.rank),
-        # c2r-train's validation batches, so its val_loss and ours compare
-        val_batches=BatchSampler(corpus.val, block, batch_size, seed=tc.seed + 104729 + 7919 * info.rank),
+        train_batches=train_batches,
+        val_batches=val_batches,
         out_dir=Path(tc.out_dir),
     )
     if run.is_main:
@@ -398,23 +355,18 @@ def setup_run(opts: AdaKTrainConfig, overrides: list[str]) -> AdaKRun:
     return run
 
 
-def train_adak(opts: AdaKTrainConfig, overrides: list[str] | None = None) -> dict[str, Any]:
-    """P-Warm then PPO on the allocators of ``opts.checkpoint``; saves the Ada-K checkpoint and evaluation."""
+def train_adak(config: AdaKRunConfig) -> dict[str, Any]:
+    """P-Warm then PPO on the allocators of ``config.adak.checkpoint``; saves the Ada-K checkpoint and evaluation."""
     from c2r.deepspeed.checkpoint import save_checkpoint
 
-    run = setup_run(opts, overrides or [])
+    opts = config.adak
+    run = setup_run(config)
     p, mean_label = calibrate(run, opts)
     history, after_pwarm = train_allocators(run, opts, p)
-    evaluation = evaluate_modes(run.engine, run.routers, run.val_batches, opts.eval_batches, run.info.device)
+    evaluation = evaluate_modes(run.engine, run.routers, run.val_batches, config.train.eval_batches, run.info.device)
     set_routers(run.routers, "argmax")
-    run.run_config["adak_training"] = {
-        "source_checkpoint": str(run.source),
-        "pwarm_p": p,
-        "pwarm_mean_label": mean_label,
-        "options": asdict(opts),
-    }
     save_checkpoint(run.engine, run.out_dir / "checkpoints", opts.warm_steps + opts.steps, run.run_config)
-    summary = eval_summary(run.config, run.source, p, mean_label, evaluation, after_pwarm, opts)
+    summary = eval_summary(config, run.source, p, mean_label, evaluation, after_pwarm)
     if run.is_main:
         (run.out_dir / ADAK_EVAL).write_text(json.dumps(summary, indent=2))
         tqdm.write(format_eval_table(summary))
@@ -424,33 +376,28 @@ def train_adak(opts: AdaKTrainConfig, overrides: list[str] | None = None) -> dic
 
 def train_allocators(run: AdaKRun, opts: AdaKTrainConfig, p: float | None) -> tuple[list[dict], dict | None]:
     """The P-Warm steps, then the PPO batches; returns the logged records and the argmax evaluation after P-Warm."""
-    device, started = run.info.device, time.perf_counter()
+    device, started, eval_batches = run.info.device, time.perf_counter(), run.config.train.eval_batches
     history, after_pwarm = [], None
-    bar = tqdm(
-        total=opts.warm_steps + opts.steps,
-        desc="p-warm" if opts.warm_steps else "ppo",
-        unit="step",
-        disable=not run.is_main,
-        mininterval=0.1 if sys.stderr.isatty() else 5.0,  # keep logs of non-interactive runs short
+    bar = progress_bar(range(opts.warm_steps + opts.steps), "p-warm" if opts.warm_steps else "ppo", run.is_main)
+    metrics_log = MetricsLog(
+        run.out_dir / "adak_metrics.jsonl", append=False, enabled=run.is_main, format_record=format_record
     )
-    metrics_path = run.out_dir / "adak_metrics.jsonl"
-    metrics_file = open(metrics_path, "w") if run.is_main else contextlib.nullcontext()  # noqa: SIM115
-    with metrics_file as metrics:
-        for step in range(opts.warm_steps + opts.steps):
+    with metrics_log as metrics:
+        for step in bar:
             warm = step < opts.warm_steps
             if warm:
                 stats = pwarm_step(run.engine, run.routers, run.train_batches.batch_at(step, device)[0], p)
             else:
                 stats = ppo_step(run.engine, run.routers, run.train_batches.batch_at(step, device), opts)
-            record = report(step, warm, stats, run.info, bar, metrics, opts, started)
+            record = report(step, warm, stats, run.info, bar, opts, started)
             if record is not None:
                 history.append(record)
+                metrics.write(record)
             if step + 1 == opts.warm_steps and opts.steps:
                 bar.set_description("ppo")
                 after_pwarm = evaluate_modes(
-                    run.engine, run.routers, run.val_batches, opts.eval_batches, device, ("argmax",)
+                    run.engine, run.routers, run.val_batches, eval_batches, device, ("argmax",)
                 )
-    bar.close()
     return history, after_pwarm
 
 
@@ -471,10 +418,9 @@ def calibrate(run: AdaKRun, opts: AdaKTrainConfig) -> tuple[float | None, float 
     return p, mean_label
 
 
-def report(step: int, warm: bool, stats, info, bar, metrics, opts: AdaKTrainConfig, started: float):
-    """Progress bar every step; a log line and a metrics record every ``log_every`` steps and at the phase ends."""
+def report(step: int, warm: bool, stats, info, bar, opts: AdaKTrainConfig, started: float) -> dict | None:
+    """Progress bar every step; a record (all ranks' mean) every ``log_every`` steps and at the phase ends."""
     done = step + 1
-    bar.update(1)
     last_of_phase = done in (opts.warm_steps, opts.warm_steps + opts.steps)
     if done % opts.log_every and not last_of_phase:
         bar.set_postfix(loss=f"{float(stats['loss']):.4f}")  # NOTE: host sync, one per step
@@ -482,10 +428,6 @@ def report(step: int, warm: bool, stats, info, bar, metrics, opts: AdaKTrainConf
     record = {"phase": "pwarm" if warm else "ppo", "step": done}
     record.update({key: global_mean(float(value), info.device) for key, value in stats.items()})
     record["elapsed_s"] = round(time.perf_counter() - started, 2)
-    if metrics is not None:
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
-        tqdm.write(format_record(record))
     return record
 
 
@@ -502,14 +444,14 @@ def format_record(r: dict[str, Any]) -> str:
     )
 
 
-def eval_summary(config, source, p, mean_label, evaluation, after_pwarm, opts: AdaKTrainConfig) -> dict[str, Any]:
-    topk, adak = evaluation["default"], evaluation["argmax"]
+def eval_summary(config: AdaKRunConfig, source, p, mean_label, evaluation, after_pwarm) -> dict[str, Any]:
+    topk, adak, opts = evaluation["default"], evaluation["argmax"], config.adak
     return {
         "source_checkpoint": str(source),
         "top_k": config.model.moe.top_k,
         "max_k": config.model.moe.router.adak.resolved_max_k(config.model.moe.num_experts),
-        "eval_batches": opts.eval_batches,
-        "tokens_per_rank": opts.eval_batches * config.train.batch_size * config.model.block_size,
+        "eval_batches": config.train.eval_batches,
+        "tokens_per_rank": config.train.eval_batches * config.train.batch_size * config.model.block_size,
         "world_size": dist.get_world_size(),
         "warm_steps": opts.warm_steps,
         "ppo_steps": opts.steps,
@@ -561,93 +503,62 @@ def log_start(config: RunConfig, source: Path, info, routers: list[AdaKRouter]) 
     )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="c2r-adak", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--checkpoint", required=True, help="c2r-train run dir, checkpoints dir or tag dir")
-    parser.add_argument("--out", default="runs/adak", help="output directory (default runs/adak)")
-    parser.add_argument("--steps", type=int, default=200, help="PPO batches (default 200)")
-    parser.add_argument("--warm-steps", type=int, default=100, help="P-Warm steps before PPO (default 100)")
-    parser.add_argument("--batch-size", type=int, help="sequences per rank and step (default: the checkpoint's)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
-    parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default 0.1)")
-    parser.add_argument(
-        "--lambda", dest="k_penalty", type=float, default=3e-3, help="weight of the expected-k penalty (default 3e-3)"
-    )
-    parser.add_argument("--clip-eps", type=float, default=0.2, help="PPO clip epsilon (default 0.2)")
-    parser.add_argument("--ppo-epochs", type=int, default=2, help="optimizer steps per rollout batch (default 2)")
-    parser.add_argument("--gamma", type=float, default=1.0, help="advantage discount over layers (default 1)")
-    parser.add_argument("--pwarm-p", type=float, help="P-Warm's p (default: bisected to hit --pwarm-target-k)")
-    parser.add_argument("--pwarm-target-k", type=float, help="mean P-Warm label to aim for (default: the model's k)")
-    parser.add_argument("--calib-batches", type=int, default=4, help="batches for the p bisection (default 4)")
-    parser.add_argument("--max-k", type=int, default=0, help="largest k of the allocator (default: all experts)")
-    parser.add_argument("--eval-batches", type=int, default=8, help="validation batches (default 8)")
-    parser.add_argument("--log-every", type=int, default=10, help="steps between log lines (default 10)")
-    parser.add_argument("--ep-size", type=int, default=1, help="expert-parallel ranks (default 1)")
-    parser.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
-    parser.add_argument(
-        "--deepspeed-config", help="DeepSpeed JSON (bf16 is honoured; run at ZeRO stage 0: only allocators train)"
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="override the run config taken from the checkpoint, e.g. --set data.path=my_texts/ (repeatable)",
-    )
-    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by the launcher
-    return parser.parse_args(argv)
+ADAK_CLI = ConfigCli(
+    prog="c2r-adak",
+    description=__doc__,
+    config_cls=AdaKRunConfig,
+    shorthands=(
+        Shorthand("--checkpoint", "adak.checkpoint", "c2r-train run dir, checkpoints dir or tag dir (required)"),
+        Shorthand("--out", "train.out_dir", "output directory"),
+        Shorthand("--steps", "adak.steps", "PPO batches", int),
+        Shorthand("--warm-steps", "adak.warm_steps", "P-Warm steps before PPO", int),
+        Shorthand("--batch-size", "train.batch_size", "sequences per rank and step (default: the checkpoint's)", int),
+        Shorthand("--lr", "train.lr", "AdamW learning rate", float),
+        Shorthand("--weight-decay", "train.weight_decay", "AdamW weight decay", float),
+        Shorthand("--lambda", "adak.k_penalty", "weight of the expected-k penalty", float),
+        Shorthand("--clip-eps", "adak.clip_eps", "PPO clip epsilon", float),
+        Shorthand("--ppo-epochs", "adak.ppo_epochs", "optimizer steps per rollout batch", int),
+        Shorthand("--gamma", "adak.gamma", "advantage discount over layers", float),
+        Shorthand("--pwarm-p", "adak.pwarm_p", "P-Warm's p (default: bisected to hit --pwarm-target-k)", float),
+        Shorthand(
+            "--pwarm-target-k", "adak.pwarm_target_k", "mean P-Warm label to aim for (default: the model's k)", float
+        ),
+        Shorthand("--calib-batches", "adak.calib_batches", "batches for the p bisection", int),
+        Shorthand(
+            "--max-k",
+            "model.moe.router.adak.max_k",
+            "largest k of the allocator, 0: all experts (default: the checkpoint's, 0 for a top-k one)",
+            int,
+        ),
+        Shorthand("--eval-batches", "train.eval_batches", "validation batches", int),
+        Shorthand("--log-every", "adak.log_every", "steps between log lines", int),
+        Shorthand("--ep-size", "train.ep_size", "expert-parallel ranks", int),
+        Shorthand("--device", "train.device", "auto, cpu or cuda"),
+        Shorthand(
+            "--deepspeed-config",
+            "train.deepspeed_config",
+            "DeepSpeed JSON (bf16 is honoured; run at ZeRO stage 0: only allocators train; default: the checkpoint's)",
+        ),
+        Shorthand("--seed", "train.seed", "seed of the model build, the batches and the sampled ks", int),
+    ),
+    defaults=ADAK_DEFAULTS,
+    base=source_settings,
+    inherited=SOURCE_SECTIONS,
+)
 
 
-def options_from_args(args: argparse.Namespace) -> AdaKTrainConfig:
-    return AdaKTrainConfig(
-        checkpoint=args.checkpoint,
-        out_dir=args.out,
-        steps=args.steps,
-        warm_steps=args.warm_steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        clip_eps=args.clip_eps,
-        ppo_epochs=args.ppo_epochs,
-        gamma=args.gamma,
-        k_penalty=args.k_penalty,
-        pwarm_p=args.pwarm_p,
-        pwarm_target_k=args.pwarm_target_k,
-        calib_batches=args.calib_batches,
-        max_k=args.max_k,
-        eval_batches=args.eval_batches,
-        log_every=args.log_every,
-        ep_size=args.ep_size,
-        device=args.device,
-        deepspeed_config=args.deepspeed_config,
-        seed=args.seed,
+def run(config: AdaKRunConfig) -> str:
+    """Train the allocators; the summary line rank 0 prints."""
+    s = train_adak(config)["eval"]
+    return (
+        f"done: val loss {s['topk']['val_loss']:.4f} (top-{s['top_k']}) -> {s['adak_argmax']['val_loss']:.4f} "
+        f"(Ada-K), experts/token {s['topk']['active_experts_per_token']:.2f} -> "
+        f"{s['adak_argmax']['active_experts_per_token']:.2f}"
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
-    )
-    args = parse_args(argv)
-    try:
-        opts = options_from_args(args)
-    except ValueError as error:
-        raise SystemExit(f"c2r-adak: bad option: {error}") from None
-    try:
-        result = train_adak(opts, args.set or [])
-    except (ValueError, TypeError, FileNotFoundError) as error:
-        raise SystemExit(f"c2r-adak: {error}") from None
-    if dist.get_rank() == 0:
-        s = result["eval"]
-        print(
-            f"done: val loss {s['topk']['val_loss']:.4f} (top-{s['top_k']}) -> {s['adak_argmax']['val_loss']:.4f} "
-            f"(Ada-K), experts/token {s['topk']['active_experts_per_token']:.2f} -> "
-            f"{s['adak_argmax']['active_experts_per_token']:.2f}"
-        )
-    dist.destroy_process_group()
-    return 0
+    return ADAK_CLI.main(argv, run)
 
 
 if __name__ == "__main__":

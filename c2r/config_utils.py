@@ -32,10 +32,6 @@ def config_from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     return cls(**kwargs)
 
 
-def config_to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
-
-
 def require_choice(name: str, value: str, choices: typing.Iterable[str]) -> None:
     choices = tuple(choices)
     if value not in choices:

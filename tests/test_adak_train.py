@@ -1,8 +1,10 @@
 """c2r-adak: P-Warm labels and p bisection, PPO loss sign and clipping, the expected-k penalty (hand-computed), and
 end to end under DeepSpeed on CPU: a tiny top-k model trained by c2r.train, then its allocators on 1 and 2 ranks."""
 
+import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -18,12 +20,13 @@ from c2r.adak_objective import (
     pwarm_loss,
     token_log_likelihood,
 )
-from c2r.adak_train import AdaKTrainConfig, adak_run_config, parse_args, read_source_config
+from c2r.adak_train import ADAK_CLI, AdaKTrainConfig, read_source_config
 from c2r.config_utils import config_from_dict
 from c2r.routing import RouterConfig
 from c2r.routing.adak import AdaKRouter
 from c2r.routing.config import AdaKConfig
-from c2r.train import RunConfig, train
+from c2r.run_setup import RunConfig
+from c2r.train import train
 from tests.distributed import run_distributed
 from tests.run_configs import tiny_run_config
 
@@ -142,29 +145,48 @@ def test_options_are_validated_and_help_works(capsys):
     with pytest.raises(ValueError, match=r"steps \(-1\) and warm_steps \(0\) must be >= 0"):
         AdaKTrainConfig(checkpoint="x", steps=-1, warm_steps=0)
     with pytest.raises(SystemExit) as exit_info:
-        parse_args(["--help"])
+        ADAK_CLI.parse(["--help"])
     assert exit_info.value.code == 0
-    assert "--warm-steps" in capsys.readouterr().out
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal's width
+    assert "--warm-steps" in help_text and "(adak.ppo_epochs, default 2)" in help_text
+    repo = Path(__file__).resolve().parent.parent
+    cited = re.findall(r"[\w./-]+\.md\b", help_text)
+    assert cited and all((repo / path).exists() for path in cited), cited  # only files the repository has
+
+
+def saved_run(tag: Path, router: dict, **train) -> str:
+    """A checkpoint tag dir holding only a c2r_config.json, as c2r-train saves it."""
+    tag.mkdir(parents=True)
+    saved = tiny_run_config(tag.parent, **train)
+    saved["model"]["moe"]["router"] = router
+    (tag / "c2r_config.json").write_text(json.dumps(saved))
+    return str(tag)
 
 
 def test_run_config_switches_to_adak_and_refuses_other_routers(tmp_path):
-    saved = tiny_run_config(tmp_path / "src")
-    saved["model"]["moe"]["router"] = {"kind": "topk"}
-    opts = AdaKTrainConfig(checkpoint=str(tmp_path / "src"), ep_size=2, steps=5, warm_steps=3, batch_size=2)
-    config = adak_run_config(saved, opts, ["data.max_bytes=1000", "model.moe.router.adak.max_k=4"])
+    source = saved_run(tmp_path / "src" / "step1", {"kind": "topk"}, lr=3e-3, weight_decay=0.2, grad_clip=1.0)
+    flags = ["--checkpoint", source, "--ep-size", "2", "--steps", "5", "--warm-steps", "3", "--batch-size", "2"]
+    config = ADAK_CLI.resolve(flags + ["--set", "data.max_bytes=1000", "--set", "model.moe.router.adak.max_k=4"])
     router = config.model.moe.router
     assert (router.kind, router.adak.mode, router.adak.max_k) == ("adak", "argmax", 4)
     tc = config.train
-    assert (tc.init_from, tc.ep_size, tc.steps, tc.batch_size) == (opts.checkpoint, 2, 8, 2)
+    assert (tc.init_from, tc.ep_size, tc.steps, tc.batch_size) == (source, 2, 8, 2)
     assert (tc.lr, tc.weight_decay, tc.grad_clip, tc.resume) == (1e-3, 0.1, 0.0, False)
     assert config.data.max_bytes == 1000
-    tag = tmp_path / "other" / "step1"
-    tag.mkdir(parents=True)
-    other = tiny_run_config(tmp_path / "other")
-    other["model"]["moe"]["router"] = {"kind": "remoe"}
-    (tag / "c2r_config.json").write_text(json.dumps(other))
+    assert (config.adak.steps, config.adak.warm_steps, config.adak.ppo_epochs) == (5, 3, 2)
+    # Ada-K's options are a config section like the others: --set, shorthand flags, validation naming the value.
+    config = ADAK_CLI.resolve(["--checkpoint", source, "--set", "adak.ppo_epochs=3", "--lambda", "0.01"])
+    assert (config.adak.ppo_epochs, config.adak.k_penalty, config.train.batch_size) == (3, 0.01, 4)
+    config = ADAK_CLI.resolve(["--checkpoint", source, "--warm-steps", "0", "--max-k", "0"])  # 0 is a value
+    assert (config.adak.warm_steps, config.train.steps) == (0, 200)
+    with pytest.raises(ValueError, match=r"clip_eps \(1.5\) must be between 0 and 1"):
+        ADAK_CLI.resolve(["--checkpoint", source, "--set", "adak.clip_eps=1.5"])
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['ppo_epoch'\] in config section 'adak'"):
+        ADAK_CLI.resolve(["--checkpoint", source, "--set", "adak.ppo_epoch=3"])
+    with pytest.raises(ValueError, match="needs the model to train allocators on: --checkpoint"):
+        ADAK_CLI.resolve(["--steps", "3"])
     with pytest.raises(ValueError, match="has router kind 'remoe'"):
-        read_source_config(str(tag))
+        ADAK_CLI.resolve(["--checkpoint", saved_run(tmp_path / "other" / "step1", {"kind": "remoe"})])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -190,32 +212,31 @@ def topk_checkpoint(tmp_path_factory) -> Path:
     return root / "run"
 
 
-def adak_worker(rank, world, options, check_reload):
+def adak_worker(rank, world, argv, check_reload):
     from c2r.adak_train import train_adak
 
-    result = train_adak(AdaKTrainConfig(**options), ["train.batch_size=2"])
+    config = ADAK_CLI.resolve(argv + ["--set", "train.batch_size=2"])
+    result = train_adak(config)
     out = {
         "allocators": [r.allocator.weight.detach().clone() for r in result["routers"]],
         "history": result["history"],
     }
     if check_reload:
-        out["reload_error"] = reload_difference(result["engine"], options["out_dir"])
+        out["reload_error"] = reload_difference(result["engine"], config.train.out_dir)
     return out
 
 
 def reload_difference(engine, out_dir: str) -> float:
     """Load the Ada-K checkpoint the way `c2r-train --init-from` does; return the largest difference of its
     argmax-mode logits from the trained engine's."""
-    from c2r.config_utils import config_to_dict
     from c2r.deepspeed.checkpoint import init_from_checkpoint
-    from c2r.parallel import model_layouts
     from c2r.routing.adak import adak_routers
-    from c2r.train import build_engine
+    from c2r.run_setup import build_engine, run_config_record
 
     _, saved = read_source_config(out_dir)
     config = config_from_dict(RunConfig, {key: saved[key] for key in ("model", "train", "data", "profile")})
     fresh = build_engine(config, torch.device("cpu"))
-    init_from_checkpoint(fresh, out_dir, {**config_to_dict(config), "expert_layouts": model_layouts(fresh.module)})
+    init_from_checkpoint(fresh, out_dir, run_config_record(config, fresh.module))
     assert [r.mode for r in adak_routers(fresh.module)] == ["argmax", "argmax"]
     idx = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -233,20 +254,27 @@ def check_frozen_and_trained(source: Path, out: Path) -> None:
     assert all(float(after[k].abs().max()) > 0 for k in allocator_keys)  # trained away from the zero start
 
 
-def options(checkpoint: Path, out: Path, **extra) -> dict:
-    return {
-        "checkpoint": str(checkpoint),
-        "out_dir": str(out),
-        "warm_steps": 2,
-        "steps": 2,
-        "calib_batches": 1,
-        "eval_batches": 1,
-        "log_every": 1,
-        **extra,
-    }
+def options(checkpoint: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--checkpoint",
+        str(checkpoint),
+        "--out",
+        str(out),
+        "--warm-steps",
+        "2",
+        "--steps",
+        "2",
+        "--calib-batches",
+        "1",
+        "--eval-batches",
+        "1",
+        "--log-every",
+        "1",
+        *extra,
+    ]
 
 
-def test_adak_trains_only_the_allocators_and_its_checkpoint_loads(topk_checkpoint, tmp_path):
+def test_adak_trains_only_the_allocators_and_its_checkpoint_loads(topk_checkpoint, tmp_path, capsys):
     (result,) = run_distributed(adak_worker, 1, tmp_path / "w", options(topk_checkpoint, tmp_path / "adak"), True)
     assert result["reload_error"] < 1e-5
     assert [r["phase"] for r in result["history"]] == ["pwarm", "pwarm", "ppo", "ppo"]
@@ -262,13 +290,19 @@ def test_adak_trains_only_the_allocators_and_its_checkpoint_loads(topk_checkpoin
     assert len(summary["adak_argmax"]["mean_k_by_difficulty_quartile"]) == 4
     assert summary["pwarm_mean_label"] == pytest.approx(2.0, abs=0.1)
     assert (tmp_path / "adak" / "adak_metrics.jsonl").read_text().count("\n") == 4
+    # The saved run config holds every section, adak included, and loads back with --print-config as it was saved.
+    assert saved["adak"]["ppo_epochs"] == 2 and saved["adak"]["checkpoint"] == str(topk_checkpoint)
+    assert ADAK_CLI.main(["--config", str(out_dir / "c2r_config.json"), "--print-config"], run=None) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == {key: value for key, value in saved.items() if key != "expert_layouts"}
+    assert dataclasses.asdict(ADAK_CLI.resolve(["--config", str(out_dir / "c2r_config.json")])) == printed
 
 
 def test_adak_with_expert_parallelism_on_2_ranks(topk_checkpoint, tmp_path):
     # The ep-1 checkpoint's per-expert files load into ep 2; allocators stay identical on both ranks (replicated,
     # gradients all-reduced over the whole job).
     ranks = run_distributed(
-        adak_worker, 2, tmp_path / "w", options(topk_checkpoint, tmp_path / "adak", ep_size=2), False
+        adak_worker, 2, tmp_path / "w", options(topk_checkpoint, tmp_path / "adak", "--ep-size", "2"), False
     )
     for mine, theirs in zip(ranks[0]["allocators"], ranks[1]["allocators"]):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=0)

@@ -8,7 +8,8 @@ import torch
 from c2r.config_utils import config_from_dict
 from c2r.model import ModelConfig, MoEGPT
 from c2r.moe import MoELayer
-from c2r.train import RunConfig, build_config, parse_args, train
+from c2r.run_setup import RunConfig
+from c2r.train import TRAIN_CLI, train
 from tests.distributed import run_distributed
 
 
@@ -101,25 +102,27 @@ def test_training_lowers_loss_and_writes_metrics_and_checkpoint(tmp_path):
     assert [json.loads(line)["step"] for line in lines] == [20, 40, 60]
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step60"
     assert (tmp_path / "run" / "checkpoints" / "step60" / "layer_1_expert_3_mp_rank_00_model_states.pt").exists()
+    # The saved run config loads back as the config the run was given.
+    saved = TRAIN_CLI.resolve(["--config", str(tmp_path / "run" / "checkpoints" / "step60" / "c2r_config.json")])
+    assert saved == config_from_dict(RunConfig, tiny_run_config(tmp_path / "run"))
 
 
 def test_cli_overrides_and_errors():
-    config = build_config(
-        parse_args(
-            ["--steps", "7", "--backend", "reference", "--set", "model.moe.top_k=1", "--set", "train.out_dir=/tmp/x"]
-        )
+    config = TRAIN_CLI.resolve(
+        ["--steps", "7", "--backend", "reference", "--set", "model.moe.top_k=1", "--set", "train.out_dir=/tmp/x"]
     )
     assert config.train.steps == 7 and config.model.moe.top_k == 1
     assert config.model.moe.experts.backend == "reference" and config.train.out_dir == "/tmp/x"
     with pytest.raises(ValueError, match="top_k"):
-        build_config(parse_args(["--set", "model.moe.top_k=99"]))
+        TRAIN_CLI.resolve(["--set", "model.moe.top_k=99"])
     with pytest.raises(ValueError, match=r"ep_size \(3\) must divide num_experts \(8\)"):
-        build_config(parse_args(["--ep-size", "3"]))
+        TRAIN_CLI.resolve(["--ep-size", "3"])
 
 
 def test_cli_help_and_bad_config_exit_cleanly():
     help_text = subprocess.run([sys.executable, "-m", "c2r.train", "--help"], capture_output=True, text=True)
     assert help_text.returncode == 0 and "--data" in help_text.stdout
+    assert "optimizer steps (train.steps, default 300)" in " ".join(help_text.stdout.split())  # from the config
     bad = subprocess.run([sys.executable, "-m", "c2r.train", "--backend", "gpu-magic"], capture_output=True, text=True)
     assert bad.returncode != 0
     assert "c2r-train: bad config: expert backend 'gpu-magic' is not one of" in bad.stderr

@@ -1,6 +1,7 @@
 """c2r-place apply: experts moved between ranks' checkpoint files, weights and optimizer state; the model computes the
 same function, and training resumed under the new placement follows an uninterrupted run."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from c2r.config_utils import config_from_dict, config_to_dict
+from c2r.config_utils import config_from_dict
 from c2r.data import BatchSampler, load_corpus
 from c2r.deepspeed.move_experts import REMAPPED, move_experts, move_rows
 from c2r.parallel import model_layouts
@@ -105,7 +106,7 @@ def loss_worker(rank, world, raw):
     config = config_from_dict(RunConfig, raw)
     info = init_distributed("cpu")
     engine = build_engine(config, info.device)
-    run_config = config_to_dict(config)
+    run_config = dataclasses.asdict(config)
     run_config["expert_layouts"] = model_layouts(engine.module)
     step = resume(engine, f"{config.train.out_dir}/checkpoints", run_config)
     engine.eval()

@@ -1,0 +1,461 @@
+"""The run setup ``c2r-train`` and ``c2r-adak`` share: the run config and its command line, the distributed job, the
+DeepSpeed engine, the batch samplers, the metrics log and the progress bar.
+
+A run config is one typed dataclass per section (``model``, ``train``, ``data``, ``profile``; ``c2r-adak`` adds
+``adak``), each validated on construction. A tool resolves it from layers, each later one winning:
+1. the tool's base: nothing for ``c2r-train``; the source checkpoint's run for ``c2r-adak``;
+2. the tool's own defaults where they differ from the dataclasses' (``c2r-adak``'s are the Ada-K paper's);
+3. ``--config FILE`` (a saved run's ``c2r_config.json`` loads as it is);
+4. the shorthand flags (``--steps 7`` is ``--set train.steps=7``), then ``--set key=value``, in order.
+Every checkpoint saves the resolved config (``run_config_record``); ``--print-config`` prints it and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+import logging
+import math
+import sys
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from c2r.config_utils import config_from_dict, require_choice, require_positive
+from c2r.data import BatchSampler, Corpus, DataConfig
+from c2r.model import ModelConfig, MoEGPT
+from c2r.parallel import DISPATCH_MODES, DispatchObserver, model_layouts
+from placement.layout import require_divides
+from profiling.session import ProfileConfig
+
+# Written next to the settings by ``run_config_record`` and checked on resume; derived from the settings (the
+# placement plan or the contiguous default), so a saved config loads without them.
+RECORDED_KEYS = ("expert_layouts",)
+# Seed offsets of the batch streams: every rank draws its own batches; validation batches are the same for every
+# tool, so their losses compare.
+RANK_SEED_STRIDE = 7919
+VAL_SEED_OFFSET = 104729
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and parallelism. ``batch_size`` is per rank (DeepSpeed's micro batch)."""
+
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 0  # 0: only at the end
+    resume: bool = False
+    init_from: str | None = None  # start from another run's weights (fresh optimizer, step 0), e.g. to switch router
+    seed: int = 0
+    device: str = "auto"
+    ep_size: int = 1
+    dispatch: str = "per-expert"  # or "per-rank": one token copy per destination rank (c2r/parallel/dispatch.py)
+    placement_plan: str | None = None  # c2r-place plan JSON: which experts live on which EP rank, per MoE layer
+    deepspeed_config: str | None = None  # default: deepspeed_configs/cpu_zero2.json or gpu_bf16_zero2.json
+    out_dir: str = "runs/demo"
+
+    def __post_init__(self) -> None:
+        require_positive(
+            steps=self.steps,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            eval_every=self.eval_every,
+            eval_batches=self.eval_batches,
+            ep_size=self.ep_size,
+        )
+        require_choice("dispatch", self.dispatch, DISPATCH_MODES)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+
+    def __post_init__(self) -> None:
+        require_divides(self.train.ep_size, "ep_size", self.model.moe.num_experts, "num_experts")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The config as plain dicts: overrides, layers, the saved record.
+
+
+def apply_override(config: dict[str, Any], assignment: str) -> None:
+    """``a.b.c=value`` sets config["a"]["b"]["c"]; value is parsed as JSON, else kept as a string."""
+    key, sep, raw = assignment.partition("=")
+    if not sep:
+        raise ValueError(f"--set expects key=value, got {assignment!r}")
+    *parents, leaf = key.strip().split(".")
+    node = config
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"--set {key}: {part!r} is not a config section")
+    try:
+        node[leaf] = json.loads(raw)
+    except json.JSONDecodeError:
+        node[leaf] = raw
+
+
+def merge(base: dict[str, Any], layer: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``base`` with ``layer`` laid over it, section by section (a value that is not a section replaces)."""
+    merged = copy.deepcopy(base)
+    for key, value in layer.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def flatten(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1e-3}}`` -> ``{"train.lr": 1e-3}``."""
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def dataclass_defaults(cls: type, prefix: str = "") -> dict[str, Any]:
+    """Every field's default by dotted key, sections included (a field without a default is left out)."""
+    defaults, hints = {}, typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            defaults.update(dataclass_defaults(hints[f.name], f"{key}."))
+        elif f.default is not dataclasses.MISSING:
+            defaults[key] = f.default
+    return defaults
+
+
+def run_config_record(config: Any, model: nn.Module) -> dict[str, Any]:
+    """What a checkpoint saves as its run config: every section, and the expert layouts the model was built with."""
+    return {**dataclasses.asdict(config), "expert_layouts": model_layouts(model)}
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """The settings of a JSON config file, or of a saved run's ``c2r_config.json`` (its recorded keys left out)."""
+    settings = json.loads(Path(path).read_text())
+    if not isinstance(settings, dict):
+        raise ValueError(f"config file {str(path)!r} holds a {type(settings).__name__}, expected a JSON object")
+    return {key: value for key, value in settings.items() if key not in RECORDED_KEYS}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command line: --config, shorthand flags, --set, --print-config.
+
+
+@dataclass(frozen=True)
+class Shorthand:
+    """A flag that stands for ``--set KEY=VALUE``; a ``switch`` takes no value and sets KEY to true."""
+
+    flag: str
+    key: str
+    help: str
+    type: Callable[[str], Any] = str
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+    switch: bool = False
+
+
+@dataclass(frozen=True)
+class ConfigCli:
+    """One tool's command line and how it resolves its run config (the layers of the module docstring).
+
+    Attributes:
+        config_cls: the run config dataclass (``RunConfig`` or a subclass with more sections).
+        shorthands: the tool's flags, each one config key.
+        defaults: the tool's defaults, where they differ from the dataclasses'.
+        base: the layer under ``defaults``, computed from the user's settings (``c2r-adak`` reads its source
+            checkpoint there); it supplies the ``inherited`` sections, whose defaults are therefore not the
+            dataclasses'.
+    """
+
+    prog: str
+    description: str
+    config_cls: type
+    shorthands: tuple[Shorthand, ...]
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    base: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    inherited: tuple[str, ...] = ()
+
+    def parser(self) -> argparse.ArgumentParser:
+        parser = argparse.ArgumentParser(
+            prog=self.prog, description=self.description, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        sections = "/".join(f.name for f in dataclasses.fields(self.config_cls))
+        parser.add_argument(
+            "--config", help=f"JSON with sections {sections}, e.g. a saved run's c2r_config.json (see --print-config)"
+        )
+        for s in self.shorthands:
+            if s.switch:
+                parser.add_argument(s.flag, dest=s.key, action="store_true", help=f"{s.help} ({s.key}=true)")
+            else:
+                metavar = None if s.choices else s.metavar or s.flag.lstrip("-").upper().replace("-", "_")
+                parser.add_argument(
+                    s.flag, dest=s.key, type=s.type, choices=s.choices, metavar=metavar, help=self._help(s)
+                )
+        parser.add_argument(
+            "--set",
+            action="append",
+            metavar="KEY=VALUE",
+            help="override any config field, e.g. --set model.moe.num_experts=16 (repeatable; after the flags)",
+        )
+        parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+        parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by the launcher
+        return parser
+
+    def _help(self, s: Shorthand) -> str:
+        shown = flatten(self.defaults)
+        if s.key.split(".")[0] not in self.inherited:
+            shown = {**dataclass_defaults(self.config_cls), **shown}
+        default = shown.get(s.key)
+        if default is None:
+            return f"{s.help} ({s.key})"
+        return f"{s.help} ({s.key}, default {default})"
+
+    def parse(self, argv: list[str] | None = None) -> argparse.Namespace:
+        return self.parser().parse_args(argv)
+
+    def user_settings(self, args: argparse.Namespace) -> dict[str, Any]:
+        """The user's layers: ``--config``, then the shorthand flags, then ``--set``."""
+        settings = load_config_file(args.config) if args.config else {}
+        for s in self.shorthands:
+            value = getattr(args, s.key)
+            if value is not None and value is not False:  # not `in (None, False)`: 0 == False, and 0 is a value
+                apply_override(settings, f"{s.key}={json.dumps(value)}")
+        for assignment in args.set or []:
+            apply_override(settings, assignment)
+        return settings
+
+    def config(self, args: argparse.Namespace) -> Any:
+        user = self.user_settings(args)
+        base = self.base(user) if self.base else {}
+        return config_from_dict(self.config_cls, merge(merge(base, self.defaults), user))
+
+    def resolve(self, argv: list[str]) -> Any:
+        """The run config of a command line (``--print-config`` is ignored)."""
+        return self.config(self.parse(argv))
+
+    def main(self, argv: list[str] | None, run: Callable[[Any], str | None]) -> int:
+        """Parse, resolve (or print) the config, ``run`` it; errors in the config or the run exit with one line."""
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+        )
+        args = self.parse(argv)
+        # What libraries print while the config resolves (DeepSpeed logs to stdout on import, and c2r-adak reads its
+        # source checkpoint through c2r.deepspeed) goes to stderr: --print-config's stdout is the JSON alone.
+        printing = contextlib.redirect_stdout(sys.stderr) if args.print_config else contextlib.nullcontext()
+        try:
+            with printing:
+                config = self.config(args)
+        except (ValueError, TypeError, FileNotFoundError) as error:
+            raise SystemExit(f"{self.prog}: bad config: {error}") from None
+        if args.print_config:
+            print(json.dumps(dataclasses.asdict(config), indent=2))
+            return 0
+        try:
+            summary = run(config)
+        except (ValueError, FileNotFoundError) as error:
+            raise SystemExit(f"{self.prog}: {error}") from None
+        if dist.get_rank() == 0 and summary:
+            print(summary)
+        dist.destroy_process_group()
+        return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The job and the engine.
+
+
+def start_run(config: RunConfig):
+    """Join the job the launcher started (or start a one-process one); returns this rank's ``DistInfo``."""
+    from c2r.deepspeed import init_distributed
+
+    info = init_distributed(config.train.device)
+    require_divides(config.train.ep_size, "ep_size", info.world_size, "the world size")
+    return info
+
+
+def global_mean(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio * lr``."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+
+
+@dataclass(frozen=True)
+class TrainOnly:
+    """Train only some modules of an otherwise frozen model (``c2r-adak``: the Ada-K allocators).
+
+    ``select`` picks them from the built model; they stay float32 and get one AdamW parameter group named ``name``
+    (AdamW's default betas, constant learning rate).
+    """
+
+    name: str
+    select: Callable[[nn.Module], list[nn.Module]]
+
+
+def build_engine(
+    config: RunConfig,
+    device: torch.device,
+    train_only: TrainOnly | None = None,
+    observers: list[DispatchObserver] | None = None,
+):
+    """The model on ``device`` under DeepSpeed, experts sharded over ``ep_size`` ranks; every parameter trains
+    (AdamW, warm-up and cosine decay) unless ``train_only`` says which modules do."""
+    import deepspeed
+
+    from c2r.deepspeed import load_deepspeed_config, make_expert_parallel
+
+    tc = config.train
+    ds_config = load_deepspeed_config(tc.deepspeed_config, device.type == "cuda", tc.batch_size, tc.grad_clip)
+    torch.manual_seed(tc.seed)  # the same initial model on every rank; each then keeps its own experts
+    model = MoEGPT(config.model)
+    make_expert_parallel(model, tc.ep_size, tc.dispatch, plan_layouts(config), observers)
+    if train_only is None:
+        optimizer, scheduler = optimize_everything(model, device, tc)
+    else:
+        ds_config, optimizer = optimize_only(model, device, tc, ds_config, train_only)
+        scheduler = None
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    return engine
+
+
+def optimize_everything(model: nn.Module, device: torch.device, tc: TrainConfig):
+    """AdamW over every parameter (experts in their own groups, as DeepSpeed's MoE needs), with ``lr_at``."""
+    from c2r.deepspeed import optimizer_param_groups
+
+    model.to(device)
+    optimizer = torch.optim.AdamW(optimizer_param_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, tc) / tc.lr)
+    return optimizer, scheduler
+
+
+def optimize_only(
+    model: nn.Module, device: torch.device, tc: TrainConfig, ds_config: dict[str, Any], train_only: TrainOnly
+) -> tuple[dict[str, Any], torch.optim.Optimizer]:
+    """Freeze everything but ``train_only``'s modules before the optimizer is built (frozen parameters get no
+    gradient, no optimizer state and no all-reduce); returns the DeepSpeed config to run with and the optimizer."""
+    ds_config, dtype = frozen_model_deepspeed_config(ds_config)
+    trained = train_only.select(model)
+    model.requires_grad_(False)
+    model.to(device=device, dtype=dtype)
+    for module in trained:
+        module.float().requires_grad_(True)
+    params = [p for module in trained for p in module.parameters()]
+    group = {"name": train_only.name, "params": params, "weight_decay": tc.weight_decay}
+    return ds_config, torch.optim.AdamW([group], lr=tc.lr)
+
+
+def frozen_model_deepspeed_config(ds_config: dict[str, Any]) -> tuple[dict[str, Any], torch.dtype]:
+    """The user's DeepSpeed config, run at ZeRO stage 0 without DeepSpeed's mixed-precision optimizer; and the
+    dtype the frozen model runs in (bf16/fp16 when the config enables it).
+
+    Only a few modules train (``c2r-adak``: a few thousand parameters): ZeRO has nothing worth sharding, and
+    DeepSpeed 0.19.8's ZeRO-1/2 and bf16 optimizers refuse an MoE model whose expert parameters are all frozen
+    ("None of the param groups are marked as MoE"). So: a plain float32 AdamW over the trained modules (DeepSpeed
+    all-reduces their gradients over every rank), the frozen rest cast to the 16-bit dtype by us.
+    """
+    dtype = torch.float32
+    if ds_config.get("bf16", {}).get("enabled"):
+        dtype = torch.bfloat16
+    elif ds_config.get("fp16", {}).get("enabled"):
+        dtype = torch.float16
+    ds_config["zero_optimization"] = {"stage": 0}
+    ds_config["bf16"] = {"enabled": False}
+    ds_config["fp16"] = {"enabled": False}
+    return ds_config, dtype
+
+
+def plan_layouts(config: RunConfig):
+    """The placement plan's per-layer expert layouts, checked against the model; None for contiguous."""
+    if config.train.placement_plan is None:
+        return None
+    from placement.plan import load_plan
+
+    return load_plan(
+        config.train.placement_plan,
+        num_layers=config.model.num_moe_layers,
+        num_experts=config.model.moe.num_experts,
+        num_ranks=config.train.ep_size,
+    ).layouts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batches, the metrics log, the progress bar.
+
+
+def batch_samplers(corpus: Corpus, config: RunConfig, rank: int, stream: int = 0) -> tuple[BatchSampler, BatchSampler]:
+    """This rank's training and validation batches. ``stream`` picks another sequence of training batches (c2r-adak
+    trains on other batches than the model saw); validation batches depend only on the seed and the rank."""
+    tc, block = config.train, config.model.block_size
+    rank_seed = tc.seed + RANK_SEED_STRIDE * rank
+    train = BatchSampler(corpus.train, block, tc.batch_size, seed=rank_seed + stream)
+    val = BatchSampler(corpus.val, block, tc.batch_size, seed=rank_seed + VAL_SEED_OFFSET)
+    return train, val
+
+
+def progress_bar(steps: range, desc: str, enabled: bool) -> tqdm:
+    """A bar over ``steps`` on rank 0 (``enabled``), counting from ``steps.start`` (a resumed run) to ``steps.stop``."""
+    return tqdm(
+        steps,
+        desc=desc,
+        unit="step",
+        disable=not enabled,
+        initial=steps.start,
+        total=steps.stop,
+        mininterval=0.1 if sys.stderr.isatty() else 5.0,  # keep logs of non-interactive runs short
+    )
+
+
+class MetricsLog:
+    """A JSON-lines metrics file and its terminal lines (``format_record``), written by rank 0 only."""
+
+    def __init__(self, path: Path, append: bool, enabled: bool, format_record: Callable[[dict[str, Any]], str]):
+        self.path, self.mode, self.enabled, self.file = path, "a" if append else "w", enabled, None
+        self.format_record = format_record
+
+    def __enter__(self) -> MetricsLog:
+        if self.enabled:
+            self.file = open(self.path, self.mode)  # noqa: SIM115 (closed in __exit__)
+        return self
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+            tqdm.write(self.format_record(record))
+
+    def __exit__(self, *exc) -> None:
+        if self.file:
+            self.file.close()
