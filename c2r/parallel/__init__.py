@@ -1,5 +1,5 @@
 """Expert parallelism: the all-to-all dispatchers (per-expert, per-rank), sharding a model's experts over the ranks of
-an `ExpertLayout` (placement.layout)."""
+an `ExpertLayout` (placement.layout), and a host-sync counter (`host_syncs.count_host_syncs`)."""
 
 from c2r.parallel.dispatch import (
     DISPATCH_MODES,
@@ -11,6 +11,7 @@ from c2r.parallel.dispatch import (
     build_dispatcher,
 )
 from c2r.parallel.expert_parallel import local_expert_weights, model_layouts, shard_experts
+from c2r.parallel.host_syncs import count_host_syncs
 
 __all__ = [
     "DISPATCH_MODES",
@@ -20,6 +21,7 @@ __all__ = [
     "PerExpertDispatcher",
     "PerRankDispatcher",
     "build_dispatcher",
+    "count_host_syncs",
     "local_expert_weights",
     "model_layouts",
     "shard_experts",

@@ -7,17 +7,22 @@ Two modes, same result (DESIGN.md, "Dispatch"):
   token chose and their weights; the destination expands the copy to its local experts, sums their weighted outputs
   itself, and returns one row per copy. Copies sent = sum over tokens of the distinct destination ranks (lambda).
 
+Both are lean: only valid (token, expert) pairs are gathered, computed and returned (no K-slot padding); every move
+between token order and expert order is a gather through a precomputed order and its inverse (``slot_rows.py``), so
+neither direction uses atomic adds; all counts travel in one small all-to-all and reach the host in one copy, the
+only host sync of a dispatch (a backend may add one: MegaBlocks' grouped_gemm wants its group sizes on the host).
+
 Each dispatcher is called as ``dispatcher(x_TD, routing, backend, experts) -> out_TD``. What it sent is reported in
 its :class:`DispatchMeta`, handed to the :class:`DispatchObserver` it was built with (the profiler, a test); nothing
 is read off the dispatcher afterwards.
 
 Shape letters follow the package legend (c2r/__init__.py): T tokens on this rank, D hidden, K slots, E experts,
-R ranks in the EP group, X = E / R experts per rank, C rows this rank sends, Q rows it receives.
+R ranks in the EP group, X = E / R experts per rank, C rows this rank sends, Q rows it receives, and P valid
+(copy, slot) pairs at a per-rank destination in local-expert order (as in ``slot_rows.py``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Protocol
@@ -25,9 +30,17 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from c2r.experts.permute import ExpertOrder, combine, sort_by_expert
 from c2r.parallel.all_to_all import ExchangeTimer, all_to_all, exchange_counts
-from c2r.routing import RoutingResult, count_tokens_per_expert
+from c2r.parallel.slot_rows import (
+    SlotOrder,
+    count_keys,
+    expand_rows,
+    inverse_permutation,
+    permute_rows,
+    sort_slots,
+    sum_slots,
+)
+from c2r.routing import RoutingResult
 from placement.layout import ExpertLayout
 
 DISPATCH_MODES = ("per-expert", "per-rank")
@@ -57,8 +70,12 @@ class DispatchMeta:
     dest_rank_TK: torch.Tensor  # rank holding each slot's expert (meaningless where the slot is empty)
     valid_TK: torch.Tensor
     bytes_per_row: int  # one sent row: D * element size
-    order: ExpertOrder | None = None  # per-expert: sent rows sorted by physical expert id (with weights)
+    # How sent rows map to the tokens' slots: per-expert, (token, routing slot) pairs by physical expert id;
+    # per-rank, (token, destination rank) pairs by rank. The combine sums each token's rows through it.
+    sent: SlotOrder | None = None
+    weights_TK: torch.Tensor | None = None  # per-expert: the combine weights, applied on the source
     regroup_Q: torch.Tensor | None = None  # per-expert: received rows (by source rank) -> sorted by local slot
+    ungroup_Q: torch.Tensor | None = None  # per-expert: its inverse (sorted by local slot -> by source rank)
 
     @property
     def num_tokens(self) -> int:
@@ -82,6 +99,16 @@ class DispatchMeta:
     def remote_ranks(self) -> torch.Tensor:
         """() int64: the same, not counting the token's own rank (copies that cross the network)."""
         return self.distinct_ranks - self.ranks_hit_TR[:, self.ep_rank].sum()
+
+
+@dataclass(frozen=True)
+class ReceivedCopies:
+    """Per-rank destination: the received copies and their valid (copy, local expert) pairs in local-expert order."""
+
+    x_QD: torch.Tensor
+    weight_QK: torch.Tensor  # combine weights (0 where a slot holds none of this rank's experts); carry gradients
+    pairs: SlotOrder  # (copy, slot) pairs by local expert slot
+    tokens_per_local_expert_X: torch.Tensor
 
 
 class DispatchObserver(ExchangeTimer, Protocol):
@@ -124,12 +151,20 @@ class _Dispatcher:
         self.observer = observer
         self.expert_to_rank_E = torch.tensor(layout.expert_to_rank)
         self._physical_E = torch.tensor(layout.logical_to_physical)  # layouts are numpy: placement needs no torch
-        self._local_slot_E = self._physical_E % layout.experts_per_rank
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _exchange_splits(self, send_counts_RX: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:
-        recv_counts_RX = exchange_counts(send_counts_RX, self.group)
-        # NOTE: host sync; all-to-all split sizes must be Python ints.
-        return recv_counts_RX, send_counts_RX.sum(1).tolist(), recv_counts_RX.sum(1).tolist()
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(expert_to_rank_E, physical_E) on ``device``, copied there once rather than every forward."""
+        if device not in self._on_device:
+            self._on_device[device] = (self.expert_to_rank_E.to(device), self._physical_E.to(device))
+        return self._on_device[device]
+
+    def _exchange_counts(self, send_counts_RN: torch.Tensor) -> tuple[torch.Tensor, list[list[int]], list[list[int]]]:
+        """Row r of ``send_counts_RN`` goes to rank r. Returns the received counts (device) and both on the host."""
+        recv_counts_RN = exchange_counts(send_counts_RN, self.group)
+        # NOTE: host sync, the only one of a dispatch: split sizes and pair counts must be Python ints.
+        send_host, recv_host = torch.stack([send_counts_RN, recv_counts_RN]).tolist()
+        return recv_counts_RN, send_host, recv_host
 
     def _send(self, x: torch.Tensor, meta_splits: tuple[list[int], list[int]], name: str) -> torch.Tensor:
         send_splits, recv_splits = meta_splits
@@ -143,97 +178,124 @@ class PerExpertDispatcher(_Dispatcher):
         x_QD, meta = self.dispatch(x_TD, routing)
         y_QD = backend.grouped_mlp(x_QD, meta.tokens_per_local_expert_X, experts)
         self.observer.on_dispatch(meta)
-        return self.combine(y_QD, meta, x_TD.shape[0])
+        return self.combine(y_QD, meta)
 
     def dispatch(self, x_TD: torch.Tensor, routing: RoutingResult) -> tuple[torch.Tensor, DispatchMeta]:
         R, X = self.layout.num_ranks, self.layout.experts_per_rank
-        # 1. Sort valid pairs by physical expert id: rows for rank 0 first, each rank's block by local slot.
-        physical_TK = self._physical_E.to(routing.expert_ids_TK.device)[routing.expert_ids_TK]
-        order = sort_by_expert(dataclasses.replace(routing, expert_ids_TK=physical_TK), R * X)
+        _, physical_E = self._tables(x_TD.device)
+        physical_TK = physical_E[routing.expert_ids_TK]  # physical id = rank * X + local slot
+        # 1. Count the pairs per physical expert, and sort them by it: rows for rank 0 first, each rank's block by
+        #    local slot. The sort is queued before the counts' host copy, so the GPU runs it during the sync.
+        send_counts_RX = count_keys(physical_TK, routing.valid_TK, R * X).view(R, X)
+        sorted_flat = sort_slots(physical_TK, routing.valid_TK, R * X)
         # 2. Tell every rank how many rows of each of its experts to expect.
-        recv_counts_RX, send_splits, recv_splits = self._exchange_splits(order.tokens_per_expert_E.view(R, X))
-        # 3. Exchange the token copies.
-        x_QD = self._send(x_TD[order.token_idx_P], (send_splits, recv_splits), "dispatch")
-        # 4. Received rows come grouped by source rank; the grouped GEMM wants them grouped by local expert.
-        slot_Q = torch.arange(X, device=x_QD.device).repeat(R).repeat_interleave(recv_counts_RX.flatten())
-        regroup_Q = torch.argsort(slot_Q, stable=True)
+        recv_counts_RX, send_host, recv_host = self._exchange_counts(send_counts_RX)
+        send_splits, recv_splits = [sum(row) for row in send_host], [sum(row) for row in recv_host]
+        sent = SlotOrder.first(sorted_flat, routing.valid_TK, sum(send_splits))
+        # 3. Exchange the token copies (only valid pairs; the gather's backward sums each token's slots).
+        x_QD = self._send(expand_rows(x_TD, sent), (send_splits, recv_splits), "dispatch")
+        # 4. Received rows come grouped by source rank; the grouped GEMM wants them grouped by local expert (already
+        #    so with one source rank or one expert per rank).
+        regroup_Q = ungroup_Q = None
+        if R > 1 and X > 1:
+            slot_Q = torch.arange(X, device=x_QD.device).repeat(R)
+            slot_Q = slot_Q.repeat_interleave(recv_counts_RX.flatten(), output_size=sum(recv_splits))  # no sync
+            regroup_Q = torch.argsort(slot_Q, stable=True)
+            ungroup_Q = inverse_permutation(regroup_Q)
+            x_QD = permute_rows(x_QD, regroup_Q, ungroup_Q)
         meta = DispatchMeta(
             self.mode,
             self.rank,
             send_splits,
             recv_splits,
             tokens_per_local_expert_X=recv_counts_RX.sum(0),
-            token_idx_C=order.token_idx_P,
-            dest_rank_TK=physical_TK // X,  # physical id = rank * X + local slot
+            token_idx_C=sent.row_P,
+            dest_rank_TK=physical_TK // X,
             valid_TK=routing.valid_TK,
             bytes_per_row=x_TD.shape[1] * x_TD.element_size(),
-            order=order,
+            sent=sent,
+            weights_TK=routing.weights_TK,
             regroup_Q=regroup_Q,
+            ungroup_Q=ungroup_Q,
         )
-        return x_QD[regroup_Q], meta
+        return x_QD, meta
 
-    def combine(self, y_QD: torch.Tensor, meta: DispatchMeta, num_tokens: int) -> torch.Tensor:
-        # 1. Back to source-rank order, 2. return the rows, 3. weighted sum per token on the token's own rank.
-        y_by_source = torch.empty_like(y_QD).index_copy(0, meta.regroup_Q, y_QD)
-        y_CD = self._send(y_by_source, (meta.recv_splits, meta.send_splits), "combine")
-        return combine(y_CD, meta.order, num_tokens)
+    def combine(self, y_QD: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
+        # 1. Back to source-rank order, 2. return the rows, 3. weighted sum of each token's K slots on its own rank.
+        if meta.regroup_Q is not None:
+            y_QD = permute_rows(y_QD, meta.ungroup_Q, meta.regroup_Q)
+        y_CD = self._send(y_QD, (meta.recv_splits, meta.send_splits), "combine")
+        return sum_slots(y_CD, meta.sent, meta.weights_TK)
 
 
 class PerRankDispatcher(_Dispatcher):
     mode = "per-rank"
 
     def __call__(self, x_TD, routing: RoutingResult, backend, experts) -> torch.Tensor:
-        x_QD, local_routing, meta = self.dispatch(x_TD, routing)
-        # The destination runs the ordinary single-device path on its copies: expand, compute, weighted sum.
-        y_QD = backend(x_QD, local_routing, experts)
+        received, meta = self.dispatch(x_TD, routing)
+        # The destination computes only the valid (copy, local expert) pairs, in one grouped GEMM over rows sorted by
+        # local expert, and sums each copy's weighted outputs: one reply per copy.
+        x_PD = expand_rows(received.x_QD, received.pairs)
+        y_PD = backend.grouped_mlp(x_PD, received.tokens_per_local_expert_X, experts)
+        y_QD = sum_slots(y_PD, received.pairs, received.weight_QK)
         if y_QD.shape[0] == 0:
             # Keep the (empty) output attached to the received tensors, so this rank still joins the backward
             # all-to-alls that its peers start.
-            y_QD = y_QD + (x_QD.sum() + local_routing.weights_TK.sum()) * 0
+            y_QD = y_QD + (received.x_QD.sum() + received.weight_QK.sum()) * 0
         self.observer.on_dispatch(meta)
-        return self.combine(y_QD, meta, x_TD.shape[0])
+        return self.combine(y_QD, meta)
 
-    def dispatch(self, x_TD: torch.Tensor, routing: RoutingResult):
+    def dispatch(self, x_TD: torch.Tensor, routing: RoutingResult) -> tuple[ReceivedCopies, DispatchMeta]:
         R, X = self.layout.num_ranks, self.layout.experts_per_rank
-        device = routing.expert_ids_TK.device
-        rank_TK = self.expert_to_rank_E.to(device)[routing.expert_ids_TK]
-        # 1. One copy per (token, destination rank), grouped by destination.
-        dest_C, token_C = ranks_hit(rank_TK, routing.valid_TK, R).t().nonzero(as_tuple=True)
-        # 2. Each copy carries the local slots and weights of the experts the token chose on that rank.
-        chosen_CK = (rank_TK[token_C] == dest_C.unsqueeze(1)) & routing.valid_TK[token_C]
-        slot_CK = torch.where(chosen_CK, self._local_slot_E.to(device)[routing.expert_ids_TK[token_C]], -1)
-        weight_CK = torch.where(chosen_CK, routing.weights_TK[token_C], torch.zeros_like(routing.weights_TK[token_C]))
-        _, send_splits, recv_splits = self._exchange_splits(torch.bincount(dest_C, minlength=R).view(R, 1))
-        # 3. Exchange copies, slots and weights (weights carry gradients back to the router).
-        splits = (send_splits, recv_splits)
-        x_QD = self._send(x_TD[token_C], splits, "dispatch")
-        slot_QK = self._send(slot_CK, splits, "dispatch_meta")
-        weight_QK = self._send(weight_CK, splits, "dispatch_meta")
-        valid_QK = slot_QK >= 0
-        local_routing = RoutingResult(
-            expert_ids_TK=slot_QK.clamp(min=0),
-            weights_TK=weight_QK,
-            valid_TK=valid_QK,
-            aux_loss=weight_QK.new_zeros(()),
-            tokens_per_expert_E=count_tokens_per_expert(slot_QK.clamp(min=0), valid_QK, X),
+        T, K = routing.expert_ids_TK.shape
+        expert_to_rank_E, physical_E = self._tables(x_TD.device)
+        rank_TK, physical_TK = expert_to_rank_E[routing.expert_ids_TK], physical_E[routing.expert_ids_TK]
+        hits_TR = ranks_hit(rank_TK, routing.valid_TK, R)
+        # 1. Count, per destination rank, the pairs of each of its experts and the copies (one per token it hits);
+        #    sort the (token, rank) copies by rank. One small exchange and one host copy carry every count.
+        send_counts_RN = torch.cat(
+            [count_keys(physical_TK, routing.valid_TK, R * X).view(R, X), hits_TR.sum(0, keepdim=True).t()], 1
         )
+        sorted_flat = sort_slots(torch.arange(R, device=x_TD.device).expand(T, R), hits_TR, R)
+        recv_counts_RN, send_host, recv_host = self._exchange_counts(send_counts_RN)
+        send_splits, recv_splits = [row[X] for row in send_host], [row[X] for row in recv_host]
+        sent = SlotOrder.first(sorted_flat, hits_TR, sum(send_splits))
+        token_C, dest_C = sent.row_P, sent.flat_P % R
+        # 2. Each copy carries its token's local slots on that rank (-1: another rank's expert, or an empty slot) and
+        #    their weights, packed in one float32 tensor (slot ids are exact there) that travels beside the tokens.
+        chosen_CK = (rank_TK[token_C] == dest_C.unsqueeze(1)) & routing.valid_TK[token_C]
+        slot_CK = torch.where(chosen_CK, physical_TK[token_C] % X, -1)
+        weight_CK = torch.where(chosen_CK, routing.weights_TK[token_C], 0.0)
+        meta_CK2 = torch.cat([slot_CK.float(), weight_CK.float()], 1)
+        # 3. Exchange copies and their metadata (the weights carry gradients back to the router).
+        splits = (send_splits, recv_splits)
+        x_QD = self._send(expand_rows(x_TD, sent), splits, "dispatch")
+        meta_QK2 = self._send(meta_CK2, splits, "dispatch_meta")
+        # 4. The received copies' valid slots, by local expert; their number came with the counts.
+        slot_QK = meta_QK2[:, :K].long()
+        valid_QK = slot_QK >= 0
+        num_pairs = sum(sum(row[:X]) for row in recv_host)
+        pairs = SlotOrder.first(sort_slots(slot_QK, valid_QK, X), valid_QK, num_pairs)
+        received = ReceivedCopies(x_QD, meta_QK2[:, K:], pairs, recv_counts_RN[:, :X].sum(0))
         meta = DispatchMeta(
             self.mode,
             self.rank,
             send_splits,
             recv_splits,
-            tokens_per_local_expert_X=local_routing.tokens_per_expert_E,
+            tokens_per_local_expert_X=received.tokens_per_local_expert_X,
             token_idx_C=token_C,
             dest_rank_TK=rank_TK,
             valid_TK=routing.valid_TK,
             bytes_per_row=x_TD.shape[1] * x_TD.element_size(),
+            sent=sent,
         )
-        return x_QD, local_routing, meta
+        return received, meta
 
-    def combine(self, y_QD: torch.Tensor, meta: DispatchMeta, num_tokens: int) -> torch.Tensor:
-        # One reply per copy, already weighted and summed over that rank's experts: the source just adds them up.
+    def combine(self, y_QD: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
+        # One reply per copy, already weighted and summed over that rank's experts: the source adds up each token's
+        # replies (at most R, gathered through the copy order).
         y_CD = self._send(y_QD, (meta.recv_splits, meta.send_splits), "combine")
-        return y_CD.new_zeros(num_tokens, y_CD.shape[1]).index_add(0, meta.token_idx_C, y_CD)
+        return sum_slots(y_CD, meta.sent, meta.sent.valid_ZK.to(y_CD.dtype))
 
 
 def build_dispatcher(

@@ -1,0 +1,547 @@
+"""One expert-parallel MoE layer, forward + backward, on N ranks: c2r's dispatch modes and placements side by side
+with MegaBlocks' and DeepSpeed's own expert parallelism.
+
+What it measures: per contender, the wall time of ``out = layer(x); (out.float() * g).sum().backward()`` on every
+rank (CUDA events on GPUs, the host clock on CPUs), after warm-up, in ``--rounds`` rounds of ``--iters`` steps; a
+step's time is the slowest rank's. Reported per contender: ms (median over all steps, min-max, each round's median),
+token copies sent per token and cross-rank bytes per token (what the dispatch reported), all-to-all time (every
+exchange, forward and backward, timed by the dispatcher's observer) and its share of the step, host syncs in one
+forward (torch's CUDA sync debug mode; 0 on CPUs), peak memory (CUDA only).
+
+Routing: ``synthetic`` feeds every contender that accepts a routing the same structured routing
+(placement/synthetic.py: Zipf popularity, clustered co-activation, so that placement matters); ``router`` lets each
+layer route with its own top-k router (c2r's, MegaBlocks', DeepSpeed's gate). The planned placement is planned by
+placement's planner (Mt-KaHyPar, or ``--plan-method``) from a separate synthetic sample of the same structure.
+
+Contenders (``--contenders``, default all):
+    c2r-per-expert-contiguous, c2r-per-rank-contiguous, c2r-per-expert-planned, c2r-per-rank-planned
+    single-device       the layer with all E experts on each rank, its own tokens only (no expert parallelism)
+    raw-all-to-all      four all_to_all_single of T*k rows (what per-expert dispatch moves per step), evenly split
+    megablocks-dmoe-ep  megablocks.layers.dmoe.dMoE with expert_parallel_group (GPU only)
+    deepspeed-moe-ep    deepspeed.moe.layer.MoE with ep_size N, drop_tokens=False (its own gate: router routing only)
+A contender that cannot run here (no GPU, a package missing, a routing it cannot take) is reported as skipped with the
+reason.
+
+Run on 2 GPUs (from the repository root):
+    python -m torch.distributed.run --nproc_per_node 2 benchmarks/ep_bench.py --configs deepseek-like qwen3-like \\
+        mixtral-like --rounds 3 --iters 30 --json ep_bench.json
+CPU smoke (gloo; what tests/test_ep_bench.py runs):
+    python -m torch.distributed.run --nproc_per_node 2 benchmarks/ep_bench.py --device cpu --dtype float32 \\
+        --configs tiny --rounds 1 --iters 2
+
+Shape legend: the package legend (c2r/__init__.py): T tokens per rank, D hidden, F expert ffn, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # c2r and placement from this checkout
+
+from c2r.experts import ExpertConfig, ExpertWeights, build_backend, resolve_backend_name  # noqa: E402
+from c2r.experts.megablocks_backend import megablocks_unavailable_reason  # noqa: E402
+from c2r.moe import MoEConfig, MoELayer  # noqa: E402
+from c2r.parallel import build_dispatcher, local_expert_weights, shard_experts  # noqa: E402
+from c2r.parallel.host_syncs import count_host_syncs  # noqa: E402
+from c2r.parallel.slot_rows import count_keys  # noqa: E402
+from c2r.routing import RouterConfig, RoutingResult  # noqa: E402
+from placement.inputs import routing_from_expert_ids  # noqa: E402
+from placement.layout import ExpertLayout  # noqa: E402
+from placement.methods import plan_layer  # noqa: E402
+from placement.synthetic import synthetic_expert_ids  # noqa: E402
+
+STRUCTURE_SEED = 11  # popularity and clusters of the synthetic routing; token draws vary by seed
+C2R_CONTENDERS = [f"c2r-{mode}-{layout}" for layout in ("contiguous", "planned") for mode in ("per-expert", "per-rank")]
+CONTENDERS = [*C2R_CONTENDERS, "single-device", "raw-all-to-all", "megablocks-dmoe-ep", "deepspeed-moe-ep"]
+
+
+@dataclass(frozen=True)
+class EPConfig:
+    name: str
+    activation: str
+    T: int  # tokens per rank
+    D: int
+    F: int
+    E: int
+    K: int
+
+
+CONFIGS = {
+    c.name: c
+    for c in (
+        EPConfig("deepseek-like", "gelu", T=16384, D=2048, F=1024, E=64, K=8),
+        EPConfig("qwen3-like", "swiglu", T=16384, D=2048, F=768, E=128, K=8),
+        EPConfig("mixtral-like", "swiglu", T=8192, D=4096, F=14336, E=8, K=2),
+        EPConfig("tiny", "gelu", T=64, D=32, F=16, E=8, K=2),
+        EPConfig("tiny-swiglu", "swiglu", T=64, D=32, F=16, E=16, K=4),
+    )
+}
+
+
+class Skip(Exception):
+    """A contender that cannot run here; the message says why."""
+
+
+class ExchangeClock:
+    """A dispatch observer: times every exchange (forward and backward) and keeps the last forward's counts."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.spans: list = []
+        self.meta = None
+
+    def start(self, name):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def stop(self, begin):
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.spans.append((begin, end))
+        else:
+            self.spans.append((time.perf_counter() - begin) * 1e3)
+
+    def on_dispatch(self, meta):
+        self.meta = meta
+
+    def take_ms(self) -> float:
+        """Total exchange time since the last call (after a device sync)."""
+        total = sum(s[0].elapsed_time(s[1]) if self.cuda else s for s in self.spans)
+        self.spans = []
+        return total
+
+
+@dataclass
+class Contender:
+    step: Callable[[torch.Tensor], torch.Tensor]  # x_TD -> out_TD
+    params: list[torch.Tensor]  # gradients reset between steps
+    clock: ExchangeClock | None = None
+
+
+# ---- routing and placement ---------------------------------------------------------------------------------------
+
+
+def synthetic_routing(cfg: EPConfig, rank: int, world: int, device, seed: int) -> RoutingResult:
+    """This rank's slice of one structured routing of world * T tokens (plain top-k: every slot valid)."""
+    ids = synthetic_expert_ids(world * cfg.T, cfg.E, cfg.K, seed=seed, structure_seed=STRUCTURE_SEED)
+    ids_TK = torch.from_numpy(ids[rank * cfg.T : (rank + 1) * cfg.T].astype("int64")).to(device)
+    logits = torch.randn(cfg.T, cfg.K, generator=torch.Generator().manual_seed(seed + rank)).to(device)
+    weights_TK = logits.softmax(-1).requires_grad_(True)  # a leaf: its gradient is the router's
+    valid_TK = torch.ones_like(ids_TK, dtype=torch.bool)
+    return RoutingResult(
+        ids_TK, weights_TK, valid_TK, torch.zeros((), device=device), count_keys(ids_TK, valid_TK, cfg.E), fixed_k=True
+    )
+
+
+def planned_layout(cfg: EPConfig, world: int, method: str) -> tuple[ExpertLayout, str]:
+    """Planned on rank 0 from a separate sample (seed 1; the benchmark's routing uses seed 0) and broadcast."""
+    box: list = [None]
+    if dist.get_rank() == 0:
+        sample = routing_from_expert_ids(
+            synthetic_expert_ids(world * cfg.T, cfg.E, cfg.K, seed=1, structure_seed=STRUCTURE_SEED), cfg.E
+        )
+        try:
+            box[0] = (plan_layer(sample, world, method=method).tolist(), method)
+        except Exception as error:  # e.g. mtkahypar missing on this machine: the greedy planner needs nothing
+            box[0] = (plan_layer(sample, world, method="greedy").tolist(), f"greedy ({method}: {error})")
+    dist.broadcast_object_list(box, src=0)
+    expert_to_rank, used = box[0]
+    return ExpertLayout(tuple(expert_to_rank), world), used
+
+
+# ---- contenders --------------------------------------------------------------------------------------------------
+
+
+def expert_weights(cfg: EPConfig, device, dtype, seed: int) -> ExpertWeights:
+    torch.manual_seed(seed)
+    with device:
+        return ExpertWeights(cfg.E, cfg.D, cfg.F, cfg.activation).to(dtype)
+
+
+def c2r_backend(cfg: EPConfig, device, dtype, name: str):
+    config = ExpertConfig(activation=cfg.activation, backend=name)
+    return build_backend(resolve_backend_name(config, device, dtype), config)
+
+
+def build_c2r(cfg, device, dtype, args, routing, mode: str, layout: ExpertLayout) -> Contender:
+    clock = ExchangeClock(device)
+    if routing is None:  # c2r's own top-k router
+        torch.manual_seed(args.seed)
+        router = RouterConfig(check_finite=False, logits_dtype="input")
+        moe = MoEConfig(
+            num_experts=cfg.E,
+            top_k=cfg.K,
+            ffn_hidden_size=cfg.F,
+            router=router,
+            experts=ExpertConfig(activation=cfg.activation, backend=args.backend),
+        )
+        with device:
+            layer = MoELayer(cfg.D, moe).to(dtype)
+        shard_experts(layer, layout, mode=mode, observers=[clock])
+        return Contender(lambda x: layer(x)[0], list(layer.parameters()), clock)
+    experts = local_expert_weights(expert_weights(cfg, device, dtype, args.seed), layout.local_experts(dist.get_rank()))
+    dispatcher = build_dispatcher(mode, layout, None, clock)
+    backend = c2r_backend(cfg, device, dtype, args.backend)
+    return Contender(
+        lambda x: dispatcher(x, routing, backend, experts), [*experts.parameters(), routing.weights_TK], clock
+    )
+
+
+def build_single_device(cfg, device, dtype, args, routing) -> Contender:
+    if routing is None:
+        torch.manual_seed(args.seed)
+        moe = MoEConfig(
+            num_experts=cfg.E,
+            top_k=cfg.K,
+            ffn_hidden_size=cfg.F,
+            router=RouterConfig(check_finite=False, logits_dtype="input"),
+            experts=ExpertConfig(activation=cfg.activation, backend=args.backend),
+        )
+        with device:
+            layer = MoELayer(cfg.D, moe).to(dtype)
+        return Contender(lambda x: layer(x)[0], list(layer.parameters()))
+    experts = expert_weights(cfg, device, dtype, args.seed)
+    backend = c2r_backend(cfg, device, dtype, args.backend)
+    return Contender(lambda x: backend(x, routing, experts), [*experts.parameters(), routing.weights_TK])
+
+
+def build_raw_all_to_all(cfg, device, dtype, args, routing) -> Contender:
+    world = dist.get_world_size()
+    rows = cfg.T * cfg.K // world * world
+    buffer = torch.randn(rows, cfg.D, device=device).to(dtype)
+    out = torch.empty_like(buffer)
+    clock = ExchangeClock(device)
+
+    def step(x):
+        for _ in range(4):  # dispatch and combine, forward and backward
+            handle = clock.start("all_to_all")
+            dist.all_to_all_single(out, buffer)
+            clock.stop(handle)
+        return x * 1  # something to call backward on
+
+    return Contender(step, [], clock)
+
+
+class _FixedMegaBlocksRouter(nn.Module):
+    """Hands MegaBlocks' dMoE the benchmark's routing: (scores [T, E], weights [T, K], expert ids [T, K])."""
+
+    def __init__(self, routing: RoutingResult, num_experts: int, dtype):
+        super().__init__()
+        self.routing, self.num_experts, self.dtype = routing, num_experts, dtype
+
+    def forward(self, x):
+        T = self.routing.num_tokens
+        scores = torch.full((T, self.num_experts), 1.0 / self.num_experts, device=x.device, dtype=self.dtype)
+        return scores, self.routing.weights_TK.to(self.dtype), self.routing.expert_ids_TK
+
+
+def build_megablocks_ep(cfg, device, dtype, args, routing) -> Contender:
+    if device.type != "cuda":
+        raise Skip("MegaBlocks needs a CUDA GPU")
+    reason = megablocks_unavailable_reason()
+    if reason:
+        raise Skip(reason)
+    from megablocks.layers import moe as mb_moe
+    from megablocks.layers.arguments import Arguments
+    from megablocks.layers.dmoe import dMoE
+
+    torch.manual_seed(args.seed)
+    glu = cfg.activation == "swiglu"
+    extra = {"activation_fn": F.silu} if glu else {}
+    margs = Arguments(
+        mlp_type="glu" if glu else "mlp",
+        mlp_impl="grouped",
+        bf16=dtype == torch.bfloat16,
+        fp16=False,
+        moe_num_experts=cfg.E,
+        moe_top_k=cfg.K,
+        hidden_size=cfg.D,
+        ffn_hidden_size=cfg.F,
+        bias=False,
+        return_bias=False,
+        device=device,
+        moe_expert_model_parallelism=True,
+        expert_parallel_group=dist.group.WORLD,
+        **extra,
+    )
+    layer = dMoE(margs).to(dtype)
+    params = list(layer.parameters())
+    if routing is not None:
+        layer.router = _FixedMegaBlocksRouter(routing, cfg.E, dtype)
+        params.append(routing.weights_TK)
+
+    def step(x):
+        out = layer(x.view(cfg.T, 1, cfg.D)).view(cfg.T, cfg.D)  # MegaBlocks wants [sl, bs, hs]
+        mb_moe.clear_load_balancing_loss()
+        return out
+
+    return Contender(step, params)
+
+
+class _SwiGLU(nn.Module):
+    def __init__(self, d: int, f: int):
+        super().__init__()
+        self.gate, self.up, self.down = (
+            nn.Linear(d, f, bias=False),
+            nn.Linear(d, f, bias=False),
+            nn.Linear(f, d, bias=False),
+        )
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+def build_deepspeed_ep(cfg, device, dtype, args, routing) -> Contender:
+    if routing is not None:
+        raise Skip("DeepSpeed's MoE routes with its own gate: run with --routing router")
+    try:
+        import deepspeed
+        from deepspeed.moe.layer import MoE
+    except ImportError as error:
+        raise Skip(f"deepspeed is not importable ({error})") from None
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+    torch.manual_seed(args.seed)
+    with device:
+        if cfg.activation == "swiglu":
+            expert = _SwiGLU(cfg.D, cfg.F)
+        else:
+            expert = nn.Sequential(
+                nn.Linear(cfg.D, cfg.F, bias=False), nn.GELU(approximate="tanh"), nn.Linear(cfg.F, cfg.D, bias=False)
+            )
+        layer = MoE(
+            hidden_size=cfg.D,
+            expert=expert.to(dtype),
+            num_experts=cfg.E,
+            ep_size=dist.get_world_size(),
+            k=cfg.K,
+            drop_tokens=False,
+            use_rts=False,
+        ).to(dtype)
+    layer.set_deepspeed_parallelism()
+    return Contender(lambda x: layer(x)[0], list(layer.parameters()))
+
+
+def build(name: str, cfg, device, dtype, args, routing, layouts) -> Contender:
+    if name.startswith("c2r-"):
+        _, mode_a, mode_b, layout = name.split("-")
+        return build_c2r(cfg, device, dtype, args, routing, f"{mode_a}-{mode_b}", layouts[layout])
+    builders = {
+        "single-device": build_single_device,
+        "raw-all-to-all": build_raw_all_to_all,
+        "megablocks-dmoe-ep": build_megablocks_ep,
+        "deepspeed-moe-ep": build_deepspeed_ep,
+    }
+    return builders[name](cfg, device, dtype, args, routing)
+
+
+# ---- measuring ---------------------------------------------------------------------------------------------------
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def max_over_ranks(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def measure(contender: Contender, x: torch.Tensor, grad_out: torch.Tensor, args) -> dict:
+    device = x.device
+
+    def step():
+        x.grad = None
+        for p in contender.params:
+            p.grad = None
+        out = contender.step(x)
+        (out.float() * grad_out).sum().backward()
+
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    dist.barrier()
+    with count_host_syncs(device) as syncs:
+        out = contender.step(x)
+    del out
+    x.grad = None
+    if contender.clock is not None:
+        contender.clock.take_ms()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rounds, exchange_ms = [], []
+    for _ in range(args.rounds):
+        dist.barrier()
+        times = []
+        for _ in range(args.iters):
+            if device.type == "cuda":
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+                step()
+                end.record()
+                times.append((begin, end))
+            else:
+                t0 = time.perf_counter()
+                step()
+                times.append((time.perf_counter() - t0) * 1e3)
+        sync(device)
+        ms = [b.elapsed_time(e) for b, e in times] if device.type == "cuda" else times
+        rounds.append(max_over_ranks(ms))  # a step ends when its slowest rank does
+        if contender.clock is not None:
+            exchange_ms.append(contender.clock.take_ms() / args.iters)
+    all_ms = [t for r in rounds for t in r]
+    result = {
+        "ms_median": statistics.median(all_ms),
+        "ms_min": min(all_ms),
+        "ms_max": max(all_ms),
+        "round_medians": [statistics.median(r) for r in rounds],
+        "host_syncs_per_forward": int(max_over_ranks([syncs.count])[0]),
+        "peak_gib": max_over_ranks([torch.cuda.max_memory_allocated(device) / 2**30])[0]
+        if device.type == "cuda"
+        else None,
+    }
+    if exchange_ms:
+        a2a = max_over_ranks([statistics.median(exchange_ms)])[0]
+        result.update(all_to_all_ms=a2a, all_to_all_share=a2a / result["ms_median"])
+    meta = contender.clock.meta if contender.clock is not None else None
+    if meta is not None:
+        sent = sum(meta.send_splits)
+        counts = torch.tensor([sent, sent - meta.send_splits[meta.ep_rank], meta.num_tokens], dtype=torch.float64)
+        dist.all_reduce(counts)
+        result.update(
+            copies_per_token=counts[0].item() / counts[2].item(),
+            remote_bytes_per_token=counts[1].item() * meta.bytes_per_row / counts[2].item(),
+        )
+    return result
+
+
+# ---- report ------------------------------------------------------------------------------------------------------
+
+
+def fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown(rows: list[dict], args) -> str:
+    lines = [
+        f"ms: median of {args.rounds} x {args.iters} steps (slowest rank), forward + backward; min-max; round medians",
+        "",
+        "| config | routing | contender | ms | min-max | rounds | copies/token | remote KiB/token | a2a ms | a2a share "
+        "| host syncs/fwd | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        head = f"| {r['config']} | {r['routing']} | {r['contender']} |"
+        if "skipped" in r or "error" in r:
+            lines.append(
+                f"{head} {'skipped: ' + r['skipped'] if 'skipped' in r else 'error: ' + r['error']} |" + " |" * 8
+            )
+            continue
+        kib = r.get("remote_bytes_per_token")
+        lines.append(
+            f"{head} {r['ms_median']:.2f} | {r['ms_min']:.2f}-{r['ms_max']:.2f} | "
+            f"{' / '.join(f'{m:.2f}' for m in r['round_medians'])} | {fmt(r.get('copies_per_token'), '.2f')} | "
+            f"{fmt(kib / 1024 if kib is not None else None, '.1f')} | {fmt(r.get('all_to_all_ms'), '.2f')} | "
+            f"{fmt(r.get('all_to_all_share'), '.0%')} | {r['host_syncs_per_forward']} | {fmt(r['peak_gib'], '.2f')} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--configs", nargs="+", default=["deepseek-like", "qwen3-like", "mixtral-like"], choices=CONFIGS)
+    p.add_argument("--contenders", nargs="+", default=CONTENDERS, choices=CONTENDERS)
+    p.add_argument("--routing", nargs="+", default=["synthetic", "router"], choices=["synthetic", "router"])
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--backend", default="auto", help="c2r expert backend (auto, torch, megablocks)")
+    p.add_argument("--plan-method", default="kahypar", help="placement planner method (placement/methods.py)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="write the raw numbers here (rank 0)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit(
+            "ep_bench: --device cuda but no CUDA GPU is visible; use --device cpu --dtype float32 for the smoke run"
+        )
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if args.device == "cuda":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(args.device, local_rank) if args.device == "cuda" else torch.device("cpu")
+    dtype = getattr(torch, args.dtype)
+    rows = []
+    for cfg in (CONFIGS[name] for name in args.configs):
+        if cfg.E % world:
+            sys.exit(f"ep_bench: {cfg.name} has {cfg.E} experts, not divisible by {world} ranks")
+        planned, plan_method = planned_layout(cfg, world, args.plan_method)
+        layouts = {"contiguous": ExpertLayout.contiguous(cfg.E, world), "planned": planned}
+        x = torch.randn(cfg.T, cfg.D, generator=torch.Generator().manual_seed(100 + rank)).to(device, dtype)
+        x.requires_grad_(True)
+        grad_out = torch.randn(cfg.T, cfg.D, generator=torch.Generator().manual_seed(200 + rank)).to(device)
+        for routing_kind in args.routing:
+            routing = synthetic_routing(cfg, rank, world, device, args.seed) if routing_kind == "synthetic" else None
+            for name in args.contenders:
+                row = {"config": cfg.name, "routing": routing_kind, "contender": name, **asdict(cfg)}
+                try:
+                    contender = build(name, cfg, device, dtype, args, routing, layouts)
+                    row.update(measure(contender, x, grad_out, args))
+                except Skip as why:
+                    row["skipped"] = str(why)
+                except Exception as error:  # a contender that breaks is reported, the others still run
+                    row["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+                if "planned" in name:
+                    row["plan"] = plan_method
+                rows.append(row)
+                contender = None
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if rank == 0:
+                    print(
+                        f"{cfg.name} {routing_kind} {name}: "
+                        + (row.get("skipped") or row.get("error") or f"{row['ms_median']:.2f} ms"),
+                        file=sys.stderr,
+                        flush=True,
+                    )
+    if rank == 0:
+        print(
+            f"ep_bench: {world} ranks, {device.type} {args.dtype}, torch {torch.__version__}, "
+            f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
+        )
+        print(markdown(rows, args))
+        if args.json:
+            args.json.write_text(
+                json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "world": world, "rows": rows}, indent=1)
+            )
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

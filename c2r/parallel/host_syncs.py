@@ -1,0 +1,45 @@
+"""Counting host syncs: how often a piece of code makes the CPU wait for the GPU.
+
+On CUDA, torch's sync debug mode warns at every synchronizing call (a device-to-host copy such as ``.tolist()``,
+``.item()``, ``int(tensor)`` or ``.cpu()``; ``nonzero``; ``bincount``; a blocking copy; ``torch.cuda.synchronize``);
+:func:`count_host_syncs` turns it on, records those warnings and counts them. On the CPU nothing syncs: the count is 0.
+Only work on the calling thread is seen (autograd runs the backward on threads of its own): count forwards.
+
+    with count_host_syncs(x.device) as syncs:
+        y = layer(x)
+    print(syncs.count)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+SYNC_WARNING = "called a synchronizing CUDA operation"  # the text of torch's sync debug mode warning
+
+
+@dataclass
+class HostSyncs:
+    count: int = 0
+
+
+@contextlib.contextmanager
+def count_host_syncs(device: torch.device | str) -> Iterator[HostSyncs]:
+    """Count the host syncs inside the ``with`` block (set on exit)."""
+    syncs = HostSyncs()
+    if torch.device(device).type != "cuda":
+        yield syncs
+        return
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # every sync, not the first of each call site
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield syncs
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    syncs.count = sum(SYNC_WARNING in str(w.message) for w in caught)

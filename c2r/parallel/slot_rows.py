@@ -1,0 +1,134 @@
+"""Rows expanded to their valid slots in key order, and summed back, with gathers only (no atomics, no host sync).
+
+The lean expert-parallel path (docs/design.md, "Dispatch") moves rows between two orders:
+- Z rows (tokens at a source, received copies at a destination), each with K slots of which some are valid;
+- P valid (row, slot) pairs sorted by a key (a physical expert id, a local expert slot, a destination rank).
+A :class:`SlotOrder` holds both directions of that map, so every move is a plain gather:
+- :func:`expand_rows` (Z -> P): ``x_PD = x_ZD[row_P]``; its backward gathers each row's K pair gradients through the
+  inverse and sums them (MegaBlocks' scatter does the same), instead of ``index_add``'s atomic adds.
+- :func:`sum_slots` (P -> Z): ``out_ZD = sum_k w_ZK * y_PD[inverse_ZK]`` as one batched matmul; its backward gathers
+  the pair gradients through the order. Empty slots read pair 0 with weight 0: their gradient is zero and dropped.
+- :func:`permute_rows`: a permutation whose backward is the inverse permutation (``x[perm]``'s backward is an
+  accumulating ``index_put``).
+The number of pairs P is a host int the caller already has (from the counts exchange), never read off the device.
+
+Shape legend: the package legend (``c2r/__init__.py``), and Z the rows whose slots are ordered (T or Q), P valid
+(row, slot) pairs in key order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def count_keys(keys_ZK: torch.Tensor, valid_ZK: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """[num_keys] int64: valid slots per key, on the device (``torch.bincount`` syncs on CUDA; this does not)."""
+    keys = torch.where(valid_ZK, keys_ZK, num_keys).flatten()  # empty slots go to an overflow bin we drop
+    counts = torch.zeros(num_keys + 1, dtype=torch.int64, device=keys.device)
+    return counts.scatter_add_(0, keys, torch.ones_like(keys))[:num_keys]
+
+
+def sort_slots(keys_ZK: torch.Tensor, valid_ZK: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """[Z * K] flat slot indices (row * K + slot), valid ones first in key order (stable: by row within a key).
+
+    Launch it before the counts' host copy, cut it with :meth:`SlotOrder.first` after: the sort overlaps the sync."""
+    return torch.argsort(torch.where(valid_ZK, keys_ZK, num_keys).flatten(), stable=True)
+
+
+@dataclass(frozen=True)
+class SlotOrder:
+    """Valid (row, slot) pairs of Z rows x K slots, in key order.
+
+    Attributes:
+        flat_P: ``row * K + slot`` of each pair.
+        row_P: its row (``flat_P // K``).
+        inverse_ZK: each (row, slot)'s position in P; 0 for empty slots (never read with a non-zero weight).
+        valid_ZK: which slots are pairs.
+        num_pairs: P, a host int.
+    """
+
+    flat_P: torch.Tensor
+    row_P: torch.Tensor
+    inverse_ZK: torch.Tensor
+    valid_ZK: torch.Tensor
+    num_pairs: int
+
+    @classmethod
+    def first(cls, sorted_flat: torch.Tensor, valid_ZK: torch.Tensor, num_pairs: int) -> SlotOrder:
+        """From :func:`sort_slots`' output and the number of valid slots (known on the host)."""
+        num_rows, num_slots = valid_ZK.shape
+        flat_P = sorted_flat[:num_pairs]
+        positions_P = torch.arange(num_pairs, device=flat_P.device)
+        inverse = torch.zeros(num_rows * num_slots, dtype=torch.int64, device=flat_P.device)
+        inverse.scatter_(0, flat_P, positions_P)  # a permutation's inverse: unique indices, no accumulation
+        return cls(flat_P, flat_P // num_slots, inverse.view(num_rows, num_slots), valid_ZK, num_pairs)
+
+    @property
+    def shape_ZK(self) -> tuple[int, int]:
+        return tuple(self.valid_ZK.shape)
+
+
+class _ExpandRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_ZD: torch.Tensor, order: SlotOrder):
+        ctx.order = order
+        return x_ZD.index_select(0, order.row_P)
+
+    @staticmethod
+    def backward(ctx, grad_PD: torch.Tensor):
+        order: SlotOrder = ctx.order
+        Z, K = order.shape_ZK
+        if order.num_pairs == 0:
+            return grad_PD.new_zeros(Z, grad_PD.shape[1]), None
+        grad_ZKD = grad_PD.index_select(0, order.inverse_ZK.flatten()).view(Z, K, -1)
+        # Empty slots gathered pair 0's gradient: mask them out in the same batched matmul that sums the slots.
+        mask_Z1K = order.valid_ZK.to(grad_PD.dtype).unsqueeze(1)
+        return torch.bmm(mask_Z1K, grad_ZKD).squeeze(1), None
+
+
+class _GatherSlots(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_PD: torch.Tensor, order: SlotOrder):
+        ctx.order = order
+        Z, K = order.shape_ZK
+        if order.num_pairs == 0:
+            return y_PD.new_zeros(Z, K, y_PD.shape[1])
+        return y_PD.index_select(0, order.inverse_ZK.flatten()).view(Z, K, -1)
+
+    @staticmethod
+    def backward(ctx, grad_ZKD: torch.Tensor):
+        order: SlotOrder = ctx.order
+        return grad_ZKD.reshape(-1, grad_ZKD.shape[-1]).index_select(0, order.flat_P), None
+
+
+class _PermuteRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor):
+        ctx.inverse = inverse
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.index_select(0, ctx.inverse), None, None
+
+
+def expand_rows(x_ZD: torch.Tensor, order: SlotOrder) -> torch.Tensor:
+    """[P, D]: row ``x_ZD[row]`` for each pair, in key order."""
+    return _ExpandRows.apply(x_ZD, order)
+
+
+def sum_slots(y_PD: torch.Tensor, order: SlotOrder, weights_ZK: torch.Tensor) -> torch.Tensor:
+    """[Z, D]: ``out[z] = sum over valid slots k of weights[z, k] * y[pair (z, k)]`` (gradients reach weights_ZK)."""
+    weights_ZK = torch.where(order.valid_ZK, weights_ZK, torch.zeros_like(weights_ZK)).to(y_PD.dtype)
+    return torch.bmm(weights_ZK.unsqueeze(1), _GatherSlots.apply(y_PD, order)).squeeze(1)
+
+
+def permute_rows(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """``x[perm]`` where ``inverse`` is ``perm``'s inverse permutation (the backward's gather)."""
+    return _PermuteRows.apply(x, perm, inverse)
+
+
+def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))

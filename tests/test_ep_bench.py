@@ -1,0 +1,40 @@
+"""benchmarks/ep_bench.py as a smoke test: 2 CPU ranks over gloo, tiny sizes, 1 round; GPU-only contenders skipped."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from c2r.parallel.ports import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_ep_bench_runs_on_two_gloo_ranks(tmp_path):
+    out = tmp_path / "ep.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(REPO / "benchmarks" / "ep_bench.py"), "--device", "cpu", "--dtype", "float32", "--configs", "tiny",
+           "--rounds", "1", "--iters", "2", "--warmup", "1", "--json", str(out)]  # fmt: skip
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1"
+    )
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| config | routing | contender | ms |" in proc.stdout
+
+    rows = {(r["routing"], r["contender"]): r for r in json.loads(out.read_text())["rows"]}
+    assert not [key for key, r in rows.items() if "error" in r], proc.stdout
+    assert "CUDA" in rows["synthetic", "megablocks-dmoe-ep"]["skipped"]  # skipped with its reason, not a crash
+    assert "own gate" in rows["synthetic", "deepspeed-moe-ep"]["skipped"]
+    assert rows["router", "deepspeed-moe-ep"]["ms_median"] > 0  # DeepSpeed's MoE with ep_size 2 runs on CPU ranks
+    for routing in ("synthetic", "router"):
+        expert = rows[routing, "c2r-per-expert-contiguous"]
+        for layout in ("contiguous", "planned"):
+            per_rank = rows[routing, f"c2r-per-rank-{layout}"]
+            assert 1 <= per_rank["copies_per_token"] <= expert["copies_per_token"] == 2  # tiny is top-2
+            assert per_rank["host_syncs_per_forward"] == 0  # nothing syncs on CPUs; the GPU test counts them
+            assert per_rank["all_to_all_ms"] > 0 and "all_to_all_share" in per_rank
+    # The plan is made from a sample of the same clustered routing: it must cut the copies per-rank dispatch sends.
+    planned, contiguous = rows["synthetic", "c2r-per-rank-planned"], rows["synthetic", "c2r-per-rank-contiguous"]
+    assert planned["copies_per_token"] < contiguous["copies_per_token"]
