@@ -67,7 +67,7 @@ class ScoredRouter(GroupLimitedRouter):
         """[T, E] selection scores -> [T, K] expert ids within the token's best M groups (others masked, -inf)."""
         if self.max_groups >= self.num_groups:
             return choice_TE.topk(self.top_k, dim=-1).indices
-        group_TG = choice_TE[:, self.members_GS].topk(self.group_score_top, dim=-1).values.sum(dim=-1)
+        group_TG = choice_TE[:, self.members_GY].topk(self.group_score_top, dim=-1).values.sum(dim=-1)
         kept_TG = torch.zeros_like(group_TG, dtype=torch.bool)
         kept_TG.scatter_(1, group_TG.topk(self.max_groups, dim=-1).indices, True)
         masked_TE = choice_TE.masked_fill(~kept_TG[:, self.group_of_E], float("-inf"))
