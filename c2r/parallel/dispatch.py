@@ -1,6 +1,6 @@
 """Expert-parallel dispatch: send tokens to the ranks that hold their experts, compute, and send the results back.
 
-Two modes, same result (DESIGN.md, "Dispatch"):
+Two modes, same result (docs/design.md, "Dispatch"):
 - ``per-expert`` (the baseline every system uses): one token copy per routed (token, expert) pair; the destination
   runs the expert and returns one row per pair; the source sums them with the combine weights.
 - ``per-rank`` (Occult's idea): one copy per (token, destination rank), carrying which of that rank's experts the
