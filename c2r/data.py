@@ -57,7 +57,9 @@ class HFTokenizer:
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         except (OSError, ValueError) as error:
-            raise ValueError(f"no usable tokenizer in {str(model_dir)!r} (tokenizer.json and friends): {error}") from None
+            raise ValueError(
+                f"no usable tokenizer in {str(model_dir)!r} (tokenizer.json and friends): {error}"
+            ) from None
         self.vocab_size = len(self.tokenizer)
         if vocab_size is not None and self.vocab_size > vocab_size:
             raise ValueError(

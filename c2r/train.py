@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 
 from c2r.data import BatchSampler, load_corpus
-from c2r.model import ModelOutput
 from c2r.hf.training import base_settings
+from c2r.model import ModelOutput
 from c2r.profiled import profiled_model
 from c2r.routing import RoutingResult, after_optimizer_step
 from c2r.run_setup import (

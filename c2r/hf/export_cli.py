@@ -63,7 +63,9 @@ def load_run_weights(model: nn.Module, tag_dir: Path, saved: dict[str, Any]) -> 
     missing, unexpected = model.load_state_dict(state, strict=False)
     expert_params = {f"{name}.moe.experts.{w}" for name, _ in converted_blocks(model) for w in ("w1", "v1", "w2")}
     if unexpected or set(missing) - expert_params:
-        raise ValueError(f"{tag_dir} does not fit {saved['hf']['model_dir']}: missing {missing}, unexpected {unexpected}")
+        raise ValueError(
+            f"{tag_dir} does not fit {saved['hf']['model_dir']}: missing {missing}, unexpected {unexpected}"
+        )
     for index, ((_, block), layout) in enumerate(zip(converted_blocks(model), recorded_layouts(saved), strict=True)):
         experts, F = block.layer.experts, block.layer.experts.ffn_hidden_size
         for physical, logical in enumerate(layout.physical_to_logical.tolist()):
