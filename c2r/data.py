@@ -1,4 +1,5 @@
-"""Training text: an embedded real corpus that needs no download, or the user's own files; byte-level tokens.
+"""Training text: an embedded real corpus that needs no download, or the user's own files; byte-level tokens, or a
+Hugging Face model's own tokenizer (``c2r-train --hf-model``).
 
 The embedded corpus is the Python standard library's own source, which every Python install ships. Files are split
 into train and validation by file (every ``val_every``-th file in sorted order is held out), so validation text is
@@ -38,10 +39,58 @@ class ByteTokenizer:
     def decode(self, tokens) -> str:
         return bytes(int(t) for t in tokens).decode("utf-8", errors="replace")
 
+    def encode_documents(self, documents: list[str], progress: bool = False) -> np.ndarray:
+        return self.encode("\n".join(documents))
+
+
+class HFTokenizer:
+    """A Hugging Face model's own tokenizer, read from its directory (tokenizer.json, or whatever files
+    ``transformers.AutoTokenizer`` reads); nothing downloads. Documents are packed end to end, each followed by the
+    end-of-sequence token (when the tokenizer has one), and the sampler cuts sequences of the run's length from
+    that stream."""
+
+    BATCH = 256  # documents per call to the (Rust, batched) tokenizer
+
+    def __init__(self, model_dir: str | Path, vocab_size: int | None = None):
+        import transformers
+
+        try:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"no usable tokenizer in {str(model_dir)!r} (tokenizer.json and friends): {error}"
+            ) from None
+        self.vocab_size = len(self.tokenizer)
+        if vocab_size is not None and self.vocab_size > vocab_size:
+            raise ValueError(
+                f"the tokenizer in {str(model_dir)!r} has {self.vocab_size} tokens, the model's vocabulary only "
+                f"{vocab_size}"
+            )
+        self.eos_id = self.tokenizer.eos_token_id
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
+
+    def encode_documents(self, documents: list[str], progress: bool = False) -> np.ndarray:
+        from tqdm.auto import tqdm
+
+        eos = [] if self.eos_id is None else [self.eos_id]
+        pieces = []
+        with tqdm(total=len(documents), desc="tokenize", unit="doc", disable=not progress) as bar:
+            for start in range(0, len(documents), self.BATCH):
+                batch = documents[start : start + self.BATCH]
+                for ids in self.tokenizer(batch, add_special_tokens=False)["input_ids"]:
+                    pieces.append(np.asarray(ids + eos, dtype=np.int32))
+                bar.update(len(batch))
+        return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+
+    def decode(self, tokens) -> str:
+        return self.tokenizer.decode([int(t) for t in tokens])
+
 
 @dataclass
 class Corpus:
-    train: np.ndarray  # uint8 tokens
+    train: np.ndarray  # tokens: uint8 bytes, or int32 ids of a Hugging Face tokenizer
     val: np.ndarray
     source: str
     num_documents: int
@@ -83,7 +132,9 @@ def _jsonl_texts(file: Path) -> list[str]:
     return texts
 
 
-def load_corpus(config: DataConfig) -> Corpus:
+def load_corpus(config: DataConfig, tokenizer=None, progress: bool = False) -> Corpus:
+    """The run's text as tokens (``tokenizer``: ByteTokenizer by default, or an HFTokenizer; ``progress``: show a
+    bar while tokenizing, on one rank)."""
     if config.path is None:
         documents, source = [], f"python {sysconfig.get_python_version()} standard library source"
         size = 0
@@ -94,17 +145,20 @@ def load_corpus(config: DataConfig) -> Corpus:
             size += len(documents[-1])
     else:
         documents, source = user_documents(Path(config.path)), config.path
-    return split_documents(documents, config, source)
+    return split_documents(documents, config, source, tokenizer, progress)
 
 
-def split_documents(documents: list[str], config: DataConfig, source: str) -> Corpus:
-    tokenizer = ByteTokenizer()
+def split_documents(
+    documents: list[str], config: DataConfig, source: str, tokenizer=None, progress: bool = False
+) -> Corpus:
+    """Train and validation tokens; ``max_bytes`` caps each (in tokens, which for a byte tokenizer are bytes)."""
+    tokenizer = tokenizer or ByteTokenizer()
     if len(documents) >= 2 * config.val_every:
         val_docs = documents[:: config.val_every]
         train_docs = [d for i, d in enumerate(documents) if i % config.val_every]
-        train, val = (tokenizer.encode("\n".join(docs))[: config.max_bytes] for docs in (train_docs, val_docs))
+        train, val = (tokenizer.encode_documents(docs, progress)[: config.max_bytes] for docs in (train_docs, val_docs))
     else:  # too few documents to hold whole ones out: hold out the tail instead
-        tokens = tokenizer.encode("\n".join(documents))[: config.max_bytes]
+        tokens = tokenizer.encode_documents(documents, progress)[: config.max_bytes]
         cut = len(tokens) - max(len(tokens) // config.val_every, 1)
         train, val = tokens[:cut], tokens[cut:]
     return Corpus(train=train, val=val, source=source, num_documents=len(documents))

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from c2r.config_utils import config_from_dict, require_choice, require_positive
 from c2r.data import BatchSampler, Corpus, DataConfig
+from c2r.hf.training import HFConfig
 from c2r.model import ModelConfig, MoEGPT
 from c2r.parallel import DISPATCH_MODES, DispatchObserver, model_layouts
 from placement.layout import require_divides
@@ -89,6 +90,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    hf: HFConfig = field(default_factory=HFConfig)  # --hf-model: a Hugging Face MoE model instead of our GPT
 
     def __post_init__(self) -> None:
         require_divides(self.train.ep_size, "ep_size", self.model.moe.num_experts, "num_experts")
@@ -340,8 +342,13 @@ def build_engine(
     tc = config.train
     ds_config = load_deepspeed_config(tc.deepspeed_config, device.type == "cuda", tc.batch_size, tc.grad_clip)
     torch.manual_seed(tc.seed)  # the same initial model on every rank; each then keeps its own experts
-    model = MoEGPT(config.model)
-    make_expert_parallel(model, tc.ep_size, tc.dispatch, plan_layouts(config), observers)
+    if config.hf.model_dir is not None:
+        from c2r.hf.training import build_model
+
+        model = build_model(config, tc.dispatch, plan_layouts(config), observers)
+    else:
+        model = MoEGPT(config.model)
+        make_expert_parallel(model, tc.ep_size, tc.dispatch, plan_layouts(config), observers)
     if train_only is None:
         optimizer, scheduler = optimize_everything(model, device, tc)
     else:
@@ -405,10 +412,29 @@ def plan_layouts(config: RunConfig):
 
     return load_plan(
         config.train.placement_plan,
-        num_layers=config.model.num_moe_layers,
+        num_layers=num_moe_layers(config),
         num_experts=config.model.moe.num_experts,
         num_ranks=config.train.ep_size,
     ).layouts
+
+
+def num_moe_layers(config: RunConfig) -> int:
+    """MoE layers of the model the run trains: our GPT's, or the Hugging Face model's (``--hf-model``)."""
+    if config.hf.model_dir is None:
+        return config.model.num_moe_layers
+    from c2r.hf.training import model_shape
+
+    return model_shape(config.hf.model_dir).num_moe_layers
+
+
+def corpus_tokenizer(config: RunConfig):
+    """The tokenizer of the run's text: bytes for our GPT, the model's own with ``--hf-model``."""
+    from c2r.data import ByteTokenizer, HFTokenizer
+    from c2r.hf.training import model_shape
+
+    if config.hf.model_dir is None:
+        return ByteTokenizer()
+    return HFTokenizer(config.hf.model_dir, vocab_size=model_shape(config.hf.model_dir).vocab_size)
 
 
 # ---------------------------------------------------------------------------------------------------------------

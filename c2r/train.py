@@ -5,6 +5,7 @@ deepspeed --num_gpus 2 -m c2r.train --ep-size 2         # 2 ranks (GPUs, or CPU 
 mpirun -np 4 python -m c2r.train --ep-size 2            # MPI launch (mpi4py discovers the ranks)
 c2r-train --data my_texts/ --steps 2000 --set model.moe.num_experts=16
 c2r-train --out runs/demo --resume                      # continue from runs/demo/checkpoints/latest
+c2r-train --hf-model path/to/qwen3-moe --data my.jsonl  # a Hugging Face MoE model, its own tokenizer (c2r/hf)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from c2r.data import BatchSampler, load_corpus
+from c2r.hf.training import base_settings
 from c2r.model import ModelOutput
 from c2r.profiled import profiled_model
 from c2r.routing import RoutingResult, after_optimizer_step
@@ -28,8 +30,10 @@ from c2r.run_setup import (
     Shorthand,
     batch_samplers,
     build_engine,
+    corpus_tokenizer,
     global_mean,
     lr_at,
+    num_moe_layers,
     progress_bar,
     run_config_record,
     start_run,
@@ -71,10 +75,10 @@ def train(config: RunConfig) -> dict[str, Any]:
     tc = config.train
     info = start_run(config)
     is_main = info.rank == 0
-    corpus = load_corpus(config.data)
+    corpus = load_corpus(config.data, corpus_tokenizer(config), progress=is_main)
     # The all-to-all profiler exists before the engine: each dispatcher is built with its observer.
     use_cuda = info.device.type == "cuda"
-    comm = open_comm_profiler(Path(tc.out_dir) / "profile", config.profile, config.model.num_moe_layers, use_cuda)
+    comm = open_comm_profiler(Path(tc.out_dir) / "profile", config.profile, num_moe_layers(config), use_cuda)
     engine = build_engine(config, info.device, observers=comm.observers if comm else None)
     run_config = run_config_record(config, engine.module)
     out_dir, ckpt_dir = Path(tc.out_dir), Path(tc.out_dir) / "checkpoints"
@@ -162,20 +166,24 @@ def log_start(config: RunConfig, corpus, info, dtype: torch.dtype) -> None:
 
     moe = config.model.moe
     backend = resolve_backend_name(moe.experts, info.device, dtype)
+    unit = "M tokens" if config.hf.model_dir else "MB"  # byte tokens are bytes
     log.info(
-        "corpus: %s (%d documents, %.1f MB train, %.2f MB validation)",
+        "corpus: %s (%d documents, %.1f %s train, %.2f %s validation)",
         corpus.source,
         corpus.num_documents,
         len(corpus.train) / 1e6,
+        unit,
         len(corpus.val) / 1e6,
+        unit,
     )
     log.info(
-        "model: %d MoE layers of %d experts (top-%d, %s router, %s expert backend, %s), %d ranks on %s, "
+        "model: %s%d MoE layers of %d experts (top-%d, %s router, %s expert backend, %s), %d ranks on %s, "
         "ep_size %d (%d experts per rank)",
-        config.model.num_moe_layers,
+        f"{config.hf.model_dir}, " if config.hf.model_dir else "",
+        num_moe_layers(config),
         moe.num_experts,
         moe.top_k,
-        moe.router.kind,
+        "the model's own" if config.hf.model_dir and moe.router.kind == "topk" else moe.router.kind,
         backend,
         str(dtype).removeprefix("torch."),
         info.world_size,
@@ -189,11 +197,19 @@ TRAIN_CLI = ConfigCli(
     prog="c2r-train",
     description=__doc__,
     config_cls=RunConfig,
+    base=base_settings,  # with --hf-model: the model's expert count and k
     shorthands=(
         Shorthand(
             "--data",
             "data.path",
             "text file or directory (.txt .md .rst .py .jsonl); default: the embedded Python standard-library corpus",
+        ),
+        Shorthand(
+            "--hf-model",
+            "hf.model_dir",
+            "train a local Hugging Face MoE model directory (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, Granite-MoE) "
+            "with its own tokenizer; --router topk keeps its own routing; sequence length: model.block_size",
+            metavar="DIR",
         ),
         Shorthand("--steps", "train.steps", "optimizer steps", int),
         Shorthand(

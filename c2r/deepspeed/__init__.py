@@ -10,6 +10,7 @@ from c2r.deepspeed.setup import (
     load_deepspeed_config,
     make_expert_parallel,
     optimizer_param_groups,
+    wrap_moe_layers,
 )
 
 __all__ = [
@@ -23,4 +24,5 @@ __all__ = [
     "optimizer_param_groups",
     "RouterGate",
     "use_router",
+    "wrap_moe_layers",
 ]

@@ -87,6 +87,12 @@ def make_expert_parallel(
     group = ensure_expert_groups(ep_size)
     if ep_size > 1:
         shard_experts(model, layouts, group=group, mode=mode, observers=observers)
+    return wrap_moe_layers(model, ep_size)
+
+
+def wrap_moe_layers(model: nn.Module, ep_size: int) -> list[DeepSpeedMoELayer]:
+    """Put every :class:`MoELayer` of ``model`` (experts already this rank's share) inside a DeepSpeed MoE module, in
+    place: its expert parameters tagged for the expert-data-parallel group, its checkpoint keys per expert."""
     wrapped = []
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

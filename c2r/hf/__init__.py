@@ -7,7 +7,8 @@ only this rank's experts, and export back to the original architecture.
 
 Modules: ``architectures`` (the table of supported families), ``block`` (the converted block), ``routers``
 (native and switched routers), ``weights`` (expert layouts), ``convert``, ``checkpoint`` (streaming safetensors),
-``load``, ``export``.
+``load``, ``export``; ``training`` (``c2r-train --hf-model``: the ``hf`` config section, the model under DeepSpeed)
+and ``export_cli`` (``c2r-export-hf``: a run's checkpoint back to Hugging Face).
 """
 
 from c2r.hf.architectures import ARCHITECTURES, Architecture

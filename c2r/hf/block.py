@@ -61,11 +61,17 @@ class HFMoEBlock(nn.Module):
         self.last_routing: RoutingResult | None = None
 
     @property
+    def layer(self) -> MoELayer:
+        """Our MoE layer; under DeepSpeed ``moe`` is DeepSpeed's MoE module holding it
+        (c2r.deepspeed.wrap_moe_layers), whose forward is the layer's."""
+        return self.moe if isinstance(self.moe, MoELayer) else self.moe.deepspeed_moe
+
+    @property
     def router(self) -> nn.Module:
-        return self.moe.router
+        return self.layer.router
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.layout.num_ranks > 1 and self.moe.dispatcher is None:
+        if self.layout.num_ranks > 1 and self.layer.dispatcher is None:
             raise RuntimeError(
                 f"this MoE block holds {len(self.local_experts)} of {self.layout.num_experts} experts (ep rank "
                 f"{self.ep_rank} of {self.layout.num_ranks}): call c2r.hf.attach_expert_parallel(model) first"
@@ -74,7 +80,7 @@ class HFMoEBlock(nn.Module):
         out_TD, routing = self.moe(x_TD)
         self.last_routing = routing
         if self.router_logits is not None:
-            self.router_logits(F.linear(x_TD, self.moe.router.gate.weight.to(x_TD.dtype)))
+            self.router_logits(F.linear(x_TD, self.router.gate.weight.to(x_TD.dtype)))
         shared = [getattr(self, name) for name in self.arch.shared_attrs if name != self.arch.shared_gate_attr]
         if shared:
             shared_TD = shared[0](x_TD)
@@ -121,16 +127,20 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
     return torch.stack(losses).sum()
 
 
-def attach_expert_parallel(model: nn.Module, group=None, mode: str = "per-expert") -> None:
+def attach_expert_parallel(model: nn.Module, group=None, mode: str = "per-expert", observers=None) -> None:
     """Give every converted block of a model loaded with ``ep_size`` > 1 its all-to-all dispatcher over ``group``
-    (default: the world), with the layout it was loaded with; call once torch.distributed is initialised."""
-    from c2r.parallel.dispatch import build_dispatcher
+    (default: the world), with the layout it was loaded with; call once torch.distributed is initialised.
+    ``observers``: one ``DispatchObserver`` per MoE block (the communication profiler's), default none."""
+    from c2r.parallel.dispatch import NO_OBSERVER, build_dispatcher
 
-    for name, block in converted_blocks(model):
-        dispatcher = build_dispatcher(mode, block.layout, group)
+    blocks = converted_blocks(model)
+    if observers is not None and len(observers) != len(blocks):
+        raise ValueError(f"{len(observers)} dispatch observers given but the model has {len(blocks)} MoE blocks")
+    for index, (name, block) in enumerate(blocks):
+        dispatcher = build_dispatcher(mode, block.layout, group, observers[index] if observers else NO_OBSERVER)
         if dispatcher.rank != block.ep_rank:
             raise ValueError(
                 f"{name} was loaded for ep rank {block.ep_rank}, but this process is rank {dispatcher.rank}"
             )
-        block.moe.dispatcher = dispatcher
+        block.layer.dispatcher = dispatcher
         block.router.set_expert_placement(block.layout.expert_to_rank, block.layout.num_ranks)

@@ -38,12 +38,12 @@ def check_exportable(model: nn.Module) -> None:
     """A ValueError naming the first block whose router the original architecture cannot express."""
     model_type = model.c2r_hf.arch.model_type
     for index, (name, block) in enumerate(converted_blocks(model)):
-        router = block.moe.config.router
+        router = block.layer.config.router
         hf_top_k = block.native_top_k
-        if not same_routing(router, block.native_router) or block.moe.config.top_k != hf_top_k:
+        if not same_routing(router, block.native_router) or block.layer.config.top_k != hf_top_k:
             raise ValueError(
                 f"cannot export to {model_type}: MoE layer {index} ({name}) uses the {router.kind!r} router "
-                f"({describe(router)}, top_k={block.moe.config.top_k}); {model_type} can only express its own "
+                f"({describe(router)}, top_k={block.layer.config.top_k}); {model_type} can only express its own "
                 f"routing, {describe(block.native_router)} with top_k={hf_top_k}"
             )
         bias = getattr(block.router, "selection_bias_E", None)
@@ -60,7 +60,7 @@ def _gather_experts(name: str, blocks: list[HFMoEBlock]) -> dict[str, torch.Tens
     stacks: dict[str, list[torch.Tensor | None]] = {n: [None] * first.layout.num_experts for n in ("w1", "v1", "w2")}
     for block in blocks:
         for weight, stack in stacks.items():
-            local_XFD = block.moe.experts.stacked(weight).detach()
+            local_XFD = block.layer.experts.stacked(weight).detach()
             for slot, expert in enumerate(block.local_experts):
                 stack[expert] = local_XFD[slot]
     missing = [e for e, t in enumerate(stacks["w1"]) if t is None]

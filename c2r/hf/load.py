@@ -64,7 +64,7 @@ def load(
         expert_to_rank=expert_to_rank,
     )
     for _, block in converted_blocks(model):
-        block.moe.to(dtype)
+        block.layer.to(dtype)
     _init_non_persistent_buffers(model, materialize(model))
     with SafetensorsCheckpoint(model_dir) as checkpoint:
         if checkpoint.files:
@@ -135,14 +135,14 @@ def _expert_keys(block: HFMoEBlock, prefix: str, arch: Architecture, checkpoint:
 def _load_experts(block: HFMoEBlock, prefix: str, arch: Architecture, checkpoint: SafetensorsCheckpoint) -> set[str]:
     """Read this rank's experts of one block; return every expert key of the block (theirs included)."""
     kind, keys = _expert_keys(block, prefix, arch, checkpoint)
-    F = block.moe.experts.ffn_hidden_size
+    F = block.layer.experts.ffn_hidden_size
     for slot, expert in enumerate(block.local_experts):
         if kind == "per_expert":
             gate_FD, up_FD, down_DF = (checkpoint.get_expert(key) for key in keys[expert])
         else:
             gate_up_XD = checkpoint.get_expert(keys[0], expert)
             gate_FD, up_FD, down_DF = gate_up_XD[:F], gate_up_XD[F:], checkpoint.get_expert(keys[1], expert)
-        set_expert(block.moe.experts, slot, gate_FD, up_FD, down_DF)
+        set_expert(block.layer.experts, slot, gate_FD, up_FD, down_DF)
     return {k for ks in keys.values() for k in ks} if kind == "per_expert" else set(keys)
 
 
@@ -184,14 +184,14 @@ def random_init(model: nn.Module, seed: int) -> None:
     """The model's own initialiser for its modules (one global seed, identical on every rank); each expert from a
     seed of its own (``seed``, layer, logical id), so a rank's experts equal the single-rank model's."""
     torch.manual_seed(seed)
-    ours = {id(m) for _, block in converted_blocks(model) for m in block.moe.modules()}
+    ours = {id(m) for _, block in converted_blocks(model) for m in block.layer.modules()}
     for module in model.modules():
         if id(module) not in ours:
             model._init_weights(module)
     std = getattr(model.config, "initializer_range", 0.02)
     for layer, (_, block) in enumerate(converted_blocks(model)):
         block.router.gate.weight.normal_(0.0, std)
-        experts = block.moe.experts
+        experts = block.layer.experts
         for slot, expert in enumerate(block.local_experts):
             generator = torch.Generator().manual_seed(hash((seed, layer, expert)) % 2**63)
             rows = slice(slot * experts.ffn_hidden_size, (slot + 1) * experts.ffn_hidden_size)
