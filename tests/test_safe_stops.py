@@ -25,12 +25,13 @@ STEPS = 8
 
 
 def raw_config(out_dir, **train) -> dict:
-    return tiny_run_config(out_dir, steps=STEPS, ep_size=2, eval_every=4, save_every=0, **train)
+    return tiny_run_config(out_dir, steps=STEPS, **{"ep_size": 2, "eval_every": 4, "save_every": 0, **train})
 
 
-def run_worker(rank, world, raw, signal_at: dict | None = None):
+def run_worker(rank, world, raw, signal_at: dict | None = None, again: bool = False):
     """``c2r.train.run`` (the summary line) and what ``train`` returned. ``signal_at``: {rank: (step, signum)}: that
-    rank sends itself the signal during that step (0-based), right after its optimizer step."""
+    rank sends itself the signal during that step (0-based), right after its optimizer step. ``again``: then run the
+    same config once more (a resume at the final step), its summary as ``again``."""
     if signal_at and rank in signal_at:
         at_step, signum = signal_at[rank]
         real_update, calls = c2r.train.after_optimizer_step, []
@@ -47,11 +48,17 @@ def run_worker(rank, world, raw, signal_at: dict | None = None):
     c2r.train.train = lambda config: results.append(real_train(config)) or results[-1]
     try:
         summary = c2r.train.run(config_from_dict(RunConfig, raw))
+        again_summary = c2r.train.run(config_from_dict(RunConfig, raw)) if again else None
     finally:
         c2r.train.train = real_train
     result = results[0]
     keys = ("step_losses", "start_step", "end_step", "stopped_by")
-    return {"summary": summary, "signal_handler": signal.getsignal(signal.SIGINT), **{k: result[k] for k in keys}}
+    return {
+        "summary": summary,
+        "again": again_summary,
+        "signal_handler": signal.getsignal(signal.SIGINT),
+        **{k: result[k] for k in keys},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +84,8 @@ def test_sigint_on_one_rank_stops_both_at_the_same_boundary_and_resume_continues
     )
     torch.testing.assert_close(stopped[0]["step_losses"], full_run[1][0]["step_losses"][:done], rtol=1e-5, atol=1e-5)
 
-    resumed = run_distributed(run_worker, 2, tmp_path / "b", {**raw, "train": {**raw["train"], "resume": True}})
+    resume = {**raw, "train": {**raw["train"], "resume": True}}
+    resumed = run_distributed(run_worker, 2, tmp_path / "b", resume, None, True)
     torch.testing.assert_close(resumed[0]["step_losses"], full_run[1][0]["step_losses"][done:], rtol=1e-5, atol=1e-5)
     assert resumed[0]["summary"].startswith("done: train loss")
     assert resumed[0]["summary"].endswith(f"over {STEPS - done} steps, resumed at step {done}")
@@ -85,8 +93,7 @@ def test_sigint_on_one_rank_stops_both_at_the_same_boundary_and_resume_continues
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [4, 8]
 
-    again = run_distributed(run_worker, 2, tmp_path / "c", {**raw, "train": {**raw["train"], "resume": True}})
-    assert again[0]["summary"] == (
+    assert resumed[0]["again"] == (
         f"nothing to do: {tmp_path / 'run'} is at step {STEPS} and train.steps is {STEPS} (--steps N trains further)"
     )
 
