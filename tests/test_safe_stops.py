@@ -235,3 +235,23 @@ def test_prune_keeps_the_newest_checkpoints_up_to_latest(tmp_path):
     assert prune_checkpoints(tmp_path, keep=2) == ["step2", "step4"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "other", "step10", "step6", "step8"]
     assert prune_checkpoints(tmp_path, keep=0) == []
+
+
+def policy_worker(rank, world):
+    import c2r.stops
+
+    clock = [0.0]
+    c2r.stops.time.monotonic = lambda: clock[0]
+    with c2r.stops.StopSignals() as signals:
+        policy = c2r.stops.SavePolicy(4, 1.0, 10, signals, torch.device("cpu"))
+        saves = []
+        for done, minutes in zip(range(1, 11), (0.2, 0.5, 0.9, 1.0, 1.5, 2.1, 2.2, 2.4, 3.0, 3.1), strict=True):
+            clock[0] = 60 * minutes
+            saves.append(policy.after_step(done).save)
+    return saves
+
+
+def test_save_policy_saves_every_n_steps_every_m_minutes_and_at_the_end(tmp_path):
+    (saves,) = run_distributed(policy_worker, 1, tmp_path)
+    # steps 4 and 8 (every 4), 6 (a minute after step 4's save at 1.0 min: 2.1), 10 (the last step)
+    assert [done for done, save in enumerate(saves, start=1) if save] == [4, 6, 8, 10]
