@@ -61,8 +61,11 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_every: int = 100
     eval_batches: int = 8
-    save_every: int = 0  # 0: only at the end
+    save_every: int = 100  # steps between periodic checkpoints (0: none); the last step and a stop signal also save
+    save_every_minutes: float = 30.0  # also save once this long has passed since the last save (0: never)
+    keep_checkpoints: int = 3  # the newest N step checkpoints stay, older ones are deleted (0: keep all)
     resume: bool = False
+    overwrite: bool = False  # replace the run already in out_dir (its checkpoints, metrics and profile)
     init_from: str | None = None  # start from another run's weights (fresh optimizer, step 0), e.g. to switch router
     seed: int = 0
     device: str = "auto"
@@ -82,6 +85,11 @@ class TrainConfig:
             ep_size=self.ep_size,
         )
         require_choice("dispatch", self.dispatch, DISPATCH_MODES)
+        for name in ("save_every", "save_every_minutes", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be >= 0 (0 turns it off)")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: continue the run in out_dir, or replace it")
 
 
 @dataclass

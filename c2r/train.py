@@ -4,7 +4,7 @@ c2r-train                                               # one process: the demo 
 deepspeed --num_gpus 2 -m c2r.train --ep-size 2         # 2 ranks (GPUs, or CPU processes on a CPU machine)
 mpirun -np 4 python -m c2r.train --ep-size 2            # MPI launch (mpi4py discovers the ranks)
 c2r-train --data my_texts/ --steps 2000 --set model.moe.num_experts=16
-c2r-train --out runs/demo --resume                      # continue from runs/demo/checkpoints/latest
+c2r-train --out runs/mine --resume                      # continue runs/mine (under the launch it started with)
 c2r-train --hf-model path/to/qwen3-moe --data my.jsonl  # a Hugging Face MoE model, its own tokenizer (c2r/hf)
 """
 
@@ -23,6 +23,7 @@ from c2r.hf.training import base_settings
 from c2r.model import ModelOutput
 from c2r.profiled import profiled_model
 from c2r.routing import RoutingResult, after_optimizer_step
+from c2r.run_dir import check_out_dir, clear_run
 from c2r.run_setup import (
     ConfigCli,
     MetricsLog,
@@ -38,6 +39,7 @@ from c2r.run_setup import (
     run_config_record,
     start_run,
 )
+from c2r.stops import SavePolicy, StopSignals
 from profiling.session import ProfileSession, open_comm_profiler
 
 log = logging.getLogger("c2r.train")
@@ -70,26 +72,55 @@ def evaluate(engine, sampler: BatchSampler, batches: int, device: torch.device) 
 
 
 def train(config: RunConfig) -> dict[str, Any]:
-    from c2r.deepspeed.checkpoint import init_from_checkpoint, resume, save_checkpoint
+    from c2r.deepspeed import checkpoint
 
     tc = config.train
-    info = start_run(config)
-    is_main = info.rank == 0
-    corpus = load_corpus(config.data, corpus_tokenizer(config), progress=is_main)
-    # The all-to-all profiler exists before the engine: each dispatcher is built with its observer.
-    use_cuda = info.device.type == "cuda"
-    comm = open_comm_profiler(Path(tc.out_dir) / "profile", config.profile, num_moe_layers(config), use_cuda)
-    engine = build_engine(config, info.device, observers=comm.observers if comm else None)
-    run_config = run_config_record(config, engine.module)
     out_dir, ckpt_dir = Path(tc.out_dir), Path(tc.out_dir) / "checkpoints"
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        log_start(config, corpus, info, dtype=next(engine.module.parameters()).dtype)
-    if tc.init_from and not tc.resume:
-        init_from_checkpoint(engine, tc.init_from, run_config)
+    check_out_dir(out_dir, tc.resume, tc.overwrite, tc.init_from)  # every rank, before any of them writes
+    with StopSignals() as signals:  # from here on, Ctrl-C stops at a step boundary with a checkpoint
+        info = start_run(config)
+        is_main = info.rank == 0
+        if tc.overwrite:
+            if is_main and (replaced := clear_run(out_dir)):
+                log.info("--overwrite: deleted the previous run's %s in %s", ", ".join(replaced), out_dir)
+            dist.barrier()
+        corpus = load_corpus(config.data, corpus_tokenizer(config), progress=is_main)
+        # The all-to-all profiler exists before the engine: each dispatcher is built with its observer.
+        use_cuda = info.device.type == "cuda"
+        comm = open_comm_profiler(out_dir / "profile", config.profile, num_moe_layers(config), use_cuda)
+        engine = build_engine(config, info.device, observers=comm.observers if comm else None)
+        run_config = run_config_record(config, engine.module)
         if is_main:
-            log.info("initialised from the weights in %s", tc.init_from)
-    start = resume(engine, ckpt_dir, run_config) if tc.resume else 0
+            out_dir.mkdir(parents=True, exist_ok=True)
+            log_start(config, corpus, info, dtype=next(engine.module.parameters()).dtype)
+        if tc.init_from and not tc.resume:
+            checkpoint.init_from_checkpoint(engine, tc.init_from, run_config)
+            if is_main:
+                log.info("initialised from the weights in %s", tc.init_from)
+        start = checkpoint.resume(engine, ckpt_dir, run_config) if tc.resume else 0
+        result = {"history": [], "step_losses": [], "checkpoint_dir": str(ckpt_dir), "engine": engine}
+        result.update(start_step=start, end_step=start, stopped_by=None)
+        if tc.resume and is_main:
+            log.info("resumed from %s at step %d of %d", ckpt_dir / f"step{start}", start, tc.steps)
+        if start >= tc.steps:
+            if comm:
+                comm.close()
+            return result
+        policy = SavePolicy(tc.save_every, tc.save_every_minutes, tc.steps, signals, info.device)
+        result.update(train_steps(config, engine, corpus, info, comm, policy, start, run_config))
+    if is_main:
+        log.info("checkpoint in %s; metrics in %s", ckpt_dir, out_dir / "metrics.jsonl")
+        if config.profile.enabled:
+            log.info("profile in %s (c2r-profile summarize %s)", out_dir / "profile", out_dir)
+    return result
+
+
+def train_steps(config: RunConfig, engine, corpus, info, comm, policy: SavePolicy, start: int, run_config) -> dict:
+    """Steps ``start`` .. ``train.steps`` (or up to a stop signal): evaluations, checkpoints, the metrics log."""
+    from c2r.deepspeed import checkpoint
+
+    tc, is_main = config.train, info.rank == 0
+    out_dir, ckpt_dir = Path(tc.out_dir), Path(tc.out_dir) / "checkpoints"
     train_batches, val_batches = batch_samplers(corpus, config, info.rank)
     profiler = None
     if config.profile.enabled:
@@ -104,6 +135,7 @@ def train(config: RunConfig) -> dict[str, Any]:
     started = time.perf_counter()
     bar = progress_bar(range(start, tc.steps), "train", enabled=is_main)
     metrics_log = MetricsLog(out_dir / "metrics.jsonl", append=tc.resume, enabled=is_main, format_record=format_record)
+    done, stopped_by = start, None
     with metrics_log as metrics:
         for step in bar:
             if profiler:
@@ -135,22 +167,38 @@ def train(config: RunConfig) -> dict[str, Any]:
                 history.append(record)
                 metrics.write(record)
                 write_monitor(engine, record)
-            if (tc.save_every and done % tc.save_every == 0) or done == tc.steps:
-                save_checkpoint(engine, ckpt_dir, done, run_config)
+            after = policy.after_step(done)
+            if after.save:
+                checkpoint.save_checkpoint(engine, ckpt_dir, done, run_config)
+                if is_main:
+                    checkpoint.prune_checkpoints(ckpt_dir, tc.keep_checkpoints)
+            if after.stop_signal:
+                stopped_by = after.stop_signal
+                bar.close()
+                break
     if profiler:
         profiler.close()
-    if is_main:
-        log.info("checkpoint in %s; metrics in %s", ckpt_dir, out_dir / "metrics.jsonl")
-        if profiler:
-            log.info("profile in %s (c2r-profile summarize %s)", out_dir / "profile", out_dir)
-    return {"history": history, "step_losses": step_losses, "checkpoint_dir": str(ckpt_dir), "engine": engine}
+    return {"history": history, "step_losses": step_losses, "end_step": done, "stopped_by": stopped_by}
+
+
+def monitor_events(record: dict[str, Any]) -> list[tuple[str, float, int]]:
+    """Our eval record as DeepSpeed monitor events: numbers only (TensorBoard's ``add_scalar`` refuses anything
+    else); a per-layer list becomes one scalar per layer, ``c2r/<key>/layer_<i>``; other values are left out."""
+    step, events = record["step"], []
+    for key, value in record.items():
+        values = {f"c2r/{key}": value}
+        if isinstance(value, (list, tuple)):
+            values = {f"c2r/{key}/layer_{i}": v for i, v in enumerate(value)}
+        for name, v in values.items():
+            if isinstance(v, (int, float)) and key != "step":  # bool is an int: 0 / 1
+                events.append((name, float(v), step))
+    return events
 
 
 def write_monitor(engine, record: dict[str, Any]) -> None:
     """Our eval record to DeepSpeed's monitor (TensorBoard / CSV / W&B), when the DeepSpeed config enables one."""
     if engine.monitor.enabled:
-        step = record["step"]
-        engine.monitor.write_events([(f"c2r/{key}", value, step) for key, value in record.items() if key != "step"])
+        engine.monitor.write_events(monitor_events(record))
 
 
 def format_record(r: dict[str, Any]) -> str:
@@ -242,6 +290,12 @@ TRAIN_CLI = ConfigCli(
         ),
         Shorthand("--resume", "train.resume", "continue from OUT/checkpoints/latest", switch=True),
         Shorthand(
+            "--overwrite",
+            "train.overwrite",
+            "replace the run already in OUT (deletes its checkpoints, metrics.jsonl and profile)",
+            switch=True,
+        ),
+        Shorthand(
             "--init-from",
             "train.init_from",
             "start from the weights of another run's checkpoint (fresh optimizer, step 0); e.g. convert a trained "
@@ -259,14 +313,24 @@ TRAIN_CLI = ConfigCli(
 
 
 def run(config: RunConfig) -> str | None:
-    """Train; the summary line rank 0 prints."""
-    history = train(config)["history"]
-    if not history:
-        return None
-    first, last = history[0], history[-1]
+    """Train; the summary line rank 0 prints: what this run did (a resumed run counts its own steps only)."""
+    result = train(config)
+    start, end, steps = result["start_step"], result["end_step"], config.train.steps
+    if end == start and result["stopped_by"] is None:
+        return (
+            f"nothing to do: {config.train.out_dir} is at step {start} and train.steps is {steps} "
+            "(--steps N trains further)"
+        )
+    this_run = f"{end - start} steps" + (f", resumed at step {start}" if start else "")
+    if result["stopped_by"]:
+        return (
+            f"stopped by {result['stopped_by']} at step {end} of {steps} ({this_run}): checkpoint "
+            f"{Path(result['checkpoint_dir']) / f'step{end}'}; run the same command with --resume to continue"
+        )
+    first, last = result["history"][0], result["history"][-1]
     return (
         f"done: train loss {first['train_loss']:.3f} -> {last['train_loss']:.3f}, "
-        f"val loss {first['val_loss']:.3f} -> {last['val_loss']:.3f} over {config.train.steps} steps"
+        f"val loss {first['val_loss']:.3f} -> {last['val_loss']:.3f} over {this_run}"
     )
 
 

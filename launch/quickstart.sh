@@ -10,5 +10,8 @@ BIN="${BIN:-.venv/bin}"
 NUM_RANKS="${NUM_RANKS:-2}"
 EP_SIZE="${EP_SIZE:-$NUM_RANKS}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+# Ctrl-C: the ranks stop at the next step boundary with a checkpoint (c2r/stops.py) and the deepspeed launcher's
+# per-node process forwards it; its outer runner would only print a KeyboardInterrupt traceback, so it ignores it.
+trap '' INT
 exec "$BIN/deepspeed" --num_gpus "$NUM_RANKS" --master_port "${MASTER_PORT:-29500}" \
     --module c2r.train --ep-size "$EP_SIZE" "$@"

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,21 @@ def save_checkpoint(engine, ckpt_dir: str | Path, step: int, run_config: dict[st
         atomic_write_text(ckpt_dir / LATEST, tag)
     dist.barrier()
     return tag
+
+
+def prune_checkpoints(ckpt_dir: str | Path, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` step checkpoints up to ``latest`` (0: keep all); returns the deleted tags.
+    Newer ones than ``latest`` are a crashed save's leftovers, which the next save of that step overwrites."""
+    latest = latest_tag(ckpt_dir)
+    if keep <= 0 or latest is None or not re.fullmatch(r"step\d+", latest):
+        return []
+    steps = sorted(
+        int(path.name[4:]) for path in Path(ckpt_dir).iterdir() if path.is_dir() and re.fullmatch(r"step\d+", path.name)
+    )
+    old = [step for step in steps if step <= int(latest[4:])][:-keep]
+    for step in old:
+        shutil.rmtree(Path(ckpt_dir) / f"step{step}", ignore_errors=True)
+    return [f"step{step}" for step in old]
 
 
 def latest_tag(ckpt_dir: str | Path) -> str | None:
@@ -74,7 +91,12 @@ def resume(engine, ckpt_dir: str | Path, run_config: dict[str, Any]) -> int:
     check_compatible(saved["model"], run_config["model"], str(Path(ckpt_dir) / tag))
     saved_ep, ep = saved["train"].get("ep_size"), run_config["train"].get("ep_size")
     if saved_ep != ep:
-        raise ValueError(f"checkpoint {tag} was saved with ep_size={saved_ep}, this run has ep_size={ep}")
+        ranks = saved_world_size(Path(ckpt_dir) / tag) or saved_ep
+        raise ValueError(
+            f"checkpoint {tag} was saved with ep_size={saved_ep} on {ranks} ranks, this run has ep_size={ep} on "
+            f"{dist.get_world_size()}; resume it as it was launched, e.g. NUM_RANKS={ranks} EP_SIZE={saved_ep} "
+            f"bash launch/quickstart.sh --out {Path(ckpt_dir).parent} --resume"
+        )
     check_same_placement(saved, run_config, tag)
     if str(saved.get("optimizer_state", "")).startswith("dropped"):
         # c2r-place apply moved experts between ranks: weights only, fresh optimizer moments, same schedule.
@@ -87,6 +109,18 @@ def resume(engine, ckpt_dir: str | Path, run_config: dict[str, Any]) -> int:
     if client_state is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {Path(ckpt_dir) / tag}")
     return int(client_state["step"])
+
+
+def saved_world_size(tag_dir: Path) -> int | None:
+    """The world size a checkpoint was saved with (DeepSpeed records its data-parallel size: without tensor or
+    pipeline parallelism, the world size); None if unknown."""
+    import torch
+
+    path = tag_dir / "mp_rank_00_model_states.pt"
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # mmap: no tensor is read
+    return state.get("dp_world_size")
 
 
 def recorded_layouts(run_config: dict[str, Any]) -> list[ExpertLayout]:

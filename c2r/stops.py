@@ -1,0 +1,83 @@
+"""Safe stops: when a training run saves, and how SIGINT / SIGTERM end it with a checkpoint on every rank.
+
+A signal only sets a flag: its handler runs in the main thread between two bytecodes, perhaps mid-step or inside a
+collective, where nothing can be saved. At each step boundary every rank all-reduces its flags, so one rank's signal
+(Ctrl-C reaches every process of the terminal's group, a scheduler's SIGTERM perhaps only some, the deepspeed
+launcher forwards SIGTERM after the terminal's SIGINT) stops all ranks after the same step, and they save together.
+The time-based save is agreed the same way: each rank's clock differs a little, the maximum decides.
+A second signal of the same kind while a stop is pending aborts at once (the handler in place before ours acts).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopSignals:
+    """While entered (in the main thread): SIGINT and SIGTERM set ``received`` instead of ending the process."""
+
+    def __init__(self, signums: tuple[int, ...] = STOP_SIGNALS):
+        self.signums = signums
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.signums}
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received == signum:  # asked twice: give the signal its previous meaning and act on it now
+            self._restore()
+            signal.raise_signal(signum)
+            return
+        self.received = self.received or signum
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """What every rank does after a step: ``save`` a checkpoint; ``stop_signal`` set: then stop (its name)."""
+
+    save: bool
+    stop_signal: str | None
+
+
+class SavePolicy:
+    """Decides at each step boundary, identically on every rank, whether to save and whether to stop.
+
+    Saves every ``every_steps`` steps (0: never), when ``every_minutes`` have passed since the last save (0: never),
+    at ``last_step``, and when any rank got a stop signal.
+    """
+
+    def __init__(self, every_steps: int, every_minutes: float, last_step: int, signals: StopSignals, device):
+        self.every_steps, self.every_minutes, self.last_step = every_steps, every_minutes, last_step
+        self.signals, self.device = signals, device
+        self.last_save = time.monotonic()
+
+    def after_step(self, done: int) -> Boundary:
+        """``done``: steps completed. A collective: every rank calls it after every step."""
+        time_due = self.every_minutes > 0 and time.monotonic() - self.last_save >= 60 * self.every_minutes
+        flags = torch.tensor([self.signals.received or 0, int(time_due)], dtype=torch.int64, device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        signum, time_due = flags.tolist()  # NOTE: host sync, one per step (the loss average already has one)
+        step_due = self.every_steps > 0 and done % self.every_steps == 0
+        save = bool(signum or time_due or step_due or done == self.last_step)
+        if save:
+            self.last_save = time.monotonic()
+        return Boundary(save=save, stop_signal=signal.Signals(signum).name if signum else None)
