@@ -86,7 +86,7 @@ def train(config: RunConfig) -> dict[str, Any]:
         if is_main:
             log.info("initialised from the weights in %s", tc.init_from)
     start = resume(engine, ckpt_dir, run_config) if tc.resume else 0
-    train_batches, val_batches = batch_samplers(corpus, config, info.rank)
+    train_batches, val_batches = batch_samplers(corpus, config, info.rank, info.world_size)
     profiler = None
     if config.profile.enabled:
         profiler = ProfileSession(
