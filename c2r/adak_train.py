@@ -337,7 +337,7 @@ def setup_run(config: AdaKRunConfig) -> AdaKRun:
     init_from_checkpoint(engine, config.adak.checkpoint, run_config)
     torch.manual_seed(tc.seed + 1 + info.rank)  # each rank samples its own ks
     # c2r-train's validation batches, so its val_loss and ours compare
-    train_batches, val_batches = batch_samplers(corpus, config, info.rank, stream=ADAK_BATCHES)
+    train_batches, val_batches = batch_samplers(corpus, config, info.rank, info.world_size, stream=ADAK_BATCHES)
     run = AdaKRun(
         config=config,
         run_config=run_config,

@@ -167,20 +167,30 @@ def split_documents(
 class BatchSampler:
     """Random windows of ``block_size + 1`` tokens: inputs are the first L, targets the last L.
 
-    Batch ``step`` depends only on (seed, step), so a resumed run sees exactly the batches it would have seen, and
-    runs with different parallel layouts see the same data. Give each data-parallel rank its own seed.
+    Each step draws one *global* batch of ``batch_size * world_size`` windows from (seed, step) and hands rank
+    ``rank`` its slice of ``batch_size``. So a resumed run sees exactly the batches it would have seen, runs with
+    different parallel layouts see the same data, and a run resharded to another world size (with the per-rank
+    ``batch_size`` scaled to keep the global batch) trains on the same global batches (c2r-place reshard). With one
+    rank it is the plain sampler of ``batch_size`` windows.
     """
 
-    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int):
+    def __init__(
+        self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+    ):
         if len(tokens) <= block_size + 1:
             raise ValueError(f"text of {len(tokens)} tokens is too short for block_size {block_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside the world of {world_size} ranks")
         self.tokens = torch.from_numpy(tokens.astype(np.int64))
         self.block_size = block_size
         self.batch_size = batch_size
         self.seed = seed
+        self.rank, self.world_size = rank, world_size
 
     def batch_at(self, step: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        starts = torch.randint(len(self.tokens) - self.block_size - 1, (self.batch_size,), generator=generator)
-        windows = torch.stack([self.tokens[s : s + self.block_size + 1] for s in starts.tolist()])
+        global_batch = self.batch_size * self.world_size
+        starts = torch.randint(len(self.tokens) - self.block_size - 1, (global_batch,), generator=generator)
+        mine = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        windows = torch.stack([self.tokens[s : s + self.block_size + 1] for s in mine.tolist()])
         return windows[:, :-1].to(device), windows[:, 1:].to(device)

@@ -43,11 +43,51 @@ def add_apply_command(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_apply)
 
 
+def cmd_reshard(args: argparse.Namespace) -> int:
+    from c2r.deepspeed.checkpoint import CONFIG_FILE
+    from c2r.deepspeed.reshard import reshard
+
+    if args.world_size < 1:
+        raise ValueError(f"--world-size must be at least 1, got {args.world_size}")
+    plan = load_plan(args.plan) if args.plan else None
+    ep_size = args.ep_size or (plan.num_ranks if plan else args.world_size)
+    layouts = plan.layouts if plan else None
+    written = reshard(args.checkpoint, args.out, args.world_size, ep_size, layouts, tag=args.tag, plan_path=args.plan)
+    saved = json.loads((written / CONFIG_FILE).read_text())
+    batch = saved["train"]["batch_size"]
+    plan_flag = f" --plan {args.plan}" if args.plan else ""
+    print(
+        f"wrote {written}: {args.world_size} ranks, ep_size {ep_size}, {batch} sequences per rank; optimizer state "
+        f"{saved['optimizer_state']}; continue with `deepspeed --num_gpus {args.world_size} --module c2r.train "
+        f"--out {Path(args.out).parent} --resume --ep-size {ep_size} --set train.batch_size={batch}{plan_flag}`"
+    )
+    return 0
+
+
+def add_reshard_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "reshard",
+        help="convert a c2r-train checkpoint to another number of ranks / ep_size (same or new placement)",
+        description="Writes the checkpoint as DeepSpeed would have saved it from --world-size ranks with experts over "
+        "--ep-size of them: expert files renamed for the new placement, the fp32 master weights and Adam moments of "
+        "every parameter re-partitioned (ZeRO 0/1/2), the same global batch (batch_size per rank scaled). Resume "
+        "it with c2r-train --resume on the new number of ranks (the command is printed).",
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (RUN/checkpoints, with 'latest')")
+    p.add_argument("--out", required=True, help="new checkpoint directory (e.g. RUN2/checkpoints)")
+    p.add_argument("--world-size", type=int, required=True, help="ranks (GPUs) of the resumed run")
+    p.add_argument("--ep-size", type=int, help="expert-parallel ranks (default: the plan's, else --world-size)")
+    p.add_argument("--plan", help="placement plan for the new ep_size (default: contiguous experts)")
+    p.add_argument("--tag", help="checkpoint tag (default: the one 'latest' names)")
+    p.set_defaults(func=cmd_reshard)
+
+
 # The order `c2r-place --help` lists them in.
 COMMANDS = (
     placement_cli.add_plan_command,
     placement_cli.add_evaluate_command,
     add_apply_command,
+    add_reshard_command,
     placement_cli.add_export_command,
 )
 

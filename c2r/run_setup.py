@@ -41,11 +41,12 @@ from profiling.session import ProfileConfig
 
 # Written next to the settings by ``run_config_record`` and checked on resume; derived from the settings (the
 # placement plan or the contiguous default), so a saved config loads without them.
-RECORDED_KEYS = ("expert_layouts",)
+RECORDED_KEYS = ("expert_layouts", "world_size")
 # Seed offsets of the batch streams: every rank draws its own batches; validation batches are the same for every
 # tool, so their losses compare.
 RANK_SEED_STRIDE = 7919
 VAL_SEED_OFFSET = 104729
+BATCH_SAMPLERS = ("global", "per-rank")
 
 
 @dataclass
@@ -74,6 +75,8 @@ class TrainConfig:
     placement_plan: str | None = None  # c2r-place plan JSON: which experts live on which EP rank, per MoE layer
     deepspeed_config: str | None = None  # default: deepspeed_configs/cpu_zero2.json or gpu_bf16_zero2.json
     out_dir: str = "runs/demo"
+    # "global": one global batch per step sliced per rank (the same at any world size); "per-rank": a seed per rank
+    batch_sampler: str = "global"
 
     def __post_init__(self) -> None:
         require_positive(
@@ -90,6 +93,7 @@ class TrainConfig:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be >= 0 (0 turns it off)")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: continue the run in out_dir, or replace it")
+        require_choice("batch_sampler", self.batch_sampler, BATCH_SAMPLERS)
 
 
 @dataclass
@@ -160,8 +164,9 @@ def dataclass_defaults(cls: type, prefix: str = "") -> dict[str, Any]:
 
 
 def run_config_record(config: Any, model: nn.Module) -> dict[str, Any]:
-    """What a checkpoint saves as its run config: every section, and the expert layouts the model was built with."""
-    return {**dataclasses.asdict(config), "expert_layouts": model_layouts(model)}
+    """What a checkpoint saves as its run config: every section, the expert layouts the model was built with, and the
+    world size (the global batch is ``batch_size`` times it; ``c2r-place reshard`` changes it)."""
+    return {**dataclasses.asdict(config), "expert_layouts": model_layouts(model), "world_size": dist.get_world_size()}
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -449,13 +454,24 @@ def corpus_tokenizer(config: RunConfig):
 # Batches, the metrics log, the progress bar.
 
 
-def batch_samplers(corpus: Corpus, config: RunConfig, rank: int, stream: int = 0) -> tuple[BatchSampler, BatchSampler]:
+def batch_samplers(
+    corpus: Corpus, config: RunConfig, rank: int, world_size: int, stream: int = 0
+) -> tuple[BatchSampler, BatchSampler]:
     """This rank's training and validation batches. ``stream`` picks another sequence of training batches (c2r-adak
-    trains on other batches than the model saw); validation batches depend only on the seed and the rank."""
+    trains on other batches than the model saw); validation batches depend only on the seed and the world.
+
+    ``train.batch_sampler`` "global" (default): each step is one global batch, sliced per rank, the same at any world
+    size for the same global batch (what resharding needs). "per-rank": each rank draws from its own seed, the
+    stream of runs saved before the global sampler (``--resume`` such a run with it to replay its batches)."""
     tc, block = config.train, config.model.block_size
-    rank_seed = tc.seed + RANK_SEED_STRIDE * rank
-    train = BatchSampler(corpus.train, block, tc.batch_size, seed=rank_seed + stream)
-    val = BatchSampler(corpus.val, block, tc.batch_size, seed=rank_seed + VAL_SEED_OFFSET)
+    if tc.batch_sampler == "per-rank":
+        rank_seed = tc.seed + RANK_SEED_STRIDE * rank
+        train = BatchSampler(corpus.train, block, tc.batch_size, seed=rank_seed + stream)
+        val = BatchSampler(corpus.val, block, tc.batch_size, seed=rank_seed + VAL_SEED_OFFSET)
+        return train, val
+    slice_of = {"rank": rank, "world_size": world_size}
+    train = BatchSampler(corpus.train, block, tc.batch_size, seed=tc.seed + stream, **slice_of)
+    val = BatchSampler(corpus.val, block, tc.batch_size, seed=tc.seed + VAL_SEED_OFFSET, **slice_of)
     return train, val
 
 

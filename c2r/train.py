@@ -121,7 +121,7 @@ def train_steps(config: RunConfig, engine, corpus, info, comm, policy: SavePolic
 
     tc, is_main = config.train, info.rank == 0
     out_dir, ckpt_dir = Path(tc.out_dir), Path(tc.out_dir) / "checkpoints"
-    train_batches, val_batches = batch_samplers(corpus, config, info.rank)
+    train_batches, val_batches = batch_samplers(corpus, config, info.rank, info.world_size)
     profiler = None
     if config.profile.enabled:
         profiler = ProfileSession(

@@ -116,14 +116,14 @@ def ep_mismatch_worker(rank, world, raw):
     return None
 
 
-def test_resume_under_another_launch_says_how_it_was_launched(tmp_path, full_run):
-    # NOTE: the resharding slice of issue 13 may make this resume work; then this test goes.
+def test_resume_on_another_number_of_ranks_says_how_to_reshard(tmp_path, full_run):
     run_dir, _ = full_run
     raw = tiny_run_config(run_dir, steps=STEPS + 1, ep_size=1, resume=True)
     (message,) = run_distributed(ep_mismatch_worker, 1, tmp_path / "w", raw)
     assert message == (
-        f"checkpoint step{STEPS} was saved with ep_size=2 on 2 ranks, this run has ep_size=1 on 1; resume it as it "
-        f"was launched, e.g. NUM_RANKS=2 EP_SIZE=2 bash launch/quickstart.sh --out {run_dir} --resume"
+        f"checkpoint step{STEPS} was saved with ep_size=2 on 2 ranks, this run has ep_size=1 on 1 ranks; convert it "
+        f"first: c2r-place reshard --checkpoint {run_dir / 'checkpoints'} --world-size 1 --ep-size 1 "
+        "--out NEW_RUN/checkpoints"
     )
 
 

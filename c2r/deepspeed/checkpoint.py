@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -22,6 +23,8 @@ from c2r.model import ModelConfig
 from c2r.routing import Router
 from placement.layout import ExpertLayout
 from profiling.files import atomic_write_text
+
+log = logging.getLogger("c2r.deepspeed.checkpoint")
 
 LATEST = "latest"
 CONFIG_FILE = "c2r_config.json"
@@ -89,14 +92,7 @@ def resume(engine, ckpt_dir: str | Path, run_config: dict[str, Any]) -> int:
     config_path = Path(ckpt_dir) / tag / CONFIG_FILE
     saved = json.loads(config_path.read_text())
     check_compatible(saved["model"], run_config["model"], str(Path(ckpt_dir) / tag))
-    saved_ep, ep = saved["train"].get("ep_size"), run_config["train"].get("ep_size")
-    if saved_ep != ep:
-        ranks = saved_world_size(Path(ckpt_dir) / tag) or saved_ep
-        raise ValueError(
-            f"checkpoint {tag} was saved with ep_size={saved_ep} on {ranks} ranks, this run has ep_size={ep} on "
-            f"{dist.get_world_size()}; resume it as it was launched, e.g. NUM_RANKS={ranks} EP_SIZE={saved_ep} "
-            f"bash launch/quickstart.sh --out {Path(ckpt_dir).parent} --resume"
-        )
+    check_same_size(saved, run_config, Path(ckpt_dir), tag)
     check_same_placement(saved, run_config, tag)
     if str(saved.get("optimizer_state", "")).startswith("dropped"):
         # c2r-place apply moved experts between ranks: weights only, fresh optimizer moments, same schedule.
@@ -111,16 +107,44 @@ def resume(engine, ckpt_dir: str | Path, run_config: dict[str, Any]) -> int:
     return int(client_state["step"])
 
 
-def saved_world_size(tag_dir: Path) -> int | None:
-    """The world size a checkpoint was saved with (DeepSpeed records its data-parallel size: without tensor or
-    pipeline parallelism, the world size); None if unknown."""
-    import torch
-
-    path = tag_dir / "mp_rank_00_model_states.pt"
-    if not path.exists():
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # mmap: no tensor is read
-    return state.get("dp_world_size")
+def check_same_size(saved: dict[str, Any], run_config: dict[str, Any], ckpt_dir: Path, tag: str) -> None:
+    """Refuse a checkpoint of another ep_size, or with ZeRO partitions of another world size (``c2r-place reshard``
+    converts it); say when the global batch or the batch sampler differs from the saved run's (resuming still works,
+    but no longer replays the uninterrupted run's batches)."""
+    world = dist.get_world_size()
+    saved_ep, ep = saved["train"].get("ep_size"), run_config["train"].get("ep_size")
+    zero_files = len(list((ckpt_dir / tag).glob("*zero_pp_rank_*_optim_states.pt")))
+    saved_world = saved.get("world_size") or zero_files or None
+    if saved_ep != ep or (zero_files and zero_files != world):
+        raise ValueError(
+            f"checkpoint {tag} was saved with ep_size={saved_ep} on {saved_world or 'an unrecorded number of'} ranks, "
+            f"this run has ep_size={ep} on {world} ranks; convert it first: c2r-place reshard --checkpoint {ckpt_dir} "
+            f"--world-size {world} --ep-size {ep} --out NEW_RUN/checkpoints"
+        )
+    if dist.get_rank() != 0:
+        return
+    batch, saved_batch = run_config["train"]["batch_size"], saved["train"]["batch_size"]
+    if saved_world and saved_world * saved_batch != world * batch:
+        log.warning(
+            "the global batch changes on resume: %d (%d per rank x %d ranks) in checkpoint %s, %d (%d x %d) here",
+            saved_world * saved_batch,
+            saved_batch,
+            saved_world,
+            tag,
+            world * batch,
+            batch,
+            world,
+        )
+    saved_sampler = saved["train"].get("batch_sampler", "per-rank")  # runs saved before it existed drew per rank
+    if saved_sampler != run_config["train"].get("batch_sampler"):
+        log.warning(
+            "checkpoint %s was trained with the %s batch sampler, this run uses %s: other batches than an "
+            "uninterrupted run (--set train.batch_sampler=%s replays them)",
+            tag,
+            saved_sampler,
+            run_config["train"].get("batch_sampler"),
+            saved_sampler,
+        )
 
 
 def recorded_layouts(run_config: dict[str, Any]) -> list[ExpertLayout]:

@@ -174,13 +174,16 @@ def _copy_one(path: Path, dst_dir: Path, old: list[ExpertLayout], new: list[Expe
 def move_rows(old: list[torch.Tensor], before: ExpertLayout, after: ExpertLayout) -> list[torch.Tensor]:
     """``old[p]``: EP rank ``p``'s stacked tensor of one layer (slot ``s`` = the ``s``-th of E/R equal row blocks, in
     any shape). Returns the tensors of the ranks under ``after``: every logical expert's block moved from its
-    (rank, slot) under ``before`` to its (rank, slot) under ``after``."""
-    local = before.experts_per_rank
-    blocks = [t.reshape(local, -1) for t in old]
-    moved = [torch.empty_like(b) for b in blocks]
+    (rank, slot) under ``before`` to its (rank, slot) under ``after``. The two may have different numbers of ranks
+    (resharding: ``c2r.deepspeed.reshard``); each new tensor then stacks ``after``'s E/R blocks along dim 0."""
+    was_local, now_local = before.experts_per_rank, after.experts_per_rank
+    blocks = [t.reshape(was_local, -1) for t in old]
+    moved = [blocks[0].new_empty(now_local, blocks[0].shape[1]) for _ in range(after.num_ranks)]
     for was, now in zip(before.logical_to_physical.tolist(), after.logical_to_physical.tolist()):
-        moved[now // local][now % local] = blocks[was // local][was % local]
-    return [m.reshape(t.shape) for m, t in zip(moved, old)]
+        moved[now // now_local][now % now_local] = blocks[was // was_local][was % was_local]
+    shape = old[0].shape
+    new_shape = (shape[0] // was_local * now_local, *shape[1:])
+    return [m.reshape(new_shape) for m in moved]
 
 
 class OptimizerRemap:
