@@ -12,7 +12,14 @@ import torch
 from torch import nn
 
 from c2r.config_utils import require_positive
-from c2r.experts import ExpertBackend, ExpertConfig, ExpertWeights, build_backend, resolve_backend_name
+from c2r.experts import (
+    ExpertBackend,
+    ExpertConfig,
+    ExpertShape,
+    ExpertWeights,
+    build_backend,
+    resolve_backend_name,
+)
 from c2r.routing import RouterConfig, RoutingResult, build_router
 
 
@@ -68,7 +75,8 @@ class MoELayer(nn.Module):
         return self._backends[name]
 
     def backend_for(self, x: torch.Tensor) -> ExpertBackend:
-        return self._backend(resolve_backend_name(self.config.experts, x.device, x.dtype))
+        shape = ExpertShape(self.experts.num_experts, self.hidden_size, self.config.ffn_hidden_size)
+        return self._backend(resolve_backend_name(self.config.experts, x.device, x.dtype, shape))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingResult]:
         if x.shape[-1] != self.hidden_size:

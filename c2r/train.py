@@ -92,7 +92,7 @@ def train(config: RunConfig) -> dict[str, Any]:
         run_config = run_config_record(config, engine.module)
         if is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
-            log_start(config, corpus, info, dtype=next(engine.module.parameters()).dtype)
+            log_start(config, corpus, info, engine.module)
         if tc.init_from and not tc.resume:
             checkpoint.init_from_checkpoint(engine, tc.init_from, run_config)
             if is_main:
@@ -209,11 +209,13 @@ def format_record(r: dict[str, Any]) -> str:
     )
 
 
-def log_start(config: RunConfig, corpus, info, dtype: torch.dtype) -> None:
-    from c2r.experts import resolve_backend_name
+def log_start(config: RunConfig, corpus, info, model: torch.nn.Module) -> None:
+    from c2r.moe import MoELayer
 
     moe = config.model.moe
-    backend = resolve_backend_name(moe.experts, info.device, dtype)
+    dtype = next(model.parameters()).dtype
+    layer = next(m for m in model.modules() if isinstance(m, MoELayer))
+    backend = layer.backend_for(torch.empty(0, device=info.device, dtype=dtype)).name  # what `auto` resolves to
     unit = "M tokens" if config.hf.model_dir else "MB"  # byte tokens are bytes
     log.info(
         "corpus: %s (%d documents, %.1f %s train, %.2f %s validation)",

@@ -231,3 +231,25 @@ def test_lean_dispatch_on_gpus_matches_reference_with_at_most_two_host_syncs(tmp
         names = ["output", "x grad", "weight grad", "w1", "v1", "w2"]
         for name, err in zip(names, r["rel_errs"]):
             assert err < BF16_REL_TOL, f"rank {rank}, {mode}, {backend_name}: {name} rel err {err:.2e}"
+
+
+@needs_cuda
+@pytest.mark.parametrize(
+    "experts,hidden,ffn,activation,expected",
+    [
+        (128, 2048, 768, "swiglu", "torch"),
+        (8, 4096, 1024, "swiglu", "megablocks"),
+        (64, 2048, 1024, "gelu", "megablocks"),
+    ],
+)
+def test_auto_backend_on_hopper_follows_the_measured_table(experts, hidden, ffn, activation, expected):
+    from c2r.experts import megablocks_unavailable_reason
+
+    if torch.cuda.get_device_capability() != (9, 0) or megablocks_unavailable_reason() is not None:
+        pytest.skip("the recorded table is for sm90 with MegaBlocks installed")
+    layer = MoELayer(
+        hidden,
+        MoEConfig(num_experts=experts, top_k=2, ffn_hidden_size=ffn, experts=ExpertConfig(activation=activation)),
+    ).cuda()
+    x = torch.empty(0, hidden, device="cuda", dtype=torch.bfloat16)
+    assert layer.backend_for(x).name == expected

@@ -165,3 +165,25 @@ def test_torch_grouped_mm_refuses_unaligned_shapes_clearly():
         build_backend("torch", ExpertConfig())(x, routing, experts),
         build_backend("reference", ExpertConfig())(x, routing, experts),
     )
+
+
+def test_auto_backend_takes_the_fastest_measured_backend_of_the_nearest_shape():
+    from c2r.experts.backend_choice import MEASURED, nearest_measurement
+
+    # Recorded on sm90: torch._grouped_mm wins with 128 small experts, MegaBlocks with 8 large or 64 GELU experts.
+    assert nearest_measurement("sm90", "swiglu", 128, 2048, 768).fastest == "torch"
+    assert nearest_measurement("sm90", "swiglu", 256, 7168, 2048).fastest == "torch"  # DeepSeek-V3-like: nearest 128
+    assert nearest_measurement("sm90", "swiglu", 8, 4096, 14336).fastest == "megablocks"
+    assert nearest_measurement("sm90", "gelu", 64, 2048, 1024).fastest == "megablocks"
+    assert nearest_measurement("sm80", "swiglu", 128, 2048, 768) is None  # nothing recorded: auto keeps MegaBlocks
+    assert all(row.source.startswith("docs/benchmarks.md") for row in MEASURED)
+
+
+def test_auto_backend_is_torch_on_the_cpu_whatever_the_shape():
+    from c2r.experts import ExpertShape, resolve_backend_name
+
+    shape = ExpertShape(num_experts=128, hidden_size=2048, ffn_hidden_size=768)
+    assert resolve_backend_name(ExpertConfig(), torch.device("cpu"), torch.float32, shape) == "torch"
+    assert resolve_backend_name(ExpertConfig(backend="reference"), torch.device("cpu"), torch.float32, shape) == (
+        "reference"
+    )

@@ -5,10 +5,12 @@ All backends read the same :class:`ExpertWeights`, so switching backends never c
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
+from c2r.experts.backend_choice import device_family, nearest_measurement
 from c2r.experts.config import ACTIVATIONS, BACKENDS, ExpertConfig
 from c2r.experts.megablocks_backend import MegaBlocksBackend, megablocks_unavailable_reason
 from c2r.experts.reference import ReferenceBackend
@@ -21,6 +23,7 @@ __all__ = [
     "BACKENDS",
     "ExpertBackend",
     "ExpertConfig",
+    "ExpertShape",
     "ExpertWeights",
     "build_backend",
     "resolve_backend_name",
@@ -37,8 +40,21 @@ class ExpertBackend(Protocol):
     ) -> torch.Tensor: ...
 
 
-def resolve_backend_name(config: ExpertConfig, device: torch.device, dtype: torch.dtype) -> str:
-    """``auto`` picks MegaBlocks where it can run (CUDA, bf16, installed), else torch."""
+@dataclass(frozen=True)
+class ExpertShape:
+    """What the backend choice looks at: experts on this rank, hidden size, expert FFN width."""
+
+    num_experts: int
+    hidden_size: int
+    ffn_hidden_size: int
+
+
+def resolve_backend_name(
+    config: ExpertConfig, device: torch.device, dtype: torch.dtype, shape: ExpertShape | None = None
+) -> str:
+    """``auto``: on a CUDA GPU in bf16 with MegaBlocks installed, the backend that measured fastest for the nearest
+    recorded shape (c2r/experts/backend_choice.py; MegaBlocks where no shape is given or nothing was recorded for
+    this GPU); torch everywhere else."""
     if config.backend != "auto":
         return config.backend
     use_megablocks = (
@@ -47,7 +63,18 @@ def resolve_backend_name(config: ExpertConfig, device: torch.device, dtype: torc
         and config.megablocks_impl == "grouped"
         and megablocks_unavailable_reason() is None
     )
-    return "megablocks" if use_megablocks else "torch"
+    if not use_megablocks:
+        return "torch"
+    if shape is None:
+        return "megablocks"
+    family = device_family(torch.cuda.get_device_capability(device))
+    row = nearest_measurement(family, config.activation, shape.num_experts, shape.hidden_size, shape.ffn_hidden_size)
+    if row is None or row.fastest == "megablocks":
+        return "megablocks"
+    # torch._grouped_mm needs 16-byte aligned rows; MegaBlocks does not.
+    per_16_bytes = 16 // (torch.finfo(dtype).bits // 8)
+    aligned = shape.hidden_size % per_16_bytes == 0 and shape.ffn_hidden_size % per_16_bytes == 0
+    return "torch" if hasattr(torch, "_grouped_mm") and aligned else "megablocks"
 
 
 def build_backend(name: str, config: ExpertConfig) -> ExpertBackend:
