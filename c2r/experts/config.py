@@ -19,8 +19,8 @@ class ExpertConfig:
     Attributes:
         activation: ``swiglu`` (w1, v1, w2 as in Mixtral / Qwen3-MoE) or ``gelu`` (w1, w2; tanh GELU as MegaBlocks).
         backend: ``reference`` (per-expert loop, the ground truth), ``torch`` (sort + torch._grouped_mm),
-            ``megablocks`` (MegaBlocks' permute kernels + grouped_gemm, CUDA only) or ``auto`` (megablocks where it
-            can run on the input's device, else torch).
+            ``megablocks`` (MegaBlocks' permute kernels + grouped_gemm, CUDA only) or ``auto`` (on a bf16 GPU the
+            faster of the two for the nearest measured shape, c2r/experts/backend_choice.py; else torch).
         megablocks_impl: MegaBlocks' ``grouped`` path; ``sparse`` (stk) is refused on triton >= 3.2, where it is
             broken upstream.
         torch_impl: for the torch backend, ``grouped_mm``, ``loop`` (a loop over sorted segments) or ``auto``
