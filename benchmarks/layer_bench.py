@@ -10,12 +10,14 @@ Contenders
   SwiGLU rows (qwen3-30b-a3b, mixtral-8x7b):
     ours-megablocks       c2r MoELayer, backend "megablocks" (MegaBlocks permute kernels + grouped_gemm)
     ours-torch            c2r MoELayer, backend "torch" (sort + torch._grouped_mm)
+    ours-auto             c2r MoELayer, backend "auto" (the default: the faster of the two for the nearest measured
+                          shape, c2r/experts/backend_choice.py)
     hf-eager              transformers' Qwen3MoeSparseMoeBlock / MixtralSparseMoeBlock, experts_implementation eager
     deepspeed-autoep      DeepSpeed AutoEP's AutoEPMoELayer replacing that HF block (ep_size 1, its default config)
     megablocks-dmoe       megablocks.layers.dmoe.dMoE, mlp_type "glu", mlp_impl "grouped"
     dense-swiglu          one dense SwiGLU MLP of width F on T*k tokens (same matmul FLOPs)
   GELU rows (fine-grained, mixtral-gelu):
-    ours-megablocks, ours-torch, megablocks-dmoe (mlp_type "mlp", tanh GELU),
+    ours-megablocks, ours-torch, ours-auto, megablocks-dmoe (mlp_type "mlp", tanh GELU),
     ds-moe-cap1.0         deepspeed.moe.layer.MoE, capacity_factor 1.0, drop_tokens=True (drops overflow tokens)
     ds-moe-dropless       deepspeed.moe.layer.MoE, drop_tokens=False (capacity = the largest expert load)
     dense-gelu            one dense GELU MLP of width F on T*k tokens
@@ -341,6 +343,7 @@ def contenders_for(cfg: BenchConfig) -> dict[str, Callable]:
     common = {
         "ours-megablocks": lambda *a: build_ours(*a, backend="megablocks"),
         "ours-torch": lambda *a: build_ours(*a, backend="torch"),
+        "ours-auto": lambda *a: build_ours(*a, backend="auto"),
     }
     if cfg.activation == "swiglu":
         return {**common, "hf-eager": build_hf_eager, "deepspeed-autoep": build_autoep,
