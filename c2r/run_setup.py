@@ -65,6 +65,7 @@ class TrainConfig:
     save_every: int = 100  # steps between periodic checkpoints (0: none); the last step and a stop signal also save
     save_every_minutes: float = 30.0  # also save once this long has passed since the last save (0: never)
     keep_checkpoints: int = 3  # the newest N step checkpoints stay, older ones are deleted (0: keep all)
+    save_last: bool = True  # the last step saves a checkpoint (benchmarks/hf_train_bench.py turns it off)
     resume: bool = False
     overwrite: bool = False  # replace the run already in out_dir (its checkpoints, metrics and profile)
     init_from: str | None = None  # start from another run's weights (fresh optimizer, step 0), e.g. to switch router

@@ -106,7 +106,8 @@ def train(config: RunConfig) -> dict[str, Any]:
             if comm:
                 comm.close()
             return result
-        policy = SavePolicy(tc.save_every, tc.save_every_minutes, tc.steps, signals, info.device)
+        last_save = tc.steps if tc.save_last else -1  # -1: no step is the last one to save
+        policy = SavePolicy(tc.save_every, tc.save_every_minutes, last_save, signals, info.device)
         result.update(train_steps(config, engine, corpus, info, comm, policy, start, run_config))
     if is_main:
         log.info("checkpoint in %s; metrics in %s", ckpt_dir, out_dir / "metrics.jsonl")
@@ -136,8 +137,10 @@ def train_steps(config: RunConfig, engine, corpus, info, comm, policy: SavePolic
     bar = progress_bar(range(start, tc.steps), "train", enabled=is_main)
     metrics_log = MetricsLog(out_dir / "metrics.jsonl", append=tc.resume, enabled=is_main, format_record=format_record)
     done, stopped_by = start, None
+    window_s = 0.0  # training-step time since the last record, evaluations and checkpoints left out (tokens/s)
     with metrics_log as metrics:
         for step in bar:
+            step_started = time.perf_counter()
             if profiler:
                 profiler.begin_step(step)
             out: ModelOutput = engine(*train_batches.batch_at(step, info.device))
@@ -150,6 +153,7 @@ def train_steps(config: RunConfig, engine, corpus, info, comm, policy: SavePolic
                 profiler.end_step(step)
             step_losses.append(global_mean(out.lm_loss.item(), info.device))
             window.append(step_losses[-1])
+            window_s += time.perf_counter() - step_started  # after the loss's .item(): the GPU is done
             bar.set_postfix(loss=f"{step_losses[-1]:.3f}", lr=f"{lr_at(step, tc):.1e}")
             done = step + 1
             if done % tc.eval_every == 0 or done == tc.steps:
@@ -162,8 +166,11 @@ def train_steps(config: RunConfig, engine, corpus, info, comm, policy: SavePolic
                     **router_state,
                     **(profiler.scalars() if profiler else {}),
                     "elapsed_s": time.perf_counter() - started,
+                    "train_window_s": window_s,
+                    **peak_memory(info.device),
                 }
                 window.clear()
+                window_s = 0.0
                 history.append(record)
                 metrics.write(record)
                 write_monitor(engine, record)
@@ -179,6 +186,13 @@ def train_steps(config: RunConfig, engine, corpus, info, comm, policy: SavePolic
     if profiler:
         profiler.close()
     return {"history": history, "step_losses": step_losses, "end_step": done, "stopped_by": stopped_by}
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """The GPU's peak allocated memory so far, in GiB (none on a CPU)."""
+    if device.type != "cuda":
+        return {}
+    return {"peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30}
 
 
 def monitor_events(record: dict[str, Any]) -> list[tuple[str, float, int]]:

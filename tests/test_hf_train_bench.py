@@ -1,0 +1,31 @@
+"""benchmarks/hf_train_bench.py --smoke end to end on the c2r contender: config-only model directory and tokenizer
+written, c2r-train --hf-model run under the deepspeed launcher, tokens/s read from its metrics.jsonl window."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from tests.test_deepspeed_training import REPO, launcher_env  # noqa: E402
+
+
+def test_smoke_measures_c2r_tokens_per_second(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "hf_train_bench.py"), "--smoke", "--configs", "olmoe-layers"]
+    cmd += ["--contenders", "c2r-torch", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["error"] is None
+    # --smoke: 4 steps, the first 2 untimed; 2 x 32 tokens per step
+    assert result["steps_timed"] == 2
+    assert result["tokens_per_s"] > 0
+    assert result["ms_per_step"] == pytest.approx(1000 * 2 * 32 / result["tokens_per_s"], rel=1e-6)
+    assert 0 < result["final_loss"] < 20
+    assert "| olmoe-layers | c2r-torch | 2 |" in proc.stdout
