@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from c2r.routing.collaborators import save_collaborators
+from profiling.cli_errors import BAD_INPUT_ERRORS, OneLineParser
 
 
 def pair_coverage(coactivation_EE: np.ndarray, lists_EE: np.ndarray, top_t: int) -> float:
@@ -65,9 +66,7 @@ def cmd_collaborators(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="c2r-route", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = OneLineParser(prog="c2r-route", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     lists = sub.add_parser("collaborators", help="C2R collaborator lists from a profiled run or co-activation counts")
     lists.add_argument(
@@ -83,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"c2r-route: {error}", file=sys.stderr)
+    except BAD_INPUT_ERRORS as error:
+        print(f"c2r-route {args.command}: {error}", file=sys.stderr)
         return 2
 
 
