@@ -161,7 +161,12 @@ def run_config_record(config: Any, model: nn.Module) -> dict[str, Any]:
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """The settings of a JSON config file, or of a saved run's ``c2r_config.json`` (its recorded keys left out)."""
-    settings = json.loads(Path(path).read_text())
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    try:
+        settings = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"config file {str(path)!r} is not JSON ({error})") from None
     if not isinstance(settings, dict):
         raise ValueError(f"config file {str(path)!r} holds a {type(settings).__name__}, expected a JSON object")
     return {key: value for key, value in settings.items() if key not in RECORDED_KEYS}

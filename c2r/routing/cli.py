@@ -34,7 +34,11 @@ def load_counts(args: argparse.Namespace) -> tuple[np.ndarray, str]:
     if args.coactivation:
         from placement.inputs import validate_coactivation
 
-        return validate_coactivation(np.load(args.coactivation)), str(args.coactivation)
+        try:
+            counts = np.load(args.coactivation, allow_pickle=False)
+        except (ValueError, EOFError, OSError) as error:  # numpy's message does not name the file
+            raise ValueError(f"{str(args.coactivation)!r} is not a .npy co-activation file ({error})") from None
+        return validate_coactivation(counts), str(args.coactivation)
     if not args.run:
         raise ValueError("give a profiled run directory, a trace directory or --coactivation FILE.npy")
     path = Path(args.run)
