@@ -4,7 +4,7 @@ c2r-train                                               # one process: the demo 
 deepspeed --num_gpus 2 --module c2r.train --ep-size 2   # 2 ranks (GPUs, or CPU processes on a CPU machine)
 mpirun -np 4 python -m c2r.train --ep-size 2            # MPI launch (mpi4py discovers the ranks)
 c2r-train --data my_texts/ --steps 2000 --set model.moe.num_experts=16
-c2r-train --out runs/demo --resume                      # continue from runs/demo/checkpoints/latest
+c2r-train --out runs/mine --resume --steps 600          # continue from runs/mine/checkpoints/latest
 """
 
 from __future__ import annotations
