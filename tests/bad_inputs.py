@@ -45,7 +45,7 @@ class BadInput:
         return [sys.executable, "-m", MODULES[self.cli], *args]
 
     def shown(self) -> str:
-        return " ".join([self.cli, *("/usr/bin/python3" if a == EXECUTABLE else a for a in self.args)])
+        return " ".join([self.cli, *("PYTHON_EXECUTABLE" if a == EXECUTABLE else a for a in self.args)])
 
 
 def case(cli: str, args: str, *names: str) -> BadInput:

@@ -28,16 +28,25 @@ def pair_coverage(coactivation_EE: np.ndarray, lists_EE: np.ndarray, top_t: int)
     return float(kept / max(counts.sum(), 1.0))
 
 
+def npy_magic(path: Path) -> bytes:
+    with path.open("rb") as file:
+        return file.read(6)
+
+
 def load_counts(args: argparse.Namespace) -> tuple[np.ndarray, str]:
     """[L, E, E] co-activation counts from a .npy file, a run or profile directory (the online counters: every
     token), or a trace directory (its counters if present, else the written trace shards, e.g. from HF hooks)."""
     if args.coactivation:
         from placement.inputs import validate_coactivation
 
+        path = Path(args.coactivation)
+        # numpy's own errors do not name the file, and call random bytes "pickled (object) data"
+        if path.is_file() and npy_magic(path) != b"\x93NUMPY":
+            raise ValueError(f"{str(path)!r} is not a .npy file (no NumPy header); expected [L, E, E] or [E, E] counts")
         try:
-            counts = np.load(args.coactivation, allow_pickle=False)
-        except (ValueError, EOFError, OSError) as error:  # numpy's message does not name the file
-            raise ValueError(f"{str(args.coactivation)!r} is not a .npy co-activation file ({error})") from None
+            counts = np.load(path, allow_pickle=False)
+        except (ValueError, EOFError, OSError) as error:
+            raise ValueError(f"{str(path)!r} is not a readable .npy co-activation file ({error})") from None
         return validate_coactivation(counts), str(args.coactivation)
     if not args.run:
         raise ValueError("give a profiled run directory, a trace directory or --coactivation FILE.npy")
