@@ -29,7 +29,10 @@ def config_from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     kwargs = {}
     for name, value in data.items():
         field_type, key = hints[name], f"{where}.{name}" if where else name
-        if dataclasses.is_dataclass(field_type) and isinstance(value, dict):
+        if dataclasses.is_dataclass(field_type):
+            if not isinstance(value, dict):
+                keys = [f.name for f in dataclasses.fields(field_type)]
+                raise ValueError(f"{key} is a config section (keys {keys}), not a value; got {value!r}")
             value = config_from_dict(field_type, value, key)
         else:
             value = typed_value(key, value, field_type)

@@ -60,6 +60,7 @@ CASES = (
     case("c2r-train", "--set train.resume=yes", "train.resume", "'yes'", "true or false"),
     case("c2r-train", "--set model.moe.tpo_k=2", "tpo_k", "top_k"),
     case("c2r-train", "--set model.moe.top_k=0", "top_k", "0"),
+    case("c2r-train", "--set model.moe.router=topk", "model.moe.router", "section", "'topk'"),
     case("c2r-train", "--set train.ep_size=3", "ep_size (3)", "num_experts (8)"),
     case("c2r-train", "--set train", "--set", "key=value", "'train'"),
     case("c2r-train", "--router nope", "'nope'", "topk"),
