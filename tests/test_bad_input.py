@@ -3,6 +3,7 @@ per job under the deepspeed launcher. The cases (and the table in docs/status.md
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -71,3 +72,20 @@ def test_an_error_under_the_deepspeed_launcher_is_printed_once(tmp_path):
     assert result.returncode != 0
     assert "Traceback" not in output, output
     assert output.count("model.moe.num_experts expects an integer, got 'abc'") == 1, output
+
+
+def test_adak_router_without_trained_allocators_is_flagged(scratch):
+    from c2r.train import TRAIN_CLI, starts_untrained_allocator
+
+    def flagged(*argv: str) -> bool:
+        return starts_untrained_allocator(TRAIN_CLI.resolve(["--set", "model.n_layer=2", *argv]))
+
+    assert flagged("--router", "adak")
+    assert flagged("--router", "adak", "--init-from", str(scratch / "run"))  # a top-k run: no allocators
+    assert not flagged("--router", "topk")
+    adak_run = scratch / "adak_run" / "checkpoints" / "step1"
+    adak_run.mkdir(parents=True)
+    saved = json.loads((scratch / "run" / "checkpoints" / "step4" / "c2r_config.json").read_text())
+    saved["model"]["moe"]["router"]["kind"] = "adak"
+    (adak_run / "c2r_config.json").write_text(json.dumps(saved))
+    assert not flagged("--router", "adak", "--init-from", str(adak_run))
