@@ -42,8 +42,9 @@ from profiling.cli_errors import OneLineParser
 from profiling.session import ProfileConfig
 
 # Written next to the settings by ``run_config_record`` and checked on resume; derived from the settings (the
-# placement plan or the contiguous default), so a saved config loads without them.
-RECORDED_KEYS = ("expert_layouts",)
+# placement plan or the contiguous default), so a saved config loads without them. ``c2r-place apply`` adds the plan
+# it applied and what became of the optimizer state: records too, not settings.
+RECORDED_KEYS = ("expert_layouts", "placement_plan", "optimizer_state")
 # Seed offsets of the batch streams: every rank draws its own batches; validation batches are the same for every
 # tool, so their losses compare.
 RANK_SEED_STRIDE = 7919
