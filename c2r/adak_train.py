@@ -538,6 +538,7 @@ ADAK_CLI = ConfigCli(
             "--deepspeed-config",
             "train.deepspeed_config",
             "DeepSpeed JSON (bf16 is honoured; run at ZeRO stage 0: only allocators train; default: the checkpoint's)",
+            aliases=("--deepspeed_config",),  # DeepSpeed's own spelling
         ),
         Shorthand("--seed", "train.seed", "seed of the model build, the batches and the sampled ks", int),
     ),

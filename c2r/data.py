@@ -113,13 +113,29 @@ def user_documents(path: Path) -> list[str]:
         if file.suffix == ".jsonl":
             documents.extend(_jsonl_texts(file))
         else:
-            documents.append(file.read_text(encoding="utf-8", errors="replace"))
+            documents.append(read_text_file(file))
     return documents
+
+
+# Text may hold a stray undecodable byte (a Latin-1 character in a UTF-8 file); a file with NUL bytes, or where more
+# than this share of the bytes do not decode, is binary (an executable, an archive, random bytes), and training on it
+# would be silently meaningless.
+MAX_UNDECODABLE_SHARE = 0.01
+
+
+def read_text_file(file: Path) -> str:
+    """The file's text, or a ValueError naming it when it is binary."""
+    raw = file.read_bytes()
+    text = raw.decode("utf-8", errors="replace")
+    undecodable = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
+    if b"\0" in raw or undecodable > MAX_UNDECODABLE_SHARE * max(1, len(raw)):
+        raise ValueError(f"--data file {str(file)!r} is binary, not text (NUL bytes or undecodable UTF-8)")
+    return text
 
 
 def _jsonl_texts(file: Path) -> list[str]:
     texts = []
-    for line_no, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+    for line_no, line in enumerate(read_text_file(file).splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -18,11 +18,15 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from c2r.deepspeed.checkpoint import CONFIG_FILE
     from c2r.deepspeed.move_experts import move_experts
 
-    written = move_experts(load_plan(args.plan).layouts, args.checkpoint, args.out, tag=args.tag, plan_path=args.plan)
-    optimizer_state = json.loads((written / CONFIG_FILE).read_text())["optimizer_state"]
+    plan = load_plan(args.plan)
+    written = move_experts(plan.layouts, args.checkpoint, args.out, tag=args.tag, plan_path=args.plan)
+    # The resumed run needs the plan's ranks and the settings it was trained with (the saved config holds them).
+    saved = json.loads((written / CONFIG_FILE).read_text())
+    optimizer_state, ranks, steps = saved["optimizer_state"], plan.num_ranks, saved["train"]["steps"]
     print(
         f"wrote {written}: experts moved to the plan's ranks; optimizer state {optimizer_state}; continue with "
-        f"`c2r-train --resume --plan {args.plan} --out {Path(args.out).parent}`"
+        f"`deepspeed --num_gpus {ranks} --module c2r.train --ep-size {ranks} --config {written / CONFIG_FILE} "
+        f"--resume --plan {args.plan} --out {Path(args.out).parent} --steps N` (N > {steps})"
     )
     return 0
 

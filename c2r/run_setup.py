@@ -19,7 +19,9 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
+import time
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -37,11 +39,13 @@ from c2r.hf.training import HFConfig
 from c2r.model import ModelConfig, MoEGPT
 from c2r.parallel import DISPATCH_MODES, DispatchObserver, model_layouts
 from placement.layout import require_divides
+from profiling.cli_errors import OneLineParser
 from profiling.session import ProfileConfig
 
 # Written next to the settings by ``run_config_record`` and checked on resume; derived from the settings (the
-# placement plan or the contiguous default), so a saved config loads without them.
-RECORDED_KEYS = ("expert_layouts", "world_size")
+# placement plan or the contiguous default), so a saved config loads without them. ``c2r-place apply`` adds the plan
+# it applied and what became of the optimizer state: records too, not settings.
+RECORDED_KEYS = ("expert_layouts", "world_size", "placement_plan", "optimizer_state")
 # Seed offsets of the batch streams: every rank draws its own batches; validation batches are the same for every
 # tool, so their losses compare.
 RANK_SEED_STRIDE = 7919
@@ -95,6 +99,8 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: continue the run in out_dir, or replace it")
         require_choice("batch_sampler", self.batch_sampler, BATCH_SAMPLERS)
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"train.device {self.device!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N'")
 
 
 @dataclass
@@ -172,7 +178,12 @@ def run_config_record(config: Any, model: nn.Module) -> dict[str, Any]:
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """The settings of a JSON config file, or of a saved run's ``c2r_config.json`` (its recorded keys left out)."""
-    settings = json.loads(Path(path).read_text())
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    try:
+        settings = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"config file {str(path)!r} is not JSON ({error})") from None
     if not isinstance(settings, dict):
         raise ValueError(f"config file {str(path)!r} holds a {type(settings).__name__}, expected a JSON object")
     return {key: value for key, value in settings.items() if key not in RECORDED_KEYS}
@@ -193,6 +204,7 @@ class Shorthand:
     choices: tuple[str, ...] | None = None
     metavar: str | None = None
     switch: bool = False
+    aliases: tuple[str, ...] = ()  # other spellings of the flag (DeepSpeed's own ``--deepspeed_config``)
 
 
 @dataclass(frozen=True)
@@ -217,7 +229,7 @@ class ConfigCli:
     inherited: tuple[str, ...] = ()
 
     def parser(self) -> argparse.ArgumentParser:
-        parser = argparse.ArgumentParser(
+        parser = LauncherParser(
             prog=self.prog, description=self.description, formatter_class=argparse.RawDescriptionHelpFormatter
         )
         sections = "/".join(f.name for f in dataclasses.fields(self.config_cls))
@@ -226,11 +238,13 @@ class ConfigCli:
         )
         for s in self.shorthands:
             if s.switch:
-                parser.add_argument(s.flag, dest=s.key, action="store_true", help=f"{s.help} ({s.key}=true)")
+                parser.add_argument(
+                    s.flag, *s.aliases, dest=s.key, action="store_true", help=f"{s.help} ({s.key}=true)"
+                )
             else:
                 metavar = None if s.choices else s.metavar or s.flag.lstrip("-").upper().replace("-", "_")
                 parser.add_argument(
-                    s.flag, dest=s.key, type=s.type, choices=s.choices, metavar=metavar, help=self._help(s)
+                    s.flag, *s.aliases, dest=s.key, type=s.type, choices=s.choices, metavar=metavar, help=self._help(s)
                 )
         parser.add_argument(
             "--set",
@@ -275,7 +289,9 @@ class ConfigCli:
         return self.config(self.parse(argv))
 
     def main(self, argv: list[str] | None, run: Callable[[Any], str | None]) -> int:
-        """Parse, resolve (or print) the config, ``run`` it; errors in the config or the run exit with one line."""
+        """Parse, resolve (or print) the config, ``run`` it. Bad input (our errors: ValueError, its subclass
+        PlacementError, FileNotFoundError, with messages naming the values) exits with code 2 and one line, printed
+        once for the job (``report_error``); anything else is a bug and keeps its traceback."""
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
         )
@@ -287,18 +303,70 @@ class ConfigCli:
             with printing:
                 config = self.config(args)
         except (ValueError, TypeError, FileNotFoundError) as error:
-            raise SystemExit(f"{self.prog}: bad config: {error}") from None
+            return report_error(f"{self.prog}: bad config: {error}")
         if args.print_config:
             print(json.dumps(dataclasses.asdict(config), indent=2))
             return 0
         try:
+            check_machine(config)
             summary = run(config)
         except (ValueError, FileNotFoundError) as error:
-            raise SystemExit(f"{self.prog}: {error}") from None
+            return report_error(f"{self.prog}: {error}")
         if dist.get_rank() == 0 and summary:
             print(summary)
         dist.destroy_process_group()
         return 0
+
+
+def launcher_rank() -> int:
+    """This process's rank as its launcher set it (deepspeed/torchrun, mpirun, SLURM); 0 without a launcher. Read
+    from the environment, so it is known before (and without) torch.distributed."""
+    for var in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+# How long a rank other than 0 waits before printing its error line. Every rank runs the same checks on the same
+# input, so rank 0's line speaks for the job: rank 0 exits at once with code 2, the launcher (deepspeed, torchrun,
+# mpirun) then stops the other ranks, which are still waiting and never print. A rank that fails alone (a file
+# missing on its node) is not stopped and prints its line, with its rank, after the wait.
+OTHER_RANK_ERROR_DELAY_S = 5.0
+
+
+def report_error(line: str) -> int:
+    """Print ``line`` to stderr once for the whole job (see ``OTHER_RANK_ERROR_DELAY_S``); the exit code, 2."""
+    rank = launcher_rank()
+    if rank != 0:
+        time.sleep(OTHER_RANK_ERROR_DELAY_S)
+        line = f"{line} (rank {rank})"
+    print(line, file=sys.stderr, flush=True)
+    return 2
+
+
+class LauncherParser(OneLineParser):
+    """A command line error printed once for the job, as ``report_error`` prints."""
+
+    def report(self, line: str) -> None:
+        report_error(line)
+
+
+def check_machine(config: RunConfig) -> None:
+    """Refuse, before any process group or model exists, settings this machine cannot run: a CUDA device or the
+    MegaBlocks backend without a GPU (or without MegaBlocks installed)."""
+    from c2r.experts.megablocks_backend import megablocks_unavailable_reason
+
+    device = config.train.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"--device {device}: no CUDA GPU is visible (torch.cuda.is_available() is False); use --device cpu or auto"
+        )
+    if config.model.moe.experts.backend == "megablocks":
+        if device == "cpu":
+            raise ValueError("--backend megablocks needs CUDA tensors and --device is cpu; use --backend auto or torch")
+        reason = megablocks_unavailable_reason()
+        if reason:
+            raise ValueError(f"--backend megablocks: {reason}; use --backend auto or torch")
 
 
 # ---------------------------------------------------------------------------------------------------------------

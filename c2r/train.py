@@ -1,15 +1,16 @@
 """``c2r-train``: train the MoE GPT with DeepSpeed (ZeRO, expert parallelism) on the embedded corpus or your text.
 
 c2r-train                                               # one process: the demo on the embedded corpus
-deepspeed --num_gpus 2 -m c2r.train --ep-size 2         # 2 ranks (GPUs, or CPU processes on a CPU machine)
+deepspeed --num_gpus 2 --module c2r.train --ep-size 2   # 2 ranks (GPUs, or CPU processes on a CPU machine)
 mpirun -np 4 python -m c2r.train --ep-size 2            # MPI launch (mpi4py discovers the ranks)
 c2r-train --data my_texts/ --steps 2000 --set model.moe.num_experts=16
-c2r-train --out runs/mine --resume                      # continue runs/mine (under the launch it started with)
+c2r-train --out runs/mine --resume --steps 600          # continue runs/mine (under the launch it started with)
 c2r-train --hf-model path/to/qwen3-moe --data my.jsonl  # a Hugging Face MoE model, its own tokenizer (c2r/hf)
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ from c2r.run_setup import (
     build_engine,
     corpus_tokenizer,
     global_mean,
+    launcher_rank,
     lr_at,
     num_moe_layers,
     progress_bar,
@@ -286,6 +288,7 @@ TRAIN_CLI = ConfigCli(
             "--deepspeed-config",
             "train.deepspeed_config",
             "DeepSpeed JSON (default: deepspeed_configs/cpu_zero2.json on CPU, gpu_bf16_zero2.json on GPU)",
+            aliases=("--deepspeed_config",),  # DeepSpeed's own spelling
         ),
         Shorthand("--device", "train.device", "auto, cpu or cuda"),
         Shorthand("--backend", "model.moe.experts.backend", "expert backend: auto, reference, torch, megablocks"),
@@ -328,8 +331,33 @@ TRAIN_CLI = ConfigCli(
 )
 
 
+def starts_untrained_allocator(config: RunConfig) -> bool:
+    """True for ``--router adak`` from weights without trained Ada-K allocators: c2r-train's loss does not train
+    them (k is a discrete choice; c2r-adak trains them with PPO), so every token keeps the untrained allocator's k."""
+    from c2r.deepspeed.checkpoint import CONFIG_FILE, resolve_checkpoint
+
+    if config.model.moe.router.kind != "adak":
+        return False
+    tc = config.train
+    source = Path(tc.out_dir) / "checkpoints" if tc.resume else tc.init_from
+    if source is None:
+        return True
+    try:
+        ckpt_dir, tag = resolve_checkpoint(source)
+    except FileNotFoundError:
+        return False  # the run itself reports the missing checkpoint
+    saved = json.loads((ckpt_dir / tag / CONFIG_FILE).read_text())
+    return saved["model"]["moe"]["router"]["kind"] != "adak"
+
+
 def run(config: RunConfig) -> str | None:
     """Train; the summary line rank 0 prints: what this run did (a resumed run counts its own steps only)."""
+    if launcher_rank() == 0 and starts_untrained_allocator(config):
+        log.warning(
+            "--router adak starts from untrained Ada-K allocators, and c2r-train does not train them: train them on "
+            "a top-k run with `c2r-adak --checkpoint RUN --out RUN_ADAK`, then `c2r-train --init-from RUN_ADAK "
+            "--router adak`"
+        )
     result = train(config)
     start, end, steps = result["start_step"], result["end_step"], config.train.steps
     if end == start and result["stopped_by"] is None:

@@ -23,13 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from placement.errors import PlacementError
 from placement.evaluate import evaluate_with_baselines, format_comparison
 from placement.export import EXPORT_FORMATS, export_plan
 from placement.inputs import PlannerInput, load_input
 from placement.methods import DEFAULT_INTER_NODE_COST, KAHYPAR_PRESETS, METHODS, TOPOLOGIES, plan_placement
 from placement.objective import DTYPE_BYTES, check_topology
 from placement.plan import dumps, load_plan, make_plan, save_plan
+from profiling.cli_errors import BAD_INPUT_ERRORS, OneLineParser
 
 
 def _add_input_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -269,9 +269,7 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
 
 
 def build_parser(commands: tuple[Callable[[argparse._SubParsersAction], None], ...] = COMMANDS):
-    parser = argparse.ArgumentParser(
-        prog="c2r-place", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = OneLineParser(prog="c2r-place", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for add_command in commands:
         add_command(sub)
@@ -284,7 +282,7 @@ def main(
     args = build_parser(commands).parse_args(argv)
     try:
         return args.func(args)
-    except (PlacementError, FileNotFoundError, FileExistsError, ValueError) as error:
+    except BAD_INPUT_ERRORS as error:  # PlacementError is a ValueError
         print(f"c2r-place {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -15,6 +15,7 @@ import sys
 
 import numpy as np
 
+from profiling.cli_errors import BAD_INPUT_ERRORS, OneLineParser
 from profiling.summary import coactivation_matrix, format_summary, summarize
 
 
@@ -43,7 +44,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="c2r-profile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as error:
+    except BAD_INPUT_ERRORS as error:
         print(f"c2r-profile {args.command}: {error}", file=sys.stderr)
         return 2
 

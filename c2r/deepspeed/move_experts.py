@@ -100,6 +100,7 @@ def move_experts(
     if tag is None:
         raise FileNotFoundError(f"no checkpoint in {checkpoint_dir} (no '{LATEST}' file; pass --tag)")
     src = checkpoint_dir / tag
+    check_out_dir(out_dir, checkpoint_dir, src)
     if not (src / CONFIG_FILE).exists():
         raise FileNotFoundError(f"{src} has no {CONFIG_FILE}: not a c2r-train checkpoint")
     run_config = json.loads((src / CONFIG_FILE).read_text())
@@ -111,7 +112,8 @@ def move_experts(
     tmp = out_dir / f".{tag}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    files = sorted(src.iterdir())
+    # A partial directory inside the source is what an older apply with --out inside it left behind: not ours to copy.
+    files = sorted(p for p in src.iterdir() if not (p.is_dir() and p.name.endswith(".partial")))
     optimizer_files = [p for p in files if OPTIMIZER_FILE.fullmatch(p.name)]
     for path in tqdm(files, desc="applying plan", unit="file"):
         if path not in optimizer_files and path.name != CONFIG_FILE:
@@ -136,6 +138,17 @@ def move_experts(
     latest.with_name(LATEST + ".tmp").write_text(tag)
     os.replace(latest.with_name(LATEST + ".tmp"), latest)
     return dst
+
+
+def check_out_dir(out_dir: Path, checkpoint_dir: Path, src: Path) -> None:
+    """Refuse an ``--out`` that is the source checkpoint directory or lies inside the source checkpoint: the new
+    checkpoint would be written into (or over) the one it is read from."""
+    out, ckpt, source = out_dir.resolve(), checkpoint_dir.resolve(), src.resolve()
+    if out in (ckpt, source) or source in out.parents:
+        raise ValueError(
+            f"--out {str(out_dir)!r} is the source checkpoint {str(checkpoint_dir)!r} or inside it; write the moved "
+            "checkpoint to a new directory, e.g. RUN2/checkpoints"
+        )
 
 
 def check_layouts_fit(layouts: list[ExpertLayout], run_config: dict[str, Any], num_layers: int) -> list[ExpertLayout]:

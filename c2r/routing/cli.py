@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from c2r.routing.collaborators import save_collaborators
+from profiling.cli_errors import BAD_INPUT_ERRORS, OneLineParser
 
 
 def pair_coverage(coactivation_EE: np.ndarray, lists_EE: np.ndarray, top_t: int) -> float:
@@ -27,13 +28,26 @@ def pair_coverage(coactivation_EE: np.ndarray, lists_EE: np.ndarray, top_t: int)
     return float(kept / max(counts.sum(), 1.0))
 
 
+def npy_magic(path: Path) -> bytes:
+    with path.open("rb") as file:
+        return file.read(6)
+
+
 def load_counts(args: argparse.Namespace) -> tuple[np.ndarray, str]:
     """[L, E, E] co-activation counts from a .npy file, a run or profile directory (the online counters: every
     token), or a trace directory (its counters if present, else the written trace shards, e.g. from HF hooks)."""
     if args.coactivation:
         from placement.inputs import validate_coactivation
 
-        return validate_coactivation(np.load(args.coactivation)), str(args.coactivation)
+        path = Path(args.coactivation)
+        # numpy's own errors do not name the file, and call random bytes "pickled (object) data"
+        if path.is_file() and npy_magic(path) != b"\x93NUMPY":
+            raise ValueError(f"{str(path)!r} is not a .npy file (no NumPy header); expected [L, E, E] or [E, E] counts")
+        try:
+            counts = np.load(path, allow_pickle=False)
+        except (ValueError, EOFError, OSError) as error:
+            raise ValueError(f"{str(path)!r} is not a readable .npy co-activation file ({error})") from None
+        return validate_coactivation(counts), str(args.coactivation)
     if not args.run:
         raise ValueError("give a profiled run directory, a trace directory or --coactivation FILE.npy")
     path = Path(args.run)
@@ -65,9 +79,7 @@ def cmd_collaborators(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="c2r-route", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = OneLineParser(prog="c2r-route", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     lists = sub.add_parser("collaborators", help="C2R collaborator lists from a profiled run or co-activation counts")
     lists.add_argument(
@@ -83,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"c2r-route: {error}", file=sys.stderr)
+    except BAD_INPUT_ERRORS as error:
+        print(f"c2r-route {args.command}: {error}", file=sys.stderr)
         return 2
 
 
