@@ -291,7 +291,8 @@ class ConfigCli:
     def main(self, argv: list[str] | None, run: Callable[[Any], str | None]) -> int:
         """Parse, resolve (or print) the config, ``run`` it. Bad input (our errors: ValueError, its subclass
         PlacementError, FileNotFoundError, with messages naming the values) exits with code 2 and one line, printed
-        once for the job (``report_error``); anything else is a bug and keeps its traceback."""
+        once for the job (``report_error``); anything else is a bug and keeps its traceback. ``C2R_TRACEBACK=1`` in the
+        environment keeps the traceback of every error (a ValueError from deep inside a library is one line too)."""
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
         )
@@ -303,6 +304,8 @@ class ConfigCli:
             with printing:
                 config = self.config(args)
         except (ValueError, TypeError, FileNotFoundError) as error:
+            if os.environ.get("C2R_TRACEBACK"):
+                raise
             return report_error(f"{self.prog}: bad config: {error}")
         if args.print_config:
             print(json.dumps(dataclasses.asdict(config), indent=2))
@@ -311,6 +314,8 @@ class ConfigCli:
             check_machine(config)
             summary = run(config)
         except (ValueError, FileNotFoundError) as error:
+            if os.environ.get("C2R_TRACEBACK"):
+                raise
             return report_error(f"{self.prog}: {error}")
         if dist.get_rank() == 0 and summary:
             print(summary)
