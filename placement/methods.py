@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from placement.errors import PlacementError
 from placement.inputs import LayerRouting, restrict, subsample
 from placement.layout import ExpertLayout
+from placement.loadcap import cap_load
 from placement.objective import check_topology, km1_batch
 
 PartitionFn = Callable[[LayerRouting, int, int], np.ndarray]
@@ -514,12 +515,56 @@ def plan_placement(
     progress: bool = True,
     topology: str = "two-level",
     inter_node_cost: int = DEFAULT_INTER_NODE_COST,
+    max_load: float | None = None,
 ) -> list[ExpertLayout]:
-    """Every layer's placement, one layout per layer (arguments: `plan_layer`)."""
-    return [
+    """Every layer's placement, one layout per layer (arguments: `plan_layer`); with ``max_load`` (a cap on rank
+    load max/mean), then `cap_layouts`."""
+    layouts = [
         ExpertLayout(
             plan_layer(r, num_ranks, num_nodes, method, seed, preset, threads, max_tokens, topology, inter_node_cost),
             num_ranks,
         )
         for r in tqdm(routings, desc=f"planning ({method})", unit="layer", disable=not progress)
     ]
+    if max_load is None:
+        return layouts
+    return cap_layouts(routings, layouts, max_load, num_nodes, seed, max_tokens, inter_node_cost, progress)
+
+
+def cap_layouts(
+    routings: list[LayerRouting],
+    layouts: list[ExpertLayout],
+    max_load: float,
+    num_nodes: int = 1,
+    seed: int = 0,
+    max_tokens: int | None = None,
+    inter_node_cost: int = DEFAULT_INTER_NODE_COST,
+    progress: bool = False,
+) -> list[ExpertLayout]:
+    """Each layout swapped until every rank's load is <= ``max_load`` x mean (`placement.loadcap.cap_load`): the
+    cost is measured on the planning sample (``max_tokens``, ``seed``: as `plan_layer` drew it), the cap on the
+    load of every planning token; with 1 < nodes < ranks the cost counts node fan-out ``inter_node_cost`` - 1
+    times over (the Steiner objective of ``--topology map``)."""
+    if isinstance(max_load, bool) or not isinstance(max_load, (int, float)) or not max_load >= 1.0:
+        raise PlacementError(f"the load cap must be a number >= 1.0 (max/mean rank load); got {max_load!r}")
+    out = []
+    for routing, layout in tqdm(
+        list(zip(routings, layouts)), desc=f"load cap {max_load:g}", unit="layer", disable=not progress
+    ):
+        num_ranks = layout.num_ranks
+        gpus_per_node = num_ranks // num_nodes
+        c = int(inter_node_cost) if 1 < num_nodes < num_ranks else 1
+        if routing.expert_load_E.sum() == 0 or num_ranks == 1:
+            out.append(layout)
+            continue
+        result = cap_load(
+            subsample(routing, max_tokens, seed),
+            layout.as_array(),
+            num_ranks,
+            max_load,
+            load_E=routing.expert_load_E,
+            gpus_per_node=gpus_per_node,
+            inter_node_cost=c,
+        )
+        out.append(ExpertLayout(result.labels, num_ranks))
+    return out

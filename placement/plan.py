@@ -193,11 +193,32 @@ def dumps(document: Any) -> str:
     return _NUMBER_LIST.sub(lambda m: "[" + ", ".join(m.group(1).split()).replace(",,", ",") + "]", text)
 
 
+def check_output_path(path: str | Path, what: str = "--out") -> Path:
+    """Refuse, before any work, an output path that cannot be a file: a directory, or one under a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise PlacementError(f"{what} {path} is a directory; give a file name (e.g. {path / 'plan.json'})")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise PlacementError(f"{what} {path}: {parent} is a file, not a directory")
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str, what: str = "--out") -> None:
+    """Write through ``<name>.tmp`` and rename (a crash never leaves half a file under the name); on failure the
+    temporary file is removed and the error is one line naming the path."""
+    path = check_output_path(path, what)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise PlacementError(f"cannot write {what} {path}: {error.strerror or error}") from error
+
+
 def save_plan(plan: dict[str, Any], path: str | Path) -> None:
     """Validate, then write atomically (a crash never leaves half a plan under the plan's name)."""
     plan_from_dict(plan, str(path))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dumps(plan) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, dumps(plan) + "\n")
