@@ -147,7 +147,7 @@ def format_comparison(results: dict[str, dict[str, Any]], detailed: bool = True)
     )
     if not o.get("exact", True):
         lines.append(
-            "NOTE: from a co-activation matrix: copies/tok are an ESTIMATE (pairwise bound, exact for top-2 "
+            "NOTE: from a co-activation matrix: copies/tok are an ESTIMATE (pairwise approximation, exact for top-2 "
             "routing, clipped to at least 1 copy per token otherwise); use --traces for exact numbers"
         )
     return "\n".join(lines)
