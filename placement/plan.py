@@ -5,14 +5,20 @@
      "method": "kahypar", "objective": "km1", "seed": 0, "options": {...},
      "layers": [{"layer": 0, "expert_to_rank": [E ints], "rank_to_experts": [[E/R ints] * R],
                  "expert_load": [E], "predicted": {metrics}, "baseline_contiguous": {metrics},
-                 "baseline_random": {metrics}}, ...],
+                 "baseline_random": {metrics}, "load_cap": {"max_load", "load_imbalance", "met",
+                 "needs_replication", "lower_bound_without_replication", "kept_contiguous"}}, ...],
      "predicted": {overall metrics}, "baseline_contiguous": {overall}, "baseline_random": {overall},
      "inputs": {"kind": "traces" | "coactivation", "path", "digest": "sha256:...", "tokens", "holdout", ...}}
 
 ``expert_to_rank`` is the truth, one `ExpertLayout` per layer (`ExpertLayout.to_json` writes it, `from_json` reads
 it); ``rank_to_experts`` (derived, for people reading the file) lists each rank's experts in local-slot order:
 ascending logical id, the order `ExpertLayout.local_experts` uses. Metrics: see `placement.objective` (predicted on
-the held-out tokens when the plan was made with a holdout).
+the held-out tokens when the plan was made with a holdout); ``predicted_step_ms``: `placement.cost`, a prediction.
+
+Room for replicas (issue 12, item 2, not built yet): ``expert_to_rank`` stays each expert's *home* rank, so a
+reader that ignores replicas still gets a valid placement; a layer may later add ``"replicas": [[rank, ...] per
+expert]`` (extra ranks holding a copy, never the home rank, at most one per rank) and the document
+``"num_slots"`` (P physical slots, a multiple of R), with ``version`` 2 for readers that must honour them.
 """
 
 from __future__ import annotations
