@@ -122,18 +122,20 @@ def _print_cap_report(reports: list[dict], kept_contiguous: list[int], cap: floa
         print(f"  layers {missed}: above the cap though it looked reachable: {judged} load differs from planned")
 
 
-def _predicted_costs(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> CostModel:
-    """Attach "predicted_step_ms" (`placement.cost`) to every layer's metrics; returns the model used."""
+def _cost_model(args: argparse.Namespace) -> CostModel:
+    """The defaults with this plan's hidden size and dtype, calibrated on ``--calibrate`` when given."""
     hidden = args.hidden
     model = CostModel(hidden=hidden, ffn=args.ffn or round(3.5 * hidden), bytes_per_element=DTYPE_BYTES[args.dtype])
-    if args.calibrate:
-        model = calibrate(args.calibrate, model)
+    return calibrate(args.calibrate, model) if args.calibrate else model
+
+
+def _predicted_costs(model: CostModel, args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None:
+    """Attach "predicted_step_ms" (`placement.cost`) to every layer's metrics."""
     for name in ("plan", "contiguous", "random"):
         for m in results[name]["layers"]:
             if m.get("tokens"):
                 m["predicted_step_ms"] = layer_cost(m, model, args.ranks, args.nodes)["step_ms"]
         results[name]["overall"] = overall_metrics(results[name]["layers"])
-    return model
 
 
 def _print_pareto(inp: PlannerInput, base: list, args: argparse.Namespace) -> None:
@@ -162,6 +164,7 @@ def _print_pareto(inp: PlannerInput, base: list, args: argparse.Namespace) -> No
 
 def cmd_plan(args: argparse.Namespace) -> int:
     check_output_path(args.out)  # before the work, not after it
+    model = _cost_model(args)
     inp = _load(args, args.holdout)
     check_topology(inp.num_experts, args.ranks, args.nodes)
     dtype_bytes = DTYPE_BYTES[args.dtype]
@@ -192,7 +195,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         )
     results = evaluate_with_baselines(inp.eval_routings, layouts, args.nodes, args.hidden, dtype_bytes, args.seed)
     layouts, kept_contiguous = keep_contiguous_where_plan_loses(results, layouts, args.max_load)
-    model = _predicted_costs(args, results)
+    _predicted_costs(model, args, results)
     reports = _cap_report(inp, results, args)
     for layer, report in enumerate(reports):
         report["kept_contiguous"] = layer in kept_contiguous

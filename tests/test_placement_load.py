@@ -233,6 +233,20 @@ def test_bad_files_get_one_line_each(tmp_path, capsys, run_dir):
         (["plan", "--coactivation", truncated, "--ranks", 2, "--out", tmp_path / "p.json"], str(truncated)),
         (["plan", "--coactivation", bad_npy, "--ranks", 2, "--out", tmp_path / "p.json"], str(bad_npy)),
         (["plan", "--coactivation", good, "--ranks", 2, "--out", plan_dir], f"--out {plan_dir} is a directory"),
+        (
+            [
+                "plan",
+                "--coactivation",
+                good,
+                "--ranks",
+                2,
+                "--calibrate",
+                plan_dir / "no",
+                "--out",
+                tmp_path / "p.json",
+            ],
+            "does not exist",
+        ),
     ]
     for argv, needle in cases:
         code, out, err = run_cli(capsys, *argv)
