@@ -89,6 +89,8 @@ def run_planner(args: argparse.Namespace, trace_dir: Path, plan_path: Path) -> d
         args.method,
         "--max-tokens",
         str(args.max_tokens),
+        "--max-load",
+        args.max_load,
         "--out",
         str(plan_path),
         "-q",
@@ -118,6 +120,7 @@ def main() -> None:
     p.add_argument("--bonus", type=float, default=3.0, help="log-odds bonus of a token's own cluster")
     p.add_argument("--method", default="kahypar")
     p.add_argument("--max-tokens", type=int, default=20000, help="planning sample per layer (c2r-place default)")
+    p.add_argument("--max-load", default="1.10", help="load cap (c2r-place default 1.10; none: copies only)")
     args = p.parse_args()
 
     trace_dir, plan_path = args.dir / "traces", args.dir / "plan.json"
@@ -133,7 +136,7 @@ def main() -> None:
     )
     print(f"trace generation: {generate_s:.1f} s (0 = reused)")
     print(
-        f"c2r-place plan ({args.method}, --max-tokens {args.max_tokens}): wall {run['wall_s']:.0f} s, "
+        f"c2r-place plan ({args.method}, --max-tokens {args.max_tokens}, --max-load {args.max_load}): wall {run['wall_s']:.0f} s, "
         f"peak RSS {run['peak_rss_gib']:.2f} GiB\n"
     )
     rows = [
