@@ -136,7 +136,8 @@ def main() -> None:
     )
     print(f"trace generation: {generate_s:.1f} s (0 = reused)")
     print(
-        f"c2r-place plan ({args.method}, --max-tokens {args.max_tokens}, --max-load {args.max_load}): wall {run['wall_s']:.0f} s, "
+        f"c2r-place plan ({args.method}, --max-tokens {args.max_tokens}, --max-load {args.max_load}): "
+        f"wall {run['wall_s']:.0f} s, "
         f"peak RSS {run['peak_rss_gib']:.2f} GiB\n"
     )
     rows = [
