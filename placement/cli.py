@@ -168,31 +168,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     inp = _load(args, args.holdout)
     check_topology(inp.num_experts, args.ranks, args.nodes)
     dtype_bytes = DTYPE_BYTES[args.dtype]
-    base = plan_placement(
-        inp.plan_routings,
-        args.ranks,
-        args.nodes,
-        args.method,
-        args.seed,
-        args.preset,
-        args.threads,
-        args.max_tokens or None,
-        _progress(args),
-        args.topology,
-        args.inter_node_cost,
-    )
-    layouts = base
-    if args.max_load is not None:
-        layouts = cap_layouts(
-            inp.plan_routings,
-            base,
-            args.max_load,
-            args.nodes,
-            args.seed,
-            args.max_tokens or None,
-            args.inter_node_cost,
-            _progress(args),
-        )
+    planner_args = (args.ranks, args.nodes, args.method, args.seed, args.preset, args.threads, args.max_tokens or None)
+    more = {"progress": _progress(args), "topology": args.topology, "inter_node_cost": args.inter_node_cost}
+    layouts = plan_placement(inp.plan_routings, *planner_args, **more, max_load=args.max_load)
+    # --pareto: the trade-off from the one uncapped partition (the capped plan above may start elsewhere)
+    base = plan_placement(inp.plan_routings, *planner_args, **more) if args.pareto else None
     results = evaluate_with_baselines(inp.eval_routings, layouts, args.nodes, args.hidden, dtype_bytes, args.seed)
     layouts, kept_contiguous = keep_contiguous_where_plan_loses(results, layouts, args.max_load)
     _predicted_costs(model, args, results)

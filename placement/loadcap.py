@@ -1,11 +1,13 @@
 """A load cap on a balanced placement: every rank's token load (token-expert pairs) <= cap x mean, still exactly
 E/R experts per rank, at the smallest KM1 (copies per token) we can find.
 
-What we chose, and why. Mt-KaHyPar balances part *weights* or part *sizes*, not both: expert loads as node weights
-drop the exact E/R slots per rank that the dispatcher and the checkpoint layout need (a weight of "big constant +
-load" keeps both in theory, but then the load slack is a sliver of each part's weight and the partitioner treats
-it as noise). So the partition stays Mt-KaHyPar's (unit weights, epsilon 0, KM1), and a refinement that only ever
-*swaps* two experts between ranks -- slot counts stay exact by construction -- enforces the cap:
+What we chose, and why. Two parts. (a) Where the placement is one rank level (one node, or one GPU per node) and
+the method is Mt-KaHyPar, the partition itself carries the cap: `placement.methods.partition_kahypar_capped` gives
+each expert the weight "big constant + load", so one part-weight bound holds both exact E/R slots and the load cap.
+Mt-KaHyPar balances only one weight per node, and this folds both constraints into it. Where it finds no feasible
+partition (a hot expert, or two levels of nodes and GPUs, whose levels do not see rank load), the unit-weight
+partition is the start. (b) Either way, a refinement that only ever *swaps* two experts between ranks -- slot counts
+stay exact by construction -- enforces the cap and then lowers the cost under it:
 
 1. repair: while the busiest rank is above the limit, swap one of its experts with a lighter expert elsewhere,
    among the swaps that bring both ranks under the limit the one that adds the least cost; where none does, the
