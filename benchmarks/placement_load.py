@@ -8,11 +8,11 @@ Two traces, both recorded by our profiler:
    10 batches of 8 x 256 tokens.
 
 For each trace and ranks in (8, 16): plan on the first 80% of steps (``--holdout 0.2``) without a cap and with the
-caps 1.5, 1.25, 1.10, 1.05 (one Mt-KaHyPar partition, then `placement.methods.cap_layouts`, as `c2r-place plan`
+caps 1.5, 1.25, 1.10, 1.05 (`placement.methods.plan_placement` with ``max_load``, as `c2r-place plan --max-load`
 does), judge each on the held-out 20%: copies per token and rank load max/mean per layer. Prints a markdown table
 and writes docs/img/placement_load.svg (copies vs load).
 
-Run from the repository root (CPU, about a minute):
+Run from the repository root (CPU, a few minutes):
     python benchmarks/placement_load.py [--dir /tmp/c2r_placement_load]
 """
 
@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from placement.inputs import load_trace_input  # noqa: E402
 from placement.loadcap import needs_replication  # noqa: E402
-from placement.methods import cap_layouts, plan_placement  # noqa: E402
+from placement.methods import plan_placement  # noqa: E402
 from placement.objective import layer_metrics  # noqa: E402
 
 CAPS = (None, 1.5, 1.25, 1.1, 1.05)
@@ -82,7 +82,7 @@ def sweep(trace_dir: Path, ranks: int) -> list[dict]:
     base = plan_placement(inp.plan_routings, ranks, progress=False)
     rows = []
     for cap in CAPS:
-        layouts = base if cap is None else cap_layouts(inp.plan_routings, base, cap)
+        layouts = base if cap is None else plan_placement(inp.plan_routings, ranks, progress=False, max_load=cap)
         layers = [layer_metrics(r, lay) for r, lay in zip(inp.eval_routings, layouts)]
         loads = np.array([m["load_imbalance"] for m in layers])
         possible = (
