@@ -14,7 +14,7 @@ from placement.export import replicate_hot_experts
 from placement.inputs import routing_from_coactivation, routing_from_expert_ids
 from placement.layout import ExpertLayout
 from placement.loadcap import _Cost, cap_load, min_max_load, needs_replication
-from placement.methods import balanced_labelings, partition_kahypar, steiner_cost_batch
+from placement.methods import balanced_labelings, partition_kahypar, partition_kahypar_capped, steiner_cost_batch
 from placement.objective import layer_metrics
 from placement.plan import load_plan
 from placement.synthetic import synthetic_expert_ids
@@ -76,6 +76,20 @@ def test_cap_meets_a_reachable_cap_at_the_enumerated_optimum_or_close():
     best = steiner_cost_batch(routing, feasible, R, 1).min()
     ours = steiner_cost_batch(routing, result.labels[None], R, 1)[0]
     assert ours <= 1.05 * best
+
+
+def test_kahypar_under_the_cap_holds_both_slots_and_load():
+    """Weight = big constant + load: a result has exactly E/R experts per rank and load <= cap x mean; an
+    impossible cap (one expert with half the load) gives None, and the caller falls back."""
+    E, R = 16, 4
+    routing = routing_from_expert_ids(synthetic_expert_ids(4000, E, 4, num_clusters=4, zipf=0.6, seed=2), E)
+    labels = partition_kahypar_capped(routing, R, routing.expert_load_E, 1.1, threads=1)
+    assert labels is not None
+    assert np.bincount(labels, minlength=R).tolist() == [E // R] * R
+    assert rank_load(routing, labels, R) <= 1.1 + 1e-9
+    hot = np.stack([np.zeros(2000, dtype=np.int64), np.random.default_rng(0).integers(1, E, 2000)], axis=1)
+    hot_routing = routing_from_expert_ids(hot, E)
+    assert partition_kahypar_capped(hot_routing, R, hot_routing.expert_load_E, 1.1, threads=1) is None
 
 
 def test_an_impossible_cap_is_named_and_the_max_load_minimised():
