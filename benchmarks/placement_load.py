@@ -8,9 +8,10 @@ Two traces, both recorded by our profiler:
    10 batches of 8 x 256 tokens.
 
 For each trace and ranks in (8, 16): plan on the first 80% of steps (``--holdout 0.2``) without a cap and with the
-caps 1.5, 1.25, 1.10, 1.05 (`placement.methods.plan_placement` with ``max_load``, as `c2r-place plan --max-load`
-does), judge each on the held-out 20%: copies per token and rank load max/mean per layer. Prints a markdown table
-and writes docs/img/placement_load.svg (copies vs load).
+caps 1.5, 1.25, 1.05 (the uncapped partition repaired under each cap, as ``--pareto`` prints them) and 1.10 (the
+plan `c2r-place plan --max-load 1.10` writes: Mt-KaHyPar under the cap where it can), judge each on the held-out
+20%: copies per token and rank load max/mean per layer. Prints a markdown table and writes
+docs/img/placement_load.svg (copies vs load).
 
 Run from the repository root (CPU, a few minutes):
     python benchmarks/placement_load.py [--dir /tmp/c2r_placement_load]
@@ -30,10 +31,12 @@ sys.path.insert(0, str(REPO))
 
 from placement.inputs import load_trace_input  # noqa: E402
 from placement.loadcap import needs_replication  # noqa: E402
-from placement.methods import plan_placement  # noqa: E402
+from placement.methods import cap_layouts, plan_placement  # noqa: E402
 from placement.objective import layer_metrics  # noqa: E402
 
 CAPS = (None, 1.5, 1.25, 1.1, 1.05)
+PLAN_CAP = 1.1
+MAX_TOKENS = 20000  # c2r-place plan's default planning sample
 
 
 def synthetic_traces(out: Path) -> None:
@@ -79,10 +82,15 @@ def olmoe_traces(out: Path) -> None:
 def sweep(trace_dir: Path, ranks: int) -> list[dict]:
     """One row per cap: mean copies, per-layer loads, layers meeting the cap / layers where it is possible."""
     inp = load_trace_input(trace_dir, holdout=0.2, progress=False)
-    base = plan_placement(inp.plan_routings, ranks, progress=False)
+    base = plan_placement(inp.plan_routings, ranks, max_tokens=MAX_TOKENS, progress=False)
     rows = []
     for cap in CAPS:
-        layouts = base if cap is None else plan_placement(inp.plan_routings, ranks, progress=False, max_load=cap)
+        if cap is None:
+            layouts = base
+        elif cap == PLAN_CAP:  # what `c2r-place plan --max-load 1.10` writes (Mt-KaHyPar under the cap where it can)
+            layouts = plan_placement(inp.plan_routings, ranks, max_tokens=MAX_TOKENS, progress=False, max_load=cap)
+        else:  # what `--pareto` prints: the one uncapped partition, repaired and descended under each cap
+            layouts = cap_layouts(inp.plan_routings, base, cap, max_tokens=MAX_TOKENS)
         layers = [layer_metrics(r, lay) for r, lay in zip(inp.eval_routings, layouts)]
         loads = np.array([m["load_imbalance"] for m in layers])
         possible = (
