@@ -155,8 +155,13 @@ def free_memory(device: torch.device) -> None:
 # Timing
 
 
-def time_fwd_bwd(fn: Callable[[torch.Tensor], object], x: torch.Tensor, iters: int, warmup: int = 3,
-                 params: tuple[torch.Tensor, ...] = ()) -> list[float]:
+def time_fwd_bwd(
+    fn: Callable[[torch.Tensor], object],
+    x: torch.Tensor,
+    iters: int,
+    warmup: int = 3,
+    params: tuple[torch.Tensor, ...] = (),
+) -> list[float]:
     """Milliseconds of ``loss = fn(x).float().square().mean(); loss.backward()`` per iteration, after ``warmup``.
 
     Gradients are reset to None between iterations, outside the timed region, so no accumulation kernel is timed.
@@ -205,11 +210,15 @@ def build_ours(cfg: BenchConfig, device, dtype, seed: int, backend: str) -> Benc
     from c2r.routing import RouterConfig
 
     torch.manual_seed(seed)
-    config = MoEConfig(num_experts=cfg.E, top_k=cfg.k, ffn_hidden_size=cfg.F,
-                       # No per-layer host sync, and the router GEMM in bf16 with a float32 softmax, as MegaBlocks'
-                       # and HF's routers do (our default float32 router GEMM costs ~1 ms more on the big rows).
-                       router=RouterConfig(check_finite=False, logits_dtype="input"),
-                       experts=ExpertConfig(activation=cfg.activation, backend=backend))
+    config = MoEConfig(
+        num_experts=cfg.E,
+        top_k=cfg.k,
+        ffn_hidden_size=cfg.F,
+        # No per-layer host sync, and the router GEMM in bf16 with a float32 softmax, as MegaBlocks'
+        # and HF's routers do (our default float32 router GEMM costs ~1 ms more on the big rows).
+        router=RouterConfig(check_finite=False, logits_dtype="input"),
+        experts=ExpertConfig(activation=cfg.activation, backend=backend),
+    )
     with device:
         layer = MoELayer(cfg.H, config).to(dtype)
     return Bench(layer, layer)
@@ -221,15 +230,27 @@ def build_hf_block(cfg: BenchConfig, device, dtype, seed: int) -> nn.Module:
         from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
         from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
-        hf_config = Qwen3MoeConfig(hidden_size=cfg.H, moe_intermediate_size=cfg.F, num_experts=cfg.E,
-                                   num_experts_per_tok=cfg.k, norm_topk_prob=True, hidden_act="silu")
+        hf_config = Qwen3MoeConfig(
+            hidden_size=cfg.H,
+            moe_intermediate_size=cfg.F,
+            num_experts=cfg.E,
+            num_experts_per_tok=cfg.k,
+            norm_topk_prob=True,
+            hidden_act="silu",
+        )
         block_cls = Qwen3MoeSparseMoeBlock
     elif cfg.hf_family == "mixtral":
         from transformers.models.mixtral.configuration_mixtral import MixtralConfig
         from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-        hf_config = MixtralConfig(hidden_size=cfg.H, intermediate_size=cfg.F, num_local_experts=cfg.E,
-                                  num_experts_per_tok=cfg.k, hidden_act="silu", router_jitter_noise=0.0)
+        hf_config = MixtralConfig(
+            hidden_size=cfg.H,
+            intermediate_size=cfg.F,
+            num_local_experts=cfg.E,
+            num_experts_per_tok=cfg.k,
+            hidden_act="silu",
+            router_jitter_noise=0.0,
+        )
         block_cls = MixtralSparseMoeBlock
     else:
         raise RuntimeError(f"no Hugging Face block for config {cfg.name}")
@@ -285,9 +306,20 @@ def build_megablocks_dmoe(cfg: BenchConfig, device, dtype, seed: int) -> Bench:
     torch.manual_seed(seed)
     glu = cfg.activation == "swiglu"
     extra = {"activation_fn": F.silu} if glu else {}  # else MegaBlocks' default, tanh GELU
-    args = Arguments(mlp_type="glu" if glu else "mlp", mlp_impl="grouped", bf16=dtype == torch.bfloat16, fp16=False,
-                     moe_num_experts=cfg.E, moe_top_k=cfg.k, hidden_size=cfg.H, ffn_hidden_size=cfg.F, bias=False,
-                     return_bias=False, device=device, **extra)
+    args = Arguments(
+        mlp_type="glu" if glu else "mlp",
+        mlp_impl="grouped",
+        bf16=dtype == torch.bfloat16,
+        fp16=False,
+        moe_num_experts=cfg.E,
+        moe_top_k=cfg.k,
+        hidden_size=cfg.H,
+        ffn_hidden_size=cfg.F,
+        bias=False,
+        return_bias=False,
+        device=device,
+        **extra,
+    )
     layer = dMoE(args).to(dtype)
 
     def fn(x):
@@ -305,10 +337,19 @@ def build_ds_moe(cfg: BenchConfig, device, dtype, seed: int, drop_tokens: bool) 
     ensure_deepspeed_dist(device)
     torch.manual_seed(seed)
     with device:
-        expert = nn.Sequential(nn.Linear(cfg.H, cfg.F, bias=False), nn.GELU(approximate="tanh"),
-                               nn.Linear(cfg.F, cfg.H, bias=False)).to(dtype)
-        layer = MoE(hidden_size=cfg.H, expert=expert, num_experts=cfg.E, ep_size=1, k=cfg.k, capacity_factor=1.0,
-                    eval_capacity_factor=1.0, drop_tokens=drop_tokens)
+        expert = nn.Sequential(
+            nn.Linear(cfg.H, cfg.F, bias=False), nn.GELU(approximate="tanh"), nn.Linear(cfg.F, cfg.H, bias=False)
+        ).to(dtype)
+        layer = MoE(
+            hidden_size=cfg.H,
+            expert=expert,
+            num_experts=cfg.E,
+            ep_size=1,
+            k=cfg.k,
+            capacity_factor=1.0,
+            eval_capacity_factor=1.0,
+            drop_tokens=drop_tokens,
+        )
     del expert
     init_params_(layer, seed)
     layer = layer.to(dtype)
@@ -346,12 +387,20 @@ def contenders_for(cfg: BenchConfig) -> dict[str, Callable]:
         "ours-auto": lambda *a: build_ours(*a, backend="auto"),
     }
     if cfg.activation == "swiglu":
-        return {**common, "hf-eager": build_hf_eager, "deepspeed-autoep": build_autoep,
-                "megablocks-dmoe": build_megablocks_dmoe, "dense-swiglu": build_dense}
-    return {**common, "megablocks-dmoe": build_megablocks_dmoe,
-            "ds-moe-cap1.0": lambda *a: build_ds_moe(*a, drop_tokens=True),
-            "ds-moe-dropless": lambda *a: build_ds_moe(*a, drop_tokens=False),
-            "dense-gelu": build_dense}
+        return {
+            **common,
+            "hf-eager": build_hf_eager,
+            "deepspeed-autoep": build_autoep,
+            "megablocks-dmoe": build_megablocks_dmoe,
+            "dense-swiglu": build_dense,
+        }
+    return {
+        **common,
+        "megablocks-dmoe": build_megablocks_dmoe,
+        "ds-moe-cap1.0": lambda *a: build_ds_moe(*a, drop_tokens=True),
+        "ds-moe-dropless": lambda *a: build_ds_moe(*a, drop_tokens=False),
+        "dense-gelu": build_dense,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -427,8 +476,12 @@ def markdown_table(configs: list[BenchConfig], summary: dict, repeats: int) -> s
 
 
 def environment(device: torch.device, dtype: torch.dtype) -> dict:
-    env = {"torch": torch.__version__, "python": platform.python_version(), "dtype": str(dtype).replace("torch.", ""),
-           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"}
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "dtype": str(dtype).replace("torch.", ""),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+    }
     for pkg in ("deepspeed", "megablocks", "transformers", "grouped_gemm"):
         with contextlib.suppress(Exception):
             env[pkg] = getattr(__import__(pkg), "__version__", "installed")
@@ -436,34 +489,51 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
 
 
 def notes_text(args) -> str:
-    return "\n".join([
-        f"Forward + backward of one block, loss = out.float().square().mean(); {args.warmup} warm-up iterations, "
-        f"{args.iters} timed per run, {args.repeats} run(s); CUDA-event time per iteration.",
-        "TFLOP/s = expert-matmul FLOPs / median time, FLOPs = 3 * 2 * T * k * H * F * (3 SwiGLU | 2 GELU); "
-        "router FLOPs ignored. `time / dense` = median / median of the dense MLP of equal FLOPs (T*k tokens, width F).",
-        "ds-moe rows compute on [E, capacity, H] buffers: cap1.0 drops overflow tokens (about k*T rows computed), "
-        "dropless pads every expert to the busiest one (more than k*T rows); TFLOP/s still counts k*T useful rows.",
-    ])
+    return "\n".join(
+        [
+            f"Forward + backward of one block, loss = out.float().square().mean(); {args.warmup} warm-up iterations, "
+            f"{args.iters} timed per run, {args.repeats} run(s); CUDA-event time per iteration.",
+            "TFLOP/s = expert-matmul FLOPs / median time, FLOPs = 3 * 2 * T * k * H * F * (3 SwiGLU | 2 GELU); "
+            "router FLOPs ignored. `time / dense` = median / median of the dense MLP of equal FLOPs (T*k tokens, width F).",
+            "ds-moe rows compute on [E, capacity, H] buffers: cap1.0 drops overflow tokens (about k*T rows computed), "
+            "dropless pads every expert to the busiest one (more than k*T rows); TFLOP/s still counts k*T useful rows.",
+        ]
+    )
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Configs (T, H, F, E, k): " + "; ".join(
-                                         f"{c.name} {c.activation} ({c.T}, {c.H}, {c.F}, {c.E}, {c.k})"
-                                         for c in CONFIGS.values()))
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), metavar="NAME",
-                        help=f"subset of configs (default: all): {', '.join(CONFIGS)}")
-    parser.add_argument("--contenders", nargs="+", default=None, metavar="NAME",
-                        help="only contenders whose name contains one of these strings (dense rows always run)")
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Configs (T, H, F, E, k): "
+        + "; ".join(f"{c.name} {c.activation} ({c.T}, {c.H}, {c.F}, {c.E}, {c.k})" for c in CONFIGS.values()),
+    )
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=list(CONFIGS),
+        choices=list(CONFIGS),
+        metavar="NAME",
+        help=f"subset of configs (default: all): {', '.join(CONFIGS)}",
+    )
+    parser.add_argument(
+        "--contenders",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="only contenders whose name contains one of these strings (dense rows always run)",
+    )
     parser.add_argument("--iters", type=int, default=10, help="timed iterations per contender and run (default 10)")
     parser.add_argument("--warmup", type=int, default=3, help="warm-up iterations (default 3)")
     parser.add_argument("--repeats", type=int, default=1, help="run the whole table R times (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
-    parser.add_argument("--smoke", action="store_true",
-                        help=f"tiny sizes {SMOKE_SIZES} to test the plumbing (e.g. --device cpu --dtype float32)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help=f"tiny sizes {SMOKE_SIZES} to test the plumbing (e.g. --device cpu --dtype float32)",
+    )
     parser.add_argument("--markdown", metavar="PATH", help="also write the table as Markdown")
     parser.add_argument("--json", metavar="PATH", help="also write the raw numbers as JSON")
     parser.add_argument("--verbose", action="store_true", help="print the traceback of failing contenders")
@@ -497,8 +567,9 @@ def main(argv=None) -> None:
                     continue
                 raw[cfg.name].setdefault(name, []).append(run_one(cfg, name, builder, args, device, dtype))
 
-    summary = {cfg.name: {name: summarize(runs, cfg.flops()) for name, runs in raw[cfg.name].items()}
-               for cfg in configs}
+    summary = {
+        cfg.name: {name: summarize(runs, cfg.flops()) for name, runs in raw[cfg.name].items()} for cfg in configs
+    }
     table = markdown_table(configs, summary, args.repeats)
     notes = notes_text(args)
     print()
@@ -509,17 +580,24 @@ def main(argv=None) -> None:
     if args.markdown:
         shapes = "\n".join(f"- `{c.name}`: {c.activation}, T={c.T} H={c.H} F={c.F} E={c.E} k={c.k}" for c in configs)
         command = "python benchmarks/layer_bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        text = (f"# MoE layer benchmark\n\nCommand: `{command}`\n\nEnvironment: "
-                + ", ".join(f"{k} {v}" for k, v in env.items())
-                + f"\n\nConfigs (T tokens, H hidden, F expert ffn, E experts, k top-k):\n{shapes}\n\n{table}\n\n"
-                + notes.replace("\n", "\n\n") + "\n")
+        text = (
+            f"# MoE layer benchmark\n\nCommand: `{command}`\n\nEnvironment: "
+            + ", ".join(f"{k} {v}" for k, v in env.items())
+            + f"\n\nConfigs (T tokens, H hidden, F expert ffn, E experts, k top-k):\n{shapes}\n\n{table}\n\n"
+            + notes.replace("\n", "\n\n")
+            + "\n"
+        )
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
         Path(args.markdown).write_text(text)
         print(f"\nwrote {args.markdown}")
     if args.json:
-        payload = {"environment": env, "args": vars(args), "configs": [asdict(c) | {"flops": c.flops()}
-                                                                       for c in configs],
-                   "summary": summary, "runs": raw}
+        payload = {
+            "environment": env,
+            "args": vars(args),
+            "configs": [asdict(c) | {"flops": c.flops()} for c in configs],
+            "summary": summary,
+            "runs": raw,
+        }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(payload, indent=1))
         print(f"wrote {args.json}")

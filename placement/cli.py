@@ -1,6 +1,8 @@
 """``c2r-place``: plan where each expert lives, judge a plan, export it, apply it to a checkpoint.
 
-c2r-place plan --traces runs/demo --ranks 2 --out plan.json             # Mt-KaHyPar, KM1, exactly E/R per rank
+c2r-place plan --traces runs/demo --ranks 2 --out plan.json             # Mt-KaHyPar, KM1, exactly E/R per rank,
+                                                                        # rank load <= 1.10 x mean (--max-load)
+c2r-place plan --traces runs/demo --ranks 8 --holdout 0.2 --pareto --calibrate runs/demo --out plan.json
 c2r-place plan --traces runs/demo --ranks 16 --nodes 2 --holdout 0.2 --out plan.json
 c2r-place plan --traces runs/demo --ranks 16 --nodes 2 --topology map --inter-node-cost 10 --out plan.json
 c2r-place plan --coactivation coact.npy --ranks 4 --method greedy --out plan.json
@@ -18,18 +20,29 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from placement.evaluate import evaluate_with_baselines, format_comparison
+from placement.cost import CostModel, calibrate, format_costs, layer_cost
+from placement.evaluate import evaluate_with_baselines, format_comparison, keep_contiguous_where_plan_loses
 from placement.export import EXPORT_FORMATS, export_plan
 from placement.inputs import PlannerInput, load_input
-from placement.methods import DEFAULT_INTER_NODE_COST, KAHYPAR_PRESETS, METHODS, TOPOLOGIES, plan_placement
-from placement.objective import DTYPE_BYTES, check_topology
-from placement.plan import dumps, load_plan, make_plan, save_plan
+from placement.loadcap import min_max_load, needs_replication
+from placement.methods import (
+    DEFAULT_INTER_NODE_COST,
+    KAHYPAR_PRESETS,
+    METHODS,
+    TOPOLOGIES,
+    cap_layouts,
+    plan_placement,
+)
+from placement.objective import DTYPE_BYTES, check_topology, layer_metrics, overall_metrics
+from placement.plan import check_output_path, dumps, load_plan, make_plan, save_plan, write_text_atomic
 from profiling.cli_errors import BAD_INPUT_ERRORS, OneLineParser
+
+DEFAULT_MAX_LOAD = 1.10
+PARETO_CAPS = (None, 1.5, 1.25, 1.1, 1.05)
 
 
 def _add_input_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -56,33 +69,116 @@ def _load(args: argparse.Namespace, holdout: float | None) -> PlannerInput:
 def _summary_line(results: dict[str, dict[str, Any]], name: str) -> str:
     plan, contig, rand = (results[k]["overall"] for k in ("plan", "contiguous", "random"))
     cut = 100.0 * (1 - plan["copies_per_token"] / contig["copies_per_token"]) if contig["copies_per_token"] else 0.0
+    estimate = "" if plan.get("exact", True) else " (estimates: co-activation input)"
     return (
         f"{name}: {plan['copies_per_token']:.3f} copies/token vs {contig['copies_per_token']:.3f} contiguous "
-        f"({cut:.1f}% fewer) and {rand['copies_per_token']:.3f} random"
+        f"({cut:.1f}% fewer) and {rand['copies_per_token']:.3f} random{estimate}; rank load max/mean "
+        f"{plan['load_imbalance']:.2f} (worst layer {plan['max_load_imbalance']:.2f}) vs "
+        f"{contig['load_imbalance']:.2f} ({contig['max_load_imbalance']:.2f}) contiguous"
     )
+
+
+def max_load_arg(text: str) -> float | None:
+    """--max-load: a cap >= 1.0 on rank load max/mean, or none."""
+    if text.lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1.0 or 'none'; got {text!r}") from None
+    if not value >= 1.0:
+        raise argparse.ArgumentTypeError(f"the cap is max/mean rank load, so it must be >= 1.0; got {value}")
+    return value
+
+
+def _cap_report(inp: PlannerInput, results: dict[str, dict[str, Any]], args: argparse.Namespace) -> list[dict]:
+    """Per layer: the cap, whether the judged (held-out) load meets it, and whether it could without replicas."""
+    reports = []
+    for routing, m in zip(inp.plan_routings, results["plan"]["layers"]):
+        entry: dict[str, Any] = {"max_load": args.max_load, "load_imbalance": m.get("load_imbalance")}
+        if args.max_load is not None and m.get("tokens"):
+            entry["met"] = bool(m["load_imbalance"] <= args.max_load + 1e-9)
+            entry["needs_replication"] = needs_replication(routing.expert_load_E, args.ranks, args.max_load)
+            entry["lower_bound_without_replication"] = round(min_max_load(routing.expert_load_E, args.ranks), 4)
+        reports.append(entry)
+    return reports
+
+
+def _print_cap_report(reports: list[dict], kept_contiguous: list[int], cap: float | None, judged: str) -> None:
+    if kept_contiguous:
+        print(f"kept the contiguous placement on layers {kept_contiguous}: the plan did not beat it on {judged}")
+    if cap is None:
+        return
+    met = [i for i, r in enumerate(reports) if r.get("met")]
+    replicas = [i for i, r in enumerate(reports) if not r.get("met", True) and r["needs_replication"]]
+    missed = [i for i, r in enumerate(reports) if not r.get("met", True) and not r["needs_replication"]]
+    print(f"load cap {cap:g} x mean: met on {len(met)} of {len(reports)} layers ({judged})")
+    for i in replicas:
+        print(
+            f"  layer {i}: {reports[i]['load_imbalance']:.2f}; the cap needs replication (no placement without "
+            f"replicas gets below {reports[i]['lower_bound_without_replication']:.2f}: the hottest expert)"
+        )
+    if missed:
+        print(f"  layers {missed}: above the cap though it looked reachable: {judged} load differs from planned")
+
+
+def _cost_model(args: argparse.Namespace) -> CostModel:
+    """The defaults with this plan's hidden size and dtype, calibrated on ``--calibrate`` when given."""
+    hidden = args.hidden
+    model = CostModel(hidden=hidden, ffn=args.ffn or round(3.5 * hidden), bytes_per_element=DTYPE_BYTES[args.dtype])
+    return calibrate(args.calibrate, model) if args.calibrate else model
+
+
+def _predicted_costs(model: CostModel, args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None:
+    """Attach "predicted_step_ms" (`placement.cost`) to every layer's metrics."""
+    for name in ("plan", "contiguous", "random"):
+        for m in results[name]["layers"]:
+            if m.get("tokens"):
+                m["predicted_step_ms"] = layer_cost(m, model, args.ranks, args.nodes)["step_ms"]
+        results[name]["overall"] = overall_metrics(results[name]["layers"])
+
+
+def _print_pareto(inp: PlannerInput, base: list, args: argparse.Namespace) -> None:
+    """Copies vs load for a few caps, from the one uncapped partition (judged on the held-out tokens)."""
+    print("copies vs load (--pareto; judged on " + ("held-out" if inp.info.get("holdout") else "planning") + " tokens)")
+    print("max-load  copies/tok  load max/mean (mean over layers)  worst layer  layers at or under the cap")
+    for cap in PARETO_CAPS:
+        layouts = (
+            base
+            if cap is None
+            else cap_layouts(
+                inp.plan_routings, base, cap, args.nodes, args.seed, args.max_tokens or None, args.inter_node_cost
+            )
+        )
+        layers = [layer_metrics(r, lay, args.nodes) for r, lay in zip(inp.eval_routings, layouts)]
+        o = overall_metrics(layers)
+        at = "-" if cap is None else str(sum(m["load_imbalance"] <= cap + 1e-9 for m in layers if m.get("tokens")))
+        print(
+            f"{'none' if cap is None else f'{cap:.2f}':>8}  {o['copies_per_token']:10.3f}  "
+            f"{o['load_imbalance']:32.3f}  {o['max_load_imbalance']:11.3f}  {at:>26}"
+        )
 
 
 # ---- plan ------------------------------------------------------------------------------------------------------
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    check_output_path(args.out)  # before the work, not after it
+    model = _cost_model(args)
     inp = _load(args, args.holdout)
     check_topology(inp.num_experts, args.ranks, args.nodes)
     dtype_bytes = DTYPE_BYTES[args.dtype]
-    layouts = plan_placement(
-        inp.plan_routings,
-        args.ranks,
-        args.nodes,
-        args.method,
-        args.seed,
-        args.preset,
-        args.threads,
-        args.max_tokens or None,
-        _progress(args),
-        args.topology,
-        args.inter_node_cost,
-    )
+    planner_args = (args.ranks, args.nodes, args.method, args.seed, args.preset, args.threads, args.max_tokens or None)
+    more = {"progress": _progress(args), "topology": args.topology, "inter_node_cost": args.inter_node_cost}
+    layouts = plan_placement(inp.plan_routings, *planner_args, **more, max_load=args.max_load)
+    # --pareto: the trade-off from the one uncapped partition (the capped plan above may start elsewhere)
+    base = plan_placement(inp.plan_routings, *planner_args, **more) if args.pareto else None
     results = evaluate_with_baselines(inp.eval_routings, layouts, args.nodes, args.hidden, dtype_bytes, args.seed)
+    layouts, kept_contiguous = keep_contiguous_where_plan_loses(results, layouts, args.max_load)
+    _predicted_costs(model, args, results)
+    reports = _cap_report(inp, results, args)
+    for layer, report in enumerate(reports):
+        report["kept_contiguous"] = layer in kept_contiguous
     plan = make_plan(
         layouts,
         num_nodes=args.nodes,
@@ -93,6 +189,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "predicted": results["plan"]["layers"],
             "baseline_contiguous": results["contiguous"]["layers"],
             "baseline_random": results["random"]["layers"],
+            "load_cap": reports,
         },
         overall={
             "predicted": results["plan"]["overall"],
@@ -107,16 +204,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "dtype": args.dtype,
             "topology": args.topology,
             "inter_node_cost": args.inter_node_cost,
+            "max_load": args.max_load,
+            "cost_model": {**vars(model)},
         },
     )
     save_plan(plan, args.out)
     print(format_comparison(results, detailed=False))
+    judged = "the held-out tokens" if inp.info.get("holdout") else "the planning tokens (no --holdout)"
     if inp.info.get("holdout"):
         h = inp.info["holdout"]
         print(
             f"planned on steps < {h['first_held_out_step']} ({h['plan_tokens']} tokens); predicted on the held-out "
             f"steps >= {h['first_held_out_step']} ({h['eval_tokens']} tokens)"
         )
+    _print_cap_report(reports, kept_contiguous, args.max_load, judged)
+    pairs = list(zip(results["plan"]["layers"], results["contiguous"]["layers"]))
+    print(format_costs(pairs, model, args.ranks, args.nodes))
+    if args.pareto:
+        _print_pareto(inp, base, args)
     print(_summary_line(results, f"wrote {args.out} ({args.method}, {args.ranks} ranks, {args.nodes} node(s))"))
     return 0
 
@@ -166,6 +271,23 @@ def add_plan_command(sub: argparse._SubParsersAction) -> None:
         help="plan each layer on a seeded sample of at most this many tokens (default 20000; 0: all); the "
         "prediction uses every (held-out) token",
     )
+    p.add_argument(
+        "--max-load",
+        type=max_load_arg,
+        default=DEFAULT_MAX_LOAD,
+        metavar="CAP",
+        help=f"cap on every rank's token load, max/mean (default {DEFAULT_MAX_LOAD}; 'none': copies only): swaps "
+        "experts between ranks after partitioning, keeping E/R per rank; a layer whose hottest expert makes the cap "
+        "impossible without replication gets the lowest max load found, and is named",
+    )
+    p.add_argument("--pareto", action="store_true", help="also print copies vs load for caps none, 1.5 ... 1.05")
+    p.add_argument(
+        "--calibrate",
+        metavar="RUN_DIR",
+        help="predicted step time: take bandwidth and tokens per rank from a profiled run's all-to-all records "
+        "(default: stated H200-class defaults)",
+    )
+    p.add_argument("--ffn", type=int, help="expert FFN width for the predicted compute time (default 3.5 x hidden)")
     _add_bytes_args(p)
     p.add_argument("--out", "-o", required=True, help="plan file to write (JSON)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
@@ -231,10 +353,12 @@ def add_evaluate_command(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.out:
+        check_output_path(args.out)
     doc = export_plan(load_plan(args.plan), args.format, args.replicas)
     text = dumps(doc) + "\n"
     if args.out:
-        Path(args.out).write_text(text)
+        write_text_atomic(args.out, text)
         print(f"wrote {args.out} ({args.format}, {doc['num_layers']} layers)")
     else:
         sys.stdout.write(text)

@@ -61,6 +61,35 @@ def evaluate_with_baselines(
     }
 
 
+def keep_contiguous_where_plan_loses(
+    results: dict[str, dict[str, Any]], layouts: list[ExpertLayout], max_load: float | None = None
+) -> tuple[list[ExpertLayout], list[int]]:
+    """Per layer, the contiguous placement instead of the plan where contiguous is no worse on the judged tokens
+    (held out, when the plan was made with a holdout) on both counts: copies per token, and load max/mean above the
+    cap (below the cap, load does not count; without a cap, load does not count at all). ``results`` (as
+    `evaluate_with_baselines` returns) is updated to match. Returns (layouts, the layers switched)."""
+    cap = float("inf") if max_load is None else max_load
+    plan, contig = results["plan"]["layers"], results["contiguous"]["layers"]
+    switched = []
+    out = list(layouts)
+    for layer, (p, c) in enumerate(zip(plan, contig)):
+        if not p.get("tokens"):
+            continue
+        no_worse_copies = c["copies_per_token"] <= p["copies_per_token"]
+        no_worse_load = max(c["load_imbalance"], cap) <= max(p["load_imbalance"], cap)
+        if no_worse_copies and no_worse_load and layouts[layer].expert_to_rank != _contiguous_ids(layouts[layer]):
+            out[layer] = ExpertLayout.contiguous(layouts[layer].num_experts, layouts[layer].num_ranks)
+            plan[layer] = {**c, "layer": layer}
+            switched.append(layer)
+    if switched:
+        results["plan"]["overall"] = overall_metrics(plan)
+    return out, switched
+
+
+def _contiguous_ids(layout: ExpertLayout) -> tuple[int, ...]:
+    return ExpertLayout.contiguous(layout.num_experts, layout.num_ranks).expert_to_rank
+
+
 def _change(new: float, old: float) -> str:
     return f"{100.0 * (new - old) / old:+.1f}%" if old else "n/a"
 
@@ -118,7 +147,7 @@ def format_comparison(results: dict[str, dict[str, Any]], detailed: bool = True)
     )
     if not o.get("exact", True):
         lines.append(
-            "NOTE: from a co-activation matrix: pairwise approximation, exact for top-2 routing and a lower bound "
-            "on copies/tok otherwise (use --traces for exact numbers)"
+            "NOTE: from a co-activation matrix: copies/tok are an ESTIMATE (pairwise approximation, exact for top-2 "
+            "routing, clipped to at least 1 copy per token otherwise); use --traces for exact numbers"
         )
     return "\n".join(lines)

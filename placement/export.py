@@ -25,27 +25,43 @@ def eplb_mapping(layouts: list[ExpertLayout]) -> dict[str, np.ndarray]:
     return {"phy2log": phy2log, "log2phy": log2phy, "logcnt": np.ones(phy2log.shape, dtype=np.int64)}
 
 
-def _replica_counts(load_E: np.ndarray, num_replicas: int) -> np.ndarray:
-    """Give each extra replica to the expert with the highest load per replica (EPLB's rule)."""
+def _replica_counts(load_E: np.ndarray, num_replicas: int, num_gpus: int) -> np.ndarray:
+    """Give each extra replica to the expert with the highest load per replica (EPLB's rule), at most one replica
+    per GPU each (a second replica on one GPU spreads no load)."""
     count_E = np.ones(len(load_E), dtype=np.int64)
     for _ in range(num_replicas - len(load_E)):
-        count_E[np.argmax(load_E / count_E)] += 1
+        per_replica = np.where(count_E < num_gpus, load_E / count_E, -np.inf)
+        count_E[np.argmax(per_replica)] += 1
     return count_E
 
 
 def _pack_lpt(load_E: np.ndarray, count_E: np.ndarray, num_gpus: int) -> list[list[int]]:
-    """Longest-processing-time packing of replicas (load / count each) onto GPUs with equal slot counts."""
+    """Longest-processing-time packing of replicas (load / count each) onto GPUs with equal slot counts, never two
+    replicas of one expert on one GPU: each replica goes to the least loaded GPU with room that does not hold its
+    expert yet. If every GPU with room holds it, a full GPU h without it trades one of its experts x (one the GPU
+    with room g lacks: h holds slots distinct experts, g at most slots - 2 besides this one) for it."""
     slots = int(count_E.sum()) // num_gpus
     replicas = np.repeat(np.arange(len(load_E)), count_E)
-    per_replica = (load_E / count_E)[replicas]
-    order = np.argsort(-per_replica, kind="stable")
+    per_replica_E = load_E / count_E
+    order = np.argsort(-per_replica_E[replicas], kind="stable")
     gpu_load = np.zeros(num_gpus)
     gpu_experts: list[list[int]] = [[] for _ in range(num_gpus)]
     for i in order:
+        expert = int(replicas[i])
         room = np.array([len(x) < slots for x in gpu_experts])
-        gpu = int(np.argmin(np.where(room, gpu_load, np.inf)))
-        gpu_experts[gpu].append(int(replicas[i]))
-        gpu_load[gpu] += per_replica[i]
+        free = room & np.array([expert not in x for x in gpu_experts])
+        if free.any():
+            gpu = int(np.argmin(np.where(free, gpu_load, np.inf)))
+        else:  # the trade described above
+            g = int(np.flatnonzero(room)[0])
+            gpu = next(h for h in range(num_gpus) if expert not in gpu_experts[h])
+            x = next(e for e in gpu_experts[gpu] if e not in gpu_experts[g])
+            gpu_experts[gpu].remove(x)
+            gpu_experts[g].append(x)
+            gpu_load[gpu] -= per_replica_E[x]
+            gpu_load[g] += per_replica_E[x]
+        gpu_experts[gpu].append(expert)
+        gpu_load[gpu] += per_replica_E[expert]
     return gpu_experts
 
 
@@ -66,7 +82,12 @@ def replicate_hot_experts(
         raise PlacementError(
             f"replicas ({num_replicas}) must be >= experts ({num_experts}) and a multiple of GPUs ({num_gpus})"
         )
-    logcnt = np.stack([_replica_counts(load, num_replicas) for load in load_LE])
+    if num_replicas > num_experts * num_gpus:
+        raise PlacementError(
+            f"replicas ({num_replicas}) must be <= experts x GPUs ({num_experts} x {num_gpus}): at most one replica "
+            "of an expert per GPU"
+        )
+    logcnt = np.stack([_replica_counts(load, num_replicas, num_gpus) for load in load_LE])
     phy2log = np.stack([np.concatenate(_pack_lpt(load, cnt, num_gpus)) for load, cnt in zip(load_LE, logcnt)]).astype(
         np.int64
     )

@@ -7,6 +7,7 @@ Shape legend: N trace rows (tokens), K slots per token, M distinct expert sets, 
 from __future__ import annotations
 
 import hashlib
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -286,6 +287,16 @@ def load_trace_input(path: str | Path, holdout: float | None = None, progress: b
     return PlannerInput(num_layers, num_experts, plan_routings, eval_routings, info)
 
 
+def _read_counts(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """The ``coactivation`` array (and ``tokens``, when an .npz has them) of a .npy / .npz file."""
+    if path.suffix != ".npz":
+        return np.load(path, allow_pickle=False), None
+    with np.load(path, allow_pickle=False) as data:
+        if "coactivation" not in data:
+            raise PlacementError(f"{path} holds {sorted(data.keys())}; expected an array named 'coactivation'")
+        return data["coactivation"], (data["tokens"].reshape(-1) if "tokens" in data else None)
+
+
 def load_coactivation_input(path: str | Path, holdout: float | None = None) -> PlannerInput:
     """A ``.npy`` [L, E, E] / [E, E] count matrix, or an ``.npz`` with ``coactivation`` (and optionally ``tokens``
     [L], e.g. the profiler's counts-rank*.npz)."""
@@ -294,15 +305,15 @@ def load_coactivation_input(path: str | Path, holdout: float | None = None) -> P
         raise PlacementError("--holdout needs per-token traces (--traces); a co-activation matrix has no steps")
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
-    tokens = None
-    if path.suffix == ".npz":
-        with np.load(path) as data:
-            if "coactivation" not in data:
-                raise PlacementError(f"{path} holds {sorted(data.keys())}; expected an array named 'coactivation'")
-            counts = data["coactivation"]
-            tokens = data["tokens"].reshape(-1) if "tokens" in data else None
-    else:
-        counts = np.load(path, allow_pickle=False)
+    if path.is_dir():
+        raise PlacementError(f"{path} is a directory; --coactivation takes a .npy or .npz file")
+    try:
+        counts, tokens = _read_counts(path)
+    except PlacementError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
+        # numpy's own message ("cannot reshape array...", "File is not a zip file") does not name the file
+        raise PlacementError(f"{path} is not a readable co-activation .npy/.npz file (truncated?): {error}") from error
     counts = validate_coactivation(counts, f"co-activation matrix {path.name}")
     if tokens is not None and len(tokens) != len(counts):
         raise PlacementError(f"{path} has tokens for {len(tokens)} layers but co-activation for {len(counts)}")

@@ -5,14 +5,20 @@
      "method": "kahypar", "objective": "km1", "seed": 0, "options": {...},
      "layers": [{"layer": 0, "expert_to_rank": [E ints], "rank_to_experts": [[E/R ints] * R],
                  "expert_load": [E], "predicted": {metrics}, "baseline_contiguous": {metrics},
-                 "baseline_random": {metrics}}, ...],
+                 "baseline_random": {metrics}, "load_cap": {"max_load", "load_imbalance", "met",
+                 "needs_replication", "lower_bound_without_replication", "kept_contiguous"}}, ...],
      "predicted": {overall metrics}, "baseline_contiguous": {overall}, "baseline_random": {overall},
      "inputs": {"kind": "traces" | "coactivation", "path", "digest": "sha256:...", "tokens", "holdout", ...}}
 
 ``expert_to_rank`` is the truth, one `ExpertLayout` per layer (`ExpertLayout.to_json` writes it, `from_json` reads
 it); ``rank_to_experts`` (derived, for people reading the file) lists each rank's experts in local-slot order:
 ascending logical id, the order `ExpertLayout.local_experts` uses. Metrics: see `placement.objective` (predicted on
-the held-out tokens when the plan was made with a holdout).
+the held-out tokens when the plan was made with a holdout); ``predicted_step_ms``: `placement.cost`, a prediction.
+
+Room for replicas (issue 12, item 2, not built yet): ``expert_to_rank`` stays each expert's *home* rank, so a
+reader that ignores replicas still gets a valid placement; a layer may later add ``"replicas": [[rank, ...] per
+expert]`` (extra ranks holding a copy, never the home rank, at most one per rank) and the document
+``"num_slots"`` (P physical slots, a multiple of R), with ``version`` 2 for readers that must honour them.
 """
 
 from __future__ import annotations
@@ -193,11 +199,32 @@ def dumps(document: Any) -> str:
     return _NUMBER_LIST.sub(lambda m: "[" + ", ".join(m.group(1).split()).replace(",,", ",") + "]", text)
 
 
+def check_output_path(path: str | Path, what: str = "--out") -> Path:
+    """Refuse, before any work, an output path that cannot be a file: a directory, or one under a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise PlacementError(f"{what} {path} is a directory; give a file name (e.g. {path / 'plan.json'})")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise PlacementError(f"{what} {path}: {parent} is a file, not a directory")
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str, what: str = "--out") -> None:
+    """Write through ``<name>.tmp`` and rename (a crash never leaves half a file under the name); on failure the
+    temporary file is removed and the error is one line naming the path."""
+    path = check_output_path(path, what)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise PlacementError(f"cannot write {what} {path}: {error.strerror or error}") from error
+
+
 def save_plan(plan: dict[str, Any], path: str | Path) -> None:
     """Validate, then write atomically (a crash never leaves half a plan under the plan's name)."""
     plan_from_dict(plan, str(path))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dumps(plan) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, dumps(plan) + "\n")

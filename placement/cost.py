@@ -1,0 +1,125 @@
+"""A small cost model of one expert-parallel MoE layer's training step: does a plan pay, in time, before it is applied?
+
+Per layer and placement (metrics from `placement.objective`), per rank, one training step (forward + backward):
+
+    comm_ms    = 4 exchanges (dispatch, combine; forward and backward) x T x bytes_per_copy x
+                 (intra-node cross-rank copies per token / intra bandwidth
+                  + inter-node copies per token / inter bandwidth)
+    compute_ms = load max/mean x T x k (the busiest rank's token-expert pairs) x 3 (forward + 2 x backward)
+                 x 2 x matrices x D x F flops / expert rate
+    step_ms    = comm_ms + compute_ms   (no overlap: every rank waits for the busiest one, and for its copies)
+
+T: tokens per rank per step, k: slots per token (``slots_per_token``), D / F: hidden / expert FFN width. Copies per
+token (per-rank dispatch, uniform source rank) split as in `placement.objective`: inter-node lambda (N - 1) / N,
+intra-node the rest of lambda (R - 1) / R. It is a *prediction*: a first-order model, not a measurement.
+
+Inputs: stated defaults (`CostModel`), or a profiled run (`calibrate`): the all-to-all records of
+``RUN/profile/comm`` (`profiling.reader.read_comm_records`) give the measured bandwidth (cross-rank bytes over
+forward dispatch + combine time), the tokens per rank and the bytes per copy. The profiler does not time expert
+compute, so the expert rate stays the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from placement.errors import PlacementError
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Defaults: an H200-class GPU (NVLink all-to-all measured at 235-280 GB/s, docs/design.md facts; 25 GB/s per GPU
+    between nodes, a 200 Gb/s NIC each; an expert GEMM rate of 300 TFLOP/s bf16), Mixtral-like experts."""
+
+    tokens_per_rank: int = 8192
+    hidden: int = 4096
+    ffn: int = 14336
+    matrices: int = 3  # SwiGLU: w1, w3, w2
+    bytes_per_element: int = 2
+    intra_node_gb_s: float = 200.0
+    inter_node_gb_s: float = 25.0
+    expert_tflop_s: float = 300.0
+    source: str = "defaults"
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type != "str" and not value > 0:
+                raise PlacementError(f"cost model: {field.name} must be > 0; got {value!r}")
+
+
+def layer_cost(metrics: dict[str, Any], model: CostModel, num_ranks: int, num_nodes: int = 1) -> dict[str, float]:
+    """{"comm_ms", "compute_ms", "step_ms"} of one layer's placement (formulas: module docstring)."""
+    if not metrics.get("tokens"):
+        return {"comm_ms": 0.0, "compute_ms": 0.0, "step_ms": 0.0}
+    copies = metrics["copies_per_token"]
+    inter = copies * (num_nodes - 1) / num_nodes
+    intra = copies * (num_ranks - 1) / num_ranks - inter
+    bytes_per_copy = model.hidden * model.bytes_per_element
+    seconds = intra / (model.intra_node_gb_s * 1e9) + inter / (model.inter_node_gb_s * 1e9)
+    comm_ms = 4 * model.tokens_per_rank * bytes_per_copy * seconds * 1e3
+    pairs = metrics["load_imbalance"] * model.tokens_per_rank * metrics["slots_per_token"]
+    flops = 3 * 2 * model.matrices * model.hidden * model.ffn * pairs
+    compute_ms = flops / (model.expert_tflop_s * 1e12) * 1e3
+    return {"comm_ms": comm_ms, "compute_ms": compute_ms, "step_ms": comm_ms + compute_ms}
+
+
+def calibrate(run_dir: str | Path, base: CostModel | None = None) -> CostModel:
+    """``base`` (default `CostModel()`) with bandwidth, tokens per rank and bytes per copy measured in a profiled run
+    (a run directory, its ``profile`` directory or the ``comm`` directory itself)."""
+    from profiling.reader import read_comm_records
+
+    base = base or CostModel()
+    run_dir = Path(run_dir)
+    comm_dir = next((d for d in (run_dir / "profile" / "comm", run_dir / "comm", run_dir) if d.is_dir()), None)
+    if comm_dir is None:
+        raise FileNotFoundError(f"--calibrate {run_dir} does not exist")
+    records = read_comm_records(comm_dir)
+    sent_bytes, ms, tokens = 0.0, 0.0, []
+    for rec in records:
+        remote = sum(n for r, n in enumerate(rec.get("send_copies", [])) if r != rec.get("ep_rank"))
+        sent_bytes += 2 * remote * rec.get("bytes_per_copy", 0)  # dispatch and the combine reply
+        times = rec.get("time_ms", {})
+        ms += times.get("dispatch", 0.0) + times.get("combine", 0.0)
+        tokens.append(rec.get("tokens", 0))
+    if not sent_bytes or not ms:
+        raise PlacementError(f"--calibrate {comm_dir}: the all-to-all records hold no cross-rank bytes or no times")
+    bytes_per_copy = int(records[0].get("bytes_per_copy", 0)) or base.hidden * base.bytes_per_element
+    return dataclasses.replace(
+        base,
+        tokens_per_rank=max(1, int(np.median(tokens))),
+        hidden=max(1, bytes_per_copy // base.bytes_per_element),
+        intra_node_gb_s=sent_bytes / (ms * 1e-3) / 1e9,
+        source=f"calibrated on {comm_dir} ({len(records)} all-to-all records; expert rate: default)",
+    )
+
+
+def format_costs(
+    layer_pairs: list[tuple[dict[str, Any], dict[str, Any]]], model: CostModel, num_ranks: int, num_nodes: int
+) -> str:
+    """Per layer: predicted step ms (comm + compute) under the plan vs contiguous, and an overall line."""
+    lines = [
+        f"PREDICTED step time per MoE layer (a cost model, not a measurement; {model.source}: {model.tokens_per_rank} "
+        f"tokens/rank, hidden {model.hidden}, ffn {model.ffn}, {model.intra_node_gb_s:.0f} GB/s intra-node, "
+        f"{model.inter_node_gb_s:.0f} GB/s inter-node, {model.expert_tflop_s:.0f} TFLOP/s experts)",
+        "layer  plan ms (comm + compute)  contig ms (comm + compute)  change",
+    ]
+    totals = np.zeros(2)
+    for layer, (plan, contig) in enumerate(layer_pairs):
+        p, c = layer_cost(plan, model, num_ranks, num_nodes), layer_cost(contig, model, num_ranks, num_nodes)
+        totals += [p["step_ms"], c["step_ms"]]
+        change = f"{100 * (p['step_ms'] / c['step_ms'] - 1):+.1f}%" if c["step_ms"] else "n/a"
+        lines.append(
+            f"{layer:5d}  {p['step_ms']:7.3f} ({p['comm_ms']:.3f} + {p['compute_ms']:.3f})  "
+            f"{c['step_ms']:9.3f} ({c['comm_ms']:.3f} + {c['compute_ms']:.3f})  {change}"
+        )
+    if totals[1]:
+        lines.append(
+            f"  all  {totals[0]:.3f} ms vs {totals[1]:.3f} ms contiguous ({100 * (totals[0] / totals[1] - 1):+.1f}%)"
+        )
+    return "\n".join(lines)

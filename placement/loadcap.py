@@ -1,0 +1,260 @@
+"""A load cap on a balanced placement: every rank's token load (token-expert pairs) <= cap x mean, still exactly
+E/R experts per rank, at the smallest KM1 (copies per token) we can find.
+
+What we chose, and why. Two parts. (a) Where the placement is one rank level (one node, or one GPU per node) and
+the method is Mt-KaHyPar, the partition itself carries the cap: `placement.methods.partition_kahypar_capped` gives
+each expert the weight "big constant + load", so one part-weight bound holds both exact E/R slots and the load cap.
+Mt-KaHyPar balances only one weight per node, and this folds both constraints into it. Where it finds no feasible
+partition (a hot expert, or two levels of nodes and GPUs, whose levels do not see rank load), the unit-weight
+partition is the start. (b) Either way, a refinement that only ever *swaps* two experts between ranks -- slot counts
+stay exact by construction -- enforces the cap and then lowers the cost under it:
+
+1. repair: while the busiest rank is above the limit, swap one of its experts with a lighter expert elsewhere,
+   among the swaps that bring both ranks under the limit the one that adds the least cost; where none does, the
+   swap that lowers the max load most (so an infeasible layer ends at a max load no single swap can lower).
+   Every swap lowers the busiest rank and leaves the other below the old max, so the loop ends.
+2. descent: best-improvement swaps on the cost that keep every rank under the limit (or, where the limit was not
+   met, under the max load the repair reached), until none helps or ``max_rounds``.
+
+Cost = rank KM1 + (c - 1) x node KM1 (c = the inter-node cost with several nodes; 1, i.e. rank KM1 alone,
+otherwise): the Steiner-tree objective of `placement.methods`, so a repair prefers swaps inside a node.
+
+Exact swap gains for all E^2 pairs at once, from the part counts cnt[m, p] (how many experts of set m part p
+holds), the set-expert incidence I[m, e] and the set weights w[m] (tokens). Moving expert a from part p to q
+changes KM1 by  move[a, q] = sum_{m ni a} w_m ([cnt[m, q] = 0] - [cnt[m, p] = 1]);  a swap of a (on p) with b (on
+q) by  move[a, q] + move[b, p] + both[a, b],  both[a, b] = sum_{m ni a, b} w_m ([cnt[m, p] = 1] + [cnt[m, q] = 1])
+(a set holding both keeps its parts; the move terms counted it twice). The move terms for all pairs are two sparse
+products; ``both`` >= 0, so they bound every swap's gain from below, and a branch and bound adds ``both`` (a sorted
+intersection) only for the few swaps whose bound beats the best exact gain found so far.
+
+A layer whose heaviest expert, with the lightest others that share its rank, is above the limit cannot meet it
+without replication (`needs_replication`); the cap is not always reachable below that bound either (swaps are local).
+
+Shape legend: M distinct expert sets, E experts, P parts (ranks or nodes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from placement.inputs import LayerRouting
+
+_EPS = 1e-9
+
+
+def load_limit(load_E: np.ndarray, num_ranks: int, cap: float) -> float:
+    """cap x mean rank load."""
+    return cap * float(np.sum(load_E)) / num_ranks
+
+
+def min_max_load(load_E: np.ndarray, num_ranks: int) -> float:
+    """A lower bound on max/mean rank load without replication: the rank holding the heaviest expert also holds
+    E/R - 1 others, at least the lightest ones."""
+    load = np.sort(np.asarray(load_E, dtype=np.float64))
+    mean = float(load.sum()) / num_ranks
+    if not mean:
+        return 1.0
+    per_rank = len(load) // num_ranks
+    return max(1.0, float(load[-1] + load[: per_rank - 1].sum()) / mean)
+
+
+def needs_replication(load_E: np.ndarray, num_ranks: int, cap: float) -> bool:
+    """No placement without replicas meets the cap (`min_max_load` is above it): the heaviest expert is too hot."""
+    return min_max_load(load_E, num_ranks) > cap * (1 + _EPS)
+
+
+@dataclass
+class CapResult:
+    """``labels`` [E]: the capped placement; ``max_load``: its max/mean rank load (on the load it was given);
+    ``met``: at or under the cap; ``swaps``: repair + descent swaps made."""
+
+    labels: np.ndarray
+    max_load: float
+    met: bool
+    needs_replication: bool
+    swaps: int
+
+
+class _PartCounts:
+    """cnt[m, p] for one labelling, kept current under swaps, and the KM1 swap gains from it."""
+
+    def __init__(self, incidence_ME: sp.csr_matrix, weight_M: np.ndarray, labels_E: np.ndarray, num_parts: int):
+        self.incidence = incidence_ME
+        self.sets_of = incidence_ME.T.tocsr()  # row e: the sets holding expert e
+        self.weight_M = weight_M
+        self.cnt_MP = np.asarray(incidence_ME @ np.eye(num_parts, dtype=np.float64)[labels_E])
+        w = weight_M[:, None]
+        self.empty_EP = self.sets_of @ (w * (self.cnt_MP == 0))  # sum_{m ni a} w [cnt[m, q] = 0]
+        self.alone_EP = self.sets_of @ (w * (self.cnt_MP == 1))  # sum_{m ni a} w [cnt[m, q] = 1]
+
+    def move_gains(self, labels_E: np.ndarray) -> np.ndarray:
+        """[E, E]: move[a, label b] + move[b, label a], the swap gain without the sets holding both a and b (those
+        only add: ``both`` >= 0, so this is a lower bound on the swap gain)."""
+        move_EP = self.empty_EP - self.alone_EP[np.arange(len(labels_E)), labels_E][:, None]
+        return move_EP[:, labels_E] + move_EP[:, labels_E].T
+
+    def both(self, a: int, b: int, p: int, q: int) -> float:
+        """sum over sets holding a and b of w ([cnt[m, p] = 1] + [cnt[m, q] = 1])."""
+        sets_of = self.sets_of
+        m = np.intersect1d(
+            sets_of.indices[sets_of.indptr[a] : sets_of.indptr[a + 1]],
+            sets_of.indices[sets_of.indptr[b] : sets_of.indptr[b + 1]],
+            assume_unique=True,
+        )
+        alone = (self.cnt_MP[m, p] == 1).astype(np.float64) + (self.cnt_MP[m, q] == 1)
+        return float(self.weight_M[m] @ alone)
+
+    def swap(self, a: int, b: int, p: int, q: int) -> None:
+        """Expert a moves p -> q and b moves q -> p: only the sets holding a or b change, in columns p and q, so
+        the sums over them are patched there (not recomputed: that would cost a full sparse product per swap)."""
+        sets_of = self.sets_of
+        m = np.union1d(
+            sets_of.indices[sets_of.indptr[a] : sets_of.indptr[a + 1]],
+            sets_of.indices[sets_of.indptr[b] : sets_of.indptr[b + 1]],
+        )
+        cols = [p, q]
+        old = self.cnt_MP[np.ix_(m, cols)]
+        sub = self.incidence[m]  # [m, E]
+        arrive_m = sub[:, b].toarray().ravel() - sub[:, a].toarray().ravel()  # on p: b arrives, a leaves
+        new = old + arrive_m[:, None] * np.array([1.0, -1.0])
+        self.cnt_MP[np.ix_(m, cols)] = new
+        w = self.weight_M[m][:, None]
+        sub_T = sub.T.tocsr()
+        self.empty_EP[:, cols] += sub_T @ (w * ((new == 0).astype(np.float64) - (old == 0)))
+        self.alone_EP[:, cols] += sub_T @ (w * ((new == 1).astype(np.float64) - (old == 1)))
+
+
+class _Cost:
+    """Rank KM1 + (c - 1) x node KM1 swap gains for one layer."""
+
+    def __init__(self, routing: LayerRouting, labels_E: np.ndarray, num_ranks: int, gpus_per_node: int, c: int):
+        keep = routing.set_size_M >= 2
+        sets = routing.sets_MK[keep]
+        valid = sets >= 0
+        rows = np.broadcast_to(np.arange(len(sets))[:, None], sets.shape)[valid]
+        incidence = sp.csr_matrix(
+            (np.ones(len(rows)), (rows, sets[valid])), shape=(len(sets), routing.num_experts), dtype=np.float64
+        )
+        weight = routing.weight_M[keep].astype(np.float64)
+        self.gpus_per_node, self.node_weight = gpus_per_node, c - 1
+        self.ranks = _PartCounts(incidence, weight, labels_E, num_ranks)
+        self.nodes = None
+        if self.node_weight and 1 < num_ranks // gpus_per_node < num_ranks:
+            self.nodes = _PartCounts(incidence, weight, labels_E // gpus_per_node, num_ranks // gpus_per_node)
+
+    def lower_gains(self, labels_E: np.ndarray) -> np.ndarray:
+        """[E, E] lower bounds on the swap gains (`_PartCounts.move_gains`)."""
+        out = self.ranks.move_gains(labels_E)
+        if self.nodes is not None:
+            node_E = labels_E // self.gpus_per_node
+            out += self.node_weight * np.where(node_E[:, None] != node_E[None, :], self.nodes.move_gains(node_E), 0.0)
+        return out
+
+    def exact_gain(self, labels_E: np.ndarray, lower_EE: np.ndarray, a: int, b: int) -> float:
+        p, q = int(labels_E[a]), int(labels_E[b])
+        out = lower_EE[a, b] + self.ranks.both(a, b, p, q)
+        g = self.gpus_per_node
+        if self.nodes is not None and p // g != q // g:
+            out += self.node_weight * self.nodes.both(a, b, p // g, q // g)
+        return float(out)
+
+    def best(self, labels_E: np.ndarray, allowed_EE: np.ndarray, below: float = np.inf) -> tuple[int, int] | None:
+        """The allowed swap of least exact gain (< ``below``): branch and bound over the lower bounds, so only the
+        few candidates whose bound beats the best exact gain so far are evaluated exactly."""
+        lower = self.lower_gains(labels_E)
+        score = np.where(allowed_EE, lower, np.inf).ravel()
+        head = min(64, len(score))
+        order = np.argpartition(score, head - 1)[:head]  # usually enough; the full sort only when it is not
+        order = order[np.argsort(score[order], kind="stable")]
+        best, best_gain = None, below
+        for _ in range(2):  # the head first, then (rarely) everything
+            for flat in order:
+                if score[flat] >= best_gain:
+                    return best
+                a, b = divmod(int(flat), len(labels_E))
+                gain = self.exact_gain(labels_E, lower, a, b)
+                if gain < best_gain:
+                    best, best_gain = (a, b), gain
+            order = np.argsort(score, kind="stable")
+        return best
+
+    def swap(self, labels_E: np.ndarray, a: int, b: int) -> None:
+        p, q = int(labels_E[a]), int(labels_E[b])
+        self.ranks.swap(a, b, p, q)
+        if self.nodes is not None and p // self.gpus_per_node != q // self.gpus_per_node:
+            self.nodes.swap(a, b, p // self.gpus_per_node, q // self.gpus_per_node)
+        labels_E[a], labels_E[b] = q, p
+
+
+def _repair_step(cost: _Cost, labels, load_E, rank_load, limit) -> tuple[int, int] | None:
+    """The swap that lowers the busiest rank (module docstring, step 1), or None when no swap lowers it."""
+    p = int(np.argmax(rank_load))
+    moved = load_E[:, None] - load_E[None, :]  # load leaving a's rank (p) for b's
+    new_q = rank_load[labels][None, :] + moved
+    valid = (labels[:, None] == p) & (labels[None, :] != p) & (moved > _EPS) & (new_q < rank_load[p] - _EPS)
+    if not valid.any():
+        return None
+    under = valid & (new_q <= limit)
+    if under.any():
+        return cost.best(labels, under)
+    worst = np.where(valid, np.maximum(new_q, rank_load[p] - moved), np.inf)
+    return cost.best(labels, worst <= worst.min() + _EPS)  # the largest relief; the cheapest among equals
+
+
+def _descent_step(cost: _Cost, labels, load_E, rank_load, bound) -> tuple[int, int] | None:
+    """The best improving swap that keeps both ranks under ``bound`` (module docstring, step 2)."""
+    moved = load_E[:, None] - load_E[None, :]  # leaves a's rank, arrives on b's
+    ok = labels[:, None] != labels[None, :]
+    ok &= rank_load[labels][:, None] - moved <= bound + _EPS
+    ok &= rank_load[labels][None, :] + moved <= bound + _EPS
+    return cost.best(labels, ok, below=-1e-6)
+
+
+def cap_load(
+    routing: LayerRouting,
+    labels_E: np.ndarray,
+    num_ranks: int,
+    cap: float,
+    load_E: np.ndarray | None = None,
+    gpus_per_node: int | None = None,
+    inter_node_cost: int = 1,
+    max_rounds: int | None = None,
+) -> CapResult:
+    """Swap experts until every rank's load is <= cap x mean (module docstring). ``routing``: the sets the cost is
+    measured on (a planning sample); ``load_E``: the expert load the cap applies to (default the routing's: pass the
+    load of every planning token when ``routing`` is a sample); ``gpus_per_node`` / ``inter_node_cost``: the
+    node term of the cost (default none); ``max_rounds``: descent swaps at most (default E)."""
+    labels = np.asarray(labels_E, dtype=np.int64).copy()
+    load_E = np.asarray(routing.expert_load_E if load_E is None else load_E, dtype=np.float64)
+    limit = load_limit(load_E, num_ranks, cap)
+    mean = float(load_E.sum()) / num_ranks
+    rank_load = np.bincount(labels, weights=load_E, minlength=num_ranks)
+    cost = _Cost(routing, labels, num_ranks, gpus_per_node or num_ranks, inter_node_cost)
+    swaps = 0
+    for _ in range(4 * len(labels) * max(1, len(labels) // num_ranks)):  # a bound; the loop ends on its own
+        if rank_load.max() <= limit * (1 + _EPS):
+            break
+        step = _repair_step(cost, labels, load_E, rank_load, limit)
+        if step is None:
+            break
+        swaps += _apply(cost, labels, load_E, rank_load, *step)
+    bound = max(limit, float(rank_load.max()))
+    for _ in range(len(labels) if max_rounds is None else max_rounds):
+        step = _descent_step(cost, labels, load_E, rank_load, bound)
+        if step is None:
+            break
+        swaps += _apply(cost, labels, load_E, rank_load, *step)
+    max_load = float(rank_load.max()) / mean if mean else 1.0
+    met = bool(rank_load.max() <= limit * (1 + _EPS))
+    return CapResult(labels, max_load, met, needs_replication(load_E, num_ranks, cap), swaps)
+
+
+def _apply(cost: _Cost, labels: np.ndarray, load_E: np.ndarray, rank_load: np.ndarray, a: int, b: int) -> int:
+    p, q = int(labels[a]), int(labels[b])
+    rank_load[p] += load_E[b] - load_E[a]
+    rank_load[q] += load_E[a] - load_E[b]
+    cost.swap(labels, a, b)
+    return 1
