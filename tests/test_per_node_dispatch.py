@@ -171,6 +171,7 @@ def test_per_node_dispatch_matches_reference(tmp_path, world):
             assert r["counts"] == (want["nodes"], want["remote_nodes"], want["ranks"]), (name, rank)
         total = {key: sum(recount(routing, layout, world, s)[key] for s in range(world)) for key in ("nodes", "ranks")}
         assert sum(r["sent"] for r in results) == total["nodes"] + total["ranks"], name
+        assert sum(r["inter_node_copies"] for r in results) > 0, name  # rows do cross nodes
         if routing_kind == "node1_idle":
             W = world // NODES
             assert all(r["computed"] == 0 for r in results[W:]), name  # node 1 receives nothing to compute
@@ -182,3 +183,32 @@ def test_gpus_per_node_is_validated_with_both_numbers():
         resolve_ranks_per_node(3, 4)
     assert resolve_ranks_per_node(2, 8) == 2
     assert resolve_ranks_per_node(8, 4) == 4  # the EP group fits in one node
+
+
+def train_worker(rank, world, raw):
+    from c2r.config_utils import config_from_dict
+    from c2r.train import RunConfig, train
+
+    return train(config_from_dict(RunConfig, raw))["step_losses"]
+
+
+def test_training_with_per_node_dispatch_equals_per_rank(tmp_path):
+    from profiling.summary import format_summary, summarize
+    from tests.run_configs import tiny_run_config
+
+    def losses(name, **options):
+        raw = tiny_run_config(tmp_path / name, steps=4, eval_every=4, ep_size=4, **options)
+        return run_distributed(train_worker, 4, tmp_path / f"spawn_{name}", raw)[0]
+
+    per_rank = losses("per_rank", dispatch="per-rank")
+    # 4 CPU ranks as 2 virtual nodes of 2, profiled (profiling observes, it changes no number)
+    per_node = losses("per_node", dispatch="per-node", gpus_per_node=2, profile=True)
+    torch.testing.assert_close(per_node, per_rank, rtol=2e-5, atol=2e-5)
+    summary = summarize(tmp_path / "per_node")
+    for layer in summary["layers"]:
+        assert layer["mode"] == "per-node" and layer["ranks_per_node"] == 2
+        # Over the network, one copy per (token, other destination node): what the recorded node counts say.
+        assert layer["inter_node_copies_per_token"] == pytest.approx(layer["remote_nodes_per_token"])
+        assert 0 < layer["inter_node_copies_per_token"] <= 1.0  # 2 nodes: at most one other node
+        assert sum(map(sum, layer["copies_node_to_node"])) == sum(map(sum, layer["copies_rank_to_rank"]))
+    assert "inter-node copies/token" in format_summary(summary)
