@@ -178,7 +178,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{o['cross_rank_copies_per_token']:.3f} cross-rank copies/token"
         )
         W = next(e["ranks_per_node"] for e in summary["layers"] if "ranks_per_node" in e)
-        if W < info.get("ep_size", W):  # more than one node: the network hop apart from NVLink
+        if info.get("ep_size", W) > W:  # more than one node: the network hop apart from NVLink
             lines.append(
                 f"nodes of {W} ranks: {o['inter_node_copies_per_token']:.3f} inter-node copies/token "
                 f"({o['inter_node_bytes_per_token'] / 1024:.3f} KB), {o['intra_node_copies_per_token']:.3f} "

@@ -185,24 +185,28 @@ def test_gpus_per_node_is_validated_with_both_numbers():
     assert resolve_ranks_per_node(8, 4) == 4  # the EP group fits in one node
 
 
-def train_worker(rank, world, raw):
+def train_worker(rank, world, raws):
     from c2r.config_utils import config_from_dict
     from c2r.train import RunConfig, train
 
-    return train(config_from_dict(RunConfig, raw))["step_losses"]
+    return [train(config_from_dict(RunConfig, raw))["step_losses"] for raw in raws]
 
 
 def test_training_with_per_node_dispatch_equals_per_rank(tmp_path):
     from profiling.summary import format_summary, summarize
     from tests.run_configs import tiny_run_config
 
-    def losses(name, **options):
-        raw = tiny_run_config(tmp_path / name, steps=4, eval_every=4, ep_size=4, **options)
-        return run_distributed(train_worker, 4, tmp_path / f"spawn_{name}", raw)[0]
+    def raw(name, **options):
+        return tiny_run_config(tmp_path / name, steps=4, eval_every=4, ep_size=4, **options)
 
-    per_rank = losses("per_rank", dispatch="per-rank")
-    # 4 CPU ranks as 2 virtual nodes of 2, profiled (profiling observes, it changes no number)
-    per_node = losses("per_node", dispatch="per-node", gpus_per_node=2, profile=True)
+    # One spawn, two runs (4 spawned DeepSpeed processes cost more than the runs): per-rank, then 4 CPU ranks as
+    # 2 virtual nodes of 2, profiled (profiling observes, it changes no number).
+    per_rank, per_node = run_distributed(
+        train_worker,
+        4,
+        tmp_path / "spawn",
+        [raw("per_rank", dispatch="per-rank"), raw("per_node", dispatch="per-node", gpus_per_node=2, profile=True)],
+    )[0]
     torch.testing.assert_close(per_node, per_rank, rtol=2e-5, atol=2e-5)
     summary = summarize(tmp_path / "per_node")
     for layer in summary["layers"]:

@@ -1,5 +1,6 @@
-"""Expert parallelism: the all-to-all dispatchers (per-expert, per-rank, per-node), sharding a model's experts over the ranks of
-an `ExpertLayout` (placement.layout), and a host-sync counter (`host_syncs.count_host_syncs`)."""
+"""Expert parallelism: the all-to-all dispatchers (per-expert, per-rank, per-node), sharding a model's experts over
+the ranks of an `ExpertLayout` (placement.layout), ranks grouped into nodes (`nodes.py`), and a host-sync counter
+(`host_syncs.count_host_syncs`)."""
 
 from c2r.parallel.dispatch import (
     DISPATCH_MODES,
