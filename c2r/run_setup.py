@@ -37,7 +37,7 @@ from c2r.config_utils import config_from_dict, require_choice, require_positive
 from c2r.data import BatchSampler, Corpus, DataConfig
 from c2r.hf.training import HFConfig
 from c2r.model import ModelConfig, MoEGPT
-from c2r.parallel import DISPATCH_MODES, DispatchObserver, model_layouts
+from c2r.parallel import DISPATCH_MODES, DispatchObserver, model_layouts, resolve_ranks_per_node
 from placement.layout import require_divides
 from profiling.cli_errors import OneLineParser
 from profiling.session import ProfileConfig
@@ -77,6 +77,9 @@ class TrainConfig:
     device: str = "auto"
     ep_size: int = 1
     dispatch: str = "per-expert"  # or "per-rank": one token copy per destination rank (c2r/parallel/dispatch.py)
+    # ranks per node, for per-node dispatch and the inter-/intra-node counts (None: the launcher's local world size,
+    # else all ranks one node); set it to group CPU ranks into virtual nodes
+    gpus_per_node: int | None = None
     placement_plan: str | None = None  # c2r-place plan JSON: which experts live on which EP rank, per MoE layer
     deepspeed_config: str | None = None  # default: deepspeed_configs/cpu_zero2.json or gpu_bf16_zero2.json
     out_dir: str = "runs/demo"
@@ -93,6 +96,8 @@ class TrainConfig:
             ep_size=self.ep_size,
         )
         require_choice("dispatch", self.dispatch, DISPATCH_MODES)
+        if self.gpus_per_node is not None:
+            require_positive(gpus_per_node=self.gpus_per_node)
         for name in ("save_every", "save_every_minutes", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be >= 0 (0 turns it off)")
@@ -113,6 +118,8 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         require_divides(self.train.ep_size, "ep_size", self.model.moe.num_experts, "num_experts")
+        if self.train.gpus_per_node is not None and self.train.ep_size > 1:
+            resolve_ranks_per_node(self.train.gpus_per_node, self.train.ep_size)  # raises naming both numbers
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -435,7 +442,7 @@ def build_engine(
         model = build_model(config, tc.dispatch, plan_layouts(config), observers)
     else:
         model = MoEGPT(config.model)
-        make_expert_parallel(model, tc.ep_size, tc.dispatch, plan_layouts(config), observers)
+        make_expert_parallel(model, tc.ep_size, tc.dispatch, plan_layouts(config), observers, tc.gpus_per_node)
     if train_only is None:
         optimizer, scheduler = optimize_everything(model, device, tc)
     else:

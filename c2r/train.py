@@ -301,8 +301,15 @@ TRAIN_CLI = ConfigCli(
         Shorthand(
             "--dispatch",
             "train.dispatch",
-            "per-expert: one token copy per routed expert; per-rank: one per destination rank, expanded there",
-            choices=("per-expert", "per-rank"),
+            "per-expert: one token copy per routed expert; per-rank: one per destination rank, expanded there; "
+            "per-node: one per destination node over the network, then per rank within it",
+            choices=("per-expert", "per-rank", "per-node"),
+        ),
+        Shorthand(
+            "--gpus-per-node",
+            "train.gpus_per_node",
+            "ranks per node (default: the launcher's local world size); groups CPU ranks into virtual nodes",
+            int,
         ),
         Shorthand(
             "--plan", "train.placement_plan", "placement plan JSON from c2r-place plan (default: contiguous experts)"

@@ -7,8 +7,12 @@ Each rank appends one JSON line per (step, MoE layer) to ``comm-rank<r>.jsonl``:
      "send_copies": [R] (rows sent to each EP rank, itself included), "recv_copies": [R], "bytes_per_copy",
      "distinct_ranks": sum over tokens of the number of distinct EP ranks its experts live on (lambda),
      "remote_ranks": the same, not counting the token's own rank, "local_expert_load": [E/R],
+     "ranks_per_node": W (EP rank r on node r // W), "distinct_nodes" / "remote_nodes": the same over nodes,
+     "inter_node_copies" / "intra_node_copies": rows sent to ranks of other nodes / to other ranks of this node
+     (both stages of per-node dispatch together), "inter_node_bytes" / "intra_node_bytes": those times bytes_per_copy,
      "time_ms": {"dispatch", "combine", "dispatch_backward", "combine_backward"; per-rank dispatch also
-                 "dispatch_meta", "dispatch_meta_backward" (the copies' expert slots and weights)}}
+                 "dispatch_meta", "dispatch_meta_backward" (the copies' expert slots and weights); per-node dispatch
+                 names each exchange by its stage: "dispatch_inter", "dispatch_intra", "combine_inter", ...}}
 
 How it is wired (this package never imports the system it profiles): the caller makes the profiler before its MoE
 layers become expert parallel and gives ``profiler.observers[i]`` to layer i's dispatcher when building it. The
@@ -16,7 +20,8 @@ dispatcher calls the observer's ``start(name) -> handle`` and ``stop(handle)`` a
 backward), and ``on_dispatch(meta)`` once per forward, with ``meta`` carrying what it sent:
 
     mode: str, ep_rank: int, send_splits / recv_splits: [R] ints, num_tokens: int, bytes_per_row: int,
-    valid_slots / distinct_ranks / remote_ranks: () int tensors, tokens_per_local_expert_X: [E/R] int tensor
+    valid_slots / distinct_ranks / remote_ranks / distinct_nodes / remote_nodes: () int tensors,
+    tokens_per_local_expert_X: [E/R] int tensor, ranks_per_node: int, inter_node_copies / intra_node_copies: ints
 
 (c2r's ``DispatchMeta`` is one). The profiler counts nothing itself: it writes down what the dispatcher reports.
 
@@ -86,7 +91,9 @@ class CommProfiler:
 
     def _layer_record(self, index: int, meta: Any) -> dict[str, Any]:
         # Device tensors until end_step reads them: no host sync inside the step.
-        counts = torch.stack([meta.distinct_ranks, meta.remote_ranks, meta.valid_slots])
+        counts = torch.stack(
+            [meta.distinct_ranks, meta.remote_ranks, meta.valid_slots, meta.distinct_nodes, meta.remote_nodes]
+        )
         return {
             "layer": index,
             "rank": self.rank,
@@ -101,6 +108,13 @@ class CommProfiler:
             "distinct_ranks": counts[0],
             "remote_ranks": counts[1],
             "local_expert_load": meta.tokens_per_local_expert_X,
+            "ranks_per_node": meta.ranks_per_node,
+            "distinct_nodes": counts[3],
+            "remote_nodes": counts[4],
+            "inter_node_copies": meta.inter_node_copies,
+            "intra_node_copies": meta.intra_node_copies,
+            "inter_node_bytes": meta.inter_node_copies * meta.bytes_per_row,
+            "intra_node_bytes": meta.intra_node_copies * meta.bytes_per_row,
         }
 
     def begin_step(self) -> None:

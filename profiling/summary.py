@@ -27,6 +27,28 @@ def find_profile_dir(path: str | Path) -> Path:
     )
 
 
+def _node_traffic(records: list[dict[str, Any]], copies_RR: np.ndarray, tokens: int) -> dict[str, Any]:
+    """Inter- and intra-node copies and bytes per token, and the node x node copies (records from before nodes were
+    recorded count as one node)."""
+    W = records[0].get("ranks_per_node") or len(copies_RR)
+    N = len(copies_RR) // W
+    sums = defaultdict(int)
+    for r in records:
+        for key in ("distinct_nodes", "inter_node_copies", "intra_node_copies", "inter_node_bytes", "intra_node_bytes"):
+            sums[key] += r.get(key, 0)
+        sums["remote_nodes"] += r.get("remote_nodes", 0)
+    return {
+        "ranks_per_node": W,
+        "copies_node_to_node": copies_RR.reshape(N, W, N, W).sum((1, 3)).tolist(),
+        "distinct_nodes_per_token": sums["distinct_nodes"] / tokens,
+        "remote_nodes_per_token": sums["remote_nodes"] / tokens,
+        "inter_node_copies_per_token": sums["inter_node_copies"] / tokens,
+        "intra_node_copies_per_token": sums["intra_node_copies"] / tokens,
+        "inter_node_bytes_per_token": sums["inter_node_bytes"] / tokens,
+        "intra_node_bytes_per_token": sums["intra_node_bytes"] / tokens,
+    }
+
+
 def _layer_traffic(records: list[dict[str, Any]], num_ranks: int) -> dict[str, Any]:
     copies_RR = np.zeros((num_ranks, num_ranks), dtype=np.int64)
     load_R = np.zeros(num_ranks, dtype=np.int64)
@@ -53,6 +75,7 @@ def _layer_traffic(records: list[dict[str, Any]], num_ranks: int) -> dict[str, A
         "remote_ranks_per_token": sums["remote_ranks"] / tokens,
         "rank_load": load_R.tolist(),
         "rank_load_imbalance": float(load_R.max() / max(load_R.mean(), 1e-9)),
+        **_node_traffic(records, copies_RR, tokens),
     }
 
 
@@ -109,6 +132,11 @@ def _overall(layers: list[dict[str, Any]], steps: list[dict[str, Any]]) -> dict[
             "cross_rank_bytes_per_token",
             "remote_ranks_per_token",
             "rank_load_imbalance",
+            "distinct_nodes_per_token",
+            "inter_node_copies_per_token",
+            "intra_node_copies_per_token",
+            "inter_node_bytes_per_token",
+            "intra_node_bytes_per_token",
         ):
             overall[key] = float(np.mean([entry[key] for entry in with_traffic]))
     if steps:
@@ -149,6 +177,15 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{o['distinct_ranks_per_token']:.3f} distinct ranks/token (what per-rank dispatch sends), "
             f"{o['cross_rank_copies_per_token']:.3f} cross-rank copies/token"
         )
+        W = next(e["ranks_per_node"] for e in summary["layers"] if "ranks_per_node" in e)
+        if info.get("ep_size", W) > W:  # more than one node: the network hop apart from NVLink
+            lines.append(
+                f"nodes of {W} ranks: {o['inter_node_copies_per_token']:.3f} inter-node copies/token "
+                f"({o['inter_node_bytes_per_token'] / 1024:.3f} KB), {o['intra_node_copies_per_token']:.3f} "
+                f"intra-node copies/token ({o['intra_node_bytes_per_token'] / 1024:.3f} KB), "
+                f"{o['distinct_nodes_per_token']:.3f} distinct nodes/token (what per-node dispatch sends over the "
+                "network, own node included)"
+            )
     if "all_to_all_ms_per_step" in o:
         lines.append(
             f"all-to-all time: {o['all_to_all_ms_per_step']:.2f} ms per step (median; slowest rank, "

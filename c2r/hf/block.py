@@ -127,17 +127,25 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
     return torch.stack(losses).sum()
 
 
-def attach_expert_parallel(model: nn.Module, group=None, mode: str = "per-expert", observers=None) -> None:
+def attach_expert_parallel(
+    model: nn.Module, group=None, mode: str = "per-expert", observers=None, ranks_per_node: int | None = None
+) -> None:
     """Give every converted block of a model loaded with ``ep_size`` > 1 its all-to-all dispatcher over ``group``
     (default: the world), with the layout it was loaded with; call once torch.distributed is initialised.
-    ``observers``: one ``DispatchObserver`` per MoE block (the communication profiler's), default none."""
+    ``observers``: one ``DispatchObserver`` per MoE block (the communication profiler's), default none.
+    ``ranks_per_node``: ranks per node (default: the launcher's local world size); per-node dispatch groups by it."""
     from c2r.parallel.dispatch import NO_OBSERVER, build_dispatcher
+    from c2r.parallel.nodes import make_node_groups, resolve_ranks_per_node
 
     blocks = converted_blocks(model)
+    if blocks:
+        ranks_per_node = resolve_ranks_per_node(ranks_per_node, blocks[0][1].layout.num_ranks)
+    node_groups = make_node_groups(ranks_per_node, group) if blocks and mode == "per-node" else None  # once
     if observers is not None and len(observers) != len(blocks):
         raise ValueError(f"{len(observers)} dispatch observers given but the model has {len(blocks)} MoE blocks")
     for index, (name, block) in enumerate(blocks):
-        dispatcher = build_dispatcher(mode, block.layout, group, observers[index] if observers else NO_OBSERVER)
+        observer = observers[index] if observers else NO_OBSERVER
+        dispatcher = build_dispatcher(mode, block.layout, group, observer, ranks_per_node, node_groups)
         if dispatcher.rank != block.ep_rank:
             raise ValueError(
                 f"{name} was loaded for ep rank {block.ep_rank}, but this process is rank {dispatcher.rank}"

@@ -140,6 +140,6 @@ def build_model(config: Any, mode: str, layouts, observers) -> HFCausalLM:
         seed=tc.seed,
     ).train()
     if tc.ep_size > 1:
-        attach_expert_parallel(model, group, mode, observers)
+        attach_expert_parallel(model, group, mode, observers, tc.gpus_per_node)
     wrap_moe_layers(model, tc.ep_size)
     return HFCausalLM(model)

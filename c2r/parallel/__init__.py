@@ -1,5 +1,6 @@
-"""Expert parallelism: the all-to-all dispatchers (per-expert, per-rank), sharding a model's experts over the ranks of
-an `ExpertLayout` (placement.layout), and a host-sync counter (`host_syncs.count_host_syncs`)."""
+"""Expert parallelism: the all-to-all dispatchers (per-expert, per-rank, per-node), sharding a model's experts over
+the ranks of an `ExpertLayout` (placement.layout), ranks grouped into nodes (`nodes.py`), and a host-sync counter
+(`host_syncs.count_host_syncs`)."""
 
 from c2r.parallel.dispatch import (
     DISPATCH_MODES,
@@ -12,17 +13,23 @@ from c2r.parallel.dispatch import (
 )
 from c2r.parallel.expert_parallel import local_expert_weights, model_layouts, shard_experts
 from c2r.parallel.host_syncs import count_host_syncs
+from c2r.parallel.nodes import NodeGroups, make_node_groups, resolve_ranks_per_node
+from c2r.parallel.per_node import PerNodeDispatcher
 
 __all__ = [
     "DISPATCH_MODES",
     "DispatchMeta",
     "DispatchObserver",
     "NoObserver",
+    "NodeGroups",
     "PerExpertDispatcher",
+    "PerNodeDispatcher",
     "PerRankDispatcher",
     "build_dispatcher",
     "count_host_syncs",
     "local_expert_weights",
+    "make_node_groups",
     "model_layouts",
+    "resolve_ranks_per_node",
     "shard_experts",
 ]

@@ -1,11 +1,13 @@
 """Expert-parallel dispatch: send tokens to the ranks that hold their experts, compute, and send the results back.
 
-Two modes, same result (docs/design.md, "Dispatch"):
+Three modes, same result (docs/design.md, "Dispatch"):
 - ``per-expert`` (the baseline every system uses): one token copy per routed (token, expert) pair; the destination
   runs the expert and returns one row per pair; the source sums them with the combine weights.
 - ``per-rank`` (Occult's idea): one copy per (token, destination rank), carrying which of that rank's experts the
   token chose and their weights; the destination expands the copy to its local experts, sums their weighted outputs
   itself, and returns one row per copy. Copies sent = sum over tokens of the distinct destination ranks (lambda).
+- ``per-node`` (``per_node.py``): per-rank across nodes: one copy per (token, destination node) over the network,
+  then per rank within that node.
 
 Both are lean: only valid (token, expert) pairs are gathered, computed and returned (no K-slot padding); every move
 between token order and expert order is a gather through a precomputed order and its inverse (``slot_rows.py``), so
@@ -31,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from c2r.parallel.all_to_all import ExchangeTimer, all_to_all, exchange_counts
+from c2r.parallel.nodes import resolve_ranks_per_node
 from c2r.parallel.slot_rows import (
     SlotOrder,
     count_keys,
@@ -43,7 +46,7 @@ from c2r.parallel.slot_rows import (
 from c2r.routing import RoutingResult
 from placement.layout import ExpertLayout
 
-DISPATCH_MODES = ("per-expert", "per-rank")
+DISPATCH_MODES = ("per-expert", "per-rank", "per-node")
 
 
 def ranks_hit(rank_TK: torch.Tensor, valid_TK: torch.Tensor, num_ranks: int) -> torch.Tensor:
@@ -76,6 +79,9 @@ class DispatchMeta:
     weights_TK: torch.Tensor | None = None  # per-expert: the combine weights, applied on the source
     regroup_Q: torch.Tensor | None = None  # per-expert: received rows (by source rank) -> sorted by local slot
     ungroup_Q: torch.Tensor | None = None  # per-expert: its inverse (sorted by local slot -> by source rank)
+    # W, ranks per node (EP rank r sits on node r // W); None: the whole EP group is one node. Only the node counts
+    # below read it, in every mode: per-rank dispatch on two nodes sends inter-node copies too.
+    ranks_per_node: int | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -100,6 +106,38 @@ class DispatchMeta:
         """() int64: the same, not counting the token's own rank (copies that cross the network)."""
         return self.distinct_ranks - self.ranks_hit_TR[:, self.ep_rank].sum()
 
+    @property
+    def node_size(self) -> int:
+        return self.ranks_per_node or len(self.send_splits)
+
+    @cached_property
+    def nodes_hit_TN(self) -> torch.Tensor:
+        T, R, W = self.num_tokens, len(self.send_splits), self.node_size
+        return self.ranks_hit_TR.view(T, R // W, W).any(2)
+
+    @cached_property
+    def distinct_nodes(self) -> torch.Tensor:
+        """() int64: sum over tokens of the distinct nodes its experts live on; what per-node sends over stage 1."""
+        return self.nodes_hit_TN.sum()
+
+    @cached_property
+    def remote_nodes(self) -> torch.Tensor:
+        """() int64: the same, not counting the token's own node (what per-node dispatch sends over the network)."""
+        return self.distinct_nodes - self.nodes_hit_TN[:, self.ep_rank // self.node_size].sum()
+
+    @property
+    def inter_node_copies(self) -> int:
+        """Rows this rank sent to ranks of other nodes (host int, from the splits)."""
+        node = self.ep_rank // self.node_size
+        return sum(n for r, n in enumerate(self.send_splits) if r // self.node_size != node)
+
+    @property
+    def intra_node_copies(self) -> int:
+        """Rows this rank sent to other ranks of its own node."""
+        node = self.ep_rank // self.node_size
+        own = sum(n for r, n in enumerate(self.send_splits) if r // self.node_size == node)
+        return own - self.send_splits[self.ep_rank]
+
 
 @dataclass(frozen=True)
 class ReceivedCopies:
@@ -109,6 +147,19 @@ class ReceivedCopies:
     weight_QK: torch.Tensor  # combine weights (0 where a slot holds none of this rank's experts); carry gradients
     pairs: SlotOrder  # (copy, slot) pairs by local expert slot
     tokens_per_local_expert_X: torch.Tensor
+
+
+def compute_copies(received: ReceivedCopies, backend, experts) -> torch.Tensor:
+    """[Q, D]: one reply per received copy, its local experts' weighted outputs summed (per-rank destinations)."""
+    # Only the valid (copy, local expert) pairs are computed, in one grouped GEMM over rows sorted by local expert.
+    x_PD = expand_rows(received.x_QD, received.pairs)
+    y_PD = backend.grouped_mlp(x_PD, received.tokens_per_local_expert_X, experts)
+    y_QD = sum_slots(y_PD, received.pairs, received.weight_QK)
+    if y_QD.shape[0] == 0:
+        # Keep the (empty) output attached to the received tensors, so this rank still joins the backward
+        # all-to-alls that its peers start.
+        y_QD = y_QD + (received.x_QD.sum() + received.weight_QK.sum()) * 0
+    return y_QD
 
 
 class DispatchObserver(ExchangeTimer, Protocol):
@@ -141,8 +192,15 @@ NO_OBSERVER = NoObserver()
 class _Dispatcher:
     mode = ""
 
-    def __init__(self, layout: ExpertLayout, group=None, observer: DispatchObserver = NO_OBSERVER):
+    def __init__(
+        self,
+        layout: ExpertLayout,
+        group=None,
+        observer: DispatchObserver = NO_OBSERVER,
+        ranks_per_node: int | None = None,
+    ):
         self.layout = layout
+        self.ranks_per_node = ranks_per_node  # for the counts only (DispatchMeta.inter_node_copies and co.)
         self.group = group
         world = dist.get_world_size(group)
         if world != layout.num_ranks:
@@ -217,6 +275,7 @@ class PerExpertDispatcher(_Dispatcher):
             weights_TK=routing.weights_TK,
             regroup_Q=regroup_Q,
             ungroup_Q=ungroup_Q,
+            ranks_per_node=self.ranks_per_node,
         )
         return x_QD, meta
 
@@ -233,15 +292,7 @@ class PerRankDispatcher(_Dispatcher):
 
     def __call__(self, x_TD, routing: RoutingResult, backend, experts) -> torch.Tensor:
         received, meta = self.dispatch(x_TD, routing)
-        # The destination computes only the valid (copy, local expert) pairs, in one grouped GEMM over rows sorted by
-        # local expert, and sums each copy's weighted outputs: one reply per copy.
-        x_PD = expand_rows(received.x_QD, received.pairs)
-        y_PD = backend.grouped_mlp(x_PD, received.tokens_per_local_expert_X, experts)
-        y_QD = sum_slots(y_PD, received.pairs, received.weight_QK)
-        if y_QD.shape[0] == 0:
-            # Keep the (empty) output attached to the received tensors, so this rank still joins the backward
-            # all-to-alls that its peers start.
-            y_QD = y_QD + (received.x_QD.sum() + received.weight_QK.sum()) * 0
+        y_QD = compute_copies(received, backend, experts)
         self.observer.on_dispatch(meta)
         return self.combine(y_QD, meta)
 
@@ -288,6 +339,7 @@ class PerRankDispatcher(_Dispatcher):
             valid_TK=routing.valid_TK,
             bytes_per_row=x_TD.shape[1] * x_TD.element_size(),
             sent=sent,
+            ranks_per_node=self.ranks_per_node,
         )
         return received, meta
 
@@ -299,11 +351,24 @@ class PerRankDispatcher(_Dispatcher):
 
 
 def build_dispatcher(
-    mode: str, layout: ExpertLayout, group=None, observer: DispatchObserver = NO_OBSERVER
+    mode: str,
+    layout: ExpertLayout,
+    group=None,
+    observer: DispatchObserver = NO_OBSERVER,
+    ranks_per_node: int | None = None,
+    node_groups=None,
 ) -> _Dispatcher:
-    """``observer``: who times the exchanges and receives each forward's :class:`DispatchMeta` (default: nobody)."""
+    """``observer``: who times the exchanges and receives each forward's :class:`DispatchMeta` (default: nobody).
+
+    ``ranks_per_node``: W (None: the launcher's local world size, else one node); per-node dispatch exchanges over
+    ``node_groups`` (a :class:`~c2r.parallel.nodes.NodeGroups`; made here if None, but make them once per model)."""
+    ranks_per_node = resolve_ranks_per_node(ranks_per_node, layout.num_ranks)
     if mode == "per-expert":
-        return PerExpertDispatcher(layout, group, observer)
+        return PerExpertDispatcher(layout, group, observer, ranks_per_node)
     if mode == "per-rank":
-        return PerRankDispatcher(layout, group, observer)
+        return PerRankDispatcher(layout, group, observer, ranks_per_node)
+    if mode == "per-node":
+        from c2r.parallel.per_node import PerNodeDispatcher  # it builds on this module
+
+        return PerNodeDispatcher(layout, group, observer, ranks_per_node, node_groups)
     raise ValueError(f"dispatch mode {mode!r} is not one of {list(DISPATCH_MODES)}")

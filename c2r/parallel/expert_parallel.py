@@ -13,6 +13,7 @@ from torch import nn
 from c2r.experts import ExpertWeights
 from c2r.moe import MoELayer
 from c2r.parallel.dispatch import NO_OBSERVER, DispatchObserver, build_dispatcher
+from c2r.parallel.nodes import make_node_groups, resolve_ranks_per_node
 from placement.layout import ExpertLayout
 
 
@@ -35,14 +36,20 @@ def shard_experts(
     group=None,
     mode: str = "per-expert",
     observers: list[DispatchObserver] | None = None,
+    ranks_per_node: int | None = None,
 ) -> list[MoELayer]:
     """Make every :class:`MoELayer` in ``model`` expert parallel over ``group`` (default: the world).
 
     ``layout``: one for every layer, one per MoE layer (a placement plan), or None for the contiguous layout.
-    ``mode``: ``per-expert`` or ``per-rank`` dispatch. ``observers``: one per MoE layer (e.g. the communication
-    profiler's), given to that layer's dispatcher; default none. Returns the converted layers.
+    ``mode``: ``per-expert``, ``per-rank`` or ``per-node`` dispatch. ``observers``: one per MoE layer (e.g. the
+    communication profiler's), given to that layer's dispatcher; default none. ``ranks_per_node``: the EP ranks of one
+    node (default: the launcher's local world size, else one node); per-node dispatch exchanges within and across
+    nodes, every mode counts inter- and intra-node copies by it. Returns the converted layers.
     """
     ep_size = dist.get_world_size(group)
+    ranks_per_node = resolve_ranks_per_node(ranks_per_node, ep_size)
+    # Per-node dispatch's process groups: made once (a collective), shared by every layer.
+    node_groups = make_node_groups(ranks_per_node, group) if mode == "per-node" else None
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]
     if isinstance(layout, list) and len(layout) != len(layers):
         raise ValueError(f"the placement has {len(layout)} layers but the model has {len(layers)} MoE layers")
@@ -56,7 +63,8 @@ def shard_experts(
             raise ValueError(
                 f"the expert layout is for {layer_layout.num_experts} experts but MoE layer {index} has {num_experts}"
             )
-        dispatcher = build_dispatcher(mode, layer_layout, group, observers[index] if observers else NO_OBSERVER)
+        observer = observers[index] if observers else NO_OBSERVER
+        dispatcher = build_dispatcher(mode, layer_layout, group, observer, ranks_per_node, node_groups)
         layer.experts = local_expert_weights(layer.experts, layer_layout.local_experts(dispatcher.rank))
         layer.dispatcher = dispatcher
         layer.router.set_expert_placement(layer_layout.expert_to_rank, layer_layout.num_ranks)  # group-limited uses it
