@@ -18,4 +18,4 @@ NUM_NODES="${NUM_NODES:-$(grep -cv '^\s*\(#\|$\)' "$HOSTFILE")}"
 GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
 EP_SIZE="${EP_SIZE:-$GPUS_PER_NODE}"
 exec "$BIN/deepspeed" --hostfile "$HOSTFILE" --num_nodes "$NUM_NODES" --num_gpus "$GPUS_PER_NODE" \
-    --master_port "${MASTER_PORT:-29500}" --module c2r.train --ep-size "$EP_SIZE" "$@"
+    --master_port "${MASTER_PORT:-29500}" ${MASTER_ADDR:+--master_addr "$MASTER_ADDR"} --module c2r.train --ep-size "$EP_SIZE" "$@"
