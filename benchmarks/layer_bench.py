@@ -494,7 +494,8 @@ def notes_text(args) -> str:
             f"Forward + backward of one block, loss = out.float().square().mean(); {args.warmup} warm-up iterations, "
             f"{args.iters} timed per run, {args.repeats} run(s); CUDA-event time per iteration.",
             "TFLOP/s = expert-matmul FLOPs / median time, FLOPs = 3 * 2 * T * k * H * F * (3 SwiGLU | 2 GELU); "
-            "router FLOPs ignored. `time / dense` = median / median of the dense MLP of equal FLOPs (T*k tokens, width F).",
+            "router FLOPs ignored. `time / dense` = median / median of the dense MLP of equal FLOPs "
+            "(T*k tokens, width F).",
             "ds-moe rows compute on [E, capacity, H] buffers: cap1.0 drops overflow tokens (about k*T rows computed), "
             "dropless pads every expert to the busiest one (more than k*T rows); TFLOP/s still counts k*T useful rows.",
         ]

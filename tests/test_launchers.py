@@ -25,9 +25,10 @@ REQUIRED = os.environ.get("C2R_REQUIRE_LAUNCHERS") == "1"
 SETUP = "run `bash .ci/loopback_cluster.sh up` as root"
 
 # A tiny model and 4 steps: each run is ~20-40 s, nearly all of it process start-up.
-# Per-rank dispatch: each token crosses to the other "node" once if any of its experts live there.
+# Per-node dispatch with one rank per "node": each token crosses to the other node once if any of its experts live
+# there, then fans out within that node.
 TRAIN_ARGS = [
-    *("--steps", "4", "--dispatch", "per-rank"),
+    *("--steps", "4", "--dispatch", "per-node", "--gpus-per-node", "1"),
     *("--set", "train.eval_every=2", "--set", "train.eval_batches=1", "--set", "train.batch_size=4"),
     *("--set", "data.max_bytes=100000", "--set", "model.block_size=32", "--set", "model.n_layer=2"),
     *("--set", "model.n_head=2", "--set", "model.d_model=32", "--set", "model.moe.ffn_hidden_size=32"),
