@@ -38,6 +38,10 @@ MEASURED: tuple[Measured, ...] = (
     Measured("sm90", "swiglu", 8, 4096, 14336, 30.250, 32.851, "docs/benchmarks.md, one H100, 2026-11-24"),
     Measured("sm90", "gelu", 64, 2048, 1024, 11.187, 13.555, "docs/benchmarks.md, one H100, 2026-11-24"),
     Measured("sm90", "gelu", 8, 4096, 14336, 20.367, 21.807, "docs/benchmarks.md, one H100, 2026-11-24"),
+    Measured("sm90", "swiglu", 128, 2048, 768, 21.941, 14.658, "docs/benchmarks.md, one H200, 2026-12-01"),
+    Measured("sm90", "swiglu", 8, 4096, 14336, 29.266, 31.924, "docs/benchmarks.md, one H200, 2026-12-01"),
+    Measured("sm90", "gelu", 64, 2048, 1024, 9.764, 12.577, "docs/benchmarks.md, one H200, 2026-12-01"),
+    Measured("sm90", "gelu", 8, 4096, 14336, 19.487, 21.197, "docs/benchmarks.md, one H200, 2026-12-01"),
 )
 
 
