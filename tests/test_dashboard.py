@@ -106,6 +106,15 @@ def relabelled(run: Path, out: Path, keep_steps, shift: int = 0, repeat: int = 1
     return out
 
 
+def test_profile_records_the_hidden_size_and_dtype_the_dispatcher_sends(runs):
+    """c2r-place evaluate reads these to count bytes for the traced model (d_model 32, fp32 on CPU)."""
+    header = json.loads((runs["before"] / "profile" / "traces" / "header.json").read_text())
+    info = json.loads((runs["before"] / "profile" / "profile.json").read_text())
+    assert header["hidden_size"] == info["hidden_size"] == 32 and header["dtype"] == info["dtype"] == "fp32"
+    record = json.loads((runs["before"] / "profile" / "comm" / "comm-rank000.jsonl").read_text().splitlines()[0])
+    assert record["bytes_per_copy"] == 32 * 4
+
+
 def test_choose_windows_takes_the_last_steps_both_runs_have():
     assert choose_windows(list(range(300)), list(range(300, 400))) == (list(range(200, 300)), list(range(300, 400)))
     assert choose_windows([0, 1, 2], [0, 1, 2, 3], window=2) == ([1, 2], [2, 3])
