@@ -170,7 +170,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"top-{info['top_k']}, ep_size {info.get('ep_size', '?')}, {len(summary['steps'])} steps"
     ]
     header = (
-        f"{'layer':>5} {'copies/tok':>10} {'ranks/tok':>9} {'cross/tok':>9} {'cross KB/tok':>12} "
+        f"{'layer':>5} {'copies/tok':>10} {'ranks/tok':>9} {'cross/tok':>9} {'cross KiB/tok':>13} "
         f"{'rank load max/mean':>18} {'expert load max/mean':>20}"
     )
     lines.append(header)
@@ -180,7 +180,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             continue
         lines.append(
             f"{e['layer']:>5} {e['copies_per_token']:>10.3f} {e['distinct_ranks_per_token']:>9.3f} "
-            f"{e['cross_rank_copies_per_token']:>9.3f} {e['cross_rank_bytes_per_token'] / 1024:>12.3f} "
+            f"{e['cross_rank_copies_per_token']:>9.3f} {e['cross_rank_bytes_per_token'] / 1024:>13.3f} "
             f"{e['rank_load_imbalance']:>18.3f} {e.get('expert_load_imbalance', float('nan')):>20.3f}"
         )
     o = summary["overall"]
@@ -195,8 +195,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         if info.get("ep_size", W) > W:  # more than one node: the network hop apart from NVLink
             lines.append(
                 f"nodes of {W} ranks: {o['inter_node_copies_per_token']:.3f} inter-node copies/token "
-                f"({o['inter_node_bytes_per_token'] / 1024:.3f} KB), {o['intra_node_copies_per_token']:.3f} "
-                f"intra-node copies/token ({o['intra_node_bytes_per_token'] / 1024:.3f} KB), "
+                f"({o['inter_node_bytes_per_token'] / 1024:.3f} KiB), {o['intra_node_copies_per_token']:.3f} "
+                f"intra-node copies/token ({o['intra_node_bytes_per_token'] / 1024:.3f} KiB), "
                 f"{o['distinct_nodes_per_token']:.3f} distinct nodes/token (what per-node dispatch sends over the "
                 "network, own node included)"
             )
