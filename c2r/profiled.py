@@ -3,11 +3,14 @@ mode and placements, read from the model as built."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from c2r.moe import MoELayer
 from c2r.parallel import model_layouts
 from profiling.session import ProfiledModel
+
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def profiled_model(model: nn.Module) -> ProfiledModel:
@@ -27,4 +30,6 @@ def profiled_model(model: nn.Module) -> ProfiledModel:
         router=moe.router.kind,
         dispatch_mode=modes[0] if modes else None,
         expert_to_rank=model_layouts(model),
+        # the dispatcher sends activations in the layer's dtype (the engine casts the model for bf16/fp16)
+        dtype=DTYPE_NAMES.get(next(layers[0].parameters()).dtype),
     )

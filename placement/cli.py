@@ -6,7 +6,7 @@ c2r-place plan --traces runs/demo --ranks 8 --holdout 0.2 --pareto --calibrate r
 c2r-place plan --traces runs/demo --ranks 16 --nodes 2 --holdout 0.2 --out plan.json
 c2r-place plan --traces runs/demo --ranks 16 --nodes 2 --topology map --inter-node-cost 10 --out plan.json
 c2r-place plan --coactivation coact.npy --ranks 4 --method greedy --out plan.json
-c2r-place evaluate --plan plan.json --traces runs/demo [--hidden 4096 --dtype bf16] [--json]
+c2r-place evaluate --plan plan.json --traces runs/demo [--hidden 4096 --dtype bf16] [--json]   # default: traced
 c2r-place export --plan plan.json --format eplb|autoep [--out placement.json]
 c2r-place apply --plan plan.json --checkpoint RUN/checkpoints --out RUN2/checkpoints   # c2r-place only
 
@@ -27,7 +27,7 @@ import numpy as np
 from placement.cost import CostModel, calibrate, format_costs, layer_cost
 from placement.evaluate import evaluate_with_baselines, format_comparison, keep_contiguous_where_plan_loses
 from placement.export import EXPORT_FORMATS, export_plan
-from placement.inputs import PlannerInput, load_input
+from placement.inputs import PlannerInput, load_input, recorded_activation
 from placement.loadcap import min_max_load, needs_replication
 from placement.methods import (
     DEFAULT_INTER_NODE_COST,
@@ -53,9 +53,38 @@ def _add_input_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     )
 
 
+DEFAULT_HIDDEN, DEFAULT_DTYPE = 4096, "bf16"
+
+
 def _add_bytes_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--hidden", type=int, default=4096, help="hidden size for bytes per token (default 4096)")
-    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16", help="activation dtype (default bf16)")
+    p.add_argument(
+        "--hidden",
+        type=int,
+        help=f"hidden size for bytes per token (default: the traced model's, else {DEFAULT_HIDDEN})",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPE_BYTES),
+        help=f"activation dtype (default: the traced model's, else {DEFAULT_DTYPE})",
+    )
+
+
+def _resolve_bytes_args(args: argparse.Namespace) -> str:
+    """Fill ``--hidden`` / ``--dtype`` left out with the traced model's (the trace header or profile.json), else the
+    defaults; returns a line saying which were used and where they came from."""
+    given = {"hidden": args.hidden is not None, "dtype": args.dtype is not None}
+    hidden, dtype, source = recorded_activation(args.traces) if args.traces else (None, None, "")
+    if dtype not in DTYPE_BYTES:
+        dtype = None
+    if args.hidden is None:
+        args.hidden = hidden or DEFAULT_HIDDEN
+    if args.dtype is None:
+        args.dtype = dtype or DEFAULT_DTYPE
+    parts = []
+    for key, value, traced in (("hidden", args.hidden, hidden), ("dtype", args.dtype, dtype)):
+        origin = "--" + key if given[key] else (f"traced, from {source}" if traced else "a default: not recorded")
+        parts.append(f"{key} {value} ({origin})")
+    return f"bytes per token copy: {args.hidden * DTYPE_BYTES[args.dtype]} = " + ", ".join(parts)
 
 
 def _progress(args: argparse.Namespace) -> bool:
@@ -164,6 +193,7 @@ def _print_pareto(inp: PlannerInput, base: list, args: argparse.Namespace) -> No
 
 def cmd_plan(args: argparse.Namespace) -> int:
     check_output_path(args.out)  # before the work, not after it
+    bytes_line = _resolve_bytes_args(args)
     model = _cost_model(args)
     inp = _load(args, args.holdout)
     check_topology(inp.num_experts, args.ranks, args.nodes)
@@ -220,6 +250,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     _print_cap_report(reports, kept_contiguous, args.max_load, judged)
     pairs = list(zip(results["plan"]["layers"], results["contiguous"]["layers"]))
     print(format_costs(pairs, model, args.ranks, args.nodes))
+    print(bytes_line)
     if args.pareto:
         _print_pareto(inp, base, args)
     print(_summary_line(results, f"wrote {args.out} ({args.method}, {args.ranks} ranks, {args.nodes} node(s))"))
@@ -317,14 +348,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan, num_layers=inp.num_layers, num_experts=inp.num_experts)
     nodes = args.nodes or plan.num_nodes
     check_topology(plan.num_experts, plan.num_ranks, nodes)
+    bytes_line = _resolve_bytes_args(args)
     results = evaluate_with_baselines(
         inp.eval_routings, plan.layouts, nodes, args.hidden, DTYPE_BYTES[args.dtype], args.seed
     )
     if args.json:
         doc = {"plan": str(args.plan), "num_ranks": plan.num_ranks, "num_nodes": nodes, "inputs": inp.info, **results}
+        doc["bytes"] = {"hidden": args.hidden, "dtype": args.dtype, "used": bytes_line}
         print(dumps(doc))
         return 0
     print(format_comparison(results, detailed=True))
+    print(bytes_line)
     print(_summary_line(results, f"{args.plan} ({plan.method}, {plan.num_ranks} ranks, {nodes} node(s))"))
     return 0
 

@@ -7,6 +7,7 @@ Shape legend: N trace rows (tokens), K slots per token, M distinct expert sets, 
 from __future__ import annotations
 
 import hashlib
+import json
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,6 +201,33 @@ def find_trace_dir(path: str | Path) -> Path:
         f"no routing traces in {path} (expected header.json in it, in {path / 'traces'} or in "
         f"{path / 'profile' / 'traces'}; record them with c2r-train --profile)"
     )
+
+
+ELEMENT_DTYPES = {1: "fp8", 2: "bf16", 4: "fp32"}  # bytes per element -> a dtype name of that width
+
+
+def recorded_activation(path: str | Path) -> tuple[int | None, str | None, str]:
+    """The traced model's hidden size and activation dtype as its profile recorded them: the trace header, else the
+    profile.json beside the traces, else (dtype only) the bytes per token copy in the all-to-all records. Returns
+    (hidden, dtype name, where they came from); None for what nothing recorded."""
+    trace_dir = find_trace_dir(path)
+    sources = [(trace_dir / "header.json", "the trace header"), (trace_dir.parent / "profile.json", "profile.json")]
+    hidden = dtype = None
+    found = []
+    for file, name in sources:
+        info = json.loads(file.read_text()) if file.exists() else {}
+        if hidden is None and info.get("hidden_size"):
+            hidden, found = int(info["hidden_size"]), [*found, name]
+        if dtype is None and info.get("dtype"):
+            dtype = str(info["dtype"])
+            found = found if name in found else [*found, name]
+    comm = sorted((trace_dir.parent / "comm").glob("comm-rank*.jsonl"))
+    if hidden and dtype is None and comm:
+        first = comm[0].read_text().split("\n", 1)[0]
+        element = json.loads(first)["bytes_per_copy"] // hidden if first.strip() else None
+        if element in ELEMENT_DTYPES:
+            dtype, found = ELEMENT_DTYPES[element], [*found, "the all-to-all records' bytes per copy"]
+    return hidden, dtype, " and ".join(found)
 
 
 def digest_files(paths: list[Path]) -> str:

@@ -38,7 +38,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     if len(args.runs) > 2:
         raise ValueError(f"dashboard takes one run, or two to compare; got {len(args.runs)}")
     names = args.names.split(",") if args.names else None
-    write_dashboard(args.runs, args.out, names)
+    write_dashboard(args.runs, args.out, names, args.window)
     print(f"wrote {args.out}")
     return 0
 
@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="run", help="one run directory, or two (before, after)")
     p.add_argument("-o", "--out", default="report.html", help="output HTML file (default report.html)")
     p.add_argument("--names", help="comma-separated labels for the runs (default: their directory names)")
+    p.add_argument(
+        "--window",
+        type=int,
+        metavar="N",
+        help="two runs: compare the last N profiled steps of each (default: the shorter run's profiled step count)",
+    )
     p.set_defaults(func=cmd_dashboard)
     p = sub.add_parser("coactivation", help="export the online co-activation counts as .npy for c2r-place")
     p.add_argument("run", help="run directory (with profile/) or profile directory")

@@ -1,6 +1,11 @@
 """``c2r-profile dashboard``: one self-contained HTML file (plotly and its JavaScript inline, opens offline) showing
 one profiled run, or two side by side (before, after) with the change in %.
 
+Two runs are compared like with like or not at all (``profiling.compare``): over equal windows of training steps (the
+last N steps both runs profiled), per token and per step rather than in totals, one colour scale per pair of panels;
+when the runs are different models, or the windows are different points of training (a run from scratch against a
+continuation), a warning at the top says so and the all-to-all time is shown side by side, not as a change.
+
 Per MoE layer (a layer selector on each figure): the rank x rank all-to-all traffic, the expert co-activation with the
 experts grouped by the rank that holds them (so experts that fire together on one rank show as blocks), expert and
 rank load; over layers: copies and cross-rank bytes per token; over steps: all-to-all time. Every figure has a plain
@@ -22,28 +27,32 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
-from profiling.summary import coactivation_matrix, find_profile_dir, summarize
+from profiling.compare import Comparison, choose_windows, compare_summaries, describe_steps
+from profiling.summary import coactivation_matrix, find_profile_dir, profiled_steps, summarize
 
 RUN_COLORS = ("#4C78A8", "#F58518")
 PLOT_CONFIG = {"displaylogo": False, "responsive": True}
 
-# (summary["overall"] key, label, lower is better (None: neither), format)
+KIB = 1024.0
+# (summary["overall"] key, label, lower is better (None: neither), format, divisor: bytes shown in KiB)
 HEADLINE = (
-    ("copies_per_token", "token copies sent per token (own rank included)", True, "{:.3f}"),
-    ("distinct_ranks_per_token", "distinct ranks per token", True, "{:.3f}"),
-    ("cross_rank_copies_per_token", "cross-rank copies per token", True, "{:.3f}"),
-    ("cross_rank_bytes_per_token", "cross-rank bytes per token", True, "{:,.0f}"),
-    ("all_to_all_ms_per_step", "all-to-all ms per step (median, slowest rank)", True, "{:.2f}"),
-    ("rank_load_imbalance", "rank load imbalance (max / mean)", True, "{:.3f}"),
-    ("expert_load_imbalance", "expert load imbalance (max / mean)", True, "{:.3f}"),
+    ("copies_per_token", "token copies sent per token (own rank included)", True, "{:.3f}", 1.0),
+    ("distinct_ranks_per_token", "distinct ranks per token", True, "{:.3f}", 1.0),
+    ("cross_rank_copies_per_token", "cross-rank copies per token", True, "{:.3f}", 1.0),
+    ("cross_rank_bytes_per_token", "cross-rank KiB per token", True, "{:,.2f}", KIB),
+    ("all_to_all_ms_per_step", "all-to-all ms per step (median, slowest rank)", True, "{:.2f}", 1.0),
+    ("rank_load_imbalance", "rank load imbalance (max / mean)", True, "{:.3f}", 1.0),
+    ("expert_load_imbalance", "expert load imbalance (max / mean)", True, "{:.3f}", 1.0),
 )
+# what depends on the length of the run and the point of training, not only on routing and placement per token
+TIME_KEYS = ("all_to_all_ms_per_step",)
 
 # per-layer table: (summary["layers"][i] key, label, format)
 LAYER_COLUMNS = (
     ("copies_per_token", "copies / token", "{:.3f}"),
     ("distinct_ranks_per_token", "distinct ranks / token", "{:.3f}"),
     ("cross_rank_copies_per_token", "cross-rank copies / token", "{:.3f}"),
-    ("cross_rank_bytes_per_token", "cross-rank bytes / token", "{:,.0f}"),
+    ("cross_rank_kib_per_token", "cross-rank KiB / token", "{:,.2f}"),
     ("rank_load_imbalance", "rank load max/mean", "{:.3f}"),
     ("expert_load_imbalance", "expert load max/mean", "{:.3f}"),
 )
@@ -51,8 +60,10 @@ LAYER_COLUMNS = (
 
 @dataclass
 class RunData:
-    """One profiled run: its label, its :func:`profiling.summary.summarize` dict, and its [L, E, E] co-activation
-    counts (None when the run recorded no routing traces)."""
+    """One profiled run: its label, its :func:`profiling.summary.summarize` dict (cut to the compared window of
+    steps), and its [L, E, E] co-activation counts over the whole run (None when the run recorded no routing traces).
+    What the figures draw is normalised: per token (traffic, co-activation, load) or per step (time, traffic tables),
+    never a total that grows with the length of the run."""
 
     name: str
     summary: dict[str, Any]
@@ -76,22 +87,39 @@ class RunData:
     def expert_to_rank(self, index: int) -> list[int] | None:
         return self.layer(index).get("expert_to_rank")
 
-    def rank_load(self, index: int) -> list[int] | None:
-        """Tokens each EP rank's experts processed: recorded by the all-to-all profiler, else from the traces."""
+    @property
+    def window(self) -> list[int]:
+        """The training steps summarised (all-to-all records of these steps only)."""
+        return [s["step"] for s in self.summary["steps"]]
+
+    def expert_load(self, index: int) -> list[float] | None:
+        """Routed slots each expert got, per token (over the whole run: the online counters have no steps)."""
+        entry = self.layer(index)
+        if "expert_load" not in entry:
+            return None
+        return (np.asarray(entry["expert_load"]) / max(entry.get("traced_tokens", 0), 1)).tolist()
+
+    def rank_load(self, index: int) -> list[float] | None:
+        """Routed slots each EP rank's experts processed, per token: from the all-to-all records of the window,
+        else from the traces (whole run)."""
         entry = self.layer(index)
         if "rank_load" in entry:
-            return entry["rank_load"]
-        placement, load = entry.get("expert_to_rank"), entry.get("expert_load")
+            return (np.asarray(entry["rank_load"]) / max(entry["tokens"], 1)).tolist()
+        placement, load = entry.get("expert_to_rank"), self.expert_load(index)
         if placement is None or load is None:
             return None
-        return np.bincount(placement, weights=load, minlength=max(placement) + 1).astype(np.int64).tolist()
+        return np.bincount(placement, weights=load, minlength=max(placement) + 1).tolist()
 
 
-def load_run(path: str | Path, name: str | None = None) -> RunData:
-    summary = summarize(path)
+def load_run(path: str | Path, name: str | None = None, steps: list[int] | None = None) -> RunData:
+    """``steps``: the window of training steps to summarise (None: every profiled step)."""
+    summary = summarize(path, steps)
     profile_dir = find_profile_dir(path)
     coactivation = coactivation_matrix(path) if (profile_dir / "traces").exists() else None
     summary["overall"].update(_expert_imbalance(summary["layers"]))
+    for entry in summary["layers"]:
+        if "cross_rank_bytes_per_token" in entry:
+            entry["cross_rank_kib_per_token"] = entry["cross_rank_bytes_per_token"] / KIB
     return RunData(name or Path(path).resolve().name, summary, coactivation)
 
 
@@ -183,11 +211,15 @@ def run_titles(runs: list[RunData], what: str = "") -> list[str]:
 # ------------------------------------------------------------------------------------------------------- figures
 
 
-def traffic_matrices(run: RunData, index: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+def traffic_matrices(run: RunData, index: int, per: str = "token") -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Rank x rank token copies and KiB of one layer over the window, per token (the copies then sum to
+    copies_per_token) or per step."""
     entry = run.layer(index)
     if "copies_rank_to_rank" not in entry:
         return None, None
-    return np.asarray(entry["copies_rank_to_rank"]), np.asarray(entry["bytes_rank_to_rank"], dtype=float)
+    divisor = max(entry["tokens"], 1) if per == "token" else max(len(run.window), 1)
+    copies = np.asarray(entry["copies_rank_to_rank"], dtype=float) / divisor
+    return copies, np.asarray(entry["bytes_rank_to_rank"], dtype=float) / divisor / KIB
 
 
 def blank_note(axis: str, text: str) -> dict[str, Any]:
@@ -197,12 +229,14 @@ def blank_note(axis: str, text: str) -> dict[str, Any]:
 
 
 def fig_traffic(runs: list[RunData]) -> go.Figure | None:
-    """Rank x rank token copies of one MoE layer's dispatch (bytes in the hover), one panel per run."""
+    """Rank x rank token copies per token of one MoE layer's dispatch (KiB in the hover), one panel per run."""
     if not any(run.has_traffic for run in runs):
         return None
     fig = make_subplots(1, len(runs), subplot_titles=run_titles(runs), horizontal_spacing=0.12)
     # one colour scale from 0 for every layer and run, so the selector and the panels compare like with like
-    top = max(max(map(max, e["copies_rank_to_rank"])) for run in runs for e in run.layers if "tokens" in e)
+    top = max(
+        float(traffic_matrices(run, i)[0].max()) for run in runs for i, e in enumerate(run.layers) if "tokens" in e
+    )
 
     def traces(index: int) -> dict[str, list]:
         mats = [traffic_matrices(run, index) for run in runs]
@@ -218,8 +252,9 @@ def fig_traffic(runs: list[RunData]) -> go.Figure | None:
                 z=first["z"][col - 1],
                 customdata=first["customdata"][col - 1],
                 coloraxis="coloraxis",
-                texttemplate="%{z:.3s}",
-                hovertemplate="from rank %{y} to rank %{x}<br>%{z:,} copies<br>%{customdata:.3s}B<extra></extra>",
+                texttemplate="%{z:.3f}",
+                hovertemplate="from rank %{y} to rank %{x}<br>%{z:.4f} copies per token<br>%{customdata:.3f} KiB per "
+                "token<extra></extra>",
                 name=esc(run.name),
             ),
             1,
@@ -234,10 +269,10 @@ def fig_traffic(runs: list[RunData]) -> go.Figure | None:
         fig.update_yaxes(title_text="from rank", dtick=1, autorange="reversed", constrain="domain",
                          scaleanchor=f"x{'' if col == 1 else col}", row=1, col=col)  # fmt: skip
     fig.update_layout(
-        coloraxis={"colorscale": "Blues", "cmin": 0, "cmax": top, "colorbar": {"title": {"text": "copies"}}},
+        coloraxis={"colorscale": "Blues", "cmin": 0, "cmax": top, "colorbar": {"title": {"text": "copies/token"}}},
         updatemenus=layer_menu(num_layers(runs), traces),
     )
-    return style(fig, 460, "All-to-all dispatch: token copies from rank to rank (diagonal: stays on its rank)")
+    return style(fig, 460, "All-to-all dispatch: token copies per token, rank to rank (diagonal: stays on its rank)")
 
 
 def placement_order(placement: list[int] | None, num_experts: int) -> tuple[list[int], list[int]]:
@@ -253,7 +288,8 @@ def coactivation_panel(run: RunData, index: int) -> dict[str, Any]:
     """One run's co-activation heatmap data for one layer: experts in placement order, diagonal masked."""
     if run.coactivation is None or index >= len(run.coactivation):
         return {"z": [[None]], "customdata": [[None]], "order": [], "starts": [], "placement": None}
-    counts = run.coactivation[index].astype(float)
+    tokens = run.layer(index).get("traced_tokens") or int(run.coactivation[index].diagonal().sum()) or 1
+    counts = run.coactivation[index].astype(float) * (1000.0 / tokens)  # per 1000 tokens: runs of any length
     placement = run.expert_to_rank(index)
     order, starts = placement_order(placement, len(counts))
     z = counts[np.ix_(order, order)]
@@ -330,8 +366,9 @@ def fig_coactivation(runs: list[RunData]) -> go.Figure | None:
             go.Heatmap(
                 z=first["z"][col - 1],
                 customdata=first["customdata"][col - 1],
-                coloraxis=f"coloraxis{axis}",
-                hovertemplate="expert %{customdata[0]} and expert %{customdata[1]}: %{z:,} tokens<extra></extra>",
+                coloraxis="coloraxis",  # one scale for both runs: the same colour is the same rate in each panel
+                hovertemplate="expert %{customdata[0]} and expert %{customdata[1]}: %{z:.2f} per 1000 tokens"
+                "<extra></extra>",
                 name=esc(run.name),
             ),
             1,
@@ -340,24 +377,35 @@ def fig_coactivation(runs: list[RunData]) -> go.Figure | None:
         square = {"constrain": "domain", "showgrid": False, "zeroline": False, "title_text": "expert"}
         fig.update_yaxes(autorange="reversed", scaleanchor=f"x{axis}", constraintoward="top", row=1, col=col, **square)
         fig.update_xaxes(row=1, col=col, **square)
-        colorbar = {"title": {"text": "tokens"}, "x": fig.layout[f"xaxis{axis}"].domain[1] + 0.01, "len": 0.9}
-        fig.update_layout({f"coloraxis{axis}": {"colorscale": "Viridis", "colorbar": colorbar}})
+    top = max((coactivation_max(run) for run in runs), default=0.0)
+    colorbar = {"title": {"text": "per 1000 tokens"}, "len": 0.9}
+    fig.update_layout(coloraxis={"colorscale": "Viridis", "cmin": 0, "cmax": top or 1.0, "colorbar": colorbar})
     start = layout(0)
     fig.layout.annotations, fig.layout.shapes = start.pop("annotations"), start.pop("shapes")
     fig.update_layout(updatemenus=layer_menu(num_layers(runs), traces, layout), **start)
     experts = max(run.info["num_experts"] for run in runs)
     height = min(900, max(560, 300 + 9 * experts))  # many experts: taller, so each cell stays visible
-    return style(fig, height, "Expert co-activation: tokens routed to both experts (diagonal, the load, masked)")
+    return style(
+        fig, height, "Expert co-activation: tokens per 1000 routed to both experts (whole run; diagonal masked)"
+    )
+
+
+def coactivation_max(run: RunData) -> float:
+    """The largest off-diagonal co-activation per 1000 tokens over every layer of a run (0 without traces)."""
+    if run.coactivation is None:
+        return 0.0
+    values = [v for i in range(len(run.coactivation)) for row in coactivation_panel(run, i)["z"] for v in row]
+    return max((v for v in values if v is not None), default=0.0)
 
 
 def fig_load(runs: list[RunData]) -> go.Figure | None:
-    """Expert load and (with expert parallelism) rank load of one layer, one bar colour per run."""
-    panels = [("expert", lambda run, index: run.layer(index).get("expert_load"))]
+    """Expert load and (with expert parallelism) rank load of one layer per token, one bar colour per run."""
+    panels = [("expert", lambda run, index: run.expert_load(index))]
     if any(run.rank_load(index) for run in runs for index in range(run.info["num_layers"])):
         panels.append(("rank", lambda run, index: run.rank_load(index)))
     if not any(get(run, 0) for run in runs for _, get in panels):
         return None
-    titles, widths = [f"tokens per {what}" for what, _ in panels], [0.7, 0.3][: len(panels)]
+    titles, widths = [f"routed slots per token, per {what}" for what, _ in panels], [0.7, 0.3][: len(panels)]
     fig = make_subplots(1, len(panels), subplot_titles=titles, column_widths=widths)
 
     def traces(index: int) -> dict[str, list]:
@@ -375,15 +423,15 @@ def fig_load(runs: list[RunData]) -> go.Figure | None:
                     legendgroup=str(i),
                     showlegend=col == 1 and len(runs) > 1,
                     marker_color=RUN_COLORS[i],
-                    hovertemplate=f"{what} %{{x}}: %{{y:,}} tokens<extra>{esc(run.name)}</extra>",
+                    hovertemplate=f"{what} %{{x}}: %{{y:.4f}} per token<extra>{esc(run.name)}</extra>",
                 ),
                 1,
                 col,
             )
             fig.update_xaxes(title_text=what, dtick=1 if max(map(len, first["x"])) <= 32 else None, row=1, col=col)
-    fig.update_yaxes(title_text="tokens", row=1, col=1)
+    fig.update_yaxes(title_text="per token", row=1, col=1)
     fig.update_layout(barmode="group", updatemenus=layer_menu(num_layers(runs), traces))
-    fig = style(fig, 420, "Load: tokens each expert and each rank processed")
+    fig = style(fig, 420, "Load per token: experts (whole run), ranks (window)")
     fig.update_layout(legend={"y": 1.14})
     return fig
 
@@ -395,7 +443,7 @@ def fig_per_layer(runs: list[RunData]) -> go.Figure | None:
     panels = (
         ("copies_per_token", "copies sent per token"),
         ("cross_rank_copies_per_token", "cross-rank copies per token"),
-        ("cross_rank_bytes_per_token", "cross-rank bytes per token"),
+        ("cross_rank_kib_per_token", "cross-rank KiB per token"),
     )
     fig = make_subplots(1, 3, subplot_titles=[title for _, title in panels], horizontal_spacing=0.07)
     for i, run in enumerate(runs):
@@ -438,7 +486,7 @@ def fig_step_times(runs: list[RunData]) -> go.Figure | None:
             )
         )
     fig.update_xaxes(title_text="step")
-    fig.update_yaxes(title_text="ms", rangemode="tozero")
+    fig.update_yaxes(title_text="ms per step", rangemode="tozero")
     fig = style(fig, 380, "All-to-all time per step (slowest rank; forward + backward; all MoE layers)")
     fig.update_layout(margin={"t": 70}, showlegend=len(runs) > 1)
     return fig
@@ -447,13 +495,24 @@ def fig_step_times(runs: list[RunData]) -> go.Figure | None:
 # -------------------------------------------------------------------------------------------------------- tables
 
 
-def table_headline(runs: list[RunData]) -> str:
+def headline_change(key: str, values: list, lower: bool | None, comparison: Comparison | None) -> str:
+    """The change column of one headline row: held back where the runs are not like with like (every row for
+    different models; the time rows for windows at different points of training)."""
+    if comparison is not None and not comparison.same_model:
+        return '<span class="na">not compared: different models</span>'
+    if comparison is not None and not comparison.comparable and key in TIME_KEYS:
+        return '<span class="na">not compared: windows differ (see the warning)</span>'
+    return change(values[0], values[1], lower)
+
+
+def table_headline(runs: list[RunData], comparison: Comparison | None = None) -> str:
     rows = []
-    for key, label, lower, spec in HEADLINE:
+    for key, label, lower, spec, divisor in HEADLINE:
         values = [run.summary["overall"].get(key) for run in runs]
+        values = [None if v is None else v / divisor for v in values]
         row = [esc(label), *[fmt(v, spec) for v in values]]
         if len(runs) == 2:
-            row.append(change(values[0], values[1], lower))
+            row.append(headline_change(key, values, lower, comparison))
         rows.append(row)
     header = ["mean over MoE layers", *[run.name for run in runs]] + (["change"] if len(runs) == 2 else [])
     return table(header, rows, "headline")
@@ -469,24 +528,26 @@ def placement_kind(run: RunData) -> str:
 
 
 def table_runs(runs: list[RunData]) -> str:
-    keys = ("num_layers", "num_experts", "top_k", "ep_size", "world_size", "hidden_size", "steps")
+    keys = ("num_layers", "num_experts", "top_k", "ep_size", "world_size", "hidden_size", "dtype")
     rows = []
     for run in runs:
         mode = next((e["mode"] for e in run.layers if "mode" in e), "–")
-        row = [esc(run.name), *[esc(run.info.get(k, "–")) for k in keys], esc(mode), esc(placement_kind(run))]
+        profiled = run.summary.get("profiled_steps", [])
+        steps = [esc(describe_steps(profiled)), esc(describe_steps(run.window))]
+        row = [esc(run.name), *[esc(run.info.get(k, "–")) for k in keys], *steps, esc(mode), esc(placement_kind(run))]
         rows.append([*row, esc(run.info.get("run", "–"))])
-    header = ["run", "MoE layers", "experts", "top-k", "EP size", "ranks", "hidden", "steps", "dispatch", "placement"]
-    return table([*header, "path"], rows, "runs")
+    header = ["run", "MoE layers", "experts", "top-k", "EP size", "ranks", "hidden", "dtype", "profiled", "window"]
+    return table([*header, "dispatch", "placement", "path"], rows, "runs")
 
 
-def table_per_layer(runs: list[RunData]) -> str:
+def table_per_layer(runs: list[RunData], comparison: Comparison | None = None) -> str:
     rows = []
     for index in range(num_layers(runs)):
         row = [str(index)]
         for key, _, spec in LAYER_COLUMNS:
             values = [run.layer(index).get(key) for run in runs]
             cell = " → ".join(fmt(v, spec) for v in values)
-            if len(runs) == 2:
+            if len(runs) == 2 and (comparison is None or comparison.same_model):
                 cell += " " + change(*values)
             row.append(cell)
         rows.append(row)
@@ -501,16 +562,16 @@ def table_traffic(runs: list[RunData]) -> str:
     for index in range(num_layers(runs)):
         cells = []
         for run in runs:
-            copies, nbytes = traffic_matrices(run, index)
+            copies, kib = traffic_matrices(run, index, per="step")
             if copies is None:
                 cells.append(f"<div><b>{esc(run.name)}</b>: no all-to-all in this layer</div>")
                 continue
-            rows = [[f"<b>{r}</b>", *[f"{c:,}<br><small>{b / 2**20:,.1f} MiB</small>" for c, b in zip(cr, br)]]
-                    for r, (cr, br) in enumerate(zip(copies.tolist(), nbytes.tolist()))]  # fmt: skip
+            rows = [[f"<b>{r}</b>", *[f"{c:,.1f}<br><small>{b / KIB:,.3f} MiB</small>" for c, b in zip(cr, br)]]
+                    for r, (cr, br) in enumerate(zip(copies.tolist(), kib.tolist()))]  # fmt: skip
             header = ["from \\ to rank", *[str(r) for r in range(len(copies))]]
             cells.append(f"<div><b>{esc(run.name)}</b>{table(header, rows, 'matrix')}</div>")
         parts.append(f"<h4>layer {index}</h4><div class='side'>{''.join(cells)}</div>")
-    return details("token copies (and MiB) from rank to rank, every layer", "".join(parts))
+    return details("token copies (and MiB) per step from rank to rank, every layer (the window)", "".join(parts))
 
 
 def table_load(runs: list[RunData]) -> str:
@@ -519,22 +580,28 @@ def table_load(runs: list[RunData]) -> str:
         experts = max((len(e.get("expert_load", [])) for e in run.layers), default=0)
         rows = []
         for index in range(run.info["num_layers"]):
-            load, ranks = run.layer(index).get("expert_load"), run.rank_load(index)
-            rows.append(
-                [str(index), *[fmt(v) for v in (load or [None] * experts)], " / ".join(fmt(v) for v in ranks or [None])]
-            )
+            load, ranks = run.expert_load(index), run.rank_load(index)
+            cells = [fmt(v, "{:.4f}") for v in (load or [None] * experts)]
+            rows.append([str(index), *cells, " / ".join(fmt(v, "{:.4f}") for v in ranks or [None])])
         header = ["layer", *[f"e{e}" for e in range(experts)], "per rank"]
         parts.append(f"<h4>{esc(run.name)}</h4>{table(header, rows, 'matrix')}")
-    return details("tokens per expert and per rank, every layer", "".join(parts))
+    return details("routed slots per token, per expert (whole run) and per rank (window), every layer", "".join(parts))
 
 
 def table_steps(runs: list[RunData]) -> str:
-    steps = sorted({s["step"] for run in runs for s in run.summary["steps"]})
-    if not steps:
+    """Row i: the i-th step of each run's window (the windows may be different steps of training)."""
+    count = max(len(run.summary["steps"]) for run in runs)
+    if not count:
         return ""
-    by_run = [{s["step"]: s["all_to_all_ms"] for s in run.summary["steps"]} for run in runs]
-    rows = [[str(step), *[fmt(times.get(step), "{:.2f}") for times in by_run]] for step in steps]
-    return details("all-to-all ms per step", table(["step", *[f"{run.name} (ms)" for run in runs]], rows, "matrix"))
+    rows = []
+    for i in range(count):
+        row = [str(i)]
+        for run in runs:
+            s = run.summary["steps"][i] if i < len(run.summary["steps"]) else None
+            row += [fmt(s and s["step"]), fmt(s and s["all_to_all_ms"], "{:.2f}")]
+        rows.append(row)
+    header = ["# in window", *[cell for run in runs for cell in (f"{run.name} step", f"{run.name} ms per step")]]
+    return details("all-to-all ms per step, the window", table(header, rows, "matrix"))
 
 
 # ---------------------------------------------------------------------------------------------------------- page
@@ -569,19 +636,47 @@ def section(title: str, body: str, note: str = "") -> str:
     return f"<section><h2>{esc(title)}</h2>{note_html}{body}</section>"
 
 
-def build_dashboard(runs: list[RunData]) -> str:
+def comparison_banner(runs: list[RunData], comparison: Comparison | None) -> str:
+    """Loud when the two runs are not like with like; a quiet line naming the window when they are."""
+    if comparison is None:
+        return ""
+    if comparison.comparable:
+        window = describe_steps(comparison.windows[0])
+        return (
+            f'<p class="comparable">Compared like with like: the same model and ranks, {esc(window)} of both runs '
+            f"({len(comparison.windows[0])} steps each).</p>"
+        )
+    reasons = "".join(f"<li>{esc(r)}</li>" for r in comparison.reasons)
+    held_back = "no change is shown" if not comparison.same_model else "the all-to-all time is not shown as a change"
+    return (
+        '<div class="not-comparable" id="not-comparable"><b>NOT LIKE WITH LIKE: these numbers are not a measured '
+        f"effect of the change between the runs.</b><ul>{reasons}</ul>Per-token numbers below are normalised, but "
+        f"{held_back}: both values stand side by side. For a before/after, compare against a control: the same "
+        "continuation from the same checkpoint, for the same steps, with only the placement (or the setting under "
+        "test) changed.</div>"
+    )
+
+
+def build_dashboard(runs: list[RunData], comparison: Comparison | None = None) -> str:
+    """``comparison``: how two runs compare (default: judged from their summaries as they are)."""
     if not 1 <= len(runs) <= 2:
         raise ValueError(f"dashboard takes one run, or two to compare; got {len(runs)}")
+    if len(runs) == 2 and comparison is None:
+        comparison = compare_summaries((runs[0].name, runs[1].name), (runs[0].summary, runs[1].summary))
     title = "c2r profile: " + (runs[0].name if len(runs) == 1 else f"{runs[0].name} vs {runs[1].name}")
     notes = "".join(f"<li>{esc(n)}</li>" for n in missing_notes(runs))
     no_traffic, no_traces = "no run recorded all-to-all traffic", "no run recorded routing traces"
+    per_layer = figure_html(fig_per_layer(runs), "fig-per-layer", no_traffic) + table_per_layer(runs, comparison)
     body = [
         f"<h1>{esc(title)}</h1>",
-        f'<p class="note">written {datetime.now():%Y-%m-%d %H:%M}; per-token numbers are means over tokens and '
-        "training steps; &ldquo;mean over MoE layers&rdquo; averages the layers that have the number.</p>",
+        comparison_banner(runs, comparison),
+        f'<p class="note">written {datetime.now():%Y-%m-%d %H:%M}; traffic and time over each run&rsquo;s window '
+        "of steps (the runs table), per token or per step; co-activation and expert load from the online counters, "
+        "over the whole run, per token; &ldquo;mean over MoE layers&rdquo; averages the layers that have the "
+        "number.</p>",
         f'<ul class="missing">{notes}</ul>' if notes else "",
-        section("Headline", table_headline(runs) + table_runs(runs)),
-        section("Per layer", figure_html(fig_per_layer(runs), "fig-per-layer", no_traffic) + table_per_layer(runs)),
+        section("Headline", table_headline(runs, comparison) + table_runs(runs)),
+        section("Per layer", per_layer),
         section(
             "Rank-to-rank traffic", figure_html(fig_traffic(runs), "fig-traffic", no_traffic) + table_traffic(runs)
         ),  # fmt: skip
@@ -597,15 +692,30 @@ def build_dashboard(runs: list[RunData]) -> str:
     return PAGE.format(title=esc(title), plotlyjs=get_plotlyjs(), css=CSS, body="\n".join(body))
 
 
-def write_dashboard(runs: list[str], out: str, names: list[str] | None = None) -> None:
-    """Write the dashboard of one run directory, or of two (before, after), to ``out``."""
-    if names is not None and len(names) != len(runs):
-        raise ValueError(f"{len(names)} names for {len(runs)} runs")
-    data = [load_run(path, names[i] if names else None) for i, path in enumerate(runs)]
-    if len(data) == 2 and data[0].name == data[1].name:
-        data[0].name, data[1].name = f"{data[0].name} (before)", f"{data[1].name} (after)"
+def load_runs(
+    paths: list[str], names: list[str] | None = None, window: int | None = None
+) -> tuple[list[RunData], Comparison | None]:
+    """One run (every profiled step), or two cut to equal windows (the last ``window`` steps of each; default the
+    shorter run's profiled step count) with their :class:`~profiling.compare.Comparison`."""
+    if names is not None and len(names) != len(paths):
+        raise ValueError(f"{len(names)} names for {len(paths)} runs")
+    if not 1 <= len(paths) <= 2:
+        raise ValueError(f"dashboard takes one run, or two to compare; got {len(paths)}")
+    labels = names or [Path(path).resolve().name for path in paths]
+    if len(paths) == 2 and labels[0] == labels[1]:
+        labels = [f"{labels[0]} (before)", f"{labels[1]} (after)"]
+    if len(paths) == 1:
+        return [load_run(paths[0], labels[0])], None
+    windows = choose_windows(profiled_steps(paths[0]), profiled_steps(paths[1]), window)
+    data = [load_run(path, label, steps or None) for path, label, steps in zip(paths, labels, windows)]
+    return data, compare_summaries((labels[0], labels[1]), (data[0].summary, data[1].summary))
+
+
+def write_dashboard(runs: list[str], out: str, names: list[str] | None = None, window: int | None = None) -> None:
+    """Write the dashboard of one run directory, or of two (before, after) over equal windows, to ``out``."""
+    data, comparison = load_runs(runs, names, window)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(build_dashboard(data), encoding="utf-8")
+    Path(out).write_text(build_dashboard(data, comparison), encoding="utf-8")
 
 
 CSS = """
@@ -622,6 +732,9 @@ table.matrix small { color: #777; } table.layers td, table.layers th { white-spa
 .side { display: flex; gap: 32px; flex-wrap: wrap; }
 .good { color: #1a7f37; font-weight: 600; } .bad { color: #cf222e; font-weight: 600; } .same, .na { color: #777; }
 .note { color: #555; font-size: 13px; }
+.not-comparable { color: #82071e; background: #ffebe9; border: 2px solid #cf222e; padding: 10px 16px;
+                  border-radius: 6px; font-size: 15px; margin: 10px 0; }
+.comparable { color: #1a7f37; font-size: 14px; }
 .missing { color: #9a6700; background: #fff8c5; padding: 8px 12px 8px 28px; border-radius: 6px; }
 p.missing { padding: 8px 12px; }
 details { margin: 8px 0; overflow-x: auto; } summary { cursor: pointer; color: #0969da; }

@@ -42,7 +42,9 @@ class ProfiledModel:
 
     ``layers``: the MoE layers in order (the protocol in the module docstring). ``expert_to_rank``: per layer, the
     rank of each expert, or None where the layer is not expert parallel. ``dispatch_mode``: how the expert-parallel
-    layers send tokens (``per-expert``, ``per-rank``, ...), None when no layer is expert parallel.
+    layers send tokens (``per-expert``, ``per-rank``, ...), None when no layer is expert parallel. ``dtype``: the
+    activations' dtype (``bf16``, ``fp16``, ``fp32``), recorded with ``hidden_size`` so that bytes per token can be
+    computed from the traces alone (``c2r-place evaluate``); None when not known.
     """
 
     layers: list[nn.Module]
@@ -52,6 +54,7 @@ class ProfiledModel:
     router: str
     dispatch_mode: str | None
     expert_to_rank: list[list[int] | None]
+    dtype: str | None = None
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -107,6 +110,7 @@ class ProfileSession:
             "num_experts": model.num_experts,
             "top_k": model.top_k,
             "hidden_size": model.hidden_size,
+            "dtype": model.dtype,
             "world_size": world,
         }
         if rank == 0:
@@ -134,7 +138,7 @@ class ProfileSession:
                 rank=rank,
                 world_size=world,
                 config=config.trace,
-                extra_header=run_info,
+                extra_header={"hidden_size": model.hidden_size, "dtype": model.dtype, **run_info},
             )
             self._handles = attach_routing_recorder(model.layers, self.recorder)
 

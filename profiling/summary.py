@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,15 @@ def _step_times(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"step": s, "all_to_all_ms": steps[s]} for s in sorted(steps)]
 
 
-def summarize(path: str | Path) -> dict[str, Any]:
+def profiled_steps(path: str | Path) -> list[int]:
+    """The training steps a run's all-to-all records cover (empty without records), sorted."""
+    comm_dir = find_profile_dir(path) / "comm"
+    return sorted({r["step"] for r in read_comm_records(comm_dir)}) if comm_dir.exists() else []
+
+
+def summarize(path: str | Path, steps: Collection[int] | None = None) -> dict[str, Any]:
+    """``steps``: summarise the all-to-all records of these training steps only (a window; None: every step). The
+    online co-activation counters have no steps: they always cover the whole run (``traced_tokens`` per layer)."""
     profile_dir = find_profile_dir(path)
     info = json.loads((profile_dir / "profile.json").read_text())
     summary: dict[str, Any] = {
@@ -100,10 +109,14 @@ def summarize(path: str | Path) -> dict[str, Any]:
         "layers": [],
         "steps": [],
     }
-    coactivation = None
+    coactivation = traced_tokens = None
     if (profile_dir / "traces").exists():
-        coactivation, _ = read_online_counts(profile_dir / "traces")
+        coactivation, traced_tokens = read_online_counts(profile_dir / "traces")
     records = read_comm_records(profile_dir / "comm") if (profile_dir / "comm").exists() else []
+    summary["profiled_steps"] = sorted({r["step"] for r in records})
+    if steps is not None:
+        keep = set(steps)
+        records = [r for r in records if r["step"] in keep]
     by_layer: dict[int, list] = defaultdict(list)
     for r in records:
         by_layer[r["layer"]].append(r)
@@ -114,6 +127,7 @@ def summarize(path: str | Path) -> dict[str, Any]:
         if coactivation is not None:
             load_E = np.diag(coactivation[layer]).astype(np.int64)
             entry["expert_load"] = load_E.tolist()
+            entry["traced_tokens"] = int(traced_tokens[layer])
             entry["expert_load_imbalance"] = float(load_E.max() / max(load_E.mean(), 1e-9))
         summary["layers"].append(entry)
     summary["steps"] = _step_times(records)
@@ -156,7 +170,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"top-{info['top_k']}, ep_size {info.get('ep_size', '?')}, {len(summary['steps'])} steps"
     ]
     header = (
-        f"{'layer':>5} {'copies/tok':>10} {'ranks/tok':>9} {'cross/tok':>9} {'cross KB/tok':>12} "
+        f"{'layer':>5} {'copies/tok':>10} {'ranks/tok':>9} {'cross/tok':>9} {'cross KiB/tok':>13} "
         f"{'rank load max/mean':>18} {'expert load max/mean':>20}"
     )
     lines.append(header)
@@ -166,7 +180,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             continue
         lines.append(
             f"{e['layer']:>5} {e['copies_per_token']:>10.3f} {e['distinct_ranks_per_token']:>9.3f} "
-            f"{e['cross_rank_copies_per_token']:>9.3f} {e['cross_rank_bytes_per_token'] / 1024:>12.3f} "
+            f"{e['cross_rank_copies_per_token']:>9.3f} {e['cross_rank_bytes_per_token'] / 1024:>13.3f} "
             f"{e['rank_load_imbalance']:>18.3f} {e.get('expert_load_imbalance', float('nan')):>20.3f}"
         )
     o = summary["overall"]
@@ -181,8 +195,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         if info.get("ep_size", W) > W:  # more than one node: the network hop apart from NVLink
             lines.append(
                 f"nodes of {W} ranks: {o['inter_node_copies_per_token']:.3f} inter-node copies/token "
-                f"({o['inter_node_bytes_per_token'] / 1024:.3f} KB), {o['intra_node_copies_per_token']:.3f} "
-                f"intra-node copies/token ({o['intra_node_bytes_per_token'] / 1024:.3f} KB), "
+                f"({o['inter_node_bytes_per_token'] / 1024:.3f} KiB), {o['intra_node_copies_per_token']:.3f} "
+                f"intra-node copies/token ({o['intra_node_bytes_per_token'] / 1024:.3f} KiB), "
                 f"{o['distinct_nodes_per_token']:.3f} distinct nodes/token (what per-node dispatch sends over the "
                 "network, own node included)"
             )

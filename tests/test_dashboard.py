@@ -15,7 +15,18 @@ import pytest
 from c2r.config_utils import config_from_dict
 from c2r.train import RunConfig, train
 from profiling.cli import main as profile_cli
-from profiling.dashboard import RunData, build_dashboard, load_run, placement_order, write_dashboard
+from profiling.compare import choose_windows
+from profiling.dashboard import (
+    RunData,
+    build_dashboard,
+    change,
+    fig_coactivation,
+    load_run,
+    load_runs,
+    placement_order,
+    traffic_matrices,
+    write_dashboard,
+)
 from tests.distributed import run_distributed
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -82,13 +93,99 @@ def test_dashboard_is_self_contained_and_escapes_names(runs, tmp_path):
     assert page.count("<table") >= 6
 
 
-def test_compare_shows_changes(runs, tmp_path):
+def relabelled(run: Path, out: Path, keep_steps, shift: int = 0, repeat: int = 1) -> Path:
+    """A copy of a run whose all-to-all records keep only ``keep_steps``, moved by ``shift`` steps and written
+    ``repeat`` times over consecutive step ranges (a continuation, or a longer run with the same routing)."""
+    shutil.copytree(run / "profile", out / "profile")
+    for path in (out / "profile" / "comm").glob("comm-rank*.jsonl"):
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        kept = [r for r in records if r["step"] in keep_steps]
+        span = max(keep_steps) + 1
+        lines = [json.dumps({**r, "step": r["step"] + shift + i * span}) for i in range(repeat) for r in kept]
+        path.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def test_profile_records_the_hidden_size_and_dtype_the_dispatcher_sends(runs):
+    """c2r-place evaluate reads these to count bytes for the traced model (d_model 32, fp32 on CPU)."""
+    header = json.loads((runs["before"] / "profile" / "traces" / "header.json").read_text())
+    info = json.loads((runs["before"] / "profile" / "profile.json").read_text())
+    assert header["hidden_size"] == info["hidden_size"] == 32 and header["dtype"] == info["dtype"] == "fp32"
+    record = json.loads((runs["before"] / "profile" / "comm" / "comm-rank000.jsonl").read_text().splitlines()[0])
+    assert record["bytes_per_copy"] == 32 * 4
+
+
+def test_choose_windows_takes_the_last_steps_both_runs_have():
+    assert choose_windows(list(range(300)), list(range(300, 400))) == (list(range(200, 300)), list(range(300, 400)))
+    assert choose_windows([0, 1, 2], [0, 1, 2, 3], window=2) == ([1, 2], [2, 3])
+    assert choose_windows([0, 1], [], None) == ([], [])
+    with pytest.raises(ValueError, match="--window"):
+        choose_windows([0], [0], window=0)
+
+
+def test_different_models_are_said_loudly_and_not_headlined(runs, tmp_path):
     out = tmp_path / "cmp.html"
     assert profile_cli(["dashboard", str(runs["before"]), str(runs["after"]), "-o", str(out), "--names", "k2,k1"]) == 0
     page = out.read_text()
-    assert "k2 vs k1" in page and "change" in page
-    # top-1 sends half the copies of top-2: the headline says -50.0%, in green
-    assert '<span class="good">-50.0%</span>' in page and "contiguous" in page
+    assert "k2 vs k1" in page and "change" in page and "contiguous" in page
+    # top-2 against top-1 is another model: the warning names it, and no change is headlined (it would read -50%)
+    assert 'id="not-comparable"' in page and "top_k 2 in k2, 1 in k1" in page
+    assert '<span class="good">' not in page and "not compared: different models" in page
+    _, comparison = load_runs([str(runs["before"]), str(runs["after"])], ["k2", "k1"])
+    assert not comparison.comparable and not comparison.same_model
+    assert comparison.windows == (list(range(6)), list(range(6)))
+
+
+def test_the_same_setting_over_the_same_steps_compares(runs, tmp_path):
+    twin = relabelled(runs["before"], tmp_path / "twin", range(6))
+    data, comparison = load_runs([str(runs["before"]), str(twin)], ["a", "b"])
+    assert comparison.comparable and comparison.reasons == [] and comparison.windows[0] == list(range(6))
+    page = build_dashboard(data, comparison)
+    assert 'id="not-comparable"' not in page and "Compared like with like" in page and "steps 0–5 of both" in page
+    assert page.count('<span class="same">+0.0%</span>') >= 5  # the headline's per-token rows, ms included
+    assert change(2.0, 1.0) == '<span class="good">-50.0%</span>'  # lower is better: green
+    assert change(2.0, 3.0) == '<span class="bad">+50.0%</span>'
+
+
+def test_scratch_vs_continuation_windows_and_per_token_numbers(runs, tmp_path):
+    """before: steps 0-5 from scratch; cont: 3 steps continued from step 300 with the same routing. Default window:
+    the last 3 steps of each, not like with like (different points of training): traffic per token is compared,
+    all-to-all time only side by side."""
+    cont = relabelled(runs["before"], tmp_path / "cont", range(3, 6), shift=297)
+    data, comparison = load_runs([str(runs["before"]), str(cont)], ["scratch", "cont"])
+    assert comparison.windows == ([3, 4, 5], [300, 301, 302]) and comparison.same_model and not comparison.comparable
+    assert any("from scratch" in r and "continuation" in r and "from step 300" in r for r in comparison.reasons)
+    assert any("different points of training" in r for r in comparison.reasons)
+    assert data[0].window == [3, 4, 5] and data[0].summary["profiled_steps"] == list(range(6))
+    page = build_dashboard(data, comparison)
+    assert 'id="not-comparable"' in page and "not compared: windows differ" in page
+    assert page.count('<span class="same">+0.0%</span>') >= 3  # copies per token: same routing, per token
+    # the same run written twice over (12 steps): totals double, per-token numbers do not
+    double = relabelled(runs["before"], tmp_path / "double", range(6), repeat=2)
+    data, comparison = load_runs([str(runs["before"]), str(double)], ["once", "twice"], window=12)
+    assert len(data[0].window) == 6 and len(data[1].window) == 12 and "unequal windows" in comparison.reasons[0]
+    for layer in range(2):
+        raw = [np.asarray(run.layer(layer)["copies_rank_to_rank"]) for run in data]
+        np.testing.assert_array_equal(raw[1], 2 * raw[0])
+        per_token = [traffic_matrices(run, layer)[0] for run in data]
+        np.testing.assert_allclose(per_token[1], per_token[0])
+        assert per_token[0].sum() == pytest.approx(data[0].layer(layer)["copies_per_token"])
+        per_step = [traffic_matrices(run, layer, per="step")[0] for run in data]
+        np.testing.assert_allclose(per_step[1], per_step[0])
+        assert data[1].rank_load(layer) == pytest.approx(data[0].rank_load(layer))
+
+
+def test_coactivation_panels_share_one_colour_scale(runs):
+    data, _ = load_runs([str(runs["before"]), str(runs["after"])])
+    fig = fig_coactivation(data).to_plotly_json()
+    heatmaps = [t for t in fig["data"] if t["type"] == "heatmap"]
+    assert len(heatmaps) == 2 and {t["coloraxis"] for t in heatmaps} == {"coloraxis"}
+    scale = fig["layout"]["coloraxis"]
+    assert scale["cmin"] == 0 and "coloraxis2" not in fig["layout"]
+    # per 1000 tokens, the top of the scale is the largest cell of either run, every layer
+    values = [v for t in heatmaps for row in t["z"] for v in row if v is not None]
+    assert 0 < max(values) <= scale["cmax"] <= 1000
+    assert scale["colorbar"]["title"]["text"] == "per 1000 tokens"
 
 
 def test_missing_comm_or_traces_is_said_not_crashed(runs, tmp_path):

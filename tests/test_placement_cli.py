@@ -223,3 +223,53 @@ def test_topology_map_plans_from_traces_and_evaluates_against_two_level(run_dir,
         assert sorted(np.bincount(layout.expert_to_rank, minlength=4).tolist()) == [4, 4, 4, 4]  # exactly E/R per rank
     # Both put clustered experts together: fewer nodes per token than the contiguous placement.
     assert fanout["map"] < fanout["contiguous"] and fanout["two-level"] < fanout["contiguous"], fanout
+
+
+def test_evaluate_uses_the_traced_hidden_size_and_dtype(tmp_path, capsys):
+    """A trace of a 128-wide fp32 model: evaluate counts 128 x 4 = 512 bytes per token copy (not 4096 x bf16) and
+    says so; --hidden / --dtype still override; a run whose header predates the fields falls back on profile.json
+    and the all-to-all records' bytes per copy."""
+    run = tmp_path / "run"
+    recorder = RoutingTraceRecorder(
+        run / "profile" / "traces", num_layers=1, num_experts=E, top_k=K, source="test",
+        extra_header={"hidden_size": 128, "dtype": "fp32"},
+    )  # fmt: skip
+    for step in range(2):
+        recorder.step = step
+        recorder.record(0, torch.from_numpy(synthetic_expert_ids(100, E, K, seed=step).astype(np.int64)))
+    recorder.close()
+    plan_path = tmp_path / "plan.json"
+    code, out, err = run_cli(capsys, "plan", "--traces", run, "--ranks", 4, "--out", plan_path, "-q")
+    assert code == 0, err
+    assert "bytes per token copy: 512 = hidden 128 (traced, from the trace header), dtype fp32 (traced" in out
+
+    code, out, err = run_cli(capsys, "evaluate", "--plan", plan_path, "--traces", run, "-q")
+    assert code == 0, err
+    assert "bytes per token copy: 512 = hidden 128 (traced, from the trace header)" in out
+    code, out, _ = run_cli(capsys, "evaluate", "--plan", plan_path, "--traces", run, "--json", "-q")
+    traced = json.loads(out[out.index("{") :])
+    layer = traced["plan"]["layers"][0]
+    assert traced["bytes"]["hidden"] == 128 and traced["bytes"]["dtype"] == "fp32"
+    assert layer["cross_rank_bytes_per_token"] == pytest.approx(layer["cross_rank_copies_per_token"] * 512)
+    argv = ("evaluate", "--plan", plan_path, "--traces", run, "--hidden", 4096, "--dtype", "bf16", "--json", "-q")
+    code, out, _ = run_cli(capsys, *argv)
+    given = json.loads(out[out.index("{") :])
+    assert given["bytes"]["used"].endswith("hidden 4096 (--hidden), dtype bf16 (--dtype)")
+    assert given["plan"]["layers"][0]["cross_rank_bytes_per_token"] == pytest.approx(
+        16 * layer["cross_rank_bytes_per_token"]
+    )
+
+    # an older run: nothing in the header, hidden_size in profile.json, the dtype from the all-to-all records
+    header_path = run / "profile" / "traces" / "header.json"
+    header = json.loads(header_path.read_text())
+    header_path.write_text(json.dumps({k: v for k, v in header.items() if k not in ("hidden_size", "dtype")}))
+    (run / "profile" / "profile.json").write_text(json.dumps({"hidden_size": 64}))
+    (run / "profile" / "comm").mkdir()
+    (run / "profile" / "comm" / "comm-rank000.jsonl").write_text(json.dumps({"bytes_per_copy": 128}) + "\n")
+    code, out, err = run_cli(capsys, "evaluate", "--plan", plan_path, "--traces", run, "--holdout", 0, "-q")
+    assert code == 0, err
+    assert "bytes per token copy: 128 = hidden 64 (traced, from profile.json and the all-to-all records' " in out
+    (run / "profile" / "profile.json").unlink()
+    code, out, err = run_cli(capsys, "evaluate", "--plan", plan_path, "--traces", run, "--holdout", 0, "-q")
+    assert code == 0, err
+    assert "bytes per token copy: 8192 = hidden 4096 (a default: not recorded), dtype bf16 (a default" in out
