@@ -202,17 +202,15 @@ def fake_run(out_dir: Path) -> None:
     (out_dir / "plan.json").write_text("{}")  # not c2r-train's: --overwrite leaves it
 
 
-def test_out_with_a_run_refuses_without_resume_or_overwrite(tmp_path):
+def test_out_with_a_run_refuses_without_resume_or_overwrite(tmp_path, capsys):
     fake_run(tmp_path)
-    with pytest.raises(SystemExit) as refused:
-        c2r.train.main(["--out", str(tmp_path), "--steps", "2"])
-    assert str(refused.value) == (
+    assert c2r.train.main(["--out", str(tmp_path), "--steps", "2"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         f"c2r-train: {str(tmp_path)!r} already holds a run (checkpoints/, metrics.jsonl); continue it with --resume, "
         "or replace it with --overwrite (or choose another --out)"
-    )
-    with pytest.raises(SystemExit) as both:
-        c2r.train.main(["--out", str(tmp_path), "--resume", "--overwrite"])
-    assert "resume and overwrite exclude each other" in str(both.value)
+    ]
+    assert c2r.train.main(["--out", str(tmp_path), "--resume", "--overwrite"]) == 2
+    assert "resume and overwrite exclude each other" in capsys.readouterr().err
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step9"  # nothing touched
 
 
