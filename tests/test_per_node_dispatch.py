@@ -12,6 +12,7 @@ from c2r.parallel import build_dispatcher, local_expert_weights, make_node_group
 from placement.layout import ExpertLayout
 from tests.distributed import run_distributed
 from tests.routing_cases import make_routing, random_routing
+from tests.test_expert_parallel import MetaRecorder
 
 T, D, F, E, K = 10, 8, 4, 16, 4  # tokens per rank, hidden, ffn, experts, slots
 NODES = 2
@@ -58,20 +59,6 @@ def run_case(dispatcher, x, routing, backend, experts, rows=slice(None)):
 def full_experts(world: int):
     torch.manual_seed(0)
     return ExpertWeights(E, D, F, "swiglu"), torch.randn(world * T, D, generator=torch.Generator().manual_seed(4))
-
-
-class MetaRecorder:
-    def __init__(self):
-        self.metas = []
-
-    def start(self, name):
-        return None
-
-    def stop(self, handle):
-        pass
-
-    def on_dispatch(self, meta):
-        self.metas.append(meta)
 
 
 def moe_layer() -> MoELayer:
