@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from c2r.deepspeed.checkpoint import CONFIG_FILE, LATEST, latest_tag, recorded_layouts
 from placement.layout import ExpertLayout
+from profiling.files import atomic_write_text
 
 log = logging.getLogger("c2r.deepspeed.move_experts")
 
@@ -106,12 +107,7 @@ def move_experts(
     run_config = json.loads((src / CONFIG_FILE).read_text())
     old = recorded_layouts(run_config)
     new = check_layouts_fit(layouts, run_config, len(old))
-    dst = out_dir / tag
-    if dst.exists():
-        raise FileExistsError(f"{dst} already exists; choose another --out")
-    tmp = out_dir / f".{tag}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    dst, tmp = begin_checkpoint(out_dir, tag)
     # A partial directory inside the source is what an older apply with --out inside it left behind: not ours to copy.
     files = sorted(p for p in src.iterdir() if not (p.is_dir() and p.name.endswith(".partial")))
     optimizer_files = [p for p in files if OPTIMIZER_FILE.fullmatch(p.name)]
@@ -133,11 +129,7 @@ def move_experts(
     run_config["expert_layouts"] = [layout.to_json() for layout in new]
     run_config["placement_plan"] = plan_path
     (tmp / CONFIG_FILE).write_text(json.dumps(run_config, indent=2))
-    os.replace(tmp, dst)  # the new checkpoint appears whole or not at all
-    latest = out_dir / LATEST
-    latest.with_name(LATEST + ".tmp").write_text(tag)
-    os.replace(latest.with_name(LATEST + ".tmp"), latest)
-    return dst
+    return publish_checkpoint(tmp, dst)
 
 
 def check_out_dir(out_dir: Path, checkpoint_dir: Path, src: Path) -> None:
@@ -182,6 +174,26 @@ def _copy_one(path: Path, dst_dir: Path, old: list[ExpertLayout], new: list[Expe
     state = torch.load(path, map_location="cpu", weights_only=False)
     renamed = {KEY_SLOT.sub(lambda m: f"{m[1]}{new_slot}{m[3]}", key, count=1): value for key, value in state.items()}
     torch.save(renamed, dst_dir / f"layer_{layer}_expert_{new_slot}_{mp}_model_states.pt")
+
+
+def begin_checkpoint(out_dir: Path, tag: str) -> tuple[Path, Path]:
+    """The new checkpoint's directory and the (emptied) partial directory it is written in first; refuses to
+    replace a checkpoint that exists."""
+    dst = out_dir / tag
+    if dst.exists():
+        raise FileExistsError(f"{dst} already exists; choose another --out")
+    tmp = out_dir / f".{tag}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return dst, tmp
+
+
+def publish_checkpoint(tmp: Path, dst: Path) -> Path:
+    """Rename the finished partial directory into place (it appears whole or not at all), then point ``latest`` at
+    it."""
+    os.replace(tmp, dst)
+    atomic_write_text(dst.parent / LATEST, dst.name)
+    return dst
 
 
 def move_rows(old: list[torch.Tensor], before: ExpertLayout, after: ExpertLayout) -> list[torch.Tensor]:

@@ -36,8 +36,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +55,8 @@ from c2r.deepspeed.move_experts import (
     OptimizerRemap,
     UnsupportedOptimizerState,
     _copy_one,
+    begin_checkpoint,
+    publish_checkpoint,
 )
 from placement.layout import ExpertLayout, require_divides
 
@@ -99,12 +99,7 @@ def reshard(
     require_divides(ep_size, "ep_size", num_experts, "num_experts")
     new = new_layouts(layouts, len(old), num_experts, ep_size)
     old_world = saved_world_size(src)
-    dst = out_dir / tag
-    if dst.exists():
-        raise FileExistsError(f"{dst} already exists; choose another --out")
-    tmp = out_dir / f".{tag}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    dst, tmp = begin_checkpoint(out_dir, tag)
     files = sorted(src.iterdir())
     optimizer_files = [p for p in files if OPTIMIZER_FILE.fullmatch(p.name)]
     for path in tqdm(files, desc="resharding", unit="file"):
@@ -127,11 +122,7 @@ def reshard(
         log.warning("optimizer state not carried over: %s", why)
     torch.save(resized_model_state(model_state, world_size, old[0], new[0], rank0_optimizer), tmp / MODEL_FILE)
     (tmp / CONFIG_FILE).write_text(json.dumps(resized_run_config(run_config, old_world, world_size, new, plan_path)))
-    os.replace(tmp, dst)  # the new checkpoint appears whole or not at all
-    latest = out_dir / LATEST
-    latest.with_name(LATEST + ".tmp").write_text(tag)
-    os.replace(latest.with_name(LATEST + ".tmp"), latest)
-    return dst
+    return publish_checkpoint(tmp, dst)
 
 
 def new_layouts(
