@@ -134,7 +134,8 @@ def attach_expert_parallel(
     (default: the world), with the layout it was loaded with; call once torch.distributed is initialised.
     ``observers``: one ``DispatchObserver`` per MoE block (the communication profiler's), default none.
     ``ranks_per_node``: ranks per node (default: the launcher's local world size); per-node dispatch groups by it."""
-    from c2r.parallel.dispatch import NO_OBSERVER, build_dispatcher
+    from c2r.parallel import build_dispatcher
+    from c2r.parallel.dispatch import NO_OBSERVER
     from c2r.parallel.nodes import make_node_groups, resolve_ranks_per_node
 
     blocks = converted_blocks(model)

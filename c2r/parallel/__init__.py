@@ -9,9 +9,8 @@ from c2r.parallel.dispatch import (
     NoObserver,
     PerExpertDispatcher,
     PerRankDispatcher,
-    build_dispatcher,
 )
-from c2r.parallel.expert_parallel import local_expert_weights, model_layouts, shard_experts
+from c2r.parallel.expert_parallel import build_dispatcher, local_expert_weights, model_layouts, shard_experts
 from c2r.parallel.host_syncs import count_host_syncs
 from c2r.parallel.nodes import NodeGroups, make_node_groups, resolve_ranks_per_node
 from c2r.parallel.per_node import PerNodeDispatcher

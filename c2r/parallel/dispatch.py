@@ -33,7 +33,6 @@ import torch
 import torch.distributed as dist
 
 from c2r.parallel.all_to_all import ExchangeTimer, all_to_all, exchange_counts
-from c2r.parallel.nodes import resolve_ranks_per_node
 from c2r.parallel.slot_rows import (
     SlotOrder,
     count_keys,
@@ -348,27 +347,3 @@ class PerRankDispatcher(_Dispatcher):
         # replies (at most R, gathered through the copy order).
         y_CD = self._send(y_QD, (meta.recv_splits, meta.send_splits), "combine")
         return sum_slots(y_CD, meta.sent, meta.sent.valid_ZK.to(y_CD.dtype))
-
-
-def build_dispatcher(
-    mode: str,
-    layout: ExpertLayout,
-    group=None,
-    observer: DispatchObserver = NO_OBSERVER,
-    ranks_per_node: int | None = None,
-    node_groups=None,
-) -> _Dispatcher:
-    """``observer``: who times the exchanges and receives each forward's :class:`DispatchMeta` (default: nobody).
-
-    ``ranks_per_node``: W (None: the launcher's local world size, else one node); per-node dispatch exchanges over
-    ``node_groups`` (a :class:`~c2r.parallel.nodes.NodeGroups`; made here if None, but make them once per model)."""
-    ranks_per_node = resolve_ranks_per_node(ranks_per_node, layout.num_ranks)
-    if mode == "per-expert":
-        return PerExpertDispatcher(layout, group, observer, ranks_per_node)
-    if mode == "per-rank":
-        return PerRankDispatcher(layout, group, observer, ranks_per_node)
-    if mode == "per-node":
-        from c2r.parallel.per_node import PerNodeDispatcher  # it builds on this module
-
-        return PerNodeDispatcher(layout, group, observer, ranks_per_node, node_groups)
-    raise ValueError(f"dispatch mode {mode!r} is not one of {list(DISPATCH_MODES)}")

@@ -12,9 +12,38 @@ from torch import nn
 
 from c2r.experts import ExpertWeights
 from c2r.moe import MoELayer
-from c2r.parallel.dispatch import NO_OBSERVER, DispatchObserver, build_dispatcher
+from c2r.parallel.dispatch import (
+    DISPATCH_MODES,
+    NO_OBSERVER,
+    DispatchObserver,
+    PerExpertDispatcher,
+    PerRankDispatcher,
+)
 from c2r.parallel.nodes import make_node_groups, resolve_ranks_per_node
+from c2r.parallel.per_node import PerNodeDispatcher
 from placement.layout import ExpertLayout
+
+
+def build_dispatcher(
+    mode: str,
+    layout: ExpertLayout,
+    group=None,
+    observer: DispatchObserver = NO_OBSERVER,
+    ranks_per_node: int | None = None,
+    node_groups=None,
+) -> PerExpertDispatcher | PerRankDispatcher | PerNodeDispatcher:
+    """``observer``: who times the exchanges and receives each forward's :class:`DispatchMeta` (default: nobody).
+
+    ``ranks_per_node``: W (None: the launcher's local world size, else one node); per-node dispatch exchanges over
+    ``node_groups`` (a :class:`~c2r.parallel.nodes.NodeGroups`; made here if None, but make them once per model)."""
+    ranks_per_node = resolve_ranks_per_node(ranks_per_node, layout.num_ranks)
+    if mode == "per-expert":
+        return PerExpertDispatcher(layout, group, observer, ranks_per_node)
+    if mode == "per-rank":
+        return PerRankDispatcher(layout, group, observer, ranks_per_node)
+    if mode == "per-node":
+        return PerNodeDispatcher(layout, group, observer, ranks_per_node, node_groups)
+    raise ValueError(f"dispatch mode {mode!r} is not one of {list(DISPATCH_MODES)}")
 
 
 def local_expert_weights(full: ExpertWeights, experts: list[int]) -> ExpertWeights:
