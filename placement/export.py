@@ -116,6 +116,8 @@ def export_plan(plan: Plan, fmt: str, num_replicas: int | None = None) -> dict[s
 
     eplb with ``num_replicas``: hot experts replicated by `replicate_hot_experts` from the plan's recorded expert
     load; that placement balances load only and does NOT keep the plan's co-activation grouping."""
+    for layout in plan.layouts:
+        layout.require_unreplicated("c2r-place export")
     if fmt not in EXPORT_FORMATS:
         raise PlacementError(f"unknown export format {fmt!r}; choose from {', '.join(EXPORT_FORMATS)}")
     if fmt == "autoep":

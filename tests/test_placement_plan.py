@@ -118,6 +118,27 @@ def test_layout_from_json_directly():
         ExpertLayout.from_json([0, 1, 1], 2, num_experts=4, where="layer 2")
     assert layout.rank_to_experts == [[1, 2], [0, 3]]
     assert layout.physical_to_logical.tolist() == [1, 2, 0, 3] and layout.logical_to_physical.tolist() == [2, 0, 1, 3]
+    assert layout.replica_slots.tolist() == [[2], [0], [1], [3]] and not layout.is_replicated
+
+
+def test_replicated_layout():
+    # expert 1 also on rank 1, expert 3 also on rank 0: 8 slots, 4 per rank, each rank's slots in ascending id
+    layout = ExpertLayout.from_json([0, [0, 1], 1, [1, 0], 0, 1], 2, num_experts=6)
+    assert layout.is_replicated and layout.num_slots == 8 and layout.experts_per_rank == 4
+    assert layout.rank_to_experts == [[0, 1, 3, 4], [1, 2, 3, 5]]
+    assert layout.physical_to_logical.tolist() == [0, 1, 3, 4, 1, 2, 3, 5]
+    assert layout.logical_to_physical.tolist() == [0, 1, 5, 6, 3, 7]  # home copies
+    assert layout.replica_slots.tolist() == [[0, -1], [1, 4], [5, -1], [6, 2], [3, -1], [7, -1]]
+    assert ExpertLayout.from_json(layout.to_json(), 2) == layout and layout.to_json() == [0, [0, 1], 1, [1, 0], 0, 1]
+    assert ExpertLayout.with_replicas(ExpertLayout.from_json([0, 0, 1, 1, 0, 1], 2), layout.replicas) == layout
+    with pytest.raises(PlacementError, match=r"experts \[1\] have two copies on one rank"):
+        ExpertLayout.from_json([0, [0, 0], 1, 1], 2)
+    with pytest.raises(PlacementError, match=r"exactly 3 experts \(6 slots / ep_size 2\); these ranks hold: \{0: 2"):
+        ExpertLayout.from_json([0, [1], 1, 1, [0, 1]], 2)
+    with pytest.raises(PlacementError, match="an expert's list of ranks is empty"):
+        ExpertLayout.from_json([[], 0], 2)
+    with pytest.raises(PlacementError, match=r"export does not handle replicated experts yet \(experts \[1, 3\]"):
+        layout.require_unreplicated("c2r-place export")
 
 
 @pytest.mark.parametrize(

@@ -107,6 +107,8 @@ def move_experts(
     run_config = json.loads((src / CONFIG_FILE).read_text())
     old = recorded_layouts(run_config)
     new = check_layouts_fit(layouts, run_config, len(old))
+    for layout in [*old, *new]:
+        layout.require_unreplicated("c2r-place apply")
     dst, tmp = begin_checkpoint(out_dir, tag)
     # A partial directory inside the source is what an older apply with --out inside it left behind: not ours to copy.
     files = sorted(p for p in src.iterdir() if not (p.is_dir() and p.name.endswith(".partial")))

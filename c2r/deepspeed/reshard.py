@@ -98,6 +98,8 @@ def reshard(
     require_divides(ep_size, "ep_size", world_size, "the world size")
     require_divides(ep_size, "ep_size", num_experts, "num_experts")
     new = new_layouts(layouts, len(old), num_experts, ep_size)
+    for layout in [*old, *new]:
+        layout.require_unreplicated("c2r-place reshard")
     old_world = saved_world_size(src)
     dst, tmp = begin_checkpoint(out_dir, tag)
     files = sorted(src.iterdir())

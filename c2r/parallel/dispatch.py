@@ -198,6 +198,7 @@ class _Dispatcher:
         observer: DispatchObserver = NO_OBSERVER,
         ranks_per_node: int | None = None,
     ):
+        layout.require_unreplicated("expert-parallel dispatch")
         self.layout = layout
         self.ranks_per_node = ranks_per_node  # for the counts only (DispatchMeta.inter_node_copies and co.)
         self.group = group
