@@ -407,6 +407,22 @@ def contenders_for(cfg: BenchConfig) -> dict[str, Callable]:
 # Driver
 
 
+def print_profile(fn: Callable, x: torch.Tensor, params: tuple[torch.Tensor, ...], iters: int, title: str) -> None:
+    """Where the time goes: torch.profiler over ``iters`` more forward + backward steps, the top kernels and ops by
+    device time (self time, so nested ops are not counted twice) and the number of kernels per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        time_fwd_bwd(fn, x, iters, warmup=0, params=params)
+    events = prof.key_averages()
+    on_cuda = x.device.type == "cuda"
+    sort_by = "self_device_time_total" if on_cuda else "self_cpu_time_total"
+    kernels = sum(e.count for e in events if on_cuda and e.device_type.name == "CUDA")
+    print(f"--- profile: {title}, {iters} steps, {kernels / iters:.0f} kernels per step ---")
+    print(events.table(sort_by=sort_by, row_limit=18, max_name_column_width=70), flush=True)
+
+
 def run_one(cfg: BenchConfig, name: str, builder: Callable, args, device, dtype) -> dict:
     """Build, time and free one contender; a failure becomes {"error": ...}."""
     if device.type == "cuda":
@@ -420,6 +436,8 @@ def run_one(cfg: BenchConfig, name: str, builder: Callable, args, device, dtype)
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         result = {"times_ms": times, "peak_gib": peak}
         print(f"  {cfg.name:<16} {name:<17} median {statistics.median(times):9.3f} ms", flush=True)
+        if args.profile:
+            print_profile(bench.fn, x, params, args.profile, f"{cfg.name} {name}")
     except Exception as error:  # ImportError, OOM, unsupported: report and go on
         reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
         reason = reason[:200]
@@ -538,6 +556,13 @@ def parse_args(argv=None):
     parser.add_argument("--markdown", metavar="PATH", help="also write the table as Markdown")
     parser.add_argument("--json", metavar="PATH", help="also write the raw numbers as JSON")
     parser.add_argument("--verbose", action="store_true", help="print the traceback of failing contenders")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after timing, profile N more steps of each contender and print its top ops (torch.profiler)",
+    )
     args = parser.parse_args(argv)
     if args.iters < 1 or args.repeats < 1 or args.warmup < 0:
         parser.error("--iters and --repeats must be >= 1, --warmup >= 0")

@@ -458,7 +458,11 @@ def optimize_everything(model: nn.Module, device: torch.device, tc: TrainConfig)
 
     model.to(device)
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, tc) / tc.lr)
+
+    def scheduler(final_optimizer):
+        # A callable: DeepSpeed builds it on the optimizer as it finally is (it may drop or regroup param groups).
+        return torch.optim.lr_scheduler.LambdaLR(final_optimizer, lambda step: lr_at(step, tc) / tc.lr)
+
     return optimizer, scheduler
 
 

@@ -104,9 +104,16 @@ def wrap_moe_layers(model: nn.Module, ep_size: int) -> list[DeepSpeedMoELayer]:
     return wrapped
 
 
-def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def optimizer_param_groups(
+    model: nn.Module, weight_decay: float, max_group_size: int = 178956971
+) -> list[dict[str, Any]]:
     """Decay for matrices, none for norms and biases; expert parameters split into their own groups (DeepSpeed's
-    ZeRO and bf16 optimizers require this)."""
+    ZeRO and bf16 optimizers require this), at most ``max_group_size`` elements each (DeepSpeed's default).
+
+    Empty groups are left out: DeepSpeed drops them itself inside ``initialize``, after an LR scheduler built on
+    the optimizer counted them (its ``zip(..., strict=True)`` then fails at the first step). DeepSpeed's own split
+    makes one whenever a single expert parameter is larger than ``max_group_size`` (Qwen3-30B-A3B's 128 x 768 x
+    2048 w1 of one layer is 201M elements)."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
@@ -115,7 +122,8 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict[s
         {"name": "decay", "params": decay, "weight_decay": weight_decay},
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
     ]
-    return split_params_into_different_moe_groups_for_optimizer(param_groups)
+    groups = split_params_into_different_moe_groups_for_optimizer(param_groups, max_group_size)
+    return [group for group in groups if group["params"]]
 
 
 def load_deepspeed_config(path: str | None, use_cuda: bool, micro_batch: int, grad_clip: float) -> dict[str, Any]:

@@ -131,6 +131,10 @@ class RouterConfig:
         logits_dtype: ``float32`` computes the router GEMM in float32 (DeepSeek-V3 style; exact top-k, but about
             1 ms per layer at T=16k, D=2048 on an H100 for the float32 copy of the activations and their gradient);
             ``input`` computes it in the activations' dtype and only the softmax in float32 (Mixtral, MegaBlocks).
+        balance: ``batch`` selects (``topk`` router only) on the logits plus a per-expert bias solved on each
+            training batch to even out its top-k counts (c2r/routing/balance.py); ``none``: plain top-k.
+        balance_rounds: rounds of the per-batch solve (each one top-k and one count on the device).
+        balance_momentum: m of the running bias used in evaluation, updated once per optimizer step.
     """
 
     kind: str = "topk"
@@ -139,6 +143,9 @@ class RouterConfig:
     z_loss_weight: float = 0.0
     check_finite: bool = True
     logits_dtype: str = "float32"
+    balance: str = "none"
+    balance_rounds: int = 8
+    balance_momentum: float = 0.9
     c2r: C2RConfig = field(default_factory=C2RConfig)
     group_limited: GroupLimitedConfig = field(default_factory=GroupLimitedConfig)
     adamoe: AdaMoEConfig = field(default_factory=AdaMoEConfig)
@@ -149,6 +156,14 @@ class RouterConfig:
     def __post_init__(self) -> None:
         require_choice("router kind", self.kind, ROUTER_KINDS)
         require_choice("logits_dtype", self.logits_dtype, ("float32", "input"))
+        require_choice("router balance", self.balance, ("none", "batch"))
+        if self.balance != "none" and self.kind != "topk":
+            raise ValueError(f"router balance '{self.balance}' is for the topk router; router kind is '{self.kind}'")
+        if self.balance_rounds < 1 or not 0 <= self.balance_momentum < 1:
+            raise ValueError(
+                f"balance_rounds ({self.balance_rounds}) must be >= 1 and balance_momentum "
+                f"({self.balance_momentum}) in [0, 1)"
+            )
         require_choice("adak.mode", self.adak.mode, ("default", "sample", "argmax"))
         require_choice("scored.score_function", self.scored.score_function, ("softmax", "sigmoid"))
         if self.aux_loss_weight < 0 or self.z_loss_weight < 0:

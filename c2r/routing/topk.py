@@ -9,10 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from c2r.routing.balance import BatchBalancer
 from c2r.routing.base import Router
 from c2r.routing.config import RouterConfig
 from c2r.routing.losses import load_balancing_loss, router_z_loss
 from c2r.routing.result import RoutingResult, count_tokens_per_expert
+from c2r.routing.updates import all_reduce_sum
 
 
 def check_finite_logits(logits_TE: torch.Tensor) -> None:
@@ -47,6 +49,9 @@ class TopKRouter(Router):
         # Named "gate", never "expert": DeepSpeed's checkpointing treats any key containing "expert" as an expert.
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
         nn.init.normal_(self.gate.weight, std=0.02)
+        self.balancer = None
+        if self.config.balance == "batch":
+            self.balancer = BatchBalancer(num_experts, self.config.balance_rounds, self.config.balance_momentum)
 
     def gate_weight(self) -> torch.Tensor:
         """[logits, D]: the rows that score this router's choices (AdaMoE appends its null experts' rows)."""
@@ -65,7 +70,30 @@ class TopKRouter(Router):
     def forward(self, x_TD: torch.Tensor) -> RoutingResult:
         logits_TE = self.logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
-        return self.selection_result(logits_TE, probs_TE, probs_TE.topk(self.top_k, dim=-1).indices)
+        scores_TE = probs_TE if self.balancer is None else self.balancer.selection_scores(logits_TE, self.top_k)
+        return self.selection_result(logits_TE, probs_TE, scores_TE.topk(self.top_k, dim=-1).indices)
+
+    @classmethod
+    def update_after_step(cls, routers: list[TopKRouter], group=None) -> dict[str, float]:
+        """Batch balancing: fold the step's solved biases, averaged over its batches and every rank, into the
+        running bias (c2r/routing/balance.py). One small all-reduce per step for all balanced layers together."""
+        balancers = [r.balancer for r in routers if r.balancer is not None]
+        if not balancers:
+            return {}
+        # Every rank joins the all-reduce, also one that solved nothing this step (a batch of no tokens): count 0.
+        rows = []
+        for balancer in balancers:
+            solved = balancer.take_solved()
+            zeros_E = torch.zeros_like(balancer.bias_E)
+            sum_E, count = solved if solved is not None else (zeros_E, 0)
+            rows.append(torch.cat([sum_E.to(zeros_E.device), zeros_E.new_full((1,), float(count))]))
+        totals = all_reduce_sum(torch.stack(rows), group)
+        for balancer, row in zip(balancers, totals):
+            # where no rank solved (count 0) the running bias stays; no host sync to find out
+            mean_E = row[:-1] / row[-1].clamp_min(1)
+            keep = torch.where(row[-1] > 0, balancer.momentum, 1.0)
+            balancer.bias_E = keep * balancer.bias_E + (1 - keep) * mean_E
+        return {}
 
     def selection_result(
         self,

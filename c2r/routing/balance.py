@@ -1,0 +1,69 @@
+"""Batch-balanced selection for the top-k router: a per-expert bias solved on each training batch.
+
+Why (docs/gpu_runs.md, "Why the default router collapses"): at d_model 2048 with 64 experts and top-8 the router's
+*input* is nearly the same vector for every token within a few steps (a byte-level corpus, a high learning rate);
+no loss on the router's output can then spread the tokens, and every token picks the same 8 experts. A per-expert
+bias on the selection scores can, as long as the inputs differ at all: DeepSeek-V3's auxiliary-loss-free bias does
+this one small step per optimizer step (too slow for the first steps of a run); here the bias is *solved on each
+batch* to balance that batch's top-k counts, warm-started from the running bias, like Megatron-Core's Sinkhorn
+router balances each batch in training.
+
+Algorithm (docs/algorithms.md section 1, "Batch balancing"), on the detached float32 logits l [T, E]:
+
+    b = b_run; s = std(l); target = T k / E
+    repeat R times (i = 0..R-1):  c = top-k counts of (l + b);  b = b - s (c - target) / target / sqrt(1 + i)
+    select top-k of (l + b);  combine weights are the unbiased softmax probabilities of the selected experts
+
+and once per optimizer step, b_run = m b_run + (1 - m) mean(b over the step's batches and every rank). In
+evaluation the selection uses b_run alone, so an evaluated model does not depend on its batch. No host sync: the
+loop runs a fixed number of rounds on the device.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class BatchBalancer(nn.Module):
+    """The bias of one router (``bias_E``, float32, saved with the model as extra state so bf16 does not round it)."""
+
+    def __init__(self, num_experts: int, rounds: int, momentum: float):
+        super().__init__()
+        self.rounds = rounds
+        self.momentum = momentum
+        self.bias_E = torch.zeros(num_experts, dtype=torch.float32)
+        self._solved_sum_E: torch.Tensor | None = None  # this step's solved biases, summed (grad accumulation)
+        self._solved_count = 0
+
+    def selection_scores(self, logits_TE: torch.Tensor, top_k: int) -> torch.Tensor:
+        """[T, E] scores whose top-k is the balanced selection (training: solved on this batch; eval: running)."""
+        logits_TE = logits_TE.detach().float()
+        self.bias_E = self.bias_E.to(logits_TE.device)
+        if not self.training or logits_TE.shape[0] == 0:
+            return logits_TE + self.bias_E
+        T, E = logits_TE.shape
+        target = T * top_k / E
+        step = logits_TE.std().clamp_min(1e-6)  # the logits' own scale: a bias step means the same at any width
+        bias_E = self.bias_E.clone()
+        for i in range(self.rounds):
+            picks = (logits_TE + bias_E).topk(top_k, dim=1).indices
+            counts_E = torch.bincount(picks.flatten(), minlength=E).float()
+            bias_E -= step * (counts_E - target) / target / (1 + i) ** 0.5
+        self._solved_sum_E = bias_E if self._solved_sum_E is None else self._solved_sum_E + bias_E
+        self._solved_count += 1
+        return logits_TE + bias_E
+
+    def take_solved(self) -> tuple[torch.Tensor, int] | None:
+        """This step's summed solved biases and their count (then forgotten), or None if none was solved."""
+        if self._solved_sum_E is None:
+            return None
+        solved = (self._solved_sum_E, self._solved_count)
+        self._solved_sum_E, self._solved_count = None, 0
+        return solved
+
+    def get_extra_state(self) -> dict[str, torch.Tensor]:
+        return {"bias_E": self.bias_E.detach().float().cpu()}
+
+    def set_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.bias_E = state["bias_E"].float()
