@@ -5,12 +5,13 @@ Why (docs/gpu_runs.md, "Why the default router collapses"): at d_model 2048 with
 no loss on the router's output can then spread the tokens, and every token picks the same 8 experts. A per-expert
 bias on the selection scores can, as long as the inputs differ at all: DeepSeek-V3's auxiliary-loss-free bias does
 this one small step per optimizer step (too slow for the first steps of a run); here the bias is *solved on each
-batch* to balance that batch's top-k counts, warm-started from the running bias, like Megatron-Core's Sinkhorn
-router balances each batch in training.
+batch* to balance that batch's top-k counts, as Megatron-Core's Sinkhorn router balances each batch in training.
+Its start removes what every token shares: for a linear router, centring each expert's logits on the batch is the
+same as routing on the router's input minus its batch mean.
 
 Algorithm (docs/algorithms.md section 1, "Batch balancing"), on the detached float32 logits l [T, E]:
 
-    b = b_run; s = std(l); target = T k / E
+    b = -mean_T(l) (each expert's logits centred on the batch); s = std(l + b); target = T k / E
     repeat R times (i = 0..R-1):  c = top-k counts of (l + b);  b = b - s (c - target) / target / sqrt(1 + i)
     select top-k of (l + b);  combine weights are the unbiased softmax probabilities of the selected experts
 
@@ -44,8 +45,10 @@ class BatchBalancer(nn.Module):
             return logits_TE + self.bias_E
         T, E = logits_TE.shape
         target = T * top_k / E
-        step = logits_TE.std().clamp_min(1e-6)  # the logits' own scale: a bias step means the same at any width
-        bias_E = self.bias_E.clone()
+        # Start from the bias that centres every expert's logits on this batch (= routing on what differs between
+        # tokens: the router's input minus its batch mean), and step in units of what is left.
+        bias_E = -logits_TE.mean(0)
+        step = (logits_TE + bias_E).std().clamp_min(1e-6)
         for i in range(self.rounds):
             picks = (logits_TE + bias_E).topk(top_k, dim=1).indices
             counts_E = torch.bincount(picks.flatten(), minlength=E).float()
