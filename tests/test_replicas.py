@@ -1,0 +1,195 @@
+"""Replicated experts at run time: the copy rule against a plain loop, and replicated dispatch (every mode) against the
+single-process reference, outputs and gradients, dropless counted."""
+
+from collections import Counter
+
+import pytest
+import torch
+
+from c2r.experts import ExpertConfig, ExpertWeights, build_backend
+from c2r.parallel import build_dispatcher, local_expert_weights, make_node_groups
+from c2r.parallel.replicas import CopyChooser
+from placement.layout import ExpertLayout
+from tests.distributed import run_distributed
+from tests.routing_cases import make_routing, random_routing
+from tests.test_expert_parallel import MetaRecorder
+
+T, D, F, E, K = 20, 16, 8, 8, 3
+
+
+def naive_physical(expert_ids_TK, valid_TK, layout: ExpertLayout) -> list[list[int | None]]:
+    """The copy rule, one (token, slot) at a time (None for empty slots)."""
+    ranks_of, slots = layout.ranks_of_experts, layout.replica_slots
+    free_seen = Counter()
+    out = []
+    for ids, valid in zip(expert_ids_TK.tolist(), valid_TK.tolist()):
+        visited = {ranks_of[e][0] for e, v in zip(ids, valid) if v and len(ranks_of[e]) == 1}
+        row = []
+        for e, v in zip(ids, valid):
+            copies = ranks_of[e]
+            if not v:
+                row.append(None)
+                continue
+            on_visited = [m for m, r in enumerate(copies) if r in visited]
+            if on_visited:
+                choice = on_visited[0]
+            else:  # a free pair (always so for a single copy: its own rank is visited)
+                choice = free_seen[e] % len(copies)
+                free_seen[e] += 1
+            row.append(int(slots[e][choice]))
+        out.append(row)
+    return out
+
+
+# E = 8 experts; per layout its homes and replicas (extra ranks per expert).
+LAYOUTS = {
+    # 2 ranks, 5 slots each: hot expert 0 also on rank 1, expert 5 also on rank 0
+    "two_ranks": (2, [0, 0, 0, 0, 1, 1, 1, 1], {0: (1,), 5: (0,)}),
+    # 4 ranks, 3 slots each: hot expert 0 on every rank, expert 1 on two
+    "hot_everywhere": (4, [3, 1, 0, 2, 1, 0, 3, 2], {0: (0, 1, 2), 1: (3,)}),
+    # 4 ranks: rank 3 holds experts 6, 7 and a replica of 5, all idle in the "idle" routing: it receives nothing
+    "rank3_idle": (4, [0, 0, 1, 1, 2, 2, 3, 3], {0: (1,), 1: (2,), 2: (0,), 5: (3,)}),
+}
+
+
+def make_layout(name: str) -> ExpertLayout:
+    world, homes, extra = LAYOUTS[name]
+    return ExpertLayout(tuple(homes), world, tuple(extra.get(e, ()) for e in range(E)))
+
+
+def layout_routing(name: str, world: int):
+    """Variable k (40% empty slots), expert 0 hot (every token's first slot), experts 5..7 idle for rank3_idle."""
+    idle = 3 if name == "rank3_idle" else 0
+    routing = random_routing(world * T, K, E, empty_fraction=0.4, idle_experts=idle, seed=7)
+    ids = routing.expert_ids_TK.clone()
+    hot = torch.rand(world * T, generator=torch.Generator().manual_seed(8)) < 0.6
+    has_0 = (ids == 0).any(1)
+    ids[:, 0] = torch.where(hot & ~has_0, 0, ids[:, 0])  # distinct experts per token still
+    routing = make_routing(ids, routing.weights_TK, routing.valid_TK, E)
+    return routing
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_copy_rule_matches_a_plain_loop(name):
+    layout = make_layout(name)
+    routing = layout_routing(name, layout.num_ranks)
+    for rows in (slice(0, T), slice(T, 2 * T), slice(None)):  # per source rank, and a whole batch
+        ids, valid = routing.expert_ids_TK[rows], routing.valid_TK[rows]
+        got = CopyChooser(layout).physical(ids, valid).tolist()
+        want = naive_physical(ids, valid, layout)
+        for t, (g_row, w_row) in enumerate(zip(got, want)):
+            for k, (g, w) in enumerate(zip(g_row, w_row)):
+                if w is not None:
+                    assert g == w, f"{name}: token {t} slot {k}: copy {g}, rule says {w}"
+                # empty slots get some copy of their expert (never read)
+                assert layout.physical_to_logical[g] == ids[t, k]
+    # Unreplicated layouts map every expert to its only slot, as before.
+    plain = ExpertLayout((1, 0, 1, 0, 0, 1, 1, 0), 2)
+    torch.testing.assert_close(
+        CopyChooser(plain).physical(routing.expert_ids_TK, routing.valid_TK),
+        torch.tensor(plain.logical_to_physical)[routing.expert_ids_TK],
+    )
+
+
+def test_free_pairs_split_evenly_over_the_copies():
+    # Every token routes only to expert 0 (copies on all 4 ranks): nothing is visited, so the n-th pair goes to
+    # copy n mod 4: a quarter each.
+    layout = make_layout("hot_everywhere")
+    ids = torch.zeros(40, 1, dtype=torch.int64)
+    physical = CopyChooser(layout).physical(ids, torch.ones(40, 1, dtype=torch.bool))
+    assert Counter(physical.flatten().tolist()) == {int(s): 10 for s in layout.replica_slots[0]}
+
+
+def dispatch_inputs(world: int):
+    torch.manual_seed(0)
+    return ExpertWeights(E, D, F, "swiglu"), torch.randn(world * T, D, generator=torch.Generator().manual_seed(4))
+
+
+def run_case(dispatcher, x, routing, backend, experts, rows=slice(None)):
+    x = x[rows].clone().requires_grad_(True)
+    local = make_routing(routing.expert_ids_TK[rows], routing.weights_TK[rows].detach(), routing.valid_TK[rows], E)
+    local.weights_TK.requires_grad_(True)
+    y = dispatcher(x, local, backend, experts) if dispatcher else backend(x, local, experts)
+    grad_out = torch.randn(routing.num_tokens, D, generator=torch.Generator().manual_seed(3))[rows]
+    (y * grad_out).sum().backward()
+    return y.detach(), x.grad, local.weights_TK.grad
+
+
+def world_cases(world: int) -> list[tuple[str, str]]:
+    names = [n for n, (w, _, _) in LAYOUTS.items() if w == world]
+    modes = ["per-expert", "per-rank"] + (["per-node"] if world == 4 else [])
+    return [(name, mode) for name in names for mode in modes]
+
+
+def dispatch_worker(rank, world):
+    full, x = dispatch_inputs(world)
+    rows = slice(rank * T, (rank + 1) * T)
+    node_groups = make_node_groups(2) if world == 4 else None  # 4 ranks as 2 nodes x 2
+    backend = build_backend("torch", ExpertConfig(torch_impl="grouped_mm"))
+    results = {}
+    for name, mode in world_cases(world):
+        layout = make_layout(name)
+        recorder = MetaRecorder()
+        experts = local_expert_weights(full, layout.local_experts(rank))
+        W = 2 if mode == "per-node" else None
+        dispatcher = build_dispatcher(mode, layout, None, recorder, W, node_groups if W else None)
+        y, x_grad, w_grad = run_case(dispatcher, x, layout_routing(name, world), backend, experts, rows)
+        (meta,) = recorder.metas
+        results[name, mode] = {
+            "y": y,
+            "x_grad": x_grad,
+            "w_grad": w_grad,
+            "expert_grads": {n: p.grad for n, p in experts.named_parameters()},
+            "local_experts": layout.local_experts(rank),
+            "load_X": meta.tokens_per_local_expert_X.tolist(),
+            "sent": sum(meta.send_splits),
+            "distinct": int(meta.distinct_ranks),
+            "network_rows": len(meta.token_idx_C),  # per-node stage 1: one row per (token, destination node)
+            "distinct_nodes": int(meta.distinct_nodes),
+        }
+    return results
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_replicated_dispatch_matches_unreplicated_reference(tmp_path, world):
+    per_rank = run_distributed(dispatch_worker, world, tmp_path)
+    full, x = dispatch_inputs(world)
+    reference = build_backend("reference", ExpertConfig())
+    for name, mode in world_cases(world):
+        layout = make_layout(name)
+        routing = layout_routing(name, world)
+        full.zero_grad(set_to_none=True)
+        y_ref, x_grad_ref, w_grad_ref = run_case(None, x, routing, reference, full)
+        results = [r[name, mode] for r in per_rank]
+        where = f"{name}, {mode}"
+        torch.testing.assert_close(torch.cat([r["y"] for r in results]), y_ref, msg=where)
+        torch.testing.assert_close(torch.cat([r["x_grad"] for r in results]), x_grad_ref, msg=where)
+        torch.testing.assert_close(torch.cat([r["w_grad"] for r in results]), w_grad_ref, msg=where)
+        # Every copy of every expert holds the whole expert's gradient (the sum over its copies' own gradients):
+        # exactly what one unreplicated expert gets.
+        for r in results:
+            for pname, grad in r["expert_grads"].items():
+                want = getattr(full, pname).grad.view(E, F, D)[r["local_experts"]]
+                torch.testing.assert_close(grad.view(-1, F, D), want, msg=f"{where}: grad of {pname}")
+        # Dropless, counted, and the rows went where the copy rule says (per source rank): load per physical slot.
+        want_load = Counter()
+        for rank in range(world):
+            src = slice(rank * T, (rank + 1) * T)
+            for row in naive_physical(routing.expert_ids_TK[src], routing.valid_TK[src], layout):
+                want_load.update(p for p in row if p is not None)
+        got_load = [n for r in results for n in r["load_X"]]
+        assert got_load == [want_load[p] for p in range(layout.num_slots)], where
+        assert sum(got_load) == int(routing.valid_TK.sum()), where
+        # Rows sent: one per pair (per-expert), per (token, rank it reaches) (per-rank), per (token, node) over the
+        # network (per-node); what reaches a rank counts the copy the rule chose.
+        sent = sum(r["sent"] for r in results)
+        if mode == "per-expert":
+            assert sent == sum(got_load), where
+        elif mode == "per-rank":
+            assert sent == sum(r["distinct"] for r in results), where
+        else:
+            assert all(r["network_rows"] == r["distinct_nodes"] for r in results), where
+        if name == "rank3_idle":
+            assert results[3]["load_X"] == [0, 0, 0], where  # rank 3 receives nothing, and still joins the backward
+        if name == "hot_everywhere":
+            assert all(results[rank]["load_X"][layout.local_experts(rank).index(0)] > 0 for rank in range(world))
