@@ -193,3 +193,98 @@ def test_replicated_dispatch_matches_unreplicated_reference(tmp_path, world):
             assert results[3]["load_X"] == [0, 0, 0], where  # rank 3 receives nothing, and still joins the backward
         if name == "hot_everywhere":
             assert all(results[rank]["load_X"][layout.local_experts(rank).index(0)] > 0 for rank in range(world))
+
+
+# Training under DeepSpeed (c2r-train's own train(), 2 CPU ranks): 2 MoE layers of 8 experts, each with 2 replicas.
+REPLICATED_PLAN = [[[0, 1], 0, 0, 0, 1, [1, 0], 1, 1], [1, 0, [1, 0], [0, 1], 0, 1, 1, 0]]
+
+
+def write_replicated_plan(path) -> str:
+    import json
+
+    plan = {
+        "format": "c2r-placement",
+        "version": 1,
+        "num_layers": 2,
+        "num_experts": E,
+        "num_ranks": 2,
+        "layers": [{"layer": i, "expert_to_rank": layout} for i, layout in enumerate(REPLICATED_PLAN)],
+    }
+    path.write_text(json.dumps(plan))
+    return str(path)
+
+
+def train_worker(rank, world, raws):
+    from c2r.config_utils import config_from_dict
+    from c2r.train import RunConfig, train
+
+    return [train(config_from_dict(RunConfig, raw))["step_losses"] for raw in raws]
+
+
+def saved_copies(run_dir, step: int) -> dict[tuple[int, int], list[dict[str, torch.Tensor]]]:
+    """{(layer, logical expert): [its copies' tensors (w1, v1, w2), one per physical slot]} from the checkpoint's
+    per-expert files, with the run config's layouts saying which logical expert each slot holds."""
+    import json
+
+    tag_dir = run_dir / "checkpoints" / f"step{step}"
+    config = json.loads((tag_dir / "c2r_config.json").read_text())
+    copies = {}
+    for layer, saved in enumerate(config["expert_layouts"]):
+        layout = ExpertLayout.from_json(saved, 2, E)
+        for slot, expert in enumerate(layout.physical_to_logical.tolist()):
+            state = torch.load(tag_dir / f"layer_{layer}_expert_{slot}_mp_rank_00_model_states.pt", weights_only=True)
+            tensors = {key.rsplit(".", 1)[1]: value for key, value in state.items()}
+            copies.setdefault((layer, expert), []).append(tensors)
+    return copies
+
+
+def test_replicas_train_like_the_unreplicated_model_under_deepspeed(tmp_path):
+    import json
+
+    from profiling.summary import summarize
+    from tests.run_configs import tiny_run_config
+
+    plan = write_replicated_plan(tmp_path / "plan.json")
+    zero0 = tmp_path / "zero0.json"
+    zero0.write_text(json.dumps({"zero_optimization": {"stage": 0}, "bf16": {"enabled": False}}))
+
+    def raw(name, **options):
+        return tiny_run_config(tmp_path / name, steps=20, ep_size=2, dispatch="per-rank", **options)
+
+    runs = {
+        # ZeRO 2 (the CPU default) and 0, clipping off: the replicated run is the unreplicated one
+        "zero2": raw("zero2", grad_clip=0.0),
+        "zero2_replicas": raw("zero2_replicas", grad_clip=0.0, placement_plan=plan, profile=True),
+        "zero0": raw("zero0", grad_clip=0.0, deepspeed_config=str(zero0)),
+        "zero0_replicas": raw("zero0_replicas", grad_clip=0.0, deepspeed_config=str(zero0), placement_plan=plan),
+        # clipping on: a replicated expert's gradient counts once per copy in the global norm (replicas.py)
+        "clipped_replicas": raw("clipped_replicas", grad_clip=0.05, placement_plan=plan),
+    }
+    losses = dict(zip(runs, run_distributed(train_worker, 2, tmp_path / "spawn", list(runs.values()))[0]))
+    for stage in ("zero2", "zero0"):
+        torch.testing.assert_close(losses[f"{stage}_replicas"], losses[stage], rtol=1e-5, atol=1e-5, msg=stage)
+    # Copies stay bit-identical over 20 steps, clipped or not.
+    for name in ("zero2_replicas", "zero0_replicas", "clipped_replicas"):
+        copies = saved_copies(tmp_path / name, 20)
+        replicated = {key: tensors for key, tensors in copies.items() if len(tensors) > 1}
+        assert len(replicated) == 4, name
+        for key, (first, *others) in replicated.items():
+            for other in others:
+                assert first.keys() == other.keys() == {"w1", "v1", "w2"} or first.keys() == {"w1", "w2"}
+                for param, value in first.items():
+                    assert torch.equal(other[param], value), f"{name} layer {key[0]} expert {key[1]} {param}"
+    # The run config and profile.json record the replicated layouts in the JSON form; the profiler counts physical
+    # slots (each rank's local load has X = 5 entries) and the pairs it computed are the routed ones.
+    saved = json.loads((tmp_path / "zero2_replicas" / "checkpoints" / "step20" / "c2r_config.json").read_text())
+    assert saved["expert_layouts"] == REPLICATED_PLAN
+    summary = summarize(tmp_path / "zero2_replicas")
+    assert [layer["expert_to_rank"] for layer in summary["layers"]] == REPLICATED_PLAN
+    records = [
+        json.loads(line)
+        for path in sorted((tmp_path / "zero2_replicas" / "profile" / "comm").glob("*.jsonl"))
+        for line in path.read_text().splitlines()
+    ]
+    assert records and all(len(r["local_expert_load"]) == 5 for r in records)
+    for step_layer in {(r["step"], r["layer"]) for r in records}:
+        both = [r for r in records if (r["step"], r["layer"]) == step_layer]
+        assert sum(sum(r["local_expert_load"]) for r in both) == sum(r["valid_slots"] for r in both)  # dropless
