@@ -288,3 +288,60 @@ def test_replicas_train_like_the_unreplicated_model_under_deepspeed(tmp_path):
     for step_layer in {(r["step"], r["layer"]) for r in records}:
         both = [r for r in records if (r["step"], r["layer"]) == step_layer]
         assert sum(sum(r["local_expert_load"]) for r in both) == sum(r["valid_slots"] for r in both)  # dropless
+
+
+@pytest.mark.parametrize("stage", [2, 0])
+def test_apply_creates_and_removes_replicas_and_resume_follows_the_uninterrupted_run(tmp_path, stage):
+    import json
+
+    from c2r.deepspeed.move_experts import REMAPPED, move_experts
+    from placement.plan import load_plan
+    from tests.run_configs import tiny_run_config
+
+    ds_config = tmp_path / "ds.json"
+    ds_config.write_text(json.dumps({"zero_optimization": {"stage": stage}, "bf16": {"enabled": False}}))
+    replicated = write_replicated_plan(tmp_path / "replicated.json")
+    plain = tmp_path / "plain.json"  # no replicas, every expert on another rank than in the replicated plan's homes
+    plain_layouts = [[1, 1, 1, 1, 0, 0, 0, 0], [0, 1, 0, 1, 1, 0, 0, 1]]
+    plain.write_text(
+        json.dumps(
+            {
+                **json.loads((tmp_path / "replicated.json").read_text()),
+                "layers": [{"layer": i, "expert_to_rank": layout} for i, layout in enumerate(plain_layouts)],
+            }
+        )
+    )
+
+    def raw(name, steps, **options):
+        return tiny_run_config(
+            tmp_path / name,
+            steps=steps,
+            ep_size=2,
+            eval_every=2,
+            grad_clip=0.0,
+            deepspeed_config=str(ds_config),
+            **options,
+        )
+
+    def train_run(name, steps, **options):
+        return run_distributed(train_worker, 2, tmp_path / f"spawn_{name}", [raw(name, steps, **options)])[0][0]
+
+    # Uninterrupted: 6 steps, contiguous, checkpoints every 2. Moved at step 2: replicas created (each new copy gets
+    # its home copy's weights and Adam moments), resumed to step 6. Its step-4 checkpoint moved again: replicas
+    # removed and experts moved to other ranks, resumed to step 6. Same seed, batches and schedule as uninterrupted.
+    full = train_run("full", 6, save_every=2)
+    move_experts(
+        load_plan(replicated).layouts, tmp_path / "full" / "checkpoints", tmp_path / "rep" / "checkpoints", "step2"
+    )
+    moved = json.loads((tmp_path / "rep" / "checkpoints" / "step2" / "c2r_config.json").read_text())
+    assert moved["expert_layouts"] == REPLICATED_PLAN and moved["optimizer_state"] == REMAPPED
+    with_replicas = train_run("rep", 6, resume=True, placement_plan=replicated, save_every=2)
+    move_experts(
+        load_plan(str(plain)).layouts, tmp_path / "rep" / "checkpoints", tmp_path / "back" / "checkpoints", "step4"
+    )
+    moved = json.loads((tmp_path / "back" / "checkpoints" / "step4" / "c2r_config.json").read_text())
+    assert moved["expert_layouts"] == plain_layouts and moved["optimizer_state"] == REMAPPED
+    assert len(list((tmp_path / "back" / "checkpoints" / "step4").glob("layer_0_expert_*"))) == E
+    without = train_run("back", 6, resume=True, placement_plan=str(plain))
+    torch.testing.assert_close(with_replicas, full[2:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(without, full[4:], rtol=1e-5, atol=1e-5)
