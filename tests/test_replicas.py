@@ -1,6 +1,7 @@
 """Replicated experts at run time: the copy rule against a plain loop, and replicated dispatch (every mode) against the
 single-process reference, outputs and gradients, dropless counted."""
 
+import shutil
 from collections import Counter
 
 import pytest
@@ -241,6 +242,7 @@ def saved_copies(run_dir, step: int) -> dict[tuple[int, int], list[dict[str, tor
 def test_replicas_train_like_the_unreplicated_model_under_deepspeed(tmp_path):
     import json
 
+    from profiling.dashboard import build_dashboard, load_run
     from profiling.summary import summarize
     from tests.run_configs import tiny_run_config
 
@@ -279,6 +281,15 @@ def test_replicas_train_like_the_unreplicated_model_under_deepspeed(tmp_path):
     assert saved["expert_layouts"] == REPLICATED_PLAN
     summary = summarize(tmp_path / "zero2_replicas")
     assert [layer["expert_to_rank"] for layer in summary["layers"]] == REPLICATED_PLAN
+    for layer in summary["layers"]:  # per physical slot: 10 slots, adding up to each rank's load
+        assert len(layer["slot_load"]) == 10
+        assert [sum(layer["slot_load"][r * 5 : (r + 1) * 5]) for r in range(2)] == layer["rank_load"]
+    # The dashboard reads the replicated form: homes for grouping, replicas marked, load per physical slot.
+    run = load_run(tmp_path / "zero2_replicas")
+    assert run.expert_to_rank(0) == [0, 0, 0, 0, 1, 1, 1, 1] and run.replicas(0)[0] == [1]
+    assert run.slots(0)[:5] == [(0, False), (1, False), (2, False), (3, False), (5, True)]
+    html = build_dashboard([run])
+    assert "planned, 4 replicas" in html and "e5+ " in html and "per physical slot" in html
     records = [
         json.loads(line)
         for path in sorted((tmp_path / "zero2_replicas" / "profile" / "comm").glob("*.jsonl"))
@@ -343,5 +354,10 @@ def test_apply_creates_and_removes_replicas_and_resume_follows_the_uninterrupted
     assert moved["expert_layouts"] == plain_layouts and moved["optimizer_state"] == REMAPPED
     assert len(list((tmp_path / "back" / "checkpoints" / "step4").glob("layer_0_expert_*"))) == E
     without = train_run("back", 6, resume=True, placement_plan=str(plain))
+    # A checkpoint DeepSpeed saved with replicas (one file per physical slot) resumes as it is.
+    shutil.copytree(tmp_path / "rep" / "checkpoints" / "step4", tmp_path / "again" / "checkpoints" / "step4")
+    (tmp_path / "again" / "checkpoints" / "latest").write_text("step4")
+    again = train_run("again", 6, resume=True, placement_plan=replicated)
     torch.testing.assert_close(with_replicas, full[2:], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(without, full[4:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, full[4:], rtol=1e-5, atol=1e-5)
