@@ -148,12 +148,28 @@ def dispatch_worker(rank, world):
             "network_rows": len(meta.token_idx_C),  # per-node stage 1: one row per (token, destination node)
             "distinct_nodes": int(meta.distinct_nodes),
         }
+    if world == 2:  # group-limited routing groups experts by rank: a replicated layout is refused, by name
+        from c2r.moe import MoEConfig, MoELayer
+        from c2r.parallel import shard_experts
+        from c2r.routing import RouterConfig
+
+        router = RouterConfig(kind="group_limited")
+        layer = MoELayer(D, MoEConfig(num_experts=E, top_k=2, ffn_hidden_size=F, router=router))
+        try:
+            shard_experts(layer, make_layout("two_ranks"))
+        except ValueError as error:
+            results["refusal"] = str(error)
     return results
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_replicated_dispatch_matches_unreplicated_reference(tmp_path, world):
     per_rank = run_distributed(dispatch_worker, world, tmp_path)
+    if world == 2:
+        assert per_rank[0]["refusal"] == (
+            "router 'group_limited' groups experts by rank and cannot use a layout with replicated experts (MoE "
+            "layer 0); use a plan without replicas, or another router"
+        )
     full, x = dispatch_inputs(world)
     reference = build_backend("reference", ExpertConfig())
     for name, mode in world_cases(world):
