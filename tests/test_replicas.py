@@ -377,3 +377,28 @@ def test_apply_creates_and_removes_replicas_and_resume_follows_the_uninterrupted
     torch.testing.assert_close(with_replicas, full[2:], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(without, full[4:], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(again, full[4:], rtol=1e-5, atol=1e-5)
+
+
+def test_replicas_with_expert_data_parallelism_zero1(tmp_path):
+    # 4 ranks, ep_size 2: each expert slot also has an expert-data-parallel peer (ranks p and p + 2), over which
+    # DeepSpeed averages its gradient after the copies' sum; ZeRO 1 shards the expert moments over those peers.
+    import json
+
+    from tests.run_configs import tiny_run_config
+
+    plan = write_replicated_plan(tmp_path / "plan.json")
+    zero1 = tmp_path / "zero1.json"
+    zero1.write_text(json.dumps({"zero_optimization": {"stage": 1}, "bf16": {"enabled": False}}))
+
+    def raw(name, **options):
+        return tiny_run_config(
+            tmp_path / name, steps=6, ep_size=2, eval_every=6, grad_clip=0.0, deepspeed_config=str(zero1), **options
+        )
+
+    plain, replicated = run_distributed(
+        train_worker, 4, tmp_path / "spawn", [raw("plain"), raw("replicas", placement_plan=plan)]
+    )[0]
+    torch.testing.assert_close(replicated, plain, rtol=1e-5, atol=1e-5)
+    for key, (first, *others) in saved_copies(tmp_path / "replicas", 6).items():
+        for other in others:
+            assert all(torch.equal(other[p], v) for p, v in first.items()), key

@@ -142,6 +142,16 @@ class ReplicaGradSum:
         self.local_slots = [x for x, e in enumerate(local) if e in index]  # this rank's slots holding replicas
         self.buffer_rows = [index[local[x]] for x in self.local_slots]  # their row in the shared buffer
         self.group = group
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(local_slots, buffer_rows) as index tensors on ``device``, made once (no host-to-device copy per step)."""
+        if device not in self._on_device:
+            self._on_device[device] = (
+                torch.tensor(self.local_slots, dtype=torch.int64, device=device),
+                torch.tensor(self.buffer_rows, dtype=torch.int64, device=device),
+            )
+        return self._on_device[device]
 
     def __call__(self, experts: ExpertWeights) -> ExpertWeights | _SyncedExperts:
         if self.num_replicated == 0 or not torch.is_grad_enabled():
@@ -155,14 +165,15 @@ class ReplicaGradSum:
         X = self.slots_per_rank
         grads_XFD = [g.contiguous().view(X, -1, g.shape[1]) for g in grads]
         _, F, D = grads_XFD[0].shape
+        slots, rows = self._indices(grads[0].device)
         buffer_YNFD = grads[0].new_zeros(self.num_replicated, len(grads), F, D)  # N: the matrices (w1, v1, w2)
         if self.local_slots:
-            buffer_YNFD[self.buffer_rows] = torch.stack([g[self.local_slots] for g in grads_XFD], 1)
+            buffer_YNFD[rows] = torch.stack([g[slots] for g in grads_XFD], 1)
         dist.all_reduce(buffer_YNFD, group=self.group)
         summed = []
         for n, g_XFD in enumerate(grads_XFD):
             g_XFD = g_XFD.clone()
             if self.local_slots:
-                g_XFD[self.local_slots] = buffer_YNFD[self.buffer_rows, n]
+                g_XFD[slots] = buffer_YNFD[rows, n]
             summed.append(g_XFD.view_as(grads[n]))
         return summed
