@@ -377,6 +377,16 @@ def test_apply_creates_and_removes_replicas_and_resume_follows_the_uninterrupted
     torch.testing.assert_close(with_replicas, full[2:], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(without, full[4:], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(again, full[4:], rtol=1e-5, atol=1e-5)
+    if stage == 2:  # c2r-place reshard collapses replicas: the replicated step-4 checkpoint on one rank (ep 1)
+        from c2r.deepspeed.reshard import RESHARDED, reshard
+
+        written = reshard(tmp_path / "rep" / "checkpoints", tmp_path / "one" / "checkpoints", 1, 1, tag="step4")
+        saved = json.loads((written / "c2r_config.json").read_text())
+        assert saved["optimizer_state"] == RESHARDED and saved["expert_layouts"] == [[0] * E] * 2
+        raw_one = raw("one", 6, resume=True)
+        raw_one["train"].update(ep_size=1, batch_size=8)  # the same global batch on one rank
+        one = run_distributed(train_worker, 1, tmp_path / "spawn_one", [raw_one])[0][0]
+        torch.testing.assert_close(one, full[4:], rtol=1e-5, atol=1e-5)
 
 
 def test_replicas_with_expert_data_parallelism_zero1(tmp_path):
