@@ -166,14 +166,14 @@ class ReplicaGradSum:
         grads_XFD = [g.contiguous().view(X, -1, g.shape[1]) for g in grads]
         _, F, D = grads_XFD[0].shape
         slots, rows = self._indices(grads[0].device)
-        buffer_YNFD = grads[0].new_zeros(self.num_replicated, len(grads), F, D)  # N: the matrices (w1, v1, w2)
+        buffer = grads[0].new_zeros(self.num_replicated, len(grads), F, D)  # (Y, matrices w1 [v1] w2, F, D)
         if self.local_slots:
-            buffer_YNFD[rows] = torch.stack([g[slots] for g in grads_XFD], 1)
-        dist.all_reduce(buffer_YNFD, group=self.group)
+            buffer[rows] = torch.stack([g[slots] for g in grads_XFD], 1)
+        dist.all_reduce(buffer, group=self.group)
         summed = []
         for n, g_XFD in enumerate(grads_XFD):
             g_XFD = g_XFD.clone()
             if self.local_slots:
-                g_XFD[slots] = buffer_YNFD[rows, n]
+                g_XFD[slots] = buffer[rows, n]
             summed.append(g_XFD.view_as(grads[n]))
         return summed
