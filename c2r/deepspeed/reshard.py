@@ -8,7 +8,7 @@ written it at the new size, and loads with the ordinary ``--resume``:
 
 * Expert files are named by physical id (``layer_<l>_expert_<ep_rank * E/R + slot>``): each is renamed from its
   physical id under the old layout to the one under the new layout, as ``c2r-place apply`` does
-  (``move_experts``). There are E files per layer at any ep_size.
+  (``move_experts``). There are E files per layer at any ep_size (P with replicated experts).
 * ZeRO-1/2 (``zero_pp_rank_<r>_mp_rank_00_optim_states.pt``, one per rank). A param group is one flat buffer of its
   parameters in group order, padded at the end to a multiple of ``2 * dp`` and cut into ``dp`` equal partitions
   (DeepSpeed 0.19.8 ``stage_1_and_2.py``: ``nccl_start_alignment_factor`` 2, no per-parameter alignment). Dense
