@@ -4,7 +4,10 @@ was saved with to new ones (``c2r-place apply``: a plan's layouts), without chan
 Model weights. DeepSpeed names each expert file by the expert's *physical* slot
 (``layer_<l>_expert_<ep_rank * E/R + slot>``) and loads file ``p`` into slot ``p`` of rank ``p // (E/R)``. Moving
 logical expert ``e`` from one rank to another is therefore a rename of its file (and of the slot id inside the keys)
-from its old physical id to its new one; the model computes exactly the same function afterwards.
+from its old physical id to its new one; the model computes exactly the same function afterwards. With replicated
+experts on either side, every new slot of an expert gets its home copy (copies are identical), so replicas are created
+and removed with their weights and optimizer state; since that changes the slots per rank, the expert optimizer
+partitions are then rebuilt by ``c2r.deepspeed.reshard`` at the same world size and ep_size.
 
 Optimizer state. Each rank stacks its experts' parameters (``w1``, ``v1``, ``w2``: ``[E/R * F, D]``, slot ``s`` owns
 rows ``s*F .. (s+1)*F``), and so does every per-parameter optimizer tensor: the fp32 master copy and Adam's
