@@ -16,8 +16,8 @@ Shape legend (one for the whole package, ``placement/`` and ``profiling/`` inclu
 ``expert_ids_TK``, ``w1_EFD``):
     B batch, S sequence length, T tokens on this rank (B * S), D hidden (model width), H attention heads,
     V vocabulary, F expert FFN width, E routed (logical) experts, K routing slots per token, R ranks in the
-    expert-parallel group, X experts per rank (E / R), C rows this rank sends (copies), Q rows it receives,
-    L MoE layers, N nodes, G expert groups.
+    expert-parallel group, X experts per rank (E / R; its slots, replicas included, with replicated experts),
+    C rows this rank sends (copies), Q rows it receives, L MoE layers, N nodes, G expert groups.
 A file may name a further letter in its own docstring, never reuse one of these for something else.
 """
 

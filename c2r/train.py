@@ -233,6 +233,10 @@ def log_start(config: RunConfig, corpus, info, model: torch.nn.Module) -> None:
     layer = next(m for m in model.modules() if isinstance(m, MoELayer))
     backend = layer.backend_for(torch.empty(0, device=info.device, dtype=dtype)).name  # what `auto` resolves to
     unit = "M tokens" if config.hf.model_dir else "MB"  # byte tokens are bytes
+    layout = layer.dispatcher.layout if layer.dispatcher is not None else None
+    per_rank = f"{moe.num_experts // config.train.ep_size} experts"
+    if layout is not None and layout.is_replicated:  # a plan with replicas: P / R slots per rank (first MoE layer)
+        per_rank = f"{layout.experts_per_rank} expert slots, replicas included,"
     log.info(
         "corpus: %s (%d documents, %.1f %s train, %.2f %s validation)",
         corpus.source,
@@ -244,7 +248,7 @@ def log_start(config: RunConfig, corpus, info, model: torch.nn.Module) -> None:
     )
     log.info(
         "model: %s%d MoE layers of %d experts (top-%d, %s router, %s expert backend, %s), %d ranks on %s, "
-        "ep_size %d (%d experts per rank)",
+        "ep_size %d (%s per rank)",
         f"{config.hf.model_dir}, " if config.hf.model_dir else "",
         num_moe_layers(config),
         moe.num_experts,
@@ -255,7 +259,7 @@ def log_start(config: RunConfig, corpus, info, model: torch.nn.Module) -> None:
         info.world_size,
         info.device.type,
         config.train.ep_size,
-        moe.num_experts // config.train.ep_size,
+        per_rank,
     )
 
 

@@ -85,7 +85,29 @@ class RunData:
         return self.layers[index] if index < len(self.layers) else {"layer": index}
 
     def expert_to_rank(self, index: int) -> list[int] | None:
-        return self.layer(index).get("expert_to_rank")
+        """Each expert's (home) rank. The saved form lists a replicated expert's ranks, home first (``[0, [0, 3],
+        1, ...]``, placement/layout.py); ``replicas`` has the others."""
+        saved = self.layer(index).get("expert_to_rank")
+        return None if saved is None else [e[0] if isinstance(e, list) else e for e in saved]
+
+    def replicas(self, index: int) -> list[list[int]]:
+        """Per expert, the ranks of its replicas besides its home (empty lists: no replicas)."""
+        saved = self.layer(index).get("expert_to_rank") or []
+        return [list(e[1:]) if isinstance(e, list) else [] for e in saved]
+
+    def slots(self, index: int) -> list[tuple[int, bool]] | None:
+        """Per physical slot (rank by rank, ascending expert id on each, as the dispatcher lays them out): the
+        expert it holds and whether it is a replica (not the home copy); None without replicas."""
+        homes, extra = self.expert_to_rank(index), self.replicas(index)
+        if homes is None or not any(extra):
+            return None
+        ranks = max(max(homes), *(max(r, default=0) for r in extra)) + 1
+        return [
+            (e, rank != homes[e])
+            for rank in range(ranks)
+            for e in range(len(homes))
+            if rank == homes[e] or rank in extra[e]
+        ]
 
     @property
     def window(self) -> list[int]:
@@ -105,10 +127,22 @@ class RunData:
         entry = self.layer(index)
         if "rank_load" in entry:
             return (np.asarray(entry["rank_load"]) / max(entry["tokens"], 1)).tolist()
-        placement, load = entry.get("expert_to_rank"), self.expert_load(index)
+        placement, load = self.expert_to_rank(index), self.expert_load(index)
         if placement is None or load is None:
             return None
-        return np.bincount(placement, weights=load, minlength=max(placement) + 1).tolist()
+        ranks = [[home, *extra] for home, extra in zip(placement, self.replicas(index))]
+        # A replicated expert's load split evenly over its copies: an estimate (the dispatcher's rule first keeps
+        # a slot on a rank the token visits anyway); the all-to-all records, when present, have the measured loads.
+        rank_of = [r for copies in ranks for r in copies]
+        share = [w / len(copies) for copies, w in zip(ranks, load) for _ in copies]
+        return np.bincount(rank_of, weights=share, minlength=max(rank_of) + 1).tolist()
+
+    def slot_load(self, index: int) -> list[float] | None:
+        """Routed slots each physical expert slot processed, per token (window), for replicated layouts."""
+        entry = self.layer(index)
+        if self.slots(index) is None or "slot_load" not in entry:
+            return None
+        return (np.asarray(entry["slot_load"]) / max(entry["tokens"], 1)).tolist()
 
 
 def load_run(path: str | Path, name: str | None = None, steps: list[int] | None = None) -> RunData:
@@ -302,6 +336,7 @@ def coactivation_panel(run: RunData, index: int) -> dict[str, Any]:
         "order": order,
         "starts": starts,
         "placement": placement,
+        "replicas": run.replicas(index),
     }
 
 
@@ -311,9 +346,12 @@ def coactivation_layout(panels: list[dict[str, Any]]) -> dict[str, Any]:
     for col, panel in enumerate(panels, start=1):
         axis = "" if col == 1 else str(col)
         n, step = len(panel["order"]), max(1, math.ceil(len(panel["order"]) / 24))
+        # a replicated expert is marked "+": it also has copies on other ranks (grouped here under its home rank)
+        replicated = {e for e, extra in enumerate(panel.get("replicas") or []) if extra}
+        ticks = [f"{e}+" if e in replicated else str(e) for e in panel["order"][::step]]
         for name in (f"xaxis{axis}", f"yaxis{axis}"):  # dotted paths: a whole axis object would replace the axis
             layout[f"{name}.tickvals"] = list(range(0, n, step))
-            layout[f"{name}.ticktext"] = [str(e) for e in panel["order"][::step]]
+            layout[f"{name}.ticktext"] = ticks
             layout[f"{name}.visible"] = n > 0
         if not n:
             layout["annotations"].append(blank_note(axis, "no routing traces in this run"))
@@ -403,9 +441,12 @@ def fig_load(runs: list[RunData]) -> go.Figure | None:
     panels = [("expert", lambda run, index: run.expert_load(index))]
     if any(run.rank_load(index) for run in runs for index in range(run.info["num_layers"])):
         panels.append(("rank", lambda run, index: run.rank_load(index)))
+    if any(run.slot_load(index) for run in runs for index in range(run.info["num_layers"])):
+        panels.append(("physical slot (replicated experts)", lambda run, index: run.slot_load(index)))
     if not any(get(run, 0) for run in runs for _, get in panels):
         return None
-    titles, widths = [f"routed slots per token, per {what}" for what, _ in panels], [0.7, 0.3][: len(panels)]
+    titles = [f"routed slots per token, per {what}" for what, _ in panels]
+    widths = [0.7, 0.3] if len(panels) < 3 else [0.45, 0.15, 0.4]
     fig = make_subplots(1, len(panels), subplot_titles=titles, column_widths=widths)
 
     def traces(index: int) -> dict[str, list]:
@@ -524,7 +565,9 @@ def placement_kind(run: RunData) -> str:
     if all(layout is None for layout in layouts):
         return "none (no expert parallelism)"
     contiguous = all(layout is None or layout == sorted(layout) for layout in layouts)
-    return "contiguous" if contiguous else "planned"
+    copies = sum(len(r) for i in range(run.info["num_layers"]) for r in run.replicas(i))
+    replicated = f", {copies} replicas" if copies else ""
+    return ("contiguous" if contiguous else "planned") + replicated
 
 
 def table_runs(runs: list[RunData]) -> str:
@@ -578,12 +621,25 @@ def table_load(runs: list[RunData]) -> str:
     parts = []
     for run in runs:
         experts = max((len(e.get("expert_load", [])) for e in run.layers), default=0)
+        replicated = any(run.slots(index) for index in range(run.info["num_layers"]))
         rows = []
         for index in range(run.info["num_layers"]):
             load, ranks = run.expert_load(index), run.rank_load(index)
             cells = [fmt(v, "{:.4f}") for v in (load or [None] * experts)]
             rows.append([str(index), *cells, " / ".join(fmt(v, "{:.4f}") for v in ranks or [None])])
+            slots, slot_load = run.slots(index), run.slot_load(index)
+            if replicated:
+                # physical slots in dispatch order, each named by its expert; a replica (not the home copy) "eN+"
+                rows[-1].append(
+                    " / ".join(
+                        f"e{e}{'+' if copy else ''} {fmt(v, '{:.4f}')}" for (e, copy), v in zip(slots, slot_load)
+                    )
+                    if slots and slot_load
+                    else "-"
+                )
         header = ["layer", *[f"e{e}" for e in range(experts)], "per rank"]
+        if replicated:
+            header.append("per physical slot (eN+: a replica)")
         parts.append(f"<h4>{esc(run.name)}</h4>{table(header, rows, 'matrix')}")
     return details("routed slots per token, per expert (whole run) and per rank (window), every layer", "".join(parts))
 

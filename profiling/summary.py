@@ -53,10 +53,13 @@ def _node_traffic(records: list[dict[str, Any]], copies_RR: np.ndarray, tokens: 
 def _layer_traffic(records: list[dict[str, Any]], num_ranks: int) -> dict[str, Any]:
     copies_RR = np.zeros((num_ranks, num_ranks), dtype=np.int64)
     load_R = np.zeros(num_ranks, dtype=np.int64)
+    slot_load_R = [None] * num_ranks  # per rank, per local slot (replicas are slots of their own)
     sums = defaultdict(int)
     for r in records:
         copies_RR[r["ep_rank"]] += np.asarray(r["send_copies"], dtype=np.int64)
         load_R[r["ep_rank"]] += sum(r["local_expert_load"])
+        local = np.asarray(r["local_expert_load"], dtype=np.int64)
+        slot_load_R[r["ep_rank"]] = local if slot_load_R[r["ep_rank"]] is None else slot_load_R[r["ep_rank"]] + local
         for key in ("tokens", "valid_slots", "distinct_ranks", "remote_ranks"):
             sums[key] += r[key]
     bytes_per_copy = records[0]["bytes_per_copy"]
@@ -75,6 +78,8 @@ def _layer_traffic(records: list[dict[str, Any]], num_ranks: int) -> dict[str, A
         "cross_rank_bytes_per_token": cross * bytes_per_copy / tokens,
         "remote_ranks_per_token": sums["remote_ranks"] / tokens,
         "rank_load": load_R.tolist(),
+        # per physical slot (rank * X + local slot), when every rank recorded: a replica's load apart from its home's
+        **({"slot_load": np.concatenate(slot_load_R).tolist()} if all(s is not None for s in slot_load_R) else {}),
         "rank_load_imbalance": float(load_R.max() / max(load_R.mean(), 1e-9)),
         **_node_traffic(records, copies_RR, tokens),
     }

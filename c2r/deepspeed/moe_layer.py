@@ -25,10 +25,15 @@ class DeepSpeedMoELayer(_DeepSpeedMoE):
     def __init__(self, layer: MoELayer, ep_size: int):
         nn.Module.__init__(self)  # not MoE.__init__: it would build DeepSpeed's TopKGate and Experts
         num_experts = layer.config.num_experts
-        require_divides(ep_size, "ep_size", num_experts, "num_experts")
+        layout = layer.dispatcher.layout if layer.dispatcher is not None else None
+        if layout is None or not layout.is_replicated:
+            require_divides(ep_size, "ep_size", num_experts, "num_experts")
         self.ep_size = ep_size
         self.num_experts = num_experts
-        self.num_local_experts = num_experts // ep_size
+        # The slots each rank holds: E / R, or P / R with replicated experts. DeepSpeed names the expert checkpoint
+        # files by ep rank * this + local slot, so a replicated layer saves one file per physical slot (the run
+        # config's expert_layouts say which logical expert each holds).
+        self.num_local_experts = layout.experts_per_rank if layout is not None else num_experts // ep_size
         self.expert_group_name = expert_group_name(ep_size)
         self.enable_expert_tensor_parallelism = False
         self.use_residual = False

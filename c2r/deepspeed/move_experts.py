@@ -4,7 +4,10 @@ was saved with to new ones (``c2r-place apply``: a plan's layouts), without chan
 Model weights. DeepSpeed names each expert file by the expert's *physical* slot
 (``layer_<l>_expert_<ep_rank * E/R + slot>``) and loads file ``p`` into slot ``p`` of rank ``p // (E/R)``. Moving
 logical expert ``e`` from one rank to another is therefore a rename of its file (and of the slot id inside the keys)
-from its old physical id to its new one; the model computes exactly the same function afterwards.
+from its old physical id to its new one; the model computes exactly the same function afterwards. With replicated
+experts on either side, every new slot of an expert gets its home copy (copies are identical), so replicas are created
+and removed with their weights and optimizer state; since that changes the slots per rank, the expert optimizer
+partitions are then rebuilt by ``c2r.deepspeed.reshard`` at the same world size and ep_size.
 
 Optimizer state. Each rank stacks its experts' parameters (``w1``, ``v1``, ``w2``: ``[E/R * F, D]``, slot ``s`` owns
 rows ``s*F .. (s+1)*F``), and so does every per-parameter optimizer tensor: the fp32 master copy and Adam's
@@ -107,8 +110,15 @@ def move_experts(
     run_config = json.loads((src / CONFIG_FILE).read_text())
     old = recorded_layouts(run_config)
     new = check_layouts_fit(layouts, run_config, len(old))
-    for layout in [*old, *new]:
-        layout.require_unreplicated("c2r-place apply")
+    if any(layout.is_replicated for layout in [*old, *new]):
+        # Replicas created or removed change a rank's slots, hence the size of its experts' optimizer partitions:
+        # rebuild them the way c2r-place reshard does, at the same world size and ep_size.
+        from c2r.deepspeed.reshard import reshard, saved_world_size
+
+        world = saved_world_size(src)
+        return reshard(
+            checkpoint_dir, out_dir, world, old[0].num_ranks, new, tag, plan_path, "c2r-place apply", REMAPPED
+        )
     dst, tmp = begin_checkpoint(out_dir, tag)
     # A partial directory inside the source is what an older apply with --out inside it left behind: not ours to copy.
     files = sorted(p for p in src.iterdir() if not (p.is_dir() and p.name.endswith(".partial")))
@@ -172,10 +182,14 @@ def _copy_one(path: Path, dst_dir: Path, old: list[ExpertLayout], new: list[Expe
         return
     layer, old_slot, mp = int(match[1]), int(match[2]), match[3]
     expert = old[layer].physical_to_logical[old_slot]
-    new_slot = int(new[layer].logical_to_physical[expert])
+    if old_slot != old[layer].logical_to_physical[expert]:
+        return  # a replica: identical to its home copy, which is written to each of the expert's new slots
     state = torch.load(path, map_location="cpu", weights_only=False)
-    renamed = {KEY_SLOT.sub(lambda m: f"{m[1]}{new_slot}{m[3]}", key, count=1): value for key, value in state.items()}
-    torch.save(renamed, dst_dir / f"layer_{layer}_expert_{new_slot}_{mp}_model_states.pt")
+    for new_slot in new[layer].replica_slots[expert].tolist():
+        if new_slot < 0:
+            break
+        renamed = {KEY_SLOT.sub(lambda m, s=new_slot: f"{m[1]}{s}{m[3]}", k, count=1): v for k, v in state.items()}
+        torch.save(renamed, dst_dir / f"layer_{layer}_expert_{new_slot}_{mp}_model_states.pt")
 
 
 def begin_checkpoint(out_dir: Path, tag: str) -> tuple[Path, Path]:
@@ -199,14 +213,17 @@ def publish_checkpoint(tmp: Path, dst: Path) -> Path:
 
 
 def move_rows(old: list[torch.Tensor], before: ExpertLayout, after: ExpertLayout) -> list[torch.Tensor]:
-    """``old[p]``: EP rank ``p``'s stacked tensor of one layer (slot ``s`` = the ``s``-th of E/R equal row blocks, in
-    any shape). Returns the tensors of the ranks under ``after``: every logical expert's block moved from its
-    (rank, slot) under ``before`` to its (rank, slot) under ``after``. The two may have different numbers of ranks
-    (resharding: ``c2r.deepspeed.reshard``); each new tensor then stacks ``after``'s E/R blocks along dim 0."""
+    """``old[p]``: EP rank ``p``'s stacked tensor of one layer (slot ``s`` = the ``s``-th of X equal row blocks, in
+    any shape). Returns the tensors of the ranks under ``after``: every physical slot of ``after`` gets the block of
+    its logical expert's home copy under ``before`` (replicas are identical; a new replica starts as the home copy,
+    a removed one is dropped). The two may have different numbers of ranks and slots per rank (resharding:
+    ``c2r.deepspeed.reshard``; replicas added or removed); each new tensor then stacks ``after``'s X blocks."""
     was_local, now_local = before.experts_per_rank, after.experts_per_rank
     blocks = [t.reshape(was_local, -1) for t in old]
     moved = [blocks[0].new_empty(now_local, blocks[0].shape[1]) for _ in range(after.num_ranks)]
-    for was, now in zip(before.logical_to_physical.tolist(), after.logical_to_physical.tolist()):
+    home = before.logical_to_physical.tolist()
+    for now, expert in enumerate(after.physical_to_logical.tolist()):
+        was = home[expert]
         moved[now // now_local][now % now_local] = blocks[was // was_local][was % was_local]
     shape = old[0].shape
     new_shape = (shape[0] // was_local * now_local, *shape[1:])

@@ -8,7 +8,7 @@ written it at the new size, and loads with the ordinary ``--resume``:
 
 * Expert files are named by physical id (``layer_<l>_expert_<ep_rank * E/R + slot>``): each is renamed from its
   physical id under the old layout to the one under the new layout, as ``c2r-place apply`` does
-  (``move_experts``). There are E files per layer at any ep_size.
+  (``move_experts``). There are E files per layer at any ep_size (P with replicated experts).
 * ZeRO-1/2 (``zero_pp_rank_<r>_mp_rank_00_optim_states.pt``, one per rank). A param group is one flat buffer of its
   parameters in group order, padded at the end to a multiple of ``2 * dp`` and cut into ``dp`` equal partitions
   (DeepSpeed 0.19.8 ``stage_1_and_2.py``: ``nccl_start_alignment_factor`` 2, no per-parameter alignment). Dense
@@ -81,10 +81,15 @@ def reshard(
     layouts: list[ExpertLayout] | None = None,
     tag: str | None = None,
     plan_path: str | None = None,
+    tool: str = "c2r-place reshard",
+    done: str = RESHARDED,
 ) -> Path:
     """Write ``out_dir/<tag>``: ``checkpoint_dir/<tag>`` for ``world_size`` ranks with experts over ``ep_size`` of
     them, placed by ``layouts`` (one per MoE layer, e.g. a plan's; default contiguous), its weights and optimizer
-    state moved (module docstring). ``plan_path`` is recorded in the new run config."""
+    state moved (module docstring). ``plan_path`` is recorded in the new run config. Replicated layouts (old or new)
+    work too: each new slot gets its expert's home copy, so resharding to contiguous layouts collapses replicas.
+    ``tool`` / ``done``: who is writing (``c2r-place apply`` uses this path when replicas change the slots per
+    rank) and what the run config's ``optimizer_state`` then says."""
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     tag = tag or latest_tag(checkpoint_dir)
     if tag is None:
@@ -96,10 +101,11 @@ def reshard(
     old = recorded_layouts(run_config)
     num_experts = run_config["model"]["moe"]["num_experts"]
     require_divides(ep_size, "ep_size", world_size, "the world size")
-    require_divides(ep_size, "ep_size", num_experts, "num_experts")
     new = new_layouts(layouts, len(old), num_experts, ep_size)
-    for layout in [*old, *new]:
-        layout.require_unreplicated("c2r-place reshard")
+    if not any(layout.is_replicated for layout in new):
+        require_divides(ep_size, "ep_size", num_experts, "num_experts")
+    require_same_slots(old, "the checkpoint's expert_layouts")
+    require_same_slots(new, "the plan")
     old_world = saved_world_size(src)
     dst, tmp = begin_checkpoint(out_dir, tag)
     files = sorted(src.iterdir())
@@ -113,18 +119,28 @@ def reshard(
             raise UnsupportedOptimizerState("the source checkpoint's optimizer state was already dropped")
         resharder = OptimizerReshard(src, tmp, old, new, old_world, world_size)
         rank0_optimizer = resharder.run(optimizer_files)
-        run_config["optimizer_state"] = RESHARDED
+        run_config["optimizer_state"] = done
     except UnsupportedOptimizerState as why:
         for path in optimizer_files:
             (tmp / path.name).unlink(missing_ok=True)
         rank0_optimizer = None
         run_config["optimizer_state"] = (
-            f"dropped by c2r-place reshard: {why}; --resume loads the weights with fresh optimizer moments"
+            f"dropped by {tool}: {why}; --resume loads the weights with fresh optimizer moments"
         )
         log.warning("optimizer state not carried over: %s", why)
     torch.save(resized_model_state(model_state, world_size, old[0], new[0], rank0_optimizer), tmp / MODEL_FILE)
     (tmp / CONFIG_FILE).write_text(json.dumps(resized_run_config(run_config, old_world, world_size, new, plan_path)))
     return publish_checkpoint(tmp, dst)
+
+
+def require_same_slots(layouts: list[ExpertLayout], what: str) -> None:
+    """The optimizer files stack every MoE layer's experts alike: one number of slots per rank for all layers."""
+    slots = [layout.experts_per_rank for layout in layouts]
+    if len(set(slots)) > 1:
+        raise ValueError(
+            f"{what} give the MoE layers different numbers of expert slots per rank ({slots}); checkpoints can only "
+            "be moved between layouts with the same number of slots per rank in every layer (same --replicas)"
+        )
 
 
 def new_layouts(

@@ -84,8 +84,9 @@ def make_expert_parallel(
     profiler's), default none. Call after building the model (same seed on every rank) and before building the
     optimizer.
     """
-    for layer in (m for m in model.modules() if isinstance(m, MoELayer)):
-        require_divides(ep_size, "ep_size", layer.config.num_experts, "num_experts")
+    for index, layer in enumerate(m for m in model.modules() if isinstance(m, MoELayer)):
+        if not (layouts and layouts[index].is_replicated):  # replicated: the layout checks that its slots divide
+            require_divides(ep_size, "ep_size", layer.config.num_experts, "num_experts")
     group = ensure_expert_groups(ep_size)
     if ep_size > 1:
         shard_experts(model, layouts, group=group, mode=mode, observers=observers, ranks_per_node=gpus_per_node)

@@ -127,6 +127,8 @@ def build_model(config: Any, mode: str, layouts, observers) -> HFCausalLM:
         raise ValueError(
             f"model.moe.num_experts ({moe.num_experts}) differs from the {shape.num_experts} experts of {model_dir}"
         )
+    for layout in layouts or []:  # the Hugging Face loader places one copy per expert: refuse, never drop, replicas
+        layout.require_unreplicated("c2r-train --hf-model")
     group = ensure_expert_groups(tc.ep_size)
     model = load(
         model_dir,

@@ -19,8 +19,9 @@ its :class:`DispatchMeta`, handed to the :class:`DispatchObserver` it was built 
 is read off the dispatcher afterwards.
 
 Shape letters follow the package legend (c2r/__init__.py): T tokens on this rank, D hidden, K slots, E experts,
-R ranks in the EP group, X = E / R experts per rank, C rows this rank sends, Q rows it receives, and P valid
-(copy, slot) pairs at a per-rank destination in local-expert order (as in ``slot_rows.py``).
+R ranks in the EP group, X expert slots per rank (E / R; more with replicated experts, whose copy each slot uses
+``replicas.py`` decides), C rows this rank sends, Q rows it receives, and P valid (copy, slot) pairs at a per-rank
+destination in local-expert order (as in ``slot_rows.py``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from c2r.parallel.all_to_all import ExchangeTimer, all_to_all, exchange_counts
+from c2r.parallel.replicas import CopyChooser, ReplicaGradSum
 from c2r.parallel.slot_rows import (
     SlotOrder,
     count_keys,
@@ -198,7 +200,6 @@ class _Dispatcher:
         observer: DispatchObserver = NO_OBSERVER,
         ranks_per_node: int | None = None,
     ):
-        layout.require_unreplicated("expert-parallel dispatch")
         self.layout = layout
         self.ranks_per_node = ranks_per_node  # for the counts only (DispatchMeta.inter_node_copies and co.)
         self.group = group
@@ -207,15 +208,14 @@ class _Dispatcher:
             raise ValueError(f"the expert layout is for {layout.num_ranks} ranks but the EP group has {world}")
         self.rank = dist.get_rank(group)
         self.observer = observer
-        self.expert_to_rank_E = torch.tensor(layout.expert_to_rank)
-        self._physical_E = torch.tensor(layout.logical_to_physical)  # layouts are numpy: placement needs no torch
-        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Replicated experts (replicas.py): which copy each slot uses, and the gradient sum over the copies.
+        self.copies = CopyChooser(layout)
+        self.replica_grads = ReplicaGradSum(layout, self.rank, group)
 
-    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(expert_to_rank_E, physical_E) on ``device``, copied there once rather than every forward."""
-        if device not in self._on_device:
-            self._on_device[device] = (self.expert_to_rank_E.to(device), self._physical_E.to(device))
-        return self._on_device[device]
+    def _physical(self, routing: RoutingResult) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rank_TK, physical_TK): the rank and physical slot (rank * X + local slot) each (token, slot) goes to."""
+        physical_TK = self.copies.physical(routing.expert_ids_TK, routing.valid_TK)
+        return physical_TK // self.layout.experts_per_rank, physical_TK
 
     def _exchange_counts(self, send_counts_RN: torch.Tensor) -> tuple[torch.Tensor, list[list[int]], list[list[int]]]:
         """Row r of ``send_counts_RN`` goes to rank r. Returns the received counts (device) and both on the host."""
@@ -233,6 +233,7 @@ class PerExpertDispatcher(_Dispatcher):
     mode = "per-expert"
 
     def __call__(self, x_TD, routing: RoutingResult, backend, experts) -> torch.Tensor:
+        experts = self.replica_grads(experts)
         x_QD, meta = self.dispatch(x_TD, routing)
         y_QD = backend.grouped_mlp(x_QD, meta.tokens_per_local_expert_X, experts)
         self.observer.on_dispatch(meta)
@@ -240,8 +241,7 @@ class PerExpertDispatcher(_Dispatcher):
 
     def dispatch(self, x_TD: torch.Tensor, routing: RoutingResult) -> tuple[torch.Tensor, DispatchMeta]:
         R, X = self.layout.num_ranks, self.layout.experts_per_rank
-        _, physical_E = self._tables(x_TD.device)
-        physical_TK = physical_E[routing.expert_ids_TK]  # physical id = rank * X + local slot
+        _, physical_TK = self._physical(routing)  # physical id = rank * X + local slot
         # 1. Count the pairs per physical expert, and sort them by it: rows for rank 0 first, each rank's block by
         #    local slot. The sort is queued before the counts' host copy, so the GPU runs it during the sync.
         send_counts_RX = count_keys(physical_TK, routing.valid_TK, R * X).view(R, X)
@@ -291,6 +291,7 @@ class PerRankDispatcher(_Dispatcher):
     mode = "per-rank"
 
     def __call__(self, x_TD, routing: RoutingResult, backend, experts) -> torch.Tensor:
+        experts = self.replica_grads(experts)
         received, meta = self.dispatch(x_TD, routing)
         y_QD = compute_copies(received, backend, experts)
         self.observer.on_dispatch(meta)
@@ -299,8 +300,7 @@ class PerRankDispatcher(_Dispatcher):
     def dispatch(self, x_TD: torch.Tensor, routing: RoutingResult) -> tuple[ReceivedCopies, DispatchMeta]:
         R, X = self.layout.num_ranks, self.layout.experts_per_rank
         T, K = routing.expert_ids_TK.shape
-        expert_to_rank_E, physical_E = self._tables(x_TD.device)
-        rank_TK, physical_TK = expert_to_rank_E[routing.expert_ids_TK], physical_E[routing.expert_ids_TK]
+        rank_TK, physical_TK = self._physical(routing)
         hits_TR = ranks_hit(rank_TK, routing.valid_TK, R)
         # 1. Count, per destination rank, the pairs of each of its experts and the copies (one per token it hits);
         #    sort the (token, rank) copies by rank. One small exchange and one host copy carry every count.

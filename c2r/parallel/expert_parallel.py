@@ -21,6 +21,7 @@ from c2r.parallel.dispatch import (
 )
 from c2r.parallel.nodes import make_node_groups, resolve_ranks_per_node
 from c2r.parallel.per_node import PerNodeDispatcher
+from c2r.routing import Router
 from placement.layout import ExpertLayout
 
 
@@ -69,7 +70,9 @@ def shard_experts(
 ) -> list[MoELayer]:
     """Make every :class:`MoELayer` in ``model`` expert parallel over ``group`` (default: the world).
 
-    ``layout``: one for every layer, one per MoE layer (a placement plan), or None for the contiguous layout.
+    ``layout``: one for every layer, one per MoE layer (a placement plan), or None for the contiguous layout. A
+    replicated layout gives each rank its X slots, replicas included, each copied from the full model (so copies start
+    identical; the dispatcher keeps them so, ``replicas.py``).
     ``mode``: ``per-expert``, ``per-rank`` or ``per-node`` dispatch. ``observers``: one per MoE layer (e.g. the
     communication profiler's), given to that layer's dispatcher; default none. ``ranks_per_node``: the EP ranks of one
     node (default: the launcher's local world size, else one node); per-node dispatch exchanges within and across
@@ -96,6 +99,13 @@ def shard_experts(
         dispatcher = build_dispatcher(mode, layer_layout, group, observer, ranks_per_node, node_groups)
         layer.experts = local_expert_weights(layer.experts, layer_layout.local_experts(dispatcher.rank))
         layer.dispatcher = dispatcher
+        if layer_layout.is_replicated and type(layer.router).set_expert_placement is not Router.set_expert_placement:
+            # Group-limited routing keeps a token's experts on few ranks; with copies on several ranks "the rank of
+            # an expert" has no single answer, so refuse rather than group by the home ranks silently.
+            raise ValueError(
+                f"router {layer.config.router.kind!r} groups experts by rank and cannot use a layout with replicated "
+                f"experts (MoE layer {index}); use a plan without replicas, or another router"
+            )
         layer.router.set_expert_placement(layer_layout.expert_to_rank, layer_layout.num_ranks)  # group-limited uses it
     return layers
 

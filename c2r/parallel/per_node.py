@@ -82,6 +82,7 @@ class PerNodeDispatcher(_Dispatcher):
         self.node, self.local = divmod(self.rank, self.ranks_per_node)
 
     def __call__(self, x_TD, routing: RoutingResult, backend, experts) -> torch.Tensor:
+        experts = self.replica_grads(experts)
         received, route, meta = self.dispatch(x_TD, routing)
         y_Q2D = compute_copies(received, backend, experts)
         self.observer.on_dispatch(meta)
@@ -105,8 +106,7 @@ class PerNodeDispatcher(_Dispatcher):
         R, X, W, N = self.layout.num_ranks, self.layout.experts_per_rank, self.ranks_per_node, self.nodes.num_nodes
         T, K = routing.expert_ids_TK.shape
         device = x_TD.device
-        expert_to_rank_E, physical_E = self._tables(device)
-        rank_TK, physical_TK = expert_to_rank_E[routing.expert_ids_TK], physical_E[routing.expert_ids_TK]
+        rank_TK, physical_TK = self._physical(routing)
         hits_TR = ranks_hit(rank_TK, routing.valid_TK, R)
         hits_TN = hits_TR.view(T, N, W).any(2)
         # 1. Every count of both stages in one exchange over the EP group (the forward's one host sync); the stage-1
