@@ -45,11 +45,16 @@ class CostModel:
     inter_node_gb_s: float = 25.0
     expert_tflop_s: float = 300.0
     source: str = "defaults"
+    # A fixed cost per peer of each exchange (one message each way), what small messages and CPU/gloo ranks are
+    # dominated by; `exchange_ms` (c2r-place simulate) uses it, `layer_cost` (bandwidth only) does not.
+    latency_us: float = 5.0
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.type != "str" and not value > 0:
+            if field.type == "str":
+                continue
+            if not (value >= 0 if field.name == "latency_us" else value > 0):
                 raise PlacementError(f"cost model: {field.name} must be > 0; got {value!r}")
 
 
@@ -67,6 +72,27 @@ def layer_cost(metrics: dict[str, Any], model: CostModel, num_ranks: int, num_no
     flops = 3 * 2 * model.matrices * model.hidden * model.ffn * pairs
     compute_ms = flops / (model.expert_tflop_s * 1e12) * 1e3
     return {"comm_ms": comm_ms, "compute_ms": compute_ms, "step_ms": comm_ms + compute_ms}
+
+
+def exchange_ms(
+    rows_RR: np.ndarray, row_bytes: int, peers: int, model: CostModel, gpus_per_node: int
+) -> tuple[float, float]:
+    """(latency ms, transfer ms) of one all-to-all moving ``rows_RR[s, d]`` rows of ``row_bytes`` from rank s to d:
+
+        latency  = peers x latency_us                      (peers: the other ranks of the exchange's group)
+        transfer = max over ranks of max(sent, received) seconds, where a rank's seconds are
+                   bytes to/from other ranks of its node / intra_node_gb_s + bytes to/from other nodes / inter_node_gb_s
+
+    Rows a rank keeps (the diagonal) cost nothing. The two links are not assumed to overlap (a conservative choice:
+    a flat all-to-all on NVLink + a NIC could overlap them; per-node dispatch runs them one after the other)."""
+    R = len(rows_RR)
+    node_R = np.arange(R) // gpus_per_node
+    same_RR = node_R[:, None] == node_R[None, :]
+    off = rows_RR * ~np.eye(R, dtype=bool)
+    per_byte = np.where(same_RR, 1.0 / (model.intra_node_gb_s * 1e9), 1.0 / (model.inter_node_gb_s * 1e9))
+    seconds_RR = off * per_byte * row_bytes
+    busiest = max(seconds_RR.sum(1).max(initial=0.0), seconds_RR.sum(0).max(initial=0.0))
+    return peers * model.latency_us * 1e-3, busiest * 1e3
 
 
 def calibrate(run_dir: str | Path, base: CostModel | None = None) -> CostModel:
