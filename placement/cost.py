@@ -79,7 +79,8 @@ def exchange_ms(
 ) -> tuple[float, float]:
     """(latency ms, transfer ms) of one all-to-all moving ``rows_RR[s, d]`` rows of ``row_bytes`` from rank s to d:
 
-        latency  = peers x latency_us                      (peers: the other ranks of the exchange's group)
+        latency  = max(peers, 1) x latency_us              (peers: the other ranks of the exchange's group; a group
+                                                            of one still makes the call and copies locally)
         transfer = max over ranks of max(sent, received) seconds, where a rank's seconds are
                    bytes to/from other ranks of its node / intra_node_gb_s + bytes to/from other nodes / inter_node_gb_s
 
@@ -92,7 +93,7 @@ def exchange_ms(
     per_byte = np.where(same_RR, 1.0 / (model.intra_node_gb_s * 1e9), 1.0 / (model.inter_node_gb_s * 1e9))
     seconds_RR = off * per_byte * row_bytes
     busiest = max(seconds_RR.sum(1).max(initial=0.0), seconds_RR.sum(0).max(initial=0.0))
-    return peers * model.latency_us * 1e-3, busiest * 1e3
+    return max(peers, 1) * model.latency_us * 1e-3, busiest * 1e3
 
 
 def calibrate(run_dir: str | Path, base: CostModel | None = None) -> CostModel:

@@ -54,10 +54,9 @@ class Cluster:
     gpus_per_node: int
 
     def __post_init__(self) -> None:
-        for name in ("num_nodes", "gpus_per_node"):
-            value = getattr(self, name)
+        for flag, value in (("--nodes", self.num_nodes), ("--gpus-per-node", self.gpus_per_node)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise PlacementError(f"--{name.replace('_', '-')} must be a whole number >= 1; got {value!r}")
+                raise PlacementError(f"{flag} must be a whole number >= 1; got {value!r}")
 
     @property
     def num_ranks(self) -> int:
