@@ -38,15 +38,26 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 HUGE = 1e12
 
 
-def load_rows(path: Path) -> list[dict]:
-    doc = json.loads(path.read_text())
-    world, seed, dtype = doc["world"], int(doc["args"]["seed"]), doc["args"]["dtype"]
-    rows = []
-    for r in doc["rows"]:
-        if r.get("routing") != "synthetic" or not r["contender"].startswith("c2r-") or "ms_median" not in r:
-            continue
-        rows.append({**r, "world": world, "seed": seed, "dtype": dtype, "run": path.stem})
-    return rows
+def load_rows(paths: list[Path]) -> list[dict]:
+    """The c2r rows of ep_bench JSONs; rows of the same ranks, nodes and contender from several files (repeated runs)
+    merge: the median of their medians, every round's median kept."""
+    merged: dict[tuple, dict] = {}
+    for path in paths:
+        doc = json.loads(path.read_text())
+        world, seed, dtype = doc["world"], int(doc["args"]["seed"]), doc["args"]["dtype"]
+        for r in doc["rows"]:
+            if r.get("routing") != "synthetic" or not r["contender"].startswith("c2r-") or "ms_median" not in r:
+                continue
+            W = r.get("gpus_per_node") or world
+            key = (world, W, r["config"], r["contender"])
+            row = merged.setdefault(key, {**r, "world": world, "seed": seed, "dtype": dtype, "runs": []})
+            row["runs"].append(r)
+            row["run"] = f"{world} ranks, {world // W} x {W}"
+    for row in merged.values():
+        row["ms_median"] = float(np.median([r["ms_median"] for r in row["runs"]]))
+        row["all_to_all_ms"] = float(np.median([r.get("all_to_all_ms", np.nan) for r in row["runs"]]))
+        row["round_medians"] = [m for r in row["runs"] for m in r["round_medians"]]
+    return list(merged.values())
 
 
 def components(row: dict) -> dict[str, float]:
@@ -81,7 +92,9 @@ def components(row: dict) -> dict[str, float]:
 
 def fit(rows: list[dict]) -> tuple[float, float, float]:
     """(latency us, GB/s, TFLOP/s) minimising the squared error of the step medians, all >= 0."""
-    A = np.array([[r["c"]["latency_units"] * 1e-3, r["c"]["transfer_ms_1gbs"], r["c"]["compute_ms_1tflops"]] for r in rows])
+    A = np.array(
+        [[r["c"]["latency_units"] * 1e-3, r["c"]["transfer_ms_1gbs"], r["c"]["compute_ms_1tflops"]] for r in rows]
+    )
     b = np.array([r["ms_median"] for r in rows])
     (latency_us, inv_bw, inv_rate), _ = nnls(A, b)
     return latency_us, 1 / inv_bw if inv_bw else HUGE, 1 / inv_rate if inv_rate else HUGE
@@ -96,19 +109,18 @@ def predict(row: dict, latency_us: float, gb_s: float, tflop_s: float) -> tuple[
 
 def table(rows: list[dict], params: tuple[float, float, float]) -> str:
     lines = [
-        "| run | ranks (nodes x GPUs) | contender | measured step ms (round medians) | predicted step ms | error "
+        "| run | contender | measured step ms (round medians) | predicted step ms | error "
         "| measured a2a ms | predicted a2a ms |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
     errors = []
     for r in rows:
         a2a, step = predict(r, *params)
         err = step / r["ms_median"] - 1
         errors.append(abs(err))
-        W = r.get("gpus_per_node") or r["world"]
-        rounds = " / ".join(f"{m:.1f}" for m in r["round_medians"])
+        rounds = " / ".join(f"{m:.0f}" for m in r["round_medians"])
         lines.append(
-            f"| {r['run']} | {r['world']} ({r['world'] // W} x {W}) | {r['contender'][4:]} | {r['ms_median']:.1f} "
+            f"| {r['run']} | {r['contender'][4:]} | {r['ms_median']:.1f} "
             f"({rounds}) | {step:.1f} | {err:+.0%} | {r.get('all_to_all_ms', float('nan')):.1f} | {a2a:.1f} |"
         )
     lines.append(
@@ -143,18 +155,21 @@ def h200_check(latency_us: float = 5.0) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--calibrate-on", type=Path, required=True, help="ep_bench JSON the model is fitted on")
-    p.add_argument("--predict", type=Path, nargs="*", default=[], help="ep_bench JSONs to predict")
+    p.add_argument(
+        "--calibrate-on", type=Path, nargs="+", required=True, help="ep_bench JSON(s) of the run the model is fitted on"
+    )
+    p.add_argument("--predict", type=Path, nargs="*", default=[], help="ep_bench JSONs of the runs to predict")
     p.add_argument("--write-calibration", type=Path, help="write the fitted numbers for c2r-place simulate --calibrate")
     p.add_argument("--h200", action="store_true", help="also predict issue 11's 2 x H200 all-to-all times")
     args = p.parse_args()
     calib = load_rows(args.calibrate_on)
-    others = [r for path in args.predict for r in load_rows(path)]
+    others = load_rows(args.predict)
     for r in calib + others:
         r["c"] = components(r)
     latency_us, gb_s, tflop_s = fit(calib)
     print(
-        f"fitted on {args.calibrate_on} ({len(calib)} rows): {latency_us:.0f} us per peer per exchange, "
+        f"fitted on {' '.join(map(str, args.calibrate_on))} ({len(calib)} rows): {latency_us:.0f} us per peer per "
+        "exchange, "
         f"{gb_s:.2f} GB/s, {tflop_s * 1e3:.1f} GFLOP/s expert rate"
     )
     print("\ncalibration run (fitted, so not a prediction):\n" + table(calib, (latency_us, gb_s, tflop_s)))
@@ -168,7 +183,7 @@ def main() -> None:
             "inter_node_gb_s": gb_s,
             "latency_us": latency_us,
             "expert_tflop_s": tflop_s,
-            "source": f"benchmarks/simulate_check.py fit on {args.calibrate_on.name}",
+            "source": f"benchmarks/simulate_check.py fit on {calib[0]['run']}",
         }
         args.write_calibration.write_text(json.dumps(doc, indent=1) + "\n")
         print(f"wrote {args.write_calibration}")

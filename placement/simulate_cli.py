@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from placement.cost import CostModel, calibrate
 from placement.errors import PlacementError
-from placement.inputs import find_trace_dir, recorded_activation, routing_from_expert_ids
+from placement.inputs import find_trace_dir, holdout_cutoff, recorded_activation, routing_from_expert_ids
 from placement.layout import ExpertLayout
 from placement.methods import METHODS, plan_placement
 from placement.objective import DTYPE_BYTES
@@ -49,6 +49,7 @@ SYNTHETIC = {
 # NIC per GPU = 50 GB/s line rate (DeepEP reaches 43-58 GB/s internode); 5 us per peer per exchange.
 CLUSTER_DEFAULTS = CostModel(intra_node_gb_s=200.0, inter_node_gb_s=50.0, latency_us=5.0, source="defaults")
 PLANS = ("contiguous", "planned", "capped")
+MIN_SYNTHETIC_TOKENS = 16384  # per layer: a small cluster still gets enough tokens for a stable busiest rank
 
 
 def _positive(kind: type):
@@ -94,27 +95,33 @@ def load_calibration(path: str | Path, base: CostModel) -> CostModel:
     return with_overrides(base, intra_node_gb_s=measured.intra_node_gb_s, source=measured.source)
 
 
-def _synthetic_ids(args: argparse.Namespace, cluster: Cluster) -> tuple[list[np.ndarray], int, dict[str, Any]]:
+def _synthetic_ids(args: argparse.Namespace, cluster: Cluster) -> tuple[list[np.ndarray], list[np.ndarray], int, dict]:
+    """(tokens to simulate, tokens to plan on: another draw of the same structure, experts, input record)."""
     shape = SYNTHETIC[args.synthetic]
     layers = args.layers or shape["layers"]
-    tokens = cluster.num_ranks * args.synthetic_tokens
-    ids = [
-        synthetic_expert_ids(
+    tokens = max(cluster.num_ranks * args.synthetic_tokens, MIN_SYNTHETIC_TOKENS)
+
+    def draw(layer: int, seed: int) -> np.ndarray:
+        return synthetic_expert_ids(
             tokens,
             shape["experts"],
             shape["top_k"],
             num_clusters=shape["clusters"],
             zipf=shape["zipf"],
             cluster_bonus=shape["bonus"],
-            seed=1000 * layer + args.seed,
+            seed=seed,
             structure_seed=layer,
         )
-        for layer in tqdm(range(layers), desc="synthetic routing", unit="layer", disable=not _progress(args))
-    ]
-    return ids, shape["experts"], {"kind": "synthetic", "name": args.synthetic, "tokens_per_layer": tokens, **shape}
+
+    progress = tqdm(range(layers), desc="synthetic routing", unit="layer", disable=not _progress(args))
+    pairs = [(draw(layer, 1000 * layer + args.seed), draw(layer, 1000 * layer + args.seed + 500)) for layer in progress]
+    info = {"kind": "synthetic", "name": args.synthetic, "tokens_per_layer": tokens, "planned_on": "another draw"}
+    return [p[0] for p in pairs], [p[1] for p in pairs], shape["experts"], {**info, **shape}
 
 
-def _trace_ids(args: argparse.Namespace) -> tuple[list[np.ndarray], int, dict[str, Any]]:
+def _trace_ids(args: argparse.Namespace) -> tuple[list[np.ndarray], list[np.ndarray], int, dict]:
+    """(tokens to simulate, tokens to plan on, experts, input record); with --holdout the plans are made on the
+    earlier steps and judged on the later ones, else both on every token."""
     from profiling.reader import read_traces
 
     trace_dir = find_trace_dir(args.traces)
@@ -122,7 +129,16 @@ def _trace_ids(args: argparse.Namespace) -> tuple[list[np.ndarray], int, dict[st
     empty = np.zeros((0, int(traces.header["top_k"])), dtype=np.int16)
     layers = range(min(args.layers or traces.num_layers, traces.num_layers))
     ids = [traces.expert_ids.get(layer, empty) for layer in layers]
-    return ids, traces.num_experts, {"kind": "traces", "path": str(trace_dir), "tokens": int(sum(map(len, ids)))}
+    info: dict[str, Any] = {"kind": "traces", "path": str(trace_dir), "planned_on": "the same tokens"}
+    plan_ids = ids
+    if args.holdout:
+        steps = [traces.steps.get(layer, np.zeros(0, np.int32)) for layer in layers]
+        cutoff = holdout_cutoff(steps, args.holdout)
+        plan_ids = [x[s < cutoff] for x, s in zip(ids, steps)]
+        ids = [x[s >= cutoff] for x, s in zip(ids, steps)]
+        info["planned_on"] = f"steps < {cutoff}; simulated on steps >= {cutoff}"
+    info["tokens"] = int(sum(map(len, ids)))
+    return ids, plan_ids, traces.num_experts, info
 
 
 def _progress(args: argparse.Namespace) -> bool:
@@ -176,7 +192,7 @@ def _header(model: CostModel, cluster: Cluster, info: dict[str, Any]) -> str:
         f"inter-node per GPU, {model.latency_us:g} us per peer per exchange, {model.expert_tflop_s:g} TFLOP/s "
         f"experts ({model.source}); {model.tokens_per_rank} tokens/GPU, hidden {model.hidden}, ffn {model.ffn}, "
         f"{model.matrices} matrices, {dtype}; input: {info['kind']} "
-        f"{info.get('name') or info.get('path')}"
+        f"{info.get('name') or info.get('path')}, plans made on {info['planned_on']}"
     )
 
 
@@ -213,10 +229,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.json:
         check_output_path(args.json)
     cluster = Cluster(args.nodes, args.gpus_per_node)
-    ids, num_experts, info = _synthetic_ids(args, cluster) if args.synthetic else _trace_ids(args)
+    ids, plan_ids, num_experts, info = _synthetic_ids(args, cluster) if args.synthetic else _trace_ids(args)
     cluster.check_experts(num_experts)
     model = _cost_model(args, info)
-    layouts = _layouts(args, ids, num_experts, cluster)
+    layouts = _layouts(args, plan_ids, num_experts, cluster)
     layers = []
     for i, x in enumerate(tqdm(ids, desc="simulating", unit="layer", disable=not _progress(args))):
         layers.append({plan: predict_layer(x, lay[i], cluster, model) for plan, lay in layouts.items()})
@@ -276,7 +292,16 @@ def add_simulate_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), help="activation dtype (default: traced, else bf16)")
     p.add_argument("--layers", type=_positive(int), help="only the first LAYERS MoE layers")
     p.add_argument(
-        "--synthetic-tokens", type=_positive(int), default=256, help="--synthetic: tokens per rank drawn (default 256)"
+        "--synthetic-tokens",
+        type=_positive(int),
+        default=256,
+        help=f"--synthetic: tokens per rank drawn per layer (default 256; at least {MIN_SYNTHETIC_TOKENS} per layer)",
+    )
+    p.add_argument(
+        "--holdout",
+        type=float,
+        metavar="FRACTION",
+        help="--traces: plan on the earlier steps, simulate the latest FRACTION (default: both on every token)",
     )
     p.add_argument("--plans", nargs="+", choices=PLANS, default=list(PLANS), help="placements (default all)")
     p.add_argument("--method", choices=list(METHODS), default="kahypar", help="planner method (default kahypar)")
