@@ -86,7 +86,7 @@ def components(row: dict) -> dict[str, float]:
         "a2a_latency_units": lat["latency_ms"] * 1e3,
         "transfer_ms_1gbs": xfer["transfer_ms"],
         "compute_ms_1tflops": comp["compute_ms"],
-        "copies_per_token": lat["copies_per_token"],
+        "remote_copies_per_token": lat["inter_node_copies_per_token"] + lat["intra_node_copies_per_token"],
     }
 
 
@@ -109,9 +109,9 @@ def predict(row: dict, latency_us: float, gb_s: float, tflop_s: float) -> tuple[
 
 def table(rows: list[dict], params: tuple[float, float, float]) -> str:
     lines = [
-        "| run | contender | measured step ms (round medians) | predicted step ms | error "
-        "| measured a2a ms | predicted a2a ms |",
-        "|---|---|---|---|---|---|---|",
+        "| run | contender | copies/token to other ranks: dispatcher / simulate | measured step ms (round medians) "
+        "| predicted step ms | error | measured a2a ms | predicted a2a ms |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     errors = []
     for r in rows:
@@ -119,8 +119,10 @@ def table(rows: list[dict], params: tuple[float, float, float]) -> str:
         err = step / r["ms_median"] - 1
         errors.append(abs(err))
         rounds = " / ".join(f"{m:.0f}" for m in r["round_medians"])
+        counted = r["remote_bytes_per_token"] / (r["D"] * DTYPE_BYTES[r["dtype"]])
         lines.append(
-            f"| {r['run']} | {r['contender'][4:]} | {r['ms_median']:.1f} "
+            f"| {r['run']} | {r['contender'][4:]} | {counted:.4f} / {r['c']['remote_copies_per_token']:.4f} "
+            f"| {r['ms_median']:.1f} "
             f"({rounds}) | {step:.1f} | {err:+.0%} | {r.get('all_to_all_ms', float('nan')):.1f} | {a2a:.1f} |"
         )
     lines.append(

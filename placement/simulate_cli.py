@@ -20,7 +20,13 @@ from tqdm.auto import tqdm
 
 from placement.cost import CostModel, calibrate
 from placement.errors import PlacementError
-from placement.inputs import find_trace_dir, holdout_cutoff, recorded_activation, routing_from_expert_ids
+from placement.inputs import (
+    ELEMENT_DTYPES,
+    find_trace_dir,
+    holdout_cutoff,
+    recorded_activation,
+    routing_from_expert_ids,
+)
 from placement.layout import ExpertLayout
 from placement.methods import METHODS, plan_placement
 from placement.objective import DTYPE_BYTES
@@ -185,7 +191,7 @@ def _layouts(args, ids: list[np.ndarray], num_experts: int, cluster: Cluster) ->
 
 
 def _header(model: CostModel, cluster: Cluster, info: dict[str, Any]) -> str:
-    dtype = {v: k for k, v in DTYPE_BYTES.items()}.get(model.bytes_per_element, f"{model.bytes_per_element} B")
+    dtype = ELEMENT_DTYPES.get(model.bytes_per_element, f"{model.bytes_per_element} B per element")
     return (
         f"PREDICTED by a cost model, not measured: {cluster.num_nodes} node(s) x {cluster.gpus_per_node} GPU(s) = "
         f"{cluster.num_ranks} ranks; {model.intra_node_gb_s:g} GB/s intra-node, {model.inter_node_gb_s:g} GB/s "
@@ -199,6 +205,8 @@ def _header(model: CostModel, cluster: Cluster, info: dict[str, Any]) -> str:
 def format_simulation(layers: list[dict], model: CostModel, cluster: Cluster, info: dict[str, Any]) -> str:
     lines = [
         _header(model, cluster, info),
+        "copies/tok: rows each token's dispatch makes (per-node: both stages; own rank included); inter-node: of "
+        "them over the network; intra-node: to other ranks of the same node. a2a: every exchange, forward and backward",
         "layer  plan        mode        a2a ms  step ms  copies/tok  inter-node/tok  intra-node/tok",
     ]
     for i, layer in enumerate(layers):
