@@ -147,7 +147,16 @@ def h200_check(latency_us: float = 5.0) -> str:
     sample = routing_from_expert_ids(synthetic_expert_ids(2 * T, E, K, seed=1, structure_seed=STRUCTURE_SEED), E)
     layouts = {"contiguous": ExpertLayout.contiguous(E, 2), "planned": ExpertLayout(tuple(plan_layer(sample, 2)), 2)}
     ids = synthetic_expert_ids(2 * T, E, K, seed=0, structure_seed=STRUCTURE_SEED)
-    model = CostModel(T, D, F, 2, 2, H200_GB_S, H200_GB_S, 300.0, "issue 11", latency_us)
+    model = CostModel(
+        tokens_per_rank=T,
+        hidden=D,
+        ffn=F,
+        matrices=2,
+        bytes_per_element=2,
+        intra_node_gb_s=H200_GB_S,
+        inter_node_gb_s=H200_GB_S,
+        latency_us=latency_us,
+    )
     lines = ["| contender | measured a2a ms | predicted a2a ms | error |", "|---|---|---|---|"]
     for (mode, plan), measured in H200_MEASURED.items():
         predicted = predict_layer(ids, layouts[plan], Cluster(1, 2), model)[mode]["all_to_all_ms"]

@@ -54,8 +54,9 @@ class CostModel:
             value = getattr(self, field.name)
             if field.type == "str":
                 continue
-            if not (value >= 0 if field.name == "latency_us" else value > 0):
-                raise PlacementError(f"cost model: {field.name} must be > 0; got {value!r}")
+            bound = ">= 0" if field.name == "latency_us" else "> 0"
+            if not (value >= 0 if bound == ">= 0" else value > 0):
+                raise PlacementError(f"cost model: {field.name} must be {bound}; got {value!r}")
 
 
 def layer_cost(metrics: dict[str, Any], model: CostModel, num_ranks: int, num_nodes: int = 1) -> dict[str, float]:
