@@ -93,7 +93,10 @@ def load_calibration(path: str | Path, base: CostModel) -> CostModel:
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise PlacementError(f"--calibrate {path} is not a calibration JSON file: {error}") from None
         keys = ("intra_node_gb_s", "inter_node_gb_s", "latency_us", "expert_tflop_s")
-        found = {k: float(doc[k]) for k in keys if isinstance(doc, dict) and k in doc}
+        found = {k: doc[k] for k in keys if isinstance(doc, dict) and k in doc}
+        bad = {k: v for k, v in found.items() if isinstance(v, bool) or not isinstance(v, (int, float))}
+        if bad:
+            raise PlacementError(f"--calibrate {path}: these must be numbers: {bad}")
         if not found:
             raise PlacementError(f"--calibrate {path} holds none of {', '.join(keys)}")
         return with_overrides(base, **found, source=f"calibrated on {path} ({doc.get('source', 'no source')})")

@@ -182,3 +182,22 @@ def test_missing_traces_and_help(tmp_path, capsys):
     assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
     out = subprocess.run([sys.executable, "-m", "placement.cli", "simulate", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--gpus-per-node" in out.stdout and "PREDICT" in out.stdout
+
+
+def test_calibration_json_sets_the_rates_and_flags_still_win(trace_dir, tmp_path, capsys):
+    cal = tmp_path / "calibration.json"
+    cal.write_text(json.dumps({"intra_node_gb_s": 2.5, "inter_node_gb_s": 1.5, "latency_us": 900, "source": "a fit"}))
+    argv = ["simulate", "--traces", trace_dir, "--nodes", 2, "--gpus-per-node", 2, "--method", "greedy", "-q"]
+    code, out, err = run_cli(capsys, *argv, "--calibrate", cal, "--latency-us", 100)
+    assert code == 0, err
+    header = out.splitlines()[0]
+    assert "2.5 GB/s intra-node, 1.5 GB/s inter-node" in header and "100 us per peer" in header
+    assert f"calibrated on {cal} (a fit)" in header
+    cal.write_text(json.dumps({"bandwidth": 3}))
+    code, _, err = run_cli(capsys, *argv, "--calibrate", cal)
+    assert code == 2 and "holds none of intra_node_gb_s" in err and len(err.strip().splitlines()) == 1
+    for bad, needle in (({"latency_us": "fast"}, "must be numbers: {'latency_us': 'fast'}"),
+                        ({"intra_node_gb_s": -2}, "intra_node_gb_s must be > 0; got -2")):  # fmt: skip
+        cal.write_text(json.dumps(bad))
+        code, _, err = run_cli(capsys, *argv, "--calibrate", cal)
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
