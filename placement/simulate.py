@@ -26,8 +26,8 @@ intra-/inter-node bandwidth. The exchanges are the ones the dispatchers time (fo
 Attention and the rest of the model are not modelled; nothing overlaps. It is a PREDICTION, validated in
 docs/scaling.md against what we could run.
 
-Shape legend: the package legend (c2r/__init__.py); here N also names traced tokens in ``_N`` suffixes (as in
-placement/inputs.py), K slots, W GPUs per node.
+Shape legend: the package legend (c2r/__init__.py: N nodes, R ranks, K slots, E experts); here also A traced tokens
+(every rank's together), P distinct (token, key) pairs, W GPUs per node.
 """
 
 from __future__ import annotations
@@ -73,24 +73,24 @@ class Cluster:
 
 
 def source_ranks(num_tokens: int, num_ranks: int) -> np.ndarray:
-    """[N] int64: token i's rank, contiguous blocks as data parallelism splits a batch."""
+    """[A] int64: token i's rank, contiguous blocks as data parallelism splits a batch."""
     return np.arange(num_tokens, dtype=np.int64) * num_ranks // max(num_tokens, 1)
 
 
-def slot_ranks(expert_ids_NK: np.ndarray, layout: ExpertLayout) -> np.ndarray:
-    """[N, K] destination rank of each slot (-1: empty slot)."""
+def slot_ranks(expert_ids_AK: np.ndarray, layout: ExpertLayout) -> np.ndarray:
+    """[A, K] destination rank of each slot (-1: empty slot)."""
     e2r = layout.as_array()
-    ids = np.asarray(expert_ids_NK, dtype=np.int64)
+    ids = np.asarray(expert_ids_AK, dtype=np.int64)
     return np.where(ids >= 0, e2r[np.maximum(ids, 0)], -1)
 
 
-def _pairs(key_NK: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _pairs(key_AK: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distinct (token, key) pairs among valid slots (key >= 0): (token [P], key [P])."""
-    K = key_NK.shape[1] if key_NK.ndim == 2 else 0
-    token_NK = np.broadcast_to(np.arange(len(key_NK))[:, None], key_NK.shape)
-    valid = key_NK >= 0
-    width = int(key_NK.max(initial=0)) + 1
-    codes = np.unique(token_NK[valid] * width + key_NK[valid]) if K else np.zeros(0, np.int64)
+    K = key_AK.shape[1] if key_AK.ndim == 2 else 0
+    token_AK = np.broadcast_to(np.arange(len(key_AK))[:, None], key_AK.shape)
+    valid = key_AK >= 0
+    width = int(key_AK.max(initial=0)) + 1
+    codes = np.unique(token_AK[valid] * width + key_AK[valid]) if K else np.zeros(0, np.int64)
     return codes // width, codes % width
 
 
@@ -98,19 +98,19 @@ def _matrix(src_P: np.ndarray, dst_P: np.ndarray, R: int) -> np.ndarray:
     return np.bincount(src_P * R + dst_P, minlength=R * R).reshape(R, R).astype(np.float64)
 
 
-def dispatch_rows(dest_NK: np.ndarray, src_N: np.ndarray, cluster: Cluster) -> dict[str, Any]:
+def dispatch_rows(dest_AK: np.ndarray, src_A: np.ndarray, cluster: Cluster) -> dict[str, Any]:
     """Rows [R, R] (s -> d) each dispatch stage sends for these tokens (module docstring):
     {"per-expert", "per-rank", "per-node-inter", "per-node-intra"}."""
     R, W = cluster.num_ranks, cluster.gpus_per_node
-    dest = np.asarray(dest_NK, dtype=np.int64)
+    dest = np.asarray(dest_AK, dtype=np.int64)
     valid = dest >= 0
-    src_NK = np.broadcast_to(src_N[:, None], dest.shape)
-    out = {"per-expert": _matrix(src_NK[valid], dest[valid], R)}
+    src_AK = np.broadcast_to(src_A[:, None], dest.shape)
+    out = {"per-expert": _matrix(src_AK[valid], dest[valid], R)}
     token_P, rank_P = _pairs(dest)
-    out["per-rank"] = _matrix(src_N[token_P], rank_P, R)
-    token_Q, node_Q = _pairs(np.where(valid, dest // W, -1))
-    out["per-node-inter"] = _matrix(src_N[token_Q], node_Q * W + src_N[token_Q] % W, R)
-    forwarder_P = (rank_P // W) * W + src_N[token_P] % W
+    out["per-rank"] = _matrix(src_A[token_P], rank_P, R)
+    node_token_P, node_P = _pairs(np.where(valid, dest // W, -1))
+    out["per-node-inter"] = _matrix(src_A[node_token_P], node_P * W + src_A[node_token_P] % W, R)
+    forwarder_P = (rank_P // W) * W + src_A[token_P] % W
     out["per-node-intra"] = _matrix(forwarder_P, rank_P, R)
     return out
 
@@ -156,11 +156,11 @@ def mode_exchanges(rows: dict[str, Any], mode: str, cluster: Cluster, model: Cos
 
 
 def predict_layer(
-    expert_ids_NK: np.ndarray, layout: ExpertLayout, cluster: Cluster, model: CostModel
+    expert_ids_AK: np.ndarray, layout: ExpertLayout, cluster: Cluster, model: CostModel
 ) -> dict[str, dict[str, Any]]:
     """Per mode: PREDICTED ``all_to_all_ms`` (latency + transfer), ``step_ms``, ``compute_ms``, copies per token
     (all / inter-node / intra-node) for one layer's traced tokens under ``layout`` (module docstring)."""
-    ids = np.asarray(expert_ids_NK)
+    ids = np.asarray(expert_ids_AK)
     T_traced = len(ids) / cluster.num_ranks
     if T_traced == 0:
         return {mode: {"tokens": 0} for mode in MODES}
