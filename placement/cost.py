@@ -112,8 +112,9 @@ def calibrate(run_dir: str | Path, base: CostModel | None = None) -> CostModel:
     for rec in records:
         remote = sum(n for r, n in enumerate(rec.get("send_copies", [])) if r != rec.get("ep_rank"))
         sent_bytes += 2 * remote * rec.get("bytes_per_copy", 0)  # dispatch and the combine reply
-        times = rec.get("time_ms", {})
-        ms += times.get("dispatch", 0.0) + times.get("combine", 0.0)
+        # the forward token exchanges: "dispatch" / "combine", per-node's "dispatch_inter", "combine_intra", ...
+        # (not the metadata rows, not the backward)
+        ms += sum(t for name, t in rec.get("time_ms", {}).items() if "meta" not in name and "backward" not in name)
         tokens.append(rec.get("tokens", 0))
     if not sent_bytes or not ms:
         raise PlacementError(f"--calibrate {comm_dir}: the all-to-all records hold no cross-rank bytes or no times")
@@ -125,6 +126,26 @@ def calibrate(run_dir: str | Path, base: CostModel | None = None) -> CostModel:
         intra_node_gb_s=sent_bytes / (ms * 1e-3) / 1e9,
         source=f"calibrated on {comm_dir} ({len(records)} all-to-all records; expert rate: default)",
     )
+
+
+def fit_latency_bandwidth(records: list[dict[str, Any]]) -> tuple[float, float]:
+    """(latency us per exchange, GB/s) fitted by non-negative least squares to a profiled run's all-to-all records:
+    per record (one rank, one layer, one step), its forward token exchanges' time = exchanges x latency + the bytes
+    it sent to other ranks (dispatch and combine reply) / bandwidth. One bandwidth: the records do not split a flat
+    exchange's time between links."""
+    from scipy.optimize import nnls
+
+    rows, ms = [], []
+    for rec in records:
+        times = {n: t for n, t in rec.get("time_ms", {}).items() if "meta" not in n and "backward" not in n}
+        remote = sum(n for r, n in enumerate(rec.get("send_copies", [])) if r != rec.get("ep_rank"))
+        if times:
+            rows.append([len(times), 2 * remote * rec.get("bytes_per_copy", 0) / 1e9])
+            ms.append(sum(times.values()) * 1e-3)
+    if len(rows) < 2 or not any(r[1] for r in rows):
+        raise PlacementError("the all-to-all records hold no cross-rank bytes or no times: nothing to fit")
+    (latency_s, seconds_per_gb), _ = nnls(np.array(rows), np.array(ms))
+    return latency_s * 1e6, (1.0 / seconds_per_gb if seconds_per_gb else float("inf"))
 
 
 def format_costs(

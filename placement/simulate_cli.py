@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from placement.cost import CostModel, calibrate
+from placement.cost import CostModel, fit_latency_bandwidth
 from placement.errors import PlacementError
 from placement.inputs import (
     ELEMENT_DTYPES,
@@ -100,8 +100,15 @@ def load_calibration(path: str | Path, base: CostModel) -> CostModel:
         if not found:
             raise PlacementError(f"--calibrate {path} holds none of {', '.join(keys)}")
         return with_overrides(base, **found, source=f"calibrated on {path} ({doc.get('source', 'no source')})")
-    measured = calibrate(path, base)
-    return with_overrides(base, intra_node_gb_s=measured.intra_node_gb_s, source=measured.source)
+    from profiling.reader import read_comm_records
+
+    comm_dir = next(d for d in (path / "profile" / "comm", path / "comm", path) if d.is_dir())
+    try:
+        latency_us, gb_s = fit_latency_bandwidth(read_comm_records(comm_dir))
+    except PlacementError as error:
+        raise PlacementError(f"--calibrate {comm_dir}: {error}") from None
+    source = f"latency and bandwidth fitted on {comm_dir}, one rate for both links; expert rate not recorded there"
+    return with_overrides(base, intra_node_gb_s=gb_s, inter_node_gb_s=gb_s, latency_us=latency_us, source=source)
 
 
 def _synthetic_ids(args: argparse.Namespace, cluster: Cluster) -> tuple[list[np.ndarray], list[np.ndarray], int, dict]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from placement.cli import main
-from placement.cost import CostModel
+from placement.cost import CostModel, fit_latency_bandwidth
 from placement.layout import ExpertLayout
 from placement.simulate import Cluster, copies_per_token, dispatch_rows, predict_layer, slot_ranks, source_ranks
 from placement.synthetic import synthetic_expert_ids
@@ -201,3 +201,19 @@ def test_calibration_json_sets_the_rates_and_flags_still_win(trace_dir, tmp_path
         cal.write_text(json.dumps(bad))
         code, _, err = run_cli(capsys, *argv, "--calibrate", cal)
         assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_fit_latency_bandwidth_recovers_the_rates_of_synthetic_records():
+    # records of 2 forward token exchanges (per-expert) and 4 (per-node's stages): time = exchanges x 50 us + bytes /
+    # 2 GB/s; the metadata and backward exchanges are left out of the fit
+    records = []
+    for remote, names in ((1000, ("dispatch", "combine")), (4000, ("dispatch", "combine")),
+                          (2500, ("dispatch_inter", "dispatch_intra", "combine_intra", "combine_inter"))):  # fmt: skip
+        seconds = len(names) * 50e-6 + 2 * remote * 512 / 2e9
+        times = {n: seconds * 1e3 / len(names) for n in names}
+        records.append({"ep_rank": 0, "send_copies": [7, remote], "bytes_per_copy": 512,
+                        "time_ms": {**times, "dispatch_meta": 9.0, "combine_backward": 9.0}})  # fmt: skip
+    latency_us, gb_s = fit_latency_bandwidth(records)
+    assert latency_us == pytest.approx(50.0) and gb_s == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="no cross-rank bytes"):
+        fit_latency_bandwidth([{"ep_rank": 0, "send_copies": [5, 0], "time_ms": {"dispatch": 1.0}}] * 2)
