@@ -8,8 +8,10 @@ then counts its rows exactly; the model is linear in its three unknowns,
 
     step_ms = latency_us x (latency units) + (transfer ms at 1 GB/s) / GB/s + (compute ms at 1 TFLOP/s) / TFLOP/s,
 
-so the calibration is a non-negative least-squares fit over the calibration run's rows (step medians). On one host
-every "node" shares the same loopback, so intra- and inter-node bandwidth are one number here.
+so the calibration is a non-negative least-squares fit over the calibration run's rows (step medians); when the
+calibration files also hold ep_bench's ``single-device`` rows (no exchanges), the expert rate is taken from them and
+only latency and bandwidth are fitted. On one host every "node" shares the same loopback, so intra- and inter-node
+bandwidth are one number here.
 
     python benchmarks/simulate_check.py --calibrate-on r2.json --predict r2x1.json r4.json r4x2.json \\
         --write-calibration calibration.json
@@ -90,8 +92,27 @@ def components(row: dict) -> dict[str, float]:
     }
 
 
-def fit(rows: list[dict]) -> tuple[float, float, float]:
-    """(latency us, GB/s, TFLOP/s) minimising the squared error of the step medians, all >= 0."""
+def single_device_rate(paths: list[Path]) -> float | None:
+    """TFLOP/s of the experts measured without expert parallelism: ep_bench's ``single-device`` rows (every rank runs
+    its T tokens through all E experts, no exchange), median over files; None without such rows."""
+    rates = []
+    for path in paths:
+        for r in json.loads(path.read_text())["rows"]:
+            if r["contender"] == "single-device" and r.get("routing") == "synthetic" and "ms_median" in r:
+                matrices = 3 if r["activation"] == "swiglu" else 2
+                flops = 3 * 2 * matrices * r["D"] * r["F"] * r["T"] * r["K"]
+                rates.append(flops / (r["ms_median"] * 1e-3) / 1e12)
+    return float(np.median(rates)) if rates else None
+
+
+def fit(rows: list[dict], tflop_s: float | None = None) -> tuple[float, float, float]:
+    """(latency us, GB/s, TFLOP/s) minimising the squared error of the step medians, all >= 0; with ``tflop_s``
+    (measured apart, `single_device_rate`) only latency and bandwidth are fitted, to the step minus the compute."""
+    if tflop_s is not None:
+        A = np.array([[r["c"]["latency_units"] * 1e-3, r["c"]["transfer_ms_1gbs"]] for r in rows])
+        b = np.array([r["ms_median"] - r["c"]["compute_ms_1tflops"] / tflop_s for r in rows])
+        (latency_us, inv_bw), _ = nnls(A, b)
+        return latency_us, 1 / inv_bw if inv_bw else HUGE, tflop_s
     A = np.array(
         [[r["c"]["latency_units"] * 1e-3, r["c"]["transfer_ms_1gbs"], r["c"]["compute_ms_1tflops"]] for r in rows]
     )
@@ -177,7 +198,7 @@ def main() -> None:
     others = load_rows(args.predict)
     for r in calib + others:
         r["c"] = components(r)
-    latency_us, gb_s, tflop_s = fit(calib)
+    latency_us, gb_s, tflop_s = fit(calib, single_device_rate(args.calibrate_on))
     print(
         f"fitted on {' '.join(map(str, args.calibrate_on))} ({len(calib)} rows): {latency_us:.0f} us per peer per "
         "exchange, "
