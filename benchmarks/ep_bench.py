@@ -14,7 +14,7 @@ layer route with its own top-k router (c2r's, MegaBlocks', DeepSpeed's gate). Th
 placement's planner (Mt-KaHyPar, or ``--plan-method``) from a separate synthetic sample of the same structure.
 
 Contenders (``--contenders``, default all):
-    c2r-per-expert-contiguous, c2r-per-rank-contiguous, c2r-per-expert-planned, c2r-per-rank-planned
+    c2r-{per-expert,per-rank,per-node}-{contiguous,planned}   (per-node: nodes of --gpus-per-node ranks)
     single-device       the layer with all E experts on each rank, its own tokens only (no expert parallelism)
     raw-all-to-all      four all_to_all_single of T*k rows (what per-expert dispatch moves per step), evenly split
     megablocks-dmoe-ep  megablocks.layers.dmoe.dMoE with expert_parallel_group (GPU only)
@@ -64,7 +64,9 @@ from placement.methods import plan_layer  # noqa: E402
 from placement.synthetic import synthetic_expert_ids  # noqa: E402
 
 STRUCTURE_SEED = 11  # popularity and clusters of the synthetic routing; token draws vary by seed
-C2R_CONTENDERS = [f"c2r-{mode}-{layout}" for layout in ("contiguous", "planned") for mode in ("per-expert", "per-rank")]
+C2R_CONTENDERS = [
+    f"c2r-{mode}-{layout}" for layout in ("contiguous", "planned") for mode in ("per-expert", "per-rank", "per-node")
+]
 CONTENDERS = [*C2R_CONTENDERS, "single-device", "raw-all-to-all", "megablocks-dmoe-ep", "deepspeed-moe-ep"]
 
 
@@ -87,6 +89,9 @@ CONFIGS = {
         EPConfig("mixtral-like", "swiglu", T=8192, D=4096, F=14336, E=8, K=2),
         EPConfig("tiny", "gelu", T=64, D=32, F=16, E=8, K=2),
         EPConfig("tiny-swiglu", "swiglu", T=64, D=32, F=16, E=16, K=4),
+        # big enough rows that bandwidth shows beside latency on CPU ranks, small enough for a shared 2-core machine
+        # (docs/scaling.md validates c2r-place simulate on it)
+        EPConfig("cpu-small", "gelu", T=1024, D=256, F=64, E=16, K=4),
     )
 }
 
@@ -150,17 +155,18 @@ def synthetic_routing(cfg: EPConfig, rank: int, world: int, device, seed: int) -
     )
 
 
-def planned_layout(cfg: EPConfig, world: int, method: str) -> tuple[ExpertLayout, str]:
-    """Planned on rank 0 from a separate sample (seed 1; the benchmark's routing uses seed 0) and broadcast."""
+def planned_layout(cfg: EPConfig, world: int, method: str, nodes: int = 1) -> tuple[ExpertLayout, str]:
+    """Planned on rank 0 from a separate sample (seed 1; the benchmark's routing uses seed 0) and broadcast; with
+    ``nodes`` > 1 the two-level plan (nodes, then ranks)."""
     box: list = [None]
     if dist.get_rank() == 0:
         sample = routing_from_expert_ids(
             synthetic_expert_ids(world * cfg.T, cfg.E, cfg.K, seed=1, structure_seed=STRUCTURE_SEED), cfg.E
         )
         try:
-            box[0] = (plan_layer(sample, world, method=method).tolist(), method)
+            box[0] = (plan_layer(sample, world, nodes, method=method).tolist(), method)
         except Exception as error:  # e.g. mtkahypar missing on this machine: the greedy planner needs nothing
-            box[0] = (plan_layer(sample, world, method="greedy").tolist(), f"greedy ({method}: {error})")
+            box[0] = (plan_layer(sample, world, nodes, method="greedy").tolist(), f"greedy ({method}: {error})")
     dist.broadcast_object_list(box, src=0)
     expert_to_rank, used = box[0]
     return ExpertLayout(tuple(expert_to_rank), world), used
@@ -194,10 +200,10 @@ def build_c2r(cfg, device, dtype, args, routing, mode: str, layout: ExpertLayout
         )
         with device:
             layer = MoELayer(cfg.D, moe).to(dtype)
-        shard_experts(layer, layout, mode=mode, observers=[clock])
+        shard_experts(layer, layout, mode=mode, observers=[clock], ranks_per_node=args.gpus_per_node)
         return Contender(lambda x: layer(x)[0], list(layer.parameters()), clock)
     experts = local_expert_weights(expert_weights(cfg, device, dtype, args.seed), layout.local_experts(dist.get_rank()))
-    dispatcher = build_dispatcher(mode, layout, None, clock)
+    dispatcher = build_dispatcher(mode, layout, None, clock, ranks_per_node=args.gpus_per_node)
     backend = c2r_backend(cfg, device, dtype, args.backend)
     return Contender(
         lambda x: dispatcher(x, routing, backend, experts), [*experts.parameters(), routing.weights_TK], clock
@@ -340,7 +346,7 @@ def build_deepspeed_ep(cfg, device, dtype, args, routing) -> Contender:
 
 def build(name: str, cfg, device, dtype, args, routing, layouts) -> Contender:
     if name.startswith("c2r-"):
-        _, mode_a, mode_b, layout = name.split("-")
+        _, mode_a, mode_b, layout = name.split("-")  # c2r-per-node-planned: mode per-node, layout planned
         return build_c2r(cfg, device, dtype, args, routing, f"{mode_a}-{mode_b}", layouts[layout])
     builders = {
         "single-device": build_single_device,
@@ -481,6 +487,12 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the raw numbers here (rank 0)")
+    p.add_argument(
+        "--gpus-per-node",
+        type=int,
+        help="ranks per node for per-node dispatch and the planned placement (default: the launcher's local world "
+        "size); e.g. 2 on 4 CPU ranks: two virtual nodes",
+    )
     return p.parse_args(argv)
 
 
@@ -501,7 +513,8 @@ def main(argv=None) -> None:
     for cfg in (CONFIGS[name] for name in args.configs):
         if cfg.E % world:
             sys.exit(f"ep_bench: {cfg.name} has {cfg.E} experts, not divisible by {world} ranks")
-        planned, plan_method = planned_layout(cfg, world, args.plan_method)
+        nodes = world // args.gpus_per_node if args.gpus_per_node else 1
+        planned, plan_method = planned_layout(cfg, world, args.plan_method, nodes)
         layouts = {"contiguous": ExpertLayout.contiguous(cfg.E, world), "planned": planned}
         x = torch.randn(cfg.T, cfg.D, generator=torch.Generator().manual_seed(100 + rank)).to(device, dtype)
         x.requires_grad_(True)
@@ -519,6 +532,9 @@ def main(argv=None) -> None:
                     row["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:200]
                 if "planned" in name:
                     row["plan"] = plan_method
+                if name.startswith("c2r-"):  # what c2r-place simulate needs to predict this row
+                    row["expert_to_rank"] = layouts[name.rsplit("-", 1)[1]].to_json()
+                    row["gpus_per_node"] = args.gpus_per_node
                 rows.append(row)
                 contender = None
                 if device.type == "cuda":

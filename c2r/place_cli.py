@@ -93,6 +93,7 @@ COMMANDS = (
     add_apply_command,
     add_reshard_command,
     placement_cli.add_export_command,
+    placement_cli.add_simulate_command,
 )
 
 

@@ -8,6 +8,7 @@ c2r-place plan --traces runs/demo --ranks 16 --nodes 2 --topology map --inter-no
 c2r-place plan --coactivation coact.npy --ranks 4 --method greedy --out plan.json
 c2r-place evaluate --plan plan.json --traces runs/demo [--hidden 4096 --dtype bf16] [--json]   # default: traced
 c2r-place export --plan plan.json --format eplb|autoep [--out placement.json]
+c2r-place simulate --traces runs/demo --nodes 2 --gpus-per-node 4    # PREDICTED a2a / step ms per dispatch mode
 c2r-place apply --plan plan.json --checkpoint RUN/checkpoints --out RUN2/checkpoints   # c2r-place only
 
 --traces takes a trace directory, a profile directory or a run directory (c2r-train --profile writes
@@ -39,6 +40,7 @@ from placement.methods import (
 )
 from placement.objective import DTYPE_BYTES, check_topology, layer_metrics, overall_metrics
 from placement.plan import check_output_path, dumps, load_plan, make_plan, save_plan, write_text_atomic
+from placement.simulate_cli import add_simulate_command
 from profiling.cli_errors import BAD_INPUT_ERRORS, OneLineParser
 
 DEFAULT_MAX_LOAD = 1.10
@@ -423,6 +425,7 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     add_plan_command,
     add_evaluate_command,
     add_export_command,
+    add_simulate_command,
 )
 
 

@@ -45,12 +45,18 @@ class CostModel:
     inter_node_gb_s: float = 25.0
     expert_tflop_s: float = 300.0
     source: str = "defaults"
+    # A fixed cost per peer of each exchange (one message each way), what small messages and CPU/gloo ranks are
+    # dominated by; `exchange_ms` (c2r-place simulate) uses it, `layer_cost` (bandwidth only) does not.
+    latency_us: float = 5.0
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.type != "str" and not value > 0:
-                raise PlacementError(f"cost model: {field.name} must be > 0; got {value!r}")
+            if field.type == "str":
+                continue
+            bound = ">= 0" if field.name == "latency_us" else "> 0"
+            if not (value >= 0 if bound == ">= 0" else value > 0):
+                raise PlacementError(f"cost model: {field.name} must be {bound}; got {value!r}")
 
 
 def layer_cost(metrics: dict[str, Any], model: CostModel, num_ranks: int, num_nodes: int = 1) -> dict[str, float]:
@@ -69,6 +75,28 @@ def layer_cost(metrics: dict[str, Any], model: CostModel, num_ranks: int, num_no
     return {"comm_ms": comm_ms, "compute_ms": compute_ms, "step_ms": comm_ms + compute_ms}
 
 
+def exchange_ms(
+    rows_RR: np.ndarray, row_bytes: int, peers: int, model: CostModel, gpus_per_node: int
+) -> tuple[float, float]:
+    """(latency ms, transfer ms) of one all-to-all moving ``rows_RR[s, d]`` rows of ``row_bytes`` from rank s to d:
+
+        latency  = max(peers, 1) x latency_us              (peers: the other ranks of the exchange's group; a group
+                                                            of one still makes the call and copies locally)
+        transfer = max over ranks of max(sent, received) seconds, where a rank's seconds are
+                   bytes to/from other ranks of its node / intra_node_gb_s + bytes to/from other nodes / inter_node_gb_s
+
+    Rows a rank keeps (the diagonal) cost nothing. The two links are not assumed to overlap (a conservative choice:
+    a flat all-to-all on NVLink + a NIC could overlap them; per-node dispatch runs them one after the other)."""
+    R = len(rows_RR)
+    node_R = np.arange(R) // gpus_per_node
+    same_RR = node_R[:, None] == node_R[None, :]
+    off = rows_RR * ~np.eye(R, dtype=bool)
+    per_byte = np.where(same_RR, 1.0 / (model.intra_node_gb_s * 1e9), 1.0 / (model.inter_node_gb_s * 1e9))
+    seconds_RR = off * per_byte * row_bytes
+    busiest = max(seconds_RR.sum(1).max(initial=0.0), seconds_RR.sum(0).max(initial=0.0))
+    return max(peers, 1) * model.latency_us * 1e-3, busiest * 1e3
+
+
 def calibrate(run_dir: str | Path, base: CostModel | None = None) -> CostModel:
     """``base`` (default `CostModel()`) with bandwidth, tokens per rank and bytes per copy measured in a profiled run
     (a run directory, its ``profile`` directory or the ``comm`` directory itself)."""
@@ -84,8 +112,9 @@ def calibrate(run_dir: str | Path, base: CostModel | None = None) -> CostModel:
     for rec in records:
         remote = sum(n for r, n in enumerate(rec.get("send_copies", [])) if r != rec.get("ep_rank"))
         sent_bytes += 2 * remote * rec.get("bytes_per_copy", 0)  # dispatch and the combine reply
-        times = rec.get("time_ms", {})
-        ms += times.get("dispatch", 0.0) + times.get("combine", 0.0)
+        # the forward token exchanges: "dispatch" / "combine", per-node's "dispatch_inter", "combine_intra", ...
+        # (not the metadata rows, not the backward)
+        ms += sum(t for name, t in rec.get("time_ms", {}).items() if "meta" not in name and "backward" not in name)
         tokens.append(rec.get("tokens", 0))
     if not sent_bytes or not ms:
         raise PlacementError(f"--calibrate {comm_dir}: the all-to-all records hold no cross-rank bytes or no times")
@@ -97,6 +126,26 @@ def calibrate(run_dir: str | Path, base: CostModel | None = None) -> CostModel:
         intra_node_gb_s=sent_bytes / (ms * 1e-3) / 1e9,
         source=f"calibrated on {comm_dir} ({len(records)} all-to-all records; expert rate: default)",
     )
+
+
+def fit_latency_bandwidth(records: list[dict[str, Any]]) -> tuple[float, float]:
+    """(latency us per exchange, GB/s) fitted by non-negative least squares to a profiled run's all-to-all records:
+    per record (one rank, one layer, one step), its forward token exchanges' time = exchanges x latency + the bytes
+    it sent to other ranks (dispatch and combine reply) / bandwidth. One bandwidth: the records do not split a flat
+    exchange's time between links."""
+    from scipy.optimize import nnls
+
+    rows, ms = [], []
+    for rec in records:
+        times = {n: t for n, t in rec.get("time_ms", {}).items() if "meta" not in n and "backward" not in n}
+        remote = sum(n for r, n in enumerate(rec.get("send_copies", [])) if r != rec.get("ep_rank"))
+        if times:
+            rows.append([len(times), 2 * remote * rec.get("bytes_per_copy", 0) / 1e9])
+            ms.append(sum(times.values()) * 1e-3)
+    if len(rows) < 2 or not any(r[1] for r in rows):
+        raise PlacementError("the all-to-all records hold no cross-rank bytes or no times: nothing to fit")
+    (latency_s, seconds_per_gb), _ = nnls(np.array(rows), np.array(ms))
+    return latency_s * 1e6, (1.0 / seconds_per_gb if seconds_per_gb else float("inf"))
 
 
 def format_costs(

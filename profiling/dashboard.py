@@ -309,6 +309,92 @@ def fig_traffic(runs: list[RunData]) -> go.Figure | None:
     return style(fig, 460, "All-to-all dispatch: token copies per token, rank to rank (diagonal: stays on its rank)")
 
 
+def node_matrices(run: RunData, index: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Node x node token copies and KiB of one layer per token, from the rank x rank counts grouped by node (both
+    stages of per-node dispatch; the diagonal stays within a node); None for a layer on one node or not recorded."""
+    entry = run.layer(index)
+    if "copies_node_to_node" not in entry or len(entry["copies_node_to_node"]) < 2:
+        return None, None
+    copies = np.asarray(entry["copies_node_to_node"], dtype=float) / max(entry["tokens"], 1)
+    return copies, copies * entry["bytes_per_copy"] / KIB
+
+
+def is_multi_node(run: RunData) -> bool:
+    return any(node_matrices(run, i)[0] is not None for i in range(len(run.layers)))
+
+
+def fig_nodes(runs: list[RunData]) -> go.Figure | None:
+    """Node x node token copies per token of one MoE layer (KiB in the hover), one panel per run; only for runs whose
+    expert-parallel ranks span more than one node."""
+    if not any(is_multi_node(run) for run in runs):
+        return None
+    fig = make_subplots(1, len(runs), subplot_titles=run_titles(runs), horizontal_spacing=0.12)
+    top = max(
+        float(m.max()) for run in runs for i in range(len(run.layers)) if (m := node_matrices(run, i)[0]) is not None
+    )
+
+    def traces(index: int) -> dict[str, list]:
+        mats = [node_matrices(run, index) for run in runs]
+        return {
+            "z": [m[0].tolist() if m[0] is not None else [[None]] for m in mats],
+            "customdata": [m[1].tolist() if m[1] is not None else [[None]] for m in mats],
+        }
+
+    first = traces(0)
+    for col, run in enumerate(runs, start=1):
+        fig.add_trace(
+            go.Heatmap(
+                z=first["z"][col - 1],
+                customdata=first["customdata"][col - 1],
+                coloraxis="coloraxis",
+                texttemplate="%{z:.3f}",
+                hovertemplate="from node %{y} to node %{x}<br>%{z:.4f} copies per token<br>%{customdata:.3f} KiB per "
+                "token<extra></extra>",
+                name=esc(run.name),
+            ),
+            1,
+            col,
+        )
+        if not is_multi_node(run):
+            fig.update_xaxes(visible=False, row=1, col=col)
+            fig.update_yaxes(visible=False, row=1, col=col)
+            fig.add_annotation(blank_note("" if col == 1 else str(col), "one node: no inter-node traffic"))
+            continue
+        fig.update_xaxes(title_text="to node", dtick=1, constrain="domain", row=1, col=col)
+        fig.update_yaxes(title_text="from node", dtick=1, autorange="reversed", constrain="domain",
+                         scaleanchor=f"x{'' if col == 1 else col}", row=1, col=col)  # fmt: skip
+    fig.update_layout(
+        coloraxis={"colorscale": "Oranges", "cmin": 0, "cmax": top, "colorbar": {"title": {"text": "copies/token"}}},
+        updatemenus=layer_menu(num_layers(runs), traces),
+    )
+    return style(fig, 420, "Node to node: token copies per token (off the diagonal: over the network)")
+
+
+NODE_COLUMNS = (
+    ("inter_node_copies_per_token", "inter-node copies / token", "{:.3f}", 1.0),
+    ("intra_node_copies_per_token", "intra-node copies / token", "{:.3f}", 1.0),
+    ("inter_node_bytes_per_token", "inter-node KiB / token", "{:,.3f}", KIB),
+    ("intra_node_bytes_per_token", "intra-node KiB / token", "{:,.3f}", KIB),
+    ("distinct_nodes_per_token", "distinct nodes / token", "{:.3f}", 1.0),
+    ("remote_nodes_per_token", "remote nodes / token", "{:.3f}", 1.0),
+)
+
+
+def table_nodes(runs: list[RunData]) -> str:
+    """Per layer and run: the inter- vs intra-node split the dispatcher counted (intra: to other ranks of the node)."""
+    rows = []
+    for run in runs:
+        for entry in run.layers:
+            if "tokens" not in entry or not is_multi_node(run):
+                continue
+            nodes = len(entry["copies_node_to_node"])
+            cells = [fmt(entry.get(key, 0.0) / div, spec) for key, _, spec, div in NODE_COLUMNS]
+            rows.append([f"{esc(run.name)}, layer {entry['layer']}", esc(entry.get("mode", "")),
+                         f"{nodes} x {entry['ranks_per_node']}", *cells])  # fmt: skip
+    header = ["run, layer", "dispatch", "nodes x ranks", *[label for _, label, _, _ in NODE_COLUMNS]]
+    return table(header, rows, "nodes")
+
+
 def placement_order(placement: list[int] | None, num_experts: int) -> tuple[list[int], list[int]]:
     """Experts sorted by (rank, id), and the positions in that order where a new rank's experts begin."""
     if placement is None:
@@ -736,6 +822,14 @@ def build_dashboard(runs: list[RunData], comparison: Comparison | None = None) -
         section(
             "Rank-to-rank traffic", figure_html(fig_traffic(runs), "fig-traffic", no_traffic) + table_traffic(runs)
         ),  # fmt: skip
+        section(
+            "Node-to-node traffic",
+            figure_html(fig_nodes(runs), "fig-nodes", "") + table_nodes(runs),
+            "Ranks grouped into nodes (the run's gpus_per_node). Per-node dispatch sends each token once per remote "
+            "node over the network, then forwards it within the node: compare the inter-node column across modes.",
+        )
+        if any(is_multi_node(run) for run in runs)
+        else "",
         section(
             "Expert co-activation by placement",
             figure_html(fig_coactivation(runs), "fig-coactivation", no_traces),

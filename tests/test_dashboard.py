@@ -21,8 +21,10 @@ from profiling.dashboard import (
     build_dashboard,
     change,
     fig_coactivation,
+    is_multi_node,
     load_run,
     load_runs,
+    node_matrices,
     placement_order,
     traffic_matrices,
     write_dashboard,
@@ -57,10 +59,13 @@ def train_each(rank, world, raws):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """Two real profiled runs (before: top-2; after: top-1, another seed), one spawn of 2 CPU ranks."""
+    """Three real profiled runs (before: top-2; after: top-1, another seed; nodes: per-node dispatch over 2 virtual
+    nodes of 1 rank), one spawn of 2 CPU ranks."""
     root = tmp_path_factory.mktemp("dashboard_runs")
-    paths = {"before": root / "before", "after": root / "after"}
-    raws = [tiny_run(paths["before"]), tiny_run(paths["after"], top_k=1, seed=1)]
+    paths = {"before": root / "before", "after": root / "after", "nodes": root / "nodes"}
+    nodes = tiny_run(paths["nodes"])
+    nodes["train"].update(dispatch="per-node", gpus_per_node=1)
+    raws = [tiny_run(paths["before"]), tiny_run(paths["after"], top_k=1, seed=1), nodes]
     run_distributed(train_each, 2, root / "spawn", raws)
     return paths
 
@@ -282,5 +287,37 @@ def test_dashboard_renders_in_headless_chromium(runs, browser, tmp_path, compare
     assert "layer 1" in page.locator("#fig-coactivation .updatemenu-header-group").text_content()
     page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
     assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+    assert errors == []
+    page.close()
+
+
+def test_node_to_node_view_of_a_two_node_run(runs, browser, tmp_path):
+    """Per-node dispatch over 2 virtual nodes: the node x node figure and the inter/intra table are there, the
+    inter-node copies in the figure (off the diagonal) equal what the dispatcher counted, and it renders cleanly.
+    Single-node runs (the other tests) show no node section."""
+    run = load_run(runs["nodes"], "nodes")
+    for index, entry in enumerate(run.layers):
+        copies, _ = node_matrices(run, index)
+        assert copies.shape == (2, 2)
+        off_diagonal = copies.sum() - np.trace(copies)
+        assert off_diagonal == pytest.approx(entry["inter_node_copies_per_token"])
+        # per-node dispatch: one network copy per token and remote node (1 rank per node: no forwarding)
+        assert entry["inter_node_copies_per_token"] == pytest.approx(entry["remote_nodes_per_token"])
+    assert not is_multi_node(load_run(runs["before"], "before"))
+    out = tmp_path / "nodes.html"
+    write_dashboard([str(runs["before"]), str(runs["nodes"])], str(out), ["one node", "two nodes"])
+    text = out.read_text()
+    assert "Node-to-node traffic" in text and "inter-node copies / token" in text
+    page, errors = open_dashboard(browser, out)
+    page.wait_for_function("document.querySelectorAll('#fig-nodes .main-svg').length > 0")
+    plot = page.evaluate(
+        """() => { const d = document.getElementById('fig-nodes');
+                   return {traces: d.data.length, marks: d.querySelectorAll('.heatmaplayer image').length,
+                           height: d.getBoundingClientRect().height, z: d.data[1].z}; }"""
+    )
+    assert plot["traces"] == 2 and plot["marks"] >= 1 and plot["height"] > 200
+    assert np.asarray(plot["z"], dtype=float).shape == (2, 2)
+    assert "one node: no inter-node traffic" in page.locator("#fig-nodes").text_content()
+    assert page.locator("table.nodes tbody tr").count() == len(run.layers)
     assert errors == []
     page.close()

@@ -193,15 +193,15 @@ def test_bad_input_exits_2_with_a_message(run_dir, tmp_path, capsys):
 
 
 def test_help_on_every_subcommand():
-    for argv in ([], ["plan"], ["evaluate"], ["export"]):
+    for argv in ([], ["plan"], ["evaluate"], ["export"], ["simulate"]):
         out = subprocess.run([sys.executable, "-m", "placement.cli", *argv, "--help"], capture_output=True, text=True)
         assert out.returncode == 0 and "usage: c2r-place" in out.stdout
     # The c2r-place console script adds `apply` and `reshard` (checkpoint surgery lives in c2r, above placement).
-    for argv in ([], ["plan"], ["evaluate"], ["apply"], ["reshard"], ["export"]):
+    for argv in ([], ["plan"], ["evaluate"], ["apply"], ["reshard"], ["export"], ["simulate"]):
         out = subprocess.run([sys.executable, "-m", "c2r.place_cli", *argv, "--help"], capture_output=True, text=True)
         assert out.returncode == 0 and "usage: c2r-place" in out.stdout
         if not argv:
-            assert "{plan,evaluate,apply,reshard,export}" in out.stdout
+            assert "{plan,evaluate,apply,reshard,export,simulate}" in out.stdout
 
 
 def test_topology_map_plans_from_traces_and_evaluates_against_two_level(run_dir, tmp_path, capsys):
