@@ -22,6 +22,7 @@ from tests.run_configs import tiny_run_config
 from tests.test_deepspeed_training import killed_worker
 
 ROUTERS = {
+    "topk": {"balance": "batch"},  # the plain top-k router is in every other test; here its batch balancing
     "c2r": {"c2r": {"top_t": 2}},
     "group_limited": {"group_limited": {"max_groups": 1, "num_groups": 2, "bias_update_rate": 0.001}},
     "adamoe": {"aux_loss_weight": 0.02, "adamoe": {"num_null_experts": 4}},
@@ -88,6 +89,7 @@ def test_every_router_trains_with_ep2_and_equals_the_ep1_run(tmp_path):
     assert len(record["active_experts_per_token_by_layer"]) == 2
     assert runs[2][0]["remoe"]["history"][-1]["remoe_lambda"] > 0
     assert runs[2][0]["group_limited"]["state"][0]["selection_bias_E"].abs().sum() > 0
+    assert runs[2][0]["topk"]["state"][0]["bias_E"].abs().sum() > 0  # the running balance bias moved
 
 
 def resume_worker(rank, world, raw_full, raw_part, raw_resume):
@@ -102,7 +104,7 @@ def resume_worker(rank, world, raw_full, raw_part, raw_resume):
     }
 
 
-@pytest.mark.parametrize("kind", ["remoe", "group_limited"])
+@pytest.mark.parametrize("kind", ["remoe", "group_limited", "topk"])
 def test_router_state_survives_a_checkpoint_resume(tmp_path, kind):
     full = router_run(tmp_path / "full", kind, "", ep_size=2)
     part = router_run(tmp_path / "part", kind, "", ep_size=2, save_every=6)

@@ -85,3 +85,63 @@ def test_input_dtype_logits_match_float32_routing_on_float32_input():
     assert torch.equal(a.expert_ids_TK, b.expert_ids_TK)
     torch.testing.assert_close(a.weights_TK, b.weights_TK)
     assert b.weights_TK.dtype == torch.float32
+
+
+def imbalance(result) -> float:
+    load_E = result.tokens_per_expert_E.float()
+    return float(load_E.max() / load_E.mean())
+
+
+def test_batch_balance_spreads_tokens_that_share_most_of_their_input():
+    # Every token is one shared vector plus a small part of its own (the collapse at d_model 2048: docs/gpu_runs.md):
+    # plain top-k sends them all to nearly the same experts; the per-batch bias spreads them.
+    torch.manual_seed(0)
+    x = 4 * torch.randn(64) + 0.3 * torch.randn(2048, 64)
+    plain = TopKRouter(64, 32, 4, RouterConfig())
+    balanced = TopKRouter(64, 32, 4, RouterConfig(balance="batch"))
+    balanced.load_state_dict(plain.state_dict(), strict=False)  # the same gate
+    r_plain, r_balanced = plain(x), balanced(x)
+    assert imbalance(r_plain) > 4 and imbalance(r_balanced) < 1.3, (imbalance(r_plain), imbalance(r_balanced))
+    # The bias only chooses: the weights are the unbiased probabilities of the chosen experts, renormalised.
+    probs = torch.softmax(x @ plain.gate.weight.t(), dim=-1)
+    chosen = probs.gather(1, r_balanced.expert_ids_TK)
+    torch.testing.assert_close(r_balanced.weights_TK, chosen / chosen.sum(1, keepdim=True))
+    assert r_balanced.tokens_per_expert_E.sum() == 2048 * 4  # still exactly k distinct experts per token
+    assert (r_balanced.expert_ids_TK.sort(1).values.diff(dim=1) > 0).all()
+
+
+def test_batch_balance_running_bias_is_what_evaluation_uses():
+    from c2r.routing.updates import after_optimizer_step
+
+    torch.manual_seed(1)
+    x = 4 * torch.randn(32) + 0.3 * torch.randn(512, 32)
+    router = TopKRouter(32, 16, 2, RouterConfig(balance="batch", balance_momentum=0.5))
+    router(x)  # training: solves a bias on this batch, the running bias stays 0 until the optimizer step
+    solved = router.balancer._solved_sum_E.clone()
+    assert router.balancer.bias_E.abs().sum() == 0
+    after_optimizer_step(router)
+    torch.testing.assert_close(router.balancer.bias_E, 0.5 * solved)
+    router.eval()
+    eval_ids = router(x).expert_ids_TK
+    logits = x @ router.gate.weight.t()
+    assert torch.equal(eval_ids, (logits + 0.5 * solved).topk(2, dim=1).indices)
+    after_optimizer_step(router)  # nothing solved in evaluation: the running bias stays
+    torch.testing.assert_close(router.balancer.bias_E, 0.5 * solved)
+    # saved with the model (float32 extra state), restored exactly
+    copy_ = TopKRouter(32, 16, 2, RouterConfig(balance="batch"))
+    copy_.load_state_dict(router.state_dict())
+    assert torch.equal(copy_.balancer.bias_E, router.balancer.bias_E)
+
+
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        ({"balance": "sinkhorn"}, "router balance 'sinkhorn' is not one of"),
+        ({"balance": "batch", "kind": "c2r"}, "router balance 'batch' is for the topk router; router kind is 'c2r'"),
+        ({"balance": "batch", "balance_rounds": 0}, r"balance_rounds \(0\) must be >= 1"),
+        ({"balance": "batch", "balance_momentum": 1.0}, r"balance_momentum \(1.0\) in \[0, 1\)"),
+    ],
+)
+def test_batch_balance_bad_config(config, message):
+    with pytest.raises(ValueError, match=message):
+        RouterConfig(**config)
