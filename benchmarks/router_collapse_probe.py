@@ -10,11 +10,10 @@ Variants, each a knob of the diagnosis in docs/gpu_runs.md:
                        embedding scale), to see whether the collapse is already in the initial residual stream
     --lr-base-width W  scale the learning rate of the hidden matrices by min(1, W / d_model) (muP-like width scaling)
     --center           subtract the batch mean from the router's input (routing on what differs between tokens)
-    --balance B        select experts on logits + a per-expert bias solved on each batch (B = sinkhorn: soft
-                       Sinkhorn balancing, as Megatron-Core's sinkhorn router; hard: a few rounds of top-k counts)
     --untie            separate input embedding and output head (c2r's GPT ties them by default, as GPT-2 does)
     --router JSON      RouterConfig fields as JSON, e.g.
-                       '{"kind": "group_limited", "group_limited": {"bias_update_rate": 1e-3}}'
+                       '{"kind": "group_limited", "group_limited": {"bias_update_rate": 1e-3}}' or
+                       '{"balance": "batch"}' (the per-batch balancing bias, c2r/routing/balance.py)
 
     python benchmarks/router_collapse_probe.py --d-model 2048 --layers 4 --steps 40
 """
@@ -62,48 +61,10 @@ def build(args, device: torch.device) -> MoEGPT:
     if args.emb_factor != 1.0:
         for emb in (model.tok_emb, model.pos_emb):
             emb.register_forward_hook(lambda module, inputs, out: out * args.emb_factor)
-    if args.balance:
-        for layer in model.moe_layers():
-            balance_router(layer.router, args.balance, args.top_k)
     if args.center:
         for layer in model.moe_layers():
             layer.router.register_forward_pre_hook(lambda module, inputs: (inputs[0] - inputs[0].mean(0).detach(),))
     return model
-
-
-def sinkhorn_bias(logits_TE: torch.Tensor, iters: int = 20) -> torch.Tensor:
-    """[E]: the per-expert log-scale b making exp(logits + a_T + b_E) doubly balanced (rows 1, columns T/E)."""
-    T, E = logits_TE.shape
-    b_E = torch.zeros(E, device=logits_TE.device)
-    for _ in range(iters):
-        a_T = -torch.logsumexp(logits_TE + b_E, dim=1)
-        b_E = math.log(T / E) - torch.logsumexp(logits_TE + a_T[:, None], dim=0)
-    return b_E
-
-
-def hard_bias(logits_TE: torch.Tensor, k: int, iters: int = 20) -> torch.Tensor:
-    """[E]: a bias moved against each expert's surplus of top-k picks, a few rounds on this batch."""
-    T, E = logits_TE.shape
-    target = T * k / E
-    step = logits_TE.std()
-    b_E = torch.zeros(E, device=logits_TE.device)
-    for i in range(iters):
-        ids = (logits_TE + b_E).topk(k, dim=1).indices
-        counts = torch.bincount(ids.flatten(), minlength=E).float()
-        b_E = b_E - step * (counts - target) / target / (1 + i) ** 0.5
-    return b_E
-
-
-def balance_router(router, kind: str, k: int) -> None:
-    def forward(x_TD):
-        logits_TE = router.logits(x_TD)
-        probs_TE = logits_TE.softmax(dim=-1)
-        with torch.no_grad():
-            l = logits_TE.detach().float()
-            b_E = sinkhorn_bias(l) if kind == "sinkhorn" else hard_bias(l, k)
-        return router.selection_result(logits_TE, probs_TE, (logits_TE.detach() + b_E).topk(k, dim=-1).indices)
-
-    router.forward = forward
 
 
 def optimizer(model: MoEGPT, args) -> torch.optim.Optimizer:
@@ -132,7 +93,6 @@ def main() -> None:
     parser.add_argument("--lr-base-width", type=float, default=0.0)
     parser.add_argument("--center", action="store_true")
     parser.add_argument("--untie", action="store_true")
-    parser.add_argument("--balance", choices=["sinkhorn", "hard"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.emb_factor == 0:
