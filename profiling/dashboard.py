@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import html
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -262,18 +263,25 @@ def blank_note(axis: str, text: str) -> dict[str, Any]:
             "y": 0.5, "font": {"size": 14, "color": "#9a6700"}}  # fmt: skip
 
 
-def fig_traffic(runs: list[RunData]) -> go.Figure | None:
-    """Rank x rank token copies per token of one MoE layer's dispatch (KiB in the hover), one panel per run."""
-    if not any(run.has_traffic for run in runs):
-        return None
+def pair_heatmaps(
+    runs: list[RunData],
+    matrices: Callable[[RunData, int], tuple[np.ndarray | None, np.ndarray | None]],
+    shown: Callable[[RunData], bool],
+    unit: str,
+    blank: str,
+    colorscale: str,
+) -> go.Figure:
+    """One heatmap panel per run of ``matrices(run, layer)`` (copies per token, KiB per token in the hover) between
+    ``unit``s (rank or node), with a layer selector; a run that ``shown`` rejects gets the note ``blank``."""
     fig = make_subplots(1, len(runs), subplot_titles=run_titles(runs), horizontal_spacing=0.12)
     # one colour scale from 0 for every layer and run, so the selector and the panels compare like with like
     top = max(
-        float(traffic_matrices(run, i)[0].max()) for run in runs for i, e in enumerate(run.layers) if "tokens" in e
+        (float(m.max()) for run in runs for i in range(len(run.layers)) if (m := matrices(run, i)[0]) is not None),
+        default=0.0,
     )
 
     def traces(index: int) -> dict[str, list]:
-        mats = [traffic_matrices(run, index) for run in runs]
+        mats = [matrices(run, index) for run in runs]
         return {
             "z": [m[0].tolist() if m[0] is not None else [[None]] for m in mats],
             "customdata": [m[1].tolist() if m[1] is not None else [[None]] for m in mats],
@@ -287,24 +295,39 @@ def fig_traffic(runs: list[RunData]) -> go.Figure | None:
                 customdata=first["customdata"][col - 1],
                 coloraxis="coloraxis",
                 texttemplate="%{z:.3f}",
-                hovertemplate="from rank %{y} to rank %{x}<br>%{z:.4f} copies per token<br>%{customdata:.3f} KiB per "
-                "token<extra></extra>",
+                hovertemplate=f"from {unit} %{{y}} to {unit} %{{x}}<br>%{{z:.4f}} copies per token<br>"
+                "%{customdata:.3f} KiB per token<extra></extra>",
                 name=esc(run.name),
             ),
             1,
             col,
         )
-        if not run.has_traffic:
+        if not shown(run):
             fig.update_xaxes(visible=False, row=1, col=col)
             fig.update_yaxes(visible=False, row=1, col=col)
-            fig.add_annotation(blank_note("" if col == 1 else str(col), "no all-to-all recorded in this run"))
+            fig.add_annotation(blank_note("" if col == 1 else str(col), blank))
             continue
-        fig.update_xaxes(title_text="to rank", dtick=1, constrain="domain", row=1, col=col)
-        fig.update_yaxes(title_text="from rank", dtick=1, autorange="reversed", constrain="domain",
+        fig.update_xaxes(title_text=f"to {unit}", dtick=1, constrain="domain", row=1, col=col)
+        fig.update_yaxes(title_text=f"from {unit}", dtick=1, autorange="reversed", constrain="domain",
                          scaleanchor=f"x{'' if col == 1 else col}", row=1, col=col)  # fmt: skip
     fig.update_layout(
-        coloraxis={"colorscale": "Blues", "cmin": 0, "cmax": top, "colorbar": {"title": {"text": "copies/token"}}},
+        coloraxis={"colorscale": colorscale, "cmin": 0, "cmax": top, "colorbar": {"title": {"text": "copies/token"}}},
         updatemenus=layer_menu(num_layers(runs), traces),
+    )
+    return fig
+
+
+def fig_traffic(runs: list[RunData]) -> go.Figure | None:
+    """Rank x rank token copies per token of one MoE layer's dispatch (KiB in the hover), one panel per run."""
+    if not any(run.has_traffic for run in runs):
+        return None
+    fig = pair_heatmaps(
+        runs,
+        lambda run, i: traffic_matrices(run, i) if "tokens" in run.layer(i) else (None, None),
+        lambda run: run.has_traffic,
+        "rank",
+        "no all-to-all recorded in this run",
+        "Blues",
     )
     return style(fig, 460, "All-to-all dispatch: token copies per token, rank to rank (diagonal: stays on its rank)")
 
@@ -328,45 +351,7 @@ def fig_nodes(runs: list[RunData]) -> go.Figure | None:
     expert-parallel ranks span more than one node."""
     if not any(is_multi_node(run) for run in runs):
         return None
-    fig = make_subplots(1, len(runs), subplot_titles=run_titles(runs), horizontal_spacing=0.12)
-    top = max(
-        float(m.max()) for run in runs for i in range(len(run.layers)) if (m := node_matrices(run, i)[0]) is not None
-    )
-
-    def traces(index: int) -> dict[str, list]:
-        mats = [node_matrices(run, index) for run in runs]
-        return {
-            "z": [m[0].tolist() if m[0] is not None else [[None]] for m in mats],
-            "customdata": [m[1].tolist() if m[1] is not None else [[None]] for m in mats],
-        }
-
-    first = traces(0)
-    for col, run in enumerate(runs, start=1):
-        fig.add_trace(
-            go.Heatmap(
-                z=first["z"][col - 1],
-                customdata=first["customdata"][col - 1],
-                coloraxis="coloraxis",
-                texttemplate="%{z:.3f}",
-                hovertemplate="from node %{y} to node %{x}<br>%{z:.4f} copies per token<br>%{customdata:.3f} KiB per "
-                "token<extra></extra>",
-                name=esc(run.name),
-            ),
-            1,
-            col,
-        )
-        if not is_multi_node(run):
-            fig.update_xaxes(visible=False, row=1, col=col)
-            fig.update_yaxes(visible=False, row=1, col=col)
-            fig.add_annotation(blank_note("" if col == 1 else str(col), "one node: no inter-node traffic"))
-            continue
-        fig.update_xaxes(title_text="to node", dtick=1, constrain="domain", row=1, col=col)
-        fig.update_yaxes(title_text="from node", dtick=1, autorange="reversed", constrain="domain",
-                         scaleanchor=f"x{'' if col == 1 else col}", row=1, col=col)  # fmt: skip
-    fig.update_layout(
-        coloraxis={"colorscale": "Oranges", "cmin": 0, "cmax": top, "colorbar": {"title": {"text": "copies/token"}}},
-        updatemenus=layer_menu(num_layers(runs), traces),
-    )
+    fig = pair_heatmaps(runs, node_matrices, is_multi_node, "node", "one node: no inter-node traffic", "Oranges")
     return style(fig, 420, "Node to node: token copies per token (off the diagonal: over the network)")
 
 
