@@ -36,8 +36,17 @@ class ExpertBackend(Protocol):
     def __call__(self, x_TD: torch.Tensor, routing: RoutingResult, experts: ExpertWeights) -> torch.Tensor: ...
 
     def grouped_mlp(
-        self, x_PD: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts: ExpertWeights
-    ) -> torch.Tensor: ...
+        self,
+        x_PD: torch.Tensor,
+        tokens_per_expert_E: torch.Tensor,
+        experts: ExpertWeights,
+        host_counts: list[int] | None = None,
+    ) -> torch.Tensor:
+        """The expert MLPs on rows already sorted by expert. ``host_counts``: the same counts as Python ints where
+        the caller already has them on the host (the expert-parallel dispatcher does: they came with its one count
+        exchange), so that a backend that needs them there (MegaBlocks' grouped_gemm, the segment loop) does not
+        sync with the GPU a second time."""
+        ...
 
 
 @dataclass(frozen=True)

@@ -83,10 +83,20 @@ class MegaBlocksBackend:
                 f"{x.device} (use backend='auto' or 'torch' for other dtypes/devices)"
             )
 
-    def grouped_mlp(self, x_PD: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts: ExpertWeights):
+    def grouped_mlp(
+        self,
+        x_PD: torch.Tensor,
+        tokens_per_expert_E: torch.Tensor,
+        experts: ExpertWeights,
+        host_counts: list[int] | None = None,
+    ):
         """The expert MLPs on rows already sorted by expert (grouped_gemm only; the permutation is the caller's)."""
         self._check_input(x_PD)
-        return _grouped_mlp(x_PD, tokens_per_expert_E.cpu().long(), experts)  # NOTE: host sync for grouped_gemm
+        if host_counts is not None:
+            batch_sizes_E = torch.tensor(host_counts, dtype=torch.long)  # grouped_gemm wants them on the host
+        else:
+            batch_sizes_E = tokens_per_expert_E.cpu().long()  # NOTE: host sync for grouped_gemm
+        return _grouped_mlp(x_PD, batch_sizes_E, experts)
 
     def __call__(self, x_TD: torch.Tensor, routing: RoutingResult, experts: ExpertWeights) -> torch.Tensor:
         import megablocks.ops as mops

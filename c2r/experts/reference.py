@@ -16,9 +16,15 @@ from c2r.routing.result import RoutingResult
 class ReferenceBackend:
     name = "reference"
 
-    def grouped_mlp(self, x_PD: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts: ExpertWeights):
+    def grouped_mlp(
+        self,
+        x_PD: torch.Tensor,
+        tokens_per_expert_E: torch.Tensor,
+        experts: ExpertWeights,
+        host_counts: list[int] | None = None,
+    ):
         """Rows already sorted by expert (expert parallelism hands them over so): one expert at a time."""
-        return segment_loop_mlp(x_PD, tokens_per_expert_E, experts)
+        return segment_loop_mlp(x_PD, tokens_per_expert_E, experts, host_counts)
 
     def __call__(self, x_TD: torch.Tensor, routing: RoutingResult, experts: ExpertWeights) -> torch.Tensor:
         out_TD = torch.zeros_like(x_TD)

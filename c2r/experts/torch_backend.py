@@ -59,8 +59,11 @@ def grouped_mm_mlp(x_PD: torch.Tensor, tokens_per_expert_E: torch.Tensor, expert
     return _gmm(h_PF, experts.stacked("w2"), offsets_E)
 
 
-def segment_loop_mlp(x_PD: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:
-    counts = tokens_per_expert_E.tolist()  # NOTE: host sync; the loop needs segment lengths on the host
+def segment_loop_mlp(
+    x_PD: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts: ExpertWeights, host_counts: list[int] | None = None
+) -> torch.Tensor:
+    # NOTE: host sync unless the caller has the counts on the host already; the loop needs segment lengths there
+    counts = tokens_per_expert_E.tolist() if host_counts is None else host_counts
     # The weights are split once: each expert's rows as a *view* of one split, whose backward writes every expert's
     # gradient into one buffer. Indexing the parameter per expert instead (ExpertWeights.expert_mlp, the plain
     # reference) makes each expert's backward allocate and add a full [E * F, D] gradient: E times the memory traffic
@@ -98,10 +101,17 @@ class TorchBackend:
             return True
         return supported and x.device.type != "cpu"
 
-    def grouped_mlp(self, x_PD: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts: ExpertWeights):
-        """The expert MLPs on rows already sorted by expert."""
-        mlp = grouped_mm_mlp if self.use_grouped_mm(x_PD, experts) else segment_loop_mlp
-        return mlp(x_PD, tokens_per_expert_E, experts)
+    def grouped_mlp(
+        self,
+        x_PD: torch.Tensor,
+        tokens_per_expert_E: torch.Tensor,
+        experts: ExpertWeights,
+        host_counts: list[int] | None = None,
+    ):
+        """The expert MLPs on rows already sorted by expert (``grouped_mm`` reads the counts on the device)."""
+        if self.use_grouped_mm(x_PD, experts):
+            return grouped_mm_mlp(x_PD, tokens_per_expert_E, experts)
+        return segment_loop_mlp(x_PD, tokens_per_expert_E, experts, host_counts)
 
     def __call__(self, x_TD: torch.Tensor, routing: RoutingResult, experts: ExpertWeights) -> torch.Tensor:
         order: ExpertOrder = sort_by_expert(routing, experts.num_experts)
