@@ -8,6 +8,7 @@ and a tiny BPE tokenizer trained here, then loaded the way a user's model is.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +172,26 @@ def test_each_rank_materialises_only_its_experts(family, tmp_path, tokenizer_fil
                         block.moe.experts.stacked(name), whole.moe.experts.stacked(name)[block.local_experts]
                     )
                 assert torch.equal(block.router.gate.weight, whole.router.gate.weight)
+
+
+def test_expert_memory_grows_with_experts_per_rank(tmp_path):
+    """What one rank materialises while loading is its E/R experts, whatever E and R are: twice the experts on the same
+    ranks read twice as much, twice the experts on twice the ranks the same (Mixtral, 2 MoE layers)."""
+
+    def mixtral(num_experts):
+        return transformers.MixtralConfig(num_hidden_layers=2, num_local_experts=num_experts, **TINY), "grouped_mm"
+
+    per_expert = 3 * TINY["hidden_size"] * TINY["intermediate_size"]  # gate, up, down
+    for num_experts in (8, 16):
+        directory = tmp_path / f"e{num_experts}"
+        make_model(functools.partial(mixtral, num_experts)).save_pretrained(directory)
+        for ep_size in (2, 4):
+            for rank in range(ep_size):
+                model = hf.load(directory, ep_rank=rank, ep_size=ep_size)
+                resident = sum(p.numel() for _, b in hf.converted_blocks(model) for p in b.moe.experts.parameters())
+                expected = 2 * per_expert * num_experts // ep_size  # 2 layers of E/R experts
+                assert model.c2r_hf.load_stats["expert_elements_read"] == resident == expected, (num_experts, ep_size)
+                assert model.c2r_hf.load_stats["expert_matrices_read"] == 2 * 3 * num_experts // ep_size
 
 
 def test_placement_given_by_expert_to_rank(tmp_path, tokenizer_files):

@@ -1,10 +1,10 @@
 """README.md's commands run as written, and every console script answers --help.
 
 A shell block of README.md preceded by the line ``<!-- runnable -->`` is run here, line by line as bash would, in a
-scratch directory that looks like a checkout with its venv (``launch/``, ``deepspeed_configs/`` and ``.venv`` are
-links to this checkout and to the running interpreter's venv). Only the length of training changes, so that the
-whole walkthrough takes a minute or two: ``SMALL`` below says how, and it is the one hook (README blocks are written
-for real runs: 300 steps and more).
+scratch directory that looks like a checkout with its venv (``launch/``, ``deepspeed_configs/``, ``README.md`` and
+``.venv`` are links to this checkout and to the running interpreter's venv). Only the length of training changes, so
+that the whole walkthrough takes a minute or two: ``SMALL`` below says how, and it is the one hook (README blocks are
+written for real runs: 300 steps and more).
 """
 
 from __future__ import annotations
@@ -36,10 +36,27 @@ def runnable_blocks(text: str) -> list[str]:
     return re.findall(rf"^{re.escape(MARK)}\n```(?:bash|sh)\n(.*?)^```", text, flags=re.M | re.S)
 
 
+HEREDOC = re.compile(r"<<-?\s*(['\"]?)(\w+)\1$")  # a command ending in <<'PY' reads the lines up to PY
+
+
 def commands(block: str) -> list[str]:
-    """One string per command: continuation lines joined, comments and blank lines dropped."""
-    joined = re.sub(r"\s*\\\n\s*", " ", block)
-    return [line for line in (raw.split(" #")[0].strip() for raw in joined.splitlines()) if line and line[0] != "#"]
+    """One string per command: continuation lines joined, comments and blank lines dropped; a here-document stays
+    with the command that reads it, its lines as written."""
+    result, current, heredoc_end = [], "", None
+    for line in block.splitlines():
+        if heredoc_end is not None:
+            result[-1] += "\n" + line
+            heredoc_end = None if line.strip() == heredoc_end else heredoc_end
+            continue
+        current += line.lstrip() if current else line
+        if current.endswith("\\"):
+            current = current[:-1].rstrip() + " "
+            continue
+        command, current = current.split(" #")[0].strip(), ""
+        if command and command[0] != "#":
+            result.append(command)
+            heredoc_end = match.group(2) if (match := HEREDOC.search(command)) else None
+    return result
 
 
 def small(command: str) -> str:
@@ -76,11 +93,13 @@ def test_small_settings_keep_the_order_of_runs():
     assert "--steps 6" in small(".venv/bin/c2r-train --router remoe")
     assert small(".venv/bin/c2r-profile summarize runs/before") == ".venv/bin/c2r-profile summarize runs/before"
     assert commands("a \\\n   b  # note\n# comment\n\nc\n") == ["a b", "c"]
+    heredoc = "python - <<'PY'\nx = 1  # one\n\nPY"
+    assert commands(heredoc.replace("<<'PY'", "<<'PY'  # make it") + "\nc\n") == [heredoc, "c"]
 
 
 @pytest.fixture
 def checkout(tmp_path) -> Path:
-    for name in ("launch", "deepspeed_configs"):
+    for name in ("launch", "deepspeed_configs", "README.md"):  # README.md: a text the Hugging Face block trains on
         (tmp_path / name).symlink_to(REPO / name)
     (tmp_path / ".venv").symlink_to(Path(sys.executable).parent.parent)
     return tmp_path
