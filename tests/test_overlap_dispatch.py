@@ -8,7 +8,7 @@ import torch
 
 from c2r.experts import ExpertConfig, ExpertWeights, build_backend
 from c2r.parallel import build_dispatcher, local_expert_weights, shard_experts
-from c2r.parallel.overlap import chunk_bounds
+from c2r.parallel.overlap import InFlight, chunk_bounds
 from placement.layout import ExpertLayout
 from tests.distributed import run_distributed
 from tests.routing_cases import make_routing, random_routing
@@ -168,3 +168,95 @@ def test_bad_overlap_chunks_name_the_values():
         ValueError, match=r"overlap_chunks \(2\) works with dispatch per-expert or per-rank, not 'per-node'"
     ):
         check_overlap_chunks(2, "per-node")
+
+
+class ScheduleLog:
+    """Records, on one rank, when each exchange is launched and landed (forward and backward) and when each chunk's
+    expert MLP runs (forward) and has computed its input gradient (backward)."""
+
+    def __init__(self):
+        self.events, self.started = [], {}
+        for step in ("launch", "land", "launch_backward", "land_backward"):  # patched in this rank's process only
+            setattr(InFlight, step, self._wrap(step, getattr(InFlight, step)))
+
+    def _wrap(self, step, method):
+        log = self
+
+        def logged(flight, *args):
+            if step == "launch":  # name each exchange by its chunk: the n-th "combine" launched is chunk n's
+                flight.tag = f"{flight.name}{log.started.setdefault(flight.name, [0])[0]}"
+                log.started[flight.name][0] += 1
+            log.events.append(f"{step}:{flight.tag}")
+            return method(flight, *args)
+
+        return logged
+
+    def backend(self):
+        log, torch_backend = self, build_backend("torch", ExpertConfig())
+
+        class Logged:
+            chunk = 0
+
+            def grouped_mlp(self, x_PD, counts, experts):
+                c, self.chunk = self.chunk, self.chunk + 1
+                log.events.append(f"mlp{c}")
+                x_PD.register_hook(lambda grad: log.events.append(f"mlp_backward{c}"))
+                return torch_backend.grouped_mlp(x_PD, counts, experts)
+
+        return Logged()
+
+
+def schedule_worker(rank, world, mode, chunks):
+    log = ScheduleLog()
+    name = "2 ranks, empty slots"
+    layout, routing = case_layout(name), case_routing(name)
+    full, x = inputs(world)
+    experts = local_expert_weights(full, layout.local_experts(rank))
+    dispatcher = build_dispatcher(mode, layout, None, MetaRecorder(), overlap_chunks=chunks)
+    rows = slice(rank * T, (rank + 1) * T)
+    x = x[rows].clone().requires_grad_(True)
+    local = make_routing(routing.expert_ids_TK[rows], routing.weights_TK[rows], routing.valid_TK[rows], E)
+    local.weights_TK.requires_grad_(True)
+    y = dispatcher(x, local, log.backend(), experts)
+    log.events.append("backward")
+    y.sum().backward()
+    return log.events
+
+
+@pytest.mark.parametrize("mode", ["per-expert", "per-rank"])
+def test_exchanges_overlap_expert_compute_forward_and_backward(tmp_path, mode):
+    """Chunk c's experts run (forward) and compute their gradients (backward) while chunk c+1's dispatch and chunk
+    c-1's combine are in flight: launched before, landed after. Every rank starts the collectives in one order."""
+    chunks = 3
+    events_0, events_1 = run_distributed(schedule_worker, 2, tmp_path, mode, chunks)
+    assert events_0 == events_1
+    at = {event: i for i, event in enumerate(events_0)}
+    for c in range(chunks):
+        for other, name in ((c + 1, "dispatch"), (c - 1, "combine")):
+            if 0 <= other < chunks:
+                assert at[f"launch:{name}{other}"] < at[f"mlp{c}"] < at[f"land:{name}{other}"], events_0
+                assert (
+                    at[f"launch_backward:{name}{other}"] < at[f"mlp_backward{c}"] < at[f"land_backward:{name}{other}"]
+                ), events_0
+
+
+def train_worker(rank, world, raw):
+    from c2r.config_utils import config_from_dict
+    from c2r.train import RunConfig, train
+
+    result = train(config_from_dict(RunConfig, raw))
+    layers = [m.dispatcher for m in result["engine"].module.modules() if getattr(m, "dispatcher", None) is not None]
+    return {"step_losses": result["step_losses"], "chunks": {getattr(d, "overlap_chunks", 1) for d in layers}}
+
+
+def test_c2r_train_with_overlap_chunks_trains_like_without(tmp_path):
+    """c2r-train on 2 ranks (ZeRO-2, ep 2, per-rank dispatch): train.overlap_chunks=3 gives the same losses."""
+    from tests.run_configs import tiny_run_config
+
+    runs = {}
+    for chunks in (1, 3):
+        raw = tiny_run_config(tmp_path / f"out{chunks}", steps=4, ep_size=2, dispatch="per-rank", overlap_chunks=chunks)
+        raw["train"].update(eval_every=4, eval_batches=1, save_every=0, save_last=False)
+        runs[chunks] = run_distributed(train_worker, 2, tmp_path / f"run{chunks}", raw)
+    assert runs[3][0]["chunks"] == {3} and runs[1][0]["chunks"] == {1}
+    torch.testing.assert_close(runs[3][0]["step_losses"], runs[1][0]["step_losses"], rtol=2e-5, atol=2e-5)

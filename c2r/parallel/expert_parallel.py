@@ -55,13 +55,14 @@ def build_dispatcher(
     raise ValueError(f"dispatch mode {mode!r} is not one of {list(DISPATCH_MODES)}")
 
 
-def check_overlap_chunks(overlap_chunks: int, mode: str) -> None:
-    """One line naming the values: chunks must be a positive int; per-node dispatch has no chunked form."""
+def check_overlap_chunks(overlap_chunks: int, mode: str, prefix: str = "") -> None:
+    """One line naming the values: chunks must be a positive int; per-node dispatch has no chunked form.
+    ``prefix``: how the caller's config spells the key's section (``train.``)."""
     if isinstance(overlap_chunks, bool) or not isinstance(overlap_chunks, int) or overlap_chunks < 1:
-        raise ValueError(f"overlap_chunks ({overlap_chunks!r}) must be an integer >= 1 (1: no overlap)")
+        raise ValueError(f"{prefix}overlap_chunks ({overlap_chunks!r}) must be an integer >= 1 (1: no overlap)")
     if overlap_chunks > 1 and mode not in ("per-expert", "per-rank"):
         raise ValueError(
-            f"overlap_chunks ({overlap_chunks}) works with dispatch per-expert or per-rank, not {mode!r}; use 1"
+            f"{prefix}overlap_chunks ({overlap_chunks}) works with dispatch per-expert or per-rank, not {mode!r}; use 1"
         )
 
 
