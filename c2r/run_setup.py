@@ -81,7 +81,7 @@ class TrainConfig:
     # ranks per node, for per-node dispatch and the inter-/intra-node counts (None: the launcher's local world size,
     # else all ranks one node); set it to group CPU ranks into virtual nodes
     gpus_per_node: int | None = None
-    # C > 1: each MoE layer's per-expert or per-rank dispatch runs in C token chunks whose exchanges overlap the
+    # > 1: each MoE layer's per-expert or per-rank dispatch runs in that many token chunks whose exchanges overlap the
     # expert compute (c2r/parallel/overlap.py); 1 = off, the default until a GPU measurement shows where it wins
     overlap_chunks: int = 1
     placement_plan: str | None = None  # c2r-place plan JSON: which experts live on which EP rank, per MoE layer

@@ -82,7 +82,7 @@ def make_expert_parallel(
     ``mode``: ``per-expert``, ``per-rank`` or ``per-node`` dispatch (``gpus_per_node``: ranks per node, default the
     launcher's local world size); ``layouts``: one :class:`ExpertLayout` per MoE layer (a
     placement plan), default contiguous; ``observers``: one per MoE layer for its dispatcher (the communication
-    profiler's), default none; ``overlap_chunks``: C > 1 overlaps exchanges and expert compute in C token chunks
+    profiler's), default none; ``overlap_chunks``: > 1 overlaps exchanges and expert compute in that many token chunks
     (c2r/parallel/overlap.py). Call after building the model (same seed on every rank) and before building the
     optimizer.
     """

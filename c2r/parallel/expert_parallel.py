@@ -39,7 +39,7 @@ def build_dispatcher(
 
     ``ranks_per_node``: W (None: the launcher's local world size, else one node); per-node dispatch exchanges over
     ``node_groups`` (a :class:`~c2r.parallel.nodes.NodeGroups`; made here if None, but make them once per model).
-    ``overlap_chunks``: C > 1 runs per-expert or per-rank dispatch in C chunks of the local tokens whose exchanges
+    ``overlap_chunks``: > 1 runs per-expert or per-rank dispatch in that many chunks of the local tokens whose exchanges
     overlap the experts' compute (``overlap.py``); 1, the default, is the plain path."""
     ranks_per_node = resolve_ranks_per_node(ranks_per_node, layout.num_ranks)
     check_overlap_chunks(overlap_chunks, mode)

@@ -1,8 +1,8 @@
-"""Overlapped expert-parallel dispatch: the local tokens in C chunks, so that exchanges run while experts compute.
+"""Overlapped expert-parallel dispatch: the local tokens in chunks, so that exchanges run while experts compute.
 
-``overlap_chunks`` = C > 1 (``build_dispatcher``, ``train.overlap_chunks``) splits a layer's T local tokens into C
-contiguous chunks (the first T mod C one token longer, as ``torch.tensor_split``) and runs them as a pipeline, in the
-``per-expert`` and ``per-rank`` modes (docs/design.md, "Overlap"):
+``overlap_chunks`` > 1 (``build_dispatcher``, ``train.overlap_chunks``) splits a layer's T local tokens into that
+many contiguous chunks (the first T mod chunks one token longer, as ``torch.tensor_split``) and runs them as a
+pipeline, in the ``per-expert`` and ``per-rank`` modes (docs/design.md, "Overlap"):
 
     launch dispatch 0
     for chunk c: launch dispatch c+1 | land dispatch c, compute c's experts, launch combine c | land combine c-1
@@ -25,16 +25,18 @@ rank starts the collectives in the same order, forward and backward.
 Unchanged from the plain modes: the result (the same rows computed, summed in the same per-token order, up to float
 reordering inside a grouped GEMM), the copy rule for replicated experts (decided once over all T tokens, so every
 slot goes to the same copy as without chunks), and one host sync per forward: every chunk's counts travel in the one
-small count exchange ([R, C, N] instead of [R, N]) and reach the host in one copy. A backend that wants its group
-sizes on the host (MegaBlocks' grouped_gemm) adds one sync per chunk; the torch backend (``torch._grouped_mm``) none.
+small count exchange ((R, chunks, columns) instead of (R, columns)) and reach the host in one copy. A backend that
+wants its group sizes on the host (MegaBlocks' grouped_gemm) adds one sync per chunk; the torch backend
+(``torch._grouped_mm``) none.
 
 The observer still sees one :class:`~c2r.parallel.dispatch.DispatchMeta` per forward (all chunks together: the same
 splits and counts as without chunks; ``token_idx_C`` chunk after chunk). Its timer times the exposed part of each
 exchange only, the wait when a result is needed (on a GPU: how long the compute stream stalls for it), under the
 plain modes' names; an exchange that finished behind compute costs ~0 there.
 
-Shape letters: the package legend (c2r/__init__.py); N the count columns of one destination rank (X expert counts,
-per-rank one more: the copies).
+Shape letters: the package legend (c2r/__init__.py). The chunk dimension and the count columns of one destination
+rank (X expert counts, per-rank one more: the copies) get no letter (the legend's C and N are rows sent and nodes):
+their tensors carry shape comments instead.
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ from c2r.routing import RoutingResult
 
 
 def chunk_bounds(num_tokens: int, num_chunks: int) -> list[int]:
-    """C + 1 token offsets: chunk c is ``[bounds[c], bounds[c + 1])``; the first T mod C chunks are one longer. A
+    """num_chunks + 1 token offsets: chunk c is ``[bounds[c], bounds[c + 1])``; the first T mod num_chunks chunks are
+    one longer. A
     chunk may be empty (T < C): it still takes part in every exchange, with zero rows."""
     base, extra = divmod(num_tokens, num_chunks)
     bounds = [0]
@@ -179,7 +182,7 @@ class ChunkRoute:
     send_splits: list[int]
     recv_splits: list[int]
     sent: SlotOrder
-    recv_counts_RN: torch.Tensor  # device
+    recv_counts: torch.Tensor  # (R, columns) on the device: what it receives from each rank
 
 
 class _Overlapped:
@@ -192,10 +195,11 @@ class _Overlapped:
         self.overlap_chunks = overlap_chunks
 
     def _chunk_counts(self, counts_of: Callable[[int, int], torch.Tensor], bounds: list[int]):
-        """(recv_counts_RCN, send_host[R][C][N], recv_host[R][C][N]): ``counts_of(begin, end)`` is one chunk's
-        [R, N] send counts; all chunks' travel in one exchange and reach the host in one copy."""
-        send_RCN = torch.stack([counts_of(a, b) for a, b in zip(bounds, bounds[1:])], 1)
-        return self._exchange_counts(send_RCN)  # NOTE: the forward's one host sync
+        """(recv_counts, send_host, recv_host), each (R, chunks, columns), on the device and as host lists:
+        ``counts_of(begin, end)`` is one chunk's (R, columns) send counts; all chunks' travel in one exchange and
+        reach the host in one copy."""
+        send_counts = torch.stack([counts_of(a, b) for a, b in zip(bounds, bounds[1:])], 1)  # (R, chunks, columns)
+        return self._exchange_counts(send_counts)  # NOTE: the forward's one host sync
 
     def _meta(self, x_TD, routing, routes: list[ChunkRoute], dest_rank_TK, tokens_per_local_expert_X) -> DispatchMeta:
         """All chunks as one dispatch: the same splits and counts as the plain mode's."""
@@ -232,13 +236,13 @@ class OverlappedPerExpertDispatcher(_Overlapped, PerExpertDispatcher):
         bounds = chunk_bounds(routing.num_tokens, self.overlap_chunks)
         spans = list(zip(bounds, bounds[1:]))
         sorted_flat = [sort_slots(physical_TK[a:b], valid_TK[a:b], R * X) for a, b in spans]
-        recv_RCX, send_host, recv_host = self._chunk_counts(counts_of, bounds)
+        recv_counts, send_host, recv_host = self._chunk_counts(counts_of, bounds)  # (R, chunks, X)
         routes = []
         for c, (a, b) in enumerate(spans):
             send, recv = [sum(row[c]) for row in send_host], [sum(row[c]) for row in recv_host]
             sent = SlotOrder.first(sorted_flat[c], valid_TK[a:b], sum(send))
-            routes.append(ChunkRoute(a, b, send, recv, sent, recv_RCX[:, c]))
-        self.observer.on_dispatch(self._meta(x_TD, routing, routes, physical_TK // X, recv_RCX.sum((0, 1))))
+            routes.append(ChunkRoute(a, b, send, recv, sent, recv_counts[:, c]))
+        self.observer.on_dispatch(self._meta(x_TD, routing, routes, physical_TK // X, recv_counts.sum((0, 1))))
 
         # 2. The pipeline: tokens out, experts, replies back, chunk by chunk.
         def send(c):
@@ -252,11 +256,11 @@ class OverlappedPerExpertDispatcher(_Overlapped, PerExpertDispatcher):
             regroup_Q = None
             if R > 1 and X > 1:  # by source rank -> by local expert, as in PerExpertDispatcher.dispatch
                 slot_Q = torch.arange(X, device=x_QD.device).repeat(R)
-                slot_Q = slot_Q.repeat_interleave(route.recv_counts_RN.flatten(), output_size=sum(route.recv_splits))
+                slot_Q = slot_Q.repeat_interleave(route.recv_counts.flatten(), output_size=sum(route.recv_splits))
                 regroup_Q = torch.argsort(slot_Q, stable=True)
                 ungroup_Q = inverse_permutation(regroup_Q)
                 x_QD = permute_rows(x_QD, regroup_Q, ungroup_Q)
-            y_QD = backend.grouped_mlp(x_QD, route.recv_counts_RN.sum(0), experts)
+            y_QD = backend.grouped_mlp(x_QD, route.recv_counts.sum(0), experts)
             if regroup_Q is not None:
                 y_QD = permute_rows(y_QD, ungroup_Q, regroup_Q)
             return self._launch(y_QD, route.send_splits, route.recv_splits, "combine")
@@ -289,14 +293,14 @@ class OverlappedPerRankDispatcher(_Overlapped, PerRankDispatcher):
         spans = list(zip(bounds, bounds[1:]))
         ranks_R = torch.arange(R, device=x_TD.device)
         sorted_flat = [sort_slots(ranks_R.expand(b - a, R), hits_TR[a:b], R) for a, b in spans]
-        recv_RCN, send_host, recv_host = self._chunk_counts(counts_of, bounds)
+        recv_counts, send_host, recv_host = self._chunk_counts(counts_of, bounds)  # (R, chunks, X + 1)
         routes, num_pairs = [], []
         for c, (a, b) in enumerate(spans):
             send = [row[c][X] for row in send_host]
             sent = SlotOrder.first(sorted_flat[c], hits_TR[a:b], sum(send))
-            routes.append(ChunkRoute(a, b, send, [row[c][X] for row in recv_host], sent, recv_RCN[:, c]))
+            routes.append(ChunkRoute(a, b, send, [row[c][X] for row in recv_host], sent, recv_counts[:, c]))
             num_pairs.append(sum(sum(row[c][:X]) for row in recv_host))
-        self.observer.on_dispatch(self._meta(x_TD, routing, routes, rank_TK, recv_RCN[:, :, :X].sum((0, 1))))
+        self.observer.on_dispatch(self._meta(x_TD, routing, routes, rank_TK, recv_counts[:, :, :X].sum((0, 1))))
 
         # 2. The pipeline. Each copy carries its token's slots on the destination and their weights (one float32
         #    tensor beside the tokens, as in PerRankDispatcher.dispatch).
@@ -317,7 +321,7 @@ class OverlappedPerRankDispatcher(_Overlapped, PerRankDispatcher):
             slot_QK = meta_QK2[:, :K].long()
             valid_QK = slot_QK >= 0
             pairs = SlotOrder.first(sort_slots(slot_QK, valid_QK, X), valid_QK, num_pairs[c])
-            received = ReceivedCopies(x_QD, meta_QK2[:, K:], pairs, route.recv_counts_RN[:, :X].sum(0))
+            received = ReceivedCopies(x_QD, meta_QK2[:, K:], pairs, route.recv_counts[:, :X].sum(0))
             y_QD = compute_copies(received, backend, experts)
             return self._launch(y_QD, route.send_splits, route.recv_splits, "combine")
 
