@@ -69,8 +69,8 @@ from c2r.routing import RoutingResult
 
 def chunk_bounds(num_tokens: int, num_chunks: int) -> list[int]:
     """num_chunks + 1 token offsets: chunk c is ``[bounds[c], bounds[c + 1])``; the first T mod num_chunks chunks are
-    one longer. A
-    chunk may be empty (T < C): it still takes part in every exchange, with zero rows."""
+    one longer. A chunk may be empty (more chunks than tokens): it still takes part in every exchange, with zero
+    rows."""
     base, extra = divmod(num_tokens, num_chunks)
     bounds = [0]
     for c in range(num_chunks):
@@ -244,11 +244,14 @@ class OverlappedPerExpertDispatcher(_Overlapped, PerExpertDispatcher):
             routes.append(ChunkRoute(a, b, send, recv, sent, recv_counts[:, c]))
         self.observer.on_dispatch(self._meta(x_TD, routing, routes, physical_TK // X, recv_counts.sum((0, 1))))
 
-        # 2. The pipeline: tokens out, experts, replies back, chunk by chunk.
+        # 2. The pipeline: tokens out, experts, replies back, chunk by chunk. Chunks are split off, not sliced: the
+        #    backward then joins their gradients in one cat instead of adding a zero-filled [T, D] per chunk.
+        sizes = [b - a for a, b in spans]
+        x_chunks, weight_chunks = x_TD.split(sizes), routing.weights_TK.split(sizes)
+
         def send(c):
             route = routes[c]
-            return self._launch(expand_rows(x_TD[route.begin : route.end], route.sent), route.recv_splits,
-                                route.send_splits, "dispatch")  # fmt: skip
+            return self._launch(expand_rows(x_chunks[c], route.sent), route.recv_splits, route.send_splits, "dispatch")
 
         def compute(c, started):
             route = routes[c]
@@ -266,8 +269,7 @@ class OverlappedPerExpertDispatcher(_Overlapped, PerExpertDispatcher):
             return self._launch(y_QD, route.send_splits, route.recv_splits, "combine")
 
         def finish(c, started):
-            route = routes[c]
-            return sum_slots(land(started), route.sent, routing.weights_TK[route.begin : route.end])
+            return sum_slots(land(started), routes[c].sent, weight_chunks[c])
 
         return torch.cat(run_pipeline(len(routes), send, compute, finish))
 
@@ -304,6 +306,8 @@ class OverlappedPerRankDispatcher(_Overlapped, PerRankDispatcher):
 
         # 2. The pipeline. Each copy carries its token's slots on the destination and their weights (one float32
         #    tensor beside the tokens, as in PerRankDispatcher.dispatch).
+        x_chunks = x_TD.split([b - a for a, b in spans])  # split, not sliced: see the per-expert dispatcher
+
         def send(c):
             route = routes[c]
             token_C, dest_C = route.sent.row_P + route.begin, route.sent.flat_P % R
@@ -312,7 +316,7 @@ class OverlappedPerRankDispatcher(_Overlapped, PerRankDispatcher):
             weight_CK = torch.where(chosen_CK, routing.weights_TK[token_C], 0.0)
             meta_CK2 = torch.cat([slot_CK.float(), weight_CK.float()], 1)
             splits = (route.recv_splits, route.send_splits)
-            x_CD = expand_rows(x_TD[route.begin : route.end], route.sent)
+            x_CD = expand_rows(x_chunks[c], route.sent)
             return self._launch(x_CD, *splits, "dispatch"), self._launch(meta_CK2, *splits, "dispatch_meta")
 
         def compute(c, started):
