@@ -249,14 +249,29 @@ def train_worker(rank, world, raw):
     return {"step_losses": result["step_losses"], "chunks": {getattr(d, "overlap_chunks", 1) for d in layers}}
 
 
+def comm_records(out_dir) -> list[dict]:
+    """The all-to-all profiler's records of both ranks, without their times (which overlap changes)."""
+    import json
+    from pathlib import Path
+
+    lines = [json.loads(line) for f in sorted(Path(out_dir).rglob("comm-rank*.jsonl")) for line in f.open()]
+    return [{k: v for k, v in record.items() if k != "time_ms"} for record in lines]
+
+
 def test_c2r_train_with_overlap_chunks_trains_like_without(tmp_path):
-    """c2r-train on 2 ranks (ZeRO-2, ep 2, per-rank dispatch): train.overlap_chunks=3 gives the same losses."""
+    """c2r-train on 2 ranks (ZeRO-2, ep 2, per-rank dispatch, profiled): train.overlap_chunks=3 gives the same losses
+    and the profiler records the same copies, loads and counts, step by step and layer by layer."""
     from tests.run_configs import tiny_run_config
 
     runs = {}
     for chunks in (1, 3):
-        raw = tiny_run_config(tmp_path / f"out{chunks}", steps=4, ep_size=2, dispatch="per-rank", overlap_chunks=chunks)
+        raw = tiny_run_config(
+            tmp_path / f"out{chunks}", steps=4, profile=True, ep_size=2, dispatch="per-rank", overlap_chunks=chunks
+        )
         raw["train"].update(eval_every=4, eval_batches=1, save_every=0, save_last=False)
         runs[chunks] = run_distributed(train_worker, 2, tmp_path / f"run{chunks}", raw)
     assert runs[3][0]["chunks"] == {3} and runs[1][0]["chunks"] == {1}
     torch.testing.assert_close(runs[3][0]["step_losses"], runs[1][0]["step_losses"], rtol=2e-5, atol=2e-5)
+    records = comm_records(tmp_path / "out3")
+    assert len(records) == 2 * 4 * 2  # ranks x steps x MoE layers
+    assert records == comm_records(tmp_path / "out1")
