@@ -312,8 +312,8 @@ TRAIN_CLI = ConfigCli(
         Shorthand(
             "--overlap-chunks",
             "train.overlap_chunks",
-            "split each MoE layer's per-expert or per-rank dispatch into N token chunks whose exchanges overlap the "
-            "expert compute (default 1: off)",
+            "split each MoE layer's per-expert or per-rank dispatch into that many token chunks, whose exchanges "
+            "overlap the expert compute (default 1: off)",
             int,
         ),
         Shorthand(
