@@ -15,6 +15,9 @@ placement's planner (Mt-KaHyPar, or ``--plan-method``) from a separate synthetic
 
 Contenders (``--contenders``, default all):
     c2r-{per-expert,per-rank,per-node}-{contiguous,planned}   (per-node: nodes of --gpus-per-node ranks)
+    c2r-{per-expert,per-rank}-{contiguous,planned}-overlap{2,4}   the same in 2 or 4 token chunks whose exchanges
+                        overlap the expert compute (c2r/parallel/overlap.py); their all-to-all time is the exposed
+                        part only (the waits), so "a2a ms" there is what compute did not hide
     single-device       the layer with all E experts on each rank, its own tokens only (no expert parallelism)
     raw-all-to-all      four all_to_all_single of T*k rows (what per-expert dispatch moves per step), evenly split
     megablocks-dmoe-ep  megablocks.layers.dmoe.dMoE with expert_parallel_group (GPU only)
@@ -66,6 +69,13 @@ from placement.synthetic import synthetic_expert_ids  # noqa: E402
 STRUCTURE_SEED = 11  # popularity and clusters of the synthetic routing; token draws vary by seed
 C2R_CONTENDERS = [
     f"c2r-{mode}-{layout}" for layout in ("contiguous", "planned") for mode in ("per-expert", "per-rank", "per-node")
+]
+OVERLAP_CHUNKS = (2, 4)  # c2r/parallel/overlap.py: per-expert and per-rank dispatch in C chunks
+C2R_CONTENDERS += [
+    f"c2r-{mode}-{layout}-overlap{chunks}"
+    for layout in ("contiguous", "planned")
+    for mode in ("per-expert", "per-rank")
+    for chunks in OVERLAP_CHUNKS
 ]
 CONTENDERS = [*C2R_CONTENDERS, "single-device", "raw-all-to-all", "megablocks-dmoe-ep", "deepspeed-moe-ep"]
 
@@ -186,7 +196,14 @@ def c2r_backend(cfg: EPConfig, device, dtype, name: str):
     return build_backend(resolve_backend_name(config, device, dtype), config)
 
 
-def build_c2r(cfg, device, dtype, args, routing, mode: str, layout: ExpertLayout) -> Contender:
+def parse_c2r(name: str) -> tuple[str, str, int]:
+    """``c2r-per-rank-planned-overlap2`` -> ("per-rank", "planned", 2); no ``-overlapN``: 1 chunk."""
+    parts = name.split("-")  # c2r, per, MODE, LAYOUT[, overlapN]
+    chunks = int(parts[4].removeprefix("overlap")) if len(parts) > 4 else 1
+    return f"{parts[1]}-{parts[2]}", parts[3], chunks
+
+
+def build_c2r(cfg, device, dtype, args, routing, mode: str, layout: ExpertLayout, chunks: int = 1) -> Contender:
     clock = ExchangeClock(device)
     if routing is None:  # c2r's own top-k router
         torch.manual_seed(args.seed)
@@ -200,10 +217,12 @@ def build_c2r(cfg, device, dtype, args, routing, mode: str, layout: ExpertLayout
         )
         with device:
             layer = MoELayer(cfg.D, moe).to(dtype)
-        shard_experts(layer, layout, mode=mode, observers=[clock], ranks_per_node=args.gpus_per_node)
+        shard_experts(
+            layer, layout, mode=mode, observers=[clock], ranks_per_node=args.gpus_per_node, overlap_chunks=chunks
+        )
         return Contender(lambda x: layer(x)[0], list(layer.parameters()), clock)
     experts = local_expert_weights(expert_weights(cfg, device, dtype, args.seed), layout.local_experts(dist.get_rank()))
-    dispatcher = build_dispatcher(mode, layout, None, clock, ranks_per_node=args.gpus_per_node)
+    dispatcher = build_dispatcher(mode, layout, None, clock, ranks_per_node=args.gpus_per_node, overlap_chunks=chunks)
     backend = c2r_backend(cfg, device, dtype, args.backend)
     return Contender(
         lambda x: dispatcher(x, routing, backend, experts), [*experts.parameters(), routing.weights_TK], clock
@@ -346,8 +365,8 @@ def build_deepspeed_ep(cfg, device, dtype, args, routing) -> Contender:
 
 def build(name: str, cfg, device, dtype, args, routing, layouts) -> Contender:
     if name.startswith("c2r-"):
-        _, mode_a, mode_b, layout = name.split("-")  # c2r-per-node-planned: mode per-node, layout planned
-        return build_c2r(cfg, device, dtype, args, routing, f"{mode_a}-{mode_b}", layouts[layout])
+        mode, layout, chunks = parse_c2r(name)
+        return build_c2r(cfg, device, dtype, args, routing, mode, layouts[layout], chunks)
     builders = {
         "single-device": build_single_device,
         "raw-all-to-all": build_raw_all_to_all,
@@ -533,7 +552,7 @@ def main(argv=None) -> None:
                 if "planned" in name:
                     row["plan"] = plan_method
                 if name.startswith("c2r-"):  # what c2r-place simulate needs to predict this row
-                    row["expert_to_rank"] = layouts[name.rsplit("-", 1)[1]].to_json()
+                    row["expert_to_rank"] = layouts[parse_c2r(name)[1]].to_json()
                     row["gpus_per_node"] = args.gpus_per_node
                 rows.append(row)
                 contender = None

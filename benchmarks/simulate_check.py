@@ -50,6 +50,8 @@ def load_rows(paths: list[Path]) -> list[dict]:
         for r in doc["rows"]:
             if r.get("routing") != "synthetic" or not r["contender"].startswith("c2r-") or "ms_median" not in r:
                 continue
+            if "-overlap" in r["contender"]:  # its a2a time is only the part compute did not hide: nothing to fit
+                continue
             W = r.get("gpus_per_node") or world
             key = (world, W, r["config"], r["contender"])
             row = merged.setdefault(key, {**r, "world": world, "seed": seed, "dtype": dtype, "runs": []})

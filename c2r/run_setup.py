@@ -38,6 +38,7 @@ from c2r.data import BatchSampler, Corpus, DataConfig
 from c2r.hf.training import HFConfig
 from c2r.model import ModelConfig, MoEGPT
 from c2r.parallel import DISPATCH_MODES, DispatchObserver, model_layouts, resolve_ranks_per_node
+from c2r.parallel.expert_parallel import check_overlap_chunks
 from placement.layout import require_divides
 from profiling.cli_errors import OneLineParser
 from profiling.session import ProfileConfig
@@ -80,6 +81,9 @@ class TrainConfig:
     # ranks per node, for per-node dispatch and the inter-/intra-node counts (None: the launcher's local world size,
     # else all ranks one node); set it to group CPU ranks into virtual nodes
     gpus_per_node: int | None = None
+    # > 1: each MoE layer's per-expert or per-rank dispatch runs in that many token chunks whose exchanges overlap the
+    # expert compute (c2r/parallel/overlap.py); 1 = off, the default until a GPU measurement shows where it wins
+    overlap_chunks: int = 1
     placement_plan: str | None = None  # c2r-place plan JSON: which experts live on which EP rank, per MoE layer
     deepspeed_config: str | None = None  # default: deepspeed_configs/cpu_zero2.json or gpu_bf16_zero2.json
     out_dir: str = "runs/demo"
@@ -96,6 +100,7 @@ class TrainConfig:
             ep_size=self.ep_size,
         )
         require_choice("dispatch", self.dispatch, DISPATCH_MODES)
+        check_overlap_chunks(self.overlap_chunks, self.dispatch, "train.")
         if self.gpus_per_node is not None:
             require_positive(gpus_per_node=self.gpus_per_node)
         for name in ("save_every", "save_every_minutes", "keep_checkpoints"):
@@ -120,6 +125,10 @@ class RunConfig:
         require_divides(self.train.ep_size, "ep_size", self.model.moe.num_experts, "num_experts")
         if self.train.gpus_per_node is not None and self.train.ep_size > 1:
             resolve_ranks_per_node(self.train.gpus_per_node, self.train.ep_size)  # raises naming both numbers
+        if self.hf.model_dir is not None and self.train.overlap_chunks > 1:
+            raise ValueError(
+                f"train.overlap_chunks ({self.train.overlap_chunks}) is not supported with --hf-model yet; use 1"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -442,7 +451,9 @@ def build_engine(
         model = build_model(config, tc.dispatch, plan_layouts(config), observers)
     else:
         model = MoEGPT(config.model)
-        make_expert_parallel(model, tc.ep_size, tc.dispatch, plan_layouts(config), observers, tc.gpus_per_node)
+        make_expert_parallel(
+            model, tc.ep_size, tc.dispatch, plan_layouts(config), observers, tc.gpus_per_node, tc.overlap_chunks
+        )
     if train_only is None:
         optimizer, scheduler = optimize_everything(model, device, tc)
     else:

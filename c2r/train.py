@@ -310,6 +310,13 @@ TRAIN_CLI = ConfigCli(
             choices=("per-expert", "per-rank", "per-node"),
         ),
         Shorthand(
+            "--overlap-chunks",
+            "train.overlap_chunks",
+            "split each MoE layer's per-expert or per-rank dispatch into that many token chunks, whose exchanges "
+            "overlap the expert compute (default 1: off)",
+            int,
+        ),
+        Shorthand(
             "--gpus-per-node",
             "train.gpus_per_node",
             "ranks per node (default: the launcher's local world size); groups CPU ranks into virtual nodes",

@@ -12,7 +12,9 @@ Each rank appends one JSON line per (step, MoE layer) to ``comm-rank<r>.jsonl``:
      (both stages of per-node dispatch together), "inter_node_bytes" / "intra_node_bytes": those times bytes_per_copy,
      "time_ms": {"dispatch", "combine", "dispatch_backward", "combine_backward"; per-rank dispatch also
                  "dispatch_meta", "dispatch_meta_backward" (the copies' expert slots and weights); per-node dispatch
-                 names each exchange by its stage: "dispatch_inter", "dispatch_intra", "combine_inter", ...}}
+                 names each exchange by its stage: "dispatch_inter", "dispatch_intra", "combine_inter", ...;
+                 a dispatcher that overlaps its exchanges with compute in chunks times only the waits, so each name
+                 sums its chunks' exposed time}}
 
 How it is wired (this package never imports the system it profiles): the caller makes the profiler before its MoE
 layers become expert parallel and gives ``profiler.observers[i]`` to layer i's dispatcher when building it. The

@@ -38,3 +38,9 @@ def test_ep_bench_runs_on_two_gloo_ranks(tmp_path):
     # The plan is made from a sample of the same clustered routing: it must cut the copies per-rank dispatch sends.
     planned, contiguous = rows["synthetic", "c2r-per-rank-planned"], rows["synthetic", "c2r-per-rank-contiguous"]
     assert planned["copies_per_token"] < contiguous["copies_per_token"]
+    # Overlapped dispatch (c2r/parallel/overlap.py) sends exactly what its plain mode sends.
+    for name in ("per-expert-contiguous", "per-rank-planned"):
+        for chunks in (2, 4):
+            overlapped = rows["synthetic", f"c2r-{name}-overlap{chunks}"]
+            assert overlapped["copies_per_token"] == rows["synthetic", f"c2r-{name}"]["copies_per_token"]
+            assert overlapped["ms_median"] > 0 and overlapped["host_syncs_per_forward"] == 0

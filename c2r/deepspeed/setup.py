@@ -75,13 +75,15 @@ def make_expert_parallel(
     layouts: list[ExpertLayout] | None = None,
     observers: list[DispatchObserver] | None = None,
     gpus_per_node: int | None = None,
+    overlap_chunks: int = 1,
 ) -> list[DeepSpeedMoELayer]:
     """Shard every MoE layer's experts over ``ep_size`` ranks and wrap it as a DeepSpeed MoE module.
 
     ``mode``: ``per-expert``, ``per-rank`` or ``per-node`` dispatch (``gpus_per_node``: ranks per node, default the
     launcher's local world size); ``layouts``: one :class:`ExpertLayout` per MoE layer (a
     placement plan), default contiguous; ``observers``: one per MoE layer for its dispatcher (the communication
-    profiler's), default none. Call after building the model (same seed on every rank) and before building the
+    profiler's), default none; ``overlap_chunks``: > 1 overlaps exchanges and expert compute in that many token chunks
+    (c2r/parallel/overlap.py). Call after building the model (same seed on every rank) and before building the
     optimizer.
     """
     for index, layer in enumerate(m for m in model.modules() if isinstance(m, MoELayer)):
@@ -89,7 +91,15 @@ def make_expert_parallel(
             require_divides(ep_size, "ep_size", layer.config.num_experts, "num_experts")
     group = ensure_expert_groups(ep_size)
     if ep_size > 1:
-        shard_experts(model, layouts, group=group, mode=mode, observers=observers, ranks_per_node=gpus_per_node)
+        shard_experts(
+            model,
+            layouts,
+            group=group,
+            mode=mode,
+            observers=observers,
+            ranks_per_node=gpus_per_node,
+            overlap_chunks=overlap_chunks,
+        )
     return wrap_moe_layers(model, ep_size)
 
 

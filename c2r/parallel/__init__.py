@@ -1,4 +1,5 @@
-"""Expert parallelism: the all-to-all dispatchers (per-expert, per-rank, per-node), sharding a model's experts over
+"""Expert parallelism: the all-to-all dispatchers (per-expert, per-rank, per-node; the first two also in token chunks
+whose exchanges overlap the expert compute, `overlap.py`), sharding a model's experts over
 the ranks of an `ExpertLayout` (placement.layout), ranks grouped into nodes (`nodes.py`), and a host-sync counter
 (`host_syncs.count_host_syncs`)."""
 
@@ -13,6 +14,7 @@ from c2r.parallel.dispatch import (
 from c2r.parallel.expert_parallel import build_dispatcher, local_expert_weights, model_layouts, shard_experts
 from c2r.parallel.host_syncs import count_host_syncs
 from c2r.parallel.nodes import NodeGroups, make_node_groups, resolve_ranks_per_node
+from c2r.parallel.overlap import OverlappedPerExpertDispatcher, OverlappedPerRankDispatcher
 from c2r.parallel.per_node import PerNodeDispatcher
 
 __all__ = [
@@ -21,6 +23,8 @@ __all__ = [
     "DispatchObserver",
     "NoObserver",
     "NodeGroups",
+    "OverlappedPerExpertDispatcher",
+    "OverlappedPerRankDispatcher",
     "PerExpertDispatcher",
     "PerNodeDispatcher",
     "PerRankDispatcher",

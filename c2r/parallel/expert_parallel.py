@@ -20,6 +20,7 @@ from c2r.parallel.dispatch import (
     PerRankDispatcher,
 )
 from c2r.parallel.nodes import make_node_groups, resolve_ranks_per_node
+from c2r.parallel.overlap import OverlappedPerExpertDispatcher, OverlappedPerRankDispatcher
 from c2r.parallel.per_node import PerNodeDispatcher
 from c2r.routing import Router
 from placement.layout import ExpertLayout
@@ -32,12 +33,19 @@ def build_dispatcher(
     observer: DispatchObserver = NO_OBSERVER,
     ranks_per_node: int | None = None,
     node_groups=None,
+    overlap_chunks: int = 1,
 ) -> PerExpertDispatcher | PerRankDispatcher | PerNodeDispatcher:
     """``observer``: who times the exchanges and receives each forward's :class:`DispatchMeta` (default: nobody).
 
     ``ranks_per_node``: W (None: the launcher's local world size, else one node); per-node dispatch exchanges over
-    ``node_groups`` (a :class:`~c2r.parallel.nodes.NodeGroups`; made here if None, but make them once per model)."""
+    ``node_groups`` (a :class:`~c2r.parallel.nodes.NodeGroups`; made here if None, but make them once per model).
+    ``overlap_chunks``: > 1 runs per-expert or per-rank dispatch in that many chunks of the local tokens whose exchanges
+    overlap the experts' compute (``overlap.py``); 1, the default, is the plain path."""
     ranks_per_node = resolve_ranks_per_node(ranks_per_node, layout.num_ranks)
+    check_overlap_chunks(overlap_chunks, mode)
+    if overlap_chunks > 1:
+        chunked = {"per-expert": OverlappedPerExpertDispatcher, "per-rank": OverlappedPerRankDispatcher}[mode]
+        return chunked(layout, group, observer, ranks_per_node, overlap_chunks=overlap_chunks)
     if mode == "per-expert":
         return PerExpertDispatcher(layout, group, observer, ranks_per_node)
     if mode == "per-rank":
@@ -45,6 +53,17 @@ def build_dispatcher(
     if mode == "per-node":
         return PerNodeDispatcher(layout, group, observer, ranks_per_node, node_groups)
     raise ValueError(f"dispatch mode {mode!r} is not one of {list(DISPATCH_MODES)}")
+
+
+def check_overlap_chunks(overlap_chunks: int, mode: str, prefix: str = "") -> None:
+    """One line naming the values: chunks must be a positive int; per-node dispatch has no chunked form.
+    ``prefix``: how the caller's config spells the key's section (``train.``)."""
+    if isinstance(overlap_chunks, bool) or not isinstance(overlap_chunks, int) or overlap_chunks < 1:
+        raise ValueError(f"{prefix}overlap_chunks ({overlap_chunks!r}) must be an integer >= 1 (1: no overlap)")
+    if overlap_chunks > 1 and mode not in ("per-expert", "per-rank"):
+        raise ValueError(
+            f"{prefix}overlap_chunks ({overlap_chunks}) works with dispatch per-expert or per-rank, not {mode!r}; use 1"
+        )
 
 
 def local_expert_weights(full: ExpertWeights, experts: list[int]) -> ExpertWeights:
@@ -67,6 +86,7 @@ def shard_experts(
     mode: str = "per-expert",
     observers: list[DispatchObserver] | None = None,
     ranks_per_node: int | None = None,
+    overlap_chunks: int = 1,
 ) -> list[MoELayer]:
     """Make every :class:`MoELayer` in ``model`` expert parallel over ``group`` (default: the world).
 
@@ -96,7 +116,9 @@ def shard_experts(
                 f"the expert layout is for {layer_layout.num_experts} experts but MoE layer {index} has {num_experts}"
             )
         observer = observers[index] if observers else NO_OBSERVER
-        dispatcher = build_dispatcher(mode, layer_layout, group, observer, ranks_per_node, node_groups)
+        dispatcher = build_dispatcher(
+            mode, layer_layout, group, observer, ranks_per_node, node_groups, overlap_chunks=overlap_chunks
+        )
         layer.experts = local_expert_weights(layer.experts, layer_layout.local_experts(dispatcher.rank))
         layer.dispatcher = dispatcher
         if layer_layout.is_replicated and type(layer.router).set_expert_placement is not Router.set_expert_placement:
