@@ -243,3 +243,40 @@ def test_lean_dispatch_matches_reference_with_variable_k(tmp_path):
             assert per_rank[1][name, "per-rank", "loop"]["received"] == 0
         if kind == "rank1_silent":
             assert per_rank[1][name, "per-rank", "loop"]["sent"] == 0
+
+
+class HostCountSpy:
+    """The torch backend, recording whether each grouped call got its counts on the host and whether they were right."""
+
+    name = "spy"
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def grouped_mlp(self, x_PD, tokens_per_expert_E, experts, host_counts=None):
+        self.calls.append((host_counts, tokens_per_expert_E.tolist()))
+        return self.inner.grouped_mlp(x_PD, tokens_per_expert_E, experts, host_counts)
+
+
+def host_count_worker(rank, world, mode, chunks):
+    from c2r.experts import build_backend
+
+    layer = build_layer()
+    shard_experts(layer, None, mode=mode, ranks_per_node=1 if mode == "per-node" else None, overlap_chunks=chunks)
+    spy = HostCountSpy(build_backend("torch", layer.config.experts))
+    layer.backend_for = lambda x: spy
+    rows = slice(rank * T_PER_RANK, (rank + 1) * T_PER_RANK)
+    forward_backward(layer, global_batch(world, "none")[rows], upstream_grad(world)[rows])
+    return spy.calls
+
+
+@pytest.mark.parametrize(
+    "mode,chunks", [("per-expert", 1), ("per-rank", 1), ("per-node", 1), ("per-expert", 3), ("per-rank", 2)]
+)
+def test_the_backend_gets_the_counts_on_the_host(tmp_path, mode, chunks):
+    # The dispatcher has every count on the host after its one count exchange; handing them to the backend spares
+    # MegaBlocks' grouped_gemm (and the segment loop) a second host sync per layer (issue 11: <= 2 per forward).
+    for calls in run_distributed(host_count_worker, 2, tmp_path, mode, chunks):
+        assert len(calls) == chunks
+        for host, device in calls:
+            assert host == device, (host, device)

@@ -197,11 +197,11 @@ class ScheduleLog:
         class Logged:
             chunk = 0
 
-            def grouped_mlp(self, x_PD, counts, experts):
+            def grouped_mlp(self, x_PD, counts, experts, host_counts=None):
                 c, self.chunk = self.chunk, self.chunk + 1
                 log.events.append(f"mlp{c}")
                 x_PD.register_hook(lambda grad: log.events.append(f"mlp_backward{c}"))
-                return torch_backend.grouped_mlp(x_PD, counts, experts)
+                return torch_backend.grouped_mlp(x_PD, counts, experts, host_counts)
 
         return Logged()
 

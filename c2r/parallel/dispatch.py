@@ -50,6 +50,11 @@ from placement.layout import ExpertLayout
 DISPATCH_MODES = ("per-expert", "per-rank", "per-node")
 
 
+def column_sums(rows: list[list[int]], columns) -> list[int]:
+    """Host counts summed over the source ranks (``rows``, one per rank) for each of ``columns``."""
+    return [sum(row[c] for row in rows) for c in columns]
+
+
 def ranks_hit(rank_TK: torch.Tensor, valid_TK: torch.Tensor, num_ranks: int) -> torch.Tensor:
     """[T, R] bool: which ranks each token's valid slots go to (a row's sum is the token's lambda)."""
     hits_TR = torch.zeros(rank_TK.shape[0], num_ranks, dtype=torch.int64, device=rank_TK.device)
@@ -83,6 +88,8 @@ class DispatchMeta:
     # W, ranks per node (EP rank r sits on node r // W); None: the whole EP group is one node. Only the node counts
     # below read it, in every mode: per-rank dispatch on two nodes sends inter-node copies too.
     ranks_per_node: int | None = None
+    # per-expert: ``tokens_per_local_expert_X`` on the host, so the backend needs no host sync of its own
+    local_counts_host: list[int] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -148,13 +155,14 @@ class ReceivedCopies:
     weight_QK: torch.Tensor  # combine weights (0 where a slot holds none of this rank's experts); carry gradients
     pairs: SlotOrder  # (copy, slot) pairs by local expert slot
     tokens_per_local_expert_X: torch.Tensor
+    host_counts_X: list[int] | None = None  # the same counts on the host (they came with the count exchange)
 
 
 def compute_copies(received: ReceivedCopies, backend, experts) -> torch.Tensor:
     """[Q, D]: one reply per received copy, its local experts' weighted outputs summed (per-rank destinations)."""
     # Only the valid (copy, local expert) pairs are computed, in one grouped GEMM over rows sorted by local expert.
     x_PD = expand_rows(received.x_QD, received.pairs)
-    y_PD = backend.grouped_mlp(x_PD, received.tokens_per_local_expert_X, experts)
+    y_PD = backend.grouped_mlp(x_PD, received.tokens_per_local_expert_X, experts, received.host_counts_X)
     y_QD = sum_slots(y_PD, received.pairs, received.weight_QK)
     if y_QD.shape[0] == 0:
         # Keep the (empty) output attached to the received tensors, so this rank still joins the backward
@@ -235,7 +243,7 @@ class PerExpertDispatcher(_Dispatcher):
     def __call__(self, x_TD, routing: RoutingResult, backend, experts) -> torch.Tensor:
         experts = self.replica_grads(experts)
         x_QD, meta = self.dispatch(x_TD, routing)
-        y_QD = backend.grouped_mlp(x_QD, meta.tokens_per_local_expert_X, experts)
+        y_QD = backend.grouped_mlp(x_QD, meta.tokens_per_local_expert_X, experts, meta.local_counts_host)
         self.observer.on_dispatch(meta)
         return self.combine(y_QD, meta)
 
@@ -276,6 +284,7 @@ class PerExpertDispatcher(_Dispatcher):
             regroup_Q=regroup_Q,
             ungroup_Q=ungroup_Q,
             ranks_per_node=self.ranks_per_node,
+            local_counts_host=column_sums(recv_host, range(X)),
         )
         return x_QD, meta
 
@@ -327,7 +336,9 @@ class PerRankDispatcher(_Dispatcher):
         valid_QK = slot_QK >= 0
         num_pairs = sum(sum(row[:X]) for row in recv_host)
         pairs = SlotOrder.first(sort_slots(slot_QK, valid_QK, X), valid_QK, num_pairs)
-        received = ReceivedCopies(x_QD, meta_QK2[:, K:], pairs, recv_counts_RN[:, :X].sum(0))
+        received = ReceivedCopies(
+            x_QD, meta_QK2[:, K:], pairs, recv_counts_RN[:, :X].sum(0), column_sums(recv_host, range(X))
+        )
         meta = DispatchMeta(
             self.mode,
             self.rank,

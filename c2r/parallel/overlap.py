@@ -25,9 +25,9 @@ rank starts the collectives in the same order, forward and backward.
 Unchanged from the plain modes: the result (the same rows computed, summed in the same per-token order, up to float
 reordering inside a grouped GEMM), the copy rule for replicated experts (decided once over all T tokens, so every
 slot goes to the same copy as without chunks), and one host sync per forward: every chunk's counts travel in the one
-small count exchange ((R, chunks, columns) instead of (R, columns)) and reach the host in one copy. A backend that
-wants its group sizes on the host (MegaBlocks' grouped_gemm) adds one sync per chunk; the torch backend
-(``torch._grouped_mm``) none.
+small count exchange ((R, chunks, columns) instead of (R, columns)) and reach the host in one copy; a backend that
+wants its group sizes on the host (MegaBlocks' grouped_gemm) gets each chunk's from there (``host_counts``), so it
+adds no sync.
 
 The observer still sees one :class:`~c2r.parallel.dispatch.DispatchMeta` per forward (all chunks together: the same
 splits and counts as without chunks; ``token_idx_C`` chunk after chunk). Its timer times the exposed part of each
@@ -52,6 +52,7 @@ from c2r.parallel.dispatch import (
     PerExpertDispatcher,
     PerRankDispatcher,
     ReceivedCopies,
+    column_sums,
     compute_copies,
     ranks_hit,
 )
@@ -183,6 +184,7 @@ class ChunkRoute:
     recv_splits: list[int]
     sent: SlotOrder
     recv_counts: torch.Tensor  # (R, columns) on the device: what it receives from each rank
+    host_counts: list[int]  # pairs it receives per local expert slot, summed over ranks, on the host
 
 
 class _Overlapped:
@@ -241,7 +243,8 @@ class OverlappedPerExpertDispatcher(_Overlapped, PerExpertDispatcher):
         for c, (a, b) in enumerate(spans):
             send, recv = [sum(row[c]) for row in send_host], [sum(row[c]) for row in recv_host]
             sent = SlotOrder.first(sorted_flat[c], valid_TK[a:b], sum(send))
-            routes.append(ChunkRoute(a, b, send, recv, sent, recv_counts[:, c]))
+            host = column_sums([row[c] for row in recv_host], range(X))
+            routes.append(ChunkRoute(a, b, send, recv, sent, recv_counts[:, c], host))
         self.observer.on_dispatch(self._meta(x_TD, routing, routes, physical_TK // X, recv_counts.sum((0, 1))))
 
         # 2. The pipeline: tokens out, experts, replies back, chunk by chunk. Chunks are split off, not sliced: the
@@ -263,7 +266,7 @@ class OverlappedPerExpertDispatcher(_Overlapped, PerExpertDispatcher):
                 regroup_Q = torch.argsort(slot_Q, stable=True)
                 ungroup_Q = inverse_permutation(regroup_Q)
                 x_QD = permute_rows(x_QD, regroup_Q, ungroup_Q)
-            y_QD = backend.grouped_mlp(x_QD, route.recv_counts.sum(0), experts)
+            y_QD = backend.grouped_mlp(x_QD, route.recv_counts.sum(0), experts, route.host_counts)
             if regroup_Q is not None:
                 y_QD = permute_rows(y_QD, ungroup_Q, regroup_Q)
             return self._launch(y_QD, route.send_splits, route.recv_splits, "combine")
@@ -300,7 +303,8 @@ class OverlappedPerRankDispatcher(_Overlapped, PerRankDispatcher):
         for c, (a, b) in enumerate(spans):
             send = [row[c][X] for row in send_host]
             sent = SlotOrder.first(sorted_flat[c], hits_TR[a:b], sum(send))
-            routes.append(ChunkRoute(a, b, send, [row[c][X] for row in recv_host], sent, recv_counts[:, c]))
+            host = column_sums([row[c] for row in recv_host], range(X))
+            routes.append(ChunkRoute(a, b, send, [row[c][X] for row in recv_host], sent, recv_counts[:, c], host))
             num_pairs.append(sum(sum(row[c][:X]) for row in recv_host))
         self.observer.on_dispatch(self._meta(x_TD, routing, routes, rank_TK, recv_counts[:, :, :X].sum((0, 1))))
 
@@ -325,7 +329,7 @@ class OverlappedPerRankDispatcher(_Overlapped, PerRankDispatcher):
             slot_QK = meta_QK2[:, :K].long()
             valid_QK = slot_QK >= 0
             pairs = SlotOrder.first(sort_slots(slot_QK, valid_QK, X), valid_QK, num_pairs[c])
-            received = ReceivedCopies(x_QD, meta_QK2[:, K:], pairs, route.recv_counts[:, :X].sum(0))
+            received = ReceivedCopies(x_QD, meta_QK2[:, K:], pairs, route.recv_counts[:, :X].sum(0), route.host_counts)
             y_QD = compute_copies(received, backend, experts)
             return self._launch(y_QD, route.send_splits, route.recv_splits, "combine")
 

@@ -33,6 +33,7 @@ from c2r.parallel.dispatch import (
     DispatchObserver,
     ReceivedCopies,
     _Dispatcher,
+    column_sums,
     compute_copies,
     ranks_hit,
 )
@@ -150,7 +151,8 @@ class PerNodeDispatcher(_Dispatcher):
         slot_Q2K = meta_Q2K2[:, :K].long()
         valid_Q2K = slot_Q2K >= 0
         pairs = SlotOrder.first(sort_slots(slot_Q2K, valid_Q2K, X), valid_Q2K, num_pairs)
-        received = ReceivedCopies(x_Q2D, meta_Q2K2[:, K:], pairs, recv_counts_RN[:, W + 2 :].sum(0))
+        host_X = column_sums(recv_host, range(W + 2, W + 2 + X))
+        received = ReceivedCopies(x_Q2D, meta_Q2K2[:, K:], pairs, recv_counts_RN[:, W + 2 :].sum(0), host_X)
         route = NodeRoute(send1, recv1, sent1, send2, recv2, sent2)
         return received, route, self._meta(route, x_TD, routing, rank_TK, received, token_C1)
 
