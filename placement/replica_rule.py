@@ -27,6 +27,8 @@ nodes), S replicated slots.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from placement.layout import ExpertLayout
@@ -41,9 +43,20 @@ def copy_ranks(layout: ExpertLayout) -> np.ndarray:
     return table
 
 
-def _slots(sets_MK: np.ndarray, ranks_EC: np.ndarray, num_ranks: int):
-    """Rule 1 for every slot. Returns visited [M, R] bool, and for the replicated slots: their rows [S], experts
-    [S] and destination rank [S] (-1: a free pair)."""
+class RuleOne(NamedTuple):
+    """Rule 1 applied to every slot of M sets: ``visited_MR`` the ranks of single-copy experts, ``single_MK`` slots
+    of single-copy experts; for the S slots of replicated experts: their set ``rows_S``, ``experts_S`` and
+    destination ``dest_S`` (-1: a free pair, split by rule 2)."""
+
+    visited_MR: np.ndarray
+    single_MK: np.ndarray
+    rows_S: np.ndarray
+    experts_S: np.ndarray
+    dest_S: np.ndarray
+
+
+def rule_one(sets_MK: np.ndarray, ranks_EC: np.ndarray, num_ranks: int) -> RuleOne:
+    """Rule 1 for every slot (module docstring); ``ranks_EC``: `copy_ranks` of the layout."""
     num_copies_E = (ranks_EC >= 0).sum(axis=1)
     rows_MK = np.broadcast_to(np.arange(len(sets_MK))[:, None], sets_MK.shape)
     valid = sets_MK >= 0
@@ -57,17 +70,18 @@ def _slots(sets_MK: np.ndarray, ranks_EC: np.ndarray, num_ranks: int):
     hit_SC = (cand_SC >= 0) & visited_MR[rows[:, None], np.maximum(cand_SC, 0)]
     first = np.argmax(hit_SC, axis=1)
     dest = np.where(hit_SC.any(axis=1), cand_SC[np.arange(len(rows)), first], -1)
-    return visited_MR, rows, experts, dest
+    return RuleOne(visited_MR, single, rows, experts, dest)
 
 
-def expected_rank_load(sets_MK: np.ndarray, weight_M: np.ndarray, ranks_EC: np.ndarray, num_ranks: int) -> np.ndarray:
+def expected_rank_load(
+    sets_MK: np.ndarray, weight_M: np.ndarray, ranks_EC: np.ndarray, num_ranks: int, route: RuleOne | None = None
+) -> np.ndarray:
     """[R] float64: token-expert pairs each rank processes under the rule (free pairs split evenly); ``ranks_EC``:
-    `copy_ranks` of the layout (a table, so that a planner may try copies before the slot counts are even)."""
+    `copy_ranks` of the layout (a table, so that a planner may try copies before the slot counts are even);
+    ``route``: `rule_one` of the same, when the caller has it."""
     w_M = np.asarray(weight_M, dtype=np.float64)
-    _, rows, experts, dest = _slots(sets_MK, ranks_EC, num_ranks)
-    valid = sets_MK >= 0
+    _, single, rows, experts, dest = rule_one(sets_MK, ranks_EC, num_ranks) if route is None else route
     expert = np.maximum(sets_MK, 0)
-    single = valid & ((ranks_EC[expert] >= 0).sum(axis=-1) == 1)
     w_MK = np.broadcast_to(w_M[:, None], sets_MK.shape)
     load = np.bincount(ranks_EC[expert[single], 0], weights=w_MK[single], minlength=num_ranks)
     fixed = dest >= 0
@@ -81,27 +95,35 @@ def expected_rank_load(sets_MK: np.ndarray, weight_M: np.ndarray, ranks_EC: np.n
 
 
 def expected_groups_hit(
-    sets_MK: np.ndarray, ranks_EC: np.ndarray, num_ranks: int, group_of_rank_R: np.ndarray | None = None
+    sets_MK: np.ndarray,
+    ranks_EC: np.ndarray,
+    num_ranks: int,
+    group_of_rank_R: np.ndarray | None = None,
+    route: RuleOne | None = None,
 ) -> np.ndarray:
     """[M] float64: expected distinct groups (ranks by default; nodes with ``group_of_rank_R``) each set reaches
     under the rule (module docstring); ``ranks_EC`` as in `expected_rank_load`."""
     group_R = np.arange(num_ranks) if group_of_rank_R is None else np.asarray(group_of_rank_R, dtype=np.int64)
     num_groups = int(group_R.max()) + 1
-    visited_MR, rows, experts, dest = _slots(sets_MK, ranks_EC, num_ranks)
-    visited_MG = np.zeros((len(sets_MK), num_groups), dtype=bool)
-    vm, vr = np.nonzero(visited_MR)
-    visited_MG[vm, group_R[vr]] = True
+    visited_MR, _, rows, experts, dest = rule_one(sets_MK, ranks_EC, num_ranks) if route is None else route
+    if group_of_rank_R is None:
+        visited_MG = visited_MR
+    else:
+        visited_MG = np.zeros((len(sets_MK), num_groups), dtype=bool)
+        vm, vr = np.nonzero(visited_MR)
+        visited_MG[vm, group_R[vr]] = True
     free = dest < 0
     free_rows, cand_SC = rows[free], ranks_EC[experts[free]]
-    m_S = (cand_SC >= 0).sum(axis=1)
-    group_SC = np.where(cand_SC >= 0, group_R[np.maximum(cand_SC, 0)], -1)
-    miss_MG = np.ones((len(sets_MK), num_groups))  # P(group not reached by any free slot)
-    for c in range(cand_SC.shape[1]):
-        g = group_SC[:, c]
-        first = g >= 0
-        for earlier in range(c):  # one factor per (slot, distinct group): P(miss g) = 1 - copies on g / m
-            first &= group_SC[:, earlier] != g
-        count = (group_SC == g[:, None]).sum(axis=1)
-        np.multiply.at(miss_MG, (free_rows[first], g[first]), 1.0 - count[first] / m_S[first])
-    reached_MG = np.where(visited_MG, 1.0, 1.0 - miss_MG)
-    return reached_MG.sum(axis=1)
+    on_SC = cand_SC >= 0
+    group_SC = np.where(on_SC, group_R[np.maximum(cand_SC, 0)], -1)
+    # one factor per (free slot, distinct group of its copies): P(slot misses g) = 1 - copies on g / m
+    same_SCC = group_SC[:, :, None] == group_SC[:, None, :]
+    count_SC = same_SCC.sum(axis=2)
+    first_SC = on_SC & ~np.tril(same_SCC, k=-1).any(axis=2)
+    factor = 1.0 - count_SC[first_SC] / on_SC.sum(axis=1, keepdims=True).repeat(on_SC.shape[1], 1)[first_SC]
+    cell = (np.broadcast_to(free_rows[:, None], group_SC.shape)[first_SC] * num_groups + group_SC[first_SC]).ravel()
+    size = len(sets_MK) * num_groups
+    log_miss = np.bincount(cell, weights=np.log(np.maximum(factor, 1e-300)), minlength=size)
+    certain = np.bincount(cell, weights=factor <= 0, minlength=size) > 0  # every copy on g: surely reached
+    reached = np.where(certain, 1.0, 1.0 - np.exp(log_miss)).reshape(len(sets_MK), num_groups)
+    return np.where(visited_MG, 1.0, reached).sum(axis=1)

@@ -3,17 +3,27 @@ replicated plan's invariants, plan files and `c2r-place evaluate` with replicas,
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+import torch
 
+from placement.cli import main
+from placement.errors import PlacementError
 from placement.inputs import routing_from_expert_ids
 from placement.layout import ExpertLayout
+from placement.methods import plan_placement
 from placement.objective import layer_metrics
+from placement.plan import load_plan
+from placement.replicate import parse_num_slots, replicate_layer
+from placement.synthetic import synthetic_expert_ids
+from profiling.trace import RoutingTraceRecorder, TraceConfig
 
 
-def recount(ids_TK: np.ndarray, layout: ExpertLayout) -> tuple[float, np.ndarray]:
+def recount(ids_TK: np.ndarray, layout: ExpertLayout, gpus_per_node: int = 1) -> tuple[float, np.ndarray]:
     """The rule applied token by token over the whole batch in flat order, written plainly (the reference):
-    returns (mean distinct ranks per token, [R] pairs per rank)."""
+    returns (mean distinct ranks per token, or nodes with ``gpus_per_node``, [R] pairs per rank)."""
     copies = layout.ranks_of_experts
     served = {e: 0 for e in range(layout.num_experts)}  # free pairs of e seen so far
     load = np.zeros(layout.num_ranks)
@@ -32,7 +42,7 @@ def recount(ids_TK: np.ndarray, layout: ExpertLayout) -> tuple[float, np.ndarray
                 else:
                     rank = copies[e][served[e] % len(copies[e])]
                     served[e] += 1
-            ranks.add(rank)
+            ranks.add(rank // gpus_per_node)
             load[rank] += 1
         distinct.append(len(ranks))
     return float(np.mean(distinct)), load
@@ -69,3 +79,104 @@ def test_replicated_metrics_track_the_recount_on_random_routing():
     plain = layer_metrics(routing_from_expert_ids(ids, 8), unreplicated)
     copies_plain, load_plain = recount(ids, unreplicated)
     assert plain["copies_per_token"] == pytest.approx(copies_plain) and plain["rank_load"] == load_plain.tolist()
+
+
+def test_node_fanout_of_a_replicated_layout_equals_the_recount():
+    """Nodes per token under the rule: 4 ranks (2 experts each + 1 replica slot) on 2 nodes. Expert 4 (home rank 2,
+    node 1) has a replica on rank 1 (node 0): [4, 3] and [4, 5] meet a copy on a visited rank; [4, 1] and [4, 7] are
+    free pairs that land on node 1, node 0, node 1, node 0 in turn, so each kind reaches 1.5 nodes on average,
+    as the prediction counts it."""
+    layout = ExpertLayout((0, 0, 1, 1, 2, 2, 3, 3), 4, ((3,), (), (2,), (), (1,), (), (0,), ()))
+    ids = np.array([[4, 1], [4, 1], [4, 7], [4, 7], [4, 3], [4, 5], [4, -1], [4, -1], [1, 7]])
+    nodes, load = recount(ids, layout, gpus_per_node=2)
+    m = layer_metrics(routing_from_expert_ids(ids, 8), layout, num_nodes=2)
+    assert m["node_fanout_per_token"] == pytest.approx(nodes) == pytest.approx((4 * 1.5 + 4 + 2) / 9)
+    copies, _ = recount(ids, layout)
+    assert m["copies_per_token"] == pytest.approx(copies) and m["rank_load"] == load.tolist()
+
+
+def clustered(num_tokens=3000, num_experts=16, top_k=4, seed=0, zipf=1.5):
+    return synthetic_expert_ids(num_tokens, num_experts, top_k, num_clusters=4, zipf=zipf, seed=seed, structure_seed=0)
+
+
+@pytest.mark.parametrize("num_slots", [20, 24, 32])
+def test_planned_replicas_keep_slots_even_and_meet_the_cap(num_slots):
+    """P/R slots per rank, never two copies on one rank (ExpertLayout refuses both), the homes kept, and every rank
+    at or under the cap on the planning tokens where the greedy fill reaches it (20 and 24 slots here; with 32, half
+    the slots replicas, it ends at 1.058: each forced replica pulls load onto its rank, see placement/replicate.py),
+    always below the homes alone."""
+    routing = routing_from_expert_ids(clustered(zipf=1.2), 16)
+    base = plan_placement([routing], 4, max_load=1.05, progress=False)[0]
+    assert layer_metrics(routing, base)["load_imbalance"] > 1.07  # the hottest expert: the cap needs replicas
+    layout = replicate_layer(routing, base, num_slots, target=1.05)
+    assert layout.num_slots == num_slots and layout.experts_per_rank == num_slots // 4
+    assert all(len(x) == num_slots // 4 for x in layout.rank_to_experts)
+    assert all(len(set(ranks)) == len(ranks) for ranks in layout.ranks_of_experts)
+    assert layout.expert_to_rank == base.expert_to_rank
+    load = layer_metrics(routing, layout)["load_imbalance"]
+    assert load < layer_metrics(routing, base)["load_imbalance"]
+    if num_slots < 32:
+        assert load <= 1.05 + 1e-9
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """Profiler traces: 16 experts, top-4, clustered, skewed popularity, 6 steps of 500 tokens per layer."""
+    run = tmp_path_factory.mktemp("run")
+    recorder = RoutingTraceRecorder(
+        run / "profile" / "traces", num_layers=2, num_experts=16, top_k=4, source="test", config=TraceConfig()
+    )
+    for step in range(6):
+        recorder.step = step
+        for layer in range(2):
+            recorder.record(layer, torch.from_numpy(clustered(500, seed=10 * layer + step, zipf=1.2).astype(np.int64)))
+    recorder.close()
+    return run
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_plan_with_replicas_round_trips_and_evaluates(run_dir, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    code, text, err = run_cli(
+        capsys, "plan", "--traces", run_dir, "--ranks", 4, "--replicas", "+8", "--max-load", 1.05, "--out", out
+    )
+    assert code == 0, err
+    assert "replicas: 24 slots (6 per rank, 8 replicas per layer)" in text
+    doc = json.loads(out.read_text())
+    assert doc["version"] == 2 and doc["num_slots"] == 24 and doc["options"]["replicas"] == 24
+    plan = load_plan(out, num_layers=2, num_experts=16, num_ranks=4)
+    for layer, layout in zip(doc["layers"], plan.layouts):
+        assert layout.num_slots == 24 and layout.to_json() == layer["expert_to_rank"]
+        assert layer["rank_to_experts"] == layout.rank_to_experts
+        assert layer["predicted"]["replicas"] == 8
+        assert layer["predicted"]["load_imbalance"] <= 1.05 + 1e-9  # planned and judged on the same tokens
+    code, text, err = run_cli(capsys, "evaluate", "--plan", out, "--traces", run_dir, "--json")
+    assert code == 0, err
+    evaluated = json.loads(text)["plan"]["layers"]
+    assert [m["copies_per_token"] for m in evaluated] == pytest.approx(
+        [m["predicted"]["copies_per_token"] for m in doc["layers"]]
+    )
+    code, text, err = run_cli(capsys, "evaluate", "--plan", out, "--traces", run_dir)
+    assert code == 0 and "copies/tok" in text
+
+
+def test_bad_replicas_get_one_line(run_dir, tmp_path, capsys):
+    cases = [
+        ("12", "P (12) must be >= experts (16)"),
+        ("18", "P (18) must be a multiple of ranks (4)"),
+        ("68", "P (68) must be <= experts x ranks (16 x 4)"),
+        ("many", "--replicas takes P physical slots or +N extra slots; got 'many'"),
+    ]
+    for value, message in cases:
+        argv = ["plan", "--traces", run_dir, "--ranks", 4, "--replicas", value, "--out", tmp_path / "p.json"]
+        code, out, err = run_cli(capsys, *argv)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+        assert "Traceback" not in err and not (tmp_path / "p.json").exists()
+    with pytest.raises(PlacementError, match=r"P \(20\) must be a multiple of ranks \(8\)"):
+        parse_num_slots("+4", 16, 8)
+    assert parse_num_slots("+4", 16, 4) == parse_num_slots(20, 16, 4) == 20
