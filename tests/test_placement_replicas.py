@@ -180,3 +180,22 @@ def test_bad_replicas_get_one_line(run_dir, tmp_path, capsys):
     with pytest.raises(PlacementError, match=r"P \(20\) must be a multiple of ranks \(8\)"):
         parse_num_slots("+4", 16, 8)
     assert parse_num_slots("+4", 16, 4) == parse_num_slots(20, 16, 4) == 20
+
+
+def test_eplb_packing_never_puts_two_replicas_of_one_expert_on_one_gpu():
+    """`_pack_lpt` with random loads and replica counts (up to one per GPU), each GPU P/G slots of distinct experts,
+    every replica placed. The first case goes through the trade (its last replica, of expert 2, finds room only on
+    the GPU already holding it: a full GPU hands one of its experts over)."""
+    from placement.export import _pack_lpt
+
+    cases = [(2, np.array([0.031, 0.066, 0.056, 0.666, 0.22, 1.153]), np.array([1, 1, 2, 1, 1, 2]))]
+    rng = np.random.default_rng(0)
+    while len(cases) < 300:
+        gpus, experts = int(rng.integers(2, 5)), int(rng.integers(2, 7))
+        count = rng.integers(1, gpus + 1, experts)
+        if count.sum() % gpus == 0:
+            cases.append((gpus, rng.random(experts) * count, count))
+    for gpus, load, count in cases:
+        packed = _pack_lpt(load, count, gpus)
+        assert all(len(g) == count.sum() // gpus and len(set(g)) == len(g) for g in packed), (load, count, packed)
+        assert np.bincount(np.concatenate(packed), minlength=len(load)).tolist() == count.tolist()
