@@ -235,7 +235,7 @@ def main() -> None:
     for name, trace_dir in traces.items():
         for ranks in (8, 16):
             rows = replica_sweep(trace_dir, ranks)
-            uncapped = results[f"{name}, {ranks} ranks"][0]["copies"] if results else None
+            uncapped = results.get(f"{name}, {ranks} ranks", [{}])[0].get("copies")
             results[f"{name}, {ranks} ranks, replicas"] = rows
             for r in rows:
                 change = f"{100 * (r['copies'] / uncapped - 1):+.1f}%" if uncapped else "-"
