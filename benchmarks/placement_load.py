@@ -33,10 +33,16 @@ from placement.inputs import load_trace_input  # noqa: E402
 from placement.loadcap import needs_replication  # noqa: E402
 from placement.methods import cap_layouts, plan_placement  # noqa: E402
 from placement.objective import layer_metrics  # noqa: E402
+from placement.replicate import replicate_layouts  # noqa: E402
 
 CAPS = (None, 1.5, 1.25, 1.1, 1.05)
 PLAN_CAP = 1.1
 MAX_TOKENS = 20000  # c2r-place plan's default planning sample
+REPLICA_CAP = 1.05  # judged held out
+# planned with `--max-load 1.02`: a margin for the held-out drift of expert loads (planned at 1.05, the synthetic
+# trace's layers land at 1.05-1.08 held out)
+REPLICA_PLAN_CAP = 1.02
+REPLICA_EXTRA_PER_RANK = (2, 4, 8)  # P = E + ranks x this, smallest first, until every layer holds 1.05 held out
 
 
 def synthetic_traces(out: Path) -> None:
@@ -120,6 +126,36 @@ def sweep(trace_dir: Path, ranks: int) -> list[dict]:
     return rows
 
 
+def replica_sweep(trace_dir: Path, ranks: int) -> list[dict]:
+    """What `c2r-place plan --max-load 1.02 --replicas P` writes, for growing P, judged held out against 1.05; stops
+    at the first P where every layer is at or under 1.05."""
+    inp = load_trace_input(trace_dir, holdout=0.2, progress=False)
+    homes = plan_placement(inp.plan_routings, ranks, max_tokens=MAX_TOKENS, progress=False, max_load=REPLICA_PLAN_CAP)
+    rows = []
+    for extra in REPLICA_EXTRA_PER_RANK:
+        num_slots = homes[0].num_experts + ranks * extra
+        layouts = replicate_layouts(inp.plan_routings, homes, num_slots, REPLICA_PLAN_CAP, MAX_TOKENS)
+        layers = [layer_metrics(r, lay) for r, lay in zip(inp.eval_routings, layouts)]
+        loads = np.array([m["load_imbalance"] for m in layers])
+        planned = [layer_metrics(r, lay)["load_imbalance"] for r, lay in zip(inp.plan_routings, layouts)]
+        rows.append(
+            {
+                "cap": REPLICA_CAP,
+                "replicas": num_slots,
+                "copies": float(np.mean([m["copies_per_token"] for m in layers])),
+                "load_mean": float(loads.mean()),
+                "load_max": float(loads.max()),
+                "planned_max": float(max(planned)),
+                "met": int((loads <= REPLICA_CAP + 1e-9).sum()),
+                "possible": len(layers),
+                "max_where_possible": float(loads.max()),
+            }
+        )
+        if rows[-1]["met"] == len(layers):
+            break
+    return rows
+
+
 def svg(results: dict[str, list[dict]], path: Path) -> None:
     """A small scatter plot, copies/token (y) vs mean held-out load max/mean (x), one polyline per case."""
     w, h, pad = 640, 400, 60
@@ -149,16 +185,18 @@ def svg(results: dict[str, list[dict]], path: Path) -> None:
         f'<text x="15" y="{h / 2}" transform="rotate(-90 15 {h / 2})" text-anchor="middle">copies per token</text>'
     )
     for i, (name, rows) in enumerate(results.items()):
-        color = colors[i % len(colors)]
+        color = colors[i % len(colors)]  # a case and its replica rows share a colour (4 cases, then 4 replica lines)
+        dash = ' stroke-dasharray="4 3"' if "replicas" in name else ""
         coords = [xy(r["load_mean"], r["copies"]) for r in rows]
         out.append(
-            f'<polyline fill="none" stroke="{color}" points="{" ".join(f"{a:.1f},{b:.1f}" for a, b in coords)}"/>'
+            f'<polyline fill="none" stroke="{color}"{dash} points="{" ".join(f"{a:.1f},{b:.1f}" for a, b in coords)}"/>'
         )
         for r, (a, b) in zip(rows, coords):
             label = "none" if r["cap"] is None else f"{r['cap']:g}"
+            label += f" P={r['replicas']}" if r.get("replicas") else ""
             out.append(f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="{color}"/>')
             out.append(f'<text x="{a + 4:.1f}" y="{b - 4:.1f}" fill="{color}">{label}</text>')
-        out.append(f'<text x="{w - pad - 150}" y="{pad + 15 * i}" fill="{color}">{name}</text>')
+        out.append(f'<text x="{w - pad - 190}" y="{pad + 15 * i}" fill="{color}">{name}</text>')
     out.append("</svg>")
     path.write_text("\n".join(out) + "\n")
 
@@ -167,6 +205,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", type=Path, default=Path("/tmp/c2r_placement_load"))
     p.add_argument("--plot", type=Path, default=REPO / "docs" / "img" / "placement_load.svg")
+    p.add_argument("--replicas-only", action="store_true", help="only the replica rows (no cap sweep, no plot)")
     args = p.parse_args()
     shutil.rmtree(args.dir, ignore_errors=True)
     traces = {"synthetic": args.dir / "synthetic", "hf-olmoe": args.dir / "olmoe"}
@@ -177,7 +216,7 @@ def main() -> None:
           "layers <= cap / where possible without replicas | worst layer where possible |")  # fmt: skip
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, trace_dir in traces.items():
-        for ranks in (8, 16):
+        for ranks in () if args.replicas_only else (8, 16):
             rows = sweep(trace_dir, ranks)
             results[f"{name}, {ranks} ranks"] = rows
             for r in rows:
@@ -189,6 +228,24 @@ def main() -> None:
                     f"| {name} | {ranks} | {cap} | {r['copies']:.3f} (contiguous {r['contiguous']:.3f}) | {change} | "
                     f"{r['load_mean']:.3f} / {r['load_max']:.3f} | {met} | {worst} |"
                 )
+    print(f"\nWith replicas (`--max-load {REPLICA_PLAN_CAP} --replicas P`, judged against {REPLICA_CAP} held out):\n")
+    print("| trace | ranks | P (slots) | copies/token (held out) | vs uncapped | load max/mean, mean / worst layer | "
+          "worst layer, planning tokens | layers <= 1.05 held out |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, trace_dir in traces.items():
+        for ranks in (8, 16):
+            rows = replica_sweep(trace_dir, ranks)
+            uncapped = results.get(f"{name}, {ranks} ranks", [{}])[0].get("copies")
+            results[f"{name}, {ranks} ranks, replicas"] = rows
+            for r in rows:
+                change = f"{100 * (r['copies'] / uncapped - 1):+.1f}%" if uncapped else "-"
+                print(
+                    f"| {name} | {ranks} | {r['replicas']} | {r['copies']:.3f} | "
+                    f"{change} | {r['load_mean']:.3f} / {r['load_max']:.3f} | "
+                    f"{r['planned_max']:.3f} | {r['met']} / {r['possible']} |"
+                )
+    if args.replicas_only:
+        return
     svg(results, args.plot)
     print(f"\nwrote {args.plot}")
 

@@ -12,6 +12,7 @@ What it does:
 Run from the repository root (CPU only):
     python benchmarks/placement_scale.py                 # the full case; traces go to /tmp/c2r_placement_scale
     python benchmarks/placement_scale.py --layers 2 --tokens 20000     # a quick smoke run
+    python benchmarks/placement_scale.py --replicas 320                 # with 64 replicas (5 slots per rank)
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ def run_planner(args: argparse.Namespace, trace_dir: Path, plan_path: Path) -> d
         str(plan_path),
         "-q",
     ]
+    if args.replicas:
+        cmd += ["--replicas", args.replicas]
     timer = ["/usr/bin/time", "-v"] if Path("/usr/bin/time").exists() else []
     print("$", " ".join(cmd), flush=True)
     start = time.perf_counter()
@@ -127,6 +130,7 @@ def main() -> None:
     p.add_argument("--method", default="kahypar")
     p.add_argument("--max-tokens", type=int, default=20000, help="planning sample per layer (c2r-place default)")
     p.add_argument("--max-load", default="1.10", help="load cap (c2r-place default 1.10; none: copies only)")
+    p.add_argument("--replicas", help="physical expert slots P or +N (c2r-place plan --replicas; default none)")
     args = p.parse_args()
 
     trace_dir, plan_path = args.dir / "traces", args.dir / "plan.json"
@@ -142,7 +146,8 @@ def main() -> None:
     )
     print(f"trace generation: {generate_s:.1f} s (0 = reused)")
     print(
-        f"c2r-place plan ({args.method}, --max-tokens {args.max_tokens}, --max-load {args.max_load}): "
+        f"c2r-place plan ({args.method}, --max-tokens {args.max_tokens}, --max-load {args.max_load}"
+        f"{', --replicas ' + args.replicas if args.replicas else ''}): "
         f"wall {run['wall_s']:.0f} s (CPU {run['cpu_s']:.0f} s), "
         f"peak RSS {run['peak_rss_gib']:.2f} GiB\n"
     )
@@ -153,6 +158,7 @@ def main() -> None:
         ("node fan-out/token", "node_fanout_per_token", "{:.3f}"),
         ("inter-node copies/token", "inter_node_copies_per_token", "{:.3f}"),
         ("rank load max/mean (mean over layers)", "load_imbalance", "{:.2f}"),
+        ("rank load max/mean (worst layer)", "max_load_imbalance", "{:.2f}"),
     ]
     print(f"| metric | {args.method} | contiguous | random |\n| --- | --- | --- | --- |")
     for label, key, fmt in rows:

@@ -6,6 +6,7 @@ c2r-place plan --traces runs/demo --ranks 8 --holdout 0.2 --pareto --calibrate r
 c2r-place plan --traces runs/demo --ranks 16 --nodes 2 --holdout 0.2 --out plan.json
 c2r-place plan --traces runs/demo --ranks 16 --nodes 2 --topology map --inter-node-cost 10 --out plan.json
 c2r-place plan --coactivation coact.npy --ranks 4 --method greedy --out plan.json
+c2r-place plan --traces runs/demo --ranks 8 --holdout 0.2 --max-load 1.05 --replicas +8 --out plan.json  # replicas
 c2r-place evaluate --plan plan.json --traces runs/demo [--hidden 4096 --dtype bf16] [--json]   # default: traced
 c2r-place export --plan plan.json --format eplb|autoep [--out placement.json]
 c2r-place simulate --traces runs/demo --nodes 2 --gpus-per-node 4    # PREDICTED a2a / step ms per dispatch mode
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from placement.cost import CostModel, calibrate, format_costs, layer_cost
+from placement.errors import PlacementError
 from placement.evaluate import evaluate_with_baselines, format_comparison, keep_contiguous_where_plan_loses
 from placement.export import EXPORT_FORMATS, export_plan
 from placement.inputs import PlannerInput, load_input, recorded_activation
@@ -40,6 +42,7 @@ from placement.methods import (
 )
 from placement.objective import DTYPE_BYTES, check_topology, layer_metrics, overall_metrics
 from placement.plan import check_output_path, dumps, load_plan, make_plan, save_plan, write_text_atomic
+from placement.replicate import parse_num_slots, replicate_layouts
 from placement.simulate_cli import add_simulate_command
 from profiling.cli_errors import BAD_INPUT_ERRORS, OneLineParser
 
@@ -135,12 +138,20 @@ def _cap_report(inp: PlannerInput, results: dict[str, dict[str, Any]], args: arg
     return reports
 
 
-def _print_cap_report(reports: list[dict], kept_contiguous: list[int], cap: float | None, judged: str) -> None:
+def _print_cap_report(
+    reports: list[dict], kept_contiguous: list[int], cap: float | None, judged: str, replicated: bool = False
+) -> None:
     if kept_contiguous:
         print(f"kept the contiguous placement on layers {kept_contiguous}: the plan did not beat it on {judged}")
     if cap is None:
         return
     met = [i for i, r in enumerate(reports) if r.get("met")]
+    if replicated:
+        missed = [i for i, r in enumerate(reports) if not r.get("met", True)]
+        print(f"load cap {cap:g} x mean with replicas: met on {len(met)} of {len(reports)} layers ({judged})")
+        if missed:
+            print(f"  layers {missed}: above the cap: {judged} load differs from planned, or too few replicas")
+        return
     replicas = [i for i, r in enumerate(reports) if not r.get("met", True) and r["needs_replication"]]
     missed = [i for i, r in enumerate(reports) if not r.get("met", True) and not r["needs_replication"]]
     print(f"load cap {cap:g} x mean: met on {len(met)} of {len(reports)} layers ({judged})")
@@ -151,6 +162,31 @@ def _print_cap_report(reports: list[dict], kept_contiguous: list[int], cap: floa
         )
     if missed:
         print(f"  layers {missed}: above the cap though it looked reachable: {judged} load differs from planned")
+
+
+def _num_slots(args: argparse.Namespace, inp: PlannerInput) -> int | None:
+    """--replicas as P physical slots (None: no replicas), checked against the experts and ranks."""
+    if args.replicas is None:
+        return None
+    num_slots = parse_num_slots(args.replicas, inp.num_experts, args.ranks)
+    if num_slots == inp.num_experts:
+        return None
+    if args.coactivation:
+        raise PlacementError("--replicas needs --traces: the replica rule routes each token by its whole expert set")
+    return num_slots
+
+
+def _replica_line(layouts: list) -> str:
+    """How many replicas, and of which experts (per layer: the replicated experts and their copies)."""
+    layout = layouts[0]
+    per_layer = [{e: len(r) + 1 for e, r in enumerate(lay.replicas) if r} for lay in layouts]
+    most = max((max(x.values(), default=1) for x in per_layer), default=1)
+    extra, mean_replicated = layout.num_slots - layout.num_experts, sum(map(len, per_layer)) / len(layouts)
+    return (
+        f"replicas: {layout.num_slots} slots ({layout.experts_per_rank} per rank, {extra} replicas per layer) on "
+        f"{mean_replicated:.1f} replicated experts per layer (mean), at most {most} copies of one expert; "
+        f"layer 0 copies: {per_layer[0]}"
+    )
 
 
 def _cost_model(args: argparse.Namespace) -> CostModel:
@@ -169,7 +205,7 @@ def _predicted_costs(model: CostModel, args: argparse.Namespace, results: dict[s
         results[name]["overall"] = overall_metrics(results[name]["layers"])
 
 
-def _print_pareto(inp: PlannerInput, base: list, args: argparse.Namespace) -> None:
+def _print_pareto(inp: PlannerInput, base: list, args: argparse.Namespace, replicated: list | None = None) -> None:
     """Copies vs load for a few caps, from the one uncapped partition (judged on the held-out tokens)."""
     print("copies vs load (--pareto; judged on " + ("held-out" if inp.info.get("holdout") else "planning") + " tokens)")
     print("max-load  copies/tok  load max/mean (mean over layers)  worst layer  layers at or under the cap")
@@ -188,6 +224,14 @@ def _print_pareto(inp: PlannerInput, base: list, args: argparse.Namespace) -> No
             f"{'none' if cap is None else f'{cap:.2f}':>8}  {o['copies_per_token']:10.3f}  "
             f"{o['load_imbalance']:32.3f}  {o['max_load_imbalance']:11.3f}  {at:>26}"
         )
+    if replicated:  # the plan written, with its replicas (the rows above have none)
+        layers = [layer_metrics(r, lay) for r, lay in zip(inp.eval_routings, replicated)]
+        o, cap = overall_metrics(layers), args.max_load or 1.0
+        at = str(sum(m["load_imbalance"] <= cap + 1e-9 for m in layers if m.get("tokens")))
+        print(
+            f"{cap:8.2f}  {o['copies_per_token']:10.3f}  {o['load_imbalance']:32.3f}  {o['max_load_imbalance']:11.3f}  "
+            f"{at:>26}   with replicas: {replicated[0].num_slots} slots"
+        )
 
 
 # ---- plan ------------------------------------------------------------------------------------------------------
@@ -203,10 +247,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
     planner_args = (args.ranks, args.nodes, args.method, args.seed, args.preset, args.threads, args.max_tokens or None)
     more = {"progress": _progress(args), "topology": args.topology, "inter_node_cost": args.inter_node_cost}
     layouts = plan_placement(inp.plan_routings, *planner_args, **more, max_load=args.max_load)
+    num_slots = _num_slots(args, inp)
+    if num_slots is not None:  # homes from the plan above, then the replicas (placement/replicate.py)
+        target = 1.0 if args.max_load is None else args.max_load
+        layouts = replicate_layouts(
+            inp.plan_routings, layouts, num_slots, target, args.max_tokens or None, args.seed, _progress(args)
+        )
     # --pareto: the trade-off from the one uncapped partition (the capped plan above may start elsewhere)
     base = plan_placement(inp.plan_routings, *planner_args, **more) if args.pareto else None
     results = evaluate_with_baselines(inp.eval_routings, layouts, args.nodes, args.hidden, dtype_bytes, args.seed)
-    layouts, kept_contiguous = keep_contiguous_where_plan_loses(results, layouts, args.max_load)
+    kept_contiguous: list[int] = []
+    if num_slots is None:  # (contiguous placement has no replicas: a replicated plan is not compared for this)
+        layouts, kept_contiguous = keep_contiguous_where_plan_loses(results, layouts, args.max_load)
     _predicted_costs(model, args, results)
     reports = _cap_report(inp, results, args)
     for layer, report in enumerate(reports):
@@ -237,6 +289,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "topology": args.topology,
             "inter_node_cost": args.inter_node_cost,
             "max_load": args.max_load,
+            "replicas": num_slots,
             "cost_model": {**vars(model)},
         },
     )
@@ -249,12 +302,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
             f"planned on steps < {h['first_held_out_step']} ({h['plan_tokens']} tokens); predicted on the held-out "
             f"steps >= {h['first_held_out_step']} ({h['eval_tokens']} tokens)"
         )
-    _print_cap_report(reports, kept_contiguous, args.max_load, judged)
+    _print_cap_report(reports, kept_contiguous, args.max_load, judged, replicated=num_slots is not None)
+    if num_slots is not None:
+        print(_replica_line(layouts))
     pairs = list(zip(results["plan"]["layers"], results["contiguous"]["layers"]))
     print(format_costs(pairs, model, args.ranks, args.nodes))
     print(bytes_line)
     if args.pareto:
-        _print_pareto(inp, base, args)
+        _print_pareto(inp, base, args, layouts if num_slots is not None else None)
     print(_summary_line(results, f"wrote {args.out} ({args.method}, {args.ranks} ranks, {args.nodes} node(s))"))
     return 0
 
@@ -312,6 +367,13 @@ def add_plan_command(sub: argparse._SubParsersAction) -> None:
         help=f"cap on every rank's token load, max/mean (default {DEFAULT_MAX_LOAD}; 'none': copies only): swaps "
         "experts between ranks after partitioning, keeping E/R per rank; a layer whose hottest expert makes the cap "
         "impossible without replication gets the lowest max load found, and is named",
+    )
+    p.add_argument(
+        "--replicas",
+        metavar="P",
+        help="P physical expert slots (P >= E, a multiple of --ranks, <= E x ranks), or +N for E + N: hot experts get "
+        "replicas, placed where their co-activated experts live, until every rank is under --max-load (placement/"
+        "replicate.py); needs --traces",
     )
     p.add_argument("--pareto", action="store_true", help="also print copies vs load for caps none, 1.5 ... 1.05")
     p.add_argument(

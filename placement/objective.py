@@ -27,6 +27,9 @@ Metrics (per token = averaged over the layer's tokens; "overall" = the mean over
 - with N > 1 nodes: ``node_fanout_per_token`` = mean nu; ``inter_node_copies_per_token`` = nu (N - 1) / N (copies
   crossing nodes with node-level dedup, e.g. hierarchical/DeepEP-style dispatch, uniform source node as above);
   ``inter_node_rank_copies_per_token`` = lambda (N - 1) / N (flat per-rank dispatch, one copy per remote rank).
+- replicated layouts (``layout.replicas``): lambda, nu and the rank loads under the replica rule, predicted over the
+  layer's whole batch in expectation (`placement.replica_rule` says how and where that is exact); ``replicas``:
+  the extra slots (P - E). Needs per-token sets: co-activation input is refused.
 
 Co-activation input (pair counts C only, no per-token sets). Per-token lambda is not computable for k > 2; we use
 the second-order inclusion-exclusion (Bonferroni) bound per rank: for a token with n_r of its experts on rank r,
@@ -56,6 +59,7 @@ import numpy as np
 from placement.errors import PlacementError
 from placement.inputs import LayerRouting
 from placement.layout import ExpertLayout, require_divides
+from placement.replica_rule import copy_ranks, expected_groups_hit, expected_rank_load
 
 DTYPE_BYTES = {"fp8": 1, "bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -141,7 +145,22 @@ def layer_metrics(
         return out
     gpus_per_node = num_ranks // num_nodes
     e2n = e2r // gpus_per_node
-    if routing.pairwise:
+    rank_load_R = np.bincount(e2r, weights=routing.expert_load_E, minlength=num_ranks)
+    if layout.is_replicated:
+        if routing.pairwise:
+            raise PlacementError(
+                "a replicated placement needs per-token routing (--traces): the replica rule routes each token by "
+                "its whole expert set, which co-activation pair counts do not hold"
+            )
+        w = routing.weight_M.astype(np.float64)
+        nonempty = float(w[routing.set_size_M > 0].sum())
+        table = copy_ranks(layout)
+        rank_hits = float(expected_groups_hit(routing.sets_MK, table, num_ranks) @ w)
+        node_of_rank = np.arange(num_ranks) // gpus_per_node
+        node_hits = float(expected_groups_hit(routing.sets_MK, table, num_ranks, node_of_rank) @ w)
+        rank_load_R = expected_rank_load(routing.sets_MK, w, table, num_ranks)
+        out["replicas"] = layout.num_slots - layout.num_experts
+    elif routing.pairwise:
         nonempty = tokens
         rank_hits = _pairwise_hits(routing, e2r, num_ranks)
         node_hits = _pairwise_hits(routing, e2n, num_nodes)
@@ -165,7 +184,6 @@ def layer_metrics(
         bytes_per_copy = hidden * dtype_bytes
         out["cross_rank_bytes_per_token"] = out["cross_rank_copies_per_token"] * bytes_per_copy
         out["per_expert_cross_rank_bytes_per_token"] = out["per_expert_cross_rank_copies_per_token"] * bytes_per_copy
-    rank_load_R = np.bincount(e2r, weights=routing.expert_load_E, minlength=num_ranks)
     out["load_imbalance"] = float(rank_load_R.max() / rank_load_R.mean()) if rank_load_R.sum() else 1.0
     out["rank_load"] = rank_load_R.round().astype(np.int64).tolist()
     if num_nodes > 1:

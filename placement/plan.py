@@ -15,10 +15,11 @@ it); ``rank_to_experts`` (derived, for people reading the file) lists each rank'
 ascending logical id, the order `ExpertLayout.local_experts` uses. Metrics: see `placement.objective` (predicted on
 the held-out tokens when the plan was made with a holdout); ``predicted_step_ms``: `placement.cost`, a prediction.
 
-Room for replicas (issue 12, item 2, not built yet): ``expert_to_rank`` stays each expert's *home* rank, so a
-reader that ignores replicas still gets a valid placement; a layer may later add ``"replicas": [[rank, ...] per
-expert]`` (extra ranks holding a copy, never the home rank, at most one per rank) and the document
-``"num_slots"`` (P physical slots, a multiple of R), with ``version`` 2 for readers that must honour them.
+Replicas (`placement.replicate`, ``c2r-place plan --replicas P``): a replicated expert's ``expert_to_rank`` entry is
+the list of its ranks, home first (``[0, [1, 3], 2, ...]``, `ExpertLayout.to_json`); ``rank_to_experts`` then lists
+each rank's P/R slots (a replicated expert on each rank holding a copy); the document carries ``"num_slots"`` (P,
+the same on every layer) and ``"version": 2``, so a reader that only knows version 1 refuses it rather than
+ignoring the replicas. Plans without replicas are written as version 1, as before.
 """
 
 from __future__ import annotations
@@ -40,14 +41,20 @@ from placement.layout import ExpertLayout, require_divides
 FORMAT = "c2r-placement"
 _NUMBER_LIST = re.compile(r"\[\s*((?:-?[\d.eE+-]+,?\s*)+)\]")
 VERSION = 1
+REPLICATED_VERSION = 2  # a plan with replicas: readers that cannot honour them must refuse it (version 1 only)
 
 
 def _validate_rank_to_experts(lists: Any, layout: ExpertLayout, where: str) -> None:
     """The derived per-rank lists, when a file carries them, must agree with ``expert_to_rank`` (any order within a
-    rank: the slot order is always ascending id)."""
+    rank: the slot order is always ascending id; with replicas an expert is listed on each rank holding a copy)."""
     num_ranks, e2r = layout.num_ranks, layout.expert_to_rank
     if not isinstance(lists, list) or len(lists) != num_ranks or not all(isinstance(x, list) for x in lists):
         raise PlacementError(f"{where}.rank_to_experts must be {num_ranks} lists (one per rank)")
+    if layout.is_replicated:
+        wrong = [r for r, x in enumerate(lists) if not _int_list(x) or sorted(x) != layout.local_experts(r)]
+        if wrong:
+            raise PlacementError(f"{where}.rank_to_experts disagrees with expert_to_rank on ranks {wrong}")
+        return
     flat = [e for experts in lists for e in experts]
     duplicates = sorted(e for e, n in Counter(flat).items() if n > 1)
     if duplicates:
@@ -59,6 +66,10 @@ def _validate_rank_to_experts(lists: Any, layout: ExpertLayout, where: str) -> N
     disagree = [e for r, experts in enumerate(lists) for e in experts if e2r[e] != r]
     if disagree:
         raise PlacementError(f"{where}.rank_to_experts disagrees with expert_to_rank for experts {sorted(disagree)}")
+
+
+def _int_list(values: list) -> bool:
+    return all(type(v) is int for v in values)
 
 
 @dataclass
@@ -104,8 +115,11 @@ def plan_from_dict(
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise PlacementError(f"{source} is not a c2r placement plan (format {found!r}, expected {FORMAT!r})")
-    if data.get("version") != VERSION:
-        raise PlacementError(f"{source} has plan version {data.get('version')!r}; this c2r reads version {VERSION}")
+    if data.get("version") not in (VERSION, REPLICATED_VERSION):
+        raise PlacementError(
+            f"{source} has plan version {data.get('version')!r}; this c2r reads versions {VERSION} and "
+            f"{REPLICATED_VERSION} (with replicas)"
+        )
     layers_n, experts_n, ranks_n = (_positive_int(data, k, source) for k in ("num_layers", "num_experts", "num_ranks"))
     nodes_n = _positive_int(data, "num_nodes", source) if "num_nodes" in data else 1
     require_divides(ranks_n, "ranks", experts_n, "experts", source)
@@ -175,14 +189,21 @@ def make_plan(
             entry["expert_load"] = np.round(expert_load_LE[layer]).astype(np.int64).tolist()
         entry.update({key: per_layer[layer] for key, per_layer in layer_metrics.items()})
         layers.append(entry)
+    replicated = any(layout.is_replicated for layout in layouts)
+    slots = {"num_slots": layouts[0].num_slots} if replicated else {}
+    if replicated and len({layout.num_slots for layout in layouts}) != 1:
+        raise PlacementError(
+            f"every layer of a plan needs the same slots; got {sorted({x.num_slots for x in layouts})}"
+        )
     return {
         "format": FORMAT,
-        "version": VERSION,
+        "version": REPLICATED_VERSION if replicated else VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "num_layers": num_layers,
         "num_experts": num_experts,
         "num_ranks": num_ranks,
         "num_nodes": num_nodes,
+        **slots,
         "method": method,
         "objective": "km1",
         "seed": seed,

@@ -54,7 +54,7 @@ def test_plan_round_trip(tmp_path):
 @pytest.mark.parametrize(
     "changes,message",
     [
-        ({"version": 2}, "plan version 2; this c2r reads version 1"),
+        ({"version": 3}, "plan version 3; this c2r reads versions 1 and 2"),
         ({"format": "other"}, "not a c2r placement plan \\(format 'other'"),
         ({"num_ranks": 3}, r"ranks \(3\) must divide experts \(8\)"),
         ({"num_nodes": 3}, r"nodes \(3\) must divide ranks \(4\)"),

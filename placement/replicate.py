@@ -1,0 +1,240 @@
+"""Replicated hot experts in the planner: which experts get a replica, and on which rank, for P physical slots.
+
+What we chose, and why. The homes come from the plan without replicas (the co-activation-aware, load-capped
+partition, E/R experts per rank); P - E replicas then fill exactly (P - E) / R extra slots on every rank, one at a
+time, greedily:
+1. the *target*: every rank's predicted load <= target x mean, loads predicted under the replica rule
+   (`placement.replica_rule`, the rule the runtime dispatch applies);
+2. while the busiest rank is above the target, the candidates are its heaviest experts (by load per copy): a
+   replica of one of them is the only thing that takes load off that rank (homes do not move);
+   once every rank is under the target, the candidates are the heaviest experts overall, and a replica is there to
+   save token copies (rule 1: a replica on a rank the expert's co-activated experts live on serves those tokens at
+   no extra copy) without breaking the target;
+3. the candidate ranks for an expert are the ranks with a free slot that do not hold it: the few its tokens visit
+   most (co-activation) and the few least loaded;
+4. each (expert, rank) candidate is scored exactly: a copy of expert e changes the routing of the tokens that chose
+   e and of no others, so the change in every rank's load and in the expected copies is computed on e's tokens only;
+5. the pick: the lowest max(new busiest rank, target), and among those within 0.2% of mean load of it, the
+   fewest added copies per token.
+Why greedy and not a joint optimisation: each step is exact and cheap (e's tokens only), P - E steps per layer fit
+the DeepSeek-V3 scale budget (256 experts, 64 ranks, 64 replicas per layer), and the busiest rank is what an
+expert-parallel step waits for, so lowering it one replica at a time is the direct route.
+Not done: moving homes to make room, and a swap refinement over slots after the greedy fill.
+
+Planning on a sample (``max_tokens``): the loads and copies are predicted on the planning sample.
+
+Shape legend: M distinct expert sets, K slots, E experts, R ranks, C most copies of one expert.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+from tqdm.auto import tqdm
+
+from placement.errors import PlacementError
+from placement.inputs import LayerRouting, subsample
+from placement.layout import ExpertLayout
+from placement.replica_rule import expected_groups_hit, expected_rank_load, rule_one
+
+_TIE = 0.002  # of mean rank load: loads this close count as equal, and copies decide
+_EXPERT_CANDIDATES = 2
+_EXHAUSTIVE = 256  # experts x ranks up to which every pair is scored
+_RANK_CANDIDATES = 2  # of each kind (co-activated, least loaded)
+
+
+def parse_num_slots(text: str | int, num_experts: int, num_ranks: int) -> int:
+    """``--replicas``: P physical slots, or ``+N`` for E + N; P must be >= E, a multiple of the ranks, and at most
+    E x R (one copy of each expert per rank). Errors name the values."""
+    raw = str(text).strip()
+    try:
+        num_slots = num_experts + int(raw[1:]) if raw.startswith("+") else int(raw)
+    except ValueError:
+        raise PlacementError(f"--replicas takes P physical slots or +N extra slots; got {raw!r}") from None
+    if num_slots < num_experts:
+        raise PlacementError(f"--replicas {raw}: P ({num_slots}) must be >= experts ({num_experts})")
+    if num_slots % num_ranks:
+        raise PlacementError(f"--replicas {raw}: P ({num_slots}) must be a multiple of ranks ({num_ranks})")
+    if num_slots > num_experts * num_ranks:
+        raise PlacementError(
+            f"--replicas {raw}: P ({num_slots}) must be <= experts x ranks ({num_experts} x {num_ranks}): at most "
+            "one copy of an expert per rank"
+        )
+    return num_slots
+
+
+class _Replicator:
+    """One layer's greedy fill (module docstring): the copy table, free slots, predicted loads."""
+
+    def __init__(self, routing: LayerRouting, layout: ExpertLayout, num_slots: int, target: float):
+        self.sets_MK, self.weight_M = routing.sets_MK, routing.weight_M.astype(np.float64)
+        self.num_ranks, self.num_experts = layout.num_ranks, layout.num_experts
+        self.table = np.full((self.num_experts, self.num_ranks), -1, dtype=np.int64)  # [E, R] copies, home first
+        self.table[:, 0] = layout.expert_to_rank
+        self.count_E = np.ones(self.num_experts, dtype=np.int64)
+        extra = (num_slots - layout.num_slots) // self.num_ranks
+        self.room_R = np.full(self.num_ranks, extra, dtype=np.int64)
+        valid = self.sets_MK >= 0
+        rows = np.broadcast_to(np.arange(len(self.sets_MK))[:, None], self.sets_MK.shape)[valid]
+        by_expert = sp.csr_matrix(
+            (np.ones(len(rows)), (self.sets_MK[valid], rows)), shape=(self.num_experts, len(self.sets_MK))
+        )
+        self.sets_of = np.split(by_expert.indices, by_expert.indptr[1:-1])  # per expert: the sets choosing it
+        self.load_E = routing.expert_load_E
+        self.load_R = expected_rank_load(self.sets_MK, self.weight_M, self._table(), self.num_ranks)
+        self.mean = float(self.load_R.sum()) / self.num_ranks
+        self.limit = target * self.mean
+        self.soft = (1 + (target - 1) / 2) * self.mean
+        # small layers: every (expert, rank) pair is a candidate; large ones: the shortlist (module docstring)
+        self.exhaustive = self.num_experts * self.num_ranks <= _EXHAUSTIVE
+
+    def _table(self, extra: int = 0) -> np.ndarray:
+        """The copy table cut to the most copies (+ ``extra`` columns for a trial copy)."""
+        return self.table[:, : min(self.num_ranks, int(self.count_E.max()) + extra)]
+
+    def _predict(self, e: int, table: np.ndarray) -> tuple[np.ndarray, float]:
+        """(every rank's load, summed copies) of expert e's tokens under ``table``: only they change route when e's
+        copies change (module docstring, step 4)."""
+        sub = self.sets_of[e]
+        sets, weight = self.sets_MK[sub], self.weight_M[sub]
+        route = rule_one(sets, table, self.num_ranks)
+        hits = float(expected_groups_hit(sets, table, self.num_ranks, route=route) @ weight)
+        return expected_rank_load(sets, weight, table, self.num_ranks, route), hits
+
+    def _candidate_ranks(self, e: int) -> list[int]:
+        open_R = self.room_R > 0
+        open_R[self.table[e, : self.count_E[e]]] = False
+        if not open_R.any() or self.exhaustive:
+            return [int(r) for r in np.flatnonzero(open_R)]
+        sub = self.sets_of[e]
+        visited_MR, *_ = rule_one(self.sets_MK[sub], self._table(), self.num_ranks)
+        together_R = self.weight_M[sub] @ visited_MR  # e's tokens that visit each rank anyway
+        open_ranks = np.flatnonzero(open_R)
+        by_together = open_ranks[np.argsort(-together_R[open_ranks], kind="stable")][:_RANK_CANDIDATES]
+        by_load = open_ranks[np.argsort(self.load_R[open_ranks], kind="stable")][:_RANK_CANDIDATES]
+        by_room = open_ranks[np.argsort(-self.room_R[open_ranks], kind="stable")][:1]
+        return sorted({int(r) for r in (*by_together, *by_load, *by_room)})
+
+    def _candidate_experts(self) -> list[int]:
+        per_copy = self.load_E / self.count_E
+        busiest = int(np.argmax(self.load_R))
+        can_grow = self.count_E < self.num_ranks
+        if self.load_R[busiest] > self.limit:
+            pool = np.flatnonzero(can_grow & (self.table == busiest).any(axis=1))
+        else:
+            pool = np.flatnonzero(can_grow)
+        if self.exhaustive:
+            return [int(e) for e in np.flatnonzero(can_grow)]
+        heavy = pool[np.argsort(-per_copy[pool], kind="stable")][:_EXPERT_CANDIDATES]
+        # the slots of the rank with the most room must be filled too: the lightest experts it lacks fill them at
+        # the least load (without them, the last replicas land on one rank and pull load onto it)
+        lacking = np.flatnonzero(~(self.table == int(np.argmax(self.room_R))).any(axis=1))
+        light = lacking[np.argsort(per_copy[lacking], kind="stable")][:_EXPERT_CANDIDATES]
+        return list(dict.fromkeys(int(e) for e in (*heavy, *light)))
+
+    def _score(self, experts: list[int]) -> list[tuple]:
+        # a replica that saves copies may raise the busiest rank only halfway to the limit: the last replicas must
+        # still fit somewhere, and each one pulls load onto its rank (rule 1)
+        floor = self.limit if self.load_R.max() > self.limit else max(float(self.load_R.max()), self.soft)
+        scored = []
+        for e in experts:
+            ranks = self._candidate_ranks(e)
+            if not ranks:
+                continue
+            old_load, old_hits = self._predict(e, self._table())
+            for q in ranks:
+                self.table[e, self.count_E[e]] = q  # the trial copy, taken back below
+                load, hits = self._predict(e, self._table(extra=1))
+                self.table[e, self.count_E[e]] = -1
+                d_load = load - old_load
+                new_R = self.load_R + d_load
+                scored.append((max(float(new_R.max()), floor), self._excess(new_R), hits - old_hits, e, q, d_load))
+        return scored
+
+    def _excess(self, load_R: np.ndarray) -> float:
+        """Load above the limit, summed over ranks (0 when every rank is under it): unlike the max alone, it also
+        rewards a replica that relieves the second-busiest rank, the step a later replica builds on."""
+        return float(np.maximum(load_R - self.limit, 0.0).sum())
+
+    def step(self) -> None:
+        """Add the best replica (module docstring, step 5)."""
+        scored = self._score(self._candidate_experts())
+        if not scored:  # no candidate fits a free slot: any expert the ranks with room lack
+            scored = self._score([int(e) for e in np.flatnonzero(self.count_E < self.num_ranks)])
+        best_max = min(s[0] for s in scored)
+        near = [s for s in scored if s[0] <= best_max + _TIE * self.mean]
+        _, _, _, e, q, d_load = min(near, key=lambda s: (s[1], s[2]))
+        self.table[e, self.count_E[e]] = q
+        self.count_E[e] += 1
+        self.room_R[q] -= 1
+        self.load_R += d_load
+
+    def _remove(self, e: int, q: int) -> None:
+        """Take the replica of e off rank q (never the home: c > 0), keeping the other copies' order."""
+        before = self._predict(e, self._table())[0]
+        n = int(self.count_E[e])
+        copies = [r for r in self.table[e, :n] if r != q]
+        self.table[e, :n] = [*copies, -1]
+        self.count_E[e] -= 1
+        self.room_R[q] += 1
+        self.load_R += self._predict(e, self._table())[0] - before
+
+    def _state(self) -> tuple:
+        return self.table.copy(), self.count_E.copy(), self.room_R.copy(), self.load_R.copy()
+
+    def _restore(self, state: tuple) -> None:
+        self.table, self.count_E, self.room_R, self.load_R = (x.copy() for x in state)
+
+    def refine(self, max_rounds: int) -> None:
+        """While the limit is missed: replace one replica on the busiest rank by the best replica the greedy
+        step then picks (anywhere), where that lowers the excess load (module docstring, step 6)."""
+        for _ in range(max_rounds):
+            excess = self._excess(self.load_R)
+            if excess <= 0:
+                return
+            busiest = int(np.argmax(self.load_R))
+            holders = np.flatnonzero((self.table[:, 1:] == busiest).any(axis=1))
+            start, best = self._state(), None
+            for e in holders:
+                self._remove(int(e), busiest)
+                self.step()
+                if self._excess(self.load_R) < excess - 1e-9 and (
+                    best is None or self._excess(best[3]) > self._excess(self.load_R)
+                ):
+                    best = self._state()
+                self._restore(start)
+            if best is None:
+                return
+            self._restore(best)
+
+    def layout(self, base: ExpertLayout) -> ExpertLayout:
+        return ExpertLayout.with_replicas(base, [tuple(row[1:n]) for row, n in zip(self.table.tolist(), self.count_E)])
+
+
+def replicate_layer(routing: LayerRouting, layout: ExpertLayout, num_slots: int, target: float) -> ExpertLayout:
+    """``layout`` (no replicas) with P - E replicas added (module docstring); loads and copies predicted on
+    ``routing``."""
+    layout.require_unreplicated("adding replicas to a plan")
+    if routing.pairwise:
+        raise PlacementError("--replicas needs per-token routing (--traces): co-activation counts cannot predict it")
+    if num_slots == layout.num_experts:
+        return layout
+    state = _Replicator(routing, layout, num_slots, target)
+    while state.room_R.sum():
+        state.step()
+    state.refine(max_rounds=num_slots - layout.num_experts)
+    return state.layout(layout)
+
+
+def replicate_layouts(
+    routings: list[LayerRouting],
+    layouts: list[ExpertLayout],
+    num_slots: int,
+    target: float,
+    max_tokens: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> list[ExpertLayout]:
+    """`replicate_layer` on every layer, each on a seeded sample of at most ``max_tokens`` planning tokens."""
+    pairs = tqdm(list(zip(routings, layouts)), desc=f"replicas ({num_slots} slots)", unit="layer", disable=not progress)
+    return [replicate_layer(subsample(r, max_tokens, seed), layout, num_slots, target) for r, layout in pairs]
