@@ -1,0 +1,43 @@
+"""The planner's model of the replica rule (placement/replica_rule.py, numpy, whole batch, in expectation) against the
+rule the dispatchers run (c2r/parallel/replicas.py, torch, per source rank): the two layers implement one rule."""
+
+import numpy as np
+import torch
+
+from c2r.parallel.replicas import CopyChooser
+from placement.layout import ExpertLayout
+from placement.replica_rule import copy_ranks, expected_groups_hit, expected_rank_load
+
+T, E, K, R = 600, 8, 2, 4
+
+
+def test_planner_prediction_matches_the_runtime_choice():
+    rng = np.random.default_rng(0)
+    # expert 0 hot, replicated on every rank; expert 5 on two ranks; 12 slots, 3 per rank
+    layout = ExpertLayout.from_json([[0, 1, 2, 3], 0, 1, 1, 2, [2, 3], 3, 0], R, num_experts=E)
+    p = np.array([6, 1, 1, 1, 1, 2, 1, 1], dtype=float)
+    sets = np.stack([rng.choice(E, K, replace=False, p=p / p.sum()) for _ in range(T)])
+    physical = CopyChooser(layout).physical(torch.from_numpy(sets), torch.ones(T, K, dtype=torch.bool)).numpy()
+    X = layout.experts_per_rank
+    ranks_TK = physical // X
+    assert (layout.physical_to_logical[physical] == sets).all()  # every slot goes to a copy of its own expert
+    # Loads: the runtime's split over copies is a round robin, the planner's an even expectation; they differ by
+    # less than one pair per copy held on a rank.
+    runtime_load = np.bincount(ranks_TK.ravel(), minlength=R)
+    ranks_EC = copy_ranks(layout)
+    predicted_load = expected_rank_load(sets, np.ones(T), ranks_EC, R)
+    copies_on_rank = np.bincount(ranks_EC[ranks_EC >= 0], minlength=R)
+    assert np.all(np.abs(predicted_load - runtime_load) <= copies_on_rank), (predicted_load, runtime_load)
+    # Distinct ranks per token: exact for tokens with at most one free slot (every token here: K = 2 and at most
+    # one of a token's two experts can be free when the other is single-copy; two replicated experts: both free).
+    single = np.array([len(c) == 1 for c in layout.ranks_of_experts])
+    one_free = single[sets].any(axis=1)
+    predicted = expected_groups_hit(sets[one_free], ranks_EC, R)
+    runtime = np.array([len(set(row)) for row in ranks_TK[one_free]])
+    np.testing.assert_allclose(predicted, runtime)
+    # Tokens whose both experts are replicated: the expectation over the round robin, close on average.
+    both = ~one_free
+    assert both.sum() > 20
+    predicted = expected_groups_hit(sets[both], ranks_EC, R).mean()
+    runtime = np.mean([len(set(row)) for row in ranks_TK[both]])
+    assert abs(predicted - runtime) < 0.15, (predicted, runtime)
