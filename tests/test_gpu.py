@@ -273,3 +273,31 @@ def test_auto_backend_on_hopper_follows_the_measured_table(experts, hidden, ffn,
     ).cuda()
     x = torch.empty(0, hidden, device="cuda", dtype=torch.bfloat16)
     assert layer.backend_for(x).name == expected
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend_name", ["torch", "megablocks"])
+@pytest.mark.parametrize("balance", ["none", "batch"])
+def test_a_whole_layer_forward_syncs_at_most_once_on_one_gpu(backend_name, balance):
+    # The router included (counting its picks is a scatter-add, not torch.bincount, which reads its maximum on the
+    # host): MegaBlocks' grouped_gemm needs its group sizes on the host once; torch._grouped_mm needs nothing.
+    from c2r.experts.megablocks_backend import megablocks_unavailable_reason
+    from c2r.parallel.host_syncs import count_host_syncs
+    from c2r.routing import RouterConfig
+
+    if backend_name == "megablocks" and megablocks_unavailable_reason():
+        pytest.skip(megablocks_unavailable_reason())
+    torch.manual_seed(0)
+    config = MoEConfig(
+        num_experts=16,
+        top_k=4,
+        ffn_hidden_size=128,
+        router=RouterConfig(check_finite=False, balance=balance),
+        experts=ExpertConfig(backend=backend_name, torch_impl="grouped_mm"),
+    )
+    layer = MoELayer(256, config).cuda().to(torch.bfloat16)
+    x = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16)
+    layer(x)  # warm-up
+    with count_host_syncs("cuda") as syncs:
+        layer(x)
+    assert syncs.count <= (1 if backend_name == "megablocks" else 0), syncs.count

@@ -172,7 +172,7 @@ def locations_in_expert_buffers(expert_ids_SK: torch.Tensor, valid_SK: torch.Ten
     """
     ids_N = torch.where(valid_SK, expert_ids_SK, num_experts).flatten()  # empty slots sort last, into bin E
     order_N = torch.argsort(ids_N, stable=True)
-    counts = torch.bincount(ids_N, minlength=num_experts + 1)
+    counts = count_tokens_per_expert(ids_N, torch.ones_like(ids_N, dtype=torch.bool), num_experts + 1)
     starts = torch.cumsum(counts, 0) - counts
     rank_in_sorted_N = torch.arange(ids_N.numel(), device=ids_N.device) - starts[ids_N[order_N]]
     locations_N = torch.empty_like(ids_N).scatter_(0, order_N, rank_in_sorted_N)

@@ -22,12 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-
-def count_keys(keys_ZK: torch.Tensor, valid_ZK: torch.Tensor, num_keys: int) -> torch.Tensor:
-    """[num_keys] int64: valid slots per key, on the device (``torch.bincount`` syncs on CUDA; this does not)."""
-    keys = torch.where(valid_ZK, keys_ZK, num_keys).flatten()  # empty slots go to an overflow bin we drop
-    counts = torch.zeros(num_keys + 1, dtype=torch.int64, device=keys.device)
-    return counts.scatter_add_(0, keys, torch.ones_like(keys))[:num_keys]
+# valid slots per key without a host sync; one histogram for routing and dispatch
+from c2r.routing.result import count_tokens_per_expert as count_keys  # noqa: F401  (re-exported)
 
 
 def sort_slots(keys_ZK: torch.Tensor, valid_ZK: torch.Tensor, num_keys: int) -> torch.Tensor:

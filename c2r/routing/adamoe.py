@@ -26,7 +26,8 @@ def null_aware_balance_loss(probs_TU: torch.Tensor, selected_TK: torch.Tensor, n
     the nulls' f (nulls are not pushed to balance among themselves); ``P_i`` is the mean probability of i.
     """
     total = probs_TU.shape[-1]
-    f_U = torch.bincount(selected_TK.flatten(), minlength=total).to(probs_TU.dtype) / selected_TK.numel()
+    every_TK = torch.ones_like(selected_TK, dtype=torch.bool)
+    f_U = count_tokens_per_expert(selected_TK, every_TK, total).to(probs_TU.dtype) / selected_TK.numel()
     f_U = torch.cat([f_U[:num_experts], f_U[num_experts:].mean().expand(total - num_experts)])
     return total * torch.sum(f_U.detach() * probs_TU.mean(dim=0))
 

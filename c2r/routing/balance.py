@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from c2r.routing.result import count_tokens_per_expert
+
 
 class BatchBalancer(nn.Module):
     """The bias of one router (``bias_E``, float32, saved with the model as extra state so bf16 does not round it)."""
@@ -51,7 +53,7 @@ class BatchBalancer(nn.Module):
         step = (logits_TE + bias_E).std().clamp_min(1e-6)
         for i in range(self.rounds):
             picks = (logits_TE + bias_E).topk(top_k, dim=1).indices
-            counts_E = torch.bincount(picks.flatten(), minlength=E).float()
+            counts_E = count_tokens_per_expert(picks, torch.ones_like(picks, dtype=torch.bool), E).float()
             bias_E -= step * (counts_E - target) / target / (1 + i) ** 0.5
         self._solved_sum_E = bias_E if self._solved_sum_E is None else self._solved_sum_E + bias_E
         self._solved_count += 1

@@ -45,6 +45,9 @@ class RoutingResult:
 
 
 def count_tokens_per_expert(expert_ids_TK: torch.Tensor, valid_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Histogram of valid (token, slot) pairs over experts, shape [E], int64, without a host sync."""
-    ids = torch.where(valid_TK, expert_ids_TK, num_experts)  # empty slots go to an overflow bin we drop
-    return torch.bincount(ids.flatten(), minlength=num_experts + 1)[:num_experts]
+    """Histogram of valid (token, slot) pairs over experts, shape [E], int64, without a host sync (any keys in
+    ``[0, num_experts)``: experts, physical slots, ranks). Not ``torch.bincount``: on CUDA it reads the input's
+    maximum on the host to size its output, one host sync per call."""
+    ids = torch.where(valid_TK, expert_ids_TK, num_experts).flatten()  # empty slots go to an overflow bin we drop
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device)
+    return counts.scatter_add_(0, ids, torch.ones_like(ids))[:num_experts]
