@@ -1,12 +1,12 @@
 """What expert-parallel dispatch would cost on a cluster we do not have: per MoE layer, the PREDICTED all-to-all and
-step time of per-expert, per-rank and per-node dispatch under the contiguous, planned and load-capped placements
-(``c2r-place simulate``).
+step time of per-expert, per-rank and per-node dispatch under the contiguous, planned and load-capped placements,
+and the load-capped one with replicated experts (``c2r-place simulate --replicas P``).
 
 Counting (exact, from the traced tokens). The cluster has R = N x W ranks (N nodes of W GPUs; rank r is local index
 r % W of node r // W, as launchers number them). Traced tokens are split over the R source ranks in contiguous
 blocks, as data parallelism splits a batch (``source_ranks``). Each valid (token, slot) goes to the rank holding its
-expert (``slot_ranks``: the one place a layout with replicas would choose a replica). Then, with the rules of
-c2r/parallel (docs/design.md "Dispatch"), rows from rank s to rank d:
+expert, or for a replicated expert to the copy the dispatchers' rule picks on that source rank (``slot_ranks``).
+Then, with the rules of c2r/parallel (docs/design.md "Dispatch"), rows from rank s to rank d:
 - per-expert: one per valid (token, slot), s = the token's rank, d = the slot's rank;
 - per-rank: one per (token, distinct destination rank);
 - per-node, stage 1 (over the network): one per (token, distinct destination node m), to rank (m, s % W);
@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from placement.copy_choice import choose_copy_ranks
 from placement.cost import CostModel, exchange_ms
 from placement.errors import PlacementError
 from placement.layout import ExpertLayout
@@ -77,11 +78,18 @@ def source_ranks(num_tokens: int, num_ranks: int) -> np.ndarray:
     return np.arange(num_tokens, dtype=np.int64) * num_ranks // max(num_tokens, 1)
 
 
-def slot_ranks(expert_ids_AK: np.ndarray, layout: ExpertLayout) -> np.ndarray:
-    """[A, K] destination rank of each slot (-1: empty slot)."""
-    e2r = layout.as_array()
+def slot_ranks(expert_ids_AK: np.ndarray, layout: ExpertLayout, src_A: np.ndarray | None = None) -> np.ndarray:
+    """[A, K] destination rank of each slot (-1: empty slot). With replicated experts the copy rule runs per source
+    rank (``src_A``, each rank's tokens in order), as the dispatchers run it (`placement.copy_choice`)."""
     ids = np.asarray(expert_ids_AK, dtype=np.int64)
-    return np.where(ids >= 0, e2r[np.maximum(ids, 0)], -1)
+    if not layout.is_replicated:
+        return np.where(ids >= 0, layout.as_array()[np.maximum(ids, 0)], -1)
+    src_A = np.zeros(len(ids), dtype=np.int64) if src_A is None else src_A
+    dest = np.full(ids.shape, -1, dtype=np.int64)
+    for rank in np.unique(src_A):
+        mine = src_A == rank
+        dest[mine] = choose_copy_ranks(ids[mine], layout)
+    return dest
 
 
 def _pairs(key_AK: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -165,8 +173,9 @@ def predict_layer(
     if T_traced == 0:
         return {mode: {"tokens": 0} for mode in MODES}
     scale = model.tokens_per_rank / T_traced
-    dest = slot_ranks(ids, layout)
-    rows = dispatch_rows(dest, source_ranks(len(ids), cluster.num_ranks), cluster)
+    src_A = source_ranks(len(ids), cluster.num_ranks)
+    dest = slot_ranks(ids, layout, src_A)
+    rows = dispatch_rows(dest, src_A, cluster)
     copies = copies_per_token(rows, len(ids), cluster)
     pairs_R = np.bincount(dest[dest >= 0], minlength=cluster.num_ranks) * scale
     flops = 3 * 2 * model.matrices * model.hidden * model.ffn * pairs_R.max(initial=0.0)

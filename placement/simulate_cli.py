@@ -31,6 +31,7 @@ from placement.layout import ExpertLayout
 from placement.methods import METHODS, plan_placement
 from placement.objective import DTYPE_BYTES
 from placement.plan import check_output_path, dumps, write_text_atomic
+from placement.replicate import parse_num_slots, replicate_layouts
 from placement.simulate import Cluster, predict_layer, totals, with_overrides
 from placement.synthetic import synthetic_expert_ids
 
@@ -195,8 +196,16 @@ def _layouts(args, ids: list[np.ndarray], num_experts: int, cluster: Cluster) ->
     out = {"contiguous": [ExpertLayout.contiguous(num_experts, R)] * len(ids)}
     if "planned" in args.plans:
         out["planned"] = plan_placement(routings, R, N, **planner)
-    if "capped" in args.plans:
+    if "capped" in args.plans or args.replicas is not None:
         out["capped"] = plan_placement(routings, R, N, max_load=args.max_load, **planner)
+    if args.replicas is not None:  # the capped homes plus replicas (placement/replicate.py), as `plan --replicas`
+        num_slots = parse_num_slots(args.replicas, num_experts, R)
+        target = 1.0 if args.max_load is None else args.max_load
+        out["replicated"] = replicate_layouts(
+            routings, out["capped"], num_slots, target, args.max_tokens or None, args.seed, _progress(args)
+        )
+        if "capped" not in args.plans:
+            del out["capped"]
     return out
 
 
@@ -322,6 +331,11 @@ def add_simulate_command(sub: argparse._SubParsersAction) -> None:
         help="--traces: plan on the earlier steps, simulate the latest FRACTION (default: both on every token)",
     )
     p.add_argument("--plans", nargs="+", choices=PLANS, default=list(PLANS), help="placements (default all)")
+    p.add_argument(
+        "--replicas",
+        metavar="P",
+        help="also the load-capped plan with replicated experts: P physical slots, or +N extra (as `plan --replicas`)",
+    )
     p.add_argument("--method", choices=list(METHODS), default="kahypar", help="planner method (default kahypar)")
     p.add_argument(
         "--max-load",

@@ -23,8 +23,14 @@ E, K = 8, 3
 
 def recount(ids_NK: np.ndarray, e2r: list[int], R: int, W: int) -> dict[str, dict[str, int]]:
     """Rows per mode split into all / inter-node / intra-node, token by token, straight from the dispatch rules."""
+    dest_NK = np.where(ids_NK >= 0, np.asarray(e2r)[np.maximum(ids_NK, 0)], -1)
+    return recount_destinations(dest_NK, R, W)
+
+
+def recount_destinations(dest_NK: np.ndarray, R: int, W: int) -> dict[str, dict[str, int]]:
+    """``recount`` from each slot's destination rank (-1: empty)."""
     out = {m: {"all": 0, "inter": 0, "intra": 0} for m in ("per-expert", "per-rank", "per-node")}
-    N = len(ids_NK)
+    N = len(dest_NK)
 
     def add(mode, s, d):
         out[mode]["all"] += 1
@@ -33,9 +39,9 @@ def recount(ids_NK: np.ndarray, e2r: list[int], R: int, W: int) -> dict[str, dic
         elif s != d:
             out[mode]["intra"] += 1
 
-    for t, row in enumerate(ids_NK):
+    for t, row in enumerate(dest_NK):
         s = t * R // N  # contiguous blocks of tokens per source rank
-        dests = [e2r[e] for e in row if e >= 0]
+        dests = [int(d) for d in row if d >= 0]
         for d in dests:
             add("per-expert", s, d)
         for d in set(dests):
@@ -217,3 +223,39 @@ def test_fit_latency_bandwidth_recovers_the_rates_of_synthetic_records():
     assert latency_us == pytest.approx(50.0) and gb_s == pytest.approx(2.0)
     with pytest.raises(ValueError, match="no cross-rank bytes"):
         fit_latency_bandwidth([{"ep_rank": 0, "send_copies": [5, 0], "time_ms": {"dispatch": 1.0}}] * 2)
+
+
+def test_replicated_layouts_are_counted_with_the_dispatchers_copy_rule():
+    # The recount takes each slot's rank from c2r/parallel/replicas.py (what the dispatchers run, in torch), per
+    # source rank; the simulator uses its numpy twin. Every mode's copies (all / inter / intra) must agree.
+    from c2r.parallel.replicas import CopyChooser
+
+    ids = synthetic_expert_ids(800, 8, 3, num_clusters=2, seed=5)
+    layout = ExpertLayout.from_json([[0, 1, 2, 3], 0, 1, 1, 2, [2, 3], 3, 0], 4, num_experts=8)
+    cluster, src = Cluster(2, 2), source_ranks(800, 4)
+    got = copies_per_token(dispatch_rows(slot_ranks(ids, layout, src), src, cluster), 800, cluster)
+    chooser, every = CopyChooser(layout), torch.ones(200, 3, dtype=torch.bool)
+    dest = np.concatenate([chooser.physical(torch.from_numpy(ids[src == r]).long(), every).numpy() for r in range(4)])
+    want = recount_destinations(dest // layout.experts_per_rank, 4, 2)
+    for mode in want:
+        for key in ("all", "inter", "intra"):
+            assert got[mode][key] * 800 == pytest.approx(want[mode][key]), (mode, key)
+    unreplicated = recount(ids, [0, 0, 1, 1, 2, 2, 3, 3], 4, 2)
+    assert want["per-rank"]["all"] < unreplicated["per-rank"]["all"]  # the hot expert's copies save copies
+
+
+def test_cli_adds_the_replicated_plan(trace_dir, tmp_path, capsys):
+    out_json = tmp_path / "sim.json"
+    code, out, err = run_cli(
+        capsys, "simulate", "--traces", trace_dir, "--nodes", 1, "--gpus-per-node", 4, "--method", "greedy",
+        "--plans", "contiguous", "--replicas", "+4", "--json", out_json, "-q",
+    )  # fmt: skip
+    assert code == 0, err
+    doc = json.loads(out_json.read_text())
+    assert set(doc["layers"][0]) == {"contiguous", "replicated"}
+    replicated = ExpertLayout.from_json(doc["expert_to_rank"]["replicated"][0], 4)
+    assert replicated.num_slots == 12 and "replicated  per-rank" in out
+    code, out, err = run_cli(
+        capsys, "simulate", "--traces", trace_dir, "--nodes", 1, "--gpus-per-node", 4, "--replicas", "5"
+    )
+    assert code == 2 and "P (5) must be >= experts (8)" in err and err.count("\n") == 1

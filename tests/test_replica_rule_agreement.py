@@ -41,3 +41,24 @@ def test_planner_prediction_matches_the_runtime_choice():
     predicted = expected_groups_hit(sets[both], ranks_EC, R).mean()
     runtime = np.mean([len(set(row)) for row in ranks_TK[both]])
     assert abs(predicted - runtime) < 0.15, (predicted, runtime)
+
+
+def test_the_simulators_copy_choice_is_the_dispatchers():
+    # placement/copy_choice.py (numpy, used by c2r-place simulate) and c2r/parallel/replicas.py (torch, what the
+    # dispatchers run) pick the same copy for every slot: random routing with empty slots, several layouts.
+    from placement.copy_choice import choose_copy_ranks
+
+    rng = np.random.default_rng(3)
+    layouts = [
+        ExpertLayout.from_json([[0, 1, 2, 3], 0, 1, 1, 2, [2, 3], 3, 0], R, num_experts=E),
+        ExpertLayout.from_json([[1, 0], [2, 3], 0, 0, [1, 2], 2, 3, [3, 1]], R, num_experts=E),
+        ExpertLayout.contiguous(E, R),
+    ]
+    for layout in layouts:
+        for k in (1, 2, 4):
+            ids = np.stack([rng.choice(E, k, replace=False) for _ in range(300)])
+            ids[rng.random(ids.shape) < 0.2] = -1  # empty slots (variable k)
+            valid = torch.from_numpy(ids >= 0)
+            physical = CopyChooser(layout).physical(torch.from_numpy(np.maximum(ids, 0)), valid).numpy()
+            want = np.where(ids >= 0, physical // layout.experts_per_rank, -1)
+            np.testing.assert_array_equal(choose_copy_ranks(ids, layout), want)
