@@ -28,13 +28,15 @@ Shape legend: M distinct expert sets, K slots, E experts, R ranks, C most copies
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import scipy.sparse as sp
-from tqdm.auto import tqdm
 
 from placement.errors import PlacementError
 from placement.inputs import LayerRouting, subsample
 from placement.layout import ExpertLayout
+from placement.pool import map_layers
 from placement.replica_rule import expected_groups_hit, expected_rank_load, rule_one
 
 _TIE = 0.002  # of mean rank load: loads this close count as equal, and copies decide
@@ -234,7 +236,17 @@ def replicate_layouts(
     max_tokens: int | None = None,
     seed: int = 0,
     progress: bool = False,
+    jobs: int = 1,
 ) -> list[ExpertLayout]:
-    """`replicate_layer` on every layer, each on a seeded sample of at most ``max_tokens`` planning tokens."""
-    pairs = tqdm(list(zip(routings, layouts)), desc=f"replicas ({num_slots} slots)", unit="layer", disable=not progress)
-    return [replicate_layer(subsample(r, max_tokens, seed), layout, num_slots, target) for r, layout in pairs]
+    """`replicate_layer` on every layer, each on a seeded sample of at most ``max_tokens`` planning tokens;
+    ``jobs``: layers in parallel (`placement.pool`; the same layouts as one process)."""
+    task = functools.partial(_replicate_sample, num_slots=num_slots, target=target, max_tokens=max_tokens, seed=seed)
+    args = list(zip(routings, layouts))
+    return map_layers(task, args, jobs, progress, f"replicas ({num_slots} slots)")
+
+
+def _replicate_sample(
+    routing: LayerRouting, layout: ExpertLayout, *, num_slots: int, target: float, max_tokens: int | None, seed: int
+) -> ExpertLayout:
+    """One layer of `replicate_layouts` (a module-level function: a worker process runs it)."""
+    return replicate_layer(subsample(routing, max_tokens, seed), layout, num_slots, target)
