@@ -269,7 +269,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         )
     # --pareto: the trade-off from the one uncapped partition (the capped plan above may start elsewhere)
     base = plan_placement(inp.plan_routings, *planner_args, **more) if args.pareto else None
-    results = evaluate_with_baselines(inp.eval_routings, layouts, args.nodes, args.hidden, dtype_bytes, args.seed)
+    results = evaluate_with_baselines(
+        inp.eval_routings, layouts, args.nodes, args.hidden, dtype_bytes, args.seed, _progress(args), jobs
+    )
     kept_contiguous: list[int] = []
     if num_slots is None:  # (contiguous placement has no replicas: a replicated plan is not compared for this)
         layouts, kept_contiguous = keep_contiguous_where_plan_loses(results, layouts, args.max_load)

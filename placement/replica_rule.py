@@ -115,12 +115,19 @@ def expected_groups_hit(
     free = dest < 0
     free_rows, cand_SC = rows[free], ranks_EC[experts[free]]
     on_SC = cand_SC >= 0
-    group_SC = np.where(on_SC, group_R[np.maximum(cand_SC, 0)], -1)
-    # one factor per (free slot, distinct group of its copies): P(slot misses g) = 1 - copies on g / m
-    same_SCC = group_SC[:, :, None] == group_SC[:, None, :]
-    count_SC = same_SCC.sum(axis=2)
-    first_SC = on_SC & ~np.tril(same_SCC, k=-1).any(axis=2)
-    factor = 1.0 - count_SC[first_SC] / on_SC.sum(axis=1, keepdims=True).repeat(on_SC.shape[1], 1)[first_SC]
+    num_copies_S = on_SC.sum(axis=1)
+    if group_of_rank_R is None:  # copies of one expert sit on distinct ranks: one factor per copy, 1 - 1/m
+        group_SC, first_SC = np.where(on_SC, cand_SC, -1), on_SC
+        factor = 1.0 - 1.0 / np.broadcast_to(num_copies_S[:, None], on_SC.shape)[first_SC]
+    else:  # one factor per (free slot, distinct group of its copies): P(slot misses g) = 1 - copies on g / m
+        group_SC = np.where(on_SC, group_R[np.maximum(cand_SC, 0)], -1)
+        count_SC = np.zeros(group_SC.shape, dtype=np.int64)
+        first_SC = on_SC.copy()
+        for c in range(group_SC.shape[1]):  # C is a handful: columns, not an [S, C, C] cube
+            same_S = group_SC == group_SC[:, c : c + 1]
+            count_SC[:, c] = same_S.sum(axis=1)
+            first_SC[:, c] &= ~same_S[:, :c].any(axis=1)
+        factor = 1.0 - count_SC[first_SC] / np.broadcast_to(num_copies_S[:, None], on_SC.shape)[first_SC]
     cell = (np.broadcast_to(free_rows[:, None], group_SC.shape)[first_SC] * num_groups + group_SC[first_SC]).ravel()
     size = len(sets_MK) * num_groups
     log_miss = np.bincount(cell, weights=np.log(np.maximum(factor, 1e-300)), minlength=size)
