@@ -94,6 +94,30 @@ def expected_rank_load(
     return load
 
 
+def expected_expert_rank_load(
+    sets_MK: np.ndarray, weight_M: np.ndarray, ranks_EC: np.ndarray, num_ranks: int, route: RuleOne | None = None
+) -> np.ndarray:
+    """[E, R] float64: `expected_rank_load` split by expert: the pairs of expert e that rank r processes (each
+    copy's load; a row sums to e's load). The planner's slot swaps read it to find the copies that weigh most."""
+    w_M = np.asarray(weight_M, dtype=np.float64)
+    _, single, rows, experts, dest = rule_one(sets_MK, ranks_EC, num_ranks) if route is None else route
+    num_experts = len(ranks_EC)
+    size = num_experts * num_ranks
+    expert = np.maximum(sets_MK, 0)
+    w_MK = np.broadcast_to(w_M[:, None], sets_MK.shape)
+    cell = expert[single] * num_ranks + ranks_EC[expert[single], 0]
+    load = np.bincount(cell, weights=w_MK[single], minlength=size)
+    fixed = dest >= 0
+    load += np.bincount(experts[fixed] * num_ranks + dest[fixed], weights=w_M[rows[fixed]], minlength=size)
+    free_rows, free_experts = rows[~fixed], experts[~fixed]
+    cand = ranks_EC[free_experts]
+    on = cand >= 0
+    share = np.broadcast_to((w_M[free_rows] / on.sum(axis=1))[:, None], cand.shape)
+    cell = free_experts[:, None] * num_ranks + cand
+    load += np.bincount(cell[on], weights=share[on], minlength=size)
+    return load.reshape(num_experts, num_ranks)
+
+
 def expected_groups_hit(
     sets_MK: np.ndarray,
     ranks_EC: np.ndarray,
