@@ -89,7 +89,7 @@ def olmoe_traces(out: Path, num_batches: int = 10) -> None:
 
 def sweep(trace_dir: Path, ranks: int) -> list[dict]:
     """One row per cap: mean copies, per-layer loads, layers meeting the cap / layers where it is possible."""
-    inp = load_trace_input(trace_dir, holdout=0.2, progress=False, jobs=JOBS)
+    inp = load_trace_input(trace_dir, holdout=0.2, progress=False)
     base = plan_placement(inp.plan_routings, ranks, max_tokens=MAX_TOKENS, progress=False, jobs=JOBS)
     rows = []
     for cap in CAPS:
@@ -131,7 +131,7 @@ def sweep(trace_dir: Path, ranks: int) -> list[dict]:
 def replica_sweep(trace_dir: Path, ranks: int) -> list[dict]:
     """What `c2r-place plan --max-load 1.02 --replicas P` writes, for growing P, judged held out against 1.05; stops
     at the first P where every layer is at or under 1.05."""
-    inp = load_trace_input(trace_dir, holdout=0.2, progress=False, jobs=JOBS)
+    inp = load_trace_input(trace_dir, holdout=0.2, progress=False)
     homes = plan_placement(inp.plan_routings, ranks, max_tokens=MAX_TOKENS, progress=False, max_load=REPLICA_PLAN_CAP)
     rows = []
     for extra in REPLICA_EXTRA_PER_RANK:
