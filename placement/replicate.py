@@ -15,11 +15,21 @@ time, greedily:
 4. each (expert, rank) candidate is scored exactly: a copy of expert e changes the routing of the tokens that chose
    e and of no others, so the change in every rank's load and in the expected copies is computed on e's tokens only;
 5. the pick: the lowest max(new busiest rank, target), and among those within 0.2% of mean load of it, the
-   fewest added copies per token.
+   fewest added copies per token;
+6. while the target is missed, one replica on the busiest rank is replaced by the greedy step's best pick
+   (`refine`);
+7. then, while it is still missed, slot moves over all P slots (`slot_step`), each keeping P/R slots per rank and
+   at most one copy of an expert per rank: *swap* two slots on different ranks (homes included: a hot expert whose
+   co-activated experts share its home keeps its load under rule 1 until its home moves), or *replace* a replica
+   (of an expert with several copies) by a new copy of an expert on the busiest rank (what the greedy fill cannot
+   do once the slots are full). Candidates come from an estimate (each copy's own load,
+   `placement.replica_rule.expected_expert_rank_load`); the best 24 of each kind are scored exactly on the two
+   experts' tokens; a move is made when it lowers the load above the target (summed over ranks).
 Why greedy and not a joint optimisation: each step is exact and cheap (e's tokens only), P - E steps per layer fit
 the DeepSeek-V3 scale budget (256 experts, 64 ranks, 64 replicas per layer), and the busiest rank is what an
 expert-parallel step waits for, so lowering it one replica at a time is the direct route.
-Not done: moving homes to make room, and a swap refinement over slots after the greedy fill.
+Steps 6-7 run only where the target is missed, so a layer the fill already balances costs nothing more. The moves
+are local: the target is not always reached (docs/placement.md has the numbers).
 
 Planning on a sample (``max_tokens``): the loads and copies are predicted on the planning sample.
 
