@@ -4,6 +4,7 @@ replicated plan's invariants, plan files and `c2r-place evaluate` with replicas,
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from placement.inputs import routing_from_expert_ids
 from placement.layout import ExpertLayout
 from placement.methods import plan_placement
 from placement.objective import layer_metrics
-from placement.plan import load_plan
+from placement.plan import dumps, load_plan
 from placement.replicate import parse_num_slots, replicate_layer
 from placement.synthetic import synthetic_expert_ids
 from profiling.trace import RoutingTraceRecorder, TraceConfig
@@ -196,3 +197,17 @@ def test_eplb_packing_never_puts_two_replicas_of_one_expert_on_one_gpu():
         packed = _pack_lpt(load, count, gpus)
         assert all(len(g) == count.sum() // gpus and len(set(g)) == len(g) for g in packed), (load, count, packed)
         assert np.bincount(np.concatenate(packed), minlength=len(load)).tolist() == count.tolist()
+
+
+def test_a_large_replicated_plan_is_written_at_once():
+    """`dumps` puts each list of numbers on one line; its old pattern backtracked exponentially on a list of numbers
+    followed by a nested list (a replicated expert's ranks), so a 256-expert replicated plan never got written
+    (0.47 s at 20 numbers, x4 per 2 more). Now: well under a second, and the JSON reads back the same."""
+    homes = np.arange(256) % 64  # 4 per rank; experts 0..63 get replicas on the next two ranks: 6 slots per rank
+    layout = ExpertLayout(homes, 64, [((e + 1) % 64, (e + 2) % 64) if e < 64 else () for e in range(256)])
+    doc = {"layers": [{"expert_to_rank": layout.to_json()}] * 58}
+    start = time.perf_counter()
+    text = dumps(doc)
+    assert time.perf_counter() - start < 1.0
+    assert json.loads(text) == json.loads(json.dumps(doc))
+    assert "[0, 1, 2]" in text  # expert 0: home 0, replicas on 1 and 2, on one line
