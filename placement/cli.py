@@ -7,6 +7,7 @@ c2r-place plan --traces runs/demo --ranks 16 --nodes 2 --holdout 0.2 --out plan.
 c2r-place plan --traces runs/demo --ranks 16 --nodes 2 --topology map --inter-node-cost 10 --out plan.json
 c2r-place plan --coactivation coact.npy --ranks 4 --method greedy --out plan.json
 c2r-place plan --traces runs/demo --ranks 8 --holdout 0.2 --max-load 1.05 --replicas +8 --out plan.json  # replicas
+c2r-place plan --traces runs/big --ranks 64 --nodes 8 --jobs 8 --out plan.json   # 8 layers at a time (default: CPUs)
 c2r-place evaluate --plan plan.json --traces runs/demo [--hidden 4096 --dtype bf16] [--json]   # default: traced
 c2r-place export --plan plan.json --format eplb|autoep [--out placement.json]
 c2r-place simulate --traces runs/demo --nodes 2 --gpus-per-node 4    # PREDICTED a2a / step ms per dispatch mode
