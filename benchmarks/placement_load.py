@@ -33,6 +33,7 @@ from placement.inputs import load_trace_input  # noqa: E402
 from placement.loadcap import needs_replication  # noqa: E402
 from placement.methods import cap_layouts, plan_placement  # noqa: E402
 from placement.objective import layer_metrics  # noqa: E402
+from placement.pool import usable_cpus  # noqa: E402
 from placement.replicate import replicate_layouts  # noqa: E402
 
 CAPS = (None, 1.5, 1.25, 1.1, 1.05)
@@ -42,6 +43,7 @@ REPLICA_CAP = 1.05  # judged held out
 # planned with `--max-load 1.02`: a margin for the held-out drift of expert loads (planned at 1.05, the synthetic
 # trace's layers land at 1.05-1.08 held out)
 REPLICA_PLAN_CAP = 1.02
+JOBS = usable_cpus()  # layers in parallel (the same plans as one process)
 REPLICA_EXTRA_PER_RANK = (2, 4, 8)  # P = E + ranks x this, smallest first, until every layer holds 1.05 held out
 
 
@@ -67,7 +69,7 @@ def synthetic_traces(out: Path) -> None:
     recorder.close()
 
 
-def olmoe_traces(out: Path) -> None:
+def olmoe_traces(out: Path, num_batches: int = 10) -> None:
     import torch
     import transformers
 
@@ -81,14 +83,14 @@ def olmoe_traces(out: Path) -> None:
     )  # fmt: skip
     model = transformers.OlmoeForCausalLM(config)
     gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, 1000, (8, 256), generator=gen) for _ in range(10)]
+    batches = [torch.randint(0, 1000, (8, 256), generator=gen) for _ in range(num_batches)]
     trace_hf_model(model, out, batches, TraceConfig(shard_rows=1 << 16), source="tiny random OLMoE")
 
 
 def sweep(trace_dir: Path, ranks: int) -> list[dict]:
     """One row per cap: mean copies, per-layer loads, layers meeting the cap / layers where it is possible."""
     inp = load_trace_input(trace_dir, holdout=0.2, progress=False)
-    base = plan_placement(inp.plan_routings, ranks, max_tokens=MAX_TOKENS, progress=False)
+    base = plan_placement(inp.plan_routings, ranks, max_tokens=MAX_TOKENS, progress=False, jobs=JOBS)
     rows = []
     for cap in CAPS:
         if cap is None:
@@ -96,7 +98,7 @@ def sweep(trace_dir: Path, ranks: int) -> list[dict]:
         elif cap == PLAN_CAP:  # what `c2r-place plan --max-load 1.10` writes (Mt-KaHyPar under the cap where it can)
             layouts = plan_placement(inp.plan_routings, ranks, max_tokens=MAX_TOKENS, progress=False, max_load=cap)
         else:  # what `--pareto` prints: the one uncapped partition, repaired and descended under each cap
-            layouts = cap_layouts(inp.plan_routings, base, cap, max_tokens=MAX_TOKENS)
+            layouts = cap_layouts(inp.plan_routings, base, cap, max_tokens=MAX_TOKENS, jobs=JOBS)
         layers = [layer_metrics(r, lay) for r, lay in zip(inp.eval_routings, layouts)]
         loads = np.array([m["load_imbalance"] for m in layers])
         possible = (
@@ -134,7 +136,7 @@ def replica_sweep(trace_dir: Path, ranks: int) -> list[dict]:
     rows = []
     for extra in REPLICA_EXTRA_PER_RANK:
         num_slots = homes[0].num_experts + ranks * extra
-        layouts = replicate_layouts(inp.plan_routings, homes, num_slots, REPLICA_PLAN_CAP, MAX_TOKENS)
+        layouts = replicate_layouts(inp.plan_routings, homes, num_slots, REPLICA_PLAN_CAP, MAX_TOKENS, jobs=JOBS)
         layers = [layer_metrics(r, lay) for r, lay in zip(inp.eval_routings, layouts)]
         loads = np.array([m["load_imbalance"] for m in layers])
         planned = [layer_metrics(r, lay)["load_imbalance"] for r, lay in zip(inp.plan_routings, layouts)]
@@ -206,11 +208,17 @@ def main() -> None:
     p.add_argument("--dir", type=Path, default=Path("/tmp/c2r_placement_load"))
     p.add_argument("--plot", type=Path, default=REPO / "docs" / "img" / "placement_load.svg")
     p.add_argument("--replicas-only", action="store_true", help="only the replica rows (no cap sweep, no plot)")
+    p.add_argument(
+        "--olmoe-batches",
+        type=int,
+        default=10,
+        help="hf-olmoe batches of 8 x 256 tokens (default 10: 4096 held-out tokens per layer; 40: 16384)",
+    )
     args = p.parse_args()
     shutil.rmtree(args.dir, ignore_errors=True)
     traces = {"synthetic": args.dir / "synthetic", "hf-olmoe": args.dir / "olmoe"}
     synthetic_traces(traces["synthetic"])
-    olmoe_traces(traces["hf-olmoe"])
+    olmoe_traces(traces["hf-olmoe"], args.olmoe_batches)
     results = {}
     print("| trace | ranks | max-load | copies/token (held out) | vs uncapped | load max/mean, mean / worst layer | "
           "layers <= cap / where possible without replicas | worst layer where possible |")  # fmt: skip

@@ -23,6 +23,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -98,21 +99,60 @@ def run_planner(args: argparse.Namespace, trace_dir: Path, plan_path: Path) -> d
     ]
     if args.replicas:
         cmd += ["--replicas", args.replicas]
+    if args.jobs:
+        cmd += ["--jobs", str(args.jobs)]
     timer = ["/usr/bin/time", "-v"] if Path("/usr/bin/time").exists() else []
     print("$", " ".join(cmd), flush=True)
     start = time.perf_counter()
-    proc = subprocess.run(timer + cmd, cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.Popen(timer + cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tree_peak, stdout, stderr = _watch_tree_rss(proc)  # the planner and its worker processes together
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        sys.exit(f"planner failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-    cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", proc.stderr))
+        sys.exit(f"planner failed ({proc.returncode}):\n{stdout}\n{stderr}")
+    peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr)
+    cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", stderr))
     # CPU seconds beside wall time: on a shared machine wall time measures the neighbours too
     return {
         "wall_s": wall,
         "cpu_s": cpu or float("nan"),
         "peak_rss_gib": int(peak.group(1)) / 2**20 if peak else float("nan"),
+        "tree_peak_rss_gib": tree_peak / 2**30,
     }
+
+
+def _tree_rss(pid: int) -> int:
+    """Resident bytes of ``pid`` and all its descendants (Linux /proc), 0 where it is gone."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+            total += int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, AttributeError):  # exited meanwhile, or a zombie without VmRSS
+            continue
+    return total
+
+
+def _watch_tree_rss(proc: subprocess.Popen) -> tuple[int, str, str]:
+    """The largest summed RSS of the process tree, sampled every 0.2 s until it exits (``time -v`` reports one
+    process's peak, not the sum over the planner's workers); with its stdout and stderr, drained meanwhile so no
+    pipe fills."""
+    out: dict[str, str] = {}
+    readers = [
+        threading.Thread(target=lambda name=name, f=f: out.__setitem__(name, f.read()), daemon=True)
+        for name, f in (("stdout", proc.stdout), ("stderr", proc.stderr))
+    ]
+    for r in readers:
+        r.start()
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, _tree_rss(proc.pid))
+        time.sleep(0.2)
+    for r in readers:
+        r.join()
+    return peak, out["stdout"], out["stderr"]
 
 
 def main() -> None:
@@ -131,6 +171,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=20000, help="planning sample per layer (c2r-place default)")
     p.add_argument("--max-load", default="1.10", help="load cap (c2r-place default 1.10; none: copies only)")
     p.add_argument("--replicas", help="physical expert slots P or +N (c2r-place plan --replicas; default none)")
+    p.add_argument("--jobs", type=int, help="c2r-place plan --jobs (default: its own, the usable CPUs)")
     args = p.parse_args()
 
     trace_dir, plan_path = args.dir / "traces", args.dir / "plan.json"
@@ -147,9 +188,10 @@ def main() -> None:
     print(f"trace generation: {generate_s:.1f} s (0 = reused)")
     print(
         f"c2r-place plan ({args.method}, --max-tokens {args.max_tokens}, --max-load {args.max_load}"
-        f"{', --replicas ' + args.replicas if args.replicas else ''}): "
+        f"{', --replicas ' + args.replicas if args.replicas else ''}{f', --jobs {args.jobs}' if args.jobs else ''}): "
         f"wall {run['wall_s']:.0f} s (CPU {run['cpu_s']:.0f} s), "
-        f"peak RSS {run['peak_rss_gib']:.2f} GiB\n"
+        f"peak RSS {run['tree_peak_rss_gib']:.2f} GiB summed over the planner and its workers (largest single "
+        f"process {run['peak_rss_gib']:.2f} GiB)\n"
     )
     rows = [
         ("copies/token (distinct ranks)", "copies_per_token", "{:.3f}"),

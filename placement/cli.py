@@ -7,6 +7,7 @@ c2r-place plan --traces runs/demo --ranks 16 --nodes 2 --holdout 0.2 --out plan.
 c2r-place plan --traces runs/demo --ranks 16 --nodes 2 --topology map --inter-node-cost 10 --out plan.json
 c2r-place plan --coactivation coact.npy --ranks 4 --method greedy --out plan.json
 c2r-place plan --traces runs/demo --ranks 8 --holdout 0.2 --max-load 1.05 --replicas +8 --out plan.json  # replicas
+c2r-place plan --traces runs/big --ranks 64 --nodes 8 --jobs 8 --out plan.json   # 8 layers at a time (default: CPUs)
 c2r-place evaluate --plan plan.json --traces runs/demo [--hidden 4096 --dtype bf16] [--json]   # default: traced
 c2r-place export --plan plan.json --format eplb|autoep [--out placement.json]
 c2r-place simulate --traces runs/demo --nodes 2 --gpus-per-node 4    # PREDICTED a2a / step ms per dispatch mode
@@ -42,6 +43,7 @@ from placement.methods import (
 )
 from placement.objective import DTYPE_BYTES, check_topology, layer_metrics, overall_metrics
 from placement.plan import check_output_path, dumps, load_plan, make_plan, save_plan, write_text_atomic
+from placement.pool import check_jobs
 from placement.replicate import parse_num_slots, replicate_layouts
 from placement.simulate_cli import add_simulate_command
 from profiling.cli_errors import BAD_INPUT_ERRORS, OneLineParser
@@ -214,7 +216,14 @@ def _print_pareto(inp: PlannerInput, base: list, args: argparse.Namespace, repli
             base
             if cap is None
             else cap_layouts(
-                inp.plan_routings, base, cap, args.nodes, args.seed, args.max_tokens or None, args.inter_node_cost
+                inp.plan_routings,
+                base,
+                cap,
+                args.nodes,
+                args.seed,
+                args.max_tokens or None,
+                args.inter_node_cost,
+                jobs=check_jobs(args.jobs, inp.num_layers, inp.num_experts),
             )
         )
         layers = [layer_metrics(r, lay, args.nodes) for r, lay in zip(inp.eval_routings, layouts)]
@@ -245,17 +254,25 @@ def cmd_plan(args: argparse.Namespace) -> int:
     check_topology(inp.num_experts, args.ranks, args.nodes)
     dtype_bytes = DTYPE_BYTES[args.dtype]
     planner_args = (args.ranks, args.nodes, args.method, args.seed, args.preset, args.threads, args.max_tokens or None)
-    more = {"progress": _progress(args), "topology": args.topology, "inter_node_cost": args.inter_node_cost}
+    jobs = check_jobs(args.jobs, inp.num_layers, inp.num_experts)
+    more = {
+        "progress": _progress(args),
+        "topology": args.topology,
+        "inter_node_cost": args.inter_node_cost,
+        "jobs": jobs,
+    }
     layouts = plan_placement(inp.plan_routings, *planner_args, **more, max_load=args.max_load)
     num_slots = _num_slots(args, inp)
     if num_slots is not None:  # homes from the plan above, then the replicas (placement/replicate.py)
         target = 1.0 if args.max_load is None else args.max_load
         layouts = replicate_layouts(
-            inp.plan_routings, layouts, num_slots, target, args.max_tokens or None, args.seed, _progress(args)
+            inp.plan_routings, layouts, num_slots, target, args.max_tokens or None, args.seed, _progress(args), jobs
         )
     # --pareto: the trade-off from the one uncapped partition (the capped plan above may start elsewhere)
     base = plan_placement(inp.plan_routings, *planner_args, **more) if args.pareto else None
-    results = evaluate_with_baselines(inp.eval_routings, layouts, args.nodes, args.hidden, dtype_bytes, args.seed)
+    results = evaluate_with_baselines(
+        inp.eval_routings, layouts, args.nodes, args.hidden, dtype_bytes, args.seed, _progress(args), jobs
+    )
     kept_contiguous: list[int] = []
     if num_slots is None:  # (contiguous placement has no replicas: a replicated plan is not compared for this)
         layouts, kept_contiguous = keep_contiguous_where_plan_loses(results, layouts, args.max_load)
@@ -350,7 +367,17 @@ def add_plan_command(sub: argparse._SubParsersAction) -> None:
         "--holdout", type=float, metavar="FRACTION", help="hold out the latest FRACTION of steps; predict on them"
     )
     p.add_argument("--preset", choices=KAHYPAR_PRESETS, default="deterministic", help="Mt-KaHyPar preset")
-    p.add_argument("--threads", type=int, help="Mt-KaHyPar threads (default: all cores)")
+    p.add_argument(
+        "--threads", type=int, help="Mt-KaHyPar threads (default: all cores with --jobs 1, else 1 per worker)"
+    )
+    p.add_argument(
+        "--jobs",
+        "-j",
+        type=int,
+        metavar="N",
+        help="layers planned in parallel worker processes (default: the usable CPUs for 2+ layers of 64+ experts, "
+        "else 1: this process only); with the deterministic preset the plan is the same for any N",
+    )
     p.add_argument(
         "--max-tokens",
         type=int,

@@ -3,6 +3,7 @@ baselines, and the tables `c2r-place` prints."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -11,6 +12,7 @@ from placement.inputs import LayerRouting
 from placement.layout import ExpertLayout
 from placement.methods import random_placement
 from placement.objective import layer_metrics, overall_metrics
+from placement.pool import map_layers
 
 BASELINES = ("contiguous", "random")
 
@@ -51,14 +53,32 @@ def evaluate_with_baselines(
     dtype_bytes: int = 2,
     seed: int = 0,
     progress: bool = False,
+    jobs: int = 1,
 ) -> dict[str, dict[str, Any]]:
-    """{"plan": ..., "contiguous": ..., "random": ...}, each as `evaluate_placement` returns."""
+    """{"plan": ..., "contiguous": ..., "random": ...}, each as `evaluate_placement` returns; ``jobs``: layers
+    judged in parallel worker processes (`placement.pool`; the same numbers)."""
     num_experts, num_ranks = layouts[0].num_experts, layouts[0].num_ranks
     placements = {"plan": layouts, **baseline_placements(len(routings), num_experts, num_ranks, seed)}
+    if jobs > 1:
+        task = functools.partial(_judge_layer, num_nodes=num_nodes, hidden=hidden, dtype_bytes=dtype_bytes)
+        args = [(r, tuple(p[layer] for p in placements.values())) for layer, r in enumerate(routings)]
+        per_layer = map_layers(task, args, jobs, progress, "evaluating")
+        out = {}
+        for i, name in enumerate(placements):
+            layers = [{"layer": layer, **metrics[i]} for layer, metrics in enumerate(per_layer)]
+            out[name] = {"layers": layers, "overall": overall_metrics(layers)}
+        return out
     return {
         name: evaluate_placement(routings, placement, num_nodes, hidden, dtype_bytes)
         for name, placement in tqdm(placements.items(), desc="evaluating", unit="placement", disable=not progress)
     }
+
+
+def _judge_layer(
+    routing: LayerRouting, layouts: tuple[ExpertLayout, ...], *, num_nodes: int, hidden: int | None, dtype_bytes: int
+) -> list[dict[str, Any]]:
+    """One layer's metrics under each layout (a module-level function: a worker process runs it)."""
+    return [layer_metrics(routing, layout, num_nodes, hidden, dtype_bytes) for layout in layouts]
 
 
 def keep_contiguous_where_plan_loses(

@@ -41,13 +41,13 @@ from collections.abc import Callable
 from itertools import combinations
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from placement.errors import PlacementError
 from placement.inputs import LayerRouting, restrict, subsample
 from placement.layout import ExpertLayout
 from placement.loadcap import cap_load, needs_replication
 from placement.objective import check_topology, km1_batch
+from placement.pool import map_layers, worker_threads
 
 PartitionFn = Callable[[LayerRouting, int, int], np.ndarray]
 CostFn = Callable[[np.ndarray], np.ndarray]
@@ -553,26 +553,93 @@ def plan_placement(
     topology: str = "two-level",
     inter_node_cost: int = DEFAULT_INTER_NODE_COST,
     max_load: float | None = None,
+    jobs: int = 1,
 ) -> list[ExpertLayout]:
     """Every layer's placement, one layout per layer (arguments: `plan_layer`). With ``max_load`` (a cap on rank
     load max/mean): one rank level (1 node, or 1 GPU per node) and Mt-KaHyPar start from
-    `partition_kahypar_capped` where it finds a feasible partition, else from `plan_layer`'s; then `cap_layouts`
-    (repair where needed, and the capped descent)."""
-    capped_start = max_load is not None and method == "kahypar" and num_nodes in (1, num_ranks)
-    layouts = []
-    for r in tqdm(routings, desc=f"planning ({method})", unit="layer", disable=not progress):
-        labels = None
-        if capped_start and not needs_replication(r.expert_load_E, num_ranks, max_load):
-            sample = subsample(r, max_tokens, seed)
-            labels = partition_kahypar_capped(sample, num_ranks, r.expert_load_E, max_load, seed, preset, threads)
-        if labels is None:
-            labels = plan_layer(
-                r, num_ranks, num_nodes, method, seed, preset, threads, max_tokens, topology, inter_node_cost
-            )
-        layouts.append(ExpertLayout(labels, num_ranks))
+    `partition_kahypar_capped` where it finds a feasible partition, else from `plan_layer`'s; then `cap_layer`
+    (repair where needed, and the capped descent). ``jobs``: layers planned in parallel (`placement.pool`; the
+    same plans as one process)."""
+    if max_load is not None:
+        _check_cap(max_load)
+    task = functools.partial(
+        _plan_and_cap,
+        num_ranks=num_ranks,
+        num_nodes=num_nodes,
+        method=method,
+        seed=seed,
+        preset=preset,
+        threads=worker_threads(jobs, threads),
+        max_tokens=max_tokens,
+        topology=topology,
+        inter_node_cost=inter_node_cost,
+        max_load=max_load,
+    )
+    labels = map_layers(task, [(r,) for r in routings], jobs, progress, f"planning ({method})")
+    return [ExpertLayout(x, num_ranks) for x in labels]
+
+
+def _plan_and_cap(
+    routing: LayerRouting,
+    *,
+    num_ranks: int,
+    num_nodes: int,
+    method: str,
+    seed: int,
+    preset: str,
+    threads: int | None,
+    max_tokens: int | None,
+    topology: str,
+    inter_node_cost: int,
+    max_load: float | None,
+) -> np.ndarray:
+    """One layer of `plan_placement` (a module-level function: a worker process runs it)."""
+    labels = None
+    one_level = method == "kahypar" and num_nodes in (1, num_ranks)
+    if max_load is not None and one_level and not needs_replication(routing.expert_load_E, num_ranks, max_load):
+        sample = subsample(routing, max_tokens, seed)
+        labels = partition_kahypar_capped(sample, num_ranks, routing.expert_load_E, max_load, seed, preset, threads)
+    if labels is None:
+        labels = plan_layer(
+            routing, num_ranks, num_nodes, method, seed, preset, threads, max_tokens, topology, inter_node_cost
+        )
     if max_load is None:
-        return layouts
-    return cap_layouts(routings, layouts, max_load, num_nodes, seed, max_tokens, inter_node_cost, progress)
+        return labels
+    return cap_layer(routing, labels, num_ranks, max_load, num_nodes, seed, max_tokens, inter_node_cost)
+
+
+def _check_cap(max_load: float) -> None:
+    if isinstance(max_load, bool) or not isinstance(max_load, (int, float)) or not max_load >= 1.0:
+        raise PlacementError(f"the load cap must be a number >= 1.0 (max/mean rank load); got {max_load!r}")
+
+
+def cap_layer(
+    routing: LayerRouting,
+    labels_E: np.ndarray,
+    num_ranks: int,
+    max_load: float,
+    num_nodes: int = 1,
+    seed: int = 0,
+    max_tokens: int | None = None,
+    inter_node_cost: int = DEFAULT_INTER_NODE_COST,
+) -> np.ndarray:
+    """One layer swapped until every rank's load is <= ``max_load`` x mean (`placement.loadcap.cap_load`): the
+    cost is measured on the planning sample (``max_tokens``, ``seed``: as `plan_layer` drew it), the cap on the
+    load of every planning token; with 1 < nodes < ranks the cost counts node fan-out ``inter_node_cost`` - 1
+    times over (the Steiner objective of ``--topology map``)."""
+    if routing.expert_load_E.sum() == 0 or num_ranks == 1:
+        return np.asarray(labels_E, dtype=np.int64)
+    c = int(inter_node_cost) if 1 < num_nodes < num_ranks else 1
+    result = cap_load(
+        subsample(routing, max_tokens, seed),
+        labels_E,
+        num_ranks,
+        max_load,
+        load_E=routing.expert_load_E,
+        gpus_per_node=num_ranks // num_nodes,
+        inter_node_cost=c,
+    )
+    return result.labels
 
 
 def cap_layouts(
@@ -584,31 +651,18 @@ def cap_layouts(
     max_tokens: int | None = None,
     inter_node_cost: int = DEFAULT_INTER_NODE_COST,
     progress: bool = False,
+    jobs: int = 1,
 ) -> list[ExpertLayout]:
-    """Each layout swapped until every rank's load is <= ``max_load`` x mean (`placement.loadcap.cap_load`): the
-    cost is measured on the planning sample (``max_tokens``, ``seed``: as `plan_layer` drew it), the cap on the
-    load of every planning token; with 1 < nodes < ranks the cost counts node fan-out ``inter_node_cost`` - 1
-    times over (the Steiner objective of ``--topology map``)."""
-    if isinstance(max_load, bool) or not isinstance(max_load, (int, float)) or not max_load >= 1.0:
-        raise PlacementError(f"the load cap must be a number >= 1.0 (max/mean rank load); got {max_load!r}")
-    out = []
-    for routing, layout in tqdm(
-        list(zip(routings, layouts)), desc=f"load cap {max_load:g}", unit="layer", disable=not progress
-    ):
-        num_ranks = layout.num_ranks
-        gpus_per_node = num_ranks // num_nodes
-        c = int(inter_node_cost) if 1 < num_nodes < num_ranks else 1
-        if routing.expert_load_E.sum() == 0 or num_ranks == 1:
-            out.append(layout)
-            continue
-        result = cap_load(
-            subsample(routing, max_tokens, seed),
-            layout.as_array(),
-            num_ranks,
-            max_load,
-            load_E=routing.expert_load_E,
-            gpus_per_node=gpus_per_node,
-            inter_node_cost=c,
-        )
-        out.append(ExpertLayout(result.labels, num_ranks))
-    return out
+    """`cap_layer` on every layout (``jobs``: layers in parallel, as `plan_placement`)."""
+    _check_cap(max_load)
+    task = functools.partial(
+        cap_layer,
+        max_load=max_load,
+        num_nodes=num_nodes,
+        seed=seed,
+        max_tokens=max_tokens,
+        inter_node_cost=inter_node_cost,
+    )
+    args = [(r, lay.as_array(), lay.num_ranks) for r, lay in zip(routings, layouts)]
+    labels = map_layers(task, args, jobs, progress, f"load cap {max_load:g}")
+    return [ExpertLayout(x, lay.num_ranks) for x, lay in zip(labels, layouts)]

@@ -59,7 +59,7 @@ import numpy as np
 from placement.errors import PlacementError
 from placement.inputs import LayerRouting
 from placement.layout import ExpertLayout, require_divides
-from placement.replica_rule import copy_ranks, expected_groups_hit, expected_rank_load
+from placement.replica_rule import copy_ranks, expected_groups_hit, expected_rank_load, rule_one
 
 DTYPE_BYTES = {"fp8": 1, "bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -155,10 +155,11 @@ def layer_metrics(
         w = routing.weight_M.astype(np.float64)
         nonempty = float(w[routing.set_size_M > 0].sum())
         table = copy_ranks(layout)
-        rank_hits = float(expected_groups_hit(routing.sets_MK, table, num_ranks) @ w)
+        route = rule_one(routing.sets_MK, table, num_ranks)  # once, for the three predictions below
+        rank_hits = float(expected_groups_hit(routing.sets_MK, table, num_ranks, route=route) @ w)
         node_of_rank = np.arange(num_ranks) // gpus_per_node
-        node_hits = float(expected_groups_hit(routing.sets_MK, table, num_ranks, node_of_rank) @ w)
-        rank_load_R = expected_rank_load(routing.sets_MK, w, table, num_ranks)
+        node_hits = float(expected_groups_hit(routing.sets_MK, table, num_ranks, node_of_rank, route) @ w)
+        rank_load_R = expected_rank_load(routing.sets_MK, w, table, num_ranks, route)
         out["replicas"] = layout.num_slots - layout.num_experts
     elif routing.pairwise:
         nonempty = tokens

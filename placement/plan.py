@@ -39,7 +39,9 @@ from placement.errors import PlacementError
 from placement.layout import ExpertLayout, require_divides
 
 FORMAT = "c2r-placement"
-_NUMBER_LIST = re.compile(r"\[\s*((?:-?[\d.eE+-]+,?\s*)+)\]")
+# one reading per list: numbers separated by commas (the old pattern, with an optional comma and sign, could split a
+# run of digits many ways and backtracked exponentially on a list of numbers followed by a nested list)
+_NUMBER_LIST = re.compile(r"\[\s*([\d.eE+-]+(?:\s*,\s*[\d.eE+-]+)*)\s*\]")
 VERSION = 1
 REPLICATED_VERSION = 2  # a plan with replicas: readers that cannot honour them must refuse it (version 1 only)
 

@@ -94,6 +94,30 @@ def expected_rank_load(
     return load
 
 
+def expected_expert_rank_load(
+    sets_MK: np.ndarray, weight_M: np.ndarray, ranks_EC: np.ndarray, num_ranks: int, route: RuleOne | None = None
+) -> np.ndarray:
+    """[E, R] float64: `expected_rank_load` split by expert: the pairs of expert e that rank r processes (each
+    copy's load; a row sums to e's load). The planner's slot swaps read it to find the copies that weigh most."""
+    w_M = np.asarray(weight_M, dtype=np.float64)
+    _, single, rows, experts, dest = rule_one(sets_MK, ranks_EC, num_ranks) if route is None else route
+    num_experts = len(ranks_EC)
+    size = num_experts * num_ranks
+    expert = np.maximum(sets_MK, 0)
+    w_MK = np.broadcast_to(w_M[:, None], sets_MK.shape)
+    cell = expert[single] * num_ranks + ranks_EC[expert[single], 0]
+    load = np.bincount(cell, weights=w_MK[single], minlength=size)
+    fixed = dest >= 0
+    load += np.bincount(experts[fixed] * num_ranks + dest[fixed], weights=w_M[rows[fixed]], minlength=size)
+    free_rows, free_experts = rows[~fixed], experts[~fixed]
+    cand = ranks_EC[free_experts]
+    on = cand >= 0
+    share = np.broadcast_to((w_M[free_rows] / on.sum(axis=1))[:, None], cand.shape)
+    cell = free_experts[:, None] * num_ranks + cand
+    load += np.bincount(cell[on], weights=share[on], minlength=size)
+    return load.reshape(num_experts, num_ranks)
+
+
 def expected_groups_hit(
     sets_MK: np.ndarray,
     ranks_EC: np.ndarray,
@@ -115,12 +139,19 @@ def expected_groups_hit(
     free = dest < 0
     free_rows, cand_SC = rows[free], ranks_EC[experts[free]]
     on_SC = cand_SC >= 0
-    group_SC = np.where(on_SC, group_R[np.maximum(cand_SC, 0)], -1)
-    # one factor per (free slot, distinct group of its copies): P(slot misses g) = 1 - copies on g / m
-    same_SCC = group_SC[:, :, None] == group_SC[:, None, :]
-    count_SC = same_SCC.sum(axis=2)
-    first_SC = on_SC & ~np.tril(same_SCC, k=-1).any(axis=2)
-    factor = 1.0 - count_SC[first_SC] / on_SC.sum(axis=1, keepdims=True).repeat(on_SC.shape[1], 1)[first_SC]
+    num_copies_S = on_SC.sum(axis=1)
+    if group_of_rank_R is None:  # copies of one expert sit on distinct ranks: one factor per copy, 1 - 1/m
+        group_SC, first_SC = np.where(on_SC, cand_SC, -1), on_SC
+        factor = 1.0 - 1.0 / np.broadcast_to(num_copies_S[:, None], on_SC.shape)[first_SC]
+    else:  # one factor per (free slot, distinct group of its copies): P(slot misses g) = 1 - copies on g / m
+        group_SC = np.where(on_SC, group_R[np.maximum(cand_SC, 0)], -1)
+        count_SC = np.zeros(group_SC.shape, dtype=np.int64)
+        first_SC = on_SC.copy()
+        for c in range(group_SC.shape[1]):  # C is a handful: columns, not an [S, C, C] cube
+            same_S = group_SC == group_SC[:, c : c + 1]
+            count_SC[:, c] = same_S.sum(axis=1)
+            first_SC[:, c] &= ~same_S[:, :c].any(axis=1)
+        factor = 1.0 - count_SC[first_SC] / np.broadcast_to(num_copies_S[:, None], on_SC.shape)[first_SC]
     cell = (np.broadcast_to(free_rows[:, None], group_SC.shape)[first_SC] * num_groups + group_SC[first_SC]).ravel()
     size = len(sets_MK) * num_groups
     log_miss = np.bincount(cell, weights=np.log(np.maximum(factor, 1e-300)), minlength=size)

@@ -15,11 +15,21 @@ time, greedily:
 4. each (expert, rank) candidate is scored exactly: a copy of expert e changes the routing of the tokens that chose
    e and of no others, so the change in every rank's load and in the expected copies is computed on e's tokens only;
 5. the pick: the lowest max(new busiest rank, target), and among those within 0.2% of mean load of it, the
-   fewest added copies per token.
+   fewest added copies per token;
+6. while the target is missed, one replica on the busiest rank is replaced by the greedy step's best pick
+   (`refine`);
+7. then, while it is still missed, slot moves over all P slots (`slot_step`), each keeping P/R slots per rank and
+   at most one copy of an expert per rank: *swap* two slots on different ranks (homes included: a hot expert whose
+   co-activated experts share its home keeps its load under rule 1 until its home moves), or *replace* a replica
+   (of an expert with several copies) by a new copy of an expert on the busiest rank (what the greedy fill cannot
+   do once the slots are full). Candidates come from an estimate (each copy's own load,
+   `placement.replica_rule.expected_expert_rank_load`); the best 24 of each kind are scored exactly on the two
+   experts' tokens; a move is made when it lowers the load above the target (summed over ranks).
 Why greedy and not a joint optimisation: each step is exact and cheap (e's tokens only), P - E steps per layer fit
 the DeepSeek-V3 scale budget (256 experts, 64 ranks, 64 replicas per layer), and the busiest rank is what an
 expert-parallel step waits for, so lowering it one replica at a time is the direct route.
-Not done: moving homes to make room, and a swap refinement over slots after the greedy fill.
+Steps 6-7 run only where the target is missed, so a layer the fill already balances costs nothing more. The moves
+are local: the target is not always reached (docs/placement.md has the numbers).
 
 Planning on a sample (``max_tokens``): the loads and copies are predicted on the planning sample.
 
@@ -28,19 +38,22 @@ Shape legend: M distinct expert sets, K slots, E experts, R ranks, C most copies
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import scipy.sparse as sp
-from tqdm.auto import tqdm
 
 from placement.errors import PlacementError
 from placement.inputs import LayerRouting, subsample
 from placement.layout import ExpertLayout
-from placement.replica_rule import expected_groups_hit, expected_rank_load, rule_one
+from placement.pool import map_layers
+from placement.replica_rule import expected_expert_rank_load, expected_groups_hit, expected_rank_load, rule_one
 
 _TIE = 0.002  # of mean rank load: loads this close count as equal, and copies decide
 _EXPERT_CANDIDATES = 2
 _EXHAUSTIVE = 256  # experts x ranks up to which every pair is scored
 _RANK_CANDIDATES = 2  # of each kind (co-activated, least loaded)
+_SWAP_CANDIDATES = 24  # slot swaps scored exactly per step, the best by the estimate
 
 
 def parse_num_slots(text: str | int, num_experts: int, num_ranks: int) -> int:
@@ -207,8 +220,98 @@ class _Replicator:
                 return
             self._restore(best)
 
+    def _predict_sets(self, sub: np.ndarray, table: np.ndarray) -> tuple[np.ndarray, float]:
+        """`_predict` for the sets ``sub`` (the tokens of the two experts a swap moves)."""
+        sets, weight = self.sets_MK[sub], self.weight_M[sub]
+        route = rule_one(sets, table, self.num_ranks)
+        hits = float(expected_groups_hit(sets, table, self.num_ranks, route=route) @ weight)
+        return expected_rank_load(sets, weight, table, self.num_ranks, route), hits
+
+    def _slot_moves(self) -> list[tuple[str, int, int, int, int]]:
+        """Moves that take load off the busiest rank p and keep every rank's slot count, each the best
+        `_SWAP_CANDIDATES` of its kind by an estimate from each copy's own load (`expected_expert_rank_load`; the
+        exact score, `slot_step`, also counts the tokens whose rule-1 choice changes):
+        ("swap", e, p, f, q): e's copy on p and f's copy on q trade ranks (homes included), where e has no copy on q
+        and f none on p;
+        ("replace", e, p, g, q): a copy of g (one of several) on q gives its slot to a new copy of e (e on p, not
+        on q): the move the greedy fill cannot make once the slots are full."""
+        table = self._table()
+        share_ER = expected_expert_rank_load(self.sets_MK, self.weight_M, table, self.num_ranks)
+        holds_ER = np.zeros((self.num_experts, self.num_ranks), dtype=bool)
+        on = table >= 0
+        holds_ER[np.broadcast_to(np.arange(self.num_experts)[:, None], table.shape)[on], table[on]] = True
+        p = int(np.argmax(self.load_R))
+        e_A = np.flatnonzero(holds_ER[:, p])
+        moves = []
+        # swaps: e leaves p for q, f arrives on p from q
+        f_B, q_B = np.nonzero(holds_ER & ~holds_ER[:, [p]])
+        leave_AB, arrive_AB = share_ER[e_A, p][:, None], share_ER[f_B, q_B][None, :]
+        est = np.maximum(self.load_R[p] - leave_AB + arrive_AB, self.load_R[q_B][None, :] - arrive_AB + leave_AB)
+        moves += self._best_moves("swap", est, ~holds_ER[e_A][:, q_B], e_A, p, f_B, q_B)
+        # replacements: a new copy of e on q takes about 1 / (copies + 1) of e's load, off p among others
+        g_B, q_B = np.nonzero(holds_ER & (self.count_E > 1)[:, None])
+        keep = q_B != p
+        g_B, q_B = g_B[keep], q_B[keep]
+        per_copy_A = (share_ER[e_A].sum(axis=1) / (self.count_E[e_A] + 1))[:, None]
+        new_p = self.load_R[p] - np.minimum(per_copy_A, share_ER[e_A, p][:, None])
+        est = np.maximum(new_p, self.load_R[q_B][None, :] - share_ER[g_B, q_B][None, :] + per_copy_A)
+        ok = ~holds_ER[e_A][:, q_B] & (e_A[:, None] != g_B[None, :]) & (self.count_E[e_A] < self.num_ranks)[:, None]
+        moves += self._best_moves("replace", est, ok, e_A, p, g_B, q_B)
+        return moves
+
+    def _best_moves(self, kind, est_AB, ok_AB, e_A, p, f_B, q_B) -> list[tuple[str, int, int, int, int]]:
+        ok = ok_AB & (est_AB < self.load_R[p] - 1e-9 * self.mean)
+        flat = np.flatnonzero(ok.ravel())
+        flat = flat[np.argsort(est_AB.ravel()[flat], kind="stable")[:_SWAP_CANDIDATES]]
+        a, b = np.divmod(flat, len(f_B))
+        return [(kind, int(e_A[i]), p, int(f_B[j]), int(q_B[j])) for i, j in zip(a, b)]
+
+    def _make(self, kind: str, e: int, p: int, f: int, q: int) -> tuple:
+        """Make a `_slot_moves` move; returns what `_undo` needs."""
+        saved = (e, f, self.table[e].copy(), self.table[f].copy(), int(self.count_E[e]), int(self.count_E[f]))
+        if kind == "swap":  # each copy keeps its place in its expert's copy order
+            self.table[e, : self.count_E[e]][self.table[e, : self.count_E[e]] == p] = q
+            self.table[f, : self.count_E[f]][self.table[f, : self.count_E[f]] == q] = p
+        else:  # f's copy on q goes (the next copy becomes home if it was the home); e's new copy comes last
+            n = int(self.count_E[f])
+            self.table[f, :n] = [*(r for r in self.table[f, :n] if r != q), -1]
+            self.count_E[f] -= 1
+            self.table[e, self.count_E[e]] = q
+            self.count_E[e] += 1
+        return saved
+
+    def _undo(self, saved: tuple) -> None:
+        e, f, row_e, row_f, count_e, count_f = saved
+        self.table[e], self.table[f] = row_e, row_f
+        self.count_E[e], self.count_E[f] = count_e, count_f
+
+    def slot_step(self) -> bool:
+        """The best `_slot_moves` move, scored exactly on the two experts' tokens, by the load above the limit,
+        then the max load, then the added copies; made (True) where it lowers the load above the limit."""
+        excess, best = self._excess(self.load_R), None
+        for move in self._slot_moves():
+            _, e, _, f, _ = move
+            sub = np.union1d(self.sets_of[e], self.sets_of[f])
+            old_load, old_hits = self._predict_sets(sub, self._table())
+            saved = self._make(*move)
+            load, hits = self._predict_sets(sub, self._table())
+            self._undo(saved)
+            new_R = self.load_R + load - old_load
+            key = (self._excess(new_R), float(new_R.max()), hits - old_hits)
+            if key[0] < excess - 1e-9 * self.mean and (best is None or key < best[0]):
+                best = (key, move, load - old_load)
+        if best is None:
+            return False
+        self._make(*best[1])
+        self.load_R += best[2]
+        return True
+
     def layout(self, base: ExpertLayout) -> ExpertLayout:
-        return ExpertLayout.with_replicas(base, [tuple(row[1:n]) for row, n in zip(self.table.tolist(), self.count_E)])
+        """The copy table as a layout (homes may have moved: the table's first column)."""
+        rows = self.table.tolist()
+        return ExpertLayout(
+            [row[0] for row in rows], base.num_ranks, [tuple(row[1:n]) for row, n in zip(rows, self.count_E)]
+        )
 
 
 def replicate_layer(routing: LayerRouting, layout: ExpertLayout, num_slots: int, target: float) -> ExpertLayout:
@@ -223,6 +326,9 @@ def replicate_layer(routing: LayerRouting, layout: ExpertLayout, num_slots: int,
     while state.room_R.sum():
         state.step()
     state.refine(max_rounds=num_slots - layout.num_experts)
+    for _ in range(num_slots):  # a bound; each swap lowers the load above the limit
+        if state._excess(state.load_R) <= 0 or not state.slot_step():
+            break
     return state.layout(layout)
 
 
@@ -234,7 +340,17 @@ def replicate_layouts(
     max_tokens: int | None = None,
     seed: int = 0,
     progress: bool = False,
+    jobs: int = 1,
 ) -> list[ExpertLayout]:
-    """`replicate_layer` on every layer, each on a seeded sample of at most ``max_tokens`` planning tokens."""
-    pairs = tqdm(list(zip(routings, layouts)), desc=f"replicas ({num_slots} slots)", unit="layer", disable=not progress)
-    return [replicate_layer(subsample(r, max_tokens, seed), layout, num_slots, target) for r, layout in pairs]
+    """`replicate_layer` on every layer, each on a seeded sample of at most ``max_tokens`` planning tokens;
+    ``jobs``: layers in parallel (`placement.pool`; the same layouts as one process)."""
+    task = functools.partial(_replicate_sample, num_slots=num_slots, target=target, max_tokens=max_tokens, seed=seed)
+    args = list(zip(routings, layouts))
+    return map_layers(task, args, jobs, progress, f"replicas ({num_slots} slots)")
+
+
+def _replicate_sample(
+    routing: LayerRouting, layout: ExpertLayout, *, num_slots: int, target: float, max_tokens: int | None, seed: int
+) -> ExpertLayout:
+    """One layer of `replicate_layouts` (a module-level function: a worker process runs it)."""
+    return replicate_layer(subsample(routing, max_tokens, seed), layout, num_slots, target)

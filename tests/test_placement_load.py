@@ -146,6 +146,24 @@ def test_plan_with_cap_records_load_and_costs_and_pareto(run_dir, tmp_path, caps
     assert plan.data["predicted"]["copies_per_token"] >= loose["copies_per_token"] - 1e-9
 
 
+def test_plan_in_parallel_equals_one_process(run_dir, tmp_path, capsys):
+    """--jobs 2 (layers in spawned workers, Mt-KaHyPar on one thread each): the same plan, homes and replicas, as
+    --jobs 1; the load cap and the replica fill both run in the workers."""
+    plans = []
+    for jobs in (1, 2):
+        out = tmp_path / f"plan{jobs}.json"
+        argv = ["plan", "--traces", run_dir, "--ranks", 4, "--replicas", "+4", "--jobs", jobs, "--out", out, "-q"]
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 0, err
+        plans.append(load_plan(out))
+    assert [lay.ranks_of_experts for lay in plans[0].layouts] == [lay.ranks_of_experts for lay in plans[1].layouts]
+    assert plans[0].data["predicted"] == plans[1].data["predicted"]
+    assert any(any(r) for r in plans[0].layouts[0].replicas)  # replicas were planned, not skipped
+    code, _, err = run_cli(capsys, "plan", "--traces", run_dir, "--ranks", 4, "--jobs", 0, "--out", tmp_path / "p")
+    assert code == 2 and err.strip().endswith("--jobs must be an integer >= 1 (worker processes); got 0")
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_plan_keeps_contiguous_where_it_does_not_win(tmp_path, capsys):
     """Uniform independent routing on 2 layers: nothing to win; a layer whose plan is no better than contiguous
     on both counts is stored as contiguous and named."""

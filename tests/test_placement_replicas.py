@@ -4,6 +4,7 @@ replicated plan's invariants, plan files and `c2r-place evaluate` with replicas,
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from placement.inputs import routing_from_expert_ids
 from placement.layout import ExpertLayout
 from placement.methods import plan_placement
 from placement.objective import layer_metrics
-from placement.plan import load_plan
+from placement.plan import dumps, load_plan
 from placement.replicate import parse_num_slots, replicate_layer
 from placement.synthetic import synthetic_expert_ids
 from profiling.trace import RoutingTraceRecorder, TraceConfig
@@ -101,10 +102,9 @@ def clustered(num_tokens=3000, num_experts=16, top_k=4, seed=0, zipf=1.5):
 
 @pytest.mark.parametrize("num_slots", [20, 24, 32])
 def test_planned_replicas_keep_slots_even_and_meet_the_cap(num_slots):
-    """P/R slots per rank, never two copies on one rank (ExpertLayout refuses both), the homes kept, and every rank
-    at or under the cap on the planning tokens where the greedy fill reaches it (20 and 24 slots here; with 32, half
-    the slots replicas, it ends at 1.058: each forced replica pulls load onto its rank, see placement/replicate.py),
-    always below the homes alone."""
+    """P/R slots per rank, never two copies on one rank (ExpertLayout refuses both), and every rank at or under the
+    cap on the planning tokens. With 32 slots (half of them replicas) the greedy fill alone ended at 1.058 (each
+    forced replica pulls load onto its rank): the slot swaps that follow it, homes included, reach the cap."""
     routing = routing_from_expert_ids(clustered(zipf=1.2), 16)
     base = plan_placement([routing], 4, max_load=1.05, progress=False)[0]
     assert layer_metrics(routing, base)["load_imbalance"] > 1.07  # the hottest expert: the cap needs replicas
@@ -112,11 +112,9 @@ def test_planned_replicas_keep_slots_even_and_meet_the_cap(num_slots):
     assert layout.num_slots == num_slots and layout.experts_per_rank == num_slots // 4
     assert all(len(x) == num_slots // 4 for x in layout.rank_to_experts)
     assert all(len(set(ranks)) == len(ranks) for ranks in layout.ranks_of_experts)
-    assert layout.expert_to_rank == base.expert_to_rank
     load = layer_metrics(routing, layout)["load_imbalance"]
     assert load < layer_metrics(routing, base)["load_imbalance"]
-    if num_slots < 32:
-        assert load <= 1.05 + 1e-9
+    assert load <= 1.05 + 1e-9
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +197,17 @@ def test_eplb_packing_never_puts_two_replicas_of_one_expert_on_one_gpu():
         packed = _pack_lpt(load, count, gpus)
         assert all(len(g) == count.sum() // gpus and len(set(g)) == len(g) for g in packed), (load, count, packed)
         assert np.bincount(np.concatenate(packed), minlength=len(load)).tolist() == count.tolist()
+
+
+def test_a_large_replicated_plan_is_written_at_once():
+    """`dumps` puts each list of numbers on one line; its old pattern backtracked exponentially on a list of numbers
+    followed by a nested list (a replicated expert's ranks), so a 256-expert replicated plan never got written
+    (0.47 s at 20 numbers, x4 per 2 more). Now: well under a second, and the JSON reads back the same."""
+    homes = np.arange(256) % 64  # 4 per rank; experts 0..63 get replicas on the next two ranks: 6 slots per rank
+    layout = ExpertLayout(homes, 64, [((e + 1) % 64, (e + 2) % 64) if e < 64 else () for e in range(256)])
+    doc = {"layers": [{"expert_to_rank": layout.to_json()}] * 58}
+    start = time.perf_counter()
+    text = dumps(doc)
+    assert time.perf_counter() - start < 1.0
+    assert json.loads(text) == json.loads(json.dumps(doc))
+    assert "[0, 1, 2]" in text  # expert 0: home 0, replicas on 1 and 2, on one line
