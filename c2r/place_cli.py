@@ -15,11 +15,11 @@ from placement.plan import load_plan
 
 def cmd_apply(args: argparse.Namespace) -> int:
     # torch and DeepSpeed load for this subcommand only: plan / evaluate / export stay quick to start
+    from c2r.deepspeed.apply_plan import apply_plan
     from c2r.deepspeed.checkpoint import CONFIG_FILE
-    from c2r.deepspeed.move_experts import move_experts
 
     plan = load_plan(args.plan)
-    written = move_experts(plan.layouts, args.checkpoint, args.out, tag=args.tag, plan_path=args.plan)
+    written = apply_plan(plan.layouts, args.checkpoint, args.out, tag=args.tag, plan_path=args.plan)
     # The resumed run needs the plan's ranks and the settings it was trained with (the saved config holds them).
     saved = json.loads((written / CONFIG_FILE).read_text())
     optimizer_state, ranks, steps = saved["optimizer_state"], plan.num_ranks, saved["train"]["steps"]

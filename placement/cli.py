@@ -32,7 +32,7 @@ from placement.errors import PlacementError
 from placement.evaluate import evaluate_with_baselines, format_comparison, keep_contiguous_where_plan_loses
 from placement.export import EXPORT_FORMATS, export_plan
 from placement.inputs import PlannerInput, load_input, recorded_activation
-from placement.loadcap import min_max_load, needs_replication
+from placement.loadcap import DEFAULT_MAX_LOAD, max_load_arg, min_max_load, needs_replication
 from placement.methods import (
     DEFAULT_INTER_NODE_COST,
     KAHYPAR_PRESETS,
@@ -48,7 +48,6 @@ from placement.replicate import parse_num_slots, replicate_layouts
 from placement.simulate_cli import add_simulate_command
 from profiling.cli_errors import BAD_INPUT_ERRORS, OneLineParser
 
-DEFAULT_MAX_LOAD = 1.10
 PARETO_CAPS = (None, 1.5, 1.25, 1.1, 1.05)
 
 
@@ -112,19 +111,6 @@ def _summary_line(results: dict[str, dict[str, Any]], name: str) -> str:
         f"{plan['load_imbalance']:.2f} (worst layer {plan['max_load_imbalance']:.2f}) vs "
         f"{contig['load_imbalance']:.2f} ({contig['max_load_imbalance']:.2f}) contiguous"
     )
-
-
-def max_load_arg(text: str) -> float | None:
-    """--max-load: a cap >= 1.0 on rank load max/mean, or none."""
-    if text.lower() == "none":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1.0 or 'none'; got {text!r}") from None
-    if not value >= 1.0:
-        raise argparse.ArgumentTypeError(f"the cap is max/mean rank load, so it must be >= 1.0; got {value}")
-    return value
 
 
 def _cap_report(inp: PlannerInput, results: dict[str, dict[str, Any]], args: argparse.Namespace) -> list[dict]:

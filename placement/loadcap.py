@@ -35,12 +35,29 @@ Shape legend: M distinct expert sets, E experts, P parts (ranks or nodes).
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 
 from placement.inputs import LayerRouting
+
+DEFAULT_MAX_LOAD = 1.10  # c2r-place plan's and simulate's default cap on rank load max/mean
+
+
+def max_load_arg(text: str) -> float | None:
+    """--max-load: a cap >= 1.0 on rank load max/mean, or none."""
+    if text.lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1.0 or 'none'; got {text!r}") from None
+    if not value >= 1.0:
+        raise argparse.ArgumentTypeError(f"the cap is max/mean rank load, so it must be >= 1.0; got {value}")
+    return value
+
 
 _EPS = 1e-9
 

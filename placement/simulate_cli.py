@@ -281,7 +281,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def add_simulate_command(sub: argparse._SubParsersAction) -> None:
-    from placement.cli import DEFAULT_MAX_LOAD, max_load_arg
+    from placement.loadcap import DEFAULT_MAX_LOAD, max_load_arg
 
     d = CLUSTER_DEFAULTS
     p = sub.add_parser(

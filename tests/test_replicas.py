@@ -321,7 +321,8 @@ def test_replicas_train_like_the_unreplicated_model_under_deepspeed(tmp_path):
 def test_apply_creates_and_removes_replicas_and_resume_follows_the_uninterrupted_run(tmp_path, stage):
     import json
 
-    from c2r.deepspeed.move_experts import REMAPPED, move_experts
+    from c2r.deepspeed.apply_plan import apply_plan
+    from c2r.deepspeed.move_experts import REMAPPED
     from placement.plan import load_plan
     from tests.run_configs import tiny_run_config
 
@@ -357,13 +358,13 @@ def test_apply_creates_and_removes_replicas_and_resume_follows_the_uninterrupted
     # its home copy's weights and Adam moments), resumed to step 6. Its step-4 checkpoint moved again: replicas
     # removed and experts moved to other ranks, resumed to step 6. Same seed, batches and schedule as uninterrupted.
     full = train_run("full", 6, save_every=2)
-    move_experts(
+    apply_plan(
         load_plan(replicated).layouts, tmp_path / "full" / "checkpoints", tmp_path / "rep" / "checkpoints", "step2"
     )
     moved = json.loads((tmp_path / "rep" / "checkpoints" / "step2" / "c2r_config.json").read_text())
     assert moved["expert_layouts"] == REPLICATED_PLAN and moved["optimizer_state"] == REMAPPED
     with_replicas = train_run("rep", 6, resume=True, placement_plan=replicated, save_every=2)
-    move_experts(
+    apply_plan(
         load_plan(str(plain)).layouts, tmp_path / "rep" / "checkpoints", tmp_path / "back" / "checkpoints", "step4"
     )
     moved = json.loads((tmp_path / "back" / "checkpoints" / "step4" / "c2r_config.json").read_text())

@@ -110,15 +110,9 @@ def move_experts(
     run_config = json.loads((src / CONFIG_FILE).read_text())
     old = recorded_layouts(run_config)
     new = check_layouts_fit(layouts, run_config, len(old))
-    if any(layout.is_replicated for layout in [*old, *new]):
-        # Replicas created or removed change a rank's slots, hence the size of its experts' optimizer partitions:
-        # rebuild them the way c2r-place reshard does, at the same world size and ep_size.
-        from c2r.deepspeed.reshard import reshard, saved_world_size
-
-        world = saved_world_size(src)
-        return reshard(
-            checkpoint_dir, out_dir, world, old[0].num_ranks, new, tag, plan_path, "c2r-place apply", REMAPPED
-        )
+    for layout in [*old, *new]:
+        # replicas created or removed resize the optimizer partitions: c2r.deepspeed.apply_plan rebuilds them
+        layout.require_unreplicated("move_experts (use c2r.deepspeed.apply_plan)")
     dst, tmp = begin_checkpoint(out_dir, tag)
     # A partial directory inside the source is what an older apply with --out inside it left behind: not ours to copy.
     files = sorted(p for p in src.iterdir() if not (p.is_dir() and p.name.endswith(".partial")))
