@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from placement.cli import main
 from placement.errors import PlacementError
 from placement.inputs import routing_from_expert_ids
 from placement.layout import ExpertLayout
@@ -20,6 +19,7 @@ from placement.plan import dumps, load_plan
 from placement.replicate import parse_num_slots, replicate_layer
 from placement.synthetic import synthetic_expert_ids
 from profiling.trace import RoutingTraceRecorder, TraceConfig
+from tests.test_placement_cli import run_cli
 
 
 def recount(ids_TK: np.ndarray, layout: ExpertLayout, gpus_per_node: int = 1) -> tuple[float, np.ndarray]:
@@ -130,12 +130,6 @@ def run_dir(tmp_path_factory):
             recorder.record(layer, torch.from_numpy(clustered(500, seed=10 * layer + step, zipf=1.2).astype(np.int64)))
     recorder.close()
     return run
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_plan_with_replicas_round_trips_and_evaluates(run_dir, tmp_path, capsys):

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from placement.cli import main
 from placement.cost import CostModel, fit_latency_bandwidth
 from placement.layout import ExpertLayout
 from placement.simulate import Cluster, copies_per_token, dispatch_rows, predict_layer, slot_ranks, source_ranks
 from placement.synthetic import synthetic_expert_ids
 from profiling.trace import RoutingTraceRecorder, TraceConfig
+from tests.test_placement_cli import run_cli
 
 E, K = 8, 3
 
@@ -131,12 +131,6 @@ def trace_dir(tmp_path_factory):
         recorder.record(layer, torch.from_numpy(ids))
     recorder.close()
     return run
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_end_to_end_on_a_tiny_trace(trace_dir, tmp_path, capsys):
