@@ -9,6 +9,8 @@ for SwiGLU (gate, up, down) and ``m = 2`` for GELU (up, down); router FLOPs are 
 Contenders
   SwiGLU rows (qwen3-30b-a3b, mixtral-8x7b):
     ours-megablocks       c2r MoELayer, backend "megablocks" (MegaBlocks permute kernels + grouped_gemm)
+    ours-mb-sparse        c2r MoELayer, backend "megablocks", megablocks_impl "sparse" (MegaBlocks' block-sparse stk
+                          kernels, 32-bit block indices: c2r/experts/megablocks_sparse.py)
     ours-torch            c2r MoELayer, backend "torch" (sort + torch._grouped_mm)
     ours-auto             c2r MoELayer, backend "auto" (the default: the faster of the two for the nearest measured
                           shape, c2r/experts/backend_choice.py)
@@ -17,7 +19,7 @@ Contenders
     megablocks-dmoe       megablocks.layers.dmoe.dMoE, mlp_type "glu", mlp_impl "grouped"
     dense-swiglu          one dense SwiGLU MLP of width F on T*k tokens (same matmul FLOPs)
   GELU rows (fine-grained, mixtral-gelu):
-    ours-megablocks, ours-torch, ours-auto, megablocks-dmoe (mlp_type "mlp", tanh GELU),
+    ours-megablocks, ours-mb-sparse, ours-torch, ours-auto, megablocks-dmoe (mlp_type "mlp", tanh GELU),
     ds-moe-cap1.0         deepspeed.moe.layer.MoE, capacity_factor 1.0, drop_tokens=True (drops overflow tokens)
     ds-moe-dropless       deepspeed.moe.layer.MoE, drop_tokens=False (capacity = the largest expert load)
     dense-gelu            one dense GELU MLP of width F on T*k tokens
@@ -140,6 +142,15 @@ def first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def balance_loss(out) -> torch.Tensor | float:
+    """The contender's own load-balancing loss when its forward returns one as a scalar second element (c2r's
+    router, MegaBlocks' dMoE as wrapped below, DeepSpeed MoE's ``l_aux``), else 0. A training step backpropagates
+    it, so each layer is timed with the balance loss it would train with."""
+    if isinstance(out, (tuple, list)) and len(out) > 1 and torch.is_tensor(out[1]) and out[1].ndim == 0:
+        return out[1].float()
+    return 0.0
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -162,7 +173,8 @@ def time_fwd_bwd(
     warmup: int = 3,
     params: tuple[torch.Tensor, ...] = (),
 ) -> list[float]:
-    """Milliseconds of ``loss = fn(x).float().square().mean(); loss.backward()`` per iteration, after ``warmup``.
+    """Milliseconds of ``loss = fn(x).float().square().mean() + its balance loss; loss.backward()`` per iteration,
+    after ``warmup``.
 
     Gradients are reset to None between iterations, outside the timed region, so no accumulation kernel is timed.
     """
@@ -170,7 +182,8 @@ def time_fwd_bwd(
     grads_of = (x, *params)
 
     def step():
-        loss = first(fn(x)).float().square().mean()
+        out = fn(x)
+        loss = first(out).float().square().mean() + balance_loss(out)
         loss.backward()
 
     for _ in range(warmup):
@@ -204,7 +217,7 @@ def time_fwd_bwd(
 # Contender builders: each returns a Bench on `device` in `dtype`. Every one starts from torch.manual_seed(seed).
 
 
-def build_ours(cfg: BenchConfig, device, dtype, seed: int, backend: str) -> Bench:
+def build_ours(cfg: BenchConfig, device, dtype, seed: int, backend: str, megablocks_impl: str = "grouped") -> Bench:
     from c2r.experts import ExpertConfig
     from c2r.moe import MoEConfig, MoELayer
     from c2r.routing import RouterConfig
@@ -217,11 +230,16 @@ def build_ours(cfg: BenchConfig, device, dtype, seed: int, backend: str) -> Benc
         # No per-layer host sync, and the router GEMM in bf16 with a float32 softmax, as MegaBlocks'
         # and HF's routers do (our default float32 router GEMM costs ~1 ms more on the big rows).
         router=RouterConfig(check_finite=False, logits_dtype="input"),
-        experts=ExpertConfig(activation=cfg.activation, backend=backend),
+        experts=ExpertConfig(activation=cfg.activation, backend=backend, megablocks_impl=megablocks_impl),
     )
     with device:
         layer = MoELayer(cfg.H, config).to(dtype)
-    return Bench(layer, layer)
+
+    def fn(x):
+        y, routing = layer(x)
+        return y, routing.aux_loss  # the router's balance loss (aux_loss_weight 0.01), as c2r-train adds it
+
+    return Bench(layer, fn)
 
 
 def build_hf_block(cfg: BenchConfig, device, dtype, seed: int) -> nn.Module:
@@ -318,14 +336,18 @@ def build_megablocks_dmoe(cfg: BenchConfig, device, dtype, seed: int) -> Bench:
         bias=False,
         return_bias=False,
         device=device,
+        num_layers=1,
+        moe_loss_weight=0.01,  # c2r's default aux_loss_weight
         **extra,
     )
     layer = dMoE(args).to(dtype)
 
     def fn(x):
         out = layer(x.view(cfg.T, 1, cfg.H))  # MegaBlocks wants [sl, bs, hs]
-        mb_moe.clear_load_balancing_loss()  # its forward appends to a global list in training mode
-        return out
+        # Its forward only saves the balance loss's inputs (a global list); the loss is computed when asked.
+        loss = mb_moe.batched_load_balancing_loss(args)
+        mb_moe.clear_load_balancing_loss()
+        return out, loss
 
     return Bench(layer, fn)
 
@@ -383,6 +405,7 @@ def build_dense(cfg: BenchConfig, device, dtype, seed: int) -> Bench:
 def contenders_for(cfg: BenchConfig) -> dict[str, Callable]:
     common = {
         "ours-megablocks": lambda *a: build_ours(*a, backend="megablocks"),
+        "ours-mb-sparse": lambda *a: build_ours(*a, backend="megablocks", megablocks_impl="sparse"),
         "ours-torch": lambda *a: build_ours(*a, backend="torch"),
         "ours-auto": lambda *a: build_ours(*a, backend="auto"),
     }
@@ -407,7 +430,9 @@ def contenders_for(cfg: BenchConfig) -> dict[str, Callable]:
 # Driver
 
 
-def print_profile(fn: Callable, x: torch.Tensor, params: tuple[torch.Tensor, ...], iters: int, title: str) -> None:
+def print_profile(
+    fn: Callable, x: torch.Tensor, params: tuple[torch.Tensor, ...], iters: int, title: str, rows: int = 18
+) -> None:
     """Where the time goes: torch.profiler over ``iters`` more forward + backward steps, the top kernels and ops by
     device time (self time, so nested ops are not counted twice) and the number of kernels per step."""
     from torch.profiler import ProfilerActivity, profile
@@ -420,7 +445,7 @@ def print_profile(fn: Callable, x: torch.Tensor, params: tuple[torch.Tensor, ...
     sort_by = "self_device_time_total" if on_cuda else "self_cpu_time_total"
     kernels = sum(e.count for e in events if on_cuda and e.device_type.name == "CUDA")
     print(f"--- profile: {title}, {iters} steps, {kernels / iters:.0f} kernels per step ---")
-    print(events.table(sort_by=sort_by, row_limit=18, max_name_column_width=70), flush=True)
+    print(events.table(sort_by=sort_by, row_limit=rows, max_name_column_width=70), flush=True)
 
 
 def run_one(cfg: BenchConfig, name: str, builder: Callable, args, device, dtype) -> dict:
@@ -437,7 +462,7 @@ def run_one(cfg: BenchConfig, name: str, builder: Callable, args, device, dtype)
         result = {"times_ms": times, "peak_gib": peak}
         print(f"  {cfg.name:<16} {name:<17} median {statistics.median(times):9.3f} ms", flush=True)
         if args.profile:
-            print_profile(bench.fn, x, params, args.profile, f"{cfg.name} {name}")
+            print_profile(bench.fn, x, params, args.profile, f"{cfg.name} {name}", args.profile_rows)
     except Exception as error:  # ImportError, OOM, unsupported: report and go on
         reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
         reason = reason[:200]
@@ -563,6 +588,7 @@ def parse_args(argv=None):
         metavar="N",
         help="after timing, profile N more steps of each contender and print its top ops (torch.profiler)",
     )
+    parser.add_argument("--profile-rows", type=int, default=18, help="rows of each profile table (default 18)")
     args = parser.parse_args(argv)
     if args.iters < 1 or args.repeats < 1 or args.warmup < 0:
         parser.error("--iters and --repeats must be >= 1, --warmup >= 0")

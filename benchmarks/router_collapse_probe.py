@@ -10,6 +10,7 @@ Variants, each a knob of the diagnosis in docs/gpu_runs.md:
                        embedding scale), to see whether the collapse is already in the initial residual stream
     --lr-base-width W  scale the learning rate of the hidden matrices by min(1, W / d_model) (muP-like width scaling)
     --center           subtract the batch mean from the router's input (routing on what differs between tokens)
+    --standardize      per feature: minus the batch mean, over the batch std (what differs, at unit scale)
     --untie            separate input embedding and output head (c2r's GPT ties them by default, as GPT-2 does)
     --router JSON      RouterConfig fields as JSON, e.g.
                        '{"kind": "group_limited", "group_limited": {"bias_update_rate": 1e-3}}' or
@@ -39,6 +40,13 @@ def mean_pairwise_cosine(x_TD: torch.Tensor) -> float:
     return float(unit_TD.mean(0).norm() ** 2)
 
 
+def standardize(x_TD: torch.Tensor) -> torch.Tensor:
+    """Each feature minus its batch mean, over its batch std (statistics detached, as batch norm without affine)."""
+    x = x_TD.float()
+    mean_D, std_D = x.mean(0).detach(), x.std(0).detach()
+    return ((x - mean_D) / (std_D + 1e-5)).to(x_TD.dtype)
+
+
 def build(args, device: torch.device) -> MoEGPT:
     router = config_from_dict(RouterConfig, json.loads(args.router), "--router")
     moe = MoEConfig(
@@ -64,6 +72,9 @@ def build(args, device: torch.device) -> MoEGPT:
     if args.center:
         for layer in model.moe_layers():
             layer.router.register_forward_pre_hook(lambda module, inputs: (inputs[0] - inputs[0].mean(0).detach(),))
+    if args.standardize:
+        for layer in model.moe_layers():
+            layer.router.register_forward_pre_hook(lambda module, inputs: (standardize(inputs[0]),))
     return model
 
 
@@ -92,6 +103,7 @@ def main() -> None:
     parser.add_argument("--emb-factor", type=float, default=1.0, help="0: sqrt(d_model)")
     parser.add_argument("--lr-base-width", type=float, default=0.0)
     parser.add_argument("--center", action="store_true")
+    parser.add_argument("--standardize", action="store_true", help="router input: per feature, minus batch mean, / std")
     parser.add_argument("--untie", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

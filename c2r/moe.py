@@ -36,6 +36,7 @@ class MoEConfig:
     def __post_init__(self) -> None:
         require_positive(num_experts=self.num_experts, top_k=self.top_k, ffn_hidden_size=self.ffn_hidden_size)
         self.router.check_fits(self.num_experts, self.top_k)
+        self.experts.check_fits(self.ffn_hidden_size)
 
 
 class MoELayer(nn.Module):

@@ -61,6 +61,10 @@ class TrainConfig:
     steps: int = 300
     batch_size: int = 16
     lr: float = 2e-3
+    # Width scaling (muP-style, for Adam): hidden matrices learn at lr * min(1, lr_base_width / d_model), so lr is
+    # the rate of a model lr_base_width wide and wider models do not take steps that outgrow their weights (at
+    # d_model 2048, lr 2e-3 unscaled collapses every token onto the same experts: docs/gpu_runs.md). 0: off.
+    lr_base_width: int = 128
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
     weight_decay: float = 0.1
@@ -103,7 +107,7 @@ class TrainConfig:
         check_overlap_chunks(self.overlap_chunks, self.dispatch, "train.")
         if self.gpus_per_node is not None:
             require_positive(gpus_per_node=self.gpus_per_node)
-        for name in ("save_every", "save_every_minutes", "keep_checkpoints"):
+        for name in ("save_every", "save_every_minutes", "keep_checkpoints", "lr_base_width"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be >= 0 (0 turns it off)")
         if self.resume and self.overwrite:
@@ -463,15 +467,34 @@ def build_engine(
     return engine
 
 
+def model_width(model: nn.Module) -> int:
+    """The residual stream's width: the embedding dimension of the model's (first) token embedding."""
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            return module.embedding_dim
+    raise ValueError("the model has no nn.Embedding to read its width from; set train.lr_base_width=0")
+
+
+def hidden_lr_scale(model: nn.Module, tc: TrainConfig) -> float:
+    """``min(1, lr_base_width / width)``: the factor of the hidden matrices' learning rate (1 when off)."""
+    return 1.0 if tc.lr_base_width == 0 else min(1.0, tc.lr_base_width / model_width(model))
+
+
 def optimize_everything(model: nn.Module, device: torch.device, tc: TrainConfig):
-    """AdamW over every parameter (experts in their own groups, as DeepSpeed's MoE needs), with ``lr_at``."""
+    """AdamW over every parameter (experts in their own groups, as DeepSpeed's MoE needs), with ``lr_at``; hidden
+    matrices of a model wider than ``lr_base_width`` at a proportionally lower rate."""
     from c2r.deepspeed import optimizer_param_groups
 
     model.to(device)
-    optimizer = torch.optim.AdamW(optimizer_param_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95))
+    scale = hidden_lr_scale(model, tc)
+    groups = optimizer_param_groups(model, tc.weight_decay, hidden_lr=tc.lr * scale if scale < 1.0 else None)
+    # On a GPU the fused kernel: one launch for all tensors instead of a few per tensor group (the optimizer step
+    # of a 3B-parameter fine-grained MoE is a large part of its training step).
+    optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
     def scheduler(final_optimizer):
         # A callable: DeepSpeed builds it on the optimizer as it finally is (it may drop or regroup param groups).
+        # LambdaLR scales each group's own initial rate, so the hidden group keeps its factor along the schedule.
         return torch.optim.lr_scheduler.LambdaLR(final_optimizer, lambda step: lr_at(step, tc) / tc.lr)
 
     return optimizer, scheduler

@@ -34,8 +34,10 @@ from c2r.run_setup import (
     build_engine,
     corpus_tokenizer,
     global_mean,
+    hidden_lr_scale,
     launcher_rank,
     lr_at,
+    model_width,
     num_moe_layers,
     progress_bar,
     run_config_record,
@@ -49,7 +51,7 @@ log = logging.getLogger("c2r.train")
 
 def routing_stats(routings: list[RoutingResult], device: torch.device) -> dict[str, Any]:
     """Active experts per token (per MoE layer and their mean: variable-k routers spend less where it is lower) and
-    load imbalance (max/mean tokens per expert over the whole job, averaged over MoE layers)."""
+    load imbalance (max/mean tokens per expert over the whole job, per MoE layer and averaged over them)."""
     if not routings:
         return {}
     loads = torch.stack([r.tokens_per_expert_E.float() for r in routings]).to(device)
@@ -57,11 +59,12 @@ def routing_stats(routings: list[RoutingResult], device: torch.device) -> dict[s
     dist.all_reduce(loads)
     dist.all_reduce(active_L)
     active_L = active_L / dist.get_world_size()
-    imbalance = (loads.max(dim=1).values / loads.mean(dim=1).clamp(min=1e-9)).mean()
+    imbalance_L = loads.max(dim=1).values / loads.mean(dim=1).clamp(min=1e-9)
     return {
         "active_experts_per_token": float(active_L.mean()),
         "active_experts_per_token_by_layer": [round(float(a), 4) for a in active_L],
-        "load_imbalance": float(imbalance),
+        "load_imbalance": float(imbalance_L.mean()),
+        "load_imbalance_by_layer": [round(float(i), 4) for i in imbalance_L],
     }
 
 
@@ -253,7 +256,9 @@ def log_start(config: RunConfig, corpus, info, model: torch.nn.Module) -> None:
         num_moe_layers(config),
         moe.num_experts,
         moe.top_k,
-        "the model's own" if config.hf.model_dir and moe.router.kind == "topk" else moe.router.kind,
+        "the model's own"
+        if config.hf.model_dir and moe.router.kind == "topk"
+        else moe.router.kind + (" batch-balanced" if moe.router.balance == "batch" else ""),
         backend,
         str(dtype).removeprefix("torch."),
         info.world_size,
@@ -261,12 +266,23 @@ def log_start(config: RunConfig, corpus, info, model: torch.nn.Module) -> None:
         config.train.ep_size,
         per_rank,
     )
+    scale = hidden_lr_scale(model, config.train)
+    if scale < 1.0:
+        log.info(
+            "width scaling: hidden matrices train at lr x %.4g (train.lr_base_width %d / width %d; 0 turns it off)",
+            scale,
+            config.train.lr_base_width,
+            model_width(model),
+        )
 
 
 TRAIN_CLI = ConfigCli(
     prog="c2r-train",
     description=__doc__,
     config_cls=RunConfig,
+    # The top-k router balances each training batch (docs/gpu_runs.md: without it, a fine-grained model at d_model
+    # 2048 sends every token to 8 of 64 experts); the library's RouterConfig stays plain top-k.
+    defaults={"model": {"moe": {"router": {"balance": "auto"}}}},
     base=base_settings,  # with --hf-model: the model's expert count and k
     shorthands=(
         Shorthand(

@@ -67,24 +67,56 @@ def test_cpu_saved_layer_loads_and_runs_on_gpu_backend(tmp_path):
     gpu_layer.load_state_dict(torch.load(tmp_path / "layer.pt"))
     gpu_layer = gpu_layer.cuda().to(torch.bfloat16)
     x16 = x.cuda().to(torch.bfloat16)
-    assert gpu_layer.backend_for(x16).name == "megablocks"
+    assert gpu_layer.backend_for(x16).name in ("megablocks", "torch")  # auto's measured choice for this shape
     with torch.no_grad():
         got, _ = gpu_layer(x16)
     assert rel_err(got.cpu(), expected) < BF16_REL_TOL
 
 
 @needs_cuda
-def test_sparse_impl_is_refused_with_a_reason():
-    with pytest.raises(ValueError, match=r"megablocks_impl='sparse' is not supported.*triton"):
-        MoELayer(
-            64,
-            MoEConfig(
-                num_experts=4,
-                top_k=1,
-                ffn_hidden_size=128,
-                experts=ExpertConfig(backend="megablocks", megablocks_impl="sparse"),
-            ),
-        )
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize(
+    "T,K,E,D,F,empty_fraction,idle",
+    [
+        (512, 4, 16, 256, 128, 0.0, 3),
+        (512, 4, 16, 256, 256, 0.35, 3),
+        # Past both 16-bit limits of stk's block indices: 65,536 padded rows (512 block rows) and E*F = 65,536
+        # columns (512 block columns); with int16 indices triton >= 3.2 gets these wrong.
+        (8192, 8, 64, 256, 1024, 0.0, 0),
+    ],
+)
+def test_megablocks_sparse_path_matches_float32_reference(activation, T, K, E, D, F, empty_fraction, idle):
+    torch.manual_seed(0)
+    experts32 = ExpertWeights(E, D, F, activation).cuda()
+    experts16 = ExpertWeights(E, D, F, activation).cuda().to(torch.bfloat16)
+    experts16.load_state_dict({k: v.to(torch.bfloat16) for k, v in experts32.state_dict().items()})
+    x = torch.randn(T, D, device="cuda")
+    routing = random_routing(T, K, E, empty_fraction=empty_fraction, idle_experts=idle)
+    routing = type(routing)(**{k: (v.cuda() if torch.is_tensor(v) else v) for k, v in vars(routing).items()})
+    ref = run("reference", x.to(torch.bfloat16).float(), routing, experts32)
+    got = run("megablocks", x.to(torch.bfloat16), routing, experts16, megablocks_impl="sparse")
+    names = ["output", "x grad", "weight grad"] + [n for n, _ in experts32.named_parameters()]
+    for name, a, b in zip(names, got, ref):
+        assert rel_err(a, b) < BF16_REL_TOL, f"sparse: {name} rel err {rel_err(a, b):.2e}"
+
+
+@needs_cuda
+def test_megablocks_sparse_grouped_mlp_equals_grouped_gemm_on_sorted_rows():
+    """The expert-parallel entry (rows already sorted by expert, one idle expert) agrees with grouped_gemm."""
+    E, D, F = 8, 256, 256
+    torch.manual_seed(1)
+    experts = ExpertWeights(E, D, F, "swiglu").cuda().to(torch.bfloat16)
+    counts = torch.tensor([300, 0, 17, 128, 129, 1, 64, 900], device="cuda")
+    x = torch.randn(int(counts.sum()), D, device="cuda", dtype=torch.bfloat16)
+    outs = {}
+    for impl in ("grouped", "sparse"):
+        xi = x.clone().requires_grad_(True)
+        experts.zero_grad(set_to_none=True)
+        y = build_backend("megablocks", ExpertConfig(megablocks_impl=impl)).grouped_mlp(xi, counts, experts)
+        (y.float() * torch.linspace(-1, 1, y.numel(), device="cuda").view_as(y)).sum().backward()
+        outs[impl] = [y, xi.grad] + [p.grad for p in experts.parameters()]
+    for a, b in zip(outs["sparse"], outs["grouped"]):
+        assert rel_err(a, b) < BF16_REL_TOL
 
 
 @needs_cuda
@@ -97,7 +129,7 @@ def test_megablocks_rejects_float32_input_clearly():
 
 
 @needs_cuda
-def test_demo_trains_through_deepspeed_on_one_gpu_with_megablocks(tmp_path):
+def test_demo_trains_through_deepspeed_on_one_gpu_with_a_gpu_backend(tmp_path):
     import os
     import re
     import subprocess
@@ -125,7 +157,8 @@ def test_demo_trains_through_deepspeed_on_one_gpu_with_megablocks(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=repo, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "megablocks expert backend, bfloat16" in proc.stderr
+    # auto's measured choice for the demo's shape (c2r/experts/backend_choice.py): a GPU kernel path, never the loop
+    assert re.search(r"(megablocks|torch) expert backend, bfloat16", proc.stderr)
     first, last = map(float, re.search(r"val loss ([\d.]+) -> ([\d.]+)", proc.stdout).groups())
     assert last < first
 

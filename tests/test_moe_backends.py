@@ -137,16 +137,11 @@ def test_bad_layer_configs_give_clear_errors():
 def test_megablocks_where_it_cannot_run_says_why():
     with pytest.raises(RuntimeError, match="megablocks backend needs a CUDA GPU"):
         MoELayer(16, MoEConfig(num_experts=4, top_k=1, ffn_hidden_size=8, experts=ExpertConfig(backend="megablocks")))
-    with pytest.raises(ValueError, match=r"megablocks_impl='sparse' is not supported.*triton >= 3.2"):
-        MoELayer(
-            16,
-            MoEConfig(
-                num_experts=4,
-                top_k=1,
-                ffn_hidden_size=8,
-                experts=ExpertConfig(backend="megablocks", megablocks_impl="sparse"),
-            ),
-        )
+    sparse = ExpertConfig(backend="megablocks", megablocks_impl="sparse")
+    with pytest.raises(ValueError, match=r"megablocks_impl='sparse' needs ffn_hidden_size divisible by .*128; got 8"):
+        MoELayer(16, MoEConfig(num_experts=4, top_k=1, ffn_hidden_size=8, experts=sparse))
+    with pytest.raises(RuntimeError, match="megablocks backend needs a CUDA GPU"):
+        MoELayer(16, MoEConfig(num_experts=4, top_k=1, ffn_hidden_size=128, experts=sparse))
 
 
 def test_auto_backend_falls_back_to_torch_on_cpu():

@@ -116,23 +116,36 @@ def wrap_moe_layers(model: nn.Module, ep_size: int) -> list[DeepSpeedMoELayer]:
 
 
 def optimizer_param_groups(
-    model: nn.Module, weight_decay: float, max_group_size: int = 178956971
+    model: nn.Module, weight_decay: float, hidden_lr: float | None = None, max_group_size: int = 178956971
 ) -> list[dict[str, Any]]:
     """Decay for matrices, none for norms and biases; expert parameters split into their own groups (DeepSpeed's
     ZeRO and bf16 optimizers require this), at most ``max_group_size`` elements each (DeepSpeed's default).
+
+    ``hidden_lr``: a learning rate of its own for the hidden matrices (every matrix but an embedding table: attention,
+    MLPs, experts, routers, an untied output head), the width scaling of ``lr_base_width`` (c2r/run_setup.py); None
+    keeps them in the decay group at the optimizer's rate.
 
     Empty groups are left out: DeepSpeed drops them itself inside ``initialize``, after an LR scheduler built on
     the optimizer counted them (its ``zip(..., strict=True)`` then fails at the first step). DeepSpeed's own split
     makes one whenever a single expert parameter is larger than ``max_group_size`` (Qwen3-30B-A3B's 128 x 768 x
     2048 w1 of one layer is 201M elements)."""
-    decay, no_decay = [], []
+    embedding_tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, hidden, no_decay = [], [], []
     for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
+        if not param.requires_grad:
+            continue
+        if param.ndim < 2:
+            no_decay.append(param)
+        elif hidden_lr is not None and id(param) not in embedding_tables:
+            hidden.append(param)
+        else:
+            decay.append(param)
     param_groups = [
         {"name": "decay", "params": decay, "weight_decay": weight_decay},
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
     ]
+    if hidden:
+        param_groups.append({"name": "hidden", "params": hidden, "weight_decay": weight_decay, "lr": hidden_lr})
     groups = split_params_into_different_moe_groups_for_optimizer(param_groups, max_group_size)
     return [group for group in groups if group["params"]]
 

@@ -21,8 +21,8 @@ class ExpertConfig:
         backend: ``reference`` (per-expert loop, the ground truth), ``torch`` (sort + torch._grouped_mm),
             ``megablocks`` (MegaBlocks' permute kernels + grouped_gemm, CUDA only) or ``auto`` (on a bf16 GPU the
             faster of the two for the nearest measured shape, c2r/experts/backend_choice.py; else torch).
-        megablocks_impl: MegaBlocks' ``grouped`` path; ``sparse`` (stk) is refused on triton >= 3.2, where it is
-            broken upstream.
+        megablocks_impl: MegaBlocks' ``grouped`` path (grouped_gemm) or ``sparse`` (stk block-sparse kernels, with
+            the triton >= 3.2 index overflow fixed: c2r/experts/megablocks_sparse.py; needs F divisible by 128).
         torch_impl: for the torch backend, ``grouped_mm``, ``loop`` (a loop over sorted segments) or ``auto``
             (grouped_mm where torch supports the device/dtype/shape; on the CPU the loop, which measured about 2x
             faster than the CPU grouped_mm kernel).
@@ -38,3 +38,12 @@ class ExpertConfig:
         require_choice("expert backend", self.backend, BACKENDS)
         require_choice("megablocks_impl", self.megablocks_impl, MEGABLOCKS_IMPLS)
         require_choice("torch_impl", self.torch_impl, TORCH_IMPLS)
+
+    def check_fits(self, ffn_hidden_size: int) -> None:
+        """Refuse, with one line, an expert width this configuration cannot compute."""
+        if self.backend == "megablocks" and self.megablocks_impl == "sparse":
+            from c2r.experts.megablocks_sparse import sparse_shape_problem
+
+            problem = sparse_shape_problem(ffn_hidden_size)
+            if problem is not None:
+                raise ValueError(problem)

@@ -1,8 +1,9 @@
 """MegaBlocks' dropless expert computation on our stacked weights (CUDA only).
 
-The same steps as MegaBlocks' ``ParallelDroplessMLP.grouped_forward_once``: radix-sort the expert ids, histogram
-them, gather tokens into expert order with MegaBlocks' Triton kernels, run the expert MLP as grouped GEMMs
-(grouped_gemm, CUTLASS), and scatter back with the combine weights folded in. Empty slots (variable k) go to an
+``impl="grouped"``: the same steps as MegaBlocks' ``ParallelDroplessMLP.grouped_forward_once``: radix-sort the
+expert ids, histogram them, gather tokens into expert order with MegaBlocks' Triton kernels, run the expert MLP as
+grouped GEMMs (grouped_gemm), and scatter back with the combine weights folded in. ``impl="sparse"``: its
+block-sparse stk path (c2r/experts/megablocks_sparse.py). Empty slots (variable k) go to an
 extra bin past the last expert: gathered but never multiplied, and scattered with weight 0.
 
 Shape legend: the package legend (``c2r/__init__.py``), and P = T * K (token, slot) rows in expert order (empty slots
@@ -16,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from c2r.experts.megablocks_sparse import sparse_expert_mlp
 from c2r.experts.weights import ExpertWeights, gelu_tanh
 from c2r.routing.result import RoutingResult
 
@@ -37,22 +39,6 @@ def megablocks_unavailable_reason() -> str | None:
     return None
 
 
-def sparse_impl_refusal() -> str:
-    """Why we refuse MegaBlocks' stk block-sparse path: broken upstream with triton >= 3.2 (docs/design.md, "Facts we
-    build on")."""
-    try:
-        import triton
-
-        found = f"triton {triton.__version__} is installed"
-    except ImportError:
-        found = "triton is not installed"
-    return (
-        f"megablocks_impl='sparse' is not supported: MegaBlocks refuses it with triton >= 3.2 and, if forced, "
-        f"stk's sdd kernel overflows 16-bit block offsets (megablocks PR #168, stk PR #17); {found}. "
-        "Use megablocks_impl='grouped'."
-    )
-
-
 def _grouped_mlp(x_PD: torch.Tensor, batch_sizes_E: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:
     from grouped_gemm import ops as gg_ops
 
@@ -68,12 +54,10 @@ class MegaBlocksBackend:
     name = "megablocks"
 
     def __init__(self, impl: str = "grouped"):
-        if impl == "sparse":
-            raise ValueError(sparse_impl_refusal())
         reason = megablocks_unavailable_reason()
         if reason is not None:
             raise RuntimeError(reason)
-        self.impl = impl
+        self.impl = impl  # "grouped" (grouped_gemm) or "sparse" (stk block-sparse, c2r/experts/megablocks_sparse.py)
 
     @staticmethod
     def _check_input(x: torch.Tensor) -> None:
@@ -90,8 +74,13 @@ class MegaBlocksBackend:
         experts: ExpertWeights,
         host_counts: list[int] | None = None,
     ):
-        """The expert MLPs on rows already sorted by expert (grouped_gemm only; the permutation is the caller's)."""
+        """The expert MLPs on rows already sorted by expert (the permutation is the caller's)."""
         self._check_input(x_PD)
+        if self.impl == "sparse":
+            experts_P = torch.repeat_interleave(
+                torch.arange(experts.num_experts, device=x_PD.device), tokens_per_expert_E, output_size=x_PD.shape[0]
+            )
+            return sparse_expert_mlp(x_PD, experts_P, None, 1, experts, has_empty=False)
         if host_counts is not None:
             batch_sizes_E = torch.tensor(host_counts, dtype=torch.long)  # grouped_gemm wants them on the host
         else:
@@ -104,6 +93,13 @@ class MegaBlocksBackend:
         self._check_input(x_TD)
         num_tokens, top_k = routing.expert_ids_TK.shape
         num_experts = experts.num_experts
+        if self.impl == "sparse":
+            keys, weights = routing.expert_ids_TK, routing.weights_TK
+            if not routing.fixed_k:
+                keys = torch.where(routing.valid_TK, keys, num_experts)
+                weights = torch.where(routing.valid_TK, weights, torch.zeros_like(weights))
+            keys, weights = keys.flatten(), weights.flatten().to(x_TD.dtype)
+            return sparse_expert_mlp(x_TD, keys, weights, top_k, experts, has_empty=not routing.fixed_k)
         num_bins = num_experts if routing.fixed_k else num_experts + 1  # + the bin of empty slots
         with torch.no_grad():
             keys = routing.expert_ids_TK

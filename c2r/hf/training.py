@@ -78,12 +78,16 @@ def model_shape(model_dir: str) -> HFModelShape:
 
 def base_settings(user: dict[str, Any]) -> dict[str, Any]:
     """The config layer under the user's (``ConfigCli.base``): with ``hf.model_dir``, the model's expert count and
-    k, so that placement plans, checkpoints and logs see the real model."""
+    k, so that placement plans, checkpoints and logs see the real model, and no width scaling of the learning rate."""
     model_dir = (user.get("hf") or {}).get("model_dir")
     if model_dir is None:
         return {}
     shape = model_shape(str(model_dir))
-    return {"model": {"moe": {"num_experts": shape.num_experts, "top_k": shape.top_k}}}
+    return {
+        "model": {"moe": {"num_experts": shape.num_experts, "top_k": shape.top_k}},
+        # A pretrained model's learning rate is chosen for its own width: no width scaling unless asked for.
+        "train": {"lr_base_width": 0},
+    }
 
 
 def switched_router(moe: MoEConfig) -> RouterConfig | None:

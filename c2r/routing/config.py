@@ -132,7 +132,8 @@ class RouterConfig:
             1 ms per layer at T=16k, D=2048 on an H100 for the float32 copy of the activations and their gradient);
             ``input`` computes it in the activations' dtype and only the softmax in float32 (Mixtral, MegaBlocks).
         balance: ``batch`` selects (``topk`` router only) on the logits plus a per-expert bias solved on each
-            training batch to even out its top-k counts (c2r/routing/balance.py); ``none``: plain top-k.
+            training batch to even out its top-k counts (c2r/routing/balance.py); ``none``: plain top-k; ``auto``
+            (c2r-train's default): ``batch`` for the ``topk`` router, ``none`` for the other kinds.
         balance_rounds: rounds of the per-batch solve (each one top-k and one count on the device).
         balance_momentum: m of the running bias used in evaluation, updated once per optimizer step.
     """
@@ -156,7 +157,9 @@ class RouterConfig:
     def __post_init__(self) -> None:
         require_choice("router kind", self.kind, ROUTER_KINDS)
         require_choice("logits_dtype", self.logits_dtype, ("float32", "input"))
-        require_choice("router balance", self.balance, ("none", "batch"))
+        require_choice("router balance", self.balance, ("none", "batch", "auto"))
+        if self.balance == "auto":
+            self.balance = "batch" if self.kind == "topk" else "none"
         if self.balance != "none" and self.kind != "topk":
             raise ValueError(f"router balance '{self.balance}' is for the topk router; router kind is '{self.kind}'")
         if self.balance_rounds < 1 or not 0 <= self.balance_momentum < 1:
