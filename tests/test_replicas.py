@@ -355,6 +355,7 @@ def test_apply_creates_and_removes_replicas_and_resume_follows_the_uninterrupted
     import json
 
     from c2r.deepspeed.apply_plan import apply_plan
+    from c2r.deepspeed.expert_files import expert_file_name, rename_slot, stored_slot
     from c2r.deepspeed.move_experts import REMAPPED
     from placement.plan import load_plan
     from tests.run_configs import tiny_run_config
@@ -413,7 +414,16 @@ def test_apply_creates_and_removes_replicas_and_resume_follows_the_uninterrupted
     other = write_replicated_plan(tmp_path / "other.json", OTHER_REPLICATED_PLAN)
     apply_plan(load_plan(other).layouts, tmp_path / "rep" / "checkpoints", tmp_path / "other" / "checkpoints", "step4")
     saved_experts(tmp_path / "other" / "checkpoints" / "step4")
-    without, again, other_replicas = run_distributed(
+    # Checkpoints saved before, with a file per replica slot too, still resume (the replica files are not read).
+    legacy = tmp_path / "legacy" / "checkpoints"
+    shutil.copytree(rep4, legacy / "step4")
+    (legacy / "latest").write_text("step4")
+    for layer, layout in enumerate(load_plan(replicated).layouts):
+        for slot in range(layout.num_slots):
+            if (home := stored_slot(layout, slot)) != slot:
+                state = torch.load(legacy / "step4" / expert_file_name(layer, home), weights_only=True)
+                torch.save(rename_slot(state, slot), legacy / "step4" / expert_file_name(layer, slot))
+    without, again, other_replicas, old_format = run_distributed(
         train_worker,
         2,
         tmp_path / "spawn_resumed",
@@ -421,11 +431,14 @@ def test_apply_creates_and_removes_replicas_and_resume_follows_the_uninterrupted
             raw("back", 6, resume=True, placement_plan=str(plain)),
             raw("again", 6, resume=True, placement_plan=replicated),
             raw("other", 6, resume=True, placement_plan=other),
+            raw("legacy", 6, resume=True, placement_plan=replicated),
         ],
     )[0]
     torch.testing.assert_close(with_replicas, full[2:], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(without, full[4:], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(again, full[4:], rtol=1e-5, atol=1e-5)
+    # bit for bit: the run that saved it went on alike under the same placement
+    assert again == old_format == with_replicas[2:]
     torch.testing.assert_close(other_replicas, full[4:], rtol=1e-5, atol=1e-5)
     if stage == 2:
         # Without a logical expert's weight file (a replicated one: no replica file to fall back on either), apply
@@ -488,3 +501,21 @@ def test_replicas_with_expert_data_parallelism_zero1(tmp_path):
     for rank in range(4):  # every copy in every EP group equals the saved expert
         for key, tensors in per_rank[rank][1][1].items():
             assert all(torch.equal(tensors[p], v) for p, v in saved[key].items()), (rank, key)
+
+
+def test_clipping_with_replicas_is_said_once(caplog):
+    from types import SimpleNamespace
+
+    from c2r.deepspeed.setup import warn_if_clipping_counts_replicas
+    from c2r.moe import MoEConfig, MoELayer
+
+    layers = torch.nn.ModuleList(MoELayer(D, MoEConfig(num_experts=E, top_k=2, ffn_hidden_size=F)) for _ in range(2))
+    layers[0].dispatcher = SimpleNamespace(layout=ExpertLayout.contiguous(E, 2))
+    layers[1].dispatcher = SimpleNamespace(layout=make_layout("two_ranks"))
+    warn_if_clipping_counts_replicas(layers, {"gradient_clipping": 1.0})
+    (record,) = caplog.records
+    assert record.getMessage().startswith("gradient clipping (1) with replicated experts (MoE layers [1]): ")
+    caplog.clear()
+    warn_if_clipping_counts_replicas(layers, {"gradient_clipping": 0.0})  # clipping off: the runs are equal
+    warn_if_clipping_counts_replicas(layers[:1], {"gradient_clipping": 1.0})  # no replicas
+    assert not caplog.records
