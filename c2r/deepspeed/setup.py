@@ -175,13 +175,13 @@ def warn_if_clipping_counts_replicas(model: nn.Module, ds_config: dict[str, Any]
     counts each copy, so the clip coefficient can differ from the unreplicated model's (docs/design.md, "Gradient
     clipping with replicated experts"); the copies stay identical either way."""
     clip = float(ds_config.get("gradient_clipping") or 0.0)
-    layers = [m for m in model.modules() if isinstance(m, MoELayer) and m.dispatcher is not None]
-    replicated = [i for i, m in enumerate(layers) if m.dispatcher.layout.is_replicated]
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    replicated = [i for i, m in enumerate(layers) if m.dispatcher is not None and m.dispatcher.layout.is_replicated]
     if clip > 0 and replicated and (not dist.is_initialized() or dist.get_rank() == 0):
         log.warning(
             "gradient clipping (%g) with replicated experts (MoE layers %s): DeepSpeed's global gradient norm counts "
-            "each copy of a replicated expert, so steps where the clip binds differ from the unreplicated model's "
-            "(--set train.grad_clip=0 makes the runs equal)",
+            "each copy of a replicated expert, so where the clip binds the steps can differ from the unreplicated "
+            "model's (--set train.grad_clip=0 makes the runs equal)",
             clip,
             replicated,
         )
