@@ -38,7 +38,7 @@ MOE_SHAPE_KEYS = ("num_experts", "ffn_hidden_size")
 def save_checkpoint(engine, ckpt_dir: str | Path, step: int, run_config: dict[str, Any]) -> str:
     ckpt_dir = Path(ckpt_dir)
     tag = f"step{step}"
-    with one_file_per_expert(engine, recorded_layouts(run_config)):
+    with one_file_per_expert(engine, replicated_layouts(run_config)):
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
     dist.barrier()  # every rank's files are on disk before anyone points at them
     if dist.get_rank() == 0:
@@ -164,6 +164,15 @@ def recorded_layouts(run_config: dict[str, Any]) -> list[ExpertLayout]:
         contiguous if layout is None else ExpertLayout.from_json(layout, ep_size, num_experts, f"expert_layouts[{i}]")
         for i, layout in enumerate(saved)
     ]
+
+
+def replicated_layouts(run_config: dict[str, Any]) -> list[ExpertLayout]:
+    """The run's layouts when one of them holds replicas (always recorded then: a replicated expert's entry is a list
+    of ranks); else none, and the checkpoint is DeepSpeed's own."""
+    saved = run_config.get("expert_layouts") or []
+    if not any(isinstance(entry, list) for layout in saved if layout for entry in layout):
+        return []
+    return recorded_layouts(run_config)
 
 
 def check_same_placement(saved: dict[str, Any], run_config: dict[str, Any], tag: str) -> None:
