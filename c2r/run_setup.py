@@ -445,6 +445,7 @@ def build_engine(
     import deepspeed
 
     from c2r.deepspeed import load_deepspeed_config, make_expert_parallel
+    from c2r.deepspeed.setup import warn_if_clipping_counts_replicas
 
     tc = config.train
     ds_config = load_deepspeed_config(tc.deepspeed_config, device.type == "cuda", tc.batch_size, tc.grad_clip)
@@ -464,6 +465,7 @@ def build_engine(
         ds_config, optimizer = optimize_only(model, device, tc, ds_config, train_only)
         scheduler = None
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    warn_if_clipping_counts_replicas(model, ds_config)
     return engine
 
 

@@ -214,9 +214,11 @@ def test_replicated_dispatch_matches_unreplicated_reference(tmp_path, world):
 
 # Training under DeepSpeed (c2r-train's own train(), 2 CPU ranks): 2 MoE layers of 8 experts, each with 2 replicas.
 REPLICATED_PLAN = [[[0, 1], 0, 0, 0, 1, [1, 0], 1, 1], [1, 0, [1, 0], [0, 1], 0, 1, 1, 0]]
+# Other replicated experts than REPLICATED_PLAN's, on other homes: applying it creates and removes every replica.
+OTHER_REPLICATED_PLAN = [[0, [1, 0], 0, 0, 1, 1, [0, 1], 1], [[0, 1], 1, 1, 0, [1, 0], 0, 1, 0]]
 
 
-def write_replicated_plan(path) -> str:
+def write_replicated_plan(path, layouts=REPLICATED_PLAN) -> str:
     import json
 
     plan = {
@@ -225,7 +227,7 @@ def write_replicated_plan(path) -> str:
         "num_layers": 2,
         "num_experts": E,
         "num_ranks": 2,
-        "layers": [{"layer": i, "expert_to_rank": layout} for i, layout in enumerate(REPLICATED_PLAN)],
+        "layers": [{"layer": i, "expert_to_rank": layout} for i, layout in enumerate(layouts)],
     }
     path.write_text(json.dumps(plan))
     return str(path)
@@ -238,21 +240,47 @@ def train_worker(rank, world, raws):
     return [train(config_from_dict(RunConfig, raw))["step_losses"] for raw in raws]
 
 
-def saved_copies(run_dir, step: int) -> dict[tuple[int, int], list[dict[str, torch.Tensor]]]:
-    """{(layer, logical expert): [its copies' tensors (w1, v1, w2), one per physical slot]} from the checkpoint's
-    per-expert files, with the run config's layouts saying which logical expert each slot holds."""
+def local_copies(model, rank: int) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
+    """{(MoE layer, logical expert): its weights (w1, v1, w2) in this rank's slot} for every expert the rank holds."""
+    from c2r.moe import MoELayer
+
+    copies = {}
+    for layer, moe in enumerate(m for m in model.modules() if isinstance(m, MoELayer)):
+        names = [n for n in ("w1", "v1", "w2") if getattr(moe.experts, n) is not None]
+        for slot, expert in enumerate(moe.dispatcher.layout.local_experts(rank)):
+            copies[layer, expert] = {n: moe.experts.stacked(n)[slot].detach().clone() for n in names}
+    return copies
+
+
+def train_copies_worker(rank, world, raws):
+    """Per run: its step losses and this rank's in-memory expert copies after the last step."""
+    from c2r.config_utils import config_from_dict
+    from c2r.train import RunConfig, train
+
+    results = []
+    for raw in raws:
+        result = train(config_from_dict(RunConfig, raw))
+        results.append((result["step_losses"], local_copies(result["engine"].module, rank)))
+    return results
+
+
+def saved_experts(tag_dir) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
+    """{(layer, logical expert): its tensors (w1, v1, w2)} from the checkpoint's expert files, after checking that
+    it holds exactly one weight file per logical expert: its home slot's (the run config's layouts say which)."""
     import json
 
-    tag_dir = run_dir / "checkpoints" / f"step{step}"
     config = json.loads((tag_dir / "c2r_config.json").read_text())
-    copies = {}
+    experts = {}
     for layer, saved in enumerate(config["expert_layouts"]):
         layout = ExpertLayout.from_json(saved, 2, E)
-        for slot, expert in enumerate(layout.physical_to_logical.tolist()):
-            state = torch.load(tag_dir / f"layer_{layer}_expert_{slot}_mp_rank_00_model_states.pt", weights_only=True)
-            tensors = {key.rsplit(".", 1)[1]: value for key, value in state.items()}
-            copies.setdefault((layer, expert), []).append(tensors)
-    return copies
+        homes = layout.logical_to_physical.tolist()
+        files = sorted(p.name for p in tag_dir.glob(f"layer_{layer}_expert_*_model_states.pt"))
+        assert files == sorted(f"layer_{layer}_expert_{p}_mp_rank_00_model_states.pt" for p in homes), tag_dir
+        for expert, home in enumerate(homes):
+            state = torch.load(tag_dir / f"layer_{layer}_expert_{home}_mp_rank_00_model_states.pt", weights_only=True)
+            assert all(f"deepspeed_experts.{home}." in key for key in state), list(state)
+            experts[layer, expert] = {key.rsplit(".", 1)[1]: value for key, value in state.items()}
+    return experts
 
 
 def test_replicas_train_like_the_unreplicated_model_under_deepspeed(tmp_path):
@@ -278,19 +306,24 @@ def test_replicas_train_like_the_unreplicated_model_under_deepspeed(tmp_path):
         # clipping on: a replicated expert's gradient counts once per copy in the global norm (replicas.py)
         "clipped_replicas": raw("clipped_replicas", grad_clip=0.05, placement_plan=plan),
     }
-    losses = dict(zip(runs, run_distributed(train_worker, 2, tmp_path / "spawn", list(runs.values()))[0]))
+    per_rank = run_distributed(train_copies_worker, 2, tmp_path / "spawn", list(runs.values()))
+    losses = {name: run_losses for name, (run_losses, _) in zip(runs, per_rank[0])}
     for stage in ("zero2", "zero0"):
         torch.testing.assert_close(losses[f"{stage}_replicas"], losses[stage], rtol=1e-5, atol=1e-5, msg=stage)
-    # Copies stay bit-identical over 20 steps, clipped or not.
-    for name in ("zero2_replicas", "zero0_replicas", "clipped_replicas"):
-        copies = saved_copies(tmp_path / name, 20)
-        replicated = {key: tensors for key, tensors in copies.items() if len(tensors) > 1}
-        assert len(replicated) == 4, name
-        for key, (first, *others) in replicated.items():
-            for other in others:
-                assert first.keys() == other.keys() == {"w1", "v1", "w2"} or first.keys() == {"w1", "w2"}
-                for param, value in first.items():
-                    assert torch.equal(other[param], value), f"{name} layer {key[0]} expert {key[1]} {param}"
+    for index, name in enumerate(runs):
+        copies = {}  # (layer, logical expert) -> its copies on the two ranks, after 20 steps
+        for rank in range(2):
+            for key, tensors in per_rank[rank][index][1].items():
+                copies.setdefault(key, []).append(tensors)
+        # The checkpoint holds each logical expert once (2 x 8 files, not 2 x 10 with replicas), equal to its copies.
+        saved = saved_experts(tmp_path / name / "checkpoints" / "step20")
+        assert len(saved) == 2 * E and saved.keys() == copies.keys(), name
+        for key, tensors in saved.items():
+            assert tensors.keys() == {"w1", "v1", "w2"} or tensors.keys() == {"w1", "w2"}
+            for held in copies[key]:  # copies stay bit-identical over 20 steps, clipped or not
+                for param, value in tensors.items():
+                    assert torch.equal(held[param], value), f"{name} layer {key[0]} expert {key[1]} {param}"
+        assert sum(len(c) > 1 for c in copies.values()) == (4 if "replicas" in name else 0), name
     # The run config and profile.json record the replicated layouts in the JSON form; the profiler counts physical
     # slots (each rank's local load has X = 5 entries) and the pairs it computed are the routed ones.
     saved = json.loads((tmp_path / "zero2_replicas" / "checkpoints" / "step20" / "c2r_config.json").read_text())
@@ -318,10 +351,11 @@ def test_replicas_train_like_the_unreplicated_model_under_deepspeed(tmp_path):
 
 
 @pytest.mark.parametrize("stage", [2, 0])
-def test_apply_creates_and_removes_replicas_and_resume_follows_the_uninterrupted_run(tmp_path, stage):
+def test_apply_creates_and_removes_replicas_and_resume_follows_the_uninterrupted_run(tmp_path, capsys, stage):
     import json
 
     from c2r.deepspeed.apply_plan import apply_plan
+    from c2r.deepspeed.expert_files import expert_file_name, rename_slot, stored_slot
     from c2r.deepspeed.move_experts import REMAPPED
     from placement.plan import load_plan
     from tests.run_configs import tiny_run_config
@@ -363,21 +397,73 @@ def test_apply_creates_and_removes_replicas_and_resume_follows_the_uninterrupted
     )
     moved = json.loads((tmp_path / "rep" / "checkpoints" / "step2" / "c2r_config.json").read_text())
     assert moved["expert_layouts"] == REPLICATED_PLAN and moved["optimizer_state"] == REMAPPED
+    saved_experts(tmp_path / "rep" / "checkpoints" / "step2")  # apply writes one weight file per logical expert
     with_replicas = train_run("rep", 6, resume=True, placement_plan=replicated, save_every=2)
+    rep4 = tmp_path / "rep" / "checkpoints" / "step4"
+    saved_experts(rep4)  # and so does training (E files per layer, not 10)
     apply_plan(
         load_plan(str(plain)).layouts, tmp_path / "rep" / "checkpoints", tmp_path / "back" / "checkpoints", "step4"
     )
     moved = json.loads((tmp_path / "back" / "checkpoints" / "step4" / "c2r_config.json").read_text())
     assert moved["expert_layouts"] == plain_layouts and moved["optimizer_state"] == REMAPPED
     assert len(list((tmp_path / "back" / "checkpoints" / "step4").glob("layer_0_expert_*"))) == E
-    without = train_run("back", 6, resume=True, placement_plan=str(plain))
-    # A checkpoint DeepSpeed saved with replicas (one file per physical slot) resumes as it is.
-    shutil.copytree(tmp_path / "rep" / "checkpoints" / "step4", tmp_path / "again" / "checkpoints" / "step4")
+    # A replicated checkpoint as training saved it (one weight file per logical expert) resumes as it is, and takes
+    # a plan with other replicas and homes (c2r-place apply: replica slots read from the home files).
+    shutil.copytree(rep4, tmp_path / "again" / "checkpoints" / "step4")
     (tmp_path / "again" / "checkpoints" / "latest").write_text("step4")
-    again = train_run("again", 6, resume=True, placement_plan=replicated)
+    other = write_replicated_plan(tmp_path / "other.json", OTHER_REPLICATED_PLAN)
+    apply_plan(load_plan(other).layouts, tmp_path / "rep" / "checkpoints", tmp_path / "other" / "checkpoints", "step4")
+    saved_experts(tmp_path / "other" / "checkpoints" / "step4")
+    # Checkpoints saved before, with a file per replica slot too, still resume (the replica files are not read).
+    legacy = tmp_path / "legacy" / "checkpoints"
+    shutil.copytree(rep4, legacy / "step4")
+    (legacy / "latest").write_text("step4")
+    for layer, layout in enumerate(load_plan(replicated).layouts):
+        for slot in range(layout.num_slots):
+            if (home := stored_slot(layout, slot)) != slot:
+                state = torch.load(legacy / "step4" / expert_file_name(layer, home), weights_only=True)
+                torch.save(rename_slot(state, slot), legacy / "step4" / expert_file_name(layer, slot))
+    without, again, other_replicas, old_format = run_distributed(
+        train_worker,
+        2,
+        tmp_path / "spawn_resumed",
+        [
+            raw("back", 6, resume=True, placement_plan=str(plain)),
+            raw("again", 6, resume=True, placement_plan=replicated),
+            raw("other", 6, resume=True, placement_plan=other),
+            raw("legacy", 6, resume=True, placement_plan=replicated),
+        ],
+    )[0]
     torch.testing.assert_close(with_replicas, full[2:], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(without, full[4:], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(again, full[4:], rtol=1e-5, atol=1e-5)
+    # bit for bit: the run that saved it went on alike under the same placement
+    assert again == old_format == with_replicas[2:]
+    torch.testing.assert_close(other_replicas, full[4:], rtol=1e-5, atol=1e-5)
+    if stage == 2:
+        # Without a logical expert's weight file (a replicated one: no replica file to fall back on either), apply
+        # and --resume refuse in one line naming the expert and its file.
+        broken = tmp_path / "broken" / "checkpoints"
+        shutil.copytree(rep4, broken / "step4")
+        (broken / "latest").write_text("step4")
+        home = int(load_plan(replicated).layouts[1].logical_to_physical[2])
+        (broken / "step4" / f"layer_1_expert_{home}_mp_rank_00_model_states.pt").unlink()
+        want = (
+            f"checkpoint {broken / 'step4'} has no weights for layer 1 expert 2 "
+            f"(layer_1_expert_{home}_mp_rank_00_model_states.pt): incomplete or not a c2r checkpoint"
+        )
+        with pytest.raises(FileNotFoundError) as error:
+            apply_plan(load_plan(other).layouts, broken, tmp_path / "nowhere", "step4")
+        assert str(error.value) == want
+        from c2r.place_cli import main as place_main
+
+        capsys.readouterr()  # the progress bars of the applies above
+        code = place_main(["apply", "--plan", other, "--checkpoint", str(broken), "--out", str(tmp_path / "no")])
+        err = capsys.readouterr().err
+        assert code == 2 and err.strip().splitlines() == [f"c2r-place apply: error: {want}"], err
+        resume_broken = raw("broken", 6, resume=True, placement_plan=replicated)
+        with pytest.raises(AssertionError, match="layer 1 expert 2"):
+            run_distributed(train_worker, 2, tmp_path / "spawn_broken", [resume_broken])
     if stage == 2:  # c2r-place reshard collapses replicas: the replicated step-4 checkpoint on one rank (ep 1)
         from c2r.deepspeed.reshard import RESHARDED, reshard
 
@@ -406,10 +492,30 @@ def test_replicas_with_expert_data_parallelism_zero1(tmp_path):
             tmp_path / name, steps=6, ep_size=2, eval_every=6, grad_clip=0.0, deepspeed_config=str(zero1), **options
         )
 
-    plain, replicated = run_distributed(
-        train_worker, 4, tmp_path / "spawn", [raw("plain"), raw("replicas", placement_plan=plan)]
-    )[0]
+    per_rank = run_distributed(
+        train_copies_worker, 4, tmp_path / "spawn", [raw("plain"), raw("replicas", placement_plan=plan)]
+    )
+    (plain, _), (replicated, _) = per_rank[0]
     torch.testing.assert_close(replicated, plain, rtol=1e-5, atol=1e-5)
-    for key, (first, *others) in saved_copies(tmp_path / "replicas", 6).items():
-        for other in others:
-            assert all(torch.equal(other[p], v) for p, v in first.items()), key
+    saved = saved_experts(tmp_path / "replicas" / "checkpoints" / "step6")  # one file per logical expert
+    for rank in range(4):  # every copy in every EP group equals the saved expert
+        for key, tensors in per_rank[rank][1][1].items():
+            assert all(torch.equal(tensors[p], v) for p, v in saved[key].items()), (rank, key)
+
+
+def test_clipping_with_replicas_is_said_once(caplog):
+    from types import SimpleNamespace
+
+    from c2r.deepspeed.setup import warn_if_clipping_counts_replicas
+    from c2r.moe import MoEConfig, MoELayer
+
+    layers = torch.nn.ModuleList(MoELayer(D, MoEConfig(num_experts=E, top_k=2, ffn_hidden_size=F)) for _ in range(2))
+    layers[0].dispatcher = SimpleNamespace(layout=ExpertLayout.contiguous(E, 2))
+    layers[1].dispatcher = SimpleNamespace(layout=make_layout("two_ranks"))
+    warn_if_clipping_counts_replicas(layers, {"gradient_clipping": 1.0})
+    (record,) = caplog.records
+    assert record.getMessage().startswith("gradient clipping (1) with replicated experts (MoE layers [1]): ")
+    caplog.clear()
+    warn_if_clipping_counts_replicas(layers, {"gradient_clipping": 0.0})  # clipping off: the runs are equal
+    warn_if_clipping_counts_replicas(layers[:1], {"gradient_clipping": 1.0})  # no replicas
+    assert not caplog.records

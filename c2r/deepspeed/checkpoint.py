@@ -3,7 +3,8 @@
 ``engine.save_checkpoint`` writes the model, optimizer and per-expert files under ``<dir>/<tag>/``. We write the
 ``latest`` pointer ourselves, atomically and only after every rank has finished, so a crash mid-save leaves
 ``latest`` on the previous complete checkpoint. Each tag also gets ``c2r_config.json`` (our run config), which
-``resume`` compares with the model it is asked to load into.
+``resume`` compares with the model it is asked to load into. With replicated experts each logical expert's weights are
+saved once (``c2r.deepspeed.expert_files``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import torch.distributed as dist
 
 from c2r.config_utils import config_from_dict
+from c2r.deepspeed.expert_files import check_expert_files, one_file_per_expert
 from c2r.model import ModelConfig
 from c2r.routing import Router
 from placement.layout import ExpertLayout
@@ -36,7 +38,8 @@ MOE_SHAPE_KEYS = ("num_experts", "ffn_hidden_size")
 def save_checkpoint(engine, ckpt_dir: str | Path, step: int, run_config: dict[str, Any]) -> str:
     ckpt_dir = Path(ckpt_dir)
     tag = f"step{step}"
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+    with one_file_per_expert(engine, replicated_layouts(run_config)):
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
     dist.barrier()  # every rank's files are on disk before anyone points at them
     if dist.get_rank() == 0:
         atomic_write_text(ckpt_dir / tag / CONFIG_FILE, json.dumps(run_config, indent=2))
@@ -94,14 +97,17 @@ def resume(engine, ckpt_dir: str | Path, run_config: dict[str, Any]) -> int:
     check_compatible(saved["model"], run_config["model"], str(Path(ckpt_dir) / tag))
     check_same_size(saved, run_config, Path(ckpt_dir), tag)
     check_same_placement(saved, run_config, tag)
-    if str(saved.get("optimizer_state", "")).startswith("dropped"):
-        # c2r-place apply moved experts between ranks: weights only, fresh optimizer moments, same schedule.
-        _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_only=True)
-        if client_state is not None and engine.lr_scheduler is not None:
-            engine.lr_scheduler.last_epoch = int(client_state["step"]) - 1
-            engine.lr_scheduler.step()
-    else:
-        _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    layouts = recorded_layouts(saved)
+    check_expert_files(Path(ckpt_dir) / tag, layouts)
+    with one_file_per_expert(engine, layouts):
+        if str(saved.get("optimizer_state", "")).startswith("dropped"):
+            # c2r-place apply moved experts between ranks: weights only, fresh optimizer moments, same schedule.
+            _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_only=True)
+            if client_state is not None and engine.lr_scheduler is not None:
+                engine.lr_scheduler.last_epoch = int(client_state["step"]) - 1
+                engine.lr_scheduler.step()
+        else:
+            _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if client_state is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {Path(ckpt_dir) / tag}")
     return int(client_state["step"])
@@ -160,6 +166,15 @@ def recorded_layouts(run_config: dict[str, Any]) -> list[ExpertLayout]:
     ]
 
 
+def replicated_layouts(run_config: dict[str, Any]) -> list[ExpertLayout]:
+    """The run's layouts when one of them holds replicas (always recorded then: a replicated expert's entry is a list
+    of ranks); else none, and the checkpoint is DeepSpeed's own."""
+    saved = run_config.get("expert_layouts") or []
+    if not any(isinstance(entry, list) for layout in saved if layout for entry in layout):
+        return []
+    return recorded_layouts(run_config)
+
+
 def check_same_placement(saved: dict[str, Any], run_config: dict[str, Any], tag: str) -> None:
     """Expert files are named by physical slot: loading them under another placement would swap experts. Compared
     slot by slot, so a contiguous checkpoint also starts a run of another ep_size (``--init-from``); ``resume``
@@ -210,7 +225,9 @@ def init_from_checkpoint(engine, path: str | Path, run_config: dict[str, Any]) -
     saved = json.loads((ckpt_dir / tag / CONFIG_FILE).read_text())
     check_compatible(saved["model"], run_config["model"], str(ckpt_dir / tag))
     check_same_placement(saved, run_config, str(ckpt_dir / tag))
-    with frozen_params_marked_trainable(engine.module):
+    layouts = recorded_layouts(saved)
+    check_expert_files(ckpt_dir / tag, layouts)
+    with frozen_params_marked_trainable(engine.module), one_file_per_expert(engine, layouts):
         loaded, _ = engine.load_checkpoint(
             str(ckpt_dir),
             tag=tag,

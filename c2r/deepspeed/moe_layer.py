@@ -31,8 +31,8 @@ class DeepSpeedMoELayer(_DeepSpeedMoE):
         self.ep_size = ep_size
         self.num_experts = num_experts
         # The slots each rank holds: E / R, or P / R with replicated experts. DeepSpeed names the expert checkpoint
-        # files by ep rank * this + local slot, so a replicated layer saves one file per physical slot (the run
-        # config's expert_layouts say which logical expert each holds).
+        # files by ep rank * this + local slot; a replicated expert is saved once, in its home slot's file
+        # (c2r.deepspeed.expert_files; the run config's expert_layouts say which logical expert each slot holds).
         self.num_local_experts = layout.experts_per_rank if layout is not None else num_experts // ep_size
         self.expert_group_name = expert_group_name(ep_size)
         self.enable_expert_tensor_parallelism = False

@@ -7,7 +7,9 @@ logical expert ``e`` from one rank to another is therefore a rename of its file 
 from its old physical id to its new one; the model computes exactly the same function afterwards. With replicated
 experts on either side, every new slot of an expert gets its home copy (copies are identical), so replicas are created
 and removed with their weights and optimizer state; since that changes the slots per rank, the expert optimizer
-partitions are then rebuilt by ``c2r.deepspeed.reshard`` at the same world size and ep_size.
+partitions are then rebuilt by ``c2r.deepspeed.reshard`` at the same world size and ep_size. A replicated checkpoint
+holds one weight file per logical expert, its home slot's (``c2r.deepspeed.expert_files``): replica slots are read
+from it, and a replicated new layout gets only its homes' files.
 
 Optimizer state. Each rank stacks its experts' parameters (``w1``, ``v1``, ``w2``: ``[E/R * F, D]``, slot ``s`` owns
 rows ``s*F .. (s+1)*F``), and so does every per-parameter optimizer tensor: the fp32 master copy and Adam's
@@ -52,17 +54,16 @@ import torch
 from tqdm.auto import tqdm
 
 from c2r.deepspeed.checkpoint import CONFIG_FILE, LATEST, latest_tag, recorded_layouts
+from c2r.deepspeed.expert_files import EXPERT_FILE, check_expert_files, expert_file_name, rename_slot, stored_slot
 from placement.layout import ExpertLayout
 from profiling.files import atomic_write_text
 
 log = logging.getLogger("c2r.deepspeed.move_experts")
 
-EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_(mp_rank_\d+)_model_states\.pt")
 OPTIMIZER_FILE = re.compile(r".*optim_states\.pt")
 ZERO_FILE = re.compile(r"(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt")
 EXPP_FILE = re.compile(r"expp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt")
 MODEL_FILE = "mp_rank_00_model_states.pt"
-KEY_SLOT = re.compile(r"(deepspeed_experts\.)(\d+)(\.)")
 PER_EXPERT_KEY = re.compile(r"(.*)\.deepspeed_experts\.\d+\.([^.]+)")
 REMAPPED = "moved with the experts by c2r-place apply"
 # deepspeed.checkpoint.constants
@@ -110,6 +111,7 @@ def move_experts(
     run_config = json.loads((src / CONFIG_FILE).read_text())
     old = recorded_layouts(run_config)
     new = check_layouts_fit(layouts, run_config, len(old))
+    check_expert_files(src, old)
     for layout in [*old, *new]:
         # replicas created or removed resize the optimizer partitions: c2r.deepspeed.apply_plan rebuilds them
         layout.require_unreplicated("move_experts (use c2r.deepspeed.apply_plan)")
@@ -175,15 +177,12 @@ def _copy_one(path: Path, dst_dir: Path, old: list[ExpertLayout], new: list[Expe
         shutil.copy2(path, dst_dir / path.name)
         return
     layer, old_slot, mp = int(match[1]), int(match[2]), match[3]
+    if stored_slot(old[layer], old_slot) != old_slot:
+        return  # a replica's file (older checkpoints wrote them): identical to its home copy's, which is moved
     expert = old[layer].physical_to_logical[old_slot]
-    if old_slot != old[layer].logical_to_physical[expert]:
-        return  # a replica: identical to its home copy, which is written to each of the expert's new slots
+    new_slot = int(new[layer].logical_to_physical[expert])  # its new home: the one file a replicated layout keeps
     state = torch.load(path, map_location="cpu", weights_only=False)
-    for new_slot in new[layer].replica_slots[expert].tolist():
-        if new_slot < 0:
-            break
-        renamed = {KEY_SLOT.sub(lambda m, s=new_slot: f"{m[1]}{s}{m[3]}", k, count=1): v for k, v in state.items()}
-        torch.save(renamed, dst_dir / f"layer_{layer}_expert_{new_slot}_{mp}_model_states.pt")
+    torch.save(rename_slot(state, new_slot), dst_dir / expert_file_name(layer, new_slot, mp))
 
 
 def begin_checkpoint(out_dir: Path, tag: str) -> tuple[Path, Path]:
@@ -239,7 +238,8 @@ class OptimizerRemap:
     # -- what the expert files say ------------------------------------------------------------------------------
 
     def _expert_file(self, layer: int, physical: int) -> Path:
-        return self.src / f"layer_{layer}_expert_{physical}_mp_rank_00_model_states.pt"
+        """The file holding slot ``physical``'s weights under the old layout (a replica's: its home copy's)."""
+        return self.src / expert_file_name(layer, stored_slot(self.old[layer], physical))
 
     def _expert_params(self) -> list[ExpertParam]:
         """The stacked expert parameters in model order (layer, then the order of the keys in its files)."""

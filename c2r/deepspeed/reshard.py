@@ -8,7 +8,8 @@ written it at the new size, and loads with the ordinary ``--resume``:
 
 * Expert files are named by physical id (``layer_<l>_expert_<ep_rank * E/R + slot>``): each is renamed from its
   physical id under the old layout to the one under the new layout, as ``c2r-place apply`` does
-  (``move_experts``). There are E files per layer at any ep_size (P with replicated experts).
+  (``move_experts``). There are E files per layer at any ep_size, replicated or not (a replicated expert's weights
+  are stored once, under its home slot: ``c2r.deepspeed.expert_files``).
 * ZeRO-1/2 (``zero_pp_rank_<r>_mp_rank_00_optim_states.pt``, one per rank). A param group is one flat buffer of its
   parameters in group order, padded at the end to a multiple of ``2 * dp`` and cut into ``dp`` equal partitions
   (DeepSpeed 0.19.8 ``stage_1_and_2.py``: ``nccl_start_alignment_factor`` 2, no per-parameter alignment). Dense
@@ -43,6 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from c2r.deepspeed.checkpoint import CONFIG_FILE, LATEST, latest_tag, recorded_layouts
+from c2r.deepspeed.expert_files import check_expert_files
 from c2r.deepspeed.moe_layer import expert_group_name
 from c2r.deepspeed.move_experts import (
     BASE_STATE,
@@ -106,6 +108,7 @@ def reshard(
         require_divides(ep_size, "ep_size", num_experts, "num_experts")
     require_same_slots(old, "the checkpoint's expert_layouts")
     require_same_slots(new, "the plan")
+    check_expert_files(src, old)
     old_world = saved_world_size(src)
     dst, tmp = begin_checkpoint(out_dir, tag)
     files = sorted(src.iterdir())

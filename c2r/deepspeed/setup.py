@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from c2r.moe import MoELayer
 from c2r.parallel import DispatchObserver, shard_experts
 from c2r.parallel.ports import free_port
 from placement.layout import ExpertLayout, require_divides
+
+log = logging.getLogger("c2r.deepspeed.setup")
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "deepspeed_configs"
 LAUNCHER_ENV = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
@@ -178,3 +181,20 @@ def load_deepspeed_config(path: str | None, use_cuda: bool, micro_batch: int, gr
             "MoE parameter groups"
         )
     return config
+
+
+def warn_if_clipping_counts_replicas(model: nn.Module, ds_config: dict[str, Any]) -> None:
+    """Say once (rank 0) when DeepSpeed's gradient clipping is on in a run with replicated experts: its global norm
+    counts each copy, so the clip coefficient can differ from the unreplicated model's (docs/design.md, "Gradient
+    clipping with replicated experts"); the copies stay identical either way."""
+    clip = float(ds_config.get("gradient_clipping") or 0.0)
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    replicated = [i for i, m in enumerate(layers) if m.dispatcher is not None and m.dispatcher.layout.is_replicated]
+    if clip > 0 and replicated and (not dist.is_initialized() or dist.get_rank() == 0):
+        log.warning(
+            "gradient clipping (%g) with replicated experts (MoE layers %s): DeepSpeed's global gradient norm counts "
+            "each copy of a replicated expert, so where the clip binds the steps can differ from the unreplicated "
+            "model's (--set train.grad_clip=0 makes the runs equal)",
+            clip,
+            replicated,
+        )

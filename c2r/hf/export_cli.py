@@ -3,8 +3,8 @@
 1. The run's ``c2r_config.json`` names the source model directory, the router, k and each MoE layer's expert layout.
 2. The converted model is built whole in one process (every expert, logical order; no process group needed).
 3. Non-expert weights come from DeepSpeed's ``mp_rank_00_model_states.pt``; each expert from its own file
-   ``layer_<l>_expert_<physical id>_...``, put back at its logical id through the recorded layout, so the export
-   is the same whatever placement the run trained with.
+   ``layer_<l>_expert_<physical id>_...`` (its home slot's), put back at its logical id through the recorded layout,
+   so the export is the same whatever placement the run trained with.
 4. :func:`c2r.hf.export` writes the original architecture with ``save_pretrained`` (tokenizer files copied from the
    source directory); a router that architecture cannot express is one error line naming it.
 """
@@ -68,7 +68,7 @@ def load_run_weights(model: nn.Module, tag_dir: Path, saved: dict[str, Any]) -> 
         )
     for index, ((_, block), layout) in enumerate(zip(converted_blocks(model), recorded_layouts(saved), strict=True)):
         experts, F = block.layer.experts, block.layer.experts.ffn_hidden_size
-        for physical, logical in enumerate(layout.physical_to_logical.tolist()):
+        for logical, physical in enumerate(layout.logical_to_physical.tolist()):  # a replicated one: its home's file
             path = tag_dir / f"layer_{index}_expert_{physical}_mp_rank_00_model_states.pt"
             if not path.exists():
                 raise FileNotFoundError(f"expert file {path} is missing")
