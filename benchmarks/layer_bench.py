@@ -11,6 +11,8 @@ Contenders
     ours-megablocks       c2r MoELayer, backend "megablocks" (MegaBlocks permute kernels + grouped_gemm)
     ours-mb-sparse        c2r MoELayer, backend "megablocks", megablocks_impl "sparse" (MegaBlocks' block-sparse stk
                           kernels, 32-bit block indices: c2r/experts/megablocks_sparse.py)
+    ours-mb-gmm           c2r MoELayer, backend "megablocks", megablocks_impl "grouped_mm" (MegaBlocks' permutation
+                          kernels around torch._grouped_mm: no host sync with a fixed k)
     ours-torch            c2r MoELayer, backend "torch" (sort + torch._grouped_mm)
     ours-auto             c2r MoELayer, backend "auto" (the default: the faster of the two for the nearest measured
                           shape, c2r/experts/backend_choice.py)
@@ -19,7 +21,7 @@ Contenders
     megablocks-dmoe       megablocks.layers.dmoe.dMoE, mlp_type "glu", mlp_impl "grouped"
     dense-swiglu          one dense SwiGLU MLP of width F on T*k tokens (same matmul FLOPs)
   GELU rows (fine-grained, mixtral-gelu):
-    ours-megablocks, ours-mb-sparse, ours-torch, ours-auto, megablocks-dmoe (mlp_type "mlp", tanh GELU),
+    ours-megablocks, ours-mb-sparse, ours-mb-gmm, ours-torch, ours-auto, megablocks-dmoe (mlp_type "mlp", tanh GELU),
     ds-moe-cap1.0         deepspeed.moe.layer.MoE, capacity_factor 1.0, drop_tokens=True (drops overflow tokens)
     ds-moe-dropless       deepspeed.moe.layer.MoE, drop_tokens=False (capacity = the largest expert load)
     dense-gelu            one dense GELU MLP of width F on T*k tokens
@@ -406,6 +408,7 @@ def contenders_for(cfg: BenchConfig) -> dict[str, Callable]:
     common = {
         "ours-megablocks": lambda *a: build_ours(*a, backend="megablocks"),
         "ours-mb-sparse": lambda *a: build_ours(*a, backend="megablocks", megablocks_impl="sparse"),
+        "ours-mb-gmm": lambda *a: build_ours(*a, backend="megablocks", megablocks_impl="grouped_mm"),
         "ours-torch": lambda *a: build_ours(*a, backend="torch"),
         "ours-auto": lambda *a: build_ours(*a, backend="auto"),
     }

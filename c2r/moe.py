@@ -18,7 +18,7 @@ from c2r.experts import (
     ExpertShape,
     ExpertWeights,
     build_backend,
-    resolve_backend_name,
+    resolve_expert_config,
 )
 from c2r.routing import RouterConfig, RoutingResult, build_router
 
@@ -64,20 +64,21 @@ class MoELayer(nn.Module):
             config.experts.activation,
             output_init_std=output_init_std,
         )
-        self._backends: dict[str, ExpertBackend] = {}
+        self._backends: dict[tuple[str, str], ExpertBackend] = {}
         # Set by c2r.parallel.shard_experts: then ``experts`` holds this rank's experts only.
         self.dispatcher = None
         if config.experts.backend != "auto":
-            self._backend(config.experts.backend)  # fail at construction, not at the first step
+            self._backend(config.experts)  # fail at construction, not at the first step
 
-    def _backend(self, name: str) -> ExpertBackend:
-        if name not in self._backends:
-            self._backends[name] = build_backend(name, self.config.experts)
-        return self._backends[name]
+    def _backend(self, config: ExpertConfig) -> ExpertBackend:
+        key = (config.backend, config.megablocks_impl)
+        if key not in self._backends:
+            self._backends[key] = build_backend(config.backend, config)
+        return self._backends[key]
 
     def backend_for(self, x: torch.Tensor) -> ExpertBackend:
         shape = ExpertShape(self.experts.num_experts, self.hidden_size, self.config.ffn_hidden_size)
-        return self._backend(resolve_backend_name(self.config.experts, x.device, x.dtype, shape))
+        return self._backend(resolve_expert_config(self.config.experts, x.device, x.dtype, shape))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingResult]:
         if x.shape[-1] != self.hidden_size:

@@ -272,3 +272,27 @@ def test_optimizer_groups_have_no_empty_group_when_an_expert_parameter_is_bigger
     ids = [id(p) for group in groups for p in group["params"]]
     assert sorted(ids) == sorted(id(p) for p in model.parameters())
     assert [len(g["params"]) for g in groups if g.get("moe")] == [1, 1]  # each expert matrix in its own group
+
+
+def test_width_scaling_gives_hidden_matrices_their_own_rate_and_keeps_embeddings():
+    # train.lr_base_width: every matrix but an embedding table (experts included, in DeepSpeed's MoE groups) trains at
+    # lr * base / width; embeddings, norms and biases at lr. Off (1.0), the groups are exactly as before.
+    from c2r.deepspeed import optimizer_param_groups
+    from c2r.model import ModelConfig, MoEGPT
+    from c2r.run_setup import TrainConfig, hidden_lr_scale
+
+    model = MoEGPT(ModelConfig(d_model=256, n_head=4, n_layer=2))
+    for name, param in model.named_parameters():
+        if ".experts." in name:
+            param.allreduce, param.group_name = False, "ep_size_1"  # what DeepSpeed's MoE marks expert parameters with
+    assert hidden_lr_scale(model, TrainConfig(lr_base_width=128)) == 0.5
+    assert hidden_lr_scale(model, TrainConfig(lr_base_width=0)) == 1.0
+    assert hidden_lr_scale(model, TrainConfig(lr_base_width=512)) == 1.0  # narrower than the base: unscaled
+    groups = optimizer_param_groups(model, 0.1, hidden_lr=1e-3)
+    scaled = {id(p) for g in groups if g.get("lr") == 1e-3 for p in g["params"]}
+    embeddings = {id(model.tok_emb.weight), id(model.pos_emb.weight)}
+    matrices = {id(p) for p in model.parameters() if p.ndim >= 2}
+    assert scaled == matrices - embeddings
+    assert any(g.get("moe") and g.get("lr") == 1e-3 for g in groups)  # the experts' own groups keep the rate
+    plain = optimizer_param_groups(model, 0.1)
+    assert all("lr" not in g for g in plain) and {g["name"] for g in plain if not g.get("moe")} == {"decay", "no_decay"}

@@ -33,8 +33,11 @@ def run(backend: str, x, routing, experts, **config):
 @needs_cuda
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 @pytest.mark.parametrize("empty_fraction,idle", [(0.0, 0), (0.0, 5), (0.35, 3)])
-@pytest.mark.parametrize("backend,impl", [("megablocks", "auto"), ("torch", "grouped_mm")])
-def test_bf16_fast_paths_match_float32_reference(activation, empty_fraction, idle, backend, impl):
+@pytest.mark.parametrize(
+    "backend,impl,mb_impl",
+    [("megablocks", "auto", "grouped"), ("megablocks", "auto", "grouped_mm"), ("torch", "grouped_mm", "grouped")],
+)
+def test_bf16_fast_paths_match_float32_reference(activation, empty_fraction, idle, backend, impl, mb_impl):
     T, K, E, D, F = 512, 4, 16, 256, 128
     torch.manual_seed(0)
     experts32 = ExpertWeights(E, D, F, activation).cuda()
@@ -45,7 +48,7 @@ def test_bf16_fast_paths_match_float32_reference(activation, empty_fraction, idl
     routing = type(routing)(**{k: (v.cuda() if torch.is_tensor(v) else v) for k, v in vars(routing).items()})
     # Reference sees the bf16-rounded input and weights in float32, so the comparison measures the kernels alone.
     ref = run("reference", x.to(torch.bfloat16).float(), routing, experts32)
-    got = run(backend, x.to(torch.bfloat16), routing, experts16, megablocks_impl="grouped", torch_impl=impl)
+    got = run(backend, x.to(torch.bfloat16), routing, experts16, megablocks_impl=mb_impl, torch_impl=impl)
     names = ["output", "x grad", "weight grad"] + [n for n, _ in experts32.named_parameters()]
     for name, a, b in zip(names, got, ref):
         assert a.dtype in (torch.bfloat16, torch.float32)
@@ -67,7 +70,7 @@ def test_cpu_saved_layer_loads_and_runs_on_gpu_backend(tmp_path):
     gpu_layer.load_state_dict(torch.load(tmp_path / "layer.pt"))
     gpu_layer = gpu_layer.cuda().to(torch.bfloat16)
     x16 = x.cuda().to(torch.bfloat16)
-    assert gpu_layer.backend_for(x16).name in ("megablocks", "torch")  # auto's measured choice for this shape
+    assert gpu_layer.backend_for(x16).name in ("megablocks", "megablocks-grouped_mm", "torch")  # auto's measured choice
     with torch.no_grad():
         got, _ = gpu_layer(x16)
     assert rel_err(got.cpu(), expected) < BF16_REL_TOL
@@ -101,7 +104,7 @@ def test_megablocks_sparse_path_matches_float32_reference(activation, T, K, E, D
 
 
 @needs_cuda
-def test_megablocks_sparse_grouped_mlp_equals_grouped_gemm_on_sorted_rows():
+def test_megablocks_sparse_and_grouped_mm_grouped_mlp_equal_grouped_gemm_on_sorted_rows():
     """The expert-parallel entry (rows already sorted by expert, one idle expert) agrees with grouped_gemm."""
     E, D, F = 8, 256, 256
     torch.manual_seed(1)
@@ -109,14 +112,15 @@ def test_megablocks_sparse_grouped_mlp_equals_grouped_gemm_on_sorted_rows():
     counts = torch.tensor([300, 0, 17, 128, 129, 1, 64, 900], device="cuda")
     x = torch.randn(int(counts.sum()), D, device="cuda", dtype=torch.bfloat16)
     outs = {}
-    for impl in ("grouped", "sparse"):
+    for impl in ("grouped", "sparse", "grouped_mm"):
         xi = x.clone().requires_grad_(True)
         experts.zero_grad(set_to_none=True)
         y = build_backend("megablocks", ExpertConfig(megablocks_impl=impl)).grouped_mlp(xi, counts, experts)
         (y.float() * torch.linspace(-1, 1, y.numel(), device="cuda").view_as(y)).sum().backward()
         outs[impl] = [y, xi.grad] + [p.grad for p in experts.parameters()]
-    for a, b in zip(outs["sparse"], outs["grouped"]):
-        assert rel_err(a, b) < BF16_REL_TOL
+    for impl in ("sparse", "grouped_mm"):
+        for a, b in zip(outs[impl], outs["grouped"]):
+            assert rel_err(a, b) < BF16_REL_TOL, impl
 
 
 @needs_cuda
@@ -158,7 +162,7 @@ def test_demo_trains_through_deepspeed_on_one_gpu_with_a_gpu_backend(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=repo, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # auto's measured choice for the demo's shape (c2r/experts/backend_choice.py): a GPU kernel path, never the loop
-    assert re.search(r"(megablocks|torch) expert backend, bfloat16", proc.stderr)
+    assert re.search(r"(megablocks|megablocks-grouped_mm|torch) expert backend, bfloat16", proc.stderr)
     first, last = map(float, re.search(r"val loss ([\d.]+) -> ([\d.]+)", proc.stdout).groups())
     assert last < first
 

@@ -127,3 +127,14 @@ def test_cli_help_and_bad_config_exit_cleanly():
     assert bad.returncode != 0
     assert "c2r-train: bad config: expert backend 'gpu-magic' is not one of" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_c2r_train_defaults_balance_the_topk_router_and_scale_wide_learning_rates():
+    # c2r-train's defaults for wide models (docs/gpu_runs.md, part 4); the library's RouterConfig stays plain top-k.
+    from c2r.routing import RouterConfig
+
+    config = TRAIN_CLI.resolve([])
+    assert config.model.moe.router.balance == "batch" and config.train.lr_base_width == 128
+    assert TRAIN_CLI.resolve(["--set", "model.moe.router.kind=c2r"]).model.moe.router.balance == "none"
+    assert TRAIN_CLI.resolve(["--set", "model.moe.router.balance=none"]).model.moe.router.balance == "none"
+    assert RouterConfig().balance == "none"

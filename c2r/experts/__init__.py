@@ -5,7 +5,7 @@ All backends read the same :class:`ExpertWeights`, so switching backends never c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -27,6 +27,7 @@ __all__ = [
     "ExpertWeights",
     "build_backend",
     "resolve_backend_name",
+    "resolve_expert_config",
 ]
 
 
@@ -58,14 +59,15 @@ class ExpertShape:
     ffn_hidden_size: int
 
 
-def resolve_backend_name(
+def resolve_expert_config(
     config: ExpertConfig, device: torch.device, dtype: torch.dtype, shape: ExpertShape | None = None
-) -> str:
-    """``auto``: on a CUDA GPU in bf16 with MegaBlocks installed, the backend that measured fastest for the nearest
-    recorded shape (c2r/experts/backend_choice.py; MegaBlocks where no shape is given or nothing was recorded for
-    this GPU); torch everywhere else."""
+) -> ExpertConfig:
+    """The configuration a layer actually computes with: ``auto`` resolved. On a CUDA GPU in bf16 with MegaBlocks
+    installed, the contender that measured fastest for the nearest recorded shape (c2r/experts/backend_choice.py:
+    ``megablocks`` grouped_gemm, ``torch``, or MegaBlocks' permutation around torch._grouped_mm); MegaBlocks'
+    grouped path where no shape is given or nothing was recorded for this GPU; torch everywhere else."""
     if config.backend != "auto":
-        return config.backend
+        return config
     use_megablocks = (
         device.type == "cuda"
         and dtype == torch.bfloat16
@@ -73,17 +75,29 @@ def resolve_backend_name(
         and megablocks_unavailable_reason() is None
     )
     if not use_megablocks:
-        return "torch"
+        return replace(config, backend="torch")
+    grouped = replace(config, backend="megablocks")
     if shape is None:
-        return "megablocks"
+        return grouped
     family = device_family(torch.cuda.get_device_capability(device))
     row = nearest_measurement(family, config.activation, shape.num_experts, shape.hidden_size, shape.ffn_hidden_size)
     if row is None or row.fastest == "megablocks":
-        return "megablocks"
+        return grouped
     # torch._grouped_mm needs 16-byte aligned rows; MegaBlocks does not.
     per_16_bytes = 16 // (torch.finfo(dtype).bits // 8)
     aligned = shape.hidden_size % per_16_bytes == 0 and shape.ffn_hidden_size % per_16_bytes == 0
-    return "torch" if hasattr(torch, "_grouped_mm") and aligned else "megablocks"
+    if not (hasattr(torch, "_grouped_mm") and aligned):
+        return grouped
+    if row.fastest == "torch":
+        return replace(config, backend="torch")
+    return replace(config, backend="megablocks", megablocks_impl="grouped_mm")
+
+
+def resolve_backend_name(
+    config: ExpertConfig, device: torch.device, dtype: torch.dtype, shape: ExpertShape | None = None
+) -> str:
+    """The backend ``auto`` resolves to (``resolve_expert_config`` says which MegaBlocks path too)."""
+    return resolve_expert_config(config, device, dtype, shape).backend
 
 
 def build_backend(name: str, config: ExpertConfig) -> ExpertBackend:

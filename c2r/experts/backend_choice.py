@@ -1,12 +1,14 @@
 """``backend: auto`` on a GPU: the expert compute that measured fastest for the nearest recorded shape.
 
 MegaBlocks' grouped_gemm, as commonly built, issues one cuBLAS GEMM per expert, so it is launch-bound where experts
-are many and small, while ``torch._grouped_mm`` runs one kernel for all of them; with few large experts MegaBlocks'
-permutation kernels win. Which side of that line a shape falls on is a measurement, not a guess: every row below is a
-median from ``benchmarks/layer_bench.py`` recorded in docs/benchmarks.md (forward + backward of one MoE block, bf16),
-and a shape takes the winner of its nearest row (distance in log2 of experts, expert width and hidden size; the
-activation must match where a row of it exists). A shape far from every row still gets the nearest one: add a row
-when you measure a new shape.
+are many and small, while ``torch._grouped_mm`` runs one kernel for all of them; with few large experts
+grouped_gemm's cuBLAS GEMMs win. Three contenders: ``megablocks`` (its permutation + grouped_gemm), ``torch`` (our
+sort + torch._grouped_mm) and ``megablocks-gmm`` (MegaBlocks' permutation kernels around torch._grouped_mm, counts
+read on the device: no host sync with a fixed k; ``megablocks_impl: grouped_mm``). Which one a shape gets is a
+measurement, not a guess: every row below is a median from ``benchmarks/layer_bench.py`` recorded in
+docs/benchmarks.md (forward + backward of one MoE block, bf16), and a shape takes the winner of its nearest row
+(distance in log2 of experts, expert width and hidden size; the activation must match where a row of it exists). A
+shape far from every row still gets the nearest one: add a row when you measure a new shape.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Measured:
-    """One layer_bench row: the shape, the two backends' median ms, and where the numbers are recorded."""
+    """One layer_bench row: the shape, the contenders' median ms, and where the numbers are recorded."""
 
     device: str  # compute-capability family, e.g. "sm90" (H100 and H200)
     activation: str
@@ -27,21 +29,24 @@ class Measured:
     megablocks_ms: float
     torch_ms: float
     source: str
+    megablocks_gmm_ms: float | None = None  # rows recorded before that path existed have none
 
     @property
     def fastest(self) -> str:
-        return "megablocks" if self.megablocks_ms <= self.torch_ms else "torch"
+        times = {"megablocks": self.megablocks_ms, "torch": self.torch_ms}
+        if self.megablocks_gmm_ms is not None:
+            times["megablocks-gmm"] = self.megablocks_gmm_ms
+        return min(times, key=times.__getitem__)
 
 
+# The newest measurement of each shape (older rows, H100 2026-11-24 and H200 2026-12-01, are in docs/benchmarks.md
+# and picked the same winner between megablocks and torch).
+_SOURCE = "docs/benchmarks.md, one H200, 2026-12-01, third session"
 MEASURED: tuple[Measured, ...] = (
-    Measured("sm90", "swiglu", 128, 2048, 768, 19.143, 16.048, "docs/benchmarks.md, one H100, 2026-11-24"),
-    Measured("sm90", "swiglu", 8, 4096, 14336, 30.250, 32.851, "docs/benchmarks.md, one H100, 2026-11-24"),
-    Measured("sm90", "gelu", 64, 2048, 1024, 11.187, 13.555, "docs/benchmarks.md, one H100, 2026-11-24"),
-    Measured("sm90", "gelu", 8, 4096, 14336, 20.367, 21.807, "docs/benchmarks.md, one H100, 2026-11-24"),
-    Measured("sm90", "swiglu", 128, 2048, 768, 21.941, 14.658, "docs/benchmarks.md, one H200, 2026-12-01"),
-    Measured("sm90", "swiglu", 8, 4096, 14336, 29.266, 31.924, "docs/benchmarks.md, one H200, 2026-12-01"),
-    Measured("sm90", "gelu", 64, 2048, 1024, 9.764, 12.577, "docs/benchmarks.md, one H200, 2026-12-01"),
-    Measured("sm90", "gelu", 8, 4096, 14336, 19.487, 21.197, "docs/benchmarks.md, one H200, 2026-12-01"),
+    Measured("sm90", "swiglu", 128, 2048, 768, 20.771, 13.641, _SOURCE, megablocks_gmm_ms=10.174),
+    Measured("sm90", "swiglu", 8, 4096, 14336, 28.108, 30.542, _SOURCE, megablocks_gmm_ms=29.795),
+    Measured("sm90", "gelu", 64, 2048, 1024, 10.984, 11.666, _SOURCE, megablocks_gmm_ms=7.994),
+    Measured("sm90", "gelu", 8, 4096, 14336, 18.711, 20.322, _SOURCE, megablocks_gmm_ms=20.016),
 )
 
 

@@ -8,7 +8,7 @@ from c2r.config_utils import require_choice
 
 ACTIVATIONS = ("swiglu", "gelu")
 BACKENDS = ("auto", "reference", "torch", "megablocks")
-MEGABLOCKS_IMPLS = ("grouped", "sparse")
+MEGABLOCKS_IMPLS = ("grouped", "sparse", "grouped_mm")
 TORCH_IMPLS = ("auto", "grouped_mm", "loop")
 
 
@@ -22,7 +22,8 @@ class ExpertConfig:
             ``megablocks`` (MegaBlocks' permute kernels + grouped_gemm, CUDA only) or ``auto`` (on a bf16 GPU the
             faster of the two for the nearest measured shape, c2r/experts/backend_choice.py; else torch).
         megablocks_impl: MegaBlocks' ``grouped`` path (grouped_gemm) or ``sparse`` (stk block-sparse kernels, with
-            the triton >= 3.2 index overflow fixed: c2r/experts/megablocks_sparse.py; needs F divisible by 128).
+            the triton >= 3.2 index overflow fixed: c2r/experts/megablocks_sparse.py; needs F divisible by 128) or
+            ``grouped_mm`` (its permutation kernels around ``torch._grouped_mm``; bf16 on Hopper).
         torch_impl: for the torch backend, ``grouped_mm``, ``loop`` (a loop over sorted segments) or ``auto``
             (grouped_mm where torch supports the device/dtype/shape; on the CPU the loop, which measured about 2x
             faster than the CPU grouped_mm kernel).

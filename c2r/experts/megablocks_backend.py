@@ -3,7 +3,9 @@
 ``impl="grouped"``: the same steps as MegaBlocks' ``ParallelDroplessMLP.grouped_forward_once``: radix-sort the
 expert ids, histogram them, gather tokens into expert order with MegaBlocks' Triton kernels, run the expert MLP as
 grouped GEMMs (grouped_gemm), and scatter back with the combine weights folded in. ``impl="sparse"``: its
-block-sparse stk path (c2r/experts/megablocks_sparse.py). Empty slots (variable k) go to an
+block-sparse stk path (c2r/experts/megablocks_sparse.py). ``impl="grouped_mm"``: MegaBlocks' permutation kernels
+around ``torch._grouped_mm`` (one kernel for all experts, counts read on the device: with a fixed k the layer makes no
+host sync). Empty slots (variable k) go to an
 extra bin past the last expert: gathered but never multiplied, and scattered with weight 0.
 
 Shape legend: the package legend (``c2r/__init__.py``), and P = T * K (token, slot) rows in expert order (empty slots
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from c2r.experts.megablocks_sparse import sparse_expert_mlp
+from c2r.experts.torch_backend import grouped_mm_mlp, grouped_mm_supported
 from c2r.experts.weights import ExpertWeights, gelu_tanh
 from c2r.routing.result import RoutingResult
 
@@ -57,7 +60,19 @@ class MegaBlocksBackend:
         reason = megablocks_unavailable_reason()
         if reason is not None:
             raise RuntimeError(reason)
-        self.impl = impl  # "grouped" (grouped_gemm) or "sparse" (stk block-sparse, c2r/experts/megablocks_sparse.py)
+        # "grouped" (grouped_gemm), "sparse" (stk block-sparse, c2r/experts/megablocks_sparse.py) or "grouped_mm"
+        # (MegaBlocks' permutation around torch._grouped_mm, which reads the counts on the device: no host sync)
+        self.impl = impl
+        self.name = "megablocks" if impl == "grouped" else f"megablocks-{impl}"  # what logs and tests see
+
+    @staticmethod
+    def _check_grouped_mm(x: torch.Tensor, experts: ExpertWeights) -> None:
+        if not grouped_mm_supported(x, experts):
+            raise ValueError(
+                f"megablocks_impl='grouped_mm' needs torch._grouped_mm for bf16 on a Hopper GPU and hidden/ffn sizes "
+                f"in multiples of 8; got {x.dtype} on {x.device}, hidden {experts.hidden_size}, ffn "
+                f"{experts.ffn_hidden_size} (use megablocks_impl='grouped')"
+            )
 
     @staticmethod
     def _check_input(x: torch.Tensor) -> None:
@@ -76,6 +91,9 @@ class MegaBlocksBackend:
     ):
         """The expert MLPs on rows already sorted by expert (the permutation is the caller's)."""
         self._check_input(x_PD)
+        if self.impl == "grouped_mm":
+            self._check_grouped_mm(x_PD, experts)
+            return grouped_mm_mlp(x_PD, tokens_per_expert_E, experts)
         if self.impl == "sparse":
             experts_P = torch.repeat_interleave(
                 torch.arange(experts.num_experts, device=x_PD.device), tokens_per_expert_E, output_size=x_PD.shape[0]
@@ -87,12 +105,20 @@ class MegaBlocksBackend:
             batch_sizes_E = tokens_per_expert_E.cpu().long()  # NOTE: host sync for grouped_gemm
         return _grouped_mlp(x_PD, batch_sizes_E, experts)
 
+    def _mlp(self, x_PD, batch_sizes_E: torch.Tensor, counts_E: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:
+        """grouped_gemm on the host sizes, or torch._grouped_mm on the device counts."""
+        if self.impl == "grouped_mm":
+            return grouped_mm_mlp(x_PD, counts_E, experts)
+        return _grouped_mlp(x_PD, batch_sizes_E, experts)
+
     def __call__(self, x_TD: torch.Tensor, routing: RoutingResult, experts: ExpertWeights) -> torch.Tensor:
         import megablocks.ops as mops
 
         self._check_input(x_TD)
         num_tokens, top_k = routing.expert_ids_TK.shape
         num_experts = experts.num_experts
+        if self.impl == "grouped_mm":
+            self._check_grouped_mm(x_TD, experts)
         if self.impl == "sparse":
             keys, weights = routing.expert_ids_TK, routing.weights_TK
             if not routing.fixed_k:
@@ -109,15 +135,19 @@ class MegaBlocksBackend:
             bin_ids, indices = mops.sort(keys, max(1, math.ceil(math.log2(num_bins))))
             tokens_per_bin = mops.histogram(keys, num_bins)
             bins = mops.inclusive_cumsum(tokens_per_bin, 0).view(-1)
-            batch_sizes_E = tokens_per_bin[:num_experts].cpu().long()  # NOTE: host sync; grouped_gemm wants sizes
         x_PD = mops.gather(x_TD, indices, bin_ids, bins, top_k)
+        if self.impl == "grouped_mm" and routing.fixed_k:
+            y_PD = grouped_mm_mlp(x_PD, tokens_per_bin, experts)  # every row is valid: no host sync at all
+            return mops.scatter(y_PD, indices, bin_ids, routing.weights_TK.flatten().to(x_TD.dtype), bins, top_k)
+        batch_sizes_E = tokens_per_bin[:num_experts].cpu().long()  # NOTE: host sync; grouped_gemm wants sizes
         num_valid = int(batch_sizes_E.sum())
+        counts_E = tokens_per_bin[:num_experts]
         if num_valid == num_tokens * top_k:
             # No empty slots: no slicing either. Even a full-length slice costs, in the backward, a zero-filled
             # [T*K, D] buffer and a copy into it (~0.4 ms at T=16k, K=8, D=2048 on an H100).
-            y_PD = _grouped_mlp(x_PD, batch_sizes_E, experts)
+            y_PD = self._mlp(x_PD, batch_sizes_E, counts_E, experts)
         else:
-            y_PD = _grouped_mlp(x_PD[:num_valid], batch_sizes_E, experts)
+            y_PD = self._mlp(x_PD[:num_valid], batch_sizes_E, counts_E, experts)
             y_PD = F.pad(y_PD, (0, 0, 0, num_tokens * top_k - num_valid))
         weights = routing.weights_TK
         if not routing.fixed_k:
