@@ -258,7 +258,7 @@ def log_start(config: RunConfig, corpus, info, model: torch.nn.Module) -> None:
         moe.top_k,
         "the model's own"
         if config.hf.model_dir and moe.router.kind == "topk"
-        else moe.router.kind + (" batch-balanced" if moe.router.balance == "batch" else ""),
+        else moe.router.kind + (" batch-balanced" if moe.router.batch_balanced else ""),
         backend,
         str(dtype).removeprefix("torch."),
         info.world_size,

@@ -134,7 +134,8 @@ def test_c2r_train_defaults_balance_the_topk_router_and_scale_wide_learning_rate
     from c2r.routing import RouterConfig
 
     config = TRAIN_CLI.resolve([])
-    assert config.model.moe.router.balance == "batch" and config.train.lr_base_width == 128
-    assert TRAIN_CLI.resolve(["--set", "model.moe.router.kind=c2r"]).model.moe.router.balance == "none"
-    assert TRAIN_CLI.resolve(["--set", "model.moe.router.balance=none"]).model.moe.router.balance == "none"
-    assert RouterConfig().balance == "none"
+    assert config.model.moe.router.batch_balanced and config.train.lr_base_width == 128
+    # "auto" balances the top-k router only: other kinds, and a config that switches the kind later, route as before
+    assert not TRAIN_CLI.resolve(["--set", "model.moe.router.kind=remoe"]).model.moe.router.batch_balanced
+    assert not TRAIN_CLI.resolve(["--set", "model.moe.router.balance=none"]).model.moe.router.batch_balanced
+    assert not RouterConfig().batch_balanced

@@ -154,13 +154,17 @@ class RouterConfig:
     adak: AdaKConfig = field(default_factory=AdaKConfig)
     scored: ScoredConfig = field(default_factory=ScoredConfig)
 
+    @property
+    def batch_balanced(self) -> bool:
+        """Whether selection is batch-balanced: ``balance`` ``batch``, or ``auto`` with the ``topk`` router (``auto``
+        stays as written in saved configs, so a tool that switches the router kind switches balancing with it)."""
+        return self.kind == "topk" and self.balance in ("batch", "auto")
+
     def __post_init__(self) -> None:
         require_choice("router kind", self.kind, ROUTER_KINDS)
         require_choice("logits_dtype", self.logits_dtype, ("float32", "input"))
         require_choice("router balance", self.balance, ("none", "batch", "auto"))
-        if self.balance == "auto":
-            self.balance = "batch" if self.kind == "topk" else "none"
-        if self.balance != "none" and self.kind != "topk":
+        if self.balance == "batch" and self.kind != "topk":
             raise ValueError(f"router balance '{self.balance}' is for the topk router; router kind is '{self.kind}'")
         if self.balance_rounds < 1 or not 0 <= self.balance_momentum < 1:
             raise ValueError(

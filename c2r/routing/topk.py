@@ -50,7 +50,7 @@ class TopKRouter(Router):
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
         nn.init.normal_(self.gate.weight, std=0.02)
         self.balancer = None
-        if self.config.balance == "batch":
+        if self.config.batch_balanced:
             self.balancer = BatchBalancer(num_experts, self.config.balance_rounds, self.config.balance_momentum)
 
     def gate_weight(self) -> torch.Tensor:
