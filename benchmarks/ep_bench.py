@@ -54,7 +54,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # c2r and placement from this checkout
 
-from c2r.experts import ExpertConfig, ExpertWeights, build_backend, resolve_backend_name  # noqa: E402
+from c2r.experts import ExpertConfig, ExpertShape, ExpertWeights, build_backend, resolve_expert_config  # noqa: E402
 from c2r.experts.megablocks_backend import megablocks_unavailable_reason  # noqa: E402
 from c2r.moe import MoEConfig, MoELayer  # noqa: E402
 from c2r.parallel import build_dispatcher, local_expert_weights, shard_experts  # noqa: E402
@@ -191,9 +191,12 @@ def expert_weights(cfg: EPConfig, device, dtype, seed: int) -> ExpertWeights:
         return ExpertWeights(cfg.E, cfg.D, cfg.F, cfg.activation).to(dtype)
 
 
-def c2r_backend(cfg: EPConfig, device, dtype, name: str):
+def c2r_backend(cfg: EPConfig, device, dtype, name: str, local_experts: int):
+    """``auto`` resolved as a layer computing ``local_experts`` experts of this shape resolves it."""
     config = ExpertConfig(activation=cfg.activation, backend=name)
-    return build_backend(resolve_backend_name(config, device, dtype), config)
+    shape = ExpertShape(local_experts, cfg.D, cfg.F)
+    config = resolve_expert_config(config, device, dtype, shape)
+    return build_backend(config.backend, config)
 
 
 def parse_c2r(name: str) -> tuple[str, str, int]:
@@ -223,7 +226,7 @@ def build_c2r(cfg, device, dtype, args, routing, mode: str, layout: ExpertLayout
         return Contender(lambda x: layer(x)[0], list(layer.parameters()), clock)
     experts = local_expert_weights(expert_weights(cfg, device, dtype, args.seed), layout.local_experts(dist.get_rank()))
     dispatcher = build_dispatcher(mode, layout, None, clock, ranks_per_node=args.gpus_per_node, overlap_chunks=chunks)
-    backend = c2r_backend(cfg, device, dtype, args.backend)
+    backend = c2r_backend(cfg, device, dtype, args.backend, experts.num_experts)
     return Contender(
         lambda x: dispatcher(x, routing, backend, experts), [*experts.parameters(), routing.weights_TK], clock
     )
@@ -243,7 +246,7 @@ def build_single_device(cfg, device, dtype, args, routing) -> Contender:
             layer = MoELayer(cfg.D, moe).to(dtype)
         return Contender(lambda x: layer(x)[0], list(layer.parameters()))
     experts = expert_weights(cfg, device, dtype, args.seed)
-    backend = c2r_backend(cfg, device, dtype, args.backend)
+    backend = c2r_backend(cfg, device, dtype, args.backend, cfg.E)
     return Contender(lambda x: backend(x, routing, experts), [*experts.parameters(), routing.weights_TK])
 
 
