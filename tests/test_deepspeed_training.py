@@ -296,3 +296,18 @@ def test_width_scaling_gives_hidden_matrices_their_own_rate_and_keeps_embeddings
     assert any(g.get("moe") and g.get("lr") == 1e-3 for g in groups)  # the experts' own groups keep the rate
     plain = optimizer_param_groups(model, 0.1)
     assert all("lr" not in g for g in plain) and {g["name"] for g in plain if not g.get("moe")} == {"decay", "no_decay"}
+
+
+def test_resume_names_a_width_scaling_that_would_change_the_optimizer_groups():
+    from c2r.deepspeed.checkpoint import check_same_width_scaling
+
+    def cfg(d_model, base=None, hf=None):
+        train = {} if base is None else {"lr_base_width": base}
+        return {"model": {"d_model": d_model}, "train": train, "hf": {"model_dir": hf}}
+
+    with pytest.raises(ValueError, match=r"trained with train.lr_base_width=0, this run has 128.*lr_base_width=0"):
+        check_same_width_scaling(cfg(256), cfg(256, 128), "step4")  # saved before the setting existed
+    check_same_width_scaling(cfg(128), cfg(128, 128), "step4")  # the demo's width: nothing scaled either way
+    check_same_width_scaling(cfg(256, 128), cfg(256, 128), "step4")
+    with pytest.raises(ValueError, match="lr_base_width=64, this run has 0"):
+        check_same_width_scaling(cfg(None, 64, hf="m"), cfg(None, 0, hf="m"), "step4")

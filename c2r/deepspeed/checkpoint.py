@@ -97,6 +97,7 @@ def resume(engine, ckpt_dir: str | Path, run_config: dict[str, Any]) -> int:
     check_compatible(saved["model"], run_config["model"], str(Path(ckpt_dir) / tag))
     check_same_size(saved, run_config, Path(ckpt_dir), tag)
     check_same_placement(saved, run_config, tag)
+    check_same_width_scaling(saved, run_config, tag)
     layouts = recorded_layouts(saved)
     check_expert_files(Path(ckpt_dir) / tag, layouts)
     with one_file_per_expert(engine, layouts):
@@ -111,6 +112,24 @@ def resume(engine, ckpt_dir: str | Path, run_config: dict[str, Any]) -> int:
     if client_state is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {Path(ckpt_dir) / tag}")
     return int(client_state["step"])
+
+
+def check_same_width_scaling(saved: dict[str, Any], run_config: dict[str, Any], tag: str) -> None:
+    """Refuse to resume under another learning-rate width scaling where it changes the optimizer's parameter groups
+    (a model wider than the base has its hidden matrices in a group of their own). Runs saved before
+    ``train.lr_base_width`` existed trained unscaled (0)."""
+    saved_base = saved["train"].get("lr_base_width", 0)
+    base = run_config["train"].get("lr_base_width", 0)
+    width = None if (run_config.get("hf") or {}).get("model_dir") else run_config["model"].get("d_model")
+
+    def scaled(value: int) -> bool:
+        return value > 0 and (width is None or width > value)
+
+    if saved_base != base and (scaled(saved_base) or scaled(base)):
+        raise ValueError(
+            f"checkpoint {tag} was trained with train.lr_base_width={saved_base}, this run has {base}: the learning "
+            f"rate of its hidden matrices would change; resume with --set train.lr_base_width={saved_base}"
+        )
 
 
 def check_same_size(saved: dict[str, Any], run_config: dict[str, Any], ckpt_dir: Path, tag: str) -> None:
