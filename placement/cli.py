@@ -255,7 +255,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if num_slots is not None:  # homes from the plan above, then the replicas (placement/replicate.py)
         target = 1.0 if args.max_load is None else args.max_load
         layouts = replicate_layouts(
-            inp.plan_routings, layouts, num_slots, target, args.max_tokens or None, args.seed, _progress(args), jobs
+            inp.plan_routings,
+            layouts,
+            num_slots,
+            target,
+            args.max_tokens or None,
+            args.seed,
+            _progress(args),
+            jobs,
+            per_step=args.per_step_cap,
         )
     # --pareto: the trade-off from the one uncapped partition (the capped plan above may start elsewhere)
     base = plan_placement(inp.plan_routings, *planner_args, **more) if args.pareto else None
