@@ -168,7 +168,7 @@ def test_plan_with_cap_records_load_and_costs_and_pareto(run_dir, tmp_path, caps
     assert "load cap 1.1 x mean: met on" in text and "PREDICTED step time" in text
     assert "max-load  copies/tok" in text and "    none" in text and "    1.05" in text
     plan = load_plan(out)
-    assert plan.data["options"]["max_load"] == 1.1
+    assert plan.data["options"]["max_load"] == 1.1 and plan.data["options"]["per_step_cap"] is True
     for layer in plan.data["layers"]:
         assert layer["load_cap"]["met"] == (layer["predicted"]["load_imbalance"] <= 1.1 + 1e-9)
         assert layer["predicted"]["predicted_step_ms"] > 0
@@ -176,6 +176,9 @@ def test_plan_with_cap_records_load_and_costs_and_pareto(run_dir, tmp_path, caps
         assert layer["predicted"]["load_imbalance"] <= 1.1 + 1e-9  # planned and judged on the same tokens
     uncapped = tmp_path / "none.json"
     assert run_cli(capsys, "plan", "--traces", run_dir, "--ranks", 4, "--max-load", "none", "--out", uncapped)[0] == 0
+    pooled = tmp_path / "pooled.json"
+    assert run_cli(capsys, "plan", "--traces", run_dir, "--ranks", 4, "--no-per-step-cap", "--out", pooled)[0] == 0
+    assert load_plan(pooled).data["options"]["per_step_cap"] is False
     loose = load_plan(uncapped).data["predicted"]
     assert loose["max_load_imbalance"] > 1.1  # the cap did something
     assert plan.data["predicted"]["copies_per_token"] >= loose["copies_per_token"] - 1e-9
