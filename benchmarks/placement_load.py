@@ -11,8 +11,9 @@ Two traces, both recorded by our profiler:
 
 For each trace and ranks in (8, 16): plan on the first 80% of steps (``--holdout 0.2``) without a cap and with the
 caps 1.5, 1.25, 1.05 (the uncapped partition repaired under each cap, as ``--pareto`` prints them) and 1.10 (the
-plan `c2r-place plan --max-load 1.10` writes: Mt-KaHyPar under the cap where it can), judge each on the held-out
-20%: copies per token and rank load max/mean per layer. Prints a markdown table and writes
+plan `c2r-place plan --max-load 1.10` writes: Mt-KaHyPar under the cap where it can; again with
+``--no-per-step-cap``, the "pooled only" row), judge each on the held-out 20%: copies per token and rank load
+max/mean per layer. Prints a markdown table and writes
 docs/img/placement_load.svg (copies vs load).
 
 Run from the repository root (CPU, a few minutes):
