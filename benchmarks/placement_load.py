@@ -5,12 +5,15 @@ Two traces, both recorded by our profiler:
    10 steps x 4000 tokens per layer, recorded with profiling.trace.RoutingTraceRecorder;
 2. hf-olmoe: a tiny *randomly initialised* OLMoE (transformers OlmoeConfig, 64 experts, top-8, 4 layers, hidden
    128; no download, so its router is untrained) run on random token ids through profiling.hf_hooks.trace_hf_model,
-   10 batches of 8 x 256 tokens.
+   10 batches of 8 x 256 tokens;
+3. hf-olmoe trained: the same shape trained by `c2r-train --hf-model` for 400 steps on the demo corpus, its routing
+   recorded on validation text (benchmarks/placement_trained_olmoe.py; the trained model is cached under --dir).
 
 For each trace and ranks in (8, 16): plan on the first 80% of steps (``--holdout 0.2``) without a cap and with the
 caps 1.5, 1.25, 1.05 (the uncapped partition repaired under each cap, as ``--pareto`` prints them) and 1.10 (the
-plan `c2r-place plan --max-load 1.10` writes: Mt-KaHyPar under the cap where it can), judge each on the held-out
-20%: copies per token and rank load max/mean per layer. Prints a markdown table and writes
+plan `c2r-place plan --max-load 1.10` writes: Mt-KaHyPar under the cap where it can; again with
+``--no-per-step-cap``, the "pooled only" row), judge each on the held-out 20%: copies per token and rank load
+max/mean per layer. Prints a markdown table and writes
 docs/img/placement_load.svg (copies vs load).
 
 Run from the repository root (CPU, a few minutes):
@@ -35,6 +38,9 @@ from placement.methods import cap_layouts, plan_placement  # noqa: E402
 from placement.objective import layer_metrics  # noqa: E402
 from placement.pool import usable_cpus  # noqa: E402
 from placement.replicate import replicate_layouts  # noqa: E402
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from placement_trained_olmoe import trained_olmoe_traces  # noqa: E402
 
 CAPS = (None, 1.5, 1.25, 1.1, 1.05)
 PLAN_CAP = 1.1
@@ -92,11 +98,13 @@ def sweep(trace_dir: Path, ranks: int) -> list[dict]:
     inp = load_trace_input(trace_dir, holdout=0.2, progress=False)
     base = plan_placement(inp.plan_routings, ranks, max_tokens=MAX_TOKENS, progress=False, jobs=JOBS)
     rows = []
-    for cap in CAPS:
+    for cap, per_step in [(c, True) for c in CAPS] + [(PLAN_CAP, False)]:
         if cap is None:
             layouts = base
         elif cap == PLAN_CAP:  # what `c2r-place plan --max-load 1.10` writes (Mt-KaHyPar under the cap where it can)
-            layouts = plan_placement(inp.plan_routings, ranks, max_tokens=MAX_TOKENS, progress=False, max_load=cap)
+            layouts = plan_placement(
+                inp.plan_routings, ranks, max_tokens=MAX_TOKENS, progress=False, max_load=cap, per_step=per_step
+            )
         else:  # what `--pareto` prints: the one uncapped partition, repaired and descended under each cap
             layouts = cap_layouts(inp.plan_routings, base, cap, max_tokens=MAX_TOKENS, jobs=JOBS)
         layers = [layer_metrics(r, lay) for r, lay in zip(inp.eval_routings, layouts)]
@@ -109,6 +117,7 @@ def sweep(trace_dir: Path, ranks: int) -> list[dict]:
         rows.append(
             {
                 "cap": cap,
+                "per_step": per_step,
                 "copies": float(np.mean([m["copies_per_token"] for m in layers])),
                 "load_mean": float(loads.mean()),
                 "load_max": float(loads.max()),
@@ -168,7 +177,7 @@ def svg(results: dict[str, list[dict]], path: Path) -> None:
     def xy(x: float, y: float) -> tuple[float, float]:
         return pad + (x - x0) / (x1 - x0) * (w - 2 * pad), h - pad - (y - y0) / (y1 - y0) * (h - 2 * pad)
 
-    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"]
+    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">']
     out.append(f'<rect width="{w}" height="{h}" fill="white"/>')
     out.append(f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="black"/>')
@@ -187,7 +196,8 @@ def svg(results: dict[str, list[dict]], path: Path) -> None:
         f'<text x="15" y="{h / 2}" transform="rotate(-90 15 {h / 2})" text-anchor="middle">copies per token</text>'
     )
     for i, (name, rows) in enumerate(results.items()):
-        color = colors[i % len(colors)]  # a case and its replica rows share a colour (4 cases, then 4 replica lines)
+        rows = [r for r in rows if r.get("per_step", True)]  # the curve: the default plans ("pooled only" is a row)
+        color = colors[i % len(colors)]  # a case and its replica rows share a colour (6 cases, then 6 replica lines)
         dash = ' stroke-dasharray="4 3"' if "replicas" in name else ""
         coords = [xy(r["load_mean"], r["copies"]) for r in rows]
         out.append(
@@ -214,11 +224,18 @@ def main() -> None:
         default=10,
         help="hf-olmoe batches of 8 x 256 tokens (default 10: 4096 held-out tokens per layer; 40: 16384)",
     )
+    p.add_argument("--train-steps", type=int, default=400, help="training steps of the trained OLMoE (default 400)")
     args = p.parse_args()
-    shutil.rmtree(args.dir, ignore_errors=True)
-    traces = {"synthetic": args.dir / "synthetic", "hf-olmoe": args.dir / "olmoe"}
+    traces = {
+        "synthetic": args.dir / "synthetic",
+        "hf-olmoe": args.dir / "olmoe",
+        "hf-olmoe trained": args.dir / "olmoe_trained",
+    }
+    for trace_dir in traces.values():  # the traces are redone; the trained model is kept (args.dir / "trained_model")
+        shutil.rmtree(trace_dir, ignore_errors=True)
     synthetic_traces(traces["synthetic"])
     olmoe_traces(traces["hf-olmoe"], args.olmoe_batches)
+    trained_olmoe_traces(traces["hf-olmoe trained"], args.dir / "trained_model", args.train_steps)
     results = {}
     print("| trace | ranks | max-load | copies/token (held out) | vs uncapped | load max/mean, mean / worst layer | "
           "layers <= cap / where possible without replicas | worst layer where possible |")  # fmt: skip
@@ -228,7 +245,7 @@ def main() -> None:
             rows = sweep(trace_dir, ranks)
             results[f"{name}, {ranks} ranks"] = rows
             for r in rows:
-                cap = "none" if r["cap"] is None else f"{r['cap']:.2f}"
+                cap = "none" if r["cap"] is None else f"{r['cap']:.2f}" + ("" if r["per_step"] else " pooled only")
                 change = f"{100 * (r['copies'] / rows[0]['copies'] - 1):+.1f}%"
                 met = "-" if r["cap"] is None else f"{r['met']} / {r['possible']}"
                 worst = "-" if r["cap"] is None else f"{r['max_where_possible']:.3f}"

@@ -210,6 +210,7 @@ def _print_pareto(inp: PlannerInput, base: list, args: argparse.Namespace, repli
                 args.max_tokens or None,
                 args.inter_node_cost,
                 jobs=check_jobs(args.jobs, inp.num_layers, inp.num_experts),
+                per_step=args.per_step_cap,
             )
         )
         layers = [layer_metrics(r, lay, args.nodes) for r, lay in zip(inp.eval_routings, layouts)]
@@ -247,12 +248,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "inter_node_cost": args.inter_node_cost,
         "jobs": jobs,
     }
-    layouts = plan_placement(inp.plan_routings, *planner_args, **more, max_load=args.max_load)
+    layouts = plan_placement(
+        inp.plan_routings, *planner_args, **more, max_load=args.max_load, per_step=args.per_step_cap
+    )
     num_slots = _num_slots(args, inp)
     if num_slots is not None:  # homes from the plan above, then the replicas (placement/replicate.py)
         target = 1.0 if args.max_load is None else args.max_load
         layouts = replicate_layouts(
-            inp.plan_routings, layouts, num_slots, target, args.max_tokens or None, args.seed, _progress(args), jobs
+            inp.plan_routings,
+            layouts,
+            num_slots,
+            target,
+            args.max_tokens or None,
+            args.seed,
+            _progress(args),
+            jobs,
+            per_step=args.per_step_cap,
         )
     # --pareto: the trade-off from the one uncapped partition (the capped plan above may start elsewhere)
     base = plan_placement(inp.plan_routings, *planner_args, **more) if args.pareto else None
@@ -292,6 +303,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "topology": args.topology,
             "inter_node_cost": args.inter_node_cost,
             "max_load": args.max_load,
+            "per_step_cap": args.per_step_cap,
             "replicas": num_slots,
             "cost_model": {**vars(model)},
         },
@@ -380,6 +392,14 @@ def add_plan_command(sub: argparse._SubParsersAction) -> None:
         help=f"cap on every rank's token load, max/mean (default {DEFAULT_MAX_LOAD}; 'none': copies only): swaps "
         "experts between ranks after partitioning, keeping E/R per rank; a layer whose hottest expert makes the cap "
         "impossible without replication gets the lowest max load found, and is named",
+    )
+    p.add_argument(
+        "--per-step-cap",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="hold --max-load on each recorded planning step's expert load too, not only on their sum (default on): "
+        "the margin for the step-to-step drift of expert loads, so the cap holds on unseen steps; traces of one "
+        "step and co-activation input have only the sum",
     )
     p.add_argument(
         "--replicas",

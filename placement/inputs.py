@@ -31,6 +31,8 @@ class LayerRouting:
         coactivation_EE: for co-activation input only: the symmetric pair counts (diagonal: expert load). Then
             ``sets_MK`` holds the pairs (i < j) with ``weight_M = C[i, j]``, and per-token metrics are the pairwise
             approximation (exact for top-2), see `placement.objective`.
+        step_load_SE: for traces of at least 2 recorded steps: float64 [S, E] each step's expert load (what the
+            load cap also holds on each step, `placement.loadcap.cap_load`); None otherwise.
     """
 
     sets_MK: np.ndarray
@@ -38,6 +40,7 @@ class LayerRouting:
     expert_load_E: np.ndarray
     num_tokens: int
     coactivation_EE: np.ndarray | None = field(default=None, repr=False)
+    step_load_SE: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def num_experts(self) -> int:
@@ -77,8 +80,11 @@ def _unique_rows(sets_NK: np.ndarray, weight_N: np.ndarray | None = None) -> tup
     return rows[first], weight.astype(np.int64)
 
 
-def routing_from_expert_ids(expert_ids_NK: np.ndarray, num_experts: int) -> LayerRouting:
-    """One layer's traced tokens ([N, K] expert ids, -1 = empty slot) -> `LayerRouting`."""
+def routing_from_expert_ids(
+    expert_ids_NK: np.ndarray, num_experts: int, steps_N: np.ndarray | None = None
+) -> LayerRouting:
+    """One layer's traced tokens ([N, K] expert ids, -1 = empty slot) -> `LayerRouting`; ``steps_N``: each token's
+    recorded step, for the per-step expert loads (kept where there are at least 2 steps)."""
     ids = np.asarray(expert_ids_NK)
     if ids.ndim != 2:
         raise PlacementError(f"expert ids must be [tokens, slots]; got shape {list(ids.shape)}")
@@ -88,7 +94,20 @@ def routing_from_expert_ids(expert_ids_NK: np.ndarray, num_experts: int) -> Laye
     sets_MK, weight_M = _unique_rows(sets_NK)
     valid = sets_NK[sets_NK >= 0]
     load_E = np.bincount(valid, minlength=num_experts).astype(np.float64)
-    return LayerRouting(sets_MK, weight_M, load_E, int(len(ids)))
+    return LayerRouting(
+        sets_MK, weight_M, load_E, int(len(ids)), step_load_SE=_step_loads(sets_NK, steps_N, num_experts)
+    )
+
+
+def _step_loads(sets_NK: np.ndarray, steps_N: np.ndarray | None, num_experts: int) -> np.ndarray | None:
+    """[S, E] expert load per distinct step (ascending), or None for fewer than 2 steps."""
+    if steps_N is None or len(np.unique(steps_N)) < 2:
+        return None
+    _, step_of_N = np.unique(steps_N, return_inverse=True)
+    valid = sets_NK >= 0
+    flat = step_of_N[:, None].repeat(sets_NK.shape[1], axis=1)[valid] * num_experts + sets_NK[valid]
+    num_steps = int(step_of_N.max()) + 1
+    return np.bincount(flat, minlength=num_steps * num_experts).reshape(num_steps, num_experts).astype(np.float64)
 
 
 def validate_coactivation(counts: np.ndarray, name: str = "co-activation matrix") -> np.ndarray:
@@ -299,18 +318,19 @@ def load_trace_input(path: str | Path, holdout: float | None = None, progress: b
         "holdout": None,
         "skipped_shards": [name for name, _ in traces.skipped],
     }
-    plan_ids, eval_ids = ids, ids
+    plan_ids, eval_ids, plan_steps = ids, ids, steps
     if holdout:
         cutoff = holdout_cutoff(steps, holdout)
         plan_ids = [x[s < cutoff] for x, s in zip(ids, steps)]
         eval_ids = [x[s >= cutoff] for x, s in zip(ids, steps)]
+        plan_steps = [s[s < cutoff] for s in steps]
         info["holdout"] = {
             "fraction": holdout,
             "first_held_out_step": cutoff,
             "plan_tokens": int(sum(len(x) for x in plan_ids)),
             "eval_tokens": int(sum(len(x) for x in eval_ids)),
         }
-    plan_routings = [routing_from_expert_ids(x, num_experts) for x in plan_ids]
+    plan_routings = [routing_from_expert_ids(x, num_experts, s) for x, s in zip(plan_ids, plan_steps)]
     eval_routings = plan_routings if not holdout else [routing_from_expert_ids(x, num_experts) for x in eval_ids]
     return PlannerInput(num_layers, num_experts, plan_routings, eval_routings, info)
 

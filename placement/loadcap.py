@@ -16,6 +16,15 @@ stay exact by construction -- enforces the cap and then lowers the cost under it
 2. descent: best-improvement swaps on the cost that keep every rank under the limit (or, where the limit was not
    met, under the max load the repair reached), until none helps or ``max_rounds``.
 
+The cap on unseen tokens (``step_load_SE``, `c2r-place plan --per-step-cap`, the default). Expert loads drift from
+step to step, so a plan that meets the cap exactly on the pooled planning load lands above it on later steps about
+half the time. The margin is measured on the planning tokens themselves: each recorded planning step is one sample
+of what an unseen step looks like, so the cap is held on every step's load (scaled to the pooled total: one limit
+for every *view*) as well as on the pooled load. Repair first meets the pooled cap alone, then every view without
+raising the pooled load above what it reached; where the steps cannot all meet the cap (a noisy trace, small
+steps), it ends at the lowest worst-step load its swaps find, and the pooled cap still holds. A step is what every
+rank waits on in training, so this is also the load that sets the step time. Never tuned on held-out tokens.
+
 Cost = rank KM1 + (c - 1) x node KM1 (c = the inter-node cost with several nodes; 1, i.e. rank KM1 alone,
 otherwise): the Steiner-tree objective of `placement.methods`, so a repair prefers swaps inside a node.
 
@@ -30,7 +39,8 @@ intersection) only for the few swaps whose bound beats the best exact gain found
 A layer whose heaviest expert, with the lightest others that share its rank, is above the limit cannot meet it
 without replication (`needs_replication`); the cap is not always reachable below that bound either (swaps are local).
 
-Shape legend: M distinct expert sets, E experts, P parts (ranks or nodes).
+Shape legend: M distinct expert sets, E experts, P parts (ranks or nodes), R ranks, S planning steps, V load views
+(the pooled load and each step's).
 """
 
 from __future__ import annotations
@@ -206,28 +216,56 @@ class _Cost:
         labels_E[a], labels_E[b] = q, p
 
 
-def _repair_step(cost: _Cost, labels, load_E, rank_load, limit) -> tuple[int, int] | None:
-    """The swap that lowers the busiest rank (module docstring, step 1), or None when no swap lowers it."""
-    p = int(np.argmax(rank_load))
-    moved = load_E[:, None] - load_E[None, :]  # load leaving a's rank (p) for b's
-    new_q = rank_load[labels][None, :] + moved
-    valid = (labels[:, None] == p) & (labels[None, :] != p) & (moved > _EPS) & (new_q < rank_load[p] - _EPS)
+def _repair_step(
+    cost: _Cost, labels, load_VE, rank_load_VR, limit, pooled_bound: float = np.inf
+) -> tuple[int, int] | None:
+    """The swap that lowers the busiest rank (module docstring, step 1), or None when no swap lowers it. With several
+    load views (view 0 the pooled load, then each planning step's, `cap_load`), "busiest" is the rank at the highest
+    load in any view, a swap must bring that rank, in every view, below it, and the pooled view must stay at or under
+    ``pooled_bound``."""
+    _, p = np.unravel_index(int(np.argmax(rank_load_VR)), rank_load_VR.shape)
+    top = float(rank_load_VR.max())
+    on_p = np.flatnonzero(labels == p)
+    moved = load_VE[:, on_p, None] - load_VE[:, None, :]  # [V, a on p, b]: load leaving p for b's rank
+    new_p = (rank_load_VR[:, p, None, None] - moved).max(axis=0)
+    new_q = (rank_load_VR[:, labels][:, None, :] + moved).max(axis=0)
+    valid = (labels[None, :] != p) & (new_p < top - _EPS) & (new_q < top - _EPS)
+    if pooled_bound < np.inf:
+        valid &= rank_load_VR[0, p] - moved[0] <= pooled_bound + _EPS
+        valid &= rank_load_VR[0, labels][None, :] + moved[0] <= pooled_bound + _EPS
     if not valid.any():
         return None
+    full = np.zeros((len(labels), len(labels)), dtype=bool)
     under = valid & (new_q <= limit)
     if under.any():
-        return cost.best(labels, under)
-    worst = np.where(valid, np.maximum(new_q, rank_load[p] - moved), np.inf)
-    return cost.best(labels, worst <= worst.min() + _EPS)  # the largest relief; the cheapest among equals
+        full[on_p] = under
+        return cost.best(labels, full)
+    worst = np.where(valid, np.maximum(new_q, new_p), np.inf)
+    full[on_p] = worst <= worst.min() + _EPS
+    return cost.best(labels, full)  # the largest relief; the cheapest among equals
 
 
-def _descent_step(cost: _Cost, labels, load_E, rank_load, bound) -> tuple[int, int] | None:
-    """The best improving swap that keeps both ranks under ``bound`` (module docstring, step 2)."""
-    moved = load_E[:, None] - load_E[None, :]  # leaves a's rank, arrives on b's
+def _descent_step(cost: _Cost, labels, load_VE, rank_load_VR, bound_V) -> tuple[int, int] | None:
+    """The best improving swap that keeps both ranks under ``bound_V[v]`` in every load view v (module docstring,
+    step 2)."""
     ok = labels[:, None] != labels[None, :]
-    ok &= rank_load[labels][:, None] - moved <= bound + _EPS
-    ok &= rank_load[labels][None, :] + moved <= bound + _EPS
+    here = rank_load_VR[:, labels]  # [V, E]: the load of each expert's rank
+    for v in range(len(load_VE)):  # one view at a time: [E, E] temporaries, not [V, E, E]
+        moved = load_VE[v][:, None] - load_VE[v][None, :]  # leaves a's rank, arrives on b's
+        ok &= here[v][:, None] - moved <= bound_V[v] + _EPS
+        ok &= here[v][None, :] + moved <= bound_V[v] + _EPS
     return cost.best(labels, ok, below=-1e-6)
+
+
+def load_views(load_E: np.ndarray, step_load_SE: np.ndarray | None) -> np.ndarray:
+    """[V, E]: the pooled load, then each planning step's load scaled to the pooled total (a step is one sample of
+    what an unseen step looks like; scaled, one limit holds for every view). Steps with no load are left out."""
+    views = [np.asarray(load_E, dtype=np.float64)]
+    total = float(views[0].sum())
+    for row in np.asarray(step_load_SE if step_load_SE is not None else np.zeros((0, len(load_E))), np.float64):
+        if row.sum() > 0:
+            views.append(row * (total / row.sum()))
+    return np.stack(views)
 
 
 def cap_load(
@@ -239,39 +277,50 @@ def cap_load(
     gpus_per_node: int | None = None,
     inter_node_cost: int = 1,
     max_rounds: int | None = None,
+    step_load_SE: np.ndarray | None = None,
 ) -> CapResult:
     """Swap experts until every rank's load is <= cap x mean (module docstring). ``routing``: the sets the cost is
     measured on (a planning sample); ``load_E``: the expert load the cap applies to (default the routing's: pass the
     load of every planning token when ``routing`` is a sample); ``gpus_per_node`` / ``inter_node_cost``: the
-    node term of the cost (default none); ``max_rounds``: descent swaps at most (default E)."""
+    node term of the cost (default none); ``max_rounds``: descent swaps at most (default E); ``step_load_SE``: the
+    expert load of each planning step: the cap must then hold on every step too (`load_views`), the margin for the
+    step-to-step drift of expert loads, measured on the planning tokens themselves. ``max_load`` in the result is the
+    worst view's."""
     labels = np.asarray(labels_E, dtype=np.int64).copy()
     load_E = np.asarray(routing.expert_load_E if load_E is None else load_E, dtype=np.float64)
+    load_VE = load_views(load_E, step_load_SE)
     limit = load_limit(load_E, num_ranks, cap)
     mean = float(load_E.sum()) / num_ranks
-    rank_load = np.bincount(labels, weights=load_E, minlength=num_ranks)
+    rank_load = np.stack([np.bincount(labels, weights=row, minlength=num_ranks) for row in load_VE])  # [V, R]
     cost = _Cost(routing, labels, num_ranks, gpus_per_node or num_ranks, inter_node_cost)
     swaps = 0
-    for _ in range(4 * len(labels) * max(1, len(labels) // num_ranks)):  # a bound; the loop ends on its own
-        if rank_load.max() <= limit * (1 + _EPS):
-            break
-        step = _repair_step(cost, labels, load_E, rank_load, limit)
-        if step is None:
-            break
-        swaps += _apply(cost, labels, load_E, rank_load, *step)
-    bound = max(limit, float(rank_load.max()))
+    # repair the pooled load (view 0) alone, then every view without raising the pooled load above what that reached
+    # (where the steps cannot all meet the cap, the pooled cap still holds)
+    pooled_bound = np.inf
+    for views in sorted({1, len(load_VE)}):
+        for _ in range(4 * len(labels) * max(1, len(labels) // num_ranks)):  # a bound; the loop ends on its own
+            if rank_load[:views].max() <= limit * (1 + _EPS):
+                break
+            step = _repair_step(cost, labels, load_VE[:views], rank_load[:views], limit, pooled_bound)
+            if step is None:
+                break
+            swaps += _apply(cost, labels, load_VE, rank_load, *step)
+        pooled_bound = max(limit, float(rank_load[0].max()))
+    bound_V = np.full(len(load_VE), max(limit, float(rank_load[1:].max(initial=0.0))))  # steps: the max reached
+    bound_V[0] = pooled_bound
     for _ in range(len(labels) if max_rounds is None else max_rounds):
-        step = _descent_step(cost, labels, load_E, rank_load, bound)
+        step = _descent_step(cost, labels, load_VE, rank_load, bound_V)
         if step is None:
             break
-        swaps += _apply(cost, labels, load_E, rank_load, *step)
+        swaps += _apply(cost, labels, load_VE, rank_load, *step)
     max_load = float(rank_load.max()) / mean if mean else 1.0
     met = bool(rank_load.max() <= limit * (1 + _EPS))
     return CapResult(labels, max_load, met, needs_replication(load_E, num_ranks, cap), swaps)
 
 
-def _apply(cost: _Cost, labels: np.ndarray, load_E: np.ndarray, rank_load: np.ndarray, a: int, b: int) -> int:
+def _apply(cost: _Cost, labels: np.ndarray, load_VE: np.ndarray, rank_load_VR: np.ndarray, a: int, b: int) -> int:
     p, q = int(labels[a]), int(labels[b])
-    rank_load[p] += load_E[b] - load_E[a]
-    rank_load[q] += load_E[a] - load_E[b]
+    rank_load_VR[:, p] += load_VE[:, b] - load_VE[:, a]
+    rank_load_VR[:, q] += load_VE[:, a] - load_VE[:, b]
     cost.swap(labels, a, b)
     return 1

@@ -554,6 +554,7 @@ def plan_placement(
     inter_node_cost: int = DEFAULT_INTER_NODE_COST,
     max_load: float | None = None,
     jobs: int = 1,
+    per_step: bool = True,
 ) -> list[ExpertLayout]:
     """Every layer's placement, one layout per layer (arguments: `plan_layer`). With ``max_load`` (a cap on rank
     load max/mean): one rank level (1 node, or 1 GPU per node) and Mt-KaHyPar start from
@@ -574,6 +575,7 @@ def plan_placement(
         topology=topology,
         inter_node_cost=inter_node_cost,
         max_load=max_load,
+        per_step=per_step,
     )
     labels = map_layers(task, [(r,) for r in routings], jobs, progress, f"planning ({method})")
     return [ExpertLayout(x, num_ranks) for x in labels]
@@ -592,6 +594,7 @@ def _plan_and_cap(
     topology: str,
     inter_node_cost: int,
     max_load: float | None,
+    per_step: bool = True,
 ) -> np.ndarray:
     """One layer of `plan_placement` (a module-level function: a worker process runs it)."""
     labels = None
@@ -605,7 +608,7 @@ def _plan_and_cap(
         )
     if max_load is None:
         return labels
-    return cap_layer(routing, labels, num_ranks, max_load, num_nodes, seed, max_tokens, inter_node_cost)
+    return cap_layer(routing, labels, num_ranks, max_load, num_nodes, seed, max_tokens, inter_node_cost, per_step)
 
 
 def _check_cap(max_load: float) -> None:
@@ -622,11 +625,13 @@ def cap_layer(
     seed: int = 0,
     max_tokens: int | None = None,
     inter_node_cost: int = DEFAULT_INTER_NODE_COST,
+    per_step: bool = True,
 ) -> np.ndarray:
     """One layer swapped until every rank's load is <= ``max_load`` x mean (`placement.loadcap.cap_load`): the
     cost is measured on the planning sample (``max_tokens``, ``seed``: as `plan_layer` drew it), the cap on the
-    load of every planning token; with 1 < nodes < ranks the cost counts node fan-out ``inter_node_cost`` - 1
-    times over (the Steiner objective of ``--topology map``)."""
+    load of every planning token and, with ``per_step`` and a trace of several steps, on each step's load too (the
+    margin for drift: a plan that holds on every step seen is what holds on the next); with 1 < nodes < ranks the
+    cost counts node fan-out ``inter_node_cost`` - 1 times over (the Steiner objective of ``--topology map``)."""
     if routing.expert_load_E.sum() == 0 or num_ranks == 1:
         return np.asarray(labels_E, dtype=np.int64)
     c = int(inter_node_cost) if 1 < num_nodes < num_ranks else 1
@@ -638,6 +643,7 @@ def cap_layer(
         load_E=routing.expert_load_E,
         gpus_per_node=num_ranks // num_nodes,
         inter_node_cost=c,
+        step_load_SE=routing.step_load_SE if per_step else None,
     )
     return result.labels
 
@@ -652,6 +658,7 @@ def cap_layouts(
     inter_node_cost: int = DEFAULT_INTER_NODE_COST,
     progress: bool = False,
     jobs: int = 1,
+    per_step: bool = True,
 ) -> list[ExpertLayout]:
     """`cap_layer` on every layout (``jobs``: layers in parallel, as `plan_placement`)."""
     _check_cap(max_load)
@@ -662,6 +669,7 @@ def cap_layouts(
         seed=seed,
         max_tokens=max_tokens,
         inter_node_cost=inter_node_cost,
+        per_step=per_step,
     )
     args = [(r, lay.as_array(), lay.num_ranks) for r, lay in zip(routings, layouts)]
     labels = map_layers(task, args, jobs, progress, f"load cap {max_load:g}")

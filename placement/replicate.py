@@ -33,6 +33,11 @@ are local: the target is not always reached (docs/placement.md has the numbers).
 
 Planning on a sample (``max_tokens``): the loads and copies are predicted on the planning sample.
 
+Step views (as the load cap's, `placement.loadcap`): where the trace has several planning steps, the target holds on
+each step's load too, the margin for the step-to-step drift of expert loads. A copy's load in step s is taken as its
+pooled load times expert e's load in s over its pooled load (each expert's split between its copies as in the pooled
+prediction); "busiest", the load above the target and the max are then each rank's worst view.
+
 Shape legend: M distinct expert sets, K slots, E experts, R ranks, C most copies of one expert.
 """
 
@@ -46,6 +51,7 @@ import scipy.sparse as sp
 from placement.errors import PlacementError
 from placement.inputs import LayerRouting, subsample
 from placement.layout import ExpertLayout
+from placement.loadcap import load_views
 from placement.pool import map_layers
 from placement.replica_rule import expected_expert_rank_load, expected_groups_hit, expected_rank_load, rule_one
 
@@ -79,7 +85,14 @@ def parse_num_slots(text: str | int, num_experts: int, num_ranks: int) -> int:
 class _Replicator:
     """One layer's greedy fill (module docstring): the copy table, free slots, predicted loads."""
 
-    def __init__(self, routing: LayerRouting, layout: ExpertLayout, num_slots: int, target: float):
+    def __init__(
+        self,
+        routing: LayerRouting,
+        layout: ExpertLayout,
+        num_slots: int,
+        target: float,
+        step_scale_SE: np.ndarray | None = None,
+    ):
         self.sets_MK, self.weight_M = routing.sets_MK, routing.weight_M.astype(np.float64)
         self.num_ranks, self.num_experts = layout.num_ranks, layout.num_experts
         self.table = np.full((self.num_experts, self.num_ranks), -1, dtype=np.int64)  # [E, R] copies, home first
@@ -94,7 +107,8 @@ class _Replicator:
         )
         self.sets_of = np.split(by_expert.indices, by_expert.indptr[1:-1])  # per expert: the sets choosing it
         self.load_E = routing.expert_load_E
-        self.load_R = expected_rank_load(self.sets_MK, self.weight_M, self._table(), self.num_ranks)
+        self.scale_SE = np.zeros((0, self.num_experts)) if step_scale_SE is None else step_scale_SE
+        self.load_R, _, self.step_SR = self._predict_sets(np.arange(len(self.sets_MK)), self._table())
         self.mean = float(self.load_R.sum()) / self.num_ranks
         self.limit = target * self.mean
         self.soft = (1 + (target - 1) / 2) * self.mean
@@ -105,14 +119,16 @@ class _Replicator:
         """The copy table cut to the most copies (+ ``extra`` columns for a trial copy)."""
         return self.table[:, : min(self.num_ranks, int(self.count_E.max()) + extra)]
 
-    def _predict(self, e: int, table: np.ndarray) -> tuple[np.ndarray, float]:
-        """(every rank's load, summed copies) of expert e's tokens under ``table``: only they change route when e's
-        copies change (module docstring, step 4)."""
-        sub = self.sets_of[e]
-        sets, weight = self.sets_MK[sub], self.weight_M[sub]
-        route = rule_one(sets, table, self.num_ranks)
-        hits = float(expected_groups_hit(sets, table, self.num_ranks, route=route) @ weight)
-        return expected_rank_load(sets, weight, table, self.num_ranks, route), hits
+    def _predict(self, e: int, table: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
+        """(every rank's load, summed copies, every rank's load in each step view) of expert e's tokens under
+        ``table``: only they change route when e's copies change (module docstring, step 4)."""
+        return self._predict_sets(self.sets_of[e], table)
+
+    def _worst(self, load_R: np.ndarray | None = None, step_SR: np.ndarray | None = None) -> np.ndarray:
+        """[R] each rank's load in its worst view (pooled, or a planning step's: module docstring, step views)."""
+        load_R = self.load_R if load_R is None else load_R
+        step_SR = self.step_SR if step_SR is None else step_SR
+        return np.maximum(load_R, step_SR.max(axis=0)) if len(step_SR) else load_R
 
     def _candidate_ranks(self, e: int) -> list[int]:
         open_R = self.room_R > 0
@@ -130,9 +146,10 @@ class _Replicator:
 
     def _candidate_experts(self) -> list[int]:
         per_copy = self.load_E / self.count_E
-        busiest = int(np.argmax(self.load_R))
+        worst_R = self._worst()
+        busiest = int(np.argmax(worst_R))
         can_grow = self.count_E < self.num_ranks
-        if self.load_R[busiest] > self.limit:
+        if worst_R[busiest] > self.limit:
             pool = np.flatnonzero(can_grow & (self.table == busiest).any(axis=1))
         else:
             pool = np.flatnonzero(can_grow)
@@ -148,26 +165,29 @@ class _Replicator:
     def _score(self, experts: list[int]) -> list[tuple]:
         # a replica that saves copies may raise the busiest rank only halfway to the limit: the last replicas must
         # still fit somewhere, and each one pulls load onto its rank (rule 1)
-        floor = self.limit if self.load_R.max() > self.limit else max(float(self.load_R.max()), self.soft)
+        top = float(self._worst().max())
+        floor = self.limit if top > self.limit else max(top, self.soft)
         scored = []
         for e in experts:
             ranks = self._candidate_ranks(e)
             if not ranks:
                 continue
-            old_load, old_hits = self._predict(e, self._table())
+            old_load, old_hits, old_steps = self._predict(e, self._table())
             for q in ranks:
                 self.table[e, self.count_E[e]] = q  # the trial copy, taken back below
-                load, hits = self._predict(e, self._table(extra=1))
+                load, hits, steps = self._predict(e, self._table(extra=1))
                 self.table[e, self.count_E[e]] = -1
-                d_load = load - old_load
-                new_R = self.load_R + d_load
-                scored.append((max(float(new_R.max()), floor), self._excess(new_R), hits - old_hits, e, q, d_load))
+                d_load, d_steps = load - old_load, steps - old_steps
+                worst_R = self._worst(self.load_R + d_load, self.step_SR + d_steps)
+                excess = self._excess(self.load_R + d_load, self.step_SR + d_steps)
+                scored.append((max(float(worst_R.max()), floor), excess, hits - old_hits, e, q, d_load, d_steps))
         return scored
 
-    def _excess(self, load_R: np.ndarray) -> float:
-        """Load above the limit, summed over ranks (0 when every rank is under it): unlike the max alone, it also
-        rewards a replica that relieves the second-busiest rank, the step a later replica builds on."""
-        return float(np.maximum(load_R - self.limit, 0.0).sum())
+    def _excess(self, load_R: np.ndarray | None = None, step_SR: np.ndarray | None = None) -> float:
+        """Load above the limit, summed over ranks (0 when every rank is under it), each rank in its worst view
+        (default: the current state): unlike the max alone, it also rewards a replica that relieves the
+        second-busiest rank, the step a later replica builds on."""
+        return float(np.maximum(self._worst(load_R, step_SR) - self.limit, 0.0).sum())
 
     def step(self) -> None:
         """Add the best replica (module docstring, step 5)."""
@@ -176,56 +196,61 @@ class _Replicator:
             scored = self._score([int(e) for e in np.flatnonzero(self.count_E < self.num_ranks)])
         best_max = min(s[0] for s in scored)
         near = [s for s in scored if s[0] <= best_max + _TIE * self.mean]
-        _, _, _, e, q, d_load = min(near, key=lambda s: (s[1], s[2]))
+        _, _, _, e, q, d_load, d_steps = min(near, key=lambda s: (s[1], s[2]))
         self.table[e, self.count_E[e]] = q
         self.count_E[e] += 1
         self.room_R[q] -= 1
         self.load_R += d_load
+        self.step_SR += d_steps
 
     def _remove(self, e: int, q: int) -> None:
         """Take the replica of e off rank q (never the home: c > 0), keeping the other copies' order."""
-        before = self._predict(e, self._table())[0]
+        before, _, before_steps = self._predict(e, self._table())
         n = int(self.count_E[e])
         copies = [r for r in self.table[e, :n] if r != q]
         self.table[e, :n] = [*copies, -1]
         self.count_E[e] -= 1
         self.room_R[q] += 1
-        self.load_R += self._predict(e, self._table())[0] - before
+        after, _, after_steps = self._predict(e, self._table())
+        self.load_R += after - before
+        self.step_SR += after_steps - before_steps
 
     def _state(self) -> tuple:
-        return self.table.copy(), self.count_E.copy(), self.room_R.copy(), self.load_R.copy()
+        return self.table.copy(), self.count_E.copy(), self.room_R.copy(), self.load_R.copy(), self.step_SR.copy()
 
     def _restore(self, state: tuple) -> None:
-        self.table, self.count_E, self.room_R, self.load_R = (x.copy() for x in state)
+        self.table, self.count_E, self.room_R, self.load_R, self.step_SR = (x.copy() for x in state)
 
     def refine(self, max_rounds: int) -> None:
         """While the limit is missed: replace one replica on the busiest rank by the best replica the greedy
         step then picks (anywhere), where that lowers the excess load (module docstring, step 6)."""
         for _ in range(max_rounds):
-            excess = self._excess(self.load_R)
+            excess = self._excess()
             if excess <= 0:
                 return
-            busiest = int(np.argmax(self.load_R))
+            busiest = int(np.argmax(self._worst()))
             holders = np.flatnonzero((self.table[:, 1:] == busiest).any(axis=1))
             start, best = self._state(), None
             for e in holders:
                 self._remove(int(e), busiest)
                 self.step()
-                if self._excess(self.load_R) < excess - 1e-9 and (
-                    best is None or self._excess(best[3]) > self._excess(self.load_R)
-                ):
+                if self._excess() < excess - 1e-9 and (best is None or self._excess(best[3], best[4]) > self._excess()):
                     best = self._state()
                 self._restore(start)
             if best is None:
                 return
             self._restore(best)
 
-    def _predict_sets(self, sub: np.ndarray, table: np.ndarray) -> tuple[np.ndarray, float]:
-        """`_predict` for the sets ``sub`` (the tokens of the two experts a swap moves)."""
+    def _predict_sets(self, sub: np.ndarray, table: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
+        """`_predict` for the sets ``sub`` (the tokens of the two experts a swap moves). The step views: each
+        expert's load on each rank, scaled by that expert's load in each planning step (module docstring)."""
         sets, weight = self.sets_MK[sub], self.weight_M[sub]
         route = rule_one(sets, table, self.num_ranks)
         hits = float(expected_groups_hit(sets, table, self.num_ranks, route=route) @ weight)
-        return expected_rank_load(sets, weight, table, self.num_ranks, route), hits
+        if not len(self.scale_SE):
+            return expected_rank_load(sets, weight, table, self.num_ranks, route), hits, np.zeros((0, self.num_ranks))
+        share_ER = expected_expert_rank_load(sets, weight, table, self.num_ranks, route)
+        return share_ER.sum(axis=0), hits, self.scale_SE @ share_ER
 
     def _slot_moves(self) -> list[tuple[str, int, int, int, int]]:
         """Moves that take load off the busiest rank p and keep every rank's slot count, each the best
@@ -240,7 +265,7 @@ class _Replicator:
         holds_ER = np.zeros((self.num_experts, self.num_ranks), dtype=bool)
         on = table >= 0
         holds_ER[np.broadcast_to(np.arange(self.num_experts)[:, None], table.shape)[on], table[on]] = True
-        p = int(np.argmax(self.load_R))
+        p = int(np.argmax(self._worst()))
         e_A = np.flatnonzero(holds_ER[:, p])
         moves = []
         # swaps: e leaves p for q, f arrives on p from q
@@ -288,22 +313,23 @@ class _Replicator:
     def slot_step(self) -> bool:
         """The best `_slot_moves` move, scored exactly on the two experts' tokens, by the load above the limit,
         then the max load, then the added copies; made (True) where it lowers the load above the limit."""
-        excess, best = self._excess(self.load_R), None
+        excess, best = self._excess(), None
         for move in self._slot_moves():
             _, e, _, f, _ = move
             sub = np.union1d(self.sets_of[e], self.sets_of[f])
-            old_load, old_hits = self._predict_sets(sub, self._table())
+            old_load, old_hits, old_steps = self._predict_sets(sub, self._table())
             saved = self._make(*move)
-            load, hits = self._predict_sets(sub, self._table())
+            load, hits, steps = self._predict_sets(sub, self._table())
             self._undo(saved)
-            new_R = self.load_R + load - old_load
-            key = (self._excess(new_R), float(new_R.max()), hits - old_hits)
+            new_R, new_SR = self.load_R + load - old_load, self.step_SR + steps - old_steps
+            key = (self._excess(new_R, new_SR), float(self._worst(new_R, new_SR).max()), hits - old_hits)
             if key[0] < excess - 1e-9 * self.mean and (best is None or key < best[0]):
-                best = (key, move, load - old_load)
+                best = (key, move, load - old_load, steps - old_steps)
         if best is None:
             return False
         self._make(*best[1])
         self.load_R += best[2]
+        self.step_SR += best[3]
         return True
 
     def layout(self, base: ExpertLayout) -> ExpertLayout:
@@ -314,22 +340,41 @@ class _Replicator:
         )
 
 
-def replicate_layer(routing: LayerRouting, layout: ExpertLayout, num_slots: int, target: float) -> ExpertLayout:
+def replicate_layer(
+    routing: LayerRouting,
+    layout: ExpertLayout,
+    num_slots: int,
+    target: float,
+    step_load_SE: np.ndarray | None = None,
+    load_E: np.ndarray | None = None,
+) -> ExpertLayout:
     """``layout`` (no replicas) with P - E replicas added (module docstring); loads and copies predicted on
-    ``routing``."""
+    ``routing``; ``step_load_SE``: each planning step's expert load (the step views; ``load_E``: the pooled expert
+    load of those steps, default the routing's)."""
     layout.require_unreplicated("adding replicas to a plan")
     if routing.pairwise:
         raise PlacementError("--replicas needs per-token routing (--traces): co-activation counts cannot predict it")
     if num_slots == layout.num_experts:
         return layout
-    state = _Replicator(routing, layout, num_slots, target)
+    state = _Replicator(routing, layout, num_slots, target, _step_scale(routing, step_load_SE, load_E))
     while state.room_R.sum():
         state.step()
     state.refine(max_rounds=num_slots - layout.num_experts)
     for _ in range(num_slots):  # a bound; each swap lowers the load above the limit
-        if state._excess(state.load_R) <= 0 or not state.slot_step():
+        if state._excess() <= 0 or not state.slot_step():
             break
     return state.layout(layout)
+
+
+def _step_scale(routing: LayerRouting, step_load_SE: np.ndarray | None, load_E: np.ndarray | None) -> np.ndarray | None:
+    """[S, E]: each step's load of expert e over its pooled load (steps scaled to the pooled total, as
+    `placement.loadcap.load_views`), 0 for an expert with no load: a copy's load in step s is its pooled load times
+    this (its split between copies taken as the pooled one)."""
+    if step_load_SE is None:
+        return None
+    pooled = np.asarray(routing.expert_load_E if load_E is None else load_E, dtype=np.float64)
+    views = load_views(pooled, step_load_SE)[1:]
+    return np.divide(views, pooled, out=np.zeros_like(views), where=pooled > 0)
 
 
 def replicate_layouts(
@@ -341,16 +386,29 @@ def replicate_layouts(
     seed: int = 0,
     progress: bool = False,
     jobs: int = 1,
+    per_step: bool = True,
 ) -> list[ExpertLayout]:
     """`replicate_layer` on every layer, each on a seeded sample of at most ``max_tokens`` planning tokens;
-    ``jobs``: layers in parallel (`placement.pool`; the same layouts as one process)."""
-    task = functools.partial(_replicate_sample, num_slots=num_slots, target=target, max_tokens=max_tokens, seed=seed)
+    ``jobs``: layers in parallel (`placement.pool`; the same layouts as one process); ``per_step``: the target
+    holds on each planning step's load too, where the trace has several (module docstring, step views)."""
+    task = functools.partial(
+        _replicate_sample, num_slots=num_slots, target=target, max_tokens=max_tokens, seed=seed, per_step=per_step
+    )
     args = list(zip(routings, layouts))
     return map_layers(task, args, jobs, progress, f"replicas ({num_slots} slots)")
 
 
 def _replicate_sample(
-    routing: LayerRouting, layout: ExpertLayout, *, num_slots: int, target: float, max_tokens: int | None, seed: int
+    routing: LayerRouting,
+    layout: ExpertLayout,
+    *,
+    num_slots: int,
+    target: float,
+    max_tokens: int | None,
+    seed: int,
+    per_step: bool = True,
 ) -> ExpertLayout:
     """One layer of `replicate_layouts` (a module-level function: a worker process runs it)."""
-    return replicate_layer(subsample(routing, max_tokens, seed), layout, num_slots, target)
+    steps = routing.step_load_SE if per_step else None
+    sample = subsample(routing, max_tokens, seed)
+    return replicate_layer(sample, layout, num_slots, target, steps, routing.expert_load_E)

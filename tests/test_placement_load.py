@@ -105,6 +105,41 @@ def test_an_impossible_cap_is_named_and_the_max_load_minimised():
     assert result.max_load == pytest.approx(min_max_load(routing.expert_load_E, R), rel=0.02)
 
 
+def test_the_cap_holds_on_every_planning_step_too():
+    """Worked example: 4 experts on 2 ranks; step 0 routes 100 tokens to {0, 1}, step 1 100 tokens to {2, 3}. The
+    copies-optimal plan ({0, 1} | {2, 3}) is balanced on the pooled load (1.0) but each step puts all the load on one
+    rank (2.0). Held on each step (``step_load_SE``), the cap splits both pairs: 1.0 on each step, 2 copies a token."""
+    ids = np.array([[0, 1]] * 100 + [[2, 3]] * 100)
+    routing = routing_from_expert_ids(ids, 4, steps_N=np.repeat([0, 1], 100))
+    assert routing.step_load_SE.tolist() == [[100, 100, 0, 0], [0, 0, 100, 100]]
+    pooled = cap_load(routing, np.array([0, 0, 1, 1]), 2, 1.1)
+    assert pooled.met and pooled.labels.tolist() == [0, 0, 1, 1] and pooled.max_load == 1.0  # nothing to do
+    each = cap_load(routing, np.array([0, 0, 1, 1]), 2, 1.1, step_load_SE=routing.step_load_SE)
+    assert each.met and each.max_load == pytest.approx(1.0)
+    assert each.labels[0] != each.labels[1] and each.labels[2] != each.labels[3]
+
+
+def test_steps_that_cannot_all_meet_the_cap_keep_the_pooled_cap():
+    """Noisy steps (20 tokens each, 16 experts, 4 ranks): where no placement meets 1.1 on every step, the repair
+    lowers the worst step but never lets the pooled load above the cap it met first."""
+    ids = synthetic_expert_ids(400, 16, 4, num_clusters=4, zipf=0.7, seed=3, structure_seed=0)
+    routing = routing_from_expert_ids(ids, 16, steps_N=np.arange(400) // 20)
+    start = partition_kahypar(routing, 4)
+    pooled = cap_load(routing, start, 4, 1.1)
+    each = cap_load(routing, start, 4, 1.1, step_load_SE=routing.step_load_SE)
+    worst_step = [
+        max(rank_load_of(row, lab, 4) for row in routing.step_load_SE) for lab in (pooled.labels, each.labels)
+    ]
+    assert not each.met and worst_step[1] < worst_step[0]  # the steps could not all meet it; their worst went down
+    assert rank_load(routing, each.labels, 4) <= 1.1 + 1e-9  # the pooled cap still holds
+    assert each.max_load == pytest.approx(worst_step[1])
+
+
+def rank_load_of(load_E, labels, num_ranks):
+    load = np.bincount(labels, weights=load_E, minlength=num_ranks)
+    return load.max() / load.mean()
+
+
 # ---- c2r-place plan with the cap -------------------------------------------------------------------------------
 
 
@@ -133,7 +168,7 @@ def test_plan_with_cap_records_load_and_costs_and_pareto(run_dir, tmp_path, caps
     assert "load cap 1.1 x mean: met on" in text and "PREDICTED step time" in text
     assert "max-load  copies/tok" in text and "    none" in text and "    1.05" in text
     plan = load_plan(out)
-    assert plan.data["options"]["max_load"] == 1.1
+    assert plan.data["options"]["max_load"] == 1.1 and plan.data["options"]["per_step_cap"] is True
     for layer in plan.data["layers"]:
         assert layer["load_cap"]["met"] == (layer["predicted"]["load_imbalance"] <= 1.1 + 1e-9)
         assert layer["predicted"]["predicted_step_ms"] > 0
@@ -141,6 +176,9 @@ def test_plan_with_cap_records_load_and_costs_and_pareto(run_dir, tmp_path, caps
         assert layer["predicted"]["load_imbalance"] <= 1.1 + 1e-9  # planned and judged on the same tokens
     uncapped = tmp_path / "none.json"
     assert run_cli(capsys, "plan", "--traces", run_dir, "--ranks", 4, "--max-load", "none", "--out", uncapped)[0] == 0
+    pooled = tmp_path / "pooled.json"
+    assert run_cli(capsys, "plan", "--traces", run_dir, "--ranks", 4, "--no-per-step-cap", "--out", pooled)[0] == 0
+    assert load_plan(pooled).data["options"]["per_step_cap"] is False
     loose = load_plan(uncapped).data["predicted"]
     assert loose["max_load_imbalance"] > 1.1  # the cap did something
     assert plan.data["predicted"]["copies_per_token"] >= loose["copies_per_token"] - 1e-9
