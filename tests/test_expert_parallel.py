@@ -8,6 +8,7 @@ from c2r.experts import ExpertConfig
 from c2r.moe import MoEConfig, MoELayer
 from c2r.parallel import shard_experts
 from placement.layout import ExpertLayout
+from tests.dispatch_cases import expert_inputs, run_rows
 from tests.distributed import run_distributed
 
 T_PER_RANK, D, F, E, K = 24, 16, 8, 8, 2
@@ -157,32 +158,11 @@ def vk_routing(kind: str, world: int):
     return routing
 
 
-def vk_run(dispatcher, x, routing, backend, experts, rows=slice(None)):
-    from tests.routing_cases import make_routing
-
-    x = x[rows].clone().requires_grad_(True)
-    local = make_routing(routing.expert_ids_TK[rows], routing.weights_TK[rows].detach(), routing.valid_TK[rows], E)
-    local.weights_TK.requires_grad_(True)
-    y = dispatcher(x, local, backend, experts) if dispatcher else backend(x, local, experts)
-    grad_out = torch.randn(routing.num_tokens, D, generator=torch.Generator().manual_seed(3))[rows]
-    (y * grad_out).sum().backward()
-    return y.detach(), x.grad, local.weights_TK.grad
-
-
-def vk_inputs(world: int):
-    torch.manual_seed(0)
-    from c2r.experts import ExpertWeights
-
-    experts = ExpertWeights(E, D, F, "swiglu")
-    x = torch.randn(world * VK_T, D, generator=torch.Generator().manual_seed(4))
-    return experts, x
-
-
 def vk_worker(rank, world):
     from c2r.experts import build_backend
     from c2r.parallel import build_dispatcher, local_expert_weights
 
-    full, x = vk_inputs(world)
+    full, x = expert_inputs(world * VK_T, E, D, F)
     rows = slice(rank * VK_T, (rank + 1) * VK_T)
     results = {}
     for name, (expert_to_rank, kind) in VK_CASES.items():
@@ -193,7 +173,7 @@ def vk_worker(rank, world):
                 recorder = MetaRecorder()
                 experts = local_expert_weights(full, layout.local_experts(rank))
                 backend = build_backend("torch", ExpertConfig(torch_impl=impl))
-                y, x_grad, w_grad = vk_run(
+                y, x_grad, w_grad = run_rows(
                     build_dispatcher(mode, layout, None, recorder), x, routing, backend, experts, rows
                 )
                 (meta,) = recorder.metas
@@ -216,11 +196,11 @@ def test_lean_dispatch_matches_reference_with_variable_k(tmp_path):
 
     world = 2
     per_rank = run_distributed(vk_worker, world, tmp_path)
-    full, x = vk_inputs(world)
+    full, x = expert_inputs(world * VK_T, E, D, F)
     for name, (_, kind) in VK_CASES.items():
         routing = vk_routing(kind, world)
         full.zero_grad(set_to_none=True)
-        y_ref, x_grad_ref, w_grad_ref = vk_run(None, x, routing, build_backend("reference", ExpertConfig()), full)
+        y_ref, x_grad_ref, w_grad_ref = run_rows(None, x, routing, build_backend("reference", ExpertConfig()), full)
         total_valid = int(routing.valid_TK.sum())
         for mode in ("per-expert", "per-rank"):
             for impl in ("loop", "grouped_mm"):

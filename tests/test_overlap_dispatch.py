@@ -6,10 +6,11 @@ than tokens (empty chunks)."""
 import pytest
 import torch
 
-from c2r.experts import ExpertConfig, ExpertWeights, build_backend
+from c2r.experts import ExpertConfig, build_backend
 from c2r.parallel import build_dispatcher, local_expert_weights, shard_experts
 from c2r.parallel.overlap import InFlight, chunk_bounds
 from placement.layout import ExpertLayout
+from tests.dispatch_cases import expert_inputs, run_rows
 from tests.distributed import run_distributed
 from tests.routing_cases import make_routing, random_routing
 from tests.test_expert_parallel import MetaRecorder, build_layer, forward_backward, global_batch, upstream_grad
@@ -50,25 +51,14 @@ def case_routing(name: str):
 def run_dispatch(dispatcher, x, routing, experts, rows=slice(None)):
     """Forward + backward of a weighted sum; returns (y, x grad, combine-weight grad)."""
     backend = build_backend("torch" if dispatcher else "reference", ExpertConfig(torch_impl="grouped_mm"))
-    x = x[rows].clone().requires_grad_(True)
-    local = make_routing(routing.expert_ids_TK[rows], routing.weights_TK[rows], routing.valid_TK[rows], E)
-    local.weights_TK.requires_grad_(True)
-    y = dispatcher(x, local, backend, experts) if dispatcher else backend(x, local, experts)
-    grad_out = torch.randn(routing.num_tokens, D, generator=torch.Generator().manual_seed(3))[rows]
-    (y * grad_out).sum().backward()
-    return y.detach(), x.grad, local.weights_TK.grad
-
-
-def inputs(world: int):
-    torch.manual_seed(0)
-    return ExpertWeights(E, D, F, "swiglu"), torch.randn(world * T, D, generator=torch.Generator().manual_seed(4))
+    return run_rows(dispatcher, x, routing, backend, experts, rows)
 
 
 def chunked_worker(rank, world, names):
     results = {}
     for name in names:
         layout, routing = case_layout(name), case_routing(name)
-        full, x = inputs(world)
+        full, x = expert_inputs(world * T, E, D, F)
         for mode in ("per-expert", "per-rank"):
             for chunks in CHUNKS:
                 recorder = MetaRecorder()
@@ -97,7 +87,7 @@ def chunked_worker(rank, world, names):
 
 def check_case(name: str, per_rank: list[dict]) -> None:
     world = CASES[name][0]
-    full, x = inputs(world)
+    full, x = expert_inputs(world * T, E, D, F)
     routing = case_routing(name)
     y_ref, x_grad_ref, w_grad_ref = run_dispatch(None, x, routing, full)
     total_valid = int(routing.valid_TK.sum())
@@ -210,7 +200,7 @@ def schedule_worker(rank, world, mode, chunks):
     log = ScheduleLog()
     name = "2 ranks, empty slots"
     layout, routing = case_layout(name), case_routing(name)
-    full, x = inputs(world)
+    full, x = expert_inputs(world * T, E, D, F)
     experts = local_expert_weights(full, layout.local_experts(rank))
     dispatcher = build_dispatcher(mode, layout, None, MetaRecorder(), overlap_chunks=chunks)
     rows = slice(rank * T, (rank + 1) * T)

@@ -6,10 +6,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from c2r.experts import ExpertConfig, ExpertWeights, build_backend
+from c2r.experts import ExpertConfig, build_backend
 from c2r.moe import MoEConfig, MoELayer
 from c2r.parallel import build_dispatcher, local_expert_weights, make_node_groups, resolve_ranks_per_node, shard_experts
 from placement.layout import ExpertLayout
+from tests.dispatch_cases import expert_inputs, run_rows
 from tests.distributed import run_distributed
 from tests.routing_cases import make_routing, random_routing
 from tests.test_expert_parallel import MetaRecorder
@@ -46,21 +47,6 @@ def case_routing(kind: str, world: int):
     return make_routing(routing.expert_ids_TK, routing.weights_TK, valid, E)
 
 
-def run_case(dispatcher, x, routing, backend, experts, rows=slice(None)):
-    x = x[rows].clone().requires_grad_(True)
-    local = make_routing(routing.expert_ids_TK[rows], routing.weights_TK[rows], routing.valid_TK[rows], E)
-    local.weights_TK.requires_grad_(True)
-    y = dispatcher(x, local, backend, experts) if dispatcher else backend(x, local, experts)
-    grad_out = torch.randn(routing.num_tokens, D, generator=torch.Generator().manual_seed(3))[rows]
-    (y * grad_out).sum().backward()
-    return y.detach(), x.grad, local.weights_TK.grad
-
-
-def full_experts(world: int):
-    torch.manual_seed(0)
-    return ExpertWeights(E, D, F, "swiglu"), torch.randn(world * T, D, generator=torch.Generator().manual_seed(4))
-
-
 def moe_layer() -> MoELayer:
     torch.manual_seed(0)
     return MoELayer(D, MoEConfig(num_experts=E, top_k=2, ffn_hidden_size=F, experts=ExpertConfig(backend="torch")))
@@ -68,7 +54,7 @@ def moe_layer() -> MoELayer:
 
 def worker(rank, world):
     W = world // NODES
-    full, x = full_experts(world)
+    full, x = expert_inputs(world * T, E, D, F)
     rows = slice(rank * T, (rank + 1) * T)
     groups = make_node_groups(W)  # once, for every case
     backend = build_backend("torch", ExpertConfig(torch_impl="grouped_mm"))
@@ -78,7 +64,7 @@ def worker(rank, world):
         recorder = MetaRecorder()
         experts = local_expert_weights(full, layout.local_experts(rank))
         dispatcher = build_dispatcher("per-node", layout, None, recorder, W, groups)
-        y, x_grad, w_grad = run_case(dispatcher, x, case_routing(routing_kind, world), backend, experts, rows)
+        y, x_grad, w_grad = run_rows(dispatcher, x, case_routing(routing_kind, world), backend, experts, rows)
         (meta,) = recorder.metas
         results[name] = {
             "y": y,
@@ -118,7 +104,7 @@ def recount(routing, layout: ExpertLayout, world: int, rank: int) -> dict:
 
 def check_layer(per_rank, world):
     layer = moe_layer()
-    _, x = full_experts(world)
+    _, x = expert_inputs(world * T, E, D, F)
     x = x.clone().requires_grad_(True)
     y, _ = layer(x)
     (y * torch.randn(world * T, D, generator=torch.Generator().manual_seed(5))).sum().backward()
@@ -132,12 +118,12 @@ def check_layer(per_rank, world):
 @pytest.mark.parametrize("world", [4, 8])  # 2 nodes x 2 ranks, 2 nodes x 4 ranks
 def test_per_node_dispatch_matches_reference(tmp_path, world):
     per_rank = run_distributed(worker, world, tmp_path)
-    full, x = full_experts(world)
+    full, x = expert_inputs(world * T, E, D, F)
     reference = build_backend("reference", ExpertConfig())
     for name, (layout_kind, routing_kind) in CASES.items():
         layout, routing = case_layout(layout_kind, world), case_routing(routing_kind, world)
         full.zero_grad(set_to_none=True)
-        y_ref, x_grad_ref, w_grad_ref = run_case(None, x, routing, reference, full)
+        y_ref, x_grad_ref, w_grad_ref = run_rows(None, x, routing, reference, full)
         results = [r[name] for r in per_rank]
         torch.testing.assert_close(torch.cat([r["y"] for r in results]), y_ref, msg=name)
         torch.testing.assert_close(torch.cat([r["x_grad"] for r in results]), x_grad_ref, msg=name)

@@ -7,10 +7,11 @@ from collections import Counter
 import pytest
 import torch
 
-from c2r.experts import ExpertConfig, ExpertWeights, build_backend
+from c2r.experts import ExpertConfig, build_backend
 from c2r.parallel import build_dispatcher, local_expert_weights, make_node_groups
 from c2r.parallel.replicas import CopyChooser
 from placement.layout import ExpertLayout
+from tests.dispatch_cases import expert_inputs, run_rows
 from tests.distributed import run_distributed
 from tests.routing_cases import make_routing, random_routing
 from tests.test_expert_parallel import MetaRecorder
@@ -101,21 +102,6 @@ def test_free_pairs_split_evenly_over_the_copies():
     assert Counter(physical.flatten().tolist()) == {int(s): 10 for s in layout.replica_slots[0]}
 
 
-def dispatch_inputs(world: int):
-    torch.manual_seed(0)
-    return ExpertWeights(E, D, F, "swiglu"), torch.randn(world * T, D, generator=torch.Generator().manual_seed(4))
-
-
-def run_case(dispatcher, x, routing, backend, experts, rows=slice(None)):
-    x = x[rows].clone().requires_grad_(True)
-    local = make_routing(routing.expert_ids_TK[rows], routing.weights_TK[rows].detach(), routing.valid_TK[rows], E)
-    local.weights_TK.requires_grad_(True)
-    y = dispatcher(x, local, backend, experts) if dispatcher else backend(x, local, experts)
-    grad_out = torch.randn(routing.num_tokens, D, generator=torch.Generator().manual_seed(3))[rows]
-    (y * grad_out).sum().backward()
-    return y.detach(), x.grad, local.weights_TK.grad
-
-
 def world_cases(world: int) -> list[tuple[str, str]]:
     names = [n for n, (w, _, _) in LAYOUTS.items() if w == world]
     modes = ["per-expert", "per-rank"] + (["per-node"] if world == 4 else [])
@@ -123,7 +109,7 @@ def world_cases(world: int) -> list[tuple[str, str]]:
 
 
 def dispatch_worker(rank, world):
-    full, x = dispatch_inputs(world)
+    full, x = expert_inputs(world * T, E, D, F)
     rows = slice(rank * T, (rank + 1) * T)
     node_groups = make_node_groups(2) if world == 4 else None  # 4 ranks as 2 nodes x 2
     backend = build_backend("torch", ExpertConfig(torch_impl="grouped_mm"))
@@ -134,7 +120,7 @@ def dispatch_worker(rank, world):
         experts = local_expert_weights(full, layout.local_experts(rank))
         W = 2 if mode == "per-node" else None
         dispatcher = build_dispatcher(mode, layout, None, recorder, W, node_groups if W else None)
-        y, x_grad, w_grad = run_case(dispatcher, x, layout_routing(name, world), backend, experts, rows)
+        y, x_grad, w_grad = run_rows(dispatcher, x, layout_routing(name, world), backend, experts, rows)
         (meta,) = recorder.metas
         results[name, mode] = {
             "y": y,
@@ -170,13 +156,13 @@ def test_replicated_dispatch_matches_unreplicated_reference(tmp_path, world):
             "router 'group_limited' groups experts by rank and cannot use a layout with replicated experts (MoE "
             "layer 0); use a plan without replicas, or another router"
         )
-    full, x = dispatch_inputs(world)
+    full, x = expert_inputs(world * T, E, D, F)
     reference = build_backend("reference", ExpertConfig())
     for name, mode in world_cases(world):
         layout = make_layout(name)
         routing = layout_routing(name, world)
         full.zero_grad(set_to_none=True)
-        y_ref, x_grad_ref, w_grad_ref = run_case(None, x, routing, reference, full)
+        y_ref, x_grad_ref, w_grad_ref = run_rows(None, x, routing, reference, full)
         results = [r[name, mode] for r in per_rank]
         where = f"{name}, {mode}"
         torch.testing.assert_close(torch.cat([r["y"] for r in results]), y_ref, msg=where)

@@ -1,0 +1,32 @@
+"""What every expert-parallel equality test does on each rank and in its single-process reference: the same experts
+and input, and one forward + backward of a fixed weighted sum over a rank's rows."""
+
+from __future__ import annotations
+
+import torch
+
+from c2r.experts import ExpertWeights
+from tests.routing_cases import make_routing
+
+
+def expert_inputs(num_tokens: int, num_experts: int, hidden: int, ffn: int) -> tuple[ExpertWeights, torch.Tensor]:
+    """All experts (SwiGLU, seed 0) and ``num_tokens`` input rows (seed 4): the same on every rank."""
+    torch.manual_seed(0)
+    experts = ExpertWeights(num_experts, hidden, ffn, "swiglu")
+    return experts, torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(4))
+
+
+def run_rows(dispatcher, x, routing, backend, experts, rows=slice(None)):
+    """Forward + backward of ``sum(y * g)`` (g fixed, seed 3) over ``rows`` of ``x`` and ``routing`` (a rank's
+    tokens; all of them for the reference): (y, x grad, combine-weight grad). ``dispatcher`` None runs ``backend``
+    on the rows directly."""
+    num_experts = routing.tokens_per_expert_E.numel()
+    x = x[rows].clone().requires_grad_(True)
+    local = make_routing(
+        routing.expert_ids_TK[rows], routing.weights_TK[rows].detach(), routing.valid_TK[rows], num_experts
+    )
+    local.weights_TK.requires_grad_(True)
+    y = dispatcher(x, local, backend, experts) if dispatcher else backend(x, local, experts)
+    grad_out = torch.randn(routing.num_tokens, x.shape[1], generator=torch.Generator().manual_seed(3))[rows]
+    (y * grad_out).sum().backward()
+    return y.detach(), x.grad, local.weights_TK.grad
