@@ -30,3 +30,16 @@ def run_rows(dispatcher, x, routing, backend, experts, rows=slice(None)):
     grad_out = torch.randn(routing.num_tokens, x.shape[1], generator=torch.Generator().manual_seed(3))[rows]
     (y * grad_out).sum().backward()
     return y.detach(), x.grad, local.weights_TK.grad
+
+
+def assert_ranks_match_reference(results: list[dict], reference, full: ExpertWeights, where: str) -> None:
+    """The ranks' outputs and input/combine-weight gradients, concatenated in rank order, equal the single-process
+    ``reference`` ((y, x grad, combine-weight grad) of ``run_rows``); each rank's expert gradients equal the
+    reference's rows of its ``local_experts`` (a replica holds its expert's whole gradient, summed over copies)."""
+    for key, want in zip(("y", "x_grad", "w_grad"), reference):
+        torch.testing.assert_close(torch.cat([r[key] for r in results]), want, msg=where)
+    E, F, D = full.num_experts, full.ffn_hidden_size, full.hidden_size
+    for r in results:
+        for name, grad in r["expert_grads"].items():
+            want = getattr(full, name).grad.view(E, F, D)[r["local_experts"]].reshape(-1, D)
+            torch.testing.assert_close(grad, want, msg=f"{where}: grad of {name}")

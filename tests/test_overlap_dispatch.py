@@ -10,7 +10,7 @@ from c2r.experts import ExpertConfig, build_backend
 from c2r.parallel import build_dispatcher, local_expert_weights, shard_experts
 from c2r.parallel.overlap import InFlight, chunk_bounds
 from placement.layout import ExpertLayout
-from tests.dispatch_cases import expert_inputs, run_rows
+from tests.dispatch_cases import assert_ranks_match_reference, expert_inputs, run_rows
 from tests.distributed import run_distributed
 from tests.routing_cases import make_routing, random_routing
 from tests.test_expert_parallel import MetaRecorder, build_layer, forward_backward, global_batch, upstream_grad
@@ -89,20 +89,13 @@ def check_case(name: str, per_rank: list[dict]) -> None:
     world = CASES[name][0]
     full, x = expert_inputs(world * T, E, D, F)
     routing = case_routing(name)
-    y_ref, x_grad_ref, w_grad_ref = run_dispatch(None, x, routing, full)
+    reference = run_dispatch(None, x, routing, full)
     total_valid = int(routing.valid_TK.sum())
     for mode in ("per-expert", "per-rank"):
         for chunks in CHUNKS:
             results = [r[name, mode, chunks] for r in per_rank]
             where = f"{name}, {mode}, {chunks} chunks"
-            torch.testing.assert_close(torch.cat([r["y"] for r in results]), y_ref, msg=where)
-            torch.testing.assert_close(torch.cat([r["x_grad"] for r in results]), x_grad_ref, msg=where)
-            torch.testing.assert_close(torch.cat([r["w_grad"] for r in results]), w_grad_ref, msg=where)
-            for r in results:
-                for pname, grad in r["expert_grads"].items():
-                    # a replica's gradient is its expert's whole gradient (summed over copies): the reference's
-                    want = getattr(full, pname).grad.view(E, F, D)[r["local_experts"]].reshape(-1, D)
-                    torch.testing.assert_close(grad, want, msg=f"{where}: grad of {pname}")
+            assert_ranks_match_reference(results, reference, full, where)
             # Dropless, counted: each valid pair computed once; and the same counts as the unchunked dispatch, rank by
             # rank (every chunk's rows add up to the plain mode's splits).
             assert sum(sum(r["counts"]["computed_X"]) for r in results) == total_valid, where

@@ -11,7 +11,7 @@ from c2r.experts import ExpertConfig, build_backend
 from c2r.parallel import build_dispatcher, local_expert_weights, make_node_groups
 from c2r.parallel.replicas import CopyChooser
 from placement.layout import ExpertLayout
-from tests.dispatch_cases import expert_inputs, run_rows
+from tests.dispatch_cases import assert_ranks_match_reference, expert_inputs, run_rows
 from tests.distributed import run_distributed
 from tests.routing_cases import make_routing, random_routing
 from tests.test_expert_parallel import MetaRecorder
@@ -162,18 +162,11 @@ def test_replicated_dispatch_matches_unreplicated_reference(tmp_path, world):
         layout = make_layout(name)
         routing = layout_routing(name, world)
         full.zero_grad(set_to_none=True)
-        y_ref, x_grad_ref, w_grad_ref = run_rows(None, x, routing, reference, full)
         results = [r[name, mode] for r in per_rank]
         where = f"{name}, {mode}"
-        torch.testing.assert_close(torch.cat([r["y"] for r in results]), y_ref, msg=where)
-        torch.testing.assert_close(torch.cat([r["x_grad"] for r in results]), x_grad_ref, msg=where)
-        torch.testing.assert_close(torch.cat([r["w_grad"] for r in results]), w_grad_ref, msg=where)
         # Every copy of every expert holds the whole expert's gradient (the sum over its copies' own gradients):
         # exactly what one unreplicated expert gets.
-        for r in results:
-            for pname, grad in r["expert_grads"].items():
-                want = getattr(full, pname).grad.view(E, F, D)[r["local_experts"]]
-                torch.testing.assert_close(grad.view(-1, F, D), want, msg=f"{where}: grad of {pname}")
+        assert_ranks_match_reference(results, run_rows(None, x, routing, reference, full), full, where)
         # Dropless, counted, and the rows went where the copy rule says (per source rank): load per physical slot.
         want_load = Counter()
         for rank in range(world):
