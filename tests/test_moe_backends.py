@@ -177,10 +177,9 @@ def test_auto_backend_takes_the_fastest_measured_backend_of_the_nearest_shape():
 
 
 def test_auto_backend_is_torch_on_the_cpu_whatever_the_shape():
-    from c2r.experts import ExpertShape, resolve_backend_name
+    from c2r.experts import ExpertShape, resolve_expert_config
 
     shape = ExpertShape(num_experts=128, hidden_size=2048, ffn_hidden_size=768)
-    assert resolve_backend_name(ExpertConfig(), torch.device("cpu"), torch.float32, shape) == "torch"
-    assert resolve_backend_name(ExpertConfig(backend="reference"), torch.device("cpu"), torch.float32, shape) == (
-        "reference"
-    )
+    cpu = torch.device("cpu")
+    assert resolve_expert_config(ExpertConfig(), cpu, torch.float32, shape).backend == "torch"
+    assert resolve_expert_config(ExpertConfig(backend="reference"), cpu, torch.float32, shape).backend == "reference"

@@ -26,7 +26,6 @@ __all__ = [
     "ExpertShape",
     "ExpertWeights",
     "build_backend",
-    "resolve_backend_name",
     "resolve_expert_config",
 ]
 
@@ -91,13 +90,6 @@ def resolve_expert_config(
     if row.fastest == "torch":
         return replace(config, backend="torch")
     return replace(config, backend="megablocks", megablocks_impl="grouped_mm")
-
-
-def resolve_backend_name(
-    config: ExpertConfig, device: torch.device, dtype: torch.dtype, shape: ExpertShape | None = None
-) -> str:
-    """The backend ``auto`` resolves to (``resolve_expert_config`` says which MegaBlocks path too)."""
-    return resolve_expert_config(config, device, dtype, shape).backend
 
 
 def build_backend(name: str, config: ExpertConfig) -> ExpertBackend:
