@@ -478,8 +478,10 @@ def model_width(model: nn.Module) -> int:
 
 
 def hidden_lr_scale(model: nn.Module, tc: TrainConfig) -> float:
-    """``min(1, lr_base_width / width)``: the factor of the hidden matrices' learning rate (1 when off)."""
-    return 1.0 if tc.lr_base_width == 0 else min(1.0, tc.lr_base_width / model_width(model))
+    """The factor of this model's hidden matrices' learning rate (``width_lr_scale`` at its width)."""
+    from c2r.deepspeed.setup import width_lr_scale
+
+    return width_lr_scale(tc.lr_base_width, model_width(model))
 
 
 def optimize_everything(model: nn.Module, device: torch.device, tc: TrainConfig):

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from c2r.config_utils import config_from_dict
 from c2r.deepspeed.expert_files import check_expert_files, one_file_per_expert
+from c2r.deepspeed.setup import width_lr_scale
 from c2r.model import ModelConfig
 from c2r.routing import Router
 from placement.layout import ExpertLayout
@@ -122,8 +123,8 @@ def check_same_width_scaling(saved: dict[str, Any], run_config: dict[str, Any], 
     base = run_config["train"].get("lr_base_width", 0)
     width = None if (run_config.get("hf") or {}).get("model_dir") else run_config["model"].get("d_model")
 
-    def scaled(value: int) -> bool:
-        return value > 0 and (width is None or width > value)
+    def scaled(value: int) -> bool:  # an unknown width (a Hugging Face model): any base may scale it
+        return value > 0 and (width is None or width_lr_scale(value, width) < 1.0)
 
     if saved_base != base and (scaled(saved_base) or scaled(base)):
         raise ValueError(

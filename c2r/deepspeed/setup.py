@@ -118,6 +118,12 @@ def wrap_moe_layers(model: nn.Module, ep_size: int) -> list[DeepSpeedMoELayer]:
     return wrapped
 
 
+def width_lr_scale(lr_base_width: int, width: int) -> float:
+    """The hidden matrices' learning-rate factor of ``train.lr_base_width``: ``min(1, lr_base_width / width)``, 1 when
+    off (0)."""
+    return 1.0 if lr_base_width == 0 else min(1.0, lr_base_width / width)
+
+
 def optimizer_param_groups(
     model: nn.Module, weight_decay: float, hidden_lr: float | None = None, max_group_size: int = 178956971
 ) -> list[dict[str, Any]]:
