@@ -44,6 +44,7 @@ from c2r.run_setup import (
     start_run,
 )
 from c2r.stops import SavePolicy, StopSignals
+from profiling.kernels import KernelProfile, phase
 from profiling.session import ProfileSession, open_comm_profiler
 
 log = logging.getLogger("c2r.train")
@@ -137,6 +138,10 @@ def train_steps(config: RunConfig, engine, corpus, info, comm, policy: SavePolic
             {"ep_size": tc.ep_size, "run": str(out_dir), "steps": tc.steps},
             comm,
         )
+    kernels = None
+    if config.profile.kernel_steps:
+        first = start + config.profile.kernel_warmup
+        kernels = KernelProfile(out_dir / "profile", first, config.profile.kernel_steps, info.device.type == "cuda")
     history, step_losses, window, router_state = [], [], [], {}
     started = time.perf_counter()
     bar = progress_bar(range(start, tc.steps), "train", enabled=is_main)
@@ -148,15 +153,27 @@ def train_steps(config: RunConfig, engine, corpus, info, comm, policy: SavePolic
             step_started = time.perf_counter()
             if profiler:
                 profiler.begin_step(step)
-            out: ModelOutput = engine(*train_batches.batch_at(step, info.device))
-            engine.backward(out.loss)
+            if kernels:
+                kernels.begin_step(step)
+            with phase("forward"):
+                out: ModelOutput = engine(*train_batches.batch_at(step, info.device))
+            with phase("backward"):
+                engine.backward(out.loss)
             boundary = engine.is_gradient_accumulation_boundary()  # before step(), which advances the micro step
-            engine.step()
+            with phase("optimizer"):
+                engine.step()
             if boundary:
-                router_state = after_optimizer_step(engine.module)  # ReMoE's lambda, group-limited bias, ...
+                with phase("router_update"):
+                    router_state = after_optimizer_step(engine.module)  # ReMoE's lambda, group-limited bias, ...
             if profiler:
                 profiler.end_step(step)
-            step_losses.append(global_mean(out.lm_loss.item(), info.device))
+            with phase("loss_log"):
+                step_losses.append(global_mean(out.lm_loss.item(), info.device))
+            if kernels:
+                kernels.end_step(step)
+                if kernels.summary and is_main:
+                    log.info("kernel profile in %s:\n%s", out_dir / "profile" / "kernels.txt", kernels.summary)
+                    kernels.summary = None
             window.append(step_losses[-1])
             window_s += time.perf_counter() - step_started  # after the loss's .item(): the GPU is done
             bar.set_postfix(loss=f"{step_losses[-1]:.3f}", lr=f"{lr_at(step, tc):.1e}")
@@ -190,6 +207,8 @@ def train_steps(config: RunConfig, engine, corpus, info, comm, policy: SavePolic
                 break
     if profiler:
         profiler.close()
+    if kernels:
+        kernels.close()
     return {"history": history, "step_losses": step_losses, "end_step": done, "stopped_by": stopped_by}
 
 
@@ -360,6 +379,14 @@ TRAIN_CLI = ConfigCli(
             "profile.enabled",
             "record routing traces and all-to-all traffic in OUT/profile (see c2r-profile)",
             switch=True,
+        ),
+        Shorthand(
+            "--profile-kernels",
+            "profile.kernel_steps",
+            "torch.profiler over N steps after profile.kernel_warmup (10) steps: OUT/profile/kernels.txt (where the "
+            "step's time goes, by phase and op) and a Chrome trace per rank",
+            int,
+            metavar="N",
         ),
     ),
 )

@@ -34,6 +34,15 @@ class ProfileConfig:
     traces: bool = True
     comm: bool = True
     trace: TraceConfig = field(default_factory=TraceConfig)
+    kernel_steps: int = 0  # > 0: torch.profiler over that many steps (profiling.kernels), independent of ``enabled``
+    kernel_warmup: int = 10  # steps of this run before the kernel profile starts
+
+    def __post_init__(self) -> None:
+        if self.kernel_steps < 0 or self.kernel_warmup < 0:
+            raise ValueError(
+                f"profile.kernel_steps ({self.kernel_steps}) and profile.kernel_warmup ({self.kernel_warmup}) "
+                "must be >= 0"
+            )
 
 
 @dataclass(frozen=True)

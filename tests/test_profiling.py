@@ -1,6 +1,7 @@
 """Profiler counts against independent recounts, trace/co-activation consistency, damaged inputs, the CLI."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -184,10 +185,18 @@ def test_profiled_training_run_writes_traces_and_comm_and_changes_nothing(tmp_pa
     plain = run_distributed(
         profiled_worker, 2, tmp_path / "a", tiny_run_config(tmp_path / "plain", 6, eval_every=3, ep_size=2)
     )
-    profiled = run_distributed(
-        profiled_worker, 2, tmp_path / "b", tiny_run_config(tmp_path / "prof", 6, profile=True, eval_every=3, ep_size=2)
-    )
+    raw = tiny_run_config(tmp_path / "prof", 6, profile=True, eval_every=3, ep_size=2)
+    raw["profile"].update(kernel_steps=2, kernel_warmup=3)  # the kernel profile too, over steps 3 and 4
+    profiled = run_distributed(profiled_worker, 2, tmp_path / "b", raw)
     assert plain[0] == profiled[0]  # profiling observes; it does not change the numbers
+    kernels = (tmp_path / "prof" / "profile" / "kernels.txt").read_text()
+    assert "steps 3-4 (2 steps)" in kernels
+    for phase in ("forward", "backward", "optimizer", "loss_log"):
+        assert re.search(rf"^{phase} +\d+\.\d+", kernels, re.MULTILINE), phase
+    assert {p.name for p in (tmp_path / "prof" / "profile").glob("kernels_rank*")} == {
+        "kernels_rank0.json.gz",
+        "kernels_rank1.json.gz",
+    }
     info = json.loads((tmp_path / "prof" / "profile" / "profile.json").read_text())
     assert info["mode"] == "per-expert" and info["expert_to_rank"] == [[0, 0, 0, 0, 1, 1, 1, 1]] * 2
     summary = summarize(tmp_path / "prof")

@@ -1,0 +1,154 @@
+"""Where a training step's time goes, kernel by kernel: ``torch.profiler`` over a few steps of a run.
+
+    profile/kernels.txt              rank 0's summary: wall and GPU-busy ms per step, each phase's time, top ops
+    profile/kernels_rank{r}.json.gz  each rank's Chrome trace (chrome://tracing, https://ui.perfetto.dev)
+
+Turned on with ``--profile-kernels N`` (``profile.kernel_steps``) in ``c2r-train``: the N steps after
+``profile.kernel_warmup`` steps of this run (warm-up lets the allocator, cuBLAS and triton settle first). The caller
+marks its phases with :func:`phase` (``forward``, ``backward``, ``optimizer``, ...): each phase's rows in the summary
+give its CPU time (how long the host spent launching it) and the device time of the kernels it launched.
+
+Independent of the routing and all-to-all profiler (``--profile``): either can run without the other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.autograd.profiler_util import EventList
+
+PHASE_PREFIX = "c2r."
+
+
+def phase(name: str):
+    """A labelled range in the kernel profile (``c2r.<name>``); costs next to nothing when no profile is running."""
+    return torch.profiler.record_function(PHASE_PREFIX + name)
+
+
+def busy_ms(intervals: list[tuple[int, int]]) -> float:
+    """Length of the union of ``(start_ns, end_ns)`` intervals in ms: the time at least one kernel ran (kernels on
+    two streams that overlap count once)."""
+    total, reach = 0, None
+    for start, end in sorted(intervals):
+        if reach is None or start > reach:
+            total += end - start
+            reach = end
+        elif end > reach:
+            total += end - reach
+            reach = end
+    return total / 1e6
+
+
+def device_work(events) -> list:
+    """The kernels, memcpys and memsets among kineto events: device-side events that are not the device-side copy
+    of a ``record_function`` range (a "gpu_user_annotation", which spans all the kernels of its range)."""
+    cuda = torch.autograd.DeviceType.CUDA
+    return [e for e in events if e.device_type() == cuda and not e.is_user_annotation()]
+
+
+def kernel_intervals(prof) -> list[tuple[int, int]]:
+    """``(start_ns, end_ns)`` of every device kernel, memcpy and memset in a finished ``torch.profiler.profile``."""
+    return [(e.start_ns(), e.start_ns() + e.duration_ns()) for e in device_work(prof.profiler.kineto_results.events())]
+
+
+def device_ms_by_phase(prof) -> dict[str, float]:
+    """Device time (ms, summed over the window) of the kernels each :func:`phase` launched. A kernel belongs to the
+    phase whose host range contains its launch: the backward's kernels are launched by autograd's own thread, which a
+    ``record_function`` range on the main thread does not parent, so the range's own device total would miss them."""
+    events = list(prof.profiler.kineto_results.events())
+    cuda = torch.autograd.DeviceType.CUDA
+    host = [e for e in events if e.device_type() != cuda]
+    ranges = [
+        (e.start_ns(), e.start_ns() + e.duration_ns(), e.name()[len(PHASE_PREFIX) :])
+        for e in host
+        if e.name().startswith(PHASE_PREFIX)
+    ]
+    launched_at = {e.correlation_id(): e.start_ns() for e in host if e.correlation_id() and not e.is_user_annotation()}
+    totals = {name: 0.0 for _, _, name in ranges}
+    for kernel in device_work(events):
+        launch = launched_at.get(kernel.correlation_id())
+        for start, end, name in ranges:
+            if launch is not None and start <= launch <= end:
+                totals[name] += kernel.duration_ns() / 1e6
+                break
+    return totals
+
+
+class KernelProfile:
+    """Profiles steps ``first`` .. ``first + steps - 1``; ``begin_step``/``end_step`` around every step of the run."""
+
+    def __init__(self, out_dir: str | Path, first: int, steps: int, use_cuda: bool, rows: int = 30):
+        if steps < 1:
+            raise ValueError(f"profile.kernel_steps ({steps}) must be at least 1 to profile")
+        self.dir = Path(out_dir)
+        self.first, self.last = first, first + steps - 1
+        self.use_cuda, self.rows = use_cuda, rows
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self._prof = None
+        self._started = 0.0
+        self.summary: str | None = None  # the text of kernels.txt once written
+
+    def begin_step(self, step: int) -> None:
+        if step != self.first:
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.use_cuda else [])
+        self._sync()
+        self._prof = profile(activities=activities)
+        self._prof.__enter__()
+        self._started = time.perf_counter()
+
+    def end_step(self, step: int) -> None:
+        if self._prof is None or step != self.last:
+            return
+        self._sync()
+        wall_s = time.perf_counter() - self._started
+        self._prof.__exit__(None, None, None)
+        self._write(wall_s)
+        self._prof = None
+
+    def close(self) -> None:
+        """End a profile the run stopped inside (a stop signal, fewer steps left than asked): nothing is written."""
+        if self._prof is not None:
+            with contextlib.suppress(Exception):
+                self._prof.__exit__(None, None, None)
+            self._prof = None
+
+    def _sync(self) -> None:
+        if self.use_cuda:
+            torch.cuda.synchronize()
+
+    def _write(self, wall_s: float) -> None:
+        prof, steps = self._prof, self.last - self.first + 1
+        self.dir.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(self.dir / f"kernels_rank{self.rank}.json.gz"))
+        if self.rank != 0:
+            return
+        events = prof.key_averages()
+        per_step = lambda us: us / 1e3 / steps  # noqa: E731 - microseconds over the window -> ms per step
+        wall = wall_s * 1e3 / steps
+        lines = [f"kernel profile: steps {self.first}-{self.last} ({steps} steps), rank 0", ""]
+        lines.append(f"wall time      {wall:9.2f} ms per step")
+        if self.use_cuda:
+            busy = busy_ms(kernel_intervals(prof)) / steps
+            kernels = sum(e.count for e in events if e.device_type.name == "CUDA") / steps
+            lines.append(f"GPU busy       {busy:9.2f} ms per step ({busy / wall:.0%} of wall; {kernels:.0f} kernels)")
+        device = device_ms_by_phase(prof) if self.use_cuda else {}
+        lines += ["", f"{'phase':<28} {'CPU ms/step':>12}" + (f" {'device ms/step':>15}" if self.use_cuda else "")]
+        phases = [e for e in events if e.key.startswith(PHASE_PREFIX) and e.device_type.name == "CPU"]
+        for e in sorted(phases, key=lambda e: -e.cpu_time_total):
+            name = e.key[len(PHASE_PREFIX) :]
+            row = f"{name:<28} {per_step(e.cpu_time_total):12.2f}"
+            lines.append(row + (f" {device.get(name, 0.0) / steps:15.2f}" if self.use_cuda else ""))
+        sort_by = "self_device_time_total" if self.use_cuda else "self_cpu_time_total"
+        lines += ["", f"top ops by self {'device' if self.use_cuda else 'CPU'} time, whole window:"]
+        ops = [e for e in events if not e.key.startswith(PHASE_PREFIX)]  # the phases are above, with their totals
+        ops = EventList(ops, use_device="cuda" if self.use_cuda else None)
+        lines.append(ops.table(sort_by=sort_by, row_limit=self.rows, max_name_column_width=60))
+        self.summary = "\n".join(lines)
+        (self.dir / "kernels.txt").write_text(self.summary + "\n")
