@@ -183,15 +183,23 @@ def split_documents(
 class BatchSampler:
     """Random windows of ``block_size + 1`` tokens: inputs are the first L, targets the last L.
 
-    Each step draws one *global* batch of ``batch_size * world_size`` windows from (seed, step) and hands rank
-    ``rank`` its slice of ``batch_size``. So a resumed run sees exactly the batches it would have seen, runs with
-    different parallel layouts see the same data, and a run resharded to another world size (with the per-rank
-    ``batch_size`` scaled to keep the global batch) trains on the same global batches (c2r-place reshard). With one
-    rank it is the plain sampler of ``batch_size`` windows.
+    Each step draws one *global* batch of ``batch_size * micro_batches * world_size`` windows from (seed, step)
+    and hands rank ``rank`` its ``micro_batches`` consecutive slices of ``batch_size``, one per micro-batch
+    (gradient accumulation). So a resumed run sees exactly the batches it would have seen, and runs that split the
+    same global batch differently (other world sizes, other micro-batch counts; c2r-place reshard scales the
+    per-rank ``batch_size``) train on the same global batches. With one rank and one micro-batch it is the plain
+    sampler of ``batch_size`` windows.
     """
 
     def __init__(
-        self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+        self,
+        tokens: np.ndarray,
+        block_size: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        micro_batches: int = 1,
     ):
         if len(tokens) <= block_size + 1:
             raise ValueError(f"text of {len(tokens)} tokens is too short for block_size {block_size}")
@@ -202,11 +210,18 @@ class BatchSampler:
         self.batch_size = batch_size
         self.seed = seed
         self.rank, self.world_size = rank, world_size
+        self.micro_batches = micro_batches
 
-    def batch_at(self, step: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    def batch_at(
+        self, step: int, device: torch.device | str = "cpu", micro: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step ``step``'s micro-batch ``micro`` of this rank: (inputs, targets), each [batch_size, block_size]."""
+        if not 0 <= micro < self.micro_batches:
+            raise ValueError(f"micro-batch {micro} is outside the step's {self.micro_batches}")
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        global_batch = self.batch_size * self.world_size
+        global_batch = self.batch_size * self.micro_batches * self.world_size
         starts = torch.randint(len(self.tokens) - self.block_size - 1, (global_batch,), generator=generator)
-        mine = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        first = (self.rank * self.micro_batches + micro) * self.batch_size
+        mine = starts[first : first + self.batch_size]
         windows = torch.stack([self.tokens[s : s + self.block_size + 1] for s in mine.tolist()])
         return windows[:, :-1].to(device), windows[:, 1:].to(device)

@@ -54,6 +54,18 @@ class ModelConfig:
     def num_moe_layers(self) -> int:
         return sum(self.is_moe_layer(i) for i in range(self.n_layer))
 
+    def flops_per_token(self) -> float:
+        """Model FLOPs per trained token (forward and backward), the estimate behind model FLOPs utilisation: 6 x
+        the matrix weights a token passes through (attention projections, router, top_k experts, dense MLPs, LM
+        head) + 12 x layers x d_model x block_size for attention's scores and values (PaLM, appendix B). At the
+        configured top_k: variable-k routers spend less."""
+        d, moe = self.d_model, self.moe
+        expert = (3 if moe.experts.activation == "swiglu" else 2) * d * moe.ffn_hidden_size
+        dense_layers = self.n_layer - self.num_moe_layers
+        weights = self.n_layer * 4 * d * d + self.num_moe_layers * (d * moe.num_experts + moe.top_k * expert)
+        weights += dense_layers * 2 * d * (self.dense_ffn_hidden_size or 4 * d) + d * self.vocab_size
+        return 6 * weights + 12 * self.n_layer * d * self.block_size
+
 
 @dataclass
 class ModelOutput:

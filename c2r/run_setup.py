@@ -58,8 +58,11 @@ BATCH_SAMPLERS = ("global", "per-rank")
 class TrainConfig:
     """Optimisation and parallelism. ``batch_size`` is per rank (DeepSpeed's micro batch)."""
 
-    steps: int = 300
-    batch_size: int = 16
+    steps: int = 300  # optimizer steps
+    batch_size: int = 16  # sequences per rank per micro-batch
+    # micro-batches per optimizer step (gradient accumulation): a step sees batch_size x grad_accum sequences per
+    # rank, at the memory of one micro-batch; the optimizer's fixed cost per step is shared by more tokens
+    grad_accum: int = 1
     lr: float = 2e-3
     # Width scaling (muP-style, for Adam): hidden matrices learn at lr * min(1, lr_base_width / d_model), so lr is
     # the rate of a model lr_base_width wide and wider models do not take steps that outgrow their weights (at
@@ -98,6 +101,7 @@ class TrainConfig:
         require_positive(
             steps=self.steps,
             batch_size=self.batch_size,
+            grad_accum=self.grad_accum,
             lr=self.lr,
             eval_every=self.eval_every,
             eval_batches=self.eval_batches,
@@ -113,6 +117,10 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: continue the run in out_dir, or replace it")
         require_choice("batch_sampler", self.batch_sampler, BATCH_SAMPLERS)
+        if self.grad_accum > 1 and self.batch_sampler != "global":
+            raise ValueError(
+                f"train.grad_accum ({self.grad_accum}) needs the global batch sampler, not {self.batch_sampler!r}"
+            )
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"train.device {self.device!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N'")
 
@@ -448,7 +456,9 @@ def build_engine(
     from c2r.deepspeed.setup import warn_if_clipping_counts_replicas
 
     tc = config.train
-    ds_config = load_deepspeed_config(tc.deepspeed_config, device.type == "cuda", tc.batch_size, tc.grad_clip)
+    ds_config = load_deepspeed_config(
+        tc.deepspeed_config, device.type == "cuda", tc.batch_size, tc.grad_clip, tc.grad_accum
+    )
     torch.manual_seed(tc.seed)  # the same initial model on every rank; each then keeps its own experts
     if config.hf.model_dir is not None:
         from c2r.hf.training import build_model
@@ -593,7 +603,9 @@ def batch_samplers(
         val = BatchSampler(corpus.val, block, tc.batch_size, seed=rank_seed + VAL_SEED_OFFSET)
         return train, val
     slice_of = {"rank": rank, "world_size": world_size}
-    train = BatchSampler(corpus.train, block, tc.batch_size, seed=tc.seed + stream, **slice_of)
+    train = BatchSampler(
+        corpus.train, block, tc.batch_size, seed=tc.seed + stream, micro_batches=tc.grad_accum, **slice_of
+    )
     val = BatchSampler(corpus.val, block, tc.batch_size, seed=tc.seed + VAL_SEED_OFFSET, **slice_of)
     return train, val
 

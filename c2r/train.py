@@ -148,6 +148,7 @@ def train_steps(config: RunConfig, engine, corpus, info, comm, policy: SavePolic
     metrics_log = MetricsLog(out_dir / "metrics.jsonl", append=tc.resume, enabled=is_main, format_record=format_record)
     done, stopped_by = start, None
     window_s = 0.0  # training-step time since the last record, evaluations and checkpoints left out (tokens/s)
+    tokens_per_step = tc.batch_size * tc.grad_accum * config.model.block_size * info.world_size
     with metrics_log as metrics:
         for step in bar:
             step_started = time.perf_counter()
@@ -155,20 +156,24 @@ def train_steps(config: RunConfig, engine, corpus, info, comm, policy: SavePolic
                 profiler.begin_step(step)
             if kernels:
                 kernels.begin_step(step)
-            with phase("forward"):
-                out: ModelOutput = engine(*train_batches.batch_at(step, info.device))
-            with phase("backward"):
-                engine.backward(out.loss)
-            boundary = engine.is_gradient_accumulation_boundary()  # before step(), which advances the micro step
-            with phase("optimizer"):
-                engine.step()
+            micro_losses = []
+            for micro in range(tc.grad_accum):  # DeepSpeed scales each loss by 1 / grad_accum
+                with phase("forward"):
+                    out: ModelOutput = engine(*train_batches.batch_at(step, info.device, micro))
+                with phase("backward"):
+                    engine.backward(out.loss)
+                boundary = engine.is_gradient_accumulation_boundary()  # before step(), which advances the micro step
+                with phase("optimizer"):
+                    engine.step()  # the optimizer steps at the last micro-batch only
+                micro_losses.append(out.lm_loss.detach())
             if boundary:
                 with phase("router_update"):
                     router_state = after_optimizer_step(engine.module)  # ReMoE's lambda, group-limited bias, ...
             if profiler:
                 profiler.end_step(step)
-            with phase("loss_log"):
-                step_losses.append(global_mean(out.lm_loss.item(), info.device))
+            with phase("loss_log"):  # one host sync per step, however many micro-batches
+                losses = torch.stack(micro_losses).tolist()
+                step_losses.append(global_mean(sum(losses) / len(losses), info.device))
             if kernels:
                 kernels.end_step(step)
                 if kernels.summary and is_main:
@@ -189,6 +194,7 @@ def train_steps(config: RunConfig, engine, corpus, info, comm, policy: SavePolic
                     **(profiler.scalars() if profiler else {}),
                     "elapsed_s": time.perf_counter() - started,
                     "train_window_s": window_s,
+                    **throughput(config, len(window) * tokens_per_step, window_s, info.world_size),
                     **peak_memory(info.device),
                 }
                 window.clear()
@@ -210,6 +216,18 @@ def train_steps(config: RunConfig, engine, corpus, info, comm, policy: SavePolic
     if kernels:
         kernels.close()
     return {"history": history, "step_losses": step_losses, "end_step": done, "stopped_by": stopped_by}
+
+
+def throughput(config: RunConfig, tokens: int, seconds: float, world_size: int) -> dict[str, float]:
+    """Tokens per second over all ranks and, for our own model, the model TFLOP/s each rank delivered (divide by
+    the device's peak for model FLOPs utilisation; ``ModelConfig.flops_per_token``). ``seconds`` leaves evaluations
+    and checkpoints out."""
+    if seconds <= 0:
+        return {}
+    rates = {"tokens_per_s": tokens / seconds}
+    if config.hf.model_dir is None:
+        rates["model_tflops_per_rank"] = rates["tokens_per_s"] * config.model.flops_per_token() / world_size / 1e12
+    return rates
 
 
 def peak_memory(device: torch.device) -> dict[str, float]:
@@ -240,11 +258,14 @@ def write_monitor(engine, record: dict[str, Any]) -> None:
 
 
 def format_record(r: dict[str, Any]) -> str:
-    return (
+    line = (
         f"step {r['step']:>5}  train loss {r['train_loss']:.4f}  val loss {r['val_loss']:.4f}  "
         f"active experts/token {r.get('active_experts_per_token', 0):.2f}  "
         f"load imbalance {r.get('load_imbalance', 0):.2f}"
     )
+    if "tokens_per_s" in r:
+        line += f"  {r['tokens_per_s']:,.0f} tokens/s"
+    return line
 
 
 def log_start(config: RunConfig, corpus, info, model: torch.nn.Module) -> None:
@@ -285,6 +306,15 @@ def log_start(config: RunConfig, corpus, info, model: torch.nn.Module) -> None:
         config.train.ep_size,
         per_rank,
     )
+    tc = config.train
+    log.info(
+        "batch: %d tokens per step (%d sequences of %d per rank%s, %d ranks)",
+        tc.batch_size * tc.grad_accum * config.model.block_size * info.world_size,
+        tc.batch_size,
+        config.model.block_size,
+        f" x {tc.grad_accum} micro-batches" if tc.grad_accum > 1 else "",
+        info.world_size,
+    )
     scale = hidden_lr_scale(model, config.train)
     if scale < 1.0:
         log.info(
@@ -317,6 +347,14 @@ TRAIN_CLI = ConfigCli(
             metavar="DIR",
         ),
         Shorthand("--steps", "train.steps", "optimizer steps", int),
+        Shorthand(
+            "--grad-accum",
+            "train.grad_accum",
+            "micro-batches per optimizer step (gradient accumulation): each step trains on batch_size x N sequences "
+            "per rank at the memory of one micro-batch",
+            int,
+            metavar="N",
+        ),
         Shorthand(
             "--ep-size",
             "train.ep_size",

@@ -7,7 +7,7 @@ import torch
 
 from c2r.config_utils import config_from_dict
 from c2r.model import ModelConfig, MoEGPT
-from c2r.moe import MoELayer
+from c2r.moe import MoEConfig, MoELayer
 from c2r.run_setup import RunConfig
 from c2r.train import TRAIN_CLI, train
 from tests.distributed import run_distributed
@@ -139,3 +139,46 @@ def test_c2r_train_defaults_balance_the_topk_router_and_scale_wide_learning_rate
     assert not TRAIN_CLI.resolve(["--set", "model.moe.router.kind=remoe"]).model.moe.router.batch_balanced
     assert not TRAIN_CLI.resolve(["--set", "model.moe.router.balance=none"]).model.moe.router.batch_balanced
     assert not RouterConfig().batch_balanced
+
+
+def test_gradient_accumulation_trains_on_the_same_global_batch_however_it_is_split(tmp_path):
+    """One step's global batch of 8 sequences as 1 rank x 8, 1 rank x 2 micro-batches of 4, and 2 expert-parallel
+    ranks x 2 micro-batches of 2: the same loss at every step. The router is plain top-k without the balance loss,
+    which would depend on how tokens are grouped; everything else is a mean over tokens."""
+
+    def run(name, world, batch, accum, **train):
+        raw = tiny_run_config(tmp_path / name, steps=4, eval_every=4, eval_batches=1, **train)
+        raw["train"].update(batch_size=batch, grad_accum=accum, save_last=False)
+        raw["model"]["moe"]["router"] = {"aux_loss_weight": 0.0}
+        return run_distributed(train_worker, world, tmp_path / f"{name}_ranks", raw)[0]
+
+    whole = run("whole", 1, 8, 1)
+    micro = run("micro", 1, 4, 2)
+    ranks = run("ranks", 2, 2, 2, ep_size=2)
+    assert len(micro["step_losses"]) == 4
+    assert micro["step_losses"] == pytest.approx(whole["step_losses"], rel=1e-5)
+    assert ranks["step_losses"] == pytest.approx(whole["step_losses"], rel=1e-5)
+    record = json.loads((tmp_path / "micro" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["tokens_per_s"] > 0 and record["model_tflops_per_rank"] > 0
+
+
+def test_gradient_accumulation_has_one_home(tmp_path):
+    from c2r.deepspeed import load_deepspeed_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"gradient_accumulation_steps": 4}))
+    with pytest.raises(ValueError, match="gradient_accumulation_steps is 4 but train.grad_accum is 1"):
+        load_deepspeed_config(str(path), False, 4, 1.0, 1)
+    assert load_deepspeed_config(str(path), False, 4, 1.0, 4)["gradient_accumulation_steps"] == 4
+    with pytest.raises(ValueError, match=r"train.grad_accum \(2\) needs the global batch sampler"):
+        TRAIN_CLI.resolve(["--grad-accum", "2", "--set", "train.batch_sampler=per-rank"])
+    assert TRAIN_CLI.resolve(["--grad-accum", "3"]).train.grad_accum == 3
+
+
+def test_flops_per_token_counts_the_active_weights_and_attention():
+    # The ~1B fine-grained model of docs/gpu_runs.md: 538.5M active weights, 3.43 GFLOP per token.
+    moe = MoEConfig(num_experts=64, top_k=8, ffn_hidden_size=1024)
+    config = ModelConfig(n_layer=8, d_model=2048, n_head=16, block_size=1024, moe=moe)
+    weights = 8 * (4 * 2048**2 + 2048 * 64 + 8 * 3 * 2048 * 1024) + 2048 * 256
+    assert config.flops_per_token() == 6 * weights + 12 * 8 * 2048 * 1024
+    assert abs(config.flops_per_token() / 1e9 - 3.43) < 0.01

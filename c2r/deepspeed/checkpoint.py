@@ -149,7 +149,9 @@ def check_same_size(saved: dict[str, Any], run_config: dict[str, Any], ckpt_dir:
         )
     if dist.get_rank() != 0:
         return
-    batch, saved_batch = run_config["train"]["batch_size"], saved["train"]["batch_size"]
+    # sequences per rank per step: micro-batch x micro-batches (runs saved before grad_accum existed had one)
+    batch = run_config["train"]["batch_size"] * run_config["train"].get("grad_accum", 1)
+    saved_batch = saved["train"]["batch_size"] * saved["train"].get("grad_accum", 1)
     if saved_world and saved_world * saved_batch != world * batch:
         log.warning(
             "the global batch changes on resume: %d (%d per rank x %d ranks) in checkpoint %s, %d (%d x %d) here",

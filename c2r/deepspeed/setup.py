@@ -159,8 +159,11 @@ def optimizer_param_groups(
     return [group for group in groups if group["params"]]
 
 
-def load_deepspeed_config(path: str | None, use_cuda: bool, micro_batch: int, grad_clip: float) -> dict[str, Any]:
-    """Read the user's DeepSpeed JSON (default: ours for the device); our batch size and clipping fill it in."""
+def load_deepspeed_config(
+    path: str | None, use_cuda: bool, micro_batch: int, grad_clip: float, grad_accum: int = 1
+) -> dict[str, Any]:
+    """Read the user's DeepSpeed JSON (default: ours for the device); our batch size, gradient accumulation and
+    clipping fill it in."""
     if path is None:
         default = CONFIG_DIR / ("gpu_bf16_zero2.json" if use_cuda else "cpu_zero2.json")
         if not default.exists():
@@ -177,7 +180,14 @@ def load_deepspeed_config(path: str | None, use_cuda: bool, micro_batch: int, gr
         raise ValueError(f"DeepSpeed config {path!r} is not valid JSON: {error}") from None
     config.pop("_comment", None)
     config["train_micro_batch_size_per_gpu"] = micro_batch
-    config.setdefault("gradient_accumulation_steps", 1)
+    # One home for the micro-batches per step: c2r-train's loop runs them (train.grad_accum); a different count in
+    # the JSON would have DeepSpeed step the optimizer at other micro-batches than the loop and its schedule count.
+    if config.get("gradient_accumulation_steps", grad_accum) != grad_accum:
+        raise ValueError(
+            f"{path}: gradient_accumulation_steps is {config['gradient_accumulation_steps']} but train.grad_accum is "
+            f"{grad_accum}; remove it from the JSON and use --grad-accum {config['gradient_accumulation_steps']}"
+        )
+    config["gradient_accumulation_steps"] = grad_accum
     config.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the world size
     config.setdefault("gradient_clipping", grad_clip)
     config.setdefault("steps_per_print", 10**9)  # our progress bar does the printing

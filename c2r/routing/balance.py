@@ -25,8 +25,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from c2r.routing.result import count_tokens_per_expert
-
 
 class BatchBalancer(nn.Module):
     """The bias of one router (``bias_E``, float32, saved with the model as extra state so bf16 does not round it)."""
@@ -52,9 +50,13 @@ class BatchBalancer(nn.Module):
         bias_E = -logits_TE.mean(0)
         step = (logits_TE + bias_E).std().clamp_min(1e-6)
         for i in range(self.rounds):
-            picks = (logits_TE + bias_E).topk(top_k, dim=1).indices
-            counts_E = count_tokens_per_expert(picks, torch.ones_like(picks, dtype=torch.bool), E).float()
-            bias_E -= step * (counts_E - target) / target / (1 + i) ** 0.5
+            # Each expert's top-k count, as the experts scoring at least each token's k-th best score: four kernel
+            # launches a round where a histogram of the picks takes eight; this loop runs rounds x layers times per
+            # step and is launch-bound (docs/gpu_runs.md). The two differ only on an exact tie at the k-th score.
+            scores_TE = logits_TE + bias_E
+            kth_T1 = scores_TE.topk(top_k, dim=1).values[:, -1:]
+            counts_E = (scores_TE >= kth_T1).sum(0, dtype=torch.float32)
+            bias_E.addcmul_(counts_E - target, step, value=-1.0 / (target * (1 + i) ** 0.5))
         self._solved_sum_E = bias_E if self._solved_sum_E is None else self._solved_sum_E + bias_E
         self._solved_count += 1
         return logits_TE + bias_E
