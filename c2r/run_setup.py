@@ -341,7 +341,7 @@ class ConfigCli:
         try:
             check_machine(config)
             summary = run(config)
-        except (ValueError, FileNotFoundError) as error:
+        except (ValueError, FileNotFoundError, FloatingPointError) as error:  # FloatingPointError: a diverged run
             if os.environ.get("C2R_TRACEBACK"):
                 raise
             return report_error(f"{self.prog}: {error}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,27 @@ def routing_stats(routings: list[RoutingResult], device: torch.device) -> dict[s
         "load_imbalance": float(imbalance_L.mean()),
         "load_imbalance_by_layer": [round(float(i), 4) for i in imbalance_L],
     }
+
+
+class TrainingDiverged(FloatingPointError):
+    """The training loss or gradient norm is not finite: the run stops before the step can reach a checkpoint."""
+
+
+def check_finite_step(step: int, loss: float, grad_norm: float | None, ckpt_dir: Path) -> None:
+    """Stop the run at the first step whose loss or gradient norm is NaN/Inf (DeepSpeed reports an invalid norm as
+    -1), before anything saves it. DeepSpeed's own bf16 check would skip such steps one after another without a
+    word, at a launch per parameter per step; ``load_deepspeed_config`` turns it off where this check reads the
+    norm."""
+    bad_norm = grad_norm is not None and not (math.isfinite(grad_norm) and grad_norm >= 0)
+    if math.isfinite(loss) and not bad_norm:
+        return
+    latest = ckpt_dir / "latest"
+    saved = f"the last checkpoint is {latest.read_text().strip()}" if latest.exists() else "no checkpoint was saved"
+    norm = "not computed" if grad_norm is None else ("NaN/Inf" if bad_norm else f"{grad_norm:.4g}")
+    raise TrainingDiverged(
+        f"training diverged at step {step}: loss {loss:.4g}, gradient norm {norm}; stopped before saving it, "
+        f"{saved} (--resume continues from it; a lower --set train.lr=... or train.grad_clip=... may hold it)"
+    )
 
 
 @torch.no_grad()
@@ -172,8 +194,12 @@ def train_steps(config: RunConfig, engine, corpus, info, comm, policy: SavePolic
             if profiler:
                 profiler.end_step(step)
             with phase("loss_log"):  # one host sync per step, however many micro-batches
-                losses = torch.stack(micro_losses).tolist()
+                norm = engine.get_global_grad_norm() if boundary else None
+                read = torch.stack(micro_losses + ([norm.float().reshape(())] if torch.is_tensor(norm) else []))
+                values = read.tolist()
+                losses, norm = values[: len(micro_losses)], values[-1] if torch.is_tensor(norm) else norm
                 step_losses.append(global_mean(sum(losses) / len(losses), info.device))
+                check_finite_step(step + 1, step_losses[-1], norm, ckpt_dir)
             if kernels:
                 kernels.end_step(step)
                 if kernels.summary and is_main:

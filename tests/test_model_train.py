@@ -182,3 +182,63 @@ def test_flops_per_token_counts_the_active_weights_and_attention():
     weights = 8 * (4 * 2048**2 + 2048 * 64 + 8 * 3 * 2048 * 1024) + 2048 * 256
     assert config.flops_per_token() == 6 * weights + 12 * 8 * 2048 * 1024
     assert abs(config.flops_per_token() / 1e9 - 3.43) < 0.01
+
+
+def diverging_worker(rank, world, raw_config):
+    """Training whose third forward returns NaN logits: the run must stop there, before any save of that step."""
+    import c2r.train as train_module
+
+    build = train_module.build_engine
+
+    def poisoned(*args, **kwargs):
+        engine = build(*args, **kwargs)
+        forwards = {"count": 0}
+
+        def nan_at_third(module, inputs, output):
+            forwards["count"] += module.training
+            return output * float("nan") if forwards["count"] == 3 and module.training else output
+
+        engine.module.head.register_forward_hook(nan_at_third)
+        return engine
+
+    train_module.build_engine = poisoned
+    try:
+        train(config_from_dict(RunConfig, raw_config))
+    except train_module.TrainingDiverged as error:
+        return str(error)
+    return None
+
+
+def test_a_diverged_run_stops_with_one_line_before_saving_the_step(tmp_path):
+    raw = tiny_run_config(tmp_path / "run", steps=6, save_every=2)
+    (message,) = run_distributed(diverging_worker, 1, tmp_path / "ranks", raw)
+    assert message is not None and message.startswith("training diverged at step 3: loss nan")
+    assert "the last checkpoint is step2" in message
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step*")) == ["step2"]
+
+
+def test_check_finite_step_reads_deepspeeds_invalid_norm(tmp_path):
+    from c2r.train import TrainingDiverged, check_finite_step
+
+    check_finite_step(5, 2.5, 0.7, tmp_path)  # finite: nothing happens
+    check_finite_step(5, 2.5, None, tmp_path)  # no norm computed (ZeRO 0): the loss decides
+    with pytest.raises(TrainingDiverged, match="step 5: loss 2.5, gradient norm NaN/Inf; .*no checkpoint was saved"):
+        check_finite_step(5, 2.5, -1.0, tmp_path)  # DeepSpeed masks a non-finite norm to -1
+
+
+@pytest.mark.parametrize(
+    "ds_config,expected",
+    [
+        ({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}, False),  # our check reads ZeRO's norm
+        ({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True, "check_grad_overflow": True}}, True),  # asked
+        ({"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}}, None),  # no norm computed: DeepSpeed checks
+        ({"zero_optimization": {"stage": 2}, "fp16": {"enabled": True}}, None),  # loss scaling needs its check
+    ],
+)
+def test_deepspeeds_bf16_overflow_check_is_off_only_where_the_gradient_norm_is_read(tmp_path, ds_config, expected):
+    from c2r.deepspeed import load_deepspeed_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds_config))
+    config = load_deepspeed_config(str(path), True, 4, 1.0)
+    assert (config.get("bf16") or {}).get("check_grad_overflow") == expected
