@@ -453,6 +453,7 @@ def build_engine(
     import deepspeed
 
     from c2r.deepspeed import load_deepspeed_config, make_expert_parallel
+    from c2r.deepspeed.replica_norm import count_replicas_once
     from c2r.deepspeed.setup import warn_if_clipping_counts_replicas
 
     tc = config.train
@@ -475,7 +476,8 @@ def build_engine(
         ds_config, optimizer = optimize_only(model, device, tc, ds_config, train_only)
         scheduler = None
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-    warn_if_clipping_counts_replicas(model, ds_config)
+    if not count_replicas_once(engine):  # ZeRO 1/2: the clipping norm counts a replicated expert once
+        warn_if_clipping_counts_replicas(model, ds_config)
     return engine
 
 

@@ -243,6 +243,47 @@ def train_copies_worker(rank, world, raws):
     return results
 
 
+def first_step_norm_worker(rank, world, raws):
+    """Per run: DeepSpeed's global gradient norm of the first step (the norm the clip coefficient uses). A run whose
+    ``"uncorrected"`` is set keeps DeepSpeed's own norm, which counts every copy of a replicated expert."""
+    import c2r.deepspeed.replica_norm as replica_norm
+    from c2r.config_utils import config_from_dict
+    from c2r.train import RunConfig, train
+
+    norms = []
+    for raw in raws:
+        raw = dict(raw)
+        if raw.pop("uncorrected", False):
+            replica_norm.count_replicas_once = lambda engine: False  # build_engine imports it per call
+        result = train(config_from_dict(RunConfig, raw))
+        norms.append(float(result["engine"].get_global_grad_norm()))
+    return norms
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_the_clipping_norm_counts_a_replicated_expert_once(tmp_path, stage):
+    import json
+
+    from tests.run_configs import tiny_run_config
+
+    plan = write_replicated_plan(tmp_path / "plan.json")
+    ds_config = tmp_path / "ds.json"
+    ds_config.write_text(json.dumps({"zero_optimization": {"stage": stage}, "bf16": {"enabled": False}}))
+
+    def raw(name, **options):
+        config = tiny_run_config(
+            tmp_path / name, steps=1, ep_size=2, dispatch="per-rank", deepspeed_config=str(ds_config), **options
+        )
+        config["train"].update(save_last=False)
+        return config
+
+    runs = [raw("plain"), raw("replicas", placement_plan=plan), {**raw("raw", placement_plan=plan), "uncorrected": 1}]
+    plain, replicas, uncorrected = run_distributed(first_step_norm_worker, 2, tmp_path / "spawn", runs)[0]
+    assert replicas == pytest.approx(plain, rel=1e-6)
+    # DeepSpeed's own norm counts each of the 4 replicated experts' copies: off by more than the tolerance above.
+    assert abs(uncorrected / plain - 1) > 3e-6
+
+
 def saved_experts(tag_dir) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
     """{(layer, logical expert): its tensors (w1, v1, w2)} from the checkpoint's expert files, after checking that
     it holds exactly one weight file per logical expert: its home slot's (the run config's layouts say which)."""

@@ -129,11 +129,12 @@ class ReplicaGradSum:
     the group (every backend's grouped MLP uses all local weights, also with no rows), so all ranks meet it at the
     same point of their backward.
 
-    Gradient clipping: DeepSpeed's global gradient norm (ZeRO 1/2, and ZeRO 0 with bf16) sums every physical slot's
-    gradient, so a replicated expert's is counted once per copy. With clipping on, the clip coefficient is still the
-    same on every rank (copies stay identical) but can differ from the unreplicated run's; with clipping off the runs
-    are equal. docs/design.md ("Gradient clipping with replicated experts") says where DeepSpeed computes the norm and
-    what a fix would take; ``c2r.deepspeed.setup.warn_if_clipping_counts_replicas`` says it at run time.
+    Gradient clipping: DeepSpeed's global gradient norm sums every physical slot's gradient, so a replicated
+    expert's would count once per copy; under ZeRO 1/2 ``c2r.deepspeed.replica_norm`` corrects the norm so that it
+    counts once. Under ZeRO 0 or CPU offload it does not (the clip coefficient is still the same on every rank, so
+    copies stay identical, but can differ from the unreplicated run's), and the run says so
+    (``c2r.deepspeed.setup.warn_if_clipping_counts_replicas``); docs/design.md, "Gradient clipping with replicated
+    experts".
     """
 
     def __init__(self, layout: ExpertLayout, rank: int, group=None):
