@@ -224,3 +224,12 @@ def test_cli_errors_are_clear(tmp_path):
     assert subprocess.run([*cli, "--help"], capture_output=True).returncode == 0
     out = subprocess.run([*cli, "summarize", str(tmp_path)], capture_output=True, text=True)
     assert out.returncode == 2 and "no profile in" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_gpu_busy_time_counts_overlapping_kernels_once():
+    from profiling.kernels import busy_ms
+
+    ns = 1_000_000  # 1 ms
+    assert busy_ms([]) == 0.0
+    # two overlapping streams (0-3 and 2-5 ms), one nested kernel (1-2), a gap, then 7-8 ms: 5 + 1 busy ms
+    assert busy_ms([(7 * ns, 8 * ns), (0, 3 * ns), (2 * ns, 5 * ns), (1 * ns, 2 * ns)]) == 6.0
