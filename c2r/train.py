@@ -194,7 +194,9 @@ def train_steps(config: RunConfig, engine, corpus, info, comm, policy: SavePolic
             if profiler:
                 profiler.end_step(step)
             with phase("loss_log"):  # one host sync per step, however many micro-batches
-                norm = engine.get_global_grad_norm() if boundary else None
+                # fp16's dynamic loss scaling overflows on purpose now and then (DeepSpeed skips that step and
+                # lowers the scale): there only a non-finite loss is divergence.
+                norm = engine.get_global_grad_norm() if boundary and not engine.fp16_enabled() else None
                 read = torch.stack(micro_losses + ([norm.float().reshape(())] if torch.is_tensor(norm) else []))
                 values = read.tolist()
                 losses, norm = values[: len(micro_losses)], values[-1] if torch.is_tensor(norm) else norm
