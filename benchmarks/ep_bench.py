@@ -4,17 +4,20 @@ with MegaBlocks' and DeepSpeed's own expert parallelism.
 What it measures: per contender, the wall time of ``out = layer(x); (out.float() * g).sum().backward()`` on every
 rank (CUDA events on GPUs, the host clock on CPUs), after warm-up, in ``--rounds`` rounds of ``--iters`` steps; a
 step's time is the slowest rank's. Reported per contender: ms (median over all steps, min-max, each round's median),
-token copies sent per token and cross-rank bytes per token (what the dispatch reported), all-to-all time (every
+token copies sent per token and cross-rank bytes per token (what the dispatch reported), the ranks' expert load
+max/mean ((token, expert) pairs each rank computes: the step waits for the busiest), all-to-all time (every
 exchange, forward and backward, timed by the dispatcher's observer) and its share of the step, host syncs in one
 forward (torch's CUDA sync debug mode; 0 on CPUs), peak memory (CUDA only).
 
 Routing: ``synthetic`` feeds every contender that accepts a routing the same structured routing
 (placement/synthetic.py: Zipf popularity, clustered co-activation, so that placement matters); ``router`` lets each
 layer route with its own top-k router (c2r's, MegaBlocks', DeepSpeed's gate). The planned placement is planned by
-placement's planner (Mt-KaHyPar, or ``--plan-method``) from a separate synthetic sample of the same structure.
+placement's planner (Mt-KaHyPar, or ``--plan-method``) from a separate synthetic sample of the same structure; the
+replicated one keeps its homes and adds 2 replica slots per rank for the sample's hottest experts (the skewed-load
+case replication is for: placement/replicate.py).
 
 Contenders (``--contenders``, default all):
-    c2r-{per-expert,per-rank,per-node}-{contiguous,planned}   (per-node: nodes of --gpus-per-node ranks)
+    c2r-{per-expert,per-rank,per-node}-{contiguous,planned,replicated}   (per-node: nodes of --gpus-per-node ranks)
     c2r-{per-expert,per-rank}-{contiguous,planned}-overlap{2,4}   the same in 2 or 4 token chunks whose exchanges
                         overlap the expert compute (c2r/parallel/overlap.py); their all-to-all time is the exposed
                         part only (the waits), so "a2a ms" there is what compute did not hide
@@ -64,12 +67,17 @@ from c2r.routing import RouterConfig, RoutingResult  # noqa: E402
 from placement.inputs import routing_from_expert_ids  # noqa: E402
 from placement.layout import ExpertLayout  # noqa: E402
 from placement.methods import plan_layer  # noqa: E402
+from placement.replicate import replicate_layer  # noqa: E402
 from placement.synthetic import synthetic_expert_ids  # noqa: E402
 
 STRUCTURE_SEED = 11  # popularity and clusters of the synthetic routing; token draws vary by seed
 C2R_CONTENDERS = [
-    f"c2r-{mode}-{layout}" for layout in ("contiguous", "planned") for mode in ("per-expert", "per-rank", "per-node")
+    f"c2r-{mode}-{layout}"
+    for layout in ("contiguous", "planned", "replicated")
+    for mode in ("per-expert", "per-rank", "per-node")
 ]
+REPLICA_SLOTS_PER_RANK = 2  # the replicated layout: the planned homes + 2 replica slots per rank (P = E + 2 R)
+REPLICA_TARGET = 1.05  # rank load max/mean the replicas aim for on the planning sample (c2r-place plan --max-load)
 OVERLAP_CHUNKS = (2, 4)  # c2r/parallel/overlap.py: per-expert and per-rank dispatch in C chunks
 C2R_CONTENDERS += [
     f"c2r-{mode}-{layout}-overlap{chunks}"
@@ -165,21 +173,29 @@ def synthetic_routing(cfg: EPConfig, rank: int, world: int, device, seed: int) -
     )
 
 
-def planned_layout(cfg: EPConfig, world: int, method: str, nodes: int = 1) -> tuple[ExpertLayout, str]:
-    """Planned on rank 0 from a separate sample (seed 1; the benchmark's routing uses seed 0) and broadcast; with
-    ``nodes`` > 1 the two-level plan (nodes, then ranks)."""
+def planned_layouts(cfg: EPConfig, world: int, method: str, nodes: int = 1) -> tuple[ExpertLayout, ExpertLayout, str]:
+    """The planned layout and the same homes with replicas, planned on rank 0 from a separate sample (seed 1; the
+    benchmark's routing uses seed 0) and broadcast; with ``nodes`` > 1 the two-level plan (nodes, then ranks). The
+    replicas (``REPLICA_SLOTS_PER_RANK`` per rank, placement/replicate.py) bring the sample's skewed rank load toward
+    ``REPLICA_TARGET``, as ``c2r-place plan --replicas`` would."""
     box: list = [None]
     if dist.get_rank() == 0:
         sample = routing_from_expert_ids(
             synthetic_expert_ids(world * cfg.T, cfg.E, cfg.K, seed=1, structure_seed=STRUCTURE_SEED), cfg.E
         )
         try:
-            box[0] = (plan_layer(sample, world, nodes, method=method).tolist(), method)
+            expert_to_rank, used = plan_layer(sample, world, nodes, method=method).tolist(), method
         except Exception as error:  # e.g. mtkahypar missing on this machine: the greedy planner needs nothing
-            box[0] = (plan_layer(sample, world, nodes, method="greedy").tolist(), f"greedy ({method}: {error})")
+            expert_to_rank, used = (
+                plan_layer(sample, world, nodes, method="greedy").tolist(),
+                f"greedy ({method}: {error})",
+            )
+        homes = ExpertLayout(tuple(expert_to_rank), world)
+        replicated = replicate_layer(sample, homes, cfg.E + REPLICA_SLOTS_PER_RANK * world, REPLICA_TARGET)
+        box[0] = (expert_to_rank, replicated.to_json(), used)
     dist.broadcast_object_list(box, src=0)
-    expert_to_rank, used = box[0]
-    return ExpertLayout(tuple(expert_to_rank), world), used
+    expert_to_rank, replicated, used = box[0]
+    return ExpertLayout(tuple(expert_to_rank), world), ExpertLayout.from_json(replicated, world, cfg.E), used
 
 
 # ---- contenders --------------------------------------------------------------------------------------------------
@@ -454,9 +470,14 @@ def measure(contender: Contender, x: torch.Tensor, grad_out: torch.Tensor, args)
         sent = sum(meta.send_splits)
         counts = torch.tensor([sent, sent - meta.send_splits[meta.ep_rank], meta.num_tokens], dtype=torch.float64)
         dist.all_reduce(counts)
+        # each rank's expert work: the (token, expert) pairs it computes; the step waits for the busiest rank
+        load_R = torch.zeros(dist.get_world_size(), dtype=torch.float64)
+        load_R[dist.get_rank()] = float(meta.tokens_per_local_expert_X.sum())
+        dist.all_reduce(load_R)
         result.update(
             copies_per_token=counts[0].item() / counts[2].item(),
             remote_bytes_per_token=counts[1].item() * meta.bytes_per_row / counts[2].item(),
+            rank_load_max_mean=(load_R.max() / load_R.mean()).item(),
         )
     return result
 
@@ -472,22 +493,23 @@ def markdown(rows: list[dict], args) -> str:
     lines = [
         f"ms: median of {args.rounds} x {args.iters} steps (slowest rank), forward + backward; min-max; round medians",
         "",
-        "| config | routing | contender | ms | min-max | rounds | copies/token | remote KiB/token | a2a ms | a2a share "
-        "| host syncs/fwd | peak GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| config | routing | contender | ms | min-max | rounds | copies/token | remote KiB/token | rank load max/mean "
+        "| a2a ms | a2a share | host syncs/fwd | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         head = f"| {r['config']} | {r['routing']} | {r['contender']} |"
         if "skipped" in r or "error" in r:
             lines.append(
-                f"{head} {'skipped: ' + r['skipped'] if 'skipped' in r else 'error: ' + r['error']} |" + " |" * 8
+                f"{head} {'skipped: ' + r['skipped'] if 'skipped' in r else 'error: ' + r['error']} |" + " |" * 9
             )
             continue
         kib = r.get("remote_bytes_per_token")
         lines.append(
             f"{head} {r['ms_median']:.2f} | {r['ms_min']:.2f}-{r['ms_max']:.2f} | "
             f"{' / '.join(f'{m:.2f}' for m in r['round_medians'])} | {fmt(r.get('copies_per_token'), '.2f')} | "
-            f"{fmt(kib / 1024 if kib is not None else None, '.1f')} | {fmt(r.get('all_to_all_ms'), '.2f')} | "
+            f"{fmt(kib / 1024 if kib is not None else None, '.1f')} | {fmt(r.get('rank_load_max_mean'), '.2f')} | "
+            f"{fmt(r.get('all_to_all_ms'), '.2f')} | "
             f"{fmt(r.get('all_to_all_share'), '.0%')} | {r['host_syncs_per_forward']} | {fmt(r['peak_gib'], '.2f')} |"
         )
     return "\n".join(lines)
@@ -536,8 +558,8 @@ def main(argv=None) -> None:
         if cfg.E % world:
             sys.exit(f"ep_bench: {cfg.name} has {cfg.E} experts, not divisible by {world} ranks")
         nodes = world // args.gpus_per_node if args.gpus_per_node else 1
-        planned, plan_method = planned_layout(cfg, world, args.plan_method, nodes)
-        layouts = {"contiguous": ExpertLayout.contiguous(cfg.E, world), "planned": planned}
+        planned, replicated, plan_method = planned_layouts(cfg, world, args.plan_method, nodes)
+        layouts = {"contiguous": ExpertLayout.contiguous(cfg.E, world), "planned": planned, "replicated": replicated}
         x = torch.randn(cfg.T, cfg.D, generator=torch.Generator().manual_seed(100 + rank)).to(device, dtype)
         x.requires_grad_(True)
         grad_out = torch.randn(cfg.T, cfg.D, generator=torch.Generator().manual_seed(200 + rank)).to(device)
@@ -552,7 +574,7 @@ def main(argv=None) -> None:
                     row["skipped"] = str(why)
                 except Exception as error:  # a contender that breaks is reported, the others still run
                     row["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:200]
-                if "planned" in name:
+                if "planned" in name or "replicated" in name:
                     row["plan"] = plan_method
                 if name.startswith("c2r-"):  # what c2r-place simulate needs to predict this row
                     row["expert_to_rank"] = layouts[parse_c2r(name)[1]].to_json()

@@ -38,6 +38,16 @@ def test_ep_bench_runs_on_two_gloo_ranks(tmp_path):
     # The plan is made from a sample of the same clustered routing: it must cut the copies per-rank dispatch sends.
     planned, contiguous = rows["synthetic", "c2r-per-rank-planned"], rows["synthetic", "c2r-per-rank-contiguous"]
     assert planned["copies_per_token"] < contiguous["copies_per_token"]
+    # The replicated layout (the plan's homes + 2 replica slots per rank) runs in every mode, dropless: per-expert
+    # dispatch still sends each (token, expert) pair once. Whether its load spreads is a GPU-size measurement: at
+    # this toy size (128 tokens per rank) the sample it is planned on says little about the routing it runs.
+    for mode in ("per-expert", "per-rank", "per-node"):
+        replicated, homes = rows["synthetic", f"c2r-{mode}-replicated"], rows["synthetic", f"c2r-{mode}-planned"]
+        assert replicated["ms_median"] > 0 and replicated["rank_load_max_mean"] >= 1.0, mode
+        saved = replicated["expert_to_rank"]  # the layout's JSON: a rank, or [home, replicas...] per expert
+        assert [e if isinstance(e, int) else e[0] for e in saved] == homes["expert_to_rank"], mode
+        assert sum(len(e) - 1 for e in saved if isinstance(e, list)) == 2 * 2, mode  # 2 replica slots x 2 ranks
+    assert rows["synthetic", "c2r-per-expert-replicated"]["copies_per_token"] == 2
     # Overlapped dispatch (c2r/parallel/overlap.py) sends exactly what its plain mode sends.
     for name in ("per-expert-contiguous", "per-rank-planned"):
         for chunks in (2, 4):
