@@ -454,7 +454,7 @@ def build_engine(
 
     from c2r.deepspeed import load_deepspeed_config, make_expert_parallel
     from c2r.deepspeed.replica_norm import count_replicas_once
-    from c2r.deepspeed.setup import warn_if_clipping_counts_replicas
+    from c2r.deepspeed.setup import warn_if_clipping_counts_replicas, warn_if_clipping_leaves_out_experts
 
     tc = config.train
     ds_config = load_deepspeed_config(
@@ -478,6 +478,7 @@ def build_engine(
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     if not count_replicas_once(engine):  # ZeRO 1/2: the clipping norm counts a replicated expert once
         warn_if_clipping_counts_replicas(model, ds_config)
+    warn_if_clipping_leaves_out_experts(engine, ds_config)
     return engine
 
 

@@ -222,3 +222,24 @@ def warn_if_clipping_counts_replicas(model: nn.Module, ds_config: dict[str, Any]
             clip,
             replicated,
         )
+
+
+def warn_if_clipping_leaves_out_experts(engine, ds_config: dict[str, Any]) -> bool:
+    """Say once (rank 0) when DeepSpeed clips a MoE model by a norm without its expert gradients; True if it does.
+    DeepSpeed 0.19.8 runs a bf16 or fp16 model without ZeRO through ``FP16_UnfusedOptimizer``, whose ``step`` takes
+    the clipping norm over the non-expert gradients only (``split_params_grads_into_shared_and_expert_params``,
+    expert half dropped), so ``train.grad_clip`` there neither sees nor bounds the experts' share of the update."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    clip = float(ds_config.get("gradient_clipping") or 0.0)
+    has_experts = any(isinstance(m, MoELayer) for m in engine.module.modules())
+    if not (clip > 0 and has_experts and isinstance(engine.optimizer, FP16_UnfusedOptimizer)):
+        return False
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        log.warning(
+            "gradient clipping (%g) under ZeRO stage 0 with bf16/fp16: DeepSpeed's optimizer for this case clips by "
+            "the norm of the non-expert gradients only, so the experts' gradients neither count nor get clipped "
+            "(ZeRO stage 1 or 2 clips by the whole model's norm)",
+            clip,
+        )
+    return True
