@@ -613,6 +613,13 @@ def batch_samplers(
     return train, val
 
 
+def tokens_per_step(config: RunConfig, world_size: int) -> int:
+    """Tokens one optimizer step trains on over all ranks: sequences per micro-batch x micro-batches x length x
+    ranks (what ``batch_samplers`` draws)."""
+    tc = config.train
+    return tc.batch_size * tc.grad_accum * config.model.block_size * world_size
+
+
 def progress_bar(steps: range, desc: str, enabled: bool) -> tqdm:
     """A bar over ``steps`` on rank 0 (``enabled``), counting from ``steps.start`` (a resumed run) to ``steps.stop``."""
     return tqdm(

@@ -43,6 +43,7 @@ from c2r.run_setup import (
     progress_bar,
     run_config_record,
     start_run,
+    tokens_per_step,
 )
 from c2r.stops import SavePolicy, StopSignals
 from profiling.kernels import KernelProfile, phase
@@ -68,6 +69,16 @@ def routing_stats(routings: list[RoutingResult], device: torch.device) -> dict[s
         "load_imbalance": float(imbalance_L.mean()),
         "load_imbalance_by_layer": [round(float(i), 4) for i in imbalance_L],
     }
+
+
+def read_step(micro_losses: list[torch.Tensor], grad_norm) -> tuple[float, float | None]:
+    """The micro-batches' mean loss and the gradient norm (a tensor, a float or None, as DeepSpeed reports it) as
+    floats, in one host sync however many micro-batches the step had."""
+    on_device = torch.is_tensor(grad_norm)
+    values = torch.stack(micro_losses + ([grad_norm.float().reshape(())] if on_device else [])).tolist()
+    if on_device:
+        grad_norm = values.pop()
+    return sum(values) / len(values), grad_norm
 
 
 class TrainingDiverged(FloatingPointError):
@@ -170,7 +181,7 @@ def train_steps(config: RunConfig, engine, corpus, info, comm, policy: SavePolic
     metrics_log = MetricsLog(out_dir / "metrics.jsonl", append=tc.resume, enabled=is_main, format_record=format_record)
     done, stopped_by = start, None
     window_s = 0.0  # training-step time since the last record, evaluations and checkpoints left out (tokens/s)
-    tokens_per_step = tc.batch_size * tc.grad_accum * config.model.block_size * info.world_size
+    tokens = tokens_per_step(config, info.world_size)
     with metrics_log as metrics:
         for step in bar:
             step_started = time.perf_counter()
@@ -193,14 +204,12 @@ def train_steps(config: RunConfig, engine, corpus, info, comm, policy: SavePolic
                     router_state = after_optimizer_step(engine.module)  # ReMoE's lambda, group-limited bias, ...
             if profiler:
                 profiler.end_step(step)
-            with phase("loss_log"):  # one host sync per step, however many micro-batches
+            with phase("loss_log"):
                 # fp16's dynamic loss scaling overflows on purpose now and then (DeepSpeed skips that step and
                 # lowers the scale): there only a non-finite loss is divergence.
                 norm = engine.get_global_grad_norm() if boundary and not engine.fp16_enabled() else None
-                read = torch.stack(micro_losses + ([norm.float().reshape(())] if torch.is_tensor(norm) else []))
-                values = read.tolist()
-                losses, norm = values[: len(micro_losses)], values[-1] if torch.is_tensor(norm) else norm
-                step_losses.append(global_mean(sum(losses) / len(losses), info.device))
+                loss, norm = read_step(micro_losses, norm)
+                step_losses.append(global_mean(loss, info.device))
                 check_finite_step(step + 1, step_losses[-1], norm, ckpt_dir)
             if kernels:
                 kernels.end_step(step)
@@ -222,7 +231,7 @@ def train_steps(config: RunConfig, engine, corpus, info, comm, policy: SavePolic
                     **(profiler.scalars() if profiler else {}),
                     "elapsed_s": time.perf_counter() - started,
                     "train_window_s": window_s,
-                    **throughput(config, len(window) * tokens_per_step, window_s, info.world_size),
+                    **throughput(config, len(window) * tokens, window_s, info.world_size),
                     **peak_memory(info.device),
                 }
                 window.clear()
@@ -337,7 +346,7 @@ def log_start(config: RunConfig, corpus, info, model: torch.nn.Module) -> None:
     tc = config.train
     log.info(
         "batch: %d tokens per step (%d sequences of %d per rank%s, %d ranks)",
-        tc.batch_size * tc.grad_accum * config.model.block_size * info.world_size,
+        tokens_per_step(config, info.world_size),
         tc.batch_size,
         config.model.block_size,
         f" x {tc.grad_accum} micro-batches" if tc.grad_accum > 1 else "",
