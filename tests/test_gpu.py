@@ -30,6 +30,23 @@ def run(backend: str, x, routing, experts, **config):
     return [out, x.grad, routing.weights_TK.grad] + [p.grad for p in experts.parameters()]
 
 
+def bf16_against_float32_reference(T, K, E, D, F, activation, empty_fraction, idle, backend, device="cuda", **config):
+    """[(name, bf16 result, float32 reference)] for the output and every gradient of ``backend`` (``config``: its
+    ExpertConfig) in bf16. The reference sees the bf16-rounded input and weights in float32, so the comparison
+    measures the kernels alone."""
+    torch.manual_seed(0)
+    experts32 = ExpertWeights(E, D, F, activation).to(device)
+    experts16 = ExpertWeights(E, D, F, activation).to(device).to(torch.bfloat16)
+    experts16.load_state_dict({k: v.to(torch.bfloat16) for k, v in experts32.state_dict().items()})
+    x = torch.randn(T, D, device=device)
+    routing = random_routing(T, K, E, empty_fraction=empty_fraction, idle_experts=idle)
+    routing = type(routing)(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in vars(routing).items()})
+    ref = run("reference", x.to(torch.bfloat16).float(), routing, experts32)
+    got = run(backend, x.to(torch.bfloat16), routing, experts16, **config)
+    names = ["output", "x grad", "weight grad"] + [n for n, _ in experts32.named_parameters()]
+    return list(zip(names, got, ref))
+
+
 @needs_cuda
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 @pytest.mark.parametrize("empty_fraction,idle", [(0.0, 0), (0.0, 5), (0.35, 3)])
@@ -38,19 +55,10 @@ def run(backend: str, x, routing, experts, **config):
     [("megablocks", "auto", "grouped"), ("megablocks", "auto", "grouped_mm"), ("torch", "grouped_mm", "grouped")],
 )
 def test_bf16_fast_paths_match_float32_reference(activation, empty_fraction, idle, backend, impl, mb_impl):
-    T, K, E, D, F = 512, 4, 16, 256, 128
-    torch.manual_seed(0)
-    experts32 = ExpertWeights(E, D, F, activation).cuda()
-    experts16 = ExpertWeights(E, D, F, activation).cuda().to(torch.bfloat16)
-    experts16.load_state_dict({k: v.to(torch.bfloat16) for k, v in experts32.state_dict().items()})
-    x = torch.randn(T, D, device="cuda")
-    routing = random_routing(T, K, E, empty_fraction=empty_fraction, idle_experts=idle)
-    routing = type(routing)(**{k: (v.cuda() if torch.is_tensor(v) else v) for k, v in vars(routing).items()})
-    # Reference sees the bf16-rounded input and weights in float32, so the comparison measures the kernels alone.
-    ref = run("reference", x.to(torch.bfloat16).float(), routing, experts32)
-    got = run(backend, x.to(torch.bfloat16), routing, experts16, megablocks_impl=mb_impl, torch_impl=impl)
-    names = ["output", "x grad", "weight grad"] + [n for n, _ in experts32.named_parameters()]
-    for name, a, b in zip(names, got, ref):
+    compared = bf16_against_float32_reference(
+        512, 4, 16, 256, 128, activation, empty_fraction, idle, backend, megablocks_impl=mb_impl, torch_impl=impl
+    )
+    for name, a, b in compared:
         assert a.dtype in (torch.bfloat16, torch.float32)
         assert rel_err(a, b) < BF16_REL_TOL, f"{backend}: {name} rel err {rel_err(a, b):.2e}"
 
@@ -89,17 +97,10 @@ def test_cpu_saved_layer_loads_and_runs_on_gpu_backend(tmp_path):
     ],
 )
 def test_megablocks_sparse_path_matches_float32_reference(activation, T, K, E, D, F, empty_fraction, idle):
-    torch.manual_seed(0)
-    experts32 = ExpertWeights(E, D, F, activation).cuda()
-    experts16 = ExpertWeights(E, D, F, activation).cuda().to(torch.bfloat16)
-    experts16.load_state_dict({k: v.to(torch.bfloat16) for k, v in experts32.state_dict().items()})
-    x = torch.randn(T, D, device="cuda")
-    routing = random_routing(T, K, E, empty_fraction=empty_fraction, idle_experts=idle)
-    routing = type(routing)(**{k: (v.cuda() if torch.is_tensor(v) else v) for k, v in vars(routing).items()})
-    ref = run("reference", x.to(torch.bfloat16).float(), routing, experts32)
-    got = run("megablocks", x.to(torch.bfloat16), routing, experts16, megablocks_impl="sparse")
-    names = ["output", "x grad", "weight grad"] + [n for n, _ in experts32.named_parameters()]
-    for name, a, b in zip(names, got, ref):
+    compared = bf16_against_float32_reference(
+        T, K, E, D, F, activation, empty_fraction, idle, "megablocks", megablocks_impl="sparse"
+    )
+    for name, a, b in compared:
         assert rel_err(a, b) < BF16_REL_TOL, f"sparse: {name} rel err {rel_err(a, b):.2e}"
 
 
