@@ -442,13 +442,35 @@ def print_profile(
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        time_fwd_bwd(fn, x, iters, warmup=0, params=params)
+        times = time_fwd_bwd(fn, x, iters, warmup=0, params=params)
     events = prof.key_averages()
     on_cuda = x.device.type == "cuda"
     sort_by = "self_device_time_total" if on_cuda else "self_cpu_time_total"
     kernels = sum(e.count for e in events if on_cuda and e.device_type.name == "CUDA")
     print(f"--- profile: {title}, {iters} steps, {kernels / iters:.0f} kernels per step ---")
+    if on_cuda:
+        print_idle_gaps(prof, sum(times) / iters, iters)
     print(events.table(sort_by=sort_by, row_limit=rows, max_name_column_width=70), flush=True)
+
+
+def print_idle_gaps(prof, wall_ms: float, iters: int, shown: int = 6) -> None:
+    """GPU busy time per step (the union of kernel intervals) against the timed wall, and the longest idle gaps
+    between kernels, each with the kernels on either side: where the GPU waits on the host (the gaps between steps,
+    outside the timed wall, are listed too)."""
+    from profiling.kernels import busy_ms, device_work
+
+    work = sorted(device_work(prof.profiler.kineto_results.events()), key=lambda e: e.start_ns())
+    busy = busy_ms([(e.start_ns(), e.start_ns() + e.duration_ns()) for e in work]) / iters
+    gaps, reach, before = [], None, None
+    for e in work:
+        if reach is not None and e.start_ns() - reach > 0:
+            gaps.append(((e.start_ns() - reach) / 1e3, before.name()[:50], e.name()[:50]))
+        if reach is None or e.start_ns() + e.duration_ns() > reach:
+            reach, before = e.start_ns() + e.duration_ns(), e
+    idle = wall_ms - busy  # the timed wall: the gaps between steps (grad resets) are outside it
+    print(f"GPU busy {busy:.3f} ms of {wall_ms:.3f} ms wall per step (idle {idle:.3f} ms); longest gaps:")
+    for gap, after, then in sorted(gaps, reverse=True)[:shown]:
+        print(f"  {gap:8.1f} us  after {after}  before {then}")
 
 
 def run_one(cfg: BenchConfig, name: str, builder: Callable, args, device, dtype) -> dict:

@@ -43,6 +43,8 @@ def test_aux_loss_matches_switch_formula():
     counts = torch.randint(0, 5, (8,))
     expected = 8 * sum((counts[e] / counts.sum()) * probs[:, e].mean() for e in range(8))
     torch.testing.assert_close(load_balancing_loss(probs, counts), expected)
+    # The fixed-k form: the caller passes the pair count it knows (no device-side total) and the coefficient.
+    torch.testing.assert_close(load_balancing_loss(probs, counts, int(counts.sum()), weight=0.5), 0.5 * expected)
 
 
 def test_z_loss_formula_and_weighting():

@@ -44,10 +44,16 @@ class RoutingResult:
         return self.valid_TK.sum(dim=1).float().mean()
 
 
-def count_tokens_per_expert(expert_ids_TK: torch.Tensor, valid_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+def count_tokens_per_expert(
+    expert_ids_TK: torch.Tensor, valid_TK: torch.Tensor | None, num_experts: int
+) -> torch.Tensor:
     """Histogram of valid (token, slot) pairs over experts, shape [E], int64, without a host sync (any keys in
-    ``[0, num_experts)``: experts, physical slots, ranks). Not ``torch.bincount``: on CUDA it reads the input's
-    maximum on the host to size its output, one host sync per call."""
-    ids = torch.where(valid_TK, expert_ids_TK, num_experts).flatten()  # empty slots go to an overflow bin we drop
+    ``[0, num_experts)``: experts, physical slots, ranks); ``valid_TK`` None: every slot is valid (a fixed k: two
+    kernel launches fewer, which count on a GPU where the router's small ops wait on the host). Not
+    ``torch.bincount``: on CUDA it reads the input's maximum on the host to size its output, one host sync per call."""
+    if valid_TK is None:
+        ids = expert_ids_TK.flatten()
+    else:
+        ids = torch.where(valid_TK, expert_ids_TK, num_experts).flatten()  # empty slots: an overflow bin we drop
     counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device)
     return counts.scatter_add_(0, ids, torch.ones_like(ids))[:num_experts]

@@ -110,22 +110,33 @@ class TopKRouter(Router):
             if self.config.renormalize:
                 weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         fixed_k = valid_TK is None
+        tokens_per_expert_E = count_tokens_per_expert(expert_ids_TK, valid_TK, self.num_experts)
+        num_pairs = expert_ids_TK.numel() if fixed_k else None  # known on the host: no device-side total
         if valid_TK is None:
             valid_TK = torch.ones_like(expert_ids_TK, dtype=torch.bool)
-        tokens_per_expert_E = count_tokens_per_expert(expert_ids_TK, valid_TK, self.num_experts)
         return RoutingResult(
             expert_ids_TK=expert_ids_TK,
             weights_TK=weights_TK,
             valid_TK=valid_TK,
-            aux_loss=self.aux_loss(logits_TE, probs_TE, tokens_per_expert_E),
+            aux_loss=self.aux_loss(logits_TE, probs_TE, tokens_per_expert_E, num_pairs),
             tokens_per_expert_E=tokens_per_expert_E,
             fixed_k=fixed_k,
         )
 
-    def aux_loss(self, logits_TE: torch.Tensor, probs_TE: torch.Tensor, tokens_per_expert_E: torch.Tensor):
-        loss = logits_TE.new_zeros(())
+    def aux_loss(
+        self,
+        logits_TE: torch.Tensor,
+        probs_TE: torch.Tensor,
+        tokens_per_expert_E: torch.Tensor,
+        num_pairs: int | None = None,
+    ) -> torch.Tensor:
+        """The weighted balance loss plus the weighted z-loss, each only where its weight is set (no zero tensor
+        to add to: each term is a kernel launch the GPU waits on)."""
+        terms = []
         if self.config.aux_loss_weight > 0:
-            loss = loss + self.config.aux_loss_weight * load_balancing_loss(probs_TE, tokens_per_expert_E)
+            terms.append(load_balancing_loss(probs_TE, tokens_per_expert_E, num_pairs, self.config.aux_loss_weight))
         if self.config.z_loss_weight > 0:
-            loss = loss + self.config.z_loss_weight * router_z_loss(logits_TE)
-        return loss
+            terms.append(self.config.z_loss_weight * router_z_loss(logits_TE))
+        if not terms:
+            return logits_TE.new_zeros(())
+        return terms[0] if len(terms) == 1 else terms[0] + terms[1]

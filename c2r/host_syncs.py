@@ -2,7 +2,9 @@
 
 On CUDA, torch's sync debug mode warns at every synchronizing call (a device-to-host copy such as ``.tolist()``,
 ``.item()``, ``int(tensor)`` or ``.cpu()``; ``nonzero``; ``bincount``; a blocking copy; ``torch.cuda.synchronize``);
-:func:`count_host_syncs` turns it on, records those warnings and counts them. On the CPU nothing syncs: the count is 0.
+:func:`count_host_syncs` turns it on, records those warnings and counts them. Waits on a CUDA event are not among
+what torch flags: our own go through :func:`wait_for`, which flags them the same way. On the CPU nothing syncs: the
+count is 0.
 Only work on the calling thread is seen (autograd runs the backward on threads of its own): count forwards.
 
     with count_host_syncs(x.device) as syncs:
@@ -43,3 +45,14 @@ def count_host_syncs(device: torch.device | str) -> Iterator[HostSyncs]:
         finally:
             torch.cuda.set_sync_debug_mode(previous)
     syncs.count = sum(SYNC_WARNING in str(w.message) for w in caught)
+
+
+def wait_for(event: torch.cuda.Event, what: str) -> None:
+    """``event.synchronize()``, a host sync that torch's sync debug mode does not flag (it watches copies, not event
+    waits): here it is flagged as torch flags its own, so that :func:`count_host_syncs` still counts every sync."""
+    mode = torch.cuda.get_sync_debug_mode()
+    if mode == 1:
+        warnings.warn(f"{what} {SYNC_WARNING} (an event wait)", stacklevel=2)
+    elif mode == 2:
+        raise RuntimeError(f"{what} {SYNC_WARNING} (an event wait)")
+    event.synchronize()
