@@ -454,7 +454,8 @@ def build_engine(
 
     from c2r.deepspeed import load_deepspeed_config, make_expert_parallel
     from c2r.deepspeed.replica_norm import count_replicas_once
-    from c2r.deepspeed.setup import warn_if_clipping_counts_replicas, warn_if_clipping_leaves_out_experts
+    from c2r.deepspeed.setup import warn_if_clipping_counts_replicas
+    from c2r.deepspeed.unfused_norm import clip_by_whole_model_norm
 
     tc = config.train
     ds_config = load_deepspeed_config(
@@ -476,9 +477,10 @@ def build_engine(
         ds_config, optimizer = optimize_only(model, device, tc, ds_config, train_only)
         scheduler = None
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-    if not count_replicas_once(engine):  # ZeRO 1/2: the clipping norm counts a replicated expert once
+    # The clipping norm: ZeRO 0 in bf16/fp16 gets the whole model's (DeepSpeed's leaves the experts out), with a
+    # replicated expert counted once; ZeRO 1/2 get a replicated expert counted once; elsewhere a replica warns.
+    if not clip_by_whole_model_norm(engine) and not count_replicas_once(engine):
         warn_if_clipping_counts_replicas(model, ds_config)
-    warn_if_clipping_leaves_out_experts(engine, ds_config)
     return engine
 
 

@@ -245,38 +245,32 @@ def test_deepspeeds_bf16_overflow_check_is_off_only_where_the_gradient_norm_is_r
 
 
 def clip_norm_worker(rank, world, raws):
-    """Per run: whether c2r warns that clipping leaves the experts out, and DeepSpeed's first-step gradient norm. A
-    run with ``"experts_in_norm"`` patches DeepSpeed's unfused optimizer to put the expert gradients in its norm."""
-    import deepspeed.runtime.fp16.unfused_optimizer as unfused
+    """Per run: DeepSpeed's first-step gradient norm (the one it clips by). A run with ``"deepspeeds_own"`` keeps
+    DeepSpeed's unfused optimizer as it is, whose norm leaves the expert gradients out."""
+    import c2r.deepspeed.unfused_norm as unfused_norm
 
-    from c2r.deepspeed.setup import warn_if_clipping_leaves_out_experts
-
-    results = []
+    norms = []
     for raw in raws:
         raw = dict(raw)
-        if raw.pop("experts_in_norm", False):
-            unfused.split_params_grads_into_shared_and_expert_params = lambda group: (
-                [p.grad for p in group if p.grad is not None],
-                [],
-            )
+        if raw.pop("deepspeeds_own", False):
+            unfused_norm.clip_by_whole_model_norm = lambda engine: False  # build_engine imports it per call
         engine = train(config_from_dict(RunConfig, raw))["engine"]
-        results.append((warn_if_clipping_leaves_out_experts(engine, {"gradient_clipping": 1.0}), engine))
-    return [(warned, float(engine.get_global_grad_norm())) for warned, engine in results]
+        norms.append(float(engine.get_global_grad_norm()))
+    return norms
 
 
-def test_zero0_bf16_clipping_without_the_experts_is_said(tmp_path):
+def test_zero0_bf16_clips_by_the_whole_models_norm(tmp_path):
     """DeepSpeed runs a bf16 model without ZeRO through FP16_UnfusedOptimizer, whose clipping norm leaves the expert
-    gradients out: the same first step reports a smaller norm than ZeRO 2's whole-model norm, the two agree once
-    the experts are put back into it, and c2r says so."""
+    gradients out (the same first step reports a smaller norm than ZeRO 2's whole-model norm); c2r gives it the whole
+    model's norm, which equals ZeRO 2's."""
     runs = []
-    for stage, experts_in_norm in ((0, False), (2, False), (0, True)):
+    for stage, own in ((0, False), (2, False), (0, True)):
         ds_config = tmp_path / f"zero{stage}.json"
         ds_config.write_text(json.dumps({"zero_optimization": {"stage": stage}, "bf16": {"enabled": True}}))
-        raw = tiny_run_config(tmp_path / f"run{stage}{experts_in_norm}", steps=1, deepspeed_config=str(ds_config))
+        raw = tiny_run_config(tmp_path / f"run{stage}{own}", steps=1, deepspeed_config=str(ds_config))
         raw["train"].update(save_last=False)
         raw["model"]["moe"]["ffn_hidden_size"] = 1024  # experts a visible share of the gradient
-        runs.append({**raw, "experts_in_norm": experts_in_norm})
-    zero0, zero2, zero0_with_experts = run_distributed(clip_norm_worker, 1, tmp_path / "ranks", runs)[0]
-    assert zero0[0] is True and zero2[0] is False
-    assert zero0_with_experts[1] == pytest.approx(zero2[1], rel=1e-6)  # the same gradients, the same norm
-    assert zero0[1] < 0.995 * zero2[1]  # DeepSpeed's own: the experts' share is missing (1.487 vs 1.500 here)
+        runs.append({**raw, "deepspeeds_own": own})
+    zero0, zero2, deepspeeds_own = run_distributed(clip_norm_worker, 1, tmp_path / "ranks", runs)[0]
+    assert zero0 == pytest.approx(zero2, rel=1e-6)  # the same gradients, the same norm
+    assert deepspeeds_own < 0.995 * zero2  # DeepSpeed's own: the experts' share is missing (1.487 vs 1.500 here)

@@ -284,6 +284,33 @@ def test_the_clipping_norm_counts_a_replicated_expert_once(tmp_path, stage):
     assert abs(uncorrected / plain - 1) > 3e-6
 
 
+def test_zero0_bf16_clipping_norm_is_the_whole_models_with_experts_sharded_and_replicated(tmp_path):
+    """ZeRO 0 in bf16 (DeepSpeed's unfused optimizer, whose own norm leaves the experts out): c2r's norm sums each
+    rank's experts over the expert-parallel group and counts a replicated expert once, so it equals ZeRO 2's on the
+    same gradients, with the experts sharded over 2 ranks and with replicas."""
+    import json
+
+    from tests.run_configs import tiny_run_config
+
+    plan = write_replicated_plan(tmp_path / "plan.json")
+    runs = []
+    for stage in (0, 2):
+        ds_config = tmp_path / f"ds{stage}.json"
+        ds_config.write_text(json.dumps({"zero_optimization": {"stage": stage}, "bf16": {"enabled": True}}))
+        for name, options in (("plain", {}), ("replicas", {"placement_plan": plan})):
+            config = tiny_run_config(
+                tmp_path / f"{name}{stage}", steps=1, ep_size=2, dispatch="per-rank", deepspeed_config=str(ds_config),
+                **options,
+            )  # fmt: skip
+            config["train"].update(save_last=False)
+            runs.append(config)
+    zero0_plain, zero0_replicas, zero2_plain, zero2_replicas = run_distributed(
+        first_step_norm_worker, 2, tmp_path / "spawn", runs
+    )[0]
+    assert zero0_plain == pytest.approx(zero2_plain, rel=1e-6)
+    assert zero0_replicas == pytest.approx(zero2_replicas, rel=1e-6)
+
+
 def saved_experts(tag_dir) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
     """{(layer, logical expert): its tensors (w1, v1, w2)} from the checkpoint's expert files, after checking that
     it holds exactly one weight file per logical expert: its home slot's (the run config's layouts say which)."""

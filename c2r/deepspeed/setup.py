@@ -206,40 +206,20 @@ def load_deepspeed_config(
 
 
 def warn_if_clipping_counts_replicas(model: nn.Module, ds_config: dict[str, Any]) -> None:
-    """Say once (rank 0) when DeepSpeed's gradient clipping is on in a run with replicated experts whose norm
-    ``replica_norm.count_replicas_once`` cannot correct (ZeRO 0, CPU offload): there DeepSpeed's global norm counts
-    each copy, so the clip coefficient can differ from the unreplicated model's (docs/design.md, "Gradient clipping
-    with replicated experts"); the copies stay identical either way."""
+    """Say once (rank 0) when DeepSpeed's gradient clipping is on in a run with replicated experts whose norm neither
+    ``replica_norm.count_replicas_once`` (ZeRO 1/2) nor ``unfused_norm.clip_by_whole_model_norm`` (ZeRO 0 in
+    bf16/fp16) corrects (ZeRO 0 in fp32, CPU offload): there DeepSpeed's global norm counts each copy, so the clip
+    coefficient can differ from the unreplicated model's (docs/design.md, "Gradient clipping with replicated
+    experts"); the copies stay identical either way."""
     clip = float(ds_config.get("gradient_clipping") or 0.0)
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]
     replicated = [i for i, m in enumerate(layers) if m.dispatcher is not None and m.dispatcher.layout.is_replicated]
     if clip > 0 and replicated and (not dist.is_initialized() or dist.get_rank() == 0):
         log.warning(
-            "gradient clipping (%g) with replicated experts (MoE layers %s): under ZeRO 0 or CPU offload DeepSpeed's "
-            "global gradient norm counts each copy of a replicated expert, so where the clip binds the steps can "
-            "differ from the unreplicated model's (ZeRO 1/2 count it once; --set train.grad_clip=0 makes the runs "
-            "equal)",
+            "gradient clipping (%g) with replicated experts (MoE layers %s): under ZeRO 0 in fp32 or CPU offload "
+            "DeepSpeed's global gradient norm counts each copy of a replicated expert, so where the clip binds the "
+            "steps can differ from the unreplicated model's (ZeRO 1/2, and ZeRO 0 in bf16/fp16, count it once; "
+            "--set train.grad_clip=0 makes the runs equal)",
             clip,
             replicated,
         )
-
-
-def warn_if_clipping_leaves_out_experts(engine, ds_config: dict[str, Any]) -> bool:
-    """Say once (rank 0) when DeepSpeed clips a MoE model by a norm without its expert gradients; True if it does.
-    DeepSpeed 0.19.8 runs a bf16 or fp16 model without ZeRO through ``FP16_UnfusedOptimizer``, whose ``step`` takes
-    the clipping norm over the non-expert gradients only (``split_params_grads_into_shared_and_expert_params``,
-    expert half dropped), so ``train.grad_clip`` there neither sees nor bounds the experts' share of the update."""
-    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
-
-    clip = float(ds_config.get("gradient_clipping") or 0.0)
-    has_experts = any(isinstance(m, MoELayer) for m in engine.module.modules())
-    if not (clip > 0 and has_experts and isinstance(engine.optimizer, FP16_UnfusedOptimizer)):
-        return False
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        log.warning(
-            "gradient clipping (%g) under ZeRO stage 0 with bf16/fp16: DeepSpeed's optimizer for this case clips by "
-            "the norm of the non-expert gradients only, so the experts' gradients neither count nor get clipped "
-            "(ZeRO stage 1 or 2 clips by the whole model's norm)",
-            clip,
-        )
-    return True
