@@ -2,10 +2,12 @@
 
 DeepSpeed 0.19.8 runs a bf16 (or fp16, without FusedAdam) model without ZeRO through ``FP16_UnfusedOptimizer``,
 whose ``step`` takes the clipping norm over the non-expert gradients only
-(``split_params_grads_into_shared_and_expert_params``, expert half dropped). With ``gradient_clipping`` set, the
-experts' gradients then neither count in the norm nor get bounded by it: on the ~1B model of docs/gpu_runs.md that
-run trained to a clearly higher loss than ZeRO 2 (3.68 vs 3.32 at step 20), and with clipping off the two agree
-(val loss 3.213 vs 3.214).
+(``split_params_grads_into_shared_and_expert_params``, expert half dropped), then scales every gradient, the
+experts' too, by the coefficient that norm gives. The bound is then on the non-expert part of the gradient, not the
+whole, and the norm the run reports leaves the experts out (with replicas it would also count each copy). On the ~1B
+model of docs/gpu_runs.md correcting it left the run as it was (the same losses to 3 decimals at step 20): under Adam,
+a clip coefficient off by a nearly constant factor barely moves the update. It is the norm users read and compare
+across ZeRO stages, and it matters where the experts' share of the gradient changes from step to step.
 
 So the engine's optimizer gets an ``unscale_and_clip_grads`` that first computes the norm DeepSpeed should have: over
 the fp32 gradients it has just copied (every parameter's), the shared ones once (after the data-parallel all-reduce
