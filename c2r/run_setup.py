@@ -455,7 +455,7 @@ def build_engine(
     from c2r.deepspeed import load_deepspeed_config, make_expert_parallel
     from c2r.deepspeed.replica_norm import count_replicas_once
     from c2r.deepspeed.setup import warn_if_clipping_counts_replicas
-    from c2r.deepspeed.unfused_norm import clip_by_whole_model_norm
+    from c2r.deepspeed.zero0_norm import clip_by_whole_model_norm
 
     tc = config.train
     ds_config = load_deepspeed_config(
@@ -477,8 +477,9 @@ def build_engine(
         ds_config, optimizer = optimize_only(model, device, tc, ds_config, train_only)
         scheduler = None
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-    # The clipping norm: ZeRO 0 in bf16/fp16 gets the whole model's (DeepSpeed's leaves the experts out), with a
-    # replicated expert counted once; ZeRO 1/2 get a replicated expert counted once; elsewhere a replica warns.
+    # The clipping norm: ZeRO 0 gets the whole model's (DeepSpeed's leaves the experts out in bf16/fp16 and averages
+    # the ranks' norms in fp32), a replicated expert counted once; ZeRO 1/2 get a replicated expert counted once;
+    # with CPU offload a replica warns.
     if not clip_by_whole_model_norm(engine) and not count_replicas_once(engine):
         warn_if_clipping_counts_replicas(model, ds_config)
     return engine

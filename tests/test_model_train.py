@@ -247,13 +247,13 @@ def test_deepspeeds_bf16_overflow_check_is_off_only_where_the_gradient_norm_is_r
 def clip_norm_worker(rank, world, raws):
     """Per run: DeepSpeed's first-step gradient norm (the one it clips by). A run with ``"deepspeeds_own"`` keeps
     DeepSpeed's unfused optimizer as it is, whose norm leaves the expert gradients out."""
-    import c2r.deepspeed.unfused_norm as unfused_norm
+    import c2r.deepspeed.zero0_norm as zero0_norm
 
     norms = []
     for raw in raws:
         raw = dict(raw)
         if raw.pop("deepspeeds_own", False):
-            unfused_norm.clip_by_whole_model_norm = lambda engine: False  # build_engine imports it per call
+            zero0_norm.clip_by_whole_model_norm = lambda engine: False  # build_engine imports it per call
         engine = train(config_from_dict(RunConfig, raw))["engine"]
         norms.append(float(engine.get_global_grad_norm()))
     return norms

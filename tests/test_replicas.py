@@ -284,10 +284,12 @@ def test_the_clipping_norm_counts_a_replicated_expert_once(tmp_path, stage):
     assert abs(uncorrected / plain - 1) > 3e-6
 
 
-def test_zero0_bf16_clipping_norm_is_the_whole_models_with_experts_sharded_and_replicated(tmp_path):
-    """ZeRO 0 in bf16 (DeepSpeed's unfused optimizer, whose own norm leaves the experts out): c2r's norm sums each
-    rank's experts over the expert-parallel group and counts a replicated expert once, so it equals ZeRO 2's on the
-    same gradients, with the experts sharded over 2 ranks and with replicas."""
+@pytest.mark.parametrize("bf16", [True, False])
+def test_zero0_clipping_norm_is_the_whole_models_with_experts_sharded_and_replicated(tmp_path, bf16):
+    """ZeRO 0 (bf16: DeepSpeed's unfused optimizer, whose own norm leaves the experts out; fp32: its clip_grad_norm_,
+    which averages the ranks' norms): c2r's norm sums each rank's experts over the expert-parallel group and counts a
+    replicated expert once, so it equals ZeRO 2's on the same gradients, with the experts sharded over 2 ranks and
+    with replicas."""
     import json
 
     from tests.run_configs import tiny_run_config
@@ -296,7 +298,7 @@ def test_zero0_bf16_clipping_norm_is_the_whole_models_with_experts_sharded_and_r
     runs = []
     for stage in (0, 2):
         ds_config = tmp_path / f"ds{stage}.json"
-        ds_config.write_text(json.dumps({"zero_optimization": {"stage": stage}, "bf16": {"enabled": True}}))
+        ds_config.write_text(json.dumps({"zero_optimization": {"stage": stage}, "bf16": {"enabled": bf16}}))
         for name, options in (("plain", {}), ("replicas", {"placement_plan": plan})):
             config = tiny_run_config(
                 tmp_path / f"{name}{stage}", steps=1, ep_size=2, dispatch="per-rank", deepspeed_config=str(ds_config),

@@ -10,9 +10,8 @@ So the engine's ZeRO optimizer gets a ``scaled_global_norm`` that subtracts the 
 gradient elements of its partitions that lie in a replica slot, (1 - 1/m) g^2, all-reduces that over the same group
 DeepSpeed sums over, and the norm becomes sqrt(norm^2 - surplus): each copy counts 1/m, the expert once. It reads
 the same partition lists DeepSpeed's own norm reads (``averaged_gradients``, ``params_in_partition``,
-``first_offset``); an invalid norm (DeepSpeed's +inf or -1) passes through unchanged. bf16/fp16 ZeRO 0 gets its
-whole norm from `unfused_norm` (replicas once there too); not covered: fp32 ZeRO 0 (DeepSpeed averages the ranks'
-norms there) and CPU offload, where the run warns as before.
+``first_offset``); an invalid norm (DeepSpeed's +inf or -1) passes through unchanged. ZeRO 0 gets the whole norm
+from `zero0_norm` (replicas once there too); not covered: CPU offload, where the run warns as before.
 """
 
 from __future__ import annotations

@@ -207,19 +207,19 @@ def load_deepspeed_config(
 
 def warn_if_clipping_counts_replicas(model: nn.Module, ds_config: dict[str, Any]) -> None:
     """Say once (rank 0) when DeepSpeed's gradient clipping is on in a run with replicated experts whose norm neither
-    ``replica_norm.count_replicas_once`` (ZeRO 1/2) nor ``unfused_norm.clip_by_whole_model_norm`` (ZeRO 0 in
-    bf16/fp16) corrects (ZeRO 0 in fp32, CPU offload): there DeepSpeed's global norm counts each copy, so the clip
-    coefficient can differ from the unreplicated model's (docs/design.md, "Gradient clipping with replicated
-    experts"); the copies stay identical either way."""
+    ``replica_norm.count_replicas_once`` (ZeRO 1/2) nor ``zero0_norm.clip_by_whole_model_norm`` (ZeRO 0) corrects
+    (CPU offload): there DeepSpeed's global norm counts each copy, so the clip coefficient can differ from the
+    unreplicated model's (docs/design.md, "Gradient clipping with replicated experts"); the copies stay identical
+    either way."""
     clip = float(ds_config.get("gradient_clipping") or 0.0)
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]
     replicated = [i for i, m in enumerate(layers) if m.dispatcher is not None and m.dispatcher.layout.is_replicated]
     if clip > 0 and replicated and (not dist.is_initialized() or dist.get_rank() == 0):
         log.warning(
-            "gradient clipping (%g) with replicated experts (MoE layers %s): under ZeRO 0 in fp32 or CPU offload "
-            "DeepSpeed's global gradient norm counts each copy of a replicated expert, so where the clip binds the "
-            "steps can differ from the unreplicated model's (ZeRO 1/2, and ZeRO 0 in bf16/fp16, count it once; "
-            "--set train.grad_clip=0 makes the runs equal)",
+            "gradient clipping (%g) with replicated experts (MoE layers %s): under CPU offload DeepSpeed's global "
+            "gradient norm counts each copy of a replicated expert, so where the clip binds the steps can differ "
+            "from the unreplicated model's (ZeRO 0/1/2 without offload count it once; --set train.grad_clip=0 makes "
+            "the runs equal)",
             clip,
             replicated,
         )
