@@ -453,6 +453,7 @@ def build_engine(
     import deepspeed
 
     from c2r.deepspeed import load_deepspeed_config, make_expert_parallel
+    from c2r.deepspeed.fused_clip import fold_clip_into_fused_adamw
     from c2r.deepspeed.replica_norm import count_replicas_once
     from c2r.deepspeed.setup import warn_if_clipping_counts_replicas
     from c2r.deepspeed.zero0_norm import clip_by_whole_model_norm
@@ -482,6 +483,7 @@ def build_engine(
     # with CPU offload a replica warns.
     if not clip_by_whole_model_norm(engine) and not count_replicas_once(engine):
         warn_if_clipping_counts_replicas(model, ds_config)
+    fold_clip_into_fused_adamw(engine)  # ZeRO 1/2 with the fused AdamW (GPUs): no separate clip pass
     return engine
 
 
