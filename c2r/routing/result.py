@@ -48,8 +48,8 @@ def count_tokens_per_expert(
     expert_ids_TK: torch.Tensor, valid_TK: torch.Tensor | None, num_experts: int
 ) -> torch.Tensor:
     """Histogram of valid (token, slot) pairs over experts, shape [E], int64, without a host sync (any keys in
-    ``[0, num_experts)``: experts, physical slots, ranks); ``valid_TK`` None: every slot is valid (a fixed k: two
-    kernel launches fewer, which count on a GPU where the router's small ops wait on the host). Not
+    ``[0, num_experts)``: experts, physical slots, ranks); ``valid_TK`` None: every slot is valid (a fixed k: one
+    kernel launch fewer, which counts on a GPU where the router's small ops wait on the host). Not
     ``torch.bincount``: on CUDA it reads the input's maximum on the host to size its output, one host sync per call."""
     if valid_TK is None:
         ids = expert_ids_TK.flatten()
