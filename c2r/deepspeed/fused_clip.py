@@ -21,18 +21,14 @@ from typing import Any
 import torch
 
 
-def combined_scale(total_norm: torch.Tensor, clip_grad: float, loss_scale: float) -> torch.Tensor | float | None:
-    """DeepSpeed's ``unscale_and_clip_grads`` factor (the gradients are divided by it): the loss scale times the clip
-    coefficient ``max(1, (norm / loss_scale + 1e-6) / clip_grad)``; None where it leaves the gradients alone."""
-    if clip_grad == 0.0 and loss_scale == 1.0:
-        return None
+def combined_scale(total_norm, clip_grad: float, loss_scale: float) -> torch.Tensor | None:
+    """DeepSpeed's ``unscale_and_clip_grads`` factor (the gradients are divided by it), as a float32 scalar tensor:
+    the loss scale times the clip coefficient ``max(1, (norm / loss_scale + 1e-6) / clip_grad)``; None where it
+    leaves the gradients alone."""
     if clip_grad == 0.0:
-        return loss_scale
-    norm = total_norm
-    if not torch.is_tensor(norm) or norm.dim() != 0:
-        norm = torch.as_tensor(norm, dtype=torch.float32).reshape(())
-    clip = torch.clamp(((norm.float() / loss_scale) + 1e-6) / clip_grad, min=1.0)
-    return clip * loss_scale
+        return None if loss_scale == 1.0 else torch.tensor(float(loss_scale))
+    norm = torch.as_tensor(total_norm, dtype=torch.float32).reshape(())
+    return torch.clamp((norm / loss_scale + 1e-6) / clip_grad, min=1.0) * loss_scale
 
 
 def fold_clip_into_fused_adamw(engine: Any) -> bool:
@@ -51,11 +47,8 @@ def fold_clip_into_fused_adamw(engine: Any) -> bool:
 
     def unscale_and_clip_grads(grad_groups_flat, total_norm):
         scale = combined_scale(total_norm, zero.clip_grad, zero.loss_scale)
-        if scale is not None and not torch.is_tensor(scale):
-            scale = torch.tensor(float(scale), dtype=torch.float32)
-        device = grad_groups_flat[0].device if grad_groups_flat else None
-        # the kernel reads it on the gradients' device, as a float32 scalar
-        inner.grad_scale = None if scale is None else scale.to(device=device, dtype=torch.float32).reshape(())
+        # the kernel reads it on the gradients' device
+        inner.grad_scale = None if scale is None else scale.to(grad_groups_flat[0].device)
 
     zero.unscale_and_clip_grads = unscale_and_clip_grads
     return True
