@@ -453,6 +453,8 @@ def build_engine(
     import deepspeed
 
     from c2r.deepspeed import load_deepspeed_config, make_expert_parallel
+    from c2r.deepspeed.fp32_grads import copy_grads_to_float32_in_one_pass
+    from c2r.deepspeed.fp32_norm import read_grad_norm_in_float32
     from c2r.deepspeed.fused_clip import fold_clip_into_fused_adamw
     from c2r.deepspeed.replica_norm import count_replicas_once
     from c2r.deepspeed.setup import warn_if_clipping_counts_replicas
@@ -481,9 +483,11 @@ def build_engine(
     # The clipping norm: ZeRO 0 gets the whole model's (DeepSpeed's leaves the experts out in bf16/fp16 and averages
     # the ranks' norms in fp32), a replicated expert counted once; ZeRO 1/2 get a replicated expert counted once;
     # with CPU offload a replica warns.
+    read_grad_norm_in_float32(engine)  # ZeRO 1/2: no float64 copy of every gradient for the norm
     if not clip_by_whole_model_norm(engine) and not count_replicas_once(engine):
         warn_if_clipping_counts_replicas(model, ds_config)
     fold_clip_into_fused_adamw(engine)  # ZeRO 1/2 with the fused AdamW (GPUs): no separate clip pass
+    copy_grads_to_float32_in_one_pass(engine)  # bf16 ZeRO 1/2: a vectorised copy to the fp32 gradient partition
     return engine
 
 

@@ -55,8 +55,8 @@ def kernel_intervals(prof) -> list[tuple[int, int]]:
     return [(e.start_ns(), e.start_ns() + e.duration_ns()) for e in device_work(prof.profiler.kineto_results.events())]
 
 
-def device_ms_by_phase(prof) -> dict[str, float]:
-    """Device time (ms, summed over the window) of the kernels each :func:`phase` launched. A kernel belongs to the
+def kernels_by_phase(prof) -> dict[str, list[tuple[str, int]]]:
+    """``phase -> [(kernel name, device ns)]`` for the kernels each :func:`phase` launched. A kernel belongs to the
     phase whose host range contains its launch: the backward's kernels are launched by autograd's own thread, which a
     ``record_function`` range on the main thread does not parent, so the range's own device total would miss them."""
     events = list(prof.profiler.kineto_results.events())
@@ -68,14 +68,33 @@ def device_ms_by_phase(prof) -> dict[str, float]:
         if e.name().startswith(PHASE_PREFIX)
     ]
     launched_at = {e.correlation_id(): e.start_ns() for e in host if e.correlation_id() and not e.is_user_annotation()}
-    totals = {name: 0.0 for _, _, name in ranges}
+    kernels = {name: [] for _, _, name in ranges}
     for kernel in device_work(events):
         launch = launched_at.get(kernel.correlation_id())
         for start, end, name in ranges:
             if launch is not None and start <= launch <= end:
-                totals[name] += kernel.duration_ns() / 1e6
+                kernels[name].append((kernel.name(), kernel.duration_ns()))
                 break
-    return totals
+    return kernels
+
+
+def top_kernels_table(
+    kernels: dict[str, list[tuple[str, int]]], steps: int, rows: int = 8, width: int = 150
+) -> list[str]:
+    """Per phase, its ``rows`` costliest kernel names by device time: ms and launches per step. Names are cut to
+    ``width`` characters but keep their template arguments' start, which is what tells e.g. a vectorised copy from an
+    unrolled (unvectorised) one."""
+    lines = []
+    for name, launched in sorted(kernels.items(), key=lambda kv: -sum(ns for _, ns in kv[1])):
+        by_kernel: dict[str, list[int]] = {}
+        for kernel, ns in launched:
+            by_kernel.setdefault(kernel, []).append(ns)
+        if not by_kernel:
+            continue
+        lines += ["", f"top kernels of phase {name} (ms/step, launches/step):"]
+        for kernel, durations in sorted(by_kernel.items(), key=lambda kv: -sum(kv[1]))[:rows]:
+            lines.append(f"  {sum(durations) / 1e6 / steps:8.2f} {len(durations) / steps:7.1f}  {kernel[:width]}")
+    return lines
 
 
 class KernelProfile:
@@ -138,7 +157,8 @@ class KernelProfile:
             busy = busy_ms(kernel_intervals(prof)) / steps
             kernels = sum(e.count for e in events if e.device_type.name == "CUDA") / steps
             lines.append(f"GPU busy       {busy:9.2f} ms per step ({busy / wall:.0%} of wall; {kernels:.0f} kernels)")
-        device = device_ms_by_phase(prof) if self.use_cuda else {}
+        by_phase = kernels_by_phase(prof) if self.use_cuda else {}
+        device = {name: sum(ns for _, ns in launched) / 1e6 for name, launched in by_phase.items()}
         lines += ["", f"{'phase':<28} {'CPU ms/step':>12}" + (f" {'device ms/step':>15}" if self.use_cuda else "")]
         phases = [e for e in events if e.key.startswith(PHASE_PREFIX) and e.device_type.name == "CPU"]
         for e in sorted(phases, key=lambda e: -e.cpu_time_total):
@@ -150,5 +170,6 @@ class KernelProfile:
         ops = [e for e in events if not e.key.startswith(PHASE_PREFIX)]  # the phases are above, with their totals
         ops = EventList(ops, use_device="cuda" if self.use_cuda else None)
         lines.append(ops.table(sort_by=sort_by, row_limit=self.rows, max_name_column_width=60))
+        lines += top_kernels_table(by_phase, steps)
         self.summary = "\n".join(lines)
         (self.dir / "kernels.txt").write_text(self.summary + "\n")

@@ -233,3 +233,25 @@ def test_gpu_busy_time_counts_overlapping_kernels_once():
     assert busy_ms([]) == 0.0
     # two overlapping streams (0-3 and 2-5 ms), one nested kernel (1-2), a gap, then 7-8 ms: 5 + 1 busy ms
     assert busy_ms([(7 * ns, 8 * ns), (0, 3 * ns), (2 * ns, 5 * ns), (1 * ns, 2 * ns)]) == 6.0
+
+
+def test_top_kernels_table_ranks_each_phases_kernels_by_device_time_per_step():
+    from profiling.kernels import top_kernels_table
+
+    ms = 1_000_000  # ns
+    kernels = {
+        "forward": [("gemm", 2 * ms)],
+        "optimizer": [("copy_unrolled", 3 * ms), ("adamw", 5 * ms), ("copy_unrolled", 3 * ms), ("norm", 1 * ms)],
+        "loss_log": [],
+    }
+    lines = top_kernels_table(kernels, steps=2, rows=2)
+    # The costlier phase first; within it the two costliest kernels, each as ms and launches per step; no empty phase.
+    assert lines == [
+        "",
+        "top kernels of phase optimizer (ms/step, launches/step):",
+        "      3.00     1.0  copy_unrolled",
+        "      2.50     0.5  adamw",
+        "",
+        "top kernels of phase forward (ms/step, launches/step):",
+        "      1.00     0.5  gemm",
+    ]
