@@ -78,22 +78,63 @@ def kernels_by_phase(prof) -> dict[str, list[tuple[str, int]]]:
     return kernels
 
 
-def top_kernels_table(
-    kernels: dict[str, list[tuple[str, int]]], steps: int, rows: int = 8, width: int = 150
+BETWEEN_OPS = "(host time between ops: Python, DeepSpeed's own code)"
+
+
+def host_calls_by_phase(events) -> dict[str, list[tuple[str, int]]]:
+    """``phase -> [(host op name, ns)]`` from a profile's kineto events: the outermost ops each :func:`phase` ran on
+    the host. On the phase's own
+    thread those are the range's direct children, plus one ``BETWEEN_OPS`` entry for the range's time outside them;
+    on other threads (autograd's, which runs the backward) the outermost ops that start inside the phase's window."""
+    events = [e for e in events if e.device_type() != torch.autograd.DeviceType.CUDA]
+    events = [e for e in events if not e.is_user_annotation() or e.name().startswith(PHASE_PREFIX)]
+    windows = [(e.start_ns(), e.end_ns(), e.name()[len(PHASE_PREFIX) :]) for e in events if _is_phase(e)]
+    calls: dict[str, list[tuple[str, int]]] = {name: [] for _, _, name in windows}
+    inside: dict[int, int] = {}  # id(phase event) -> ns of its direct children
+    by_thread: dict[int, list] = {}
+    for e in events:
+        by_thread.setdefault(e.start_thread_id(), []).append(e)
+    for thread_events in by_thread.values():
+        open_events: list = []
+        for e in sorted(thread_events, key=lambda e: (e.start_ns(), -e.duration_ns())):
+            while open_events and open_events[-1].end_ns() <= e.start_ns():
+                open_events.pop()
+            parent = open_events[-1] if open_events else None
+            if parent is not None and _is_phase(parent):
+                calls[parent.name()[len(PHASE_PREFIX) :]].append((e.name(), e.duration_ns()))
+                inside[id(parent)] = inside.get(id(parent), 0) + e.duration_ns()
+            elif parent is None and not _is_phase(e):
+                for start, end, name in windows:
+                    if start <= e.start_ns() < end:
+                        calls[name].append((e.name(), e.duration_ns()))
+                        break
+            open_events.append(e)
+    for e in events:
+        if _is_phase(e):
+            calls[e.name()[len(PHASE_PREFIX) :]].append((BETWEEN_OPS, e.duration_ns() - inside.get(id(e), 0)))
+    return calls
+
+
+def _is_phase(event) -> bool:
+    return event.name().startswith(PHASE_PREFIX)
+
+
+def top_by_phase_table(
+    by_phase: dict[str, list[tuple[str, int]]], steps: int, what: str, rows: int = 8, width: int = 150
 ) -> list[str]:
-    """Per phase, its ``rows`` costliest kernel names by device time: ms and launches per step. Names are cut to
-    ``width`` characters but keep their template arguments' start, which is what tells e.g. a vectorised copy from an
-    unrolled (unvectorised) one."""
+    """Per phase, its ``rows`` costliest names (kernels, or host calls) by time: ms and occurrences per step. Names
+    are cut to ``width`` characters but keep their template arguments' start, which is what tells e.g. a vectorised
+    copy kernel from an unrolled (unvectorised) one."""
     lines = []
-    for name, launched in sorted(kernels.items(), key=lambda kv: -sum(ns for _, ns in kv[1])):
-        by_kernel: dict[str, list[int]] = {}
-        for kernel, ns in launched:
-            by_kernel.setdefault(kernel, []).append(ns)
-        if not by_kernel:
+    for name, entries in sorted(by_phase.items(), key=lambda kv: -sum(ns for _, ns in kv[1])):
+        by_name: dict[str, list[int]] = {}
+        for entry, ns in entries:
+            by_name.setdefault(entry, []).append(ns)
+        if not by_name:
             continue
-        lines += ["", f"top kernels of phase {name} (ms/step, launches/step):"]
-        for kernel, durations in sorted(by_kernel.items(), key=lambda kv: -sum(kv[1]))[:rows]:
-            lines.append(f"  {sum(durations) / 1e6 / steps:8.2f} {len(durations) / steps:7.1f}  {kernel[:width]}")
+        lines += ["", f"top {what} of phase {name} (ms/step, {what}/step):"]
+        for entry, durations in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:rows]:
+            lines.append(f"  {sum(durations) / 1e6 / steps:8.2f} {len(durations) / steps:7.1f}  {entry[:width]}")
     return lines
 
 
@@ -170,6 +211,7 @@ class KernelProfile:
         ops = [e for e in events if not e.key.startswith(PHASE_PREFIX)]  # the phases are above, with their totals
         ops = EventList(ops, use_device="cuda" if self.use_cuda else None)
         lines.append(ops.table(sort_by=sort_by, row_limit=self.rows, max_name_column_width=60))
-        lines += top_kernels_table(by_phase, steps)
+        lines += top_by_phase_table(by_phase, steps, "kernels")
+        lines += top_by_phase_table(host_calls_by_phase(prof.profiler.kineto_results.events()), steps, "host calls")
         self.summary = "\n".join(lines)
         (self.dir / "kernels.txt").write_text(self.summary + "\n")

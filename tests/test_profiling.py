@@ -235,8 +235,8 @@ def test_gpu_busy_time_counts_overlapping_kernels_once():
     assert busy_ms([(7 * ns, 8 * ns), (0, 3 * ns), (2 * ns, 5 * ns), (1 * ns, 2 * ns)]) == 6.0
 
 
-def test_top_kernels_table_ranks_each_phases_kernels_by_device_time_per_step():
-    from profiling.kernels import top_kernels_table
+def test_top_by_phase_table_ranks_each_phases_entries_by_time_per_step():
+    from profiling.kernels import top_by_phase_table
 
     ms = 1_000_000  # ns
     kernels = {
@@ -244,14 +244,64 @@ def test_top_kernels_table_ranks_each_phases_kernels_by_device_time_per_step():
         "optimizer": [("copy_unrolled", 3 * ms), ("adamw", 5 * ms), ("copy_unrolled", 3 * ms), ("norm", 1 * ms)],
         "loss_log": [],
     }
-    lines = top_kernels_table(kernels, steps=2, rows=2)
+    lines = top_by_phase_table(kernels, steps=2, what="kernels", rows=2)
     # The costlier phase first; within it the two costliest kernels, each as ms and launches per step; no empty phase.
     assert lines == [
         "",
-        "top kernels of phase optimizer (ms/step, launches/step):",
+        "top kernels of phase optimizer (ms/step, kernels/step):",
         "      3.00     1.0  copy_unrolled",
         "      2.50     0.5  adamw",
         "",
-        "top kernels of phase forward (ms/step, launches/step):",
+        "top kernels of phase forward (ms/step, kernels/step):",
         "      1.00     0.5  gemm",
     ]
+
+
+def test_host_calls_of_a_phase_are_its_outermost_ops_and_the_time_between_them():
+    from torch.profiler import ProfilerActivity, profile
+
+    from profiling.kernels import BETWEEN_OPS, host_calls_by_phase, phase
+
+    x = torch.randn(64, 64)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with phase("optimizer"):
+            for _ in range(3):
+                torch.linalg.vector_norm(x.double())  # aten::linalg_vector_norm calls aten::to inside it
+        x.sum()  # outside every phase
+    events = prof.profiler.kineto_results.events()
+    calls = host_calls_by_phase(events)
+    names = [name for name, _ in calls["optimizer"]]
+    assert names.count("aten::to") == 3  # x.double(): outermost, so counted; the norm's inner ops are not
+    assert names.count("aten::linalg_vector_norm") == 3 and "aten::sum" not in names
+    range_ns = next(e.duration_ns() for e in events if e.name() == "c2r.optimizer")
+    assert names.count(BETWEEN_OPS) == 1 and sum(ns for _, ns in calls["optimizer"]) == range_ns
+
+
+def test_host_calls_on_another_thread_count_for_the_phase_whose_window_they_start_in():
+    """The backward's ops run on autograd's thread on a GPU, outside the main thread's range."""
+    from types import SimpleNamespace
+
+    from profiling.kernels import BETWEEN_OPS, host_calls_by_phase
+
+    def event(name, start, end, thread):
+        return SimpleNamespace(
+            name=lambda: name, start_ns=lambda: start, end_ns=lambda: end, duration_ns=lambda: end - start,
+            start_thread_id=lambda: thread, device_type=lambda: torch.autograd.DeviceType.CPU,
+            is_user_annotation=lambda: False,
+        )  # fmt: skip
+
+    events = [
+        event("c2r.backward", 0, 100, thread=1),
+        event("aten::item", 90, 99, thread=1),  # the main thread waits for the result at the end
+        event("evaluate_function: MmBackward0", 10, 40, thread=2),
+        event("aten::mm", 12, 30, thread=2),  # inside the one above: not outermost
+        event("evaluate_function: SumBackward0", 50, 60, thread=2),
+        event("evaluate_function: late", 120, 130, thread=2),  # after the window
+    ]
+    calls = dict(host_calls_by_phase(events)["backward"])
+    assert calls == {
+        "aten::item": 9,
+        BETWEEN_OPS: 91,
+        "evaluate_function: MmBackward0": 30,
+        "evaluate_function: SumBackward0": 10,
+    }
