@@ -481,11 +481,11 @@ def build_engine(
         scheduler = None
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     # The clipping norm: ZeRO 0 gets the whole model's (DeepSpeed's leaves the experts out in bf16/fp16 and averages
-    # the ranks' norms in fp32), a replicated expert counted once; ZeRO 1/2 get a replicated expert counted once;
-    # with CPU offload a replica warns.
+    # the ranks' norms in fp32), a replicated expert counted once; ZeRO 1/2 (CPU offload too) get a replicated
+    # expert counted once; another optimizer (DeepSpeed's BF16_Optimizer) with replicas warns.
     read_grad_norm_in_float32(engine)  # ZeRO 1/2: no float64 copy of every gradient for the norm
     if not clip_by_whole_model_norm(engine) and not count_replicas_once(engine):
-        warn_if_clipping_counts_replicas(model, ds_config)
+        warn_if_clipping_counts_replicas(model, ds_config, type(engine.optimizer).__name__)
     fold_clip_into_fused_adamw(engine)  # ZeRO 1/2 with the fused AdamW (GPUs): no separate clip pass
     copy_grads_to_float32_in_one_pass(engine)  # bf16 ZeRO 1/2: a vectorised copy to the fp32 gradient partition
     return engine

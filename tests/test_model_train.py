@@ -162,6 +162,15 @@ def test_gradient_accumulation_trains_on_the_same_global_batch_however_it_is_spl
     assert record["tokens_per_s"] > 0 and record["model_tflops_per_rank"] > 0
 
 
+def test_zero_stage_3_is_refused_with_one_line(tmp_path):
+    from c2r.deepspeed import load_deepspeed_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    with pytest.raises(ValueError, match=r"zero_optimization.stage is 3; DeepSpeed's MoE runs under ZeRO stage 0, 1"):
+        load_deepspeed_config(str(path), False, 4, 1.0, 1)
+
+
 def test_gradient_accumulation_has_one_home(tmp_path):
     from c2r.deepspeed import load_deepspeed_config
 

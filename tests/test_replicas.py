@@ -255,20 +255,28 @@ def first_step_norm_worker(rank, world, raws):
         raw = dict(raw)
         if raw.pop("uncorrected", False):
             replica_norm.count_replicas_once = lambda engine: False  # build_engine imports it per call
+        offload = raw.pop("offload", None)
         result = train(config_from_dict(RunConfig, raw))
+        assert offload is None or result["engine"].optimizer.cpu_offload == offload
         norms.append(float(result["engine"].get_global_grad_norm()))
     return norms
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_the_clipping_norm_counts_a_replicated_expert_once(tmp_path, stage):
+@pytest.mark.parametrize(("stage", "offload"), [(1, False), (2, False), (2, True)])
+def test_the_clipping_norm_counts_a_replicated_expert_once(tmp_path, stage, offload):
+    """ZeRO 1/2 on the device, and ZeRO 2 with the optimizer offloaded to the host (DeepSpeed's norm is then summed
+    from per-parameter norms; the correction reads the host's gradient partition)."""
     import json
 
     from tests.run_configs import tiny_run_config
 
     plan = write_replicated_plan(tmp_path / "plan.json")
     ds_config = tmp_path / "ds.json"
-    ds_config.write_text(json.dumps({"zero_optimization": {"stage": stage}, "bf16": {"enabled": False}}))
+    zero = {"stage": stage, **({"offload_optimizer": {"device": "cpu"}} if offload else {})}
+    # offload with torch's AdamW (c2r-train's), not DeepSpeed's JIT-built CPU Adam
+    ds_config.write_text(
+        json.dumps({"zero_optimization": zero, "bf16": {"enabled": False}, "zero_force_ds_cpu_optimizer": False})
+    )
 
     def raw(name, **options):
         config = tiny_run_config(
@@ -278,6 +286,7 @@ def test_the_clipping_norm_counts_a_replicated_expert_once(tmp_path, stage):
         return config
 
     runs = [raw("plain"), raw("replicas", placement_plan=plan), {**raw("raw", placement_plan=plan), "uncorrected": 1}]
+    runs = [{**run, "offload": offload} for run in runs]
     plain, replicas, uncorrected = run_distributed(first_step_norm_worker, 2, tmp_path / "spawn", runs)[0]
     assert replicas == pytest.approx(plain, rel=1e-6)
     # DeepSpeed's own norm counts each of the 4 replicated experts' copies: off by more than the tolerance above.
@@ -561,10 +570,12 @@ def test_clipping_with_replicas_is_said_once(caplog):
     layers = torch.nn.ModuleList(MoELayer(D, MoEConfig(num_experts=E, top_k=2, ffn_hidden_size=F)) for _ in range(2))
     layers[0].dispatcher = SimpleNamespace(layout=ExpertLayout.contiguous(E, 2))
     layers[1].dispatcher = SimpleNamespace(layout=make_layout("two_ranks"))
-    warn_if_clipping_counts_replicas(layers, {"gradient_clipping": 1.0})
+    warn_if_clipping_counts_replicas(layers, {"gradient_clipping": 1.0}, "BF16_Optimizer")
     (record,) = caplog.records
-    assert record.getMessage().startswith("gradient clipping (1) with replicated experts (MoE layers [1]): ")
+    assert record.getMessage().startswith(
+        "gradient clipping (1) with replicated experts (MoE layers [1]): DeepSpeed's BF16_Optimizer counts each copy"
+    )
     caplog.clear()
-    warn_if_clipping_counts_replicas(layers, {"gradient_clipping": 0.0})  # clipping off: the runs are equal
-    warn_if_clipping_counts_replicas(layers[:1], {"gradient_clipping": 1.0})  # no replicas
+    warn_if_clipping_counts_replicas(layers, {"gradient_clipping": 0.0}, "x")  # clipping off: the runs are equal
+    warn_if_clipping_counts_replicas(layers[:1], {"gradient_clipping": 1.0}, "x")  # no replicas
     assert not caplog.records

@@ -10,8 +10,11 @@ So the engine's ZeRO optimizer gets a ``scaled_global_norm`` that subtracts the 
 gradient elements of its partitions that lie in a replica slot, (1 - 1/m) g^2, all-reduces that over the same group
 DeepSpeed sums over, and the norm becomes sqrt(norm^2 - surplus): each copy counts 1/m, the expert once. It reads
 the same partition lists DeepSpeed's own norm reads (``averaged_gradients``, ``params_in_partition``,
-``first_offset``); an invalid norm (DeepSpeed's +inf or -1) passes through unchanged. ZeRO 0 gets the whole norm
-from `zero0_norm` (replicas once there too); not covered: CPU offload, where the run warns as before.
+``first_offset``); an invalid norm (DeepSpeed's +inf or -1) passes through unchanged. Under CPU offload DeepSpeed
+sums per-parameter norms it took on the device while copying each gradient to the host; by the step the partition's
+float32 gradients are all in the host buffer (``single_partition_of_fp32_groups[i].grad``, at the places
+``grad_position`` records), and the surplus is read from there. ZeRO 0 gets the whole norm from `zero0_norm`
+(replicas once there too).
 """
 
 from __future__ import annotations
@@ -44,8 +47,21 @@ def replica_surplus_factors(model: nn.Module) -> dict[int, tuple[int, list[tuple
     return factors
 
 
+def slot_surplus(flat: torch.Tensor, start: int, slot_size: int, slots: list[tuple[int, float]]) -> torch.Tensor:
+    """Sum of (1 - 1/m) g^2 over the replica slots' elements in ``flat``, the gradient elements ``start`` ..
+    ``start + len(flat) - 1`` of a stacked expert matrix whose slots are ``slot_size`` elements each."""
+    surplus = torch.zeros((), dtype=torch.float32, device=flat.device)
+    for slot, factor in slots:
+        low, high = max(slot * slot_size, start), min((slot + 1) * slot_size, start + flat.numel())
+        if low < high:
+            surplus += factor * torch.linalg.vector_norm(flat[low - start : high - start], dtype=torch.float32).square()
+    return surplus
+
+
 def replica_surplus(optimizer: Any, factors: dict[int, tuple[int, list[tuple[int, float]]]]) -> torch.Tensor:
     """This rank's sum of (1 - 1/m) g^2 over the gradient elements of its partitions that lie in replica slots."""
+    if optimizer.cpu_offload:
+        return offloaded_replica_surplus(optimizer, factors)
     surplus = torch.zeros((), dtype=torch.float32, device=optimizer.device)
     for i, params in enumerate(optimizer.params_in_partition):
         # As DeepSpeed's own norm pairs them: padding tensors are marked and skipped, then grads align with params.
@@ -55,22 +71,33 @@ def replica_surplus(optimizer: Any, factors: dict[int, tuple[int, list[tuple[int
                 continue
             num_slots, slots = factors[id(param)]
             start = optimizer.first_offset[i] if j == 0 else 0  # the partition's first element within the param
-            flat, slot_size = grad.reshape(-1), param.numel() // num_slots
-            for slot, factor in slots:
-                low, high = max(slot * slot_size, start), min((slot + 1) * slot_size, start + flat.numel())
-                if low < high:
-                    surplus += factor * flat[low - start : high - start].float().square().sum()
+            surplus += slot_surplus(grad.reshape(-1), start, param.numel() // num_slots, slots).to(surplus.device)
     return surplus
 
 
+def offloaded_replica_surplus(optimizer: Any, factors: dict[int, tuple[int, list[tuple[int, float]]]]) -> torch.Tensor:
+    """`replica_surplus` under CPU offload: read from the host's float32 gradient partition (module docstring)."""
+    surplus = torch.zeros((), dtype=torch.float32)
+    for i, params in enumerate(optimizer.params_in_partition):
+        host_grads = optimizer.single_partition_of_fp32_groups[i].grad.view(-1)
+        for param in params:
+            if id(param) not in factors:
+                continue
+            num_slots, slots = factors[id(param)]
+            # DeepSpeed's record: the partition holds param elements [start, start + n) at host_grads[dest:dest + n]
+            _, start, dest, n = optimizer.grad_position[optimizer.get_param_id(param)]
+            surplus += slot_surplus(host_grads[dest : dest + n], start, param.numel() // num_slots, slots)
+    return surplus.to(optimizer.device)
+
+
 def count_replicas_once(engine: Any) -> bool:
-    """Make the engine's ZeRO 1/2 global gradient norm count each replicated expert once; False where the run has no
-    replicas or DeepSpeed computes its norm in a path this does not cover (ZeRO 0, CPU offload)."""
+    """Make the engine's ZeRO 1/2 global gradient norm (on the device or under CPU offload) count each replicated
+    expert once; False where the run has no replicas or is not ZeRO 1/2 (ZeRO 0: `zero0_norm`)."""
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     optimizer = engine.optimizer
     factors = replica_surplus_factors(engine.module)
-    if not factors or not isinstance(optimizer, DeepSpeedZeroOptimizer) or optimizer.cpu_offload:
+    if not factors or not isinstance(optimizer, DeepSpeedZeroOptimizer):
         return False
     deepspeeds_norm = optimizer.scaled_global_norm
 

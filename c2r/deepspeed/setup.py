@@ -191,6 +191,12 @@ def load_deepspeed_config(
     config.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the world size
     config.setdefault("gradient_clipping", grad_clip)
     bf16, zero = config.get("bf16") or {}, config.get("zero_optimization") or {}
+    if zero.get("stage", 0) not in (0, 1, 2):
+        # DeepSpeed asserts deep inside deepspeed.initialize: its MoE layers (ours) do not run under ZeRO 3.
+        raise ValueError(
+            f"{path}: zero_optimization.stage is {zero['stage']!r}; DeepSpeed's MoE runs under ZeRO stage 0, 1 or 2 "
+            "(experts are sharded by expert parallelism: --ep-size)"
+        )
     if bf16.get("enabled") and zero.get("stage", 0) in (1, 2) and zero.get("compute_grad_norm", True):
         # DeepSpeed's bf16 overflow check costs 8 kernel launches per parameter per step (5% of the step on the ~1B
         # model of docs/gpu_runs.md) and skips a non-finite step silently; c2r-train's check_finite_step reads the
@@ -205,21 +211,23 @@ def load_deepspeed_config(
     return config
 
 
-def warn_if_clipping_counts_replicas(model: nn.Module, ds_config: dict[str, Any]) -> None:
+def warn_if_clipping_counts_replicas(model: nn.Module, ds_config: dict[str, Any], optimizer: str) -> None:
     """Say once (rank 0) when DeepSpeed's gradient clipping is on in a run with replicated experts whose norm neither
-    ``replica_norm.count_replicas_once`` (ZeRO 1/2) nor ``zero0_norm.clip_by_whole_model_norm`` (ZeRO 0) corrects
-    (CPU offload): there DeepSpeed's global norm counts each copy, so the clip coefficient can differ from the
-    unreplicated model's (docs/design.md, "Gradient clipping with replicated experts"); the copies stay identical
-    either way."""
+    ``replica_norm.count_replicas_once`` (ZeRO 1/2, with or without CPU offload) nor
+    ``zero0_norm.clip_by_whole_model_norm`` (ZeRO 0) corrects (``optimizer``, the engine's optimizer class, is
+    another: DeepSpeed's ``BF16_Optimizer`` for bf16 ZeRO 1 with fp32 gradient accumulation): there DeepSpeed's global
+    norm counts each copy, so the clip coefficient can differ from the unreplicated model's (docs/design.md, "Gradient
+    clipping with replicated experts"); the copies stay identical either way."""
     clip = float(ds_config.get("gradient_clipping") or 0.0)
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]
     replicated = [i for i, m in enumerate(layers) if m.dispatcher is not None and m.dispatcher.layout.is_replicated]
     if clip > 0 and replicated and (not dist.is_initialized() or dist.get_rank() == 0):
         log.warning(
-            "gradient clipping (%g) with replicated experts (MoE layers %s): under CPU offload DeepSpeed's global "
-            "gradient norm counts each copy of a replicated expert, so where the clip binds the steps can differ "
-            "from the unreplicated model's (ZeRO 0/1/2 without offload count it once; --set train.grad_clip=0 makes "
-            "the runs equal)",
+            "gradient clipping (%g) with replicated experts (MoE layers %s): DeepSpeed's %s counts each copy of a "
+            "replicated expert in its global gradient norm, so where the clip binds the steps can differ from the "
+            "unreplicated model's (ZeRO 0/1/2's optimizers count it once; --set train.grad_clip=0 makes the runs "
+            "equal)",
             clip,
             replicated,
+            optimizer,
         )

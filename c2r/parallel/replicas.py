@@ -131,8 +131,9 @@ class ReplicaGradSum:
 
     Gradient clipping: DeepSpeed's global gradient norm sums every physical slot's gradient, so a replicated
     expert's would count once per copy; ``c2r.deepspeed.replica_norm`` (ZeRO 1/2) and ``c2r.deepspeed.zero0_norm``
-    (ZeRO 0) correct the norm so that it counts once. Under CPU offload it does not (the clip coefficient is still the
-    same on every rank, so copies stay identical, but can differ from the unreplicated run's), and the run says so
+    (ZeRO 0) correct the norm so that it counts once, under CPU offload too. DeepSpeed's ``BF16_Optimizer`` (bf16
+    ZeRO 1 with fp32 gradient accumulation) is not corrected (the clip coefficient is still the same on every rank, so
+    copies stay identical, but can differ from the unreplicated run's), and such a run says so
     (``c2r.deepspeed.setup.warn_if_clipping_counts_replicas``); docs/design.md, "Gradient clipping with replicated
     experts".
     """
