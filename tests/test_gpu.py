@@ -341,3 +341,21 @@ def test_a_whole_layer_forward_syncs_at_most_once_on_one_gpu(backend_name, balan
     # Exact, not at most: the megablocks backend's one sync is an event wait, which torch's sync debug mode does not
     # flag by itself (c2r.host_syncs.wait_for flags it); a count of 0 there would mean a sync went uncounted.
     assert syncs.count == (1 if backend_name == "megablocks" else 0), syncs.count
+
+
+@needs_cuda
+@pytest.mark.parametrize(("T", "E", "K"), [(8192, 64, 8), (1000, 16, 2)])
+def test_graphed_balance_solve_equals_the_eager_loop(T, E, K):
+    """The batch balancer's solve replayed from a CUDA graph (c2r/routing/balance.py) computes exactly the eager
+    loop's bias, for every layer that shares the graph (one copy in, one replay, one copy out each)."""
+    from c2r.routing import balance
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    batches = [torch.randn(T, E, device="cuda", generator=generator) * s + s for s in (0.5, 2.0, 0.01)]
+    graphed = [balance.solve_bias_fast(logits, K, 8) for logits in batches]  # the first captures, then replays
+    assert balance._GRAPHS[((T, E), K, 8, batches[0].device)] is not None
+    for logits, bias in zip(batches, graphed):
+        assert torch.equal(bias, balance.solve_bias(logits, K, 8))
+    balancer = balance.BatchBalancer(E, 8, 0.9).cuda().train()
+    scores = balancer.selection_scores(batches[1], K)
+    assert torch.equal(scores, batches[1] + balance.solve_bias(batches[1], K, 8))

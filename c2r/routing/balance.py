@@ -18,12 +18,80 @@ Algorithm (docs/algorithms.md section 1, "Batch balancing"), on the detached flo
 and once per optimizer step, b_run = m b_run + (1 - m) mean(b over the step's batches and every rank). In
 evaluation the selection uses b_run alone, so an evaluated model does not depend on its batch. No host sync: the
 loop runs a fixed number of rounds on the device.
+
+On a GPU the solve is replayed from a CUDA graph: its R rounds are ~6 small kernels each, ~50 launches per layer
+forward that the host must issue one by one, and at 8k tokens a step the ~1B model's forward is bound by the host's
+launches (docs/gpu_runs.md). One graph per (batch shape, k, R, device), shared by every layer of that shape, captured
+at its first use; the replay computes exactly what the eager loop computes (tests/test_gpu.py).
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def solve_bias(logits_TE: torch.Tensor, top_k: int, rounds: int) -> torch.Tensor:
+    """The batch's balancing bias [E] (module docstring) from its detached float32 logits [T, E], T > 0."""
+    T, E = logits_TE.shape
+    target = T * top_k / E
+    # Start from the bias that centres every expert's logits on this batch (= routing on what differs between
+    # tokens: the router's input minus its batch mean), and step in units of what is left.
+    bias_E = -logits_TE.mean(0)
+    step = (logits_TE + bias_E).std().clamp_min(1e-6)
+    for i in range(rounds):
+        # Each expert's top-k count, as the experts scoring at least each token's k-th best score: four kernel
+        # launches a round where a histogram of the picks takes eight; this loop runs rounds x layers times per
+        # step and is launch-bound (docs/gpu_runs.md). The two differ only on an exact tie at the k-th score.
+        scores_TE = logits_TE + bias_E
+        kth_T1 = scores_TE.topk(top_k, dim=1).values[:, -1:]
+        counts_E = (scores_TE >= kth_T1).sum(0, dtype=torch.float32)
+        bias_E.addcmul_(counts_E - target, step, value=-1.0 / (target * (1 + i) ** 0.5))
+    return bias_E
+
+
+class GraphedSolve:
+    """`solve_bias` for one (shape, k, rounds, device), captured once in a CUDA graph and replayed."""
+
+    def __init__(self, shape: tuple[int, int], top_k: int, rounds: int, device: torch.device):
+        self.logits_TE = torch.zeros(shape, dtype=torch.float32, device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up off the capture, as torch.cuda.graphs asks
+            solve_bias(self.logits_TE, top_k, rounds)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: another thread's CUDA calls (a data loader, NCCL's) do not break this capture
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.bias_E = solve_bias(self.logits_TE, top_k, rounds)
+
+    def __call__(self, logits_TE: torch.Tensor) -> torch.Tensor:
+        self.logits_TE.copy_(logits_TE)
+        self.graph.replay()
+        return self.bias_E.clone()  # the next replay (another layer) overwrites the graph's output
+
+
+_GRAPHS: dict[tuple, GraphedSolve | None] = {}  # None: capture failed for that key; the eager loop runs instead
+MAX_GRAPHS = 8  # distinct training batch shapes kept; more (varying lengths) run eagerly
+
+
+def solve_bias_fast(logits_TE: torch.Tensor, top_k: int, rounds: int) -> torch.Tensor:
+    """`solve_bias`, from a CUDA graph where the logits are on a GPU and no other capture is running."""
+    if logits_TE.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return solve_bias(logits_TE, top_k, rounds)
+    key = (tuple(logits_TE.shape), top_k, rounds, logits_TE.device)
+    if key not in _GRAPHS and len(_GRAPHS) < MAX_GRAPHS:
+        try:
+            _GRAPHS[key] = GraphedSolve(key[0], top_k, rounds, logits_TE.device)
+        except RuntimeError as error:  # a CUDA build or mode that refuses graphs: correct, only slower
+            log.warning("batch balancer: CUDA graph capture failed (%s); solving eagerly", error)
+            _GRAPHS[key] = None
+    graphed = _GRAPHS.get(key)
+    return solve_bias(logits_TE, top_k, rounds) if graphed is None else graphed(logits_TE)
 
 
 class BatchBalancer(nn.Module):
@@ -43,20 +111,8 @@ class BatchBalancer(nn.Module):
         self.bias_E = self.bias_E.to(logits_TE.device)
         if not self.training or logits_TE.shape[0] == 0:
             return logits_TE + self.bias_E
-        T, E = logits_TE.shape
-        target = T * top_k / E
-        # Start from the bias that centres every expert's logits on this batch (= routing on what differs between
-        # tokens: the router's input minus its batch mean), and step in units of what is left.
-        bias_E = -logits_TE.mean(0)
-        step = (logits_TE + bias_E).std().clamp_min(1e-6)
-        for i in range(self.rounds):
-            # Each expert's top-k count, as the experts scoring at least each token's k-th best score: four kernel
-            # launches a round where a histogram of the picks takes eight; this loop runs rounds x layers times per
-            # step and is launch-bound (docs/gpu_runs.md). The two differ only on an exact tie at the k-th score.
-            scores_TE = logits_TE + bias_E
-            kth_T1 = scores_TE.topk(top_k, dim=1).values[:, -1:]
-            counts_E = (scores_TE >= kth_T1).sum(0, dtype=torch.float32)
-            bias_E.addcmul_(counts_E - target, step, value=-1.0 / (target * (1 + i) ** 0.5))
+        with torch.no_grad():
+            bias_E = solve_bias_fast(logits_TE, top_k, self.rounds)
         self._solved_sum_E = bias_E if self._solved_sum_E is None else self._solved_sum_E + bias_E
         self._solved_count += 1
         return logits_TE + bias_E
