@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 
@@ -27,3 +29,16 @@ def tiny_run_config(out_dir, steps: int = 20, profile: bool = False, **train_opt
         "data": {"max_bytes": 200_000},
         "profile": {"enabled": profile},
     }
+
+
+def zero_ep_run_config(tmp_path: Path, name: str, stage: int, bf16: bool, **extra: Any) -> dict[str, Any]:
+    """4 steps on 2 expert-parallel ranks (per-rank dispatch) under DeepSpeed ZeRO ``stage``, clipped at 0.05 (it
+    binds every step, so the norm sets every update): the runs the optimizer-step tests compare. ``extra``: top-level
+    keys for the test's worker."""
+    ds_config = tmp_path / f"ds_zero{stage}_{'bf16' if bf16 else 'fp32'}.json"
+    ds_config.write_text(json.dumps({"zero_optimization": {"stage": stage}, "bf16": {"enabled": bf16}}))
+    config = tiny_run_config(
+        tmp_path / name, steps=4, ep_size=2, dispatch="per-rank", deepspeed_config=str(ds_config), grad_clip=0.05
+    )
+    config["train"].update(save_last=False)
+    return {**config, **extra}

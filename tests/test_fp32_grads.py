@@ -3,8 +3,6 @@ DeepSpeed's flatten-and-convert, on 2 expert-parallel ranks (the shared paramete
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -47,21 +45,13 @@ def grads_worker(rank, world, raws):
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_one_pass_copy_trains_exactly_like_deepspeeds_flatten_and_convert(tmp_path, stage):
-    from tests.run_configs import tiny_run_config
+    from tests.run_configs import zero_ep_run_config
 
-    ds_config = tmp_path / "ds.json"
-    ds_config.write_text(json.dumps({"zero_optimization": {"stage": stage}, "bf16": {"enabled": True}}))
-
-    def raw(name, **extra):
-        config = tiny_run_config(
-            tmp_path / name, steps=4, ep_size=2, dispatch="per-rank", deepspeed_config=str(ds_config), grad_clip=0.05
-        )
-        config["train"].update(save_last=False)
-        return {**config, **extra}
-
-    for rank_results in run_distributed(
-        grads_worker, 2, tmp_path / "spawn", [raw("one_pass"), raw("deepspeed", deepspeeds_copy=True)]
-    ):
+    runs = [
+        zero_ep_run_config(tmp_path, "one_pass", stage, bf16=True),
+        zero_ep_run_config(tmp_path, "deepspeed", stage, bf16=True, deepspeeds_copy=True),
+    ]
+    for rank_results in run_distributed(grads_worker, 2, tmp_path / "spawn", runs):
         (ours, built, our_norms, our_losses), (own, own_built, own_norms, own_losses) = rank_results
         assert ours and not own
         assert built >= 4 and own_built == 0  # at least one partition a step went the new way

@@ -3,8 +3,6 @@ norm DeepSpeed's float64 copies give, to float32 rounding, on 2 expert-parallel 
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -47,20 +45,14 @@ def norms_worker(rank, world, raws):
 
 @pytest.mark.parametrize(("stage", "bf16"), [(2, False), (2, True), (1, True)])
 def test_float32_norm_equals_deepspeeds_float64_norm(tmp_path, stage, bf16):
-    from tests.run_configs import tiny_run_config
+    from tests.run_configs import zero_ep_run_config
 
-    ds_config = tmp_path / "ds.json"
-    ds_config.write_text(json.dumps({"zero_optimization": {"stage": stage}, "bf16": {"enabled": bf16}}))
-
-    def raw(name, **extra):
-        config = tiny_run_config(
-            tmp_path / name, steps=4, ep_size=2, dispatch="per-rank", deepspeed_config=str(ds_config), grad_clip=0.05
-        )
-        config["train"].update(save_last=False)
-        return {**config, **extra}
-
+    runs = [
+        zero_ep_run_config(tmp_path, "fp32", stage, bf16),
+        zero_ep_run_config(tmp_path, "deepspeed", stage, bf16, deepspeeds_norm=True),
+    ]
     (ours, our_norms, our_losses), (own, own_norms, own_losses) = run_distributed(
-        norms_worker, 2, tmp_path / "spawn", [raw("fp32"), raw("deepspeed", deepspeeds_norm=True)]
+        norms_worker, 2, tmp_path / "spawn", runs
     )[0]
     assert ours and not own
     assert len(our_norms) == 4 and all(n > 0.05 for n in own_norms)  # the clip binds: the norm sets every update
