@@ -78,7 +78,7 @@ def kernels_by_phase(prof) -> dict[str, list[tuple[str, int]]]:
     return kernels
 
 
-BETWEEN_OPS = "(host time between ops: Python, DeepSpeed's own code)"
+BETWEEN_OPS = "(host time between ops: Python, DeepSpeed's code, or waiting for another thread)"
 
 
 def host_calls_by_phase(events) -> dict[str, list[tuple[str, int]]]:
@@ -95,20 +95,21 @@ def host_calls_by_phase(events) -> dict[str, list[tuple[str, int]]]:
     for e in events:
         by_thread.setdefault(e.start_thread_id(), []).append(e)
     for thread_events in by_thread.values():
-        open_events: list = []
-        for e in sorted(thread_events, key=lambda e: (e.start_ns(), -e.duration_ns())):
-            while open_events and open_events[-1].end_ns() <= e.start_ns():
+        open_events: list = []  # (event, its end clipped to its parent's: a child that outlasts it ends with it)
+        # parents before children; at an equal start and length a phase range is the parent
+        for e in sorted(thread_events, key=lambda e: (e.start_ns(), -e.duration_ns(), not _is_phase(e))):
+            while open_events and open_events[-1][1] <= e.start_ns():
                 open_events.pop()
-            parent = open_events[-1] if open_events else None
+            parent = open_events[-1][0] if open_events else None
             if parent is not None and _is_phase(parent):
                 calls[parent.name()[len(PHASE_PREFIX) :]].append((e.name(), e.duration_ns()))
-                inside[id(parent)] = inside.get(id(parent), 0) + e.duration_ns()
+                inside[id(parent)] = inside.get(id(parent), 0) + min(e.end_ns(), parent.end_ns()) - e.start_ns()
             elif parent is None and not _is_phase(e):
                 for start, end, name in windows:
                     if start <= e.start_ns() < end:
                         calls[name].append((e.name(), e.duration_ns()))
                         break
-            open_events.append(e)
+            open_events.append((e, min(e.end_ns(), open_events[-1][1]) if open_events else e.end_ns()))
     for e in events:
         if _is_phase(e):
             calls[e.name()[len(PHASE_PREFIX) :]].append((BETWEEN_OPS, e.duration_ns() - inside.get(id(e), 0)))

@@ -359,3 +359,15 @@ def test_graphed_balance_solve_equals_the_eager_loop(T, E, K):
     balancer = balance.BatchBalancer(E, 8, 0.9).cuda().train()
     scores = balancer.selection_scores(batches[1], K)
     assert torch.equal(scores, batches[1] + balance.solve_bias(batches[1], K, 8))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_balance_solve_on_another_gpu_than_the_current_one_is_still_right():
+    """Logits on a GPU that is not the current device (a layer placed on cuda:1 from a notebook) solve eagerly."""
+    from c2r.routing import balance
+
+    with torch.cuda.device(0):
+        logits = torch.randn(512, 16, device="cuda:1", generator=torch.Generator(device="cuda:1").manual_seed(0))
+        bias = balance.solve_bias_fast(logits, 2, 8)
+    assert bias.device == logits.device and torch.equal(bias, balance.solve_bias(logits, 2, 8))
+    assert not any(key[3] == logits.device for key in balance._GRAPHS)

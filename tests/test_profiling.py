@@ -305,3 +305,28 @@ def test_host_calls_on_another_thread_count_for_the_phase_whose_window_they_star
         "evaluate_function: MmBackward0": 30,
         "evaluate_function: SumBackward0": 10,
     }
+
+
+def test_host_calls_survive_a_child_that_outlasts_its_parent_and_an_op_as_long_as_its_phase():
+    from types import SimpleNamespace
+
+    from profiling.kernels import BETWEEN_OPS, host_calls_by_phase
+
+    def event(name, start, end):
+        return SimpleNamespace(
+            name=lambda: name, start_ns=lambda: start, end_ns=lambda: end, duration_ns=lambda: end - start,
+            start_thread_id=lambda: 1, device_type=lambda: torch.autograd.DeviceType.CPU,
+            is_user_annotation=lambda: False,
+        )  # fmt: skip
+
+    # a launch whose timestamps poke past its op's end: the next op is still the phase's, not the launch's, child
+    events = [
+        event("c2r.optimizer", 0, 100),
+        event("aten::a", 10, 20),
+        event("cudaLaunchKernel", 15, 21),
+        event("aten::b", 20, 40),
+    ]
+    assert dict(host_calls_by_phase(events)["optimizer"]) == {"aten::a": 10, "aten::b": 20, BETWEEN_OPS: 70}
+    # an op exactly as long as its phase, listed first: the phase is still its parent, and nothing counts twice
+    events = [event("aten::a", 0, 100), event("c2r.optimizer", 0, 100)]
+    assert dict(host_calls_by_phase(events)["optimizer"]) == {"aten::a": 100, BETWEEN_OPS: 0}

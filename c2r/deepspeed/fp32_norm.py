@@ -62,7 +62,7 @@ def read_grad_norm_in_float32(engine: Any) -> bool:
             and (is_model_parallel_parameter(p) or zero.model_parallel_rank == 0)
         ]
         if counted:
-            norms = torch.stack(norms_in_float32(counted)).to(zero.device)
+            norms = torch.stack([n.to(zero.device) for n in norms_in_float32(counted)])
             total = norms.to(get_norm_dtype()).square().sum().float()  # DeepSpeed combines in its norm dtype
         else:
             total = torch.tensor(0.0, dtype=torch.float32, device=zero.device)

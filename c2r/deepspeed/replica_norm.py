@@ -93,6 +93,7 @@ def offloaded_replica_surplus(optimizer: Any, factors: dict[int, tuple[int, list
 def count_replicas_once(engine: Any) -> bool:
     """Make the engine's ZeRO 1/2 global gradient norm (on the device or under CPU offload) count each replicated
     expert once; False where the run has no replicas or is not ZeRO 1/2 (ZeRO 0: `zero0_norm`)."""
+    from deepspeed.accelerator import get_accelerator
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     optimizer = engine.optimizer
@@ -103,8 +104,11 @@ def count_replicas_once(engine: Any) -> bool:
 
     def scaled_global_norm(norm_type=2):
         norm = deepspeeds_norm(norm_type)
-        surplus = replica_surplus(optimizer, factors)
+        # on the accelerator for the all-reduce: under CPU offload the surplus is a host tensor, which an NCCL group
+        # refuses (DeepSpeed moves its own offload norms the same way)
+        surplus = replica_surplus(optimizer, factors).to(get_accelerator().current_device_name())
         dist.all_reduce(surplus, group=optimizer.dp_process_group)
+        surplus = surplus.to(norm.device)
         valid = torch.isfinite(norm) & (norm >= 0)
         return torch.where(valid, (norm.float().square() - surplus).clamp_min(0).sqrt().to(norm.dtype), norm)
 

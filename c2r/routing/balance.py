@@ -58,16 +58,17 @@ class GraphedSolve:
     """`solve_bias` for one (shape, k, rounds, device), captured once in a CUDA graph and replayed."""
 
     def __init__(self, shape: tuple[int, int], top_k: int, rounds: int, device: torch.device):
-        self.logits_TE = torch.zeros(shape, dtype=torch.float32, device=device)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up off the capture, as torch.cuda.graphs asks
-            solve_bias(self.logits_TE, top_k, rounds)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: another thread's CUDA calls (a data loader, NCCL's) do not break this capture
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.bias_E = solve_bias(self.logits_TE, top_k, rounds)
+        with torch.cuda.device(device):  # the capture stream and every kernel on this GPU
+            self.logits_TE = torch.zeros(shape, dtype=torch.float32, device=device)
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):  # warm-up off the capture, as torch.cuda.graphs asks
+                solve_bias(self.logits_TE, top_k, rounds)
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: another thread's CUDA calls (a data loader, NCCL's) do not break this capture
+            with torch.cuda.graph(self.graph, stream=torch.cuda.Stream(device), capture_error_mode="thread_local"):
+                self.bias_E = solve_bias(self.logits_TE, top_k, rounds)
 
     def __call__(self, logits_TE: torch.Tensor) -> torch.Tensor:
         self.logits_TE.copy_(logits_TE)
@@ -80,8 +81,10 @@ MAX_GRAPHS = 8  # distinct training batch shapes kept; more (varying lengths) ru
 
 
 def solve_bias_fast(logits_TE: torch.Tensor, top_k: int, rounds: int) -> torch.Tensor:
-    """`solve_bias`, from a CUDA graph where the logits are on a GPU and no other capture is running."""
-    if logits_TE.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+    """`solve_bias`, from a CUDA graph where the logits are on the current GPU and no other capture is running."""
+    logits_TE = logits_TE.detach()  # the graph's input buffer must not join an autograd graph
+    on_current_gpu = logits_TE.device.type == "cuda" and logits_TE.device.index == torch.cuda.current_device()
+    if not on_current_gpu or torch.cuda.is_current_stream_capturing():
         return solve_bias(logits_TE, top_k, rounds)
     key = (tuple(logits_TE.shape), top_k, rounds, logits_TE.device)
     if key not in _GRAPHS and len(_GRAPHS) < MAX_GRAPHS:
