@@ -457,16 +457,11 @@ def print_idle_gaps(prof, wall_ms: float, iters: int, shown: int = 6) -> None:
     """GPU busy time per step (the union of kernel intervals) against the timed wall, and the longest idle gaps
     between kernels, each with the kernels on either side: where the GPU waits on the host (the gaps between steps,
     outside the timed wall, are listed too)."""
-    from profiling.kernels import busy_ms, device_work
+    from profiling.kernels import busy_ms, idle_gaps, kernel_intervals
 
-    work = sorted(device_work(prof.profiler.kineto_results.events()), key=lambda e: e.start_ns())
-    busy = busy_ms([(e.start_ns(), e.start_ns() + e.duration_ns()) for e in work]) / iters
-    gaps, reach, before = [], None, None
-    for e in work:
-        if reach is not None and e.start_ns() - reach > 0:
-            gaps.append(((e.start_ns() - reach) / 1e3, before.name()[:50], e.name()[:50]))
-        if reach is None or e.start_ns() + e.duration_ns() > reach:
-            reach, before = e.start_ns() + e.duration_ns(), e
+    busy = busy_ms(kernel_intervals(prof)) / iters
+    gaps = [(gap / 1e3, before.name()[:50], after.name()[:50]) for gap, before, after in idle_gaps(
+        prof.profiler.kineto_results.events())]  # fmt: skip
     idle = wall_ms - busy  # the timed wall: the gaps between steps (grad resets) are outside it
     print(f"GPU busy {busy:.3f} ms of {wall_ms:.3f} ms wall per step (idle {idle:.3f} ms); longest gaps:")
     for gap, after, then in sorted(gaps, reverse=True)[:shown]:

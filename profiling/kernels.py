@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -55,27 +56,60 @@ def kernel_intervals(prof) -> list[tuple[int, int]]:
     return [(e.start_ns(), e.start_ns() + e.duration_ns()) for e in device_work(prof.profiler.kineto_results.events())]
 
 
-def kernels_by_phase(prof) -> dict[str, list[tuple[str, int]]]:
-    """``phase -> [(kernel name, device ns)]`` for the kernels each :func:`phase` launched. A kernel belongs to the
-    phase whose host range contains its launch: the backward's kernels are launched by autograd's own thread, which a
+def launch_phases(events) -> dict[int, str]:
+    """``kernel correlation id -> phase`` from a profile's kineto events: a kernel belongs to the :func:`phase`
+    whose host range contains its launch. The backward's kernels are launched by autograd's own thread, which a
     ``record_function`` range on the main thread does not parent, so the range's own device total would miss them."""
-    events = list(prof.profiler.kineto_results.events())
     cuda = torch.autograd.DeviceType.CUDA
     host = [e for e in events if e.device_type() != cuda]
-    ranges = [
-        (e.start_ns(), e.start_ns() + e.duration_ns(), e.name()[len(PHASE_PREFIX) :])
-        for e in host
-        if e.name().startswith(PHASE_PREFIX)
-    ]
-    launched_at = {e.correlation_id(): e.start_ns() for e in host if e.correlation_id() and not e.is_user_annotation()}
-    kernels = {name: [] for _, _, name in ranges}
+    ranges = [(e.start_ns(), e.end_ns(), e.name()[len(PHASE_PREFIX) :]) for e in host if _is_phase(e)]
+    phases = {}
+    for e in host:
+        if e.correlation_id() and not e.is_user_annotation():
+            for start, end, name in ranges:
+                if start <= e.start_ns() <= end:
+                    phases[e.correlation_id()] = name
+                    break
+    return phases
+
+
+def kernels_by_phase(events) -> dict[str, list[tuple[str, int]]]:
+    """``phase -> [(kernel name, device ns)]`` for the kernels each :func:`phase` launched (`launch_phases`)."""
+    phase_of = launch_phases(events)
+    kernels: dict[str, list[tuple[str, int]]] = {name: [] for name in set(phase_of.values())}
     for kernel in device_work(events):
-        launch = launched_at.get(kernel.correlation_id())
-        for start, end, name in ranges:
-            if launch is not None and start <= launch <= end:
-                kernels[name].append((kernel.name(), kernel.duration_ns()))
-                break
+        if (name := phase_of.get(kernel.correlation_id())) is not None:
+            kernels[name].append((kernel.name(), kernel.duration_ns()))
     return kernels
+
+
+def idle_gaps(events) -> list[tuple[int, Any, Any]]:
+    """``(gap ns, kernel before, kernel after)`` for every stretch in which no kernel, memcpy or memset runs,
+    between the first and the last: where the GPU waits (for the host's launches, a host sync, another rank)."""
+    gaps, reach, before = [], None, None
+    for e in sorted(device_work(events), key=lambda e: e.start_ns()):
+        if reach is not None and e.start_ns() > reach:
+            gaps.append((e.start_ns() - reach, before, e))
+        if reach is None or e.end_ns() > reach:
+            reach, before = e.end_ns(), e
+    return gaps
+
+
+def idle_table(events, steps: int, shown: int = 8) -> list[str]:
+    """GPU idle time per step by the phase that launched the kernel ending each gap (the work the GPU waited for),
+    then the longest gaps with the kernels on either side."""
+    gaps, phase_of = idle_gaps(events), launch_phases(events)
+    by_phase: dict[str, int] = {}
+    for gap, _, after in gaps:
+        name = phase_of.get(after.correlation_id(), "(outside the phases)")
+        by_phase[name] = by_phase.get(name, 0) + gap
+    lines = ["", "GPU idle, by the phase that launched the kernel after the gap (ms/step):"]
+    lines += [f"  {ns / 1e6 / steps:8.2f}  {name}" for name, ns in sorted(by_phase.items(), key=lambda kv: -kv[1])]
+    lines += ["", "longest GPU idle gaps (us; the phase after the gap; the kernels before -> after):"]
+    for gap, before, after in sorted(gaps, key=lambda g: -g[0])[:shown]:
+        name = phase_of.get(after.correlation_id(), "-")
+        lines.append(f"  {gap / 1e3:9.1f}  {name:<14} {before.name()[:60]} -> {after.name()[:60]}")
+    return lines
 
 
 BETWEEN_OPS = "(host time between ops: Python, DeepSpeed's code, or waiting for another thread)"
@@ -199,7 +233,8 @@ class KernelProfile:
             busy = busy_ms(kernel_intervals(prof)) / steps
             kernels = sum(e.count for e in events if e.device_type.name == "CUDA") / steps
             lines.append(f"GPU busy       {busy:9.2f} ms per step ({busy / wall:.0%} of wall; {kernels:.0f} kernels)")
-        by_phase = kernels_by_phase(prof) if self.use_cuda else {}
+        kineto = list(prof.profiler.kineto_results.events())
+        by_phase = kernels_by_phase(kineto) if self.use_cuda else {}
         device = {name: sum(ns for _, ns in launched) / 1e6 for name, launched in by_phase.items()}
         lines += ["", f"{'phase':<28} {'CPU ms/step':>12}" + (f" {'device ms/step':>15}" if self.use_cuda else "")]
         phases = [e for e in events if e.key.startswith(PHASE_PREFIX) and e.device_type.name == "CPU"]
@@ -213,6 +248,8 @@ class KernelProfile:
         ops = EventList(ops, use_device="cuda" if self.use_cuda else None)
         lines.append(ops.table(sort_by=sort_by, row_limit=self.rows, max_name_column_width=60))
         lines += top_by_phase_table(by_phase, steps, "kernels")
-        lines += top_by_phase_table(host_calls_by_phase(prof.profiler.kineto_results.events()), steps, "host calls")
+        lines += top_by_phase_table(host_calls_by_phase(kineto), steps, "host calls")
+        if self.use_cuda:
+            lines += idle_table(kineto, steps)
         self.summary = "\n".join(lines)
         (self.dir / "kernels.txt").write_text(self.summary + "\n")

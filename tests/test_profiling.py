@@ -330,3 +330,36 @@ def test_host_calls_survive_a_child_that_outlasts_its_parent_and_an_op_as_long_a
     # an op exactly as long as its phase, listed first: the phase is still its parent, and nothing counts twice
     events = [event("aten::a", 0, 100), event("c2r.optimizer", 0, 100)]
     assert dict(host_calls_by_phase(events)["optimizer"]) == {"aten::a": 100, BETWEEN_OPS: 0}
+
+
+def test_gpu_idle_gaps_are_charged_to_the_phase_that_launched_the_kernel_after_them():
+    from types import SimpleNamespace
+
+    from profiling.kernels import idle_gaps, idle_table
+
+    def event(name, start, end, device="CPU", correlation=0):
+        return SimpleNamespace(
+            name=lambda: name, start_ns=lambda: start, end_ns=lambda: end, duration_ns=lambda: end - start,
+            start_thread_id=lambda: 1, device_type=lambda: getattr(torch.autograd.DeviceType, device),
+            is_user_annotation=lambda: False, correlation_id=lambda: correlation,
+        )  # fmt: skip
+
+    ms = 1_000_000
+    events = [
+        event("c2r.forward", 0, 10 * ms),
+        event("cudaLaunchKernel", 1 * ms, 1 * ms + 5, correlation=1),
+        event("cudaLaunchKernel", 8 * ms, 8 * ms + 5, correlation=2),
+        event("c2r.optimizer", 10 * ms, 20 * ms),
+        event("cudaLaunchKernel", 11 * ms, 11 * ms + 5, correlation=3),
+        event("gemm", 1 * ms, 3 * ms, "CUDA", 1),
+        event("norm", 2 * ms, 4 * ms, "CUDA", 1),  # overlaps the gemm (another stream): no gap between them
+        event("topk", 9 * ms, 10 * ms, "CUDA", 2),  # 5 ms after the norm: the forward's host was late
+        event("adamw", 12 * ms, 13 * ms, "CUDA", 3),  # 2 ms after the topk: the optimizer's
+    ]
+    assert [(gap, before.name(), after.name()) for gap, before, after in idle_gaps(events)] == [
+        (5 * ms, "norm", "topk"),
+        (2 * ms, "topk", "adamw"),
+    ]
+    lines = idle_table(events, steps=1)
+    assert lines[2:4] == ["      5.00  forward", "      2.00  optimizer"]
+    assert lines[6].split()[:2] == ["5000.0", "forward"] and lines[6].endswith("norm -> topk")
