@@ -459,9 +459,9 @@ def print_idle_gaps(prof, wall_ms: float, iters: int, shown: int = 6) -> None:
     outside the timed wall, are listed too)."""
     from profiling.kernels import busy_ms, idle_gaps, kernel_intervals
 
-    busy = busy_ms(kernel_intervals(prof)) / iters
-    gaps = [(gap / 1e3, before.name()[:50], after.name()[:50]) for gap, before, after in idle_gaps(
-        prof.profiler.kineto_results.events())]  # fmt: skip
+    events = list(prof.profiler.kineto_results.events())
+    busy = busy_ms(kernel_intervals(events)) / iters
+    gaps = [(gap / 1e3, before.name()[:50], after.name()[:50]) for gap, before, after in idle_gaps(events)]
     idle = wall_ms - busy  # the timed wall: the gaps between steps (grad resets) are outside it
     print(f"GPU busy {busy:.3f} ms of {wall_ms:.3f} ms wall per step (idle {idle:.3f} ms); longest gaps:")
     for gap, after, then in sorted(gaps, reverse=True)[:shown]:

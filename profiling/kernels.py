@@ -51,9 +51,9 @@ def device_work(events) -> list:
     return [e for e in events if e.device_type() == cuda and not e.is_user_annotation()]
 
 
-def kernel_intervals(prof) -> list[tuple[int, int]]:
-    """``(start_ns, end_ns)`` of every device kernel, memcpy and memset in a finished ``torch.profiler.profile``."""
-    return [(e.start_ns(), e.start_ns() + e.duration_ns()) for e in device_work(prof.profiler.kineto_results.events())]
+def kernel_intervals(events) -> list[tuple[int, int]]:
+    """``(start_ns, end_ns)`` of every device kernel, memcpy and memset among a profile's kineto events."""
+    return [(e.start_ns(), e.end_ns()) for e in device_work(events)]
 
 
 def launch_phases(events) -> dict[int, str]:
@@ -73,9 +73,9 @@ def launch_phases(events) -> dict[int, str]:
     return phases
 
 
-def kernels_by_phase(events) -> dict[str, list[tuple[str, int]]]:
-    """``phase -> [(kernel name, device ns)]`` for the kernels each :func:`phase` launched (`launch_phases`)."""
-    phase_of = launch_phases(events)
+def kernels_by_phase(events, phase_of: dict[int, str]) -> dict[str, list[tuple[str, int]]]:
+    """``phase -> [(kernel name, device ns)]`` for the kernels each :func:`phase` launched (``phase_of``:
+    `launch_phases` of the same events)."""
     kernels: dict[str, list[tuple[str, int]]] = {name: [] for name in set(phase_of.values())}
     for kernel in device_work(events):
         if (name := phase_of.get(kernel.correlation_id())) is not None:
@@ -95,10 +95,10 @@ def idle_gaps(events) -> list[tuple[int, Any, Any]]:
     return gaps
 
 
-def idle_table(events, steps: int, shown: int = 8) -> list[str]:
-    """GPU idle time per step by the phase that launched the kernel ending each gap (the work the GPU waited for),
-    then the longest gaps with the kernels on either side."""
-    gaps, phase_of = idle_gaps(events), launch_phases(events)
+def idle_table(events, phase_of: dict[int, str], steps: int, shown: int = 8) -> list[str]:
+    """GPU idle time per step by the phase that launched the kernel ending each gap (the work the GPU waited for;
+    ``phase_of``: `launch_phases` of the same events), then the longest gaps with the kernels on either side."""
+    gaps = idle_gaps(events)
     by_phase: dict[str, int] = {}
     for gap, _, after in gaps:
         name = phase_of.get(after.correlation_id(), "(outside the phases)")
@@ -224,17 +224,17 @@ class KernelProfile:
         prof.export_chrome_trace(str(self.dir / f"kernels_rank{self.rank}.json.gz"))
         if self.rank != 0:
             return
-        events = prof.key_averages()
+        events, kineto = prof.key_averages(), list(prof.profiler.kineto_results.events())
+        phase_of = launch_phases(kineto) if self.use_cuda else {}
         per_step = lambda us: us / 1e3 / steps  # noqa: E731 - microseconds over the window -> ms per step
         wall = wall_s * 1e3 / steps
         lines = [f"kernel profile: steps {self.first}-{self.last} ({steps} steps), rank 0", ""]
         lines.append(f"wall time      {wall:9.2f} ms per step")
         if self.use_cuda:
-            busy = busy_ms(kernel_intervals(prof)) / steps
+            busy = busy_ms(kernel_intervals(kineto)) / steps
             kernels = sum(e.count for e in events if e.device_type.name == "CUDA") / steps
             lines.append(f"GPU busy       {busy:9.2f} ms per step ({busy / wall:.0%} of wall; {kernels:.0f} kernels)")
-        kineto = list(prof.profiler.kineto_results.events())
-        by_phase = kernels_by_phase(kineto) if self.use_cuda else {}
+        by_phase = kernels_by_phase(kineto, phase_of) if self.use_cuda else {}
         device = {name: sum(ns for _, ns in launched) / 1e6 for name, launched in by_phase.items()}
         lines += ["", f"{'phase':<28} {'CPU ms/step':>12}" + (f" {'device ms/step':>15}" if self.use_cuda else "")]
         phases = [e for e in events if e.key.startswith(PHASE_PREFIX) and e.device_type.name == "CPU"]
@@ -250,6 +250,6 @@ class KernelProfile:
         lines += top_by_phase_table(by_phase, steps, "kernels")
         lines += top_by_phase_table(host_calls_by_phase(kineto), steps, "host calls")
         if self.use_cuda:
-            lines += idle_table(kineto, steps)
+            lines += idle_table(kineto, phase_of, steps)
         self.summary = "\n".join(lines)
         (self.dir / "kernels.txt").write_text(self.summary + "\n")

@@ -335,7 +335,7 @@ def test_host_calls_survive_a_child_that_outlasts_its_parent_and_an_op_as_long_a
 def test_gpu_idle_gaps_are_charged_to_the_phase_that_launched_the_kernel_after_them():
     from types import SimpleNamespace
 
-    from profiling.kernels import idle_gaps, idle_table
+    from profiling.kernels import idle_gaps, idle_table, launch_phases
 
     def event(name, start, end, device="CPU", correlation=0):
         return SimpleNamespace(
@@ -360,6 +360,6 @@ def test_gpu_idle_gaps_are_charged_to_the_phase_that_launched_the_kernel_after_t
         (5 * ms, "norm", "topk"),
         (2 * ms, "topk", "adamw"),
     ]
-    lines = idle_table(events, steps=1)
+    lines = idle_table(events, launch_phases(events), steps=1)
     assert lines[2:4] == ["      5.00  forward", "      2.00  optimizer"]
     assert lines[6].split()[:2] == ["5000.0", "forward"] and lines[6].endswith("norm -> topk")

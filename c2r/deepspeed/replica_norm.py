@@ -76,7 +76,8 @@ def replica_surplus(optimizer: Any, factors: dict[int, tuple[int, list[tuple[int
 
 
 def offloaded_replica_surplus(optimizer: Any, factors: dict[int, tuple[int, list[tuple[int, float]]]]) -> torch.Tensor:
-    """`replica_surplus` under CPU offload: read from the host's float32 gradient partition (module docstring)."""
+    """`replica_surplus` under CPU offload: read from the host's float32 gradient partition (module docstring), a
+    host tensor."""
     surplus = torch.zeros((), dtype=torch.float32)
     for i, params in enumerate(optimizer.params_in_partition):
         host_grads = optimizer.single_partition_of_fp32_groups[i].grad.view(-1)
@@ -87,7 +88,7 @@ def offloaded_replica_surplus(optimizer: Any, factors: dict[int, tuple[int, list
             # DeepSpeed's record: the partition holds param elements [start, start + n) at host_grads[dest:dest + n]
             _, start, dest, n = optimizer.grad_position[optimizer.get_param_id(param)]
             surplus += slot_surplus(host_grads[dest : dest + n], start, param.numel() // num_slots, slots)
-    return surplus.to(optimizer.device)
+    return surplus
 
 
 def count_replicas_once(engine: Any) -> bool:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from c2r.deepspeed.replica_norm import replica_surplus_factors
+from c2r.deepspeed.replica_norm import replica_surplus_factors, slot_surplus
 
 
 def whole_model_squared_norm(pairs: list[tuple[torch.Tensor, torch.Tensor]], factors: dict) -> torch.Tensor:
@@ -55,9 +55,7 @@ def whole_model_squared_norm(pairs: list[tuple[torch.Tensor, torch.Tensor]], fac
             continue
         if id(param) in factors:
             num_slots, slots = factors[id(param)]
-            rows = grad.reshape(num_slots, -1)
-            for slot, factor in slots:
-                squared = squared - factor * torch.linalg.vector_norm(rows[slot], dtype=torch.float32).square()
+            squared = squared - slot_surplus(grad.reshape(-1), 0, grad.numel() // num_slots, slots)
         name = param.group_name
         experts[name] = experts.get(name, torch.zeros_like(shared)) + squared
     for name, squared in experts.items():
