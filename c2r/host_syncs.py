@@ -56,3 +56,15 @@ def wait_for(event: torch.cuda.Event, what: str) -> None:
     elif mode == 2:
         raise RuntimeError(f"{what} {SYNC_WARNING} (an event wait)")
     event.synchronize()
+
+
+def host_copy(values: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
+    """A copy of a small CUDA tensor into fresh pinned host memory, queued now, and the event that says it landed:
+    the caller goes on queueing GPU work and reads the copy when the event says it is there (``event.query()``, no
+    wait) or waits for it (:func:`wait_for`). Fresh per call: the caching host allocator makes that cheap, and a
+    caller may keep the copy (grouped_gemm's backward keeps its group sizes)."""
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event

@@ -27,7 +27,7 @@ def grads_worker(rank, world, raws):
     from c2r.train import RunConfig, train
 
     norms, built = [], []
-    train_module.check_finite_step = lambda step, loss, norm, ckpt_dir: norms.append(norm)
+    train_module.check_finite_step = lambda step, loss, norm, ckpt_dir, router_error=None: norms.append(norm)
     flat_float32 = fp32_grads.flat_float32
     fp32_grads.flat_float32 = lambda tensors, size: built.append(size) or flat_float32(tensors, size)
     results = []

@@ -29,7 +29,8 @@ def norms_worker(rank, world, raws):
     from c2r.train import RunConfig, train
 
     norms = []
-    train_module.check_finite_step = lambda step, loss, norm, ckpt_dir: norms.append(norm)  # every step's norm
+    # every step's norm
+    train_module.check_finite_step = lambda step, loss, norm, ckpt_dir, router_error=None: norms.append(norm)
 
     results = []
     for raw in raws:

@@ -317,8 +317,9 @@ def test_auto_backend_on_hopper_follows_the_measured_table(experts, hidden, ffn,
 @pytest.mark.parametrize("backend_name", ["torch", "megablocks"])
 @pytest.mark.parametrize("balance", ["none", "batch"])
 def test_a_whole_layer_forward_syncs_at_most_once_on_one_gpu(backend_name, balance):
-    # The router included (counting its picks is a scatter-add, not torch.bincount, which reads its maximum on the
-    # host): MegaBlocks' grouped_gemm needs its group sizes on the host once; torch._grouped_mm needs nothing.
+    # The router included, with its NaN/Inf check (counting its picks is a scatter-add, not torch.bincount, which
+    # reads its maximum on the host): MegaBlocks' grouped_gemm needs its group sizes on the host once;
+    # torch._grouped_mm needs nothing.
     from c2r.experts.megablocks_backend import megablocks_unavailable_reason
     from c2r.host_syncs import count_host_syncs
     from c2r.routing import RouterConfig
@@ -330,7 +331,7 @@ def test_a_whole_layer_forward_syncs_at_most_once_on_one_gpu(backend_name, balan
         num_experts=16,
         top_k=4,
         ffn_hidden_size=128,
-        router=RouterConfig(check_finite=False, balance=balance),
+        router=RouterConfig(balance=balance),  # the NaN/Inf check on, as by default: it must not sync either
         experts=ExpertConfig(backend=backend_name, torch_impl="grouped_mm"),
     )
     layer = MoELayer(256, config).cuda().to(torch.bfloat16)
@@ -371,3 +372,34 @@ def test_balance_solve_on_another_gpu_than_the_current_one_is_still_right():
         bias = balance.solve_bias_fast(logits, 2, 8)
     assert bias.device == logits.device and torch.equal(bias, balance.solve_bias(logits, 2, 8))
     assert not any(key[3] == logits.device for key in balance._GRAPHS)
+
+
+@needs_cuda
+def test_nan_router_logits_on_a_gpu_are_reported_without_a_host_sync():
+    import copy
+
+    from c2r.host_syncs import count_host_syncs
+    from c2r.routing import RouterConfig, TopKRouter
+    from c2r.routing.finite import raise_if_router_logits_were_not_finite
+
+    torch.manual_seed(0)
+    router = TopKRouter(64, 8, 2, RouterConfig(), layer_index=3).cuda()
+    x = torch.randn(32, 64, device="cuda")
+    router(x)
+    with count_host_syncs("cuda") as syncs:
+        router(x)
+    assert syncs.count == 0
+    raise_if_router_logits_were_not_finite(router)  # finite so far: nothing to say
+    copy.deepcopy(router)  # a copy starts with a clean check (CUDA events do not copy)
+    bad = x.clone()
+    bad[[4, 9]] = float("nan")
+    router(bad)  # no error here: the count is on its way to the host
+    with pytest.raises(FloatingPointError, match="router logits of MoE layer 3 contain NaN/Inf for 2 tokens"):
+        raise_if_router_logits_were_not_finite(router)  # what c2r-train calls once a step
+
+    # Without that call, the layer's next forward reports it once the copy has landed.
+    fresh = TopKRouter(64, 8, 2, RouterConfig(), layer_index=5).cuda()
+    fresh(bad)
+    torch.cuda.synchronize()
+    with pytest.raises(FloatingPointError, match="MoE layer 5 contain NaN/Inf for 2 tokens"):
+        fresh(x)

@@ -233,6 +233,9 @@ def test_check_finite_step_reads_deepspeeds_invalid_norm(tmp_path):
     check_finite_step(5, 2.5, None, tmp_path)  # no norm computed (ZeRO 0): the loss decides
     with pytest.raises(TrainingDiverged, match="step 5: loss 2.5, gradient norm NaN/Inf; .*no checkpoint was saved"):
         check_finite_step(5, 2.5, -1.0, tmp_path)  # DeepSpeed masks a non-finite norm to -1
+    # NaN router logits found by the routers' own check (on a GPU it reports once a step, here): named as the cause
+    with pytest.raises(TrainingDiverged, match=r"step 5: loss nan, gradient norm 0.7 \(router logits of MoE layer 1"):
+        check_finite_step(5, float("nan"), 0.7, tmp_path, "router logits of MoE layer 1 contain NaN/Inf for 3 tokens")
 
 
 @pytest.mark.parametrize(
@@ -251,6 +254,17 @@ def test_deepspeeds_bf16_overflow_check_is_off_only_where_the_gradient_norm_is_r
     path.write_text(json.dumps(ds_config))
     config = load_deepspeed_config(str(path), True, 4, 1.0)
     assert (config.get("bf16") or {}).get("check_grad_overflow") == expected
+
+
+def test_deepspeeds_throughput_timer_is_off_unless_the_config_asks_for_it(tmp_path):
+    # It synchronizes the device at every forward and step for a log c2r-train silences; a user's choice stays.
+    from c2r.deepspeed import load_deepspeed_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    assert load_deepspeed_config(str(path), True, 4, 1.0)["timers"] == {"throughput": {"enabled": False}}
+    path.write_text(json.dumps({"timers": {"throughput": {"enabled": True, "synchronized": False}}}))
+    assert load_deepspeed_config(str(path), True, 4, 1.0)["timers"]["throughput"]["enabled"] is True
 
 
 def clip_norm_worker(rank, world, raws):

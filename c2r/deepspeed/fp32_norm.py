@@ -41,7 +41,7 @@ def read_grad_norm_in_float32(engine: Any) -> bool:
     """Give the engine's ZeRO 1/2 optimizer the float32-accumulated norm (module docstring); False where DeepSpeed's
     own norm stays (ZeRO 0, CPU offload, fp16)."""
     from deepspeed import comm as dist
-    from deepspeed.runtime.utils import is_model_parallel_parameter, mask_nan_or_inf_with_val_inplace
+    from deepspeed.runtime.utils import is_model_parallel_parameter
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
     from deepspeed.runtime.zero.utils import get_norm_dtype
 
@@ -65,12 +65,13 @@ def read_grad_norm_in_float32(engine: Any) -> bool:
             norms = torch.stack([n.to(zero.device) for n in norms_in_float32(counted)])
             total = norms.to(get_norm_dtype()).square().sum().float()  # DeepSpeed combines in its norm dtype
         else:
-            total = torch.tensor(0.0, dtype=torch.float32, device=zero.device)
+            total = torch.zeros((), dtype=torch.float32, device=zero.device)
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=zero.dp_process_group)
         zero._model_parallel_all_reduce(tensor=total, op=dist.ReduceOp.SUM)
         total = total.sqrt()
-        mask_nan_or_inf_with_val_inplace(total, device=zero.device)
-        return total
+        # DeepSpeed's mask_nan_or_inf_with_val_inplace, without its torch.tensor(-1.0, device=...): a host-to-device
+        # copy, which torch follows with a stream sync, once per optimizer group (27 a step on the ~1B model).
+        return total.masked_fill_(~torch.isfinite(total), -1.0)
 
     zero.get_grad_norm_direct = get_grad_norm_direct
     return True

@@ -203,6 +203,11 @@ def load_deepspeed_config(
         # gradient norm ZeRO 1/2 compute anyway and stops the run instead.
         bf16.setdefault("check_grad_overflow", False)
     config.setdefault("steps_per_print", 10**9)  # our progress bar does the printing
+    # DeepSpeed's throughput timer (on by default) synchronizes the device at the start of every forward and the end
+    # of every step, for a samples/s log that steps_per_print silences; c2r-train times its steps itself.
+    timers = config.setdefault("timers", {})
+    if isinstance(timers, dict):
+        timers.setdefault("throughput", {}).setdefault("enabled", False)
     if "optimizer" in config:
         raise ValueError(
             f"{path}: remove the 'optimizer' section; c2r-train passes its own AdamW with DeepSpeed's "

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from c2r.experts.megablocks_sparse import sparse_expert_mlp
 from c2r.experts.torch_backend import grouped_mm_mlp, grouped_mm_supported
 from c2r.experts.weights import ExpertWeights, gelu_tanh
-from c2r.host_syncs import wait_for
+from c2r.host_syncs import host_copy, wait_for
 from c2r.routing.result import RoutingResult
 
 GPU_INSTALL_HINT = (
@@ -41,17 +41,6 @@ def megablocks_unavailable_reason() -> str | None:
     except Exception as error:  # its compiled ops fail with ImportError or OSError depending on what is missing
         return f"MegaBlocks cannot be imported ({type(error).__name__}: {error}); {GPU_INSTALL_HINT}"
     return None
-
-
-def host_copy(values: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
-    """A copy of a small CUDA tensor into fresh pinned host memory, queued now, and the event that says it landed:
-    the caller goes on queueing GPU work and waits (``event.synchronize()``) only when it needs the values. Fresh
-    per call (the caching host allocator makes that cheap), since grouped_gemm's backward keeps the sizes."""
-    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-    host.copy_(values, non_blocking=True)
-    event = torch.cuda.Event()
-    event.record()
-    return host, event
 
 
 def _grouped_mlp(x_PD: torch.Tensor, batch_sizes_E: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:

@@ -127,7 +127,8 @@ class RouterConfig:
         aux_loss_weight: alpha of the load-balancing loss (Switch/GShard; AdaMoE's null-aware form for ``adamoe``;
             unused by ``remoe``, whose regulariser has its own adaptive coefficient).
         z_loss_weight: beta of the router z-loss (0 turns it off).
-        check_finite: raise on NaN/Inf router logits. Costs one host sync per layer on GPU.
+        check_finite: raise on NaN/Inf router logits. On a GPU without a host sync: the error comes at a later
+            forward of the layer or at the trainer's check once a step (c2r/routing/finite.py).
         logits_dtype: ``float32`` computes the router GEMM in float32 (DeepSeek-V3 style; exact top-k, but about
             1 ms per layer at T=16k, D=2048 on an H100 for the float32 copy of the activations and their gradient);
             ``input`` computes it in the activations' dtype and only the softmax in float32 (Mixtral, MegaBlocks).

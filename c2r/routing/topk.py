@@ -12,21 +12,10 @@ from torch import nn
 from c2r.routing.balance import BatchBalancer
 from c2r.routing.base import Router
 from c2r.routing.config import RouterConfig
+from c2r.routing.finite import FiniteLogitsCheck
 from c2r.routing.losses import load_balancing_loss, router_z_loss
 from c2r.routing.result import RoutingResult, count_tokens_per_expert
 from c2r.routing.updates import all_reduce_sum
-
-
-def check_finite_logits(logits_TE: torch.Tensor) -> None:
-    # NOTE: host sync. Corrupt logits would otherwise silently route every token to expert 0.
-    bad = ~torch.isfinite(logits_TE)
-    if bool(bad.any()):
-        rows = bad.any(dim=1).nonzero().flatten()
-        raise FloatingPointError(
-            f"router logits contain NaN/Inf for {rows.numel()} of {logits_TE.shape[0]} tokens "
-            f"(first token indices: {rows[:5].tolist()}); check the input activations and the "
-            "learning rate"
-        )
 
 
 class TopKRouter(Router):
@@ -49,6 +38,7 @@ class TopKRouter(Router):
         # Named "gate", never "expert": DeepSpeed's checkpointing treats any key containing "expert" as an expert.
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
         nn.init.normal_(self.gate.weight, std=0.02)
+        self.finite_check = FiniteLogitsCheck(layer_index) if self.config.check_finite else None
         self.balancer = None
         if self.config.batch_balanced:
             self.balancer = BatchBalancer(num_experts, self.config.balance_rounds, self.config.balance_momentum)
@@ -63,9 +53,12 @@ class TopKRouter(Router):
             logits_TE = F.linear(x_TD.float(), weight.float())
         else:
             logits_TE = F.linear(x_TD, weight.to(x_TD.dtype)).float()
-        if self.config.check_finite:
-            check_finite_logits(logits_TE)
+        if self.finite_check is not None:
+            self.finite_check.observe(logits_TE)
         return logits_TE
+
+    def logits_check(self) -> FiniteLogitsCheck | None:
+        return self.finite_check
 
     def forward(self, x_TD: torch.Tensor) -> RoutingResult:
         logits_TE = self.logits(x_TD)

@@ -1,0 +1,86 @@
+"""NaN/Inf router logits, found without making the host wait for the GPU.
+
+Corrupt logits would silently route every token to expert 0 (top-k of NaN) and poison the loss. Reading a device
+flag in every layer's forward to find them is a host sync per MoE layer: on the ~1B model of docs/gpu_runs.md, 8 a
+step and 54 ms of host waiting per 32k-token step, each leaving the GPU idle while the host queues the next layer.
+
+So on a GPU the count of bad tokens stays on the device, is copied to pinned host memory without waiting, and is
+read once it has landed: at the layer's next forward when the copy is done by then (no wait), or at
+:func:`raise_if_router_logits_were_not_finite`, which c2r-train calls once a step after it has read the loss (the
+GPU is idle then: no wait either). On the CPU the check is immediate, as there is nothing to wait for, and names the
+tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from c2r.host_syncs import host_copy, wait_for
+from c2r.routing.base import Router
+
+
+def nonfinite_logits_error(count: int, tokens: int | None, layer_index: int, first_rows: list[int] | None = None):
+    """The one error for NaN/Inf router logits: ``count`` bad tokens (of ``tokens`` where known, with the first
+    indices where known) in MoE layer ``layer_index``."""
+    of = f" of {tokens}" if tokens is not None else ""
+    where = f" (first token indices: {first_rows})" if first_rows is not None else ""
+    return FloatingPointError(
+        f"router logits of MoE layer {layer_index} contain NaN/Inf for {count}{of} tokens{where}; check the input "
+        "activations and the learning rate"
+    )
+
+
+class FiniteLogitsCheck:
+    """One router's NaN/Inf check. On a GPU: a device count of bad tokens since the layer was built, whose newest
+    value is copied to the host while the GPU runs on; :meth:`raise_if_seen` (at each forward) reads a copy that has
+    landed, :func:`raise_if_router_logits_were_not_finite` (once a step) waits for the newest."""
+
+    def __init__(self, layer_index: int):
+        self.layer_index = layer_index
+        self.bad_count = None  # device int64 scalar: bad tokens seen so far (only grows; any > 0 is an error)
+        self._landing = None  # (pinned host copy of bad_count, event recorded after the copy) not read yet
+
+    def __getstate__(self) -> dict:
+        # A copied or pickled model starts with a clean check: CUDA events do not copy, and its counts are its own.
+        return {"layer_index": self.layer_index}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["layer_index"])
+
+    def observe(self, logits_TE: torch.Tensor) -> None:
+        bad_T = ~torch.isfinite(logits_TE).all(dim=1)
+        if not logits_TE.is_cuda:
+            if bool(bad_T.any()):
+                rows = bad_T.nonzero().flatten()
+                raise nonfinite_logits_error(rows.numel(), bad_T.numel(), self.layer_index, rows[:5].tolist())
+            return
+        self.raise_if_seen()
+        count = bad_T.sum()
+        self.bad_count = count if self.bad_count is None else self.bad_count + count
+        if self._landing is None:  # one copy in flight at a time: the next one carries the newer total
+            self._landing = host_copy(self.bad_count)
+
+    def raise_if_seen(self) -> None:
+        """Raise when a copy that has already landed counts bad tokens (no wait)."""
+        if self._landing is None or not self._landing[1].query():
+            return
+        host, _ = self._landing
+        self._landing = None
+        if int(host) > 0:
+            raise nonfinite_logits_error(int(host), None, self.layer_index)
+
+
+def raise_if_router_logits_were_not_finite(model: nn.Module) -> None:
+    """Raise the error of the first router in ``model`` whose logits were NaN/Inf so far: the newest counts of every
+    router in one copy and one wait (c2r-train calls it once a step, after reading the loss, when the GPU is idle;
+    on the CPU the routers have raised already)."""
+    checks = [c for m in model.modules() if isinstance(m, Router) and (c := m.logits_check()) is not None]
+    checks = [c for c in checks if c.bad_count is not None]
+    if not checks:
+        return
+    host, landed = host_copy(torch.stack([c.bad_count for c in checks]))
+    wait_for(landed, "the routers' NaN/Inf check")  # NOTE: host sync, once a step
+    for check, count in zip(checks, host.tolist()):
+        if count > 0:
+            raise nonfinite_logits_error(count, None, check.layer_index)
