@@ -59,7 +59,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # c2r and placemen
 
 from c2r.experts import ExpertConfig, ExpertShape, ExpertWeights, build_backend, resolve_expert_config  # noqa: E402
 from c2r.experts.megablocks_backend import megablocks_unavailable_reason  # noqa: E402
-from c2r.host_syncs import count_host_syncs  # noqa: E402
 from c2r.moe import MoEConfig, MoELayer  # noqa: E402
 from c2r.parallel import build_dispatcher, local_expert_weights, shard_experts  # noqa: E402
 from c2r.parallel.slot_rows import count_keys  # noqa: E402
@@ -69,6 +68,7 @@ from placement.layout import ExpertLayout  # noqa: E402
 from placement.methods import plan_layer  # noqa: E402
 from placement.replicate import replicate_layer  # noqa: E402
 from placement.synthetic import synthetic_expert_ids  # noqa: E402
+from profiling.host_syncs import count_host_syncs  # noqa: E402
 
 STRUCTURE_SEED = 11  # popularity and clusters of the synthetic routing; token draws vary by seed
 C2R_CONTENDERS = [

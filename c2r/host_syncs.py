@@ -1,55 +1,23 @@
-"""Counting host syncs: how often a piece of code makes the CPU wait for the GPU.
+"""Host syncs we make on purpose, and the copies that let us avoid them.
 
-On CUDA, torch's sync debug mode warns at every synchronizing call (a device-to-host copy such as ``.tolist()``,
-``.item()``, ``int(tensor)`` or ``.cpu()``; ``nonzero``; ``bincount``; a blocking copy; ``torch.cuda.synchronize``);
-:func:`count_host_syncs` turns it on, records those warnings and counts them. Waits on a CUDA event are not among
-what torch flags: our own go through :func:`wait_for`, which flags them the same way. On the CPU nothing syncs: the
-count is 0.
-Only work on the calling thread is seen (autograd runs the backward on threads of its own): count forwards.
-
-    with count_host_syncs(x.device) as syncs:
-        y = layer(x)
-    print(syncs.count)
+:func:`wait_for` waits on a CUDA event and flags it the way torch's sync debug mode flags its own syncs, so that
+``profiling.host_syncs.count_host_syncs`` (where counting lives) still counts every sync; :func:`host_copy` queues a
+small device-to-host copy into pinned memory and returns the event that says it landed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 
-SYNC_WARNING = "called a synchronizing CUDA operation"  # the text of torch's sync debug mode warning
-
-
-@dataclass
-class HostSyncs:
-    count: int = 0
-
-
-@contextlib.contextmanager
-def count_host_syncs(device: torch.device | str) -> Iterator[HostSyncs]:
-    """Count the host syncs inside the ``with`` block (set on exit)."""
-    syncs = HostSyncs()
-    if torch.device(device).type != "cuda":
-        yield syncs
-        return
-    previous = torch.cuda.get_sync_debug_mode()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")  # every sync, not the first of each call site
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            yield syncs
-        finally:
-            torch.cuda.set_sync_debug_mode(previous)
-    syncs.count = sum(SYNC_WARNING in str(w.message) for w in caught)
+from profiling.host_syncs import SYNC_WARNING
 
 
 def wait_for(event: torch.cuda.Event, what: str) -> None:
     """``event.synchronize()``, a host sync that torch's sync debug mode does not flag (it watches copies, not event
-    waits): here it is flagged as torch flags its own, so that :func:`count_host_syncs` still counts every sync."""
+    waits): here it is flagged as torch flags its own, so that ``profiling.host_syncs.count_host_syncs`` still counts
+    every sync."""
     mode = torch.cuda.get_sync_debug_mode()
     if mode == 1:
         warnings.warn(f"{what} {SYNC_WARNING} (an event wait)", stacklevel=2)

@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch.autograd.profiler_util import EventList
 
+from profiling.host_syncs import HostSyncs, count_host_syncs, sync_table
+
 PHASE_PREFIX = "c2r."
 
 
@@ -184,6 +186,8 @@ class KernelProfile:
         self.use_cuda, self.rows = use_cuda, rows
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self._prof = None
+        self._counting = contextlib.ExitStack()  # the host-sync count over the window (GPU only)
+        self._syncs: HostSyncs | None = None
         self._started = 0.0
         self.summary: str | None = None  # the text of kernels.txt once written
 
@@ -196,11 +200,14 @@ class KernelProfile:
         self._sync()
         self._prof = profile(activities=activities)
         self._prof.__enter__()
+        if self.use_cuda:
+            self._syncs = self._counting.enter_context(count_host_syncs("cuda"))
         self._started = time.perf_counter()
 
     def end_step(self, step: int) -> None:
         if self._prof is None or step != self.last:
             return
+        self._counting.close()
         self._sync()
         wall_s = time.perf_counter() - self._started
         self._prof.__exit__(None, None, None)
@@ -209,6 +216,7 @@ class KernelProfile:
 
     def close(self) -> None:
         """End a profile the run stopped inside (a stop signal, fewer steps left than asked): nothing is written."""
+        self._counting.close()
         if self._prof is not None:
             with contextlib.suppress(Exception):
                 self._prof.__exit__(None, None, None)
@@ -251,5 +259,6 @@ class KernelProfile:
         lines += top_by_phase_table(host_calls_by_phase(kineto), steps, "host calls")
         if self.use_cuda:
             lines += idle_table(kineto, phase_of, steps)
+            lines += sync_table(self._syncs, steps)
         self.summary = "\n".join(lines)
         (self.dir / "kernels.txt").write_text(self.summary + "\n")

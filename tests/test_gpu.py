@@ -206,9 +206,9 @@ def lean_ep_worker(rank, world, mode, backend_name, chunks=1):
     # One rank per GPU over NCCL: the lean dispatch in bf16 against the float32 reference loop on the same (bf16
     # rounded) weights, and the host syncs of one dispatched forward counted with torch's sync debug mode.
     from c2r.experts.reference import ReferenceBackend
-    from c2r.host_syncs import count_host_syncs
     from c2r.parallel import build_dispatcher, local_expert_weights
     from placement.layout import ExpertLayout
+    from profiling.host_syncs import count_host_syncs
     from tests.routing_cases import make_routing
 
     T, K, E, D, F = 256, 4, 16, 256, 128
@@ -321,8 +321,8 @@ def test_a_whole_layer_forward_syncs_at_most_once_on_one_gpu(backend_name, balan
     # reads its maximum on the host): MegaBlocks' grouped_gemm needs its group sizes on the host once;
     # torch._grouped_mm needs nothing.
     from c2r.experts.megablocks_backend import megablocks_unavailable_reason
-    from c2r.host_syncs import count_host_syncs
     from c2r.routing import RouterConfig
+    from profiling.host_syncs import count_host_syncs
 
     if backend_name == "megablocks" and megablocks_unavailable_reason():
         pytest.skip(megablocks_unavailable_reason())
@@ -378,9 +378,9 @@ def test_balance_solve_on_another_gpu_than_the_current_one_is_still_right():
 def test_nan_router_logits_on_a_gpu_are_reported_without_a_host_sync():
     import copy
 
-    from c2r.host_syncs import count_host_syncs
     from c2r.routing import RouterConfig, TopKRouter
     from c2r.routing.finite import raise_if_router_logits_were_not_finite
+    from profiling.host_syncs import count_host_syncs
 
     torch.manual_seed(0)
     router = TopKRouter(64, 8, 2, RouterConfig(), layer_index=3).cuda()

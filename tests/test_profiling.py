@@ -363,3 +363,28 @@ def test_gpu_idle_gaps_are_charged_to_the_phase_that_launched_the_kernel_after_t
     lines = idle_table(events, launch_phases(events), steps=1)
     assert lines[2:4] == ["      5.00  forward", "      2.00  optimizer"]
     assert lines[6].split()[:2] == ["5000.0", "forward"] and lines[6].endswith("norm -> topk")
+
+
+def test_host_syncs_are_counted_by_the_python_frames_that_made_them():
+    # torch's sync debug mode raises these warnings on a GPU; the counter is the same code on any device
+    import warnings
+
+    from profiling.host_syncs import SYNC_WARNING, HostSyncs, catch_sync_warnings, sync_table
+
+    def reads_a_value():
+        warnings.warn(f"reads_a_value {SYNC_WARNING}", stacklevel=1)
+
+    syncs = HostSyncs()
+    with warnings.catch_warnings(record=True) as shown, catch_sync_warnings(syncs):
+        for _ in range(3):
+            reads_a_value()
+        warnings.warn("not a sync: shown as usual", stacklevel=1)
+    assert [str(w.message) for w in shown] == ["not a sync: shown as usual"]
+    assert syncs.count == 3
+    ((site, count),) = syncs.by_site.items()
+    assert count == 3
+    assert site[0].startswith("tests/test_profiling.py:") and site[0].endswith(" reads_a_value")
+    assert site[1].endswith(" test_host_syncs_are_counted_by_the_python_frames_that_made_them")
+    lines = sync_table(syncs, steps=2)
+    assert "1.5" in lines[1] and lines[2].split()[0] == "1.5"
+    assert "reads_a_value  <  tests/test_profiling.py" in lines[2]

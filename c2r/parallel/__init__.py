@@ -1,9 +1,8 @@
 """Expert parallelism: the all-to-all dispatchers (per-expert, per-rank, per-node; the first two also in token chunks
 whose exchanges overlap the expert compute, `overlap.py`), sharding a model's experts over
 the ranks of an `ExpertLayout` (placement.layout), ranks grouped into nodes (`nodes.py`), and the host-sync counter
-(`c2r.host_syncs.count_host_syncs`), re-exported here."""
+(`profiling.host_syncs.count_host_syncs`), re-exported here."""
 
-from c2r.host_syncs import count_host_syncs
 from c2r.parallel.dispatch import (
     DISPATCH_MODES,
     DispatchMeta,
@@ -16,6 +15,7 @@ from c2r.parallel.expert_parallel import build_dispatcher, local_expert_weights,
 from c2r.parallel.nodes import NodeGroups, make_node_groups, resolve_ranks_per_node
 from c2r.parallel.overlap import OverlappedPerExpertDispatcher, OverlappedPerRankDispatcher
 from c2r.parallel.per_node import PerNodeDispatcher
+from profiling.host_syncs import count_host_syncs
 
 __all__ = [
     "DISPATCH_MODES",
