@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The expert-parallel measurements that need 2 GPUs of one host (docs/benchmarks.md, docs/gpu_runs.md; issues 11, 12
+# and 15 read their 2-GPU lines from these tables). Each part fits in 10 minutes on 2 x H200; run them one at a time:
+#   bash benchmarks/two_gpu_runs.sh ep-fine          ep_bench, DeepSeek-like and Qwen3-like rows, main contenders
+#   bash benchmarks/two_gpu_runs.sh ep-mixtral-node  Mixtral-like row; replicated placements; per-node dispatch with
+#                                                    two one-GPU nodes (--gpus-per-node 1)
+#   bash benchmarks/two_gpu_runs.sh e2e 8            c2r-train of the ~1B fine-grained model, 8k tokens per GPU:
+#                                                    per-expert contiguous vs profile -> plan -> per-rank + plan
+#   bash benchmarks/two_gpu_runs.sh e2e 32           the same at 32k tokens per GPU, and a kernel profile of the
+#                                                    per-rank + plan step
+# Needs megablocks and grouped_gemm importable (README.md, 'GPU install'; or a prepared `.device/setup.sh`, sourced
+# when present). Outputs under $OUT (default runs/two_gpu/<part>).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PART=${1:?usage: two_gpu_runs.sh ep-fine|ep-mixtral-node|e2e 8|e2e 32}
+[ -f .device/setup.sh ] && { source .device/setup.sh >/dev/null || exit 1; }
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+OUT=${OUT:-runs/two_gpu/$PART${2:-}}; mkdir -p "$OUT"
+S=$(date +%s)
+left() { echo $((570 - $(date +%s) + S)); }  # seconds left of a 10-minute call
+EP_BENCH=(python -m torch.distributed.run --nproc_per_node 2 benchmarks/ep_bench.py --rounds 3 --iters 10)
+
+case $PART in
+ep-fine)
+  timeout 240 python -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tail -3
+  timeout "$(left)" "${EP_BENCH[@]}" --configs deepseek-like qwen3-like --json "$OUT/ep_fine.json" --contenders \
+    c2r-per-expert-contiguous c2r-per-rank-contiguous c2r-per-rank-planned c2r-per-rank-planned-overlap2 \
+    c2r-per-expert-contiguous-overlap2 megablocks-dmoe-ep deepspeed-moe-ep raw-all-to-all single-device \
+    > "$OUT/ep_fine.txt" 2>&1
+  echo "== ep_bench rc $?"; grep "^|" "$OUT/ep_fine.txt"
+  ;;
+ep-mixtral-node)
+  timeout 250 "${EP_BENCH[@]}" --configs mixtral-like --json "$OUT/ep_mixtral.json" --contenders c2r-per-expert-contiguous \
+    c2r-per-rank-contiguous c2r-per-rank-planned megablocks-dmoe-ep raw-all-to-all > "$OUT/ep_mixtral.txt" 2>&1
+  echo "== mixtral-like rc $?"; grep "^|" "$OUT/ep_mixtral.txt"
+  timeout "$(left)" "${EP_BENCH[@]}" --configs deepseek-like --gpus-per-node 1 --json "$OUT/ep_rep_node.json" --contenders \
+    c2r-per-rank-planned c2r-per-rank-replicated c2r-per-expert-replicated c2r-per-node-contiguous \
+    c2r-per-node-planned c2r-per-node-replicated megablocks-dmoe-ep > "$OUT/ep_rep_node.txt" 2>&1
+  echo "== replicated + per-node rc $?"; grep "^|" "$OUT/ep_rep_node.txt"
+  ;;
+e2e)
+  B=${2:?usage: two_gpu_runs.sh e2e 8|32 (thousand tokens per GPU)}
+  T=$((B == 8 ? 110 : 150))  # per run
+  M="--set model.n_layer=8 --set model.d_model=2048 --set model.n_head=16 --set model.block_size=1024
+     --set model.moe.num_experts=64 --set model.moe.top_k=8 --set model.moe.ffn_hidden_size=1024
+     --set train.eval_every=10 --set train.eval_batches=1 --set train.save_last=false --set train.save_every=0
+     --set train.save_every_minutes=0 --steps 20 --set train.batch_size=$B --ep-size 2"
+  train() { local name=$1; shift; timeout "$T" python -m deepspeed.launcher.runner --num_gpus 2 --module c2r.train \
+    $M "$@" --out "$OUT/$name" > "$OUT/$name.log" 2>&1; echo "== $name rc $?"; }
+  report() {
+    python - "$OUT/$1/metrics.jsonl" <<'PY'
+import json, sys
+for r in [json.loads(line) for line in open(sys.argv[1])]:
+    print(f"  step {r['step']}: {r['tokens_per_s']:,.0f} tokens/s (2 GPUs), MFU {r['model_tflops_per_rank'] / 989:.1%}, "
+          f"loss {r['train_loss']:.3f}, val {r.get('val_loss', float('nan')):.3f}, "
+          f"load max/mean {max(r['load_imbalance_by_layer']):.2f}")
+PY
+  }
+  train per-expert --dispatch per-expert; report per-expert
+  # a short profiled run gives the plan its routing traces (8k tokens per GPU: the traces, not the speed, matter)
+  train profiled --steps 8 --set train.batch_size=8 --dispatch per-expert --profile
+  timeout 60 python -m c2r.place_cli plan --traces "$OUT/profiled/profile/traces" --ranks 2 --out "$OUT/plan.json" \
+    > "$OUT/plan.txt" 2>&1
+  echo "== plan rc $?"; tail -5 "$OUT/plan.txt"
+  train per-rank-plan --dispatch per-rank --plan "$OUT/plan.json"; report per-rank-plan
+  if [ "$B" = 8 ]; then
+    train per-rank --dispatch per-rank; report per-rank
+    # DeepSpeed's overlap_comm is off in our GPU config (one H200: its device syncs cost 4%); does it pay on 2 GPUs?
+    python -c "import json; c = json.load(open('deepspeed_configs/gpu_bf16_zero2.json'));
+c['zero_optimization']['overlap_comm'] = True; json.dump(c, open('$OUT/ds_overlap.json', 'w'))"
+    train per-rank-plan-overlap --dispatch per-rank --plan "$OUT/plan.json" --deepspeed-config "$OUT/ds_overlap.json"
+    report per-rank-plan-overlap
+  else
+    train per-rank-plan-kernels --steps 8 --dispatch per-rank --plan "$OUT/plan.json" --profile-kernels 3 \
+      --set profile.kernel_warmup=4
+    sed -n 1,12p "$OUT/per-rank-plan-kernels/profile/kernels.txt"
+    grep -a -A8 "GPU idle, by the phase\|host syncs per step" "$OUT/per-rank-plan-kernels/profile/kernels.txt"
+  fi
+  ;;
+*) echo "two_gpu_runs.sh: unknown part '$PART' (ep-fine, ep-mixtral-node, e2e 8, e2e 32)" >&2; exit 2 ;;
+esac
+echo "== $PART done in $(($(date +%s) - S)) s; outputs in $OUT"
