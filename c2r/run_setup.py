@@ -456,6 +456,7 @@ def build_engine(
     from c2r.deepspeed.fp32_grads import copy_grads_to_float32_in_one_pass
     from c2r.deepspeed.fp32_norm import read_grad_norm_in_float32
     from c2r.deepspeed.fused_clip import fold_clip_into_fused_adamw
+    from c2r.deepspeed.one_rank_groups import skip_one_rank_group_work
     from c2r.deepspeed.replica_norm import count_replicas_once
     from c2r.deepspeed.setup import warn_if_clipping_counts_replicas
     from c2r.deepspeed.zero0_norm import clip_by_whole_model_norm
@@ -488,6 +489,7 @@ def build_engine(
         warn_if_clipping_counts_replicas(model, ds_config, type(engine.optimizer).__name__)
     fold_clip_into_fused_adamw(engine)  # ZeRO 1/2 with the fused AdamW (GPUs): no separate clip pass
     copy_grads_to_float32_in_one_pass(engine)  # bf16 ZeRO 1/2: a vectorised copy to the fp32 gradient partition
+    skip_one_rank_group_work(engine)  # ZeRO 1/2: no division by 1 or norm all-reduce over a one-rank group
     return engine
 
 

@@ -41,6 +41,7 @@ def read_grad_norm_in_float32(engine: Any) -> bool:
     """Give the engine's ZeRO 1/2 optimizer the float32-accumulated norm (module docstring); False where DeepSpeed's
     own norm stays (ZeRO 0, CPU offload, fp16)."""
     from deepspeed import comm as dist
+    from deepspeed.comm import pg_utils
     from deepspeed.runtime.utils import is_model_parallel_parameter
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
     from deepspeed.runtime.zero.utils import get_norm_dtype
@@ -66,7 +67,8 @@ def read_grad_norm_in_float32(engine: Any) -> bool:
             total = norms.to(get_norm_dtype()).square().sum().float()  # DeepSpeed combines in its norm dtype
         else:
             total = torch.zeros((), dtype=torch.float32, device=zero.device)
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=zero.dp_process_group)
+        if pg_utils.is_parallel(zero.dp_process_group):  # over one rank it would change nothing
+            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=zero.dp_process_group)
         zero._model_parallel_all_reduce(tensor=total, op=dist.ReduceOp.SUM)
         total = total.sqrt()
         # DeepSpeed's mask_nan_or_inf_with_val_inplace, without its torch.tensor(-1.0, device=...): a host-to-device
