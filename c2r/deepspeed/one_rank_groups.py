@@ -28,8 +28,9 @@ def skip_one_rank_group_work(engine: Any) -> bool:
     zero = engine.optimizer
     if not isinstance(zero, DeepSpeedZeroOptimizer):
         return False
-    if not pg_utils.is_parallel(zero.dp_process_group) and zero.sequence_parallel_size == 1:
-        zero.gradient_average = False  # every division it guards is by 1.0 here
+    one_rank = not pg_utils.is_parallel(zero.dp_process_group) and zero.sequence_parallel_size == 1
+    if one_rank and zero.gradient_predivide_factor == 1.0:
+        zero.gradient_average = False  # every division it guards is by 1.0 here (a predivide factor would round)
     deepspeeds_average = zero._average_expert_grad_norms
     # DeepSpeed's own loop, told that an expert group of one rank is not one: its norm stays as it is
     averaged = [m and pg_utils.is_parallel(g) for m, g in zip(zero.is_moe_param_group, zero.real_dp_process_group)]
