@@ -18,12 +18,14 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-runs/two_gpu/$PART${2:-}}; mkdir -p "$OUT"
 S=$(date +%s)
 left() { echo $((570 - $(date +%s) + S)); }  # seconds left of a 10-minute call
+# a timeout of at most $1 seconds that ends by the call's end (timeout 0 would mean none: never below 1)
+bounded() { local l; l=$(left); l=$((l < $1 ? l : $1)); echo $((l < 1 ? 1 : l)); }
 EP_BENCH=(python -m torch.distributed.run --nproc_per_node 2 benchmarks/ep_bench.py --rounds 3 --iters 10)
 
 case $PART in
 ep-fine)
   timeout 240 python -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tail -3
-  timeout "$(left)" "${EP_BENCH[@]}" --configs deepseek-like qwen3-like --json "$OUT/ep_fine.json" --contenders \
+  timeout "$(bounded 600)" "${EP_BENCH[@]}" --configs deepseek-like qwen3-like --json "$OUT/ep_fine.json" --contenders \
     c2r-per-expert-contiguous c2r-per-rank-contiguous c2r-per-rank-planned c2r-per-rank-planned-overlap2 \
     c2r-per-expert-contiguous-overlap2 megablocks-dmoe-ep deepspeed-moe-ep raw-all-to-all single-device \
     > "$OUT/ep_fine.txt" 2>&1
@@ -33,7 +35,7 @@ ep-mixtral-node)
   timeout 250 "${EP_BENCH[@]}" --configs mixtral-like --json "$OUT/ep_mixtral.json" --contenders c2r-per-expert-contiguous \
     c2r-per-rank-contiguous c2r-per-rank-planned megablocks-dmoe-ep raw-all-to-all > "$OUT/ep_mixtral.txt" 2>&1
   echo "== mixtral-like rc $?"; grep "^|" "$OUT/ep_mixtral.txt"
-  timeout "$(left)" "${EP_BENCH[@]}" --configs deepseek-like --gpus-per-node 1 --json "$OUT/ep_rep_node.json" --contenders \
+  timeout "$(bounded 600)" "${EP_BENCH[@]}" --configs deepseek-like --gpus-per-node 1 --json "$OUT/ep_rep_node.json" --contenders \
     c2r-per-rank-planned c2r-per-rank-replicated c2r-per-expert-replicated c2r-per-node-contiguous \
     c2r-per-node-planned c2r-per-node-replicated megablocks-dmoe-ep > "$OUT/ep_rep_node.txt" 2>&1
   echo "== replicated + per-node rc $?"; grep "^|" "$OUT/ep_rep_node.txt"
@@ -45,8 +47,8 @@ e2e)
      --set model.moe.num_experts=64 --set model.moe.top_k=8 --set model.moe.ffn_hidden_size=1024
      --set train.eval_every=10 --set train.eval_batches=1 --set train.save_last=false --set train.save_every=0
      --set train.save_every_minutes=0 --steps 20 --set train.batch_size=$B --ep-size 2"
-  train() { local name=$1; shift; timeout "$T" python -m deepspeed.launcher.runner --num_gpus 2 --module c2r.train \
-    $M "$@" --out "$OUT/$name" > "$OUT/$name.log" 2>&1; echo "== $name rc $?"; }
+  train() { local name=$1; shift; timeout "$(bounded "$T")" python -m deepspeed.launcher.runner --num_gpus 2 \
+    --module c2r.train $M "$@" --overwrite --out "$OUT/$name" > "$OUT/$name.log" 2>&1; echo "== $name rc $?"; }
   report() {
     python - "$OUT/$1/metrics.jsonl" <<'PY'
 import json, sys
@@ -59,7 +61,7 @@ PY
   train per-expert --dispatch per-expert; report per-expert
   # a short profiled run gives the plan its routing traces (8k tokens per GPU: the traces, not the speed, matter)
   train profiled --steps 8 --set train.batch_size=8 --dispatch per-expert --profile
-  timeout 60 python -m c2r.place_cli plan --traces "$OUT/profiled/profile/traces" --ranks 2 --out "$OUT/plan.json" \
+  timeout "$(bounded 60)" python -m c2r.place_cli plan --traces "$OUT/profiled/profile/traces" --ranks 2 --out "$OUT/plan.json" \
     > "$OUT/plan.txt" 2>&1
   echo "== plan rc $?"; tail -5 "$OUT/plan.txt"
   train per-rank-plan --dispatch per-rank --plan "$OUT/plan.json"; report per-rank-plan

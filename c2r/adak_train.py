@@ -43,6 +43,7 @@ from c2r.adak_objective import (
 from c2r.config_utils import require_positive
 from c2r.data import BatchSampler, load_corpus
 from c2r.routing.adak import AdaKRouter, adak_routers
+from c2r.routing.finite import raise_if_router_logits_were_not_finite
 from c2r.routing.updates import all_reduce_sum
 from c2r.run_setup import (
     ConfigCli,
@@ -364,6 +365,7 @@ def train_adak(config: AdaKRunConfig) -> dict[str, Any]:
     p, mean_label = calibrate(run, opts)
     history, after_pwarm = train_allocators(run, opts, p)
     evaluation = evaluate_modes(run.engine, run.routers, run.val_batches, config.train.eval_batches, run.info.device)
+    raise_if_router_logits_were_not_finite(run.engine.module)  # on a GPU the routers report here, before the save
     set_routers(run.routers, "argmax")
     save_checkpoint(run.engine, run.out_dir / "checkpoints", opts.warm_steps + opts.steps, run.run_config)
     summary = eval_summary(config, run.source, p, mean_label, evaluation, after_pwarm)

@@ -34,5 +34,5 @@ def host_copy(values: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
     host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
     host.copy_(values, non_blocking=True)
     event = torch.cuda.Event()
-    event.record()
+    event.record(torch.cuda.current_stream(values.device))  # the stream the copy went on, not the current device's
     return host, event

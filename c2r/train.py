@@ -10,6 +10,7 @@ c2r-train --hf-model path/to/qwen3-moe --data my.jsonl  # a Hugging Face MoE mod
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -120,6 +121,8 @@ def evaluate(engine, sampler: BatchSampler, batches: int, device: torch.device) 
     engine.eval()
     loss = sum(engine(*sampler.batch_at(i, device)).lm_loss.item() for i in range(batches)) / batches
     engine.train()
+    # the routers' NaN/Inf counts of these forwards (on a GPU read here, after the loss: before anything saves)
+    raise_if_router_logits_were_not_finite(engine.module)
     return global_mean(loss, device)
 
 
@@ -195,7 +198,11 @@ def train_steps(config: RunConfig, engine, corpus, info, comm, policy: SavePolic
     done, stopped_by = start, None
     window_s = 0.0  # training-step time since the last record, evaluations and checkpoints left out (tokens/s)
     tokens = tokens_per_step(config, info.world_size)
-    with metrics_log as metrics:
+    # the profilers end with the loop however it ends: a kernel profile left open keeps torch's sync debug mode on
+    with metrics_log as metrics, contextlib.ExitStack() as cleanup:
+        for closable in (profiler, kernels):
+            if closable:
+                cleanup.callback(closable.close)
         for step in bar:
             step_started = time.perf_counter()
             if profiler:
@@ -261,10 +268,6 @@ def train_steps(config: RunConfig, engine, corpus, info, comm, policy: SavePolic
                 stopped_by = after.stop_signal
                 bar.close()
                 break
-    if profiler:
-        profiler.close()
-    if kernels:
-        kernels.close()
     return {"history": history, "step_losses": step_losses, "end_step": done, "stopped_by": stopped_by}
 
 

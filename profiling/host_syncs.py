@@ -5,8 +5,9 @@ On CUDA, torch's sync debug mode warns at every synchronizing call (a device-to-
 in ``torch.tensor(x, device="cuda")``); :func:`count_host_syncs` turns it on, catches those warnings, counts them and
 notes the Python frames that made each one. Not flagged by torch: ``torch.cuda.synchronize()`` and waits on a CUDA
 event (c2r's own event waits flag themselves: ``c2r.host_syncs.wait_for``). On the CPU nothing syncs: the count is 0.
-Only Python threads that called into torch are seen (autograd runs the backward on threads of its own, whose
-warnings torch prints instead): count forwards and the code around the step.
+Python's warning state is the process's, so Python code on autograd's threads (DeepSpeed's gradient hooks) is seen
+too; syncs made inside autograd's C++ backward are not (torch prints those instead). A count nested in another is
+counted by the inner one only.
 
     with count_host_syncs(x.device) as syncs:
         y = layer(x)
@@ -38,7 +39,8 @@ class HostSyncs:
 def sync_site(stack: list[traceback.FrameSummary]) -> tuple[str, ...]:
     """The innermost :data:`SITE_FRAMES` frames of ``stack`` that are neither torch's nor the warning machinery's,
     innermost first, each as ``parent/file.py:line function``."""
-    skipped = ("/torch/", "/warnings.py", "profiling/host_syncs.py", "<frozen")
+    # c2r/host_syncs.py: its wait_for flags a sync for its caller, which is the site
+    skipped = ("/torch/", "/warnings.py", "profiling/host_syncs.py", "c2r/host_syncs.py", "<frozen")
     frames = [f for f in reversed(stack) if not any(s in f.filename for s in skipped)]
     return tuple(f"{'/'.join(f.filename.split('/')[-2:])}:{f.lineno} {f.name}" for f in frames[:SITE_FRAMES])
 
@@ -57,7 +59,7 @@ def catch_sync_warnings(syncs: HostSyncs) -> Iterator[HostSyncs]:
 
     with warnings.catch_warnings():  # restores the filters and showwarning on exit
         shown = warnings.showwarning
-        warnings.simplefilter("always")  # every sync, not the first of each call site
+        warnings.filterwarnings("always", message=f".*{SYNC_WARNING}")  # every sync, not each site's first
         warnings.showwarning = note
         yield syncs
 
@@ -80,7 +82,7 @@ def count_host_syncs(device: torch.device | str) -> Iterator[HostSyncs]:
 
 def sync_table(syncs: HostSyncs, steps: int, shown: int = 12) -> list[str]:
     """Lines for a summary: host syncs per step, and per step by site (innermost frame first, then its callers)."""
-    lines = ["", f"host syncs per step (main thread; torch's sync debug mode): {syncs.count / steps:.1f}"]
+    lines = ["", f"host syncs per step (torch's sync debug mode; Python frames): {syncs.count / steps:.1f}"]
     for site, count in syncs.by_site.most_common(shown):
         lines.append(f"  {count / steps:6.1f}  " + "  <  ".join(site))
     return lines

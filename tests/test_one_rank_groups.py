@@ -13,15 +13,15 @@ from tests.distributed import run_distributed
 def one_rank_worker(rank, world, raws):
     """Per run: the step norms and losses, and the all-reduces DeepSpeed's comm made."""
     import deepspeed.comm
-    from deepspeed.comm import pg_utils
 
+    import c2r.deepspeed.one_rank_groups as one_rank_groups
     import c2r.train as train_module
     from c2r.config_utils import config_from_dict
     from c2r.train import RunConfig, train
 
     norms, calls = [], {"all_reduce": 0}
     train_module.check_finite_step = lambda step, loss, norm, ckpt_dir, router_error=None: norms.append(norm)
-    all_reduce, is_parallel = deepspeed.comm.all_reduce, pg_utils.is_parallel
+    all_reduce, is_one_rank = deepspeed.comm.all_reduce, one_rank_groups.is_one_rank
 
     def counted_all_reduce(*args, **kwargs):
         calls["all_reduce"] += 1
@@ -31,13 +31,13 @@ def one_rank_worker(rank, world, raws):
     results = []
     for raw in raws:
         raw = dict(raw)
-        # DeepSpeed's own behaviour: every group that exists counts as several ranks (the skips go by this guard)
-        pg_utils.is_parallel = (lambda group: group is not None) if raw.pop("deepspeeds_own", False) else is_parallel
+        # DeepSpeed's own behaviour: no group counts as one rank (every skip goes by this guard)
+        one_rank_groups.is_one_rank = (lambda group: False) if raw.pop("deepspeeds_own", False) else is_one_rank
         norms.clear()
         calls["all_reduce"] = 0
         result = train(config_from_dict(RunConfig, raw))
         results.append((list(norms), result["step_losses"], calls["all_reduce"]))
-    pg_utils.is_parallel = is_parallel
+    one_rank_groups.is_one_rank = is_one_rank
     return results
 
 

@@ -10,11 +10,11 @@ gradients as they are and accumulates in float32 (``torch._foreach_norm``): one 
 So where the engine runs ZeRO 1/2 on the device's memory (no CPU offload) in bf16 or fp32, the optimizer's
 ``get_grad_norm_direct`` becomes that: per-gradient norms accumulated in float32 in one multi-tensor pass, combined in
 DeepSpeed's norm dtype (float64 where the device has it) and then exactly DeepSpeed's own remainder (the same
-gradients skipped: padding, pipeline-replicated and, off model-parallel rank 0, shared ones; the same all-reduces;
-a non-finite norm masked the same way). The sum of squares differs from DeepSpeed's by float32 rounding (relative
-~1e-7 per gradient; tests/test_fp32_norm.py compares the two on ranks). fp16 keeps DeepSpeed's float64 norm: its
-gradients are loss-scaled, and a norm whose square passes float32's range must be seen as an overflow the way
-DeepSpeed sees it. Other norm orders (inf) go to DeepSpeed's code.
+gradients skipped: padding, pipeline-replicated and, off model-parallel rank 0, shared ones; the same all-reduces,
+none over a one-rank group; a non-finite norm masked the same way). The sum of squares differs from DeepSpeed's by
+float32 rounding (relative ~1e-7 per gradient; tests/test_fp32_norm.py compares the two on ranks). fp16 keeps
+DeepSpeed's float64 norm: its gradients are loss-scaled, and a norm whose square passes float32's range must be seen
+as an overflow the way DeepSpeed sees it. Other norm orders (inf) go to DeepSpeed's code.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from c2r.deepspeed import one_rank_groups
 
 
 def norms_in_float32(grads: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -41,7 +43,6 @@ def read_grad_norm_in_float32(engine: Any) -> bool:
     """Give the engine's ZeRO 1/2 optimizer the float32-accumulated norm (module docstring); False where DeepSpeed's
     own norm stays (ZeRO 0, CPU offload, fp16)."""
     from deepspeed import comm as dist
-    from deepspeed.comm import pg_utils
     from deepspeed.runtime.utils import is_model_parallel_parameter
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
     from deepspeed.runtime.zero.utils import get_norm_dtype
@@ -67,7 +68,7 @@ def read_grad_norm_in_float32(engine: Any) -> bool:
             total = norms.to(get_norm_dtype()).square().sum().float()  # DeepSpeed combines in its norm dtype
         else:
             total = torch.zeros((), dtype=torch.float32, device=zero.device)
-        if pg_utils.is_parallel(zero.dp_process_group):  # over one rank it would change nothing
+        if not one_rank_groups.is_one_rank(zero.dp_process_group):  # over one rank it would change nothing
             dist.all_reduce(total, op=dist.ReduceOp.SUM, group=zero.dp_process_group)
         zero._model_parallel_all_reduce(tensor=total, op=dist.ReduceOp.SUM)
         total = total.sqrt()

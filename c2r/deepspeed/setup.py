@@ -206,8 +206,8 @@ def load_deepspeed_config(
     # DeepSpeed's throughput timer (on by default) synchronizes the device at the start of every forward and the end
     # of every step, for a samples/s log that steps_per_print silences; c2r-train times its steps itself.
     timers = config.setdefault("timers", {})
-    if isinstance(timers, dict):
-        timers.setdefault("throughput", {}).setdefault("enabled", False)
+    if isinstance(timers, dict) and timers.get("throughput") is None:
+        timers["throughput"] = {"enabled": False}
     if "optimizer" in config:
         raise ValueError(
             f"{path}: remove the 'optimizer' section; c2r-train passes its own AdamW with DeepSpeed's "

@@ -6,9 +6,9 @@ step and 54 ms of host waiting per 32k-token step, each leaving the GPU idle whi
 
 So on a GPU the count of bad tokens stays on the device, is copied to pinned host memory without waiting, and is
 read once it has landed: at the layer's next forward when the copy is done by then (no wait), or at
-:func:`raise_if_router_logits_were_not_finite`, which c2r-train calls once a step after it has read the loss (the
-GPU is idle then: no wait either). On the CPU the check is immediate, as there is nothing to wait for, and names the
-tokens.
+:func:`raise_if_router_logits_were_not_finite`, which c2r-train calls once a step after it has read the loss and
+after each evaluation, and c2r-adak before it saves (the GPU has finished by then, so the one wait there costs
+nothing). On the CPU the check is immediate, as there is nothing to wait for, and names the tokens.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def nonfinite_logits_error(count: int, tokens: int | None, layer_index: int, fir
     """The one error for NaN/Inf router logits: ``count`` bad tokens (of ``tokens`` where known, with the first
     indices where known) in MoE layer ``layer_index``."""
     of = f" of {tokens}" if tokens is not None else ""
-    where = f" (first token indices: {first_rows})" if first_rows is not None else ""
+    where = f" (first token indices: {first_rows})" if first_rows else " (over its forwards so far on this rank)"
     return FloatingPointError(
         f"router logits of MoE layer {layer_index} contain NaN/Inf for {count}{of} tokens{where}; check the input "
         "activations and the learning rate"
