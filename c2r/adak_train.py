@@ -43,8 +43,7 @@ from c2r.adak_objective import (
 from c2r.config_utils import require_positive
 from c2r.data import BatchSampler, load_corpus
 from c2r.routing.adak import AdaKRouter, adak_routers
-from c2r.routing.finite import raise_if_router_logits_were_not_finite
-from c2r.routing.updates import all_reduce_sum
+from c2r.routing.updates import all_reduce_sum, raise_if_router_logits_were_not_finite
 from c2r.run_setup import (
     ConfigCli,
     MetricsLog,

@@ -26,7 +26,7 @@ from c2r.hf.training import base_settings
 from c2r.model import ModelOutput
 from c2r.profiled import profiled_model
 from c2r.routing import RoutingResult, after_optimizer_step
-from c2r.routing.finite import raise_if_router_logits_were_not_finite
+from c2r.routing.updates import raise_if_router_logits_were_not_finite
 from c2r.run_dir import check_out_dir, clear_run
 from c2r.run_setup import (
     ConfigCli,

@@ -379,7 +379,7 @@ def test_nan_router_logits_on_a_gpu_are_reported_without_a_host_sync():
     import copy
 
     from c2r.routing import RouterConfig, TopKRouter
-    from c2r.routing.finite import raise_if_router_logits_were_not_finite
+    from c2r.routing.updates import raise_if_router_logits_were_not_finite
     from profiling.host_syncs import count_host_syncs
 
     torch.manual_seed(0)

@@ -6,18 +6,16 @@ step and 54 ms of host waiting per 32k-token step, each leaving the GPU idle whi
 
 So on a GPU the count of bad tokens stays on the device, is copied to pinned host memory without waiting, and is
 read once it has landed: at the layer's next forward when the copy is done by then (no wait), or at
-:func:`raise_if_router_logits_were_not_finite`, which c2r-train calls once a step after it has read the loss and
-after each evaluation, and c2r-adak before it saves (the GPU has finished by then, so the one wait there costs
-nothing). On the CPU the check is immediate, as there is nothing to wait for, and names the tokens.
+:func:`c2r.routing.updates.raise_if_router_logits_were_not_finite`, which c2r-train calls once a step after it has
+read the loss and after each evaluation, and c2r-adak before it saves (the GPU has finished by then, so the one
+wait there costs nothing). On the CPU the check is immediate, as there is nothing to wait for, and names the tokens.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from c2r.host_syncs import host_copy, wait_for
-from c2r.routing.base import Router
+from c2r.host_syncs import host_copy
 
 
 def nonfinite_logits_error(count: int, tokens: int | None, layer_index: int, first_rows: list[int] | None = None):
@@ -34,7 +32,7 @@ def nonfinite_logits_error(count: int, tokens: int | None, layer_index: int, fir
 class FiniteLogitsCheck:
     """One router's NaN/Inf check. On a GPU: a device count of bad tokens since the layer was built, whose newest
     value is copied to the host while the GPU runs on; :meth:`raise_if_seen` (at each forward) reads a copy that has
-    landed, :func:`raise_if_router_logits_were_not_finite` (once a step) waits for the newest."""
+    landed, :func:`c2r.routing.updates.raise_if_router_logits_were_not_finite` (once a step) waits for the newest."""
 
     def __init__(self, layer_index: int):
         self.layer_index = layer_index
@@ -69,18 +67,3 @@ class FiniteLogitsCheck:
         self._landing = None
         if int(host) > 0:
             raise nonfinite_logits_error(int(host), None, self.layer_index)
-
-
-def raise_if_router_logits_were_not_finite(model: nn.Module) -> None:
-    """Raise the error of the first router in ``model`` whose logits were NaN/Inf so far: the newest counts of every
-    router in one copy and one wait (c2r-train calls it once a step, after reading the loss, when the GPU is idle;
-    on the CPU the routers have raised already)."""
-    checks = [c for m in model.modules() if isinstance(m, Router) and (c := m.logits_check()) is not None]
-    checks = [c for c in checks if c.bad_count is not None]
-    if not checks:
-        return
-    host, landed = host_copy(torch.stack([c.bad_count for c in checks]))
-    wait_for(landed, "the routers' NaN/Inf check")  # NOTE: host sync, once a step
-    for check, count in zip(checks, host.tolist()):
-        if count > 0:
-            raise nonfinite_logits_error(count, None, check.layer_index)

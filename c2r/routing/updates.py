@@ -1,4 +1,5 @@
-"""Router state that changes once per optimizer step, kept identical on every rank.
+"""What the trainer does with every router once a step: update the state that changes once per optimizer step, kept
+identical on every rank, and read the routers' NaN/Inf checks (c2r/routing/finite.py).
 
 Every router class's :meth:`~c2r.routing.base.Router.update_after_step` classmethod gets all of its instances in
 the model at once (ReMoE's lambda is shared by all layers), once per optimizer step. Statistics it needs from other
@@ -12,7 +13,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from c2r.host_syncs import host_copy, wait_for
 from c2r.routing.base import Router
+from c2r.routing.finite import nonfinite_logits_error
 
 
 def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
@@ -32,3 +35,18 @@ def after_optimizer_step(model: nn.Module, group=None) -> dict[str, float]:
     for cls, routers in by_class.items():
         stats.update(cls.update_after_step(routers, group))
     return stats
+
+
+def raise_if_router_logits_were_not_finite(model: nn.Module) -> None:
+    """Raise the error of the first router in ``model`` whose logits were NaN/Inf so far: the newest counts of every
+    router in one copy and one wait (c2r-train calls it once a step, after reading the loss, when the GPU is idle;
+    on the CPU the routers have raised already). Routers keep their checks in c2r/routing/finite.py."""
+    checks = [c for m in model.modules() if isinstance(m, Router) and (c := m.logits_check()) is not None]
+    checks = [c for c in checks if c.bad_count is not None]
+    if not checks:
+        return
+    host, landed = host_copy(torch.stack([c.bad_count for c in checks]))
+    wait_for(landed, "the routers' NaN/Inf check")  # NOTE: host sync, once a step
+    for check, count in zip(checks, host.tolist()):
+        if count > 0:
+            raise nonfinite_logits_error(count, None, check.layer_index)
