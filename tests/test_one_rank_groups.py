@@ -41,7 +41,7 @@ def one_rank_worker(rank, world, raws):
     return results
 
 
-@pytest.mark.parametrize(("world", "stage", "bf16"), [(2, 2, True), (2, 1, False), (1, 2, False)])
+@pytest.mark.parametrize(("world", "stage", "bf16"), [(2, 1, True), (1, 2, False)])
 def test_skipping_one_rank_group_work_changes_no_value(tmp_path, world, stage, bf16):
     from tests.run_configs import zero_ep_run_config
 
