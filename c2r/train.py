@@ -26,7 +26,7 @@ from c2r.hf.training import base_settings
 from c2r.model import ModelOutput
 from c2r.profiled import profiled_model
 from c2r.routing import RoutingResult, after_optimizer_step
-from c2r.routing.updates import raise_if_router_logits_were_not_finite
+from c2r.routing.updates import raise_if_router_logits_were_not_finite, router_logits_error
 from c2r.run_dir import check_out_dir, clear_run
 from c2r.run_setup import (
     ConfigCli,
@@ -87,20 +87,11 @@ class TrainingDiverged(FloatingPointError):
     """The training loss or gradient norm is not finite: the run stops before the step can reach a checkpoint."""
 
 
-def router_logits_error(model) -> str | None:
-    """The routers' NaN/Inf error of this step, if any (read after the loss: the GPU has finished, so no wait)."""
-    try:
-        raise_if_router_logits_were_not_finite(model)
-    except FloatingPointError as error:
-        return str(error)
-    return None
-
-
 def check_finite_step(
-    step: int, loss: float, grad_norm: float | None, ckpt_dir: Path, router_error: str | None = None
+    step: int, loss: float, grad_norm: float | None, ckpt_dir: Path, router_error: FloatingPointError | None = None
 ) -> None:
     """Stop the run at the first step whose loss or gradient norm is NaN/Inf (DeepSpeed reports an invalid norm as
-    -1), or whose router logits were (``router_error``, the routers' own message), before anything saves it.
+    -1), or whose router logits were (``router_error``, the routers' own error), before anything saves it.
     DeepSpeed's own bf16 check would skip such steps one after another without a word, at a launch per parameter
     per step; ``load_deepspeed_config`` turns it off where this check reads the norm."""
     bad_norm = grad_norm is not None and not (math.isfinite(grad_norm) and grad_norm >= 0)
@@ -109,7 +100,7 @@ def check_finite_step(
     latest = ckpt_dir / "latest"
     saved = f"the last checkpoint is {latest.read_text().strip()}" if latest.exists() else "no checkpoint was saved"
     norm = "not computed" if grad_norm is None else ("NaN/Inf" if bad_norm else f"{grad_norm:.4g}")
-    cause = f" ({router_error})" if router_error else ""
+    cause = f" ({router_error})" if router_error is not None else ""
     raise TrainingDiverged(
         f"training diverged at step {step}: loss {loss:.4g}, gradient norm {norm}{cause}; stopped before saving it, "
         f"{saved} (--resume continues from it; a lower --set train.lr=... or train.grad_clip=... may hold it)"

@@ -235,7 +235,8 @@ def test_check_finite_step_reads_deepspeeds_invalid_norm(tmp_path):
         check_finite_step(5, 2.5, -1.0, tmp_path)  # DeepSpeed masks a non-finite norm to -1
     # NaN router logits found by the routers' own check (on a GPU it reports once a step, here): named as the cause
     with pytest.raises(TrainingDiverged, match=r"step 5: loss nan, gradient norm 0.7 \(router logits of MoE layer 1"):
-        check_finite_step(5, float("nan"), 0.7, tmp_path, "router logits of MoE layer 1 contain NaN/Inf for 3 tokens")
+        error = FloatingPointError("router logits of MoE layer 1 contain NaN/Inf for 3 tokens")
+        check_finite_step(5, float("nan"), 0.7, tmp_path, error)
 
 
 @pytest.mark.parametrize(

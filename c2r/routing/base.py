@@ -44,7 +44,7 @@ class Router(nn.Module):
 
     def logits_check(self) -> FiniteLogitsCheck | None:
         """This router's NaN/Inf check of its logits (c2r/routing/finite.py), read by
-        :func:`c2r.routing.updates.raise_if_router_logits_were_not_finite` once a step: on a GPU the check runs without
+        :func:`c2r.routing.updates.router_logits_error` once a step: on a GPU the check runs without
         waiting for the device, so what it finds may surface only there. None: nothing to check."""
         return None
 

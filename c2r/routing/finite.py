@@ -6,8 +6,8 @@ step and 54 ms of host waiting per 32k-token step, each leaving the GPU idle whi
 
 So on a GPU the count of bad tokens stays on the device, is copied to pinned host memory without waiting, and is
 read once it has landed: at the layer's next forward when the copy is done by then (no wait), or at
-:func:`c2r.routing.updates.raise_if_router_logits_were_not_finite`, which c2r-train calls once a step after it has
-read the loss and after each evaluation, and c2r-adak before it saves (the GPU has finished by then, so the one
+:func:`c2r.routing.updates.router_logits_error`, which c2r-train calls once a step after it has read the loss and
+after each evaluation, and c2r-adak before it saves (the GPU has finished by then, so the one
 wait there costs nothing). On the CPU the check is immediate, as there is nothing to wait for, and names the tokens.
 """
 
@@ -32,7 +32,7 @@ def nonfinite_logits_error(count: int, tokens: int | None, layer_index: int, fir
 class FiniteLogitsCheck:
     """One router's NaN/Inf check. On a GPU: a device count of bad tokens since the layer was built, whose newest
     value is copied to the host while the GPU runs on; :meth:`raise_if_seen` (at each forward) reads a copy that has
-    landed, :func:`c2r.routing.updates.raise_if_router_logits_were_not_finite` (once a step) waits for the newest."""
+    landed, :func:`c2r.routing.updates.router_logits_error` (once a step) waits for the newest."""
 
     def __init__(self, layer_index: int):
         self.layer_index = layer_index

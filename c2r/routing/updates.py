@@ -37,16 +37,24 @@ def after_optimizer_step(model: nn.Module, group=None) -> dict[str, float]:
     return stats
 
 
-def raise_if_router_logits_were_not_finite(model: nn.Module) -> None:
-    """Raise the error of the first router in ``model`` whose logits were NaN/Inf so far: the newest counts of every
-    router in one copy and one wait (c2r-train calls it once a step, after reading the loss, when the GPU is idle;
+def router_logits_error(model: nn.Module) -> FloatingPointError | None:
+    """The error of the first router in ``model`` whose logits were NaN/Inf so far, or None: the newest counts of
+    every router in one copy and one wait (after the step's loss is read the GPU is idle, so the wait costs nothing;
     on the CPU the routers have raised already). Routers keep their checks in c2r/routing/finite.py."""
     checks = [c for m in model.modules() if isinstance(m, Router) and (c := m.logits_check()) is not None]
     checks = [c for c in checks if c.bad_count is not None]
     if not checks:
-        return
+        return None
     host, landed = host_copy(torch.stack([c.bad_count for c in checks]))
     wait_for(landed, "the routers' NaN/Inf check")  # NOTE: host sync, once a step
     for check, count in zip(checks, host.tolist()):
         if count > 0:
-            raise nonfinite_logits_error(count, None, check.layer_index)
+            return nonfinite_logits_error(count, None, check.layer_index)
+    return None
+
+
+def raise_if_router_logits_were_not_finite(model: nn.Module) -> None:
+    """Raise :func:`router_logits_error` where there is one (c2r-train after each evaluation, c2r-adak before it
+    saves)."""
+    if (error := router_logits_error(model)) is not None:
+        raise error
