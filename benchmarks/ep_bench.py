@@ -173,11 +173,13 @@ def synthetic_routing(cfg: EPConfig, rank: int, world: int, device, seed: int) -
     )
 
 
-def planned_layouts(cfg: EPConfig, world: int, method: str, nodes: int = 1) -> tuple[ExpertLayout, ExpertLayout, str]:
+def planned_layouts(
+    cfg: EPConfig, world: int, method: str, nodes: int = 1
+) -> tuple[ExpertLayout, ExpertLayout | None, str]:
     """The planned layout and the same homes with replicas, planned on rank 0 from a separate sample (seed 1; the
     benchmark's routing uses seed 0) and broadcast; with ``nodes`` > 1 the two-level plan (nodes, then ranks). The
     replicas (``REPLICA_SLOTS_PER_RANK`` per rank, placement/replicate.py) bring the sample's skewed rank load toward
-    ``REPLICA_TARGET``, as ``c2r-place plan --replicas`` would."""
+    ``REPLICA_TARGET``, as ``c2r-place plan --replicas`` would; None on one rank."""
     box: list = [None]
     if dist.get_rank() == 0:
         sample = routing_from_expert_ids(
@@ -191,11 +193,14 @@ def planned_layouts(cfg: EPConfig, world: int, method: str, nodes: int = 1) -> t
                 f"greedy ({method}: {error})",
             )
         homes = ExpertLayout(tuple(expert_to_rank), world)
-        replicated = replicate_layer(sample, homes, cfg.E + REPLICA_SLOTS_PER_RANK * world, REPLICA_TARGET)
-        box[0] = (expert_to_rank, replicated.to_json(), used)
+        replicated = None  # one rank holds every expert once: there is nowhere to put a copy
+        if world > 1:
+            replicated = replicate_layer(sample, homes, cfg.E + REPLICA_SLOTS_PER_RANK * world, REPLICA_TARGET)
+        box[0] = (expert_to_rank, replicated and replicated.to_json(), used)
     dist.broadcast_object_list(box, src=0)
     expert_to_rank, replicated, used = box[0]
-    return ExpertLayout(tuple(expert_to_rank), world), ExpertLayout.from_json(replicated, world, cfg.E), used
+    replicated = replicated and ExpertLayout.from_json(replicated, world, cfg.E)
+    return ExpertLayout(tuple(expert_to_rank), world), replicated, used
 
 
 # ---- contenders --------------------------------------------------------------------------------------------------
@@ -385,6 +390,8 @@ def build_deepspeed_ep(cfg, device, dtype, args, routing) -> Contender:
 def build(name: str, cfg, device, dtype, args, routing, layouts) -> Contender:
     if name.startswith("c2r-"):
         mode, layout, chunks = parse_c2r(name)
+        if layouts[layout] is None:
+            raise Skip("replicas need 2+ ranks (one rank already holds every expert)")
         return build_c2r(cfg, device, dtype, args, routing, mode, layouts[layout], chunks)
     builders = {
         "single-device": build_single_device,
@@ -403,10 +410,16 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def max_over_ranks(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+def reduce_over_ranks(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
+    """``values`` reduced over the ranks, on the device the backend reduces (NCCL takes no CPU tensors)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op)
     return t.tolist()
+
+
+def max_over_ranks(values: list[float]) -> list[float]:
+    return reduce_over_ranks(values, dist.ReduceOp.MAX)
 
 
 def measure(contender: Contender, x: torch.Tensor, grad_out: torch.Tensor, args) -> dict:
@@ -427,6 +440,7 @@ def measure(contender: Contender, x: torch.Tensor, grad_out: torch.Tensor, args)
         out = contender.step(x)
     del out
     x.grad = None
+    sync(device)  # the exchange clock reads CUDA events: they must have completed
     if contender.clock is not None:
         contender.clock.take_ms()
     if device.type == "cuda":
@@ -468,16 +482,15 @@ def measure(contender: Contender, x: torch.Tensor, grad_out: torch.Tensor, args)
     meta = contender.clock.meta if contender.clock is not None else None
     if meta is not None:
         sent = sum(meta.send_splits)
-        counts = torch.tensor([sent, sent - meta.send_splits[meta.ep_rank], meta.num_tokens], dtype=torch.float64)
-        dist.all_reduce(counts)
+        copies, remote, tokens = reduce_over_ranks([sent, sent - meta.send_splits[meta.ep_rank], meta.num_tokens])
         # each rank's expert work: the (token, expert) pairs it computes; the step waits for the busiest rank
-        load_R = torch.zeros(dist.get_world_size(), dtype=torch.float64)
+        load_R = [0.0] * dist.get_world_size()
         load_R[dist.get_rank()] = float(meta.tokens_per_local_expert_X.sum())
-        dist.all_reduce(load_R)
+        load_R = reduce_over_ranks(load_R)
         result.update(
-            copies_per_token=counts[0].item() / counts[2].item(),
-            remote_bytes_per_token=counts[1].item() * meta.bytes_per_row / counts[2].item(),
-            rank_load_max_mean=(load_R.max() / load_R.mean()).item(),
+            copies_per_token=copies / tokens,
+            remote_bytes_per_token=remote * meta.bytes_per_row / tokens,
+            rank_load_max_mean=max(load_R) / (sum(load_R) / len(load_R)),
         )
     return result
 
@@ -576,7 +589,7 @@ def main(argv=None) -> None:
                     row["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:200]
                 if "planned" in name or "replicated" in name:
                     row["plan"] = plan_method
-                if name.startswith("c2r-"):  # what c2r-place simulate needs to predict this row
+                if name.startswith("c2r-") and layouts[parse_c2r(name)[1]]:  # what c2r-place simulate needs
                     row["expert_to_rank"] = layouts[parse_c2r(name)[1]].to_json()
                     row["gpus_per_node"] = args.gpus_per_node
                 rows.append(row)

@@ -155,6 +155,13 @@ def c2r_command(args, model_dir: Path, data: Path, out: Path, backend: str, port
     return cmd
 
 
+def last_window_start(steps: int, every: int) -> int:
+    """The first step (0-based) of the last window c2r-train averages its train loss over: it writes a record
+    every ``every`` steps and at the last step (c2r/train.py), each with the mean loss of the steps since the
+    previous one. The Hugging Face contenders report the mean of the same steps: like with like."""
+    return (steps - 1) // every * every
+
+
 def c2r_result(out: Path, args) -> dict:
     """Tokens/s over the records after the warm-up's, from the run's metrics.jsonl."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -271,7 +278,7 @@ def worker(args) -> None:
     replaced = sum(type(m).__name__ == "AutoEPMoELayer" for m in engine.module.modules())
     if args.worker == "autoep" and replaced != config.num_hidden_layers:
         raise RuntimeError(f"AutoEP replaced {replaced} of {config.num_hidden_layers} MoE blocks")
-    seconds, loss_value = 0.0, float("nan")
+    seconds, losses = 0.0, []
     for step in range(args.steps):
         started = time.perf_counter()
         idx_BS, targets_BS = batches.batch_at(step, device)
@@ -279,11 +286,17 @@ def worker(args) -> None:
         loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets_BS.reshape(-1))
         engine.backward(loss)
         engine.step()
-        loss_value = loss.item()  # waits for the GPU, as c2r's per-step loss does
+        losses.append(loss.item())  # waits for the GPU, as c2r's per-step loss does
         if step >= args.warmup:
             seconds += time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if use_cuda else None
-    result = {"steps_timed": args.steps - args.warmup, "seconds": seconds, "peak_gib": peak, "final_loss": loss_value}
+    last = losses[last_window_start(args.steps, args.warmup) :]  # the steps c2r's last metrics record averages
+    result = {
+        "steps_timed": args.steps - args.warmup,
+        "seconds": seconds,
+        "peak_gib": peak,
+        "final_loss": sum(last) / len(last),
+    }
     if int(os.environ.get("RANK", 0)) == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "result.json").write_text(json.dumps(result))
@@ -314,7 +327,7 @@ def fmt(value, spec: str) -> str:
 
 def table(results: list[Result]) -> str:
     rows = [
-        "| config | contender | steps timed | tokens/s | ms/step | peak GiB | final loss |",
+        "| config | contender | steps timed | tokens/s | ms/step | peak GiB | train loss, last window |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
@@ -384,7 +397,8 @@ def main(argv=None) -> int:
                     Path(args.json).write_text(json.dumps(report(args, results), indent=1))
     print(
         f"\n{args.batch_size} x {args.seq_len} tokens per step, {args.layers} layers, one device, c2r's default "
-        "DeepSpeed config (GPU: bf16 ZeRO-2; CPU: float32 ZeRO-2)\n"
+        "DeepSpeed config (GPU: bf16 ZeRO-2; CPU: float32 ZeRO-2); train loss: the mean LM loss of steps "
+        f"{last_window_start(args.steps, args.warmup) + 1}-{args.steps} for every contender\n"
     )
     print(table(results))
     return 0

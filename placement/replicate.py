@@ -354,6 +354,7 @@ def replicate_layer(
     layout.require_unreplicated("adding replicas to a plan")
     if routing.pairwise:
         raise PlacementError("--replicas needs per-token routing (--traces): co-activation counts cannot predict it")
+    parse_num_slots(num_slots, layout.num_experts, layout.num_ranks)  # the CLI's checks, for callers of this function
     if num_slots == layout.num_experts:
         return layout
     state = _Replicator(routing, layout, num_slots, target, _step_scale(routing, step_load_SE, load_E))

@@ -403,3 +403,38 @@ def test_nan_router_logits_on_a_gpu_are_reported_without_a_host_sync():
     torch.cuda.synchronize()
     with pytest.raises(FloatingPointError, match="MoE layer 5 contain NaN/Inf for 2 tokens"):
         fresh(x)
+
+
+@needs_cuda
+def test_ep_bench_runs_every_contender_on_gpus(tmp_path):
+    """benchmarks/ep_bench.py over NCCL on min(2, GPUs) ranks, tiny sizes: every contender measures (none errors),
+    and the dispatchers' host syncs per forward are within the issue's bound. Its CPU test runs gloo, which takes
+    CPU tensors in collectives and never reads CUDA events: this is the run that caught both on the GPU."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from c2r.experts.megablocks_backend import megablocks_unavailable_reason
+    from c2r.parallel.ports import free_port
+
+    repo = Path(__file__).resolve().parents[1]
+    world, out = min(2, torch.cuda.device_count()), tmp_path / "ep.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
+           str(free_port()), str(repo / "benchmarks" / "ep_bench.py"), "--configs", "tiny", "--rounds", "1",
+           "--iters", "2", "--warmup", "1", "--json", str(out)]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=repo, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {(r["routing"], r["contender"]): r for r in json.loads(out.read_text())["rows"]}
+    assert not {key: r["error"] for key, r in rows.items() if "error" in r}
+    measured = {key for key, r in rows.items() if "ms_median" in r}
+    assert ("router", "deepspeed-moe-ep") in measured
+    if not megablocks_unavailable_reason():
+        assert ("synthetic", "megablocks-dmoe-ep") in measured
+    for routing in ("synthetic", "router"):
+        for mode in ("per-expert", "per-rank", "per-node"):
+            row = rows[routing, f"c2r-{mode}-contiguous"]
+            assert row["ms_median"] > 0 and row["host_syncs_per_forward"] <= 2, (routing, mode, row)
+            assert row["copies_per_token"] >= 1

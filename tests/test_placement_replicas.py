@@ -117,6 +117,17 @@ def test_planned_replicas_keep_slots_even_and_meet_the_cap(num_slots):
     assert load <= 1.05 + 1e-9
 
 
+def test_replicate_layer_refuses_impossible_slot_counts_in_one_line():
+    """The library call checks what the CLI checks (ep_bench called it with more slots than one rank can hold and
+    got ``min() arg is an empty sequence``)."""
+    routing = routing_from_expert_ids(clustered(200), 16)
+    one_rank = ExpertLayout.contiguous(16, 1)
+    with pytest.raises(PlacementError, match=r"P \(18\) must be <= experts x ranks \(16 x 1\)"):
+        replicate_layer(routing, one_rank, 18, target=1.05)
+    with pytest.raises(PlacementError, match=r"P \(18\) must be a multiple of ranks \(4\)"):
+        replicate_layer(routing, ExpertLayout.contiguous(16, 4), 18, target=1.05)
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """Profiler traces: 16 experts, top-4, clustered, skewed popularity, 6 steps of 500 tokens per layer."""
