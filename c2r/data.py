@@ -224,4 +224,9 @@ class BatchSampler:
         first = (self.rank * self.micro_batches + micro) * self.batch_size
         mine = starts[first : first + self.batch_size]
         windows = torch.stack([self.tokens[s : s + self.block_size + 1] for s in mine.tolist()])
+        if torch.device(device).type == "cuda":
+            # From pinned memory without a wait: a pageable copy would make the host wait for the GPU to finish
+            # the previous step before it could queue this one (c2r/step_reads.py).
+            windows = windows.pin_memory().to(device, non_blocking=True)
+            return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
         return windows[:, :-1].to(device), windows[:, 1:].to(device)

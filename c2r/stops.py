@@ -1,10 +1,11 @@
 """Safe stops: when a training run saves, and how SIGINT / SIGTERM end it with a checkpoint on every rank.
 
 A signal only sets a flag: its handler runs in the main thread between two bytecodes, perhaps mid-step or inside a
-collective, where nothing can be saved. At each step boundary every rank all-reduces its flags, so one rank's signal
-(Ctrl-C reaches every process of the terminal's group, a scheduler's SIGTERM perhaps only some, the deepspeed
-launcher forwards SIGTERM after the terminal's SIGINT) stops all ranks after the same step, and they save together.
-The time-based save is agreed the same way: each rank's clock differs a little, the maximum decides.
+collective, where nothing can be saved. At each step boundary every rank's flags are summed over the ranks (in
+c2r-train with the step's loss, read a step later: c2r/step_reads.py), so one rank's signal (Ctrl-C reaches every
+process of the terminal's group, a scheduler's SIGTERM perhaps only some, the deepspeed launcher forwards SIGTERM
+after the terminal's SIGINT) stops all ranks after the same step -- the step in flight and the next one -- and they
+save together. The time-based save is agreed the same way: each rank's clock differs a little, any rank's counts.
 A second signal of the same kind while a stop is pending aborts at once (the handler in place before ours acts).
 """
 
@@ -63,21 +64,40 @@ class SavePolicy:
 
     Saves every ``every_steps`` steps (0: never), when ``every_minutes`` have passed since the last save (0: never),
     at ``last_step``, and when any rank got a stop signal.
+
+    Each rank's signals and clock reach the others as :meth:`flags`, summed over the ranks. c2r-train sends them
+    with the step's loss (c2r/step_reads.py) and decides on the newest it has read, one step old: a signal during
+    a step stops every rank after the next one, together, without a host sync of its own (:meth:`decide`).
+    :meth:`after_step` is the same decision on this step's flags, reduced on the spot (one host sync).
     """
 
     def __init__(self, every_steps: int, every_minutes: float, last_step: int, signals: StopSignals, device):
         self.every_steps, self.every_minutes, self.last_step = every_steps, every_minutes, last_step
         self.signals, self.device = signals, device
         self.last_save = time.monotonic()
+        self.last_save_step = -1  # a time flag sampled at or before the last save is stale
 
-    def after_step(self, done: int) -> Boundary:
-        """``done``: steps completed. A collective: every rank calls it after every step."""
+    def flags(self) -> list[float]:
+        """This rank's flags now: one per stop signal (1: received), then whether a time-based save is due."""
         time_due = self.every_minutes > 0 and time.monotonic() - self.last_save >= 60 * self.every_minutes
-        flags = torch.tensor([self.signals.received or 0, int(time_due)], dtype=torch.int64, device=self.device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        signum, time_due = flags.tolist()  # NOTE: host sync, one per step (the loss average already has one)
+        return [float(self.signals.received == signum) for signum in self.signals.signums] + [float(time_due)]
+
+    def decide(self, done: int, flags: list[float] | None, flags_step: int | None) -> Boundary:
+        """The boundary after step ``done``, from ``flags`` summed over the ranks, sampled after step ``flags_step``
+        (None: none read yet). Every rank passes the same values, so every rank decides the same."""
+        signum, time_due = None, False
+        if flags is not None:
+            *received, due = flags
+            signum = next((s for s, n in zip(self.signals.signums, received) if n > 0), None)
+            time_due = due > 0 and flags_step > self.last_save_step
         step_due = self.every_steps > 0 and done % self.every_steps == 0
         save = bool(signum or time_due or step_due or done == self.last_step)
         if save:
-            self.last_save = time.monotonic()
+            self.last_save, self.last_save_step = time.monotonic(), done
         return Boundary(save=save, stop_signal=signal.Signals(signum).name if signum else None)
+
+    def after_step(self, done: int) -> Boundary:
+        """``done``: steps completed. A collective: every rank calls it after every step."""
+        flags = torch.tensor(self.flags(), dtype=torch.float64, device=self.device)
+        dist.all_reduce(flags)
+        return self.decide(done, flags.tolist(), done)  # NOTE: host sync

@@ -26,7 +26,7 @@ from c2r.hf.training import base_settings
 from c2r.model import ModelOutput
 from c2r.profiled import profiled_model
 from c2r.routing import RoutingResult, after_optimizer_step
-from c2r.routing.updates import raise_if_router_logits_were_not_finite, router_logits_error
+from c2r.routing.updates import raise_if_router_logits_were_not_finite
 from c2r.run_dir import check_out_dir, clear_run
 from c2r.run_setup import (
     ConfigCli,
@@ -47,6 +47,7 @@ from c2r.run_setup import (
     start_run,
     tokens_per_step,
 )
+from c2r.step_reads import StepReader
 from c2r.stops import SavePolicy, StopSignals
 from profiling.kernels import KernelProfile, phase
 from profiling.session import ProfileSession, open_comm_profiler
@@ -71,16 +72,6 @@ def routing_stats(routings: list[RoutingResult], device: torch.device) -> dict[s
         "load_imbalance": float(imbalance_L.mean()),
         "load_imbalance_by_layer": [round(float(i), 4) for i in imbalance_L],
     }
-
-
-def read_step(micro_losses: list[torch.Tensor], grad_norm) -> tuple[float, float | None]:
-    """The micro-batches' mean loss and the gradient norm (a tensor, a float or None, as DeepSpeed reports it) as
-    floats, in one host sync however many micro-batches the step had."""
-    on_device = torch.is_tensor(grad_norm)
-    values = torch.stack(micro_losses + ([grad_norm.float().reshape(())] if on_device else [])).tolist()
-    if on_device:
-        grad_norm = values.pop()
-    return sum(values) / len(values), grad_norm
 
 
 class TrainingDiverged(FloatingPointError):
@@ -183,6 +174,7 @@ def train_steps(config: RunConfig, engine, corpus, info, comm, policy: SavePolic
         first = start + config.profile.kernel_warmup
         kernels = KernelProfile(out_dir / "profile", first, config.profile.kernel_steps, info.device.type == "cuda")
     history, step_losses, window, router_state = [], [], [], {}
+    reads, latest = StepReader(engine.module, info.device), None  # latest: the newest step numbers read
     started = time.perf_counter()
     bar = progress_bar(range(start, tc.steps), "train", enabled=is_main)
     metrics_log = MetricsLog(out_dir / "metrics.jsonl", append=tc.resume, enabled=is_main, format_record=format_record)
@@ -215,23 +207,38 @@ def train_steps(config: RunConfig, engine, corpus, info, comm, policy: SavePolic
                     router_state = after_optimizer_step(engine.module)  # ReMoE's lambda, group-limited bias, ...
             if profiler:
                 profiler.end_step(step)
+            done = step + 1
+            eval_due = done % tc.eval_every == 0 or done == tc.steps
             with phase("loss_log"):
                 # fp16's dynamic loss scaling overflows on purpose now and then (DeepSpeed skips that step and
                 # lowers the scale): there only a non-finite loss is divergence.
                 norm = engine.get_global_grad_norm() if boundary and not engine.fp16_enabled() else None
-                loss, norm = read_step(micro_losses, norm)
-                step_losses.append(global_mean(loss, info.device))
-                check_finite_step(step + 1, step_losses[-1], norm, ckpt_dir, router_logits_error(engine.module))
+                # This step's numbers are queued, the previous step's read (c2r/step_reads.py): the host goes on
+                # to the next step while the GPU finishes this one. A boundary that evaluates or saves reads its
+                # own step too, and every step is checked before anything saves it.
+                reads.queue(done, micro_losses, norm, policy.flags())
+                numbers = reads.read(wait_newest=eval_due)
+                # Signals and clocks are decided on one step late at every boundary, whatever it reads: a signal
+                # during step s stops every rank after step s + 1 (0-based), with a checkpoint.
+                latest = ([n for n in numbers if n.step < done] or [latest])[-1]
+                after = policy.decide(done, latest and latest.flags, latest and latest.step)
+                if after.save and not eval_due:
+                    numbers += reads.read(wait_newest=True)
+                latest = numbers[-1] if numbers else latest
+                for n in numbers:
+                    check_finite_step(n.step, n.loss, n.grad_norm, ckpt_dir, n.router_error)
+                    step_losses.append(n.loss)
+                    window.append(n.loss)
             if kernels:
                 kernels.end_step(step)
                 if kernels.summary and is_main:
                     log.info("kernel profile in %s:\n%s", out_dir / "profile" / "kernels.txt", kernels.summary)
                     kernels.summary = None
-            window.append(step_losses[-1])
-            window_s += time.perf_counter() - step_started  # after the loss's .item(): the GPU is done
-            bar.set_postfix(loss=f"{step_losses[-1]:.3f}", lr=f"{lr_at(step, tc):.1e}")
-            done = step + 1
-            if done % tc.eval_every == 0 or done == tc.steps:
+            # Summed over a window that ends with its own step's numbers read (the GPU done): its wall time.
+            window_s += time.perf_counter() - step_started
+            if step_losses:
+                bar.set_postfix(loss=f"{step_losses[-1]:.3f}", lr=f"{lr_at(step, tc):.1e}")
+            if eval_due:
                 record = {
                     "step": done,
                     "train_loss": sum(window) / len(window),
@@ -250,7 +257,6 @@ def train_steps(config: RunConfig, engine, corpus, info, comm, policy: SavePolic
                 history.append(record)
                 metrics.write(record)
                 write_monitor(engine, record)
-            after = policy.after_step(done)
             if after.save:
                 checkpoint.save_checkpoint(engine, ckpt_dir, done, run_config)
                 if is_main:

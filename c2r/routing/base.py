@@ -9,8 +9,8 @@ in an override's name would otherwise be skipped silently.
   :func:`c2r.routing.after_optimizer_step` on every rank.
 - :meth:`Router.set_expert_placement`: the layer's expert-parallel placement, told to routers that group experts by
   rank (group-limited); called when a layer is sharded or a DeepSpeed gate learns its expert-parallel group.
-- :meth:`Router.logits_check`: the router's NaN/Inf check of its logits, read once a step by the trainer after it
-  has read the loss (on a GPU the check runs without waiting for the device, so it may report only then).
+- :meth:`Router.logits_check`: the router's NaN/Inf check of its logits, read by the trainer with each step's loss
+  (c2r/step_reads.py; on a GPU the check runs without waiting for the device, so it may report only then).
 - :meth:`Router.init_from_pretrained`: converting the weights of a trained router of another kind (AdaMoE seeds its
   null experts); called after loading a checkpoint's weights with ``--init-from``.
 
@@ -44,7 +44,7 @@ class Router(nn.Module):
 
     def logits_check(self) -> FiniteLogitsCheck | None:
         """This router's NaN/Inf check of its logits (c2r/routing/finite.py), read by
-        :func:`c2r.routing.updates.router_logits_error` once a step: on a GPU the check runs without
+        c2r-train with each step's loss (c2r/step_reads.py): on a GPU the check runs without
         waiting for the device, so what it finds may surface only there. None: nothing to check."""
         return None
 

@@ -6,9 +6,10 @@ step and 54 ms of host waiting per 32k-token step, each leaving the GPU idle whi
 
 So on a GPU the count of bad tokens stays on the device, is copied to pinned host memory without waiting, and is
 read once it has landed: at the layer's next forward when the copy is done by then (no wait), or at
-:func:`c2r.routing.updates.router_logits_error`, which c2r-train calls once a step after it has read the loss and
-after each evaluation, and c2r-adak before it saves (the GPU has finished by then, so the one
-wait there costs nothing). On the CPU the check is immediate, as there is nothing to wait for, and names the tokens.
+:func:`c2r.routing.updates.router_logits_error` after each evaluation and in c2r-adak before it saves (the GPU has
+finished by then, so the one wait there costs nothing), and with every step's loss by c2r-train (c2r/step_reads.py:
+all layers' counts in the step's one copy, read a step later). On the CPU the check is immediate, as there is
+nothing to wait for, and names the tokens.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ import torch
 from c2r.host_syncs import host_copy
 
 
-def nonfinite_logits_error(count: int, tokens: int | None, layer_index: int, first_rows: list[int] | None = None):
+def nonfinite_logits_error(
+    count: int, tokens: int | None, layer_index: int, first_rows: list[int] | None = None, all_ranks: bool = False
+):
     """The one error for NaN/Inf router logits: ``count`` bad tokens (of ``tokens`` where known, with the first
-    indices where known) in MoE layer ``layer_index``."""
+    indices where known; summed over the ranks where ``all_ranks``) in MoE layer ``layer_index``."""
     of = f" of {tokens}" if tokens is not None else ""
-    where = f" (first token indices: {first_rows})" if first_rows else " (over its forwards so far on this rank)"
+    so_far = " (over its forwards so far, all ranks)" if all_ranks else " (over its forwards so far on this rank)"
+    where = f" (first token indices: {first_rows})" if first_rows else so_far
     return FloatingPointError(
         f"router logits of MoE layer {layer_index} contain NaN/Inf for {count}{of} tokens{where}; check the input "
         "activations and the learning rate"
@@ -32,7 +36,7 @@ def nonfinite_logits_error(count: int, tokens: int | None, layer_index: int, fir
 class FiniteLogitsCheck:
     """One router's NaN/Inf check. On a GPU: a device count of bad tokens since the layer was built, whose newest
     value is copied to the host while the GPU runs on; :meth:`raise_if_seen` (at each forward) reads a copy that has
-    landed, :func:`c2r.routing.updates.router_logits_error` (once a step) waits for the newest."""
+    landed; c2r-train reads the count with each step's loss (c2r/step_reads.py)."""
 
     def __init__(self, layer_index: int):
         self.layer_index = layer_index

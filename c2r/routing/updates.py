@@ -15,7 +15,7 @@ from torch import nn
 
 from c2r.host_syncs import host_copy, wait_for
 from c2r.routing.base import Router
-from c2r.routing.finite import nonfinite_logits_error
+from c2r.routing.finite import FiniteLogitsCheck, nonfinite_logits_error
 
 
 def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
@@ -37,20 +37,39 @@ def after_optimizer_step(model: nn.Module, group=None) -> dict[str, float]:
     return stats
 
 
+def router_checks(model: nn.Module) -> list[FiniteLogitsCheck]:
+    """The NaN/Inf checks of every router in ``model`` that has one (c2r/routing/finite.py), in module order."""
+    return [c for m in model.modules() if isinstance(m, Router) and (c := m.logits_check()) is not None]
+
+
+def bad_logit_counts(checks: list[FiniteLogitsCheck], device: torch.device) -> torch.Tensor:
+    """[len(checks)] int64 on ``device``: each check's bad tokens so far on this rank (0 before its first GPU
+    forward; on the CPU the routers raise at once and count nothing)."""
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    return torch.stack([zero if c.bad_count is None else c.bad_count.to(device) for c in checks])
+
+
+def first_router_error(
+    checks: list[FiniteLogitsCheck], counts: list[int], all_ranks: bool = False
+) -> FloatingPointError | None:
+    """The error of the first check whose host count (``counts``, from :func:`bad_logit_counts`; summed over the
+    ranks where ``all_ranks``) is not 0, or None."""
+    for check, count in zip(checks, counts):
+        if count > 0:
+            return nonfinite_logits_error(int(count), None, check.layer_index, all_ranks=all_ranks)
+    return None
+
+
 def router_logits_error(model: nn.Module) -> FloatingPointError | None:
-    """The error of the first router in ``model`` whose logits were NaN/Inf so far, or None: the newest counts of
-    every router in one copy and one wait (after the step's loss is read the GPU is idle, so the wait costs nothing;
-    on the CPU the routers have raised already). Routers keep their checks in c2r/routing/finite.py."""
-    checks = [c for m in model.modules() if isinstance(m, Router) and (c := m.logits_check()) is not None]
-    checks = [c for c in checks if c.bad_count is not None]
+    """The error of the first router in ``model`` whose logits were NaN/Inf so far on this rank, or None: the
+    newest counts of every router in one copy and one wait (c2r-train reads them with each step's loss instead,
+    c2r/step_reads.py; on the CPU the routers have raised already)."""
+    checks = [c for c in router_checks(model) if c.bad_count is not None]
     if not checks:
         return None
     host, landed = host_copy(torch.stack([c.bad_count for c in checks]))
-    wait_for(landed, "the routers' NaN/Inf check")  # NOTE: host sync, once a step
-    for check, count in zip(checks, host.tolist()):
-        if count > 0:
-            return nonfinite_logits_error(count, None, check.layer_index)
-    return None
+    wait_for(landed, "the routers' NaN/Inf check")  # NOTE: host sync
+    return first_router_error(checks, host.tolist())
 
 
 def raise_if_router_logits_were_not_finite(model: nn.Module) -> None:
