@@ -31,6 +31,9 @@ reason.
 Run on 2 GPUs (from the repository root):
     python -m torch.distributed.run --nproc_per_node 2 benchmarks/ep_bench.py --configs deepseek-like qwen3-like \\
         mixtral-like --rounds 3 --iters 30 --json ep_bench.json
+Where one contender's time goes (kernels, GPU idle gaps, top ops), on one GPU or several:
+    python -m torch.distributed.run --nproc_per_node 1 benchmarks/ep_bench.py --configs deepseek-like \
+        --routing synthetic --contenders c2r-per-expert-contiguous c2r-per-rank-contiguous --profile 3
 CPU smoke (gloo; what tests/test_ep_bench.py runs):
     python -m torch.distributed.run --nproc_per_node 2 benchmarks/ep_bench.py --device cpu --dtype float32 \\
         --configs tiny --rounds 1 --iters 2
@@ -69,6 +72,7 @@ from placement.methods import plan_layer  # noqa: E402
 from placement.replicate import replicate_layer  # noqa: E402
 from placement.synthetic import synthetic_expert_ids  # noqa: E402
 from profiling.host_syncs import count_host_syncs  # noqa: E402
+from profiling.kernels import profile_steps  # noqa: E402
 
 STRUCTURE_SEED = 11  # popularity and clusters of the synthetic routing; token draws vary by seed
 C2R_CONTENDERS = [
@@ -422,8 +426,8 @@ def max_over_ranks(values: list[float]) -> list[float]:
     return reduce_over_ranks(values, dist.ReduceOp.MAX)
 
 
-def measure(contender: Contender, x: torch.Tensor, grad_out: torch.Tensor, args) -> dict:
-    device = x.device
+def training_step(contender: Contender, x: torch.Tensor, grad_out: torch.Tensor) -> Callable[[], None]:
+    """One forward + backward of the contender's layer, gradients reset first."""
 
     def step():
         x.grad = None
@@ -431,6 +435,13 @@ def measure(contender: Contender, x: torch.Tensor, grad_out: torch.Tensor, args)
             p.grad = None
         out = contender.step(x)
         (out.float() * grad_out).sum().backward()
+
+    return step
+
+
+def measure(contender: Contender, x: torch.Tensor, grad_out: torch.Tensor, args) -> dict:
+    device = x.device
+    step = training_step(contender, x, grad_out)
 
     for _ in range(args.warmup):
         step()
@@ -545,6 +556,15 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the raw numbers here (rank 0)")
     p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after timing, N more steps of each contender under torch.profiler: rank 0's kernels per step, GPU "
+        "busy vs wall, idle gaps and top ops, printed to stderr",
+    )
+    p.add_argument("--profile-rows", type=int, default=18, help="rows of each profile table (default 18)")
+    p.add_argument(
         "--gpus-per-node",
         type=int,
         help="ranks per node for per-node dispatch and the planned placement (default: the launcher's local world "
@@ -583,6 +603,12 @@ def main(argv=None) -> None:
                 try:
                     contender = build(name, cfg, device, dtype, args, routing, layouts)
                     row.update(measure(contender, x, grad_out, args))
+                    if args.profile:  # every rank runs the steps (they exchange); rank 0 prints its tables
+                        title = f"{cfg.name} {routing_kind} {name}, rank 0"
+                        step = training_step(contender, x, grad_out)
+                        lines = profile_steps(step, args.profile, device.type == "cuda", title, args.profile_rows)
+                        if rank == 0:
+                            print("\n".join(lines), file=sys.stderr, flush=True)
                 except Skip as why:
                     row["skipped"] = str(why)
                 except Exception as error:  # a contender that breaks is reported, the others still run

@@ -436,36 +436,16 @@ def contenders_for(cfg: BenchConfig) -> dict[str, Callable]:
 def print_profile(
     fn: Callable, x: torch.Tensor, params: tuple[torch.Tensor, ...], iters: int, title: str, rows: int = 18
 ) -> None:
-    """Where the time goes: torch.profiler over ``iters`` more forward + backward steps, the top kernels and ops by
-    device time (self time, so nested ops are not counted twice) and the number of kernels per step."""
-    from torch.profiler import ProfilerActivity, profile
+    """Where the time goes: ``iters`` more forward + backward steps under torch.profiler
+    (``profiling.kernels.profile_steps``: kernels per step, GPU busy vs wall, idle gaps, top ops by self time)."""
+    from profiling.kernels import profile_steps
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        times = time_fwd_bwd(fn, x, iters, warmup=0, params=params)
-    events = prof.key_averages()
-    on_cuda = x.device.type == "cuda"
-    sort_by = "self_device_time_total" if on_cuda else "self_cpu_time_total"
-    kernels = sum(e.count for e in events if on_cuda and e.device_type.name == "CUDA")
-    print(f"--- profile: {title}, {iters} steps, {kernels / iters:.0f} kernels per step ---")
-    if on_cuda:
-        print_idle_gaps(prof, sum(times) / iters, iters)
-    print(events.table(sort_by=sort_by, row_limit=rows, max_name_column_width=70), flush=True)
+    def step():
+        time_fwd_bwd(fn, x, 1, warmup=0, params=params)
+        for t in (x, *params):
+            t.grad = None
 
-
-def print_idle_gaps(prof, wall_ms: float, iters: int, shown: int = 6) -> None:
-    """GPU busy time per step (the union of kernel intervals) against the timed wall, and the longest idle gaps
-    between kernels, each with the kernels on either side: where the GPU waits on the host (the gaps between steps,
-    outside the timed wall, are listed too)."""
-    from profiling.kernels import busy_ms, idle_gaps, kernel_intervals
-
-    events = list(prof.profiler.kineto_results.events())
-    busy = busy_ms(kernel_intervals(events)) / iters
-    gaps = [(gap / 1e3, before.name()[:50], after.name()[:50]) for gap, before, after in idle_gaps(events)]
-    idle = wall_ms - busy  # the timed wall: the gaps between steps (grad resets) are outside it
-    print(f"GPU busy {busy:.3f} ms of {wall_ms:.3f} ms wall per step (idle {idle:.3f} ms); longest gaps:")
-    for gap, after, then in sorted(gaps, reverse=True)[:shown]:
-        print(f"  {gap:8.1f} us  after {after}  before {then}")
+    print("\n".join(profile_steps(step, iters, x.device.type == "cuda", title, rows)), flush=True)
 
 
 def run_one(cfg: BenchConfig, name: str, builder: Callable, args, device, dtype) -> dict:

@@ -8,11 +8,15 @@
 #                                                    per-expert contiguous vs profile -> plan -> per-rank + plan
 #   bash benchmarks/two_gpu_runs.sh e2e 32           the same at 32k tokens per GPU, and a kernel profile of the
 #                                                    per-rank + plan step
+#   bash benchmarks/two_gpu_runs.sh ep-profile       where per-expert, per-rank and MegaBlocks' EP layer spend their
+#                                                    time on the DeepSeek-like row (torch.profiler, 3 steps each)
+# NGPU=1 runs the same on one GPU (an EP group of one: no replicas, nothing on the wire), e.g. to try the script.
 # Needs megablocks and grouped_gemm importable (README.md, 'GPU install'; or a prepared `.device/setup.sh`, sourced
 # when present). Outputs under $OUT (default runs/two_gpu/<part>).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART=${1:?usage: two_gpu_runs.sh ep-fine|ep-mixtral-node|e2e 8|e2e 32}
+PART=${1:?usage: two_gpu_runs.sh ep-fine|ep-mixtral-node|e2e 8|e2e 32|ep-profile}
+NGPU=${NGPU:-2}
 [ -f .device/setup.sh ] && { source .device/setup.sh >/dev/null || exit 1; }
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-runs/two_gpu/$PART${2:-}}; mkdir -p "$OUT"
@@ -20,7 +24,7 @@ S=$(date +%s)
 left() { echo $((570 - $(date +%s) + S)); }  # seconds left of a 10-minute call
 # a timeout of at most $1 seconds that ends by the call's end (timeout 0 would mean none: never below 1)
 bounded() { local l; l=$(left); l=$((l < $1 ? l : $1)); echo $((l < 1 ? 1 : l)); }
-EP_BENCH=(python -m torch.distributed.run --nproc_per_node 2 benchmarks/ep_bench.py --rounds 3 --iters 10)
+EP_BENCH=(python -m torch.distributed.run --nproc_per_node "$NGPU" benchmarks/ep_bench.py --rounds 3 --iters 10)
 
 case $PART in
 ep-fine)
@@ -46,14 +50,14 @@ e2e)
   M="--set model.n_layer=8 --set model.d_model=2048 --set model.n_head=16 --set model.block_size=1024
      --set model.moe.num_experts=64 --set model.moe.top_k=8 --set model.moe.ffn_hidden_size=1024
      --set train.eval_every=10 --set train.eval_batches=1 --set train.save_last=false --set train.save_every=0
-     --set train.save_every_minutes=0 --steps 20 --set train.batch_size=$B --ep-size 2"
-  train() { local name=$1; shift; timeout "$(bounded "$T")" python -m deepspeed.launcher.runner --num_gpus 2 \
+     --set train.save_every_minutes=0 --steps 20 --set train.batch_size=$B --ep-size $NGPU"
+  train() { local name=$1; shift; timeout "$(bounded "$T")" python -m deepspeed.launcher.runner --num_gpus "$NGPU" \
     --module c2r.train $M "$@" --overwrite --out "$OUT/$name" > "$OUT/$name.log" 2>&1; echo "== $name rc $?"; }
   report() {
     python - "$OUT/$1/metrics.jsonl" <<'PY'
 import json, sys
 for r in [json.loads(line) for line in open(sys.argv[1])]:
-    print(f"  step {r['step']}: {r['tokens_per_s']:,.0f} tokens/s (2 GPUs), MFU {r['model_tflops_per_rank'] / 989:.1%}, "
+    print(f"  step {r['step']}: {r['tokens_per_s']:,.0f} tokens/s (all GPUs), MFU {r['model_tflops_per_rank'] / 989:.1%}, "
           f"loss {r['train_loss']:.3f}, val {r.get('val_loss', float('nan')):.3f}, "
           f"load max/mean {max(r['load_imbalance_by_layer']):.2f}")
 PY
@@ -61,7 +65,7 @@ PY
   train per-expert --dispatch per-expert; report per-expert
   # a short profiled run gives the plan its routing traces (8k tokens per GPU: the traces, not the speed, matter)
   train profiled --steps 8 --set train.batch_size=8 --dispatch per-expert --profile
-  timeout "$(bounded 60)" python -m c2r.place_cli plan --traces "$OUT/profiled/profile/traces" --ranks 2 --out "$OUT/plan.json" \
+  timeout "$(bounded 60)" python -m c2r.place_cli plan --traces "$OUT/profiled/profile/traces" --ranks "$NGPU" --out "$OUT/plan.json" \
     > "$OUT/plan.txt" 2>&1
   echo "== plan rc $?"; tail -5 "$OUT/plan.txt"
   train per-rank-plan --dispatch per-rank --plan "$OUT/plan.json"; report per-rank-plan
@@ -79,6 +83,12 @@ c['zero_optimization']['overlap_comm'] = True; json.dump(c, open('$OUT/ds_overla
     grep -a -A8 "GPU idle, by the phase\|host syncs per step" "$OUT/per-rank-plan-kernels/profile/kernels.txt"
   fi
   ;;
-*) echo "two_gpu_runs.sh: unknown part '$PART' (ep-fine, ep-mixtral-node, e2e 8, e2e 32)" >&2; exit 2 ;;
+ep-profile)
+  timeout "$(bounded 400)" "${EP_BENCH[@]}" --configs deepseek-like --routing synthetic --rounds 1 --iters 5 --profile 3 \
+    --contenders c2r-per-expert-contiguous c2r-per-rank-contiguous c2r-per-rank-planned megablocks-dmoe-ep \
+    > "$OUT/ep_profile.txt" 2> "$OUT/ep_profile.err"
+  echo "== ep-profile rc $?"; grep "^|" "$OUT/ep_profile.txt"; grep -a -A12 "^--- profile" "$OUT/ep_profile.err" | cut -c1-170
+  ;;
+*) echo "two_gpu_runs.sh: unknown part '$PART' (ep-fine, ep-mixtral-node, e2e 8, e2e 32, ep-profile)" >&2; exit 2 ;;
 esac
 echo "== $PART done in $(($(date +%s) - S)) s; outputs in $OUT"

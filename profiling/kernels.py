@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,44 @@ def idle_table(events, phase_of: dict[int, str], steps: int, shown: int = 8) -> 
     for gap, before, after in sorted(gaps, key=lambda g: -g[0])[:shown]:
         name = phase_of.get(after.correlation_id(), "-")
         lines.append(f"  {gap / 1e3:9.1f}  {name:<14} {before.name()[:60]} -> {after.name()[:60]}")
+    return lines
+
+
+def profile_steps(
+    step: Callable[[], None], iters: int, on_cuda: bool, title: str, rows: int = 18, trace: Path | None = None
+) -> list[str]:
+    """Where ``iters`` calls of ``step`` (one benchmark iteration each) spend their time, under torch.profiler: the
+    kernels per step, the GPU's busy time against the wall (the union of kernel intervals) with the longest idle
+    gaps and the kernels on either side, and the top ops by self time (device time on a GPU, so nested ops count
+    once). ``trace``: also write the Chrome trace there. For the layer benchmarks (benchmarks/layer_bench.py,
+    benchmarks/ep_bench.py ``--profile N``); a training run has :class:`KernelProfile`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    if on_cuda:
+        torch.cuda.synchronize()
+    with profile(activities=activities) as prof:
+        started = time.perf_counter()
+        for _ in range(iters):
+            step()
+        if on_cuda:
+            torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - started) * 1e3 / iters
+    if trace is not None:
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(trace))
+    averages = prof.key_averages()
+    kernels = sum(e.count for e in averages if on_cuda and e.device_type.name == "CUDA")
+    per_step = f", {kernels / iters:.0f} kernels per step" if on_cuda else ""
+    lines = [f"--- profile: {title}, {iters} steps{per_step} ---"]
+    if on_cuda:
+        events = list(prof.profiler.kineto_results.events())
+        busy = busy_ms(kernel_intervals(events)) / iters
+        lines.append(f"GPU busy {busy:.3f} ms of {wall_ms:.3f} ms wall per step (idle {wall_ms - busy:.3f} ms); gaps:")
+        for gap, before, after in sorted(idle_gaps(events), key=lambda g: -g[0])[:6]:
+            lines.append(f"  {gap / 1e3:8.1f} us  after {before.name()[:50]}  before {after.name()[:50]}")
+    sort_by = "self_device_time_total" if on_cuda else "self_cpu_time_total"
+    lines.append(averages.table(sort_by=sort_by, row_limit=rows, max_name_column_width=70))
     return lines
 
 

@@ -15,13 +15,17 @@ def test_ep_bench_runs_on_two_gloo_ranks(tmp_path):
     out = tmp_path / "ep.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(REPO / "benchmarks" / "ep_bench.py"), "--device", "cpu", "--dtype", "float32", "--configs", "tiny",
-           "--rounds", "1", "--iters", "2", "--warmup", "1", "--json", str(out)]  # fmt: skip
+           "--rounds", "1", "--iters", "2", "--warmup", "1", "--json", str(out),
+           "--profile", "1", "--profile-rows", "3"]  # fmt: skip
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1"
     )
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| config | routing | contender | ms |" in proc.stdout
+    # --profile: each measured contender's top ops (rank 0), after its timing
+    assert "--- profile: tiny synthetic c2r-per-rank-planned, rank 0, 1 steps ---" in proc.stderr
+    assert "c10d::alltoall" in proc.stderr
 
     rows = {(r["routing"], r["contender"]): r for r in json.loads(out.read_text())["rows"]}
     assert not [key for key, r in rows.items() if "error" in r], proc.stdout
