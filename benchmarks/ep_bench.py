@@ -506,6 +506,22 @@ def measure(contender: Contender, x: torch.Tensor, grad_out: torch.Tensor, args)
     return result
 
 
+def profile(contender: Contender, x: torch.Tensor, grad_out: torch.Tensor, title: str, row: dict, args) -> None:
+    """``--profile N``: N more steps under torch.profiler, rank 0's tables on stderr; a failure lands in the row's
+    ``profile_error``, beside its timings."""
+    try:
+        sync(x.device)
+        dist.barrier()  # the ranks start together: their skew would show as idle time in the first exchange
+        lines = profile_steps(
+            training_step(contender, x, grad_out), args.profile, x.device.type == "cuda", title, args.profile_rows
+        )
+    except Exception as error:
+        row["profile_error"] = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+        lines = [f"--- profile: {title}: {row['profile_error']}"]
+    if dist.get_rank() == 0:
+        print("\n".join(lines), file=sys.stderr, flush=True)
+
+
 # ---- report ------------------------------------------------------------------------------------------------------
 
 
@@ -604,11 +620,7 @@ def main(argv=None) -> None:
                     contender = build(name, cfg, device, dtype, args, routing, layouts)
                     row.update(measure(contender, x, grad_out, args))
                     if args.profile:  # every rank runs the steps (they exchange); rank 0 prints its tables
-                        title = f"{cfg.name} {routing_kind} {name}, rank 0"
-                        step = training_step(contender, x, grad_out)
-                        lines = profile_steps(step, args.profile, device.type == "cuda", title, args.profile_rows)
-                        if rank == 0:
-                            print("\n".join(lines), file=sys.stderr, flush=True)
+                        profile(contender, x, grad_out, f"{cfg.name} {routing_kind} {name}, rank 0", row, args)
                 except Skip as why:
                     row["skipped"] = str(why)
                 except Exception as error:  # a contender that breaks is reported, the others still run

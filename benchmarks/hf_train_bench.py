@@ -12,8 +12,9 @@ under the deepspeed launcher, bf16 + ZeRO-2 (our default GPU DeepSpeed config), 
 
 Every contender gets the same batches (c2r's batch sampler over the same tokenized text, seed 0), the same AdamW
 (lr 2e-3, betas 0.9/0.95, weight decay 0.1, warm-up then cosine, gradient clipping 1.0), and the same timing window:
-the training steps after ``--warmup`` steps, each step timed from its forward to the loss's ``.item()`` (which waits
-for the GPU), evaluations and checkpoints left out. c2r reports that window in metrics.jsonl (``train_window_s``).
+the training steps after ``--warmup`` steps, from a GPU with nothing queued to the wait for their last loss, with no
+host sync in between (c2r-train reads each step's loss a step late), evaluations and checkpoints left out. c2r
+reports that window in metrics.jsonl (``train_window_s``, windows of ``--warmup`` steps, each ending in a wait).
 Differences: AutoEP and HF eager decay every parameter (c2r: matrices only) and compute no router aux loss (c2r adds
 its router's, weight 0.01 by default: one tiny extra term).
 
@@ -278,17 +279,22 @@ def worker(args) -> None:
     replaced = sum(type(m).__name__ == "AutoEPMoELayer" for m in engine.module.modules())
     if args.worker == "autoep" and replaced != config.num_hidden_layers:
         raise RuntimeError(f"AutoEP replaced {replaced} of {config.num_hidden_layers} MoE blocks")
-    seconds, losses = 0.0, []
+    # Timed as c2r-train times its steps: no host sync inside the window (c2r reads each step's loss a step late,
+    # c2r/step_reads.py), one wait for the GPU at its end; the losses are read after it.
+    losses, started = [], None
     for step in range(args.steps):
-        started = time.perf_counter()
+        if step == args.warmup:
+            if use_cuda:
+                torch.cuda.synchronize(device)
+            started = time.perf_counter()
         idx_BS, targets_BS = batches.batch_at(step, device)
         logits = engine(input_ids=idx_BS, use_cache=False).logits  # (B, S, V)
         loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets_BS.reshape(-1))
         engine.backward(loss)
         engine.step()
-        losses.append(loss.item())  # waits for the GPU, as c2r's per-step loss does
-        if step >= args.warmup:
-            seconds += time.perf_counter() - started
+        losses.append(loss.detach())
+    losses = torch.stack(losses).tolist()  # waits for the GPU: the window's end
+    seconds = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if use_cuda else None
     last = losses[last_window_start(args.steps, args.warmup) :]  # the steps c2r's last metrics record averages
     result = {

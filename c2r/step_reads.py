@@ -15,6 +15,7 @@ as well (the copy is the tensor itself): the behaviour the CPU tests check is th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,8 @@ class StepReader:
     def __init__(self, model: nn.Module, device: torch.device):
         self.device = device
         self.checks = router_checks(model)
+        for check in self.checks:  # read here, on every rank at once: no rank raises alone mid-forward
+            check.read_by_trainer = True
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self._pending: list[tuple[int, bool, torch.Tensor, torch.cuda.Event | None]] = []
 
@@ -49,12 +52,17 @@ class StepReader:
         """Step ``step``'s numbers: its micro-batches' losses (device scalars), DeepSpeed's gradient norm (a tensor,
         a float or None) and this rank's ``flags``; one all-reduce and one copy are queued, nothing is waited for."""
         has_norm = grad_norm is not None
-        on_host = [0.0 if torch.is_tensor(grad_norm) or not has_norm else float(grad_norm), *flags]
+        # DeepSpeed reports an invalid norm as -1 (or NaN/Inf): +Inf, so that summing over the ranks keeps it invalid.
+        host_norm = 0.0 if torch.is_tensor(grad_norm) or not has_norm else float(grad_norm)
+        on_host = [host_norm if math.isfinite(host_norm) and host_norm >= 0 else math.inf, *flags]
         # A host list becomes a device tensor through pinned memory, without a wait (a pageable copy would sync).
         host_part = torch.tensor(on_host, dtype=torch.float64)
         if self.device.type == "cuda":
             host_part = host_part.pin_memory().to(self.device, non_blocking=True)
-        norm = grad_norm.detach().double().reshape(1).to(self.device) if torch.is_tensor(grad_norm) else None
+        norm = None
+        if torch.is_tensor(grad_norm):
+            norm = grad_norm.detach().double().reshape(1).to(self.device)
+            norm = torch.where(norm.isfinite() & (norm >= 0), norm, math.inf)
         loss = torch.stack([m.detach().double() for m in micro_losses]).mean().reshape(1).to(self.device)
         counts = bad_logit_counts(self.checks, self.device).double() if self.checks else loss.new_zeros(0)
         values = torch.cat([loss, host_part[:1] if norm is None else norm, counts, host_part[1:]])
@@ -70,11 +78,22 @@ class StepReader:
         self._pending = [] if wait_newest else self._pending[-1:]
         return [self._numbers(*entry) for entry in ready]
 
+    def router_error_now(self) -> FloatingPointError | None:
+        """The routers' NaN/Inf counts summed over the ranks, read now (after an evaluation's forwards): every rank
+        gets the same answer, so every rank raises or none does."""
+        if not self.checks:
+            return None
+        counts = bad_logit_counts(self.checks, self.device)
+        if self.world > 1:
+            dist.all_reduce(counts)
+        return first_router_error(self.checks, counts.tolist(), all_ranks=self.world > 1)  # NOTE: host sync
+
     def _numbers(self, step, has_norm, copy, landed) -> StepNumbers:
         if landed is not None and not landed.query():  # landed long ago unless this is the step just queued
             wait_for(landed, "the step's loss")  # NOTE: host sync, where the step's numbers decide something now
         values = copy.tolist()
-        loss, norm = values[0] / self.world, values[1] / self.world  # the norm is the same on every rank
+        # The mean over the ranks: DeepSpeed's ZeRO 1/2 norm (and c2r's ZeRO 0 one) is the same on every rank.
+        loss, norm = values[0] / self.world, values[1] / self.world
         counts, flags = values[2 : 2 + len(self.checks)], values[2 + len(self.checks) :]
         return StepNumbers(
             step,

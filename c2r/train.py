@@ -26,7 +26,6 @@ from c2r.hf.training import base_settings
 from c2r.model import ModelOutput
 from c2r.profiled import profiled_model
 from c2r.routing import RoutingResult, after_optimizer_step
-from c2r.routing.updates import raise_if_router_logits_were_not_finite
 from c2r.run_dir import check_out_dir, clear_run
 from c2r.run_setup import (
     ConfigCli,
@@ -99,12 +98,13 @@ def check_finite_step(
 
 
 @torch.no_grad()
-def evaluate(engine, sampler: BatchSampler, batches: int, device: torch.device) -> float:
+def evaluate(engine, sampler: BatchSampler, batches: int, device: torch.device, reads: StepReader) -> float:
     engine.eval()
     loss = sum(engine(*sampler.batch_at(i, device)).lm_loss.item() for i in range(batches)) / batches
     engine.train()
-    # the routers' NaN/Inf counts of these forwards (on a GPU read here, after the loss: before anything saves)
-    raise_if_router_logits_were_not_finite(engine.module)
+    # the routers' NaN/Inf counts so far, summed over the ranks (every rank raises or none): before anything saves
+    if (error := reads.router_error_now()) is not None:
+        raise error
     return global_mean(loss, device)
 
 
@@ -242,7 +242,7 @@ def train_steps(config: RunConfig, engine, corpus, info, comm, policy: SavePolic
                 record = {
                     "step": done,
                     "train_loss": sum(window) / len(window),
-                    "val_loss": evaluate(engine, val_batches, tc.eval_batches, info.device),
+                    "val_loss": evaluate(engine, val_batches, tc.eval_batches, info.device, reads),
                     "aux_loss": out.aux_loss.item(),
                     **routing_stats(out.routing, info.device),
                     **router_state,

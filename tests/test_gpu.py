@@ -395,7 +395,7 @@ def test_nan_router_logits_on_a_gpu_are_reported_without_a_host_sync():
     bad[[4, 9]] = float("nan")
     router(bad)  # no error here: the count is on its way to the host
     with pytest.raises(FloatingPointError, match="router logits of MoE layer 3 contain NaN/Inf for 2 tokens"):
-        raise_if_router_logits_were_not_finite(router)  # what c2r-train calls once a step
+        raise_if_router_logits_were_not_finite(router)  # what c2r-adak calls before it saves
 
     # Without that call, the layer's next forward reports it once the copy has landed.
     fresh = TopKRouter(64, 8, 2, RouterConfig(), layer_index=5).cuda()

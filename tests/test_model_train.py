@@ -193,21 +193,33 @@ def test_flops_per_token_counts_the_active_weights_and_attention():
     assert abs(config.flops_per_token() / 1e9 - 3.43) < 0.01
 
 
-def diverging_worker(rank, world, raw_config):
-    """Training whose third forward returns NaN logits: the run must stop there, before any save of that step."""
+def diverging_worker(rank, world, raw_config, at=3, ranks=(0,), where="head"):
+    """Training whose forward number ``at`` goes NaN on ``ranks``: at the LM head's output, or (``where="router"``)
+    at the first router's input (its logits go NaN; the routers' check reports it). The run must stop at that step
+    on every rank, before any save of it. Returns the error message, or None."""
     import c2r.train as train_module
+    from c2r.routing import Router
 
     build = train_module.build_engine
 
     def poisoned(*args, **kwargs):
         engine = build(*args, **kwargs)
+        if rank not in ranks:
+            return engine
         forwards = {"count": 0}
 
-        def nan_at_third(module, inputs, output):
+        def nan_at(module, inputs, output):
             forwards["count"] += module.training
-            return output * float("nan") if forwards["count"] == 3 and module.training else output
+            return output * float("nan") if forwards["count"] == at and module.training else output
 
-        engine.module.head.register_forward_hook(nan_at_third)
+        def nan_input_at(module, inputs):
+            forwards["count"] += module.training
+            return (inputs[0] * float("nan"),) if forwards["count"] == at and module.training else None
+
+        if where == "head":
+            engine.module.head.register_forward_hook(nan_at)
+        else:
+            next(m for m in engine.module.modules() if isinstance(m, Router)).register_forward_pre_hook(nan_input_at)
         return engine
 
     train_module.build_engine = poisoned
@@ -219,11 +231,32 @@ def diverging_worker(rank, world, raw_config):
 
 
 def test_a_diverged_run_stops_with_one_line_before_saving_the_step(tmp_path):
+    # Step 3 is read at step 4's boundary (c2r/step_reads.py), before step 4's save.
     raw = tiny_run_config(tmp_path / "run", steps=6, save_every=2)
     (message,) = run_distributed(diverging_worker, 1, tmp_path / "ranks", raw)
     assert message is not None and message.startswith("training diverged at step 3: loss nan")
     assert "the last checkpoint is step2" in message
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step*")) == ["step2"]
+
+
+def test_a_step_that_saves_checks_itself_before_the_save(tmp_path):
+    # Step 2 diverges and saves: its boundary reads its own numbers first, so nothing is saved.
+    raw = tiny_run_config(tmp_path / "run", steps=6, save_every=2)
+    (message,) = run_distributed(diverging_worker, 1, tmp_path / "ranks", raw, 2)
+    assert message is not None and message.startswith("training diverged at step 2: loss nan")
+    assert "no checkpoint was saved" in message
+    assert not list((tmp_path / "run" / "checkpoints").glob("step*"))
+
+
+def test_nan_router_logits_on_one_rank_stop_every_rank_at_the_same_step(tmp_path):
+    """Rank 1's router sees NaN at its third forward: no rank raises alone mid-forward (the others would wait for it
+    in the next all-to-all); the counts, summed over the ranks with the step's loss, stop both at step 3."""
+    raw = tiny_run_config(tmp_path / "run", steps=6, save_every=2, ep_size=2)
+    messages = run_distributed(diverging_worker, 2, tmp_path / "ranks", raw, 3, (1,), "router")
+    assert messages[0] == messages[1], messages
+    assert messages[0].startswith("training diverged at step 3: loss nan"), messages[0]
+    assert "(router logits of MoE layer 0 contain NaN/Inf for" in messages[0]
+    assert "all ranks" in messages[0] and "the last checkpoint is step2" in messages[0]
 
 
 def test_check_finite_step_reads_deepspeeds_invalid_norm(tmp_path):

@@ -256,3 +256,31 @@ def test_save_policy_saves_every_n_steps_every_m_minutes_and_at_the_end(tmp_path
     (saves,) = run_distributed(policy_worker, 1, tmp_path)
     # steps 4 and 8 (every 4), 6 (a minute after step 4's save at 1.0 min: 2.1), 10 (the last step)
     assert [done for done, save in enumerate(saves, start=1) if save] == [4, 6, 8, 10]
+
+
+def lagged_policy_worker(rank, world):
+    """The policy as c2r-train drives it: each boundary's flags are decided on at the next one."""
+    import c2r.stops
+
+    clock = [0.0]
+    c2r.stops.time.monotonic = lambda: clock[0]
+    with c2r.stops.StopSignals() as signals:
+        policy = c2r.stops.SavePolicy(4, 1.0, 10, signals, torch.device("cpu"))
+        saves, previous = [], None  # previous: (flags, the step they were sampled after)
+        for done, minutes in zip(range(1, 11), (0.2, 0.5, 0.9, 1.0, 1.5, 2.1, 2.2, 2.4, 3.0, 3.1), strict=True):
+            clock[0] = 60 * minutes
+            flags = policy.flags()
+            saves.append(policy.decide(done, *(previous or (None, None))).save)
+            previous = (flags, done)
+        # A signal on one of two ranks (flags summed over them) stops at the next boundary; SIGINT before SIGTERM.
+        boundary = policy.decide(11, [0.0, 1.0, 0.0], 10)
+        both = policy.decide(12, [1.0, 1.0, 0.0], 11)
+    return saves, boundary.stop_signal, boundary.save, both.stop_signal
+
+
+def test_save_policy_on_flags_read_a_step_late(tmp_path):
+    ((saves, signal_name, saved, both),) = run_distributed(lagged_policy_worker, 1, tmp_path)
+    # steps 4 and 8 (every 4), 7 (due by step 6's flags, a minute after step 4's save, decided a step late), 10
+    # (the last); step 4's own flags (sampled before its save, due by the clock) are no second save at step 5.
+    assert [done for done, save in enumerate(saves, start=1) if save] == [4, 7, 8, 10]
+    assert (signal_name, saved, both) == ("SIGTERM", True, "SIGINT")

@@ -6,10 +6,11 @@ step and 54 ms of host waiting per 32k-token step, each leaving the GPU idle whi
 
 So on a GPU the count of bad tokens stays on the device, is copied to pinned host memory without waiting, and is
 read once it has landed: at the layer's next forward when the copy is done by then (no wait), or at
-:func:`c2r.routing.updates.router_logits_error` after each evaluation and in c2r-adak before it saves (the GPU has
-finished by then, so the one wait there costs nothing), and with every step's loss by c2r-train (c2r/step_reads.py:
-all layers' counts in the step's one copy, read a step later). On the CPU the check is immediate, as there is
-nothing to wait for, and names the tokens.
+:func:`c2r.routing.updates.router_logits_error` in c2r-adak before it saves (the GPU has finished by then, so the
+one wait there costs nothing). On the CPU the check is immediate, as there is nothing to wait for, and names the
+tokens. c2r-train reads every router's count itself, summed over the ranks with each step's loss and after each
+evaluation (c2r/step_reads.py, ``read_by_trainer``): then no forward raises on its own, on a GPU or a CPU, since one
+rank raising while the others wait for it in a collective would hang the job instead of stopping it.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ class FiniteLogitsCheck:
         self.layer_index = layer_index
         self.bad_count = None  # device int64 scalar: bad tokens seen so far (only grows; any > 0 is an error)
         self._landing = None  # (pinned host copy of bad_count, event recorded after the copy) not read yet
+        # Set by a trainer that reads bad_count on every rank at once (c2r/step_reads.py): a forward then never
+        # raises on its own, as one rank raising while the others wait in a collective would hang the job.
+        self.read_by_trainer = False
 
     def __getstate__(self) -> dict:
         # A copied or pickled model starts with a clean check: CUDA events do not copy, and its counts are its own.
@@ -52,14 +56,16 @@ class FiniteLogitsCheck:
 
     def observe(self, logits_TE: torch.Tensor) -> None:
         bad_T = ~torch.isfinite(logits_TE).all(dim=1)
-        if not logits_TE.is_cuda:
+        if not logits_TE.is_cuda and not self.read_by_trainer:
             if bool(bad_T.any()):
                 rows = bad_T.nonzero().flatten()
                 raise nonfinite_logits_error(rows.numel(), bad_T.numel(), self.layer_index, rows[:5].tolist())
             return
-        self.raise_if_seen()
         count = bad_T.sum()
         self.bad_count = count if self.bad_count is None else self.bad_count + count
+        if self.read_by_trainer or not logits_TE.is_cuda:
+            return
+        self.raise_if_seen()
         if self._landing is None:  # one copy in flight at a time: the next one carries the newer total
             self._landing = host_copy(self.bad_count)
 

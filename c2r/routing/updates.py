@@ -62,8 +62,8 @@ def first_router_error(
 
 def router_logits_error(model: nn.Module) -> FloatingPointError | None:
     """The error of the first router in ``model`` whose logits were NaN/Inf so far on this rank, or None: the
-    newest counts of every router in one copy and one wait (c2r-train reads them with each step's loss instead,
-    c2r/step_reads.py; on the CPU the routers have raised already)."""
+    newest counts of every router in one copy and one wait (c2r-train reads them over all ranks with each step's
+    loss instead, c2r/step_reads.py; on the CPU the routers have raised already)."""
     checks = [c for c in router_checks(model) if c.bad_count is not None]
     if not checks:
         return None
@@ -73,7 +73,6 @@ def router_logits_error(model: nn.Module) -> FloatingPointError | None:
 
 
 def raise_if_router_logits_were_not_finite(model: nn.Module) -> None:
-    """Raise :func:`router_logits_error` where there is one (c2r-train after each evaluation, c2r-adak before it
-    saves)."""
+    """Raise :func:`router_logits_error` where there is one (c2r-adak before it saves)."""
     if (error := router_logits_error(model)) is not None:
         raise error
