@@ -168,6 +168,12 @@ def free_memory(device: torch.device) -> None:
 # Timing
 
 
+def fwd_bwd(fn: Callable[[torch.Tensor], object], x: torch.Tensor) -> None:
+    """One benchmark step: ``loss = fn(x).float().square().mean() + its balance loss; loss.backward()``."""
+    out = fn(x)
+    (first(out).float().square().mean() + balance_loss(out)).backward()
+
+
 def time_fwd_bwd(
     fn: Callable[[torch.Tensor], object],
     x: torch.Tensor,
@@ -175,8 +181,7 @@ def time_fwd_bwd(
     warmup: int = 3,
     params: tuple[torch.Tensor, ...] = (),
 ) -> list[float]:
-    """Milliseconds of ``loss = fn(x).float().square().mean() + its balance loss; loss.backward()`` per iteration,
-    after ``warmup``.
+    """Milliseconds of :func:`fwd_bwd` per iteration, after ``warmup``.
 
     Gradients are reset to None between iterations, outside the timed region, so no accumulation kernel is timed.
     """
@@ -184,9 +189,7 @@ def time_fwd_bwd(
     grads_of = (x, *params)
 
     def step():
-        out = fn(x)
-        loss = first(out).float().square().mean() + balance_loss(out)
-        loss.backward()
+        fwd_bwd(fn, x)
 
     for _ in range(warmup):
         step()
@@ -443,8 +446,7 @@ def print_profile(
     def step():  # time_fwd_bwd's step, without its syncs: the profile's wall is the steps' own
         for t in (x, *params):
             t.grad = None
-        out = fn(x)
-        (first(out).float().square().mean() + balance_loss(out)).backward()
+        fwd_bwd(fn, x)
 
     print("\n".join(profile_steps(step, iters, x.device.type == "cuda", title, rows)), flush=True)
 

@@ -16,9 +16,6 @@ import threading
 import time
 from dataclasses import dataclass
 
-import torch
-import torch.distributed as dist
-
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -68,12 +65,11 @@ class SavePolicy:
     Each rank's signals and clock reach the others as :meth:`flags`, summed over the ranks. c2r-train sends them
     with the step's loss (c2r/step_reads.py) and decides on the newest it has read, one step old: a signal during
     a step stops every rank after the next one, together, without a host sync of its own (:meth:`decide`).
-    :meth:`after_step` is the same decision on this step's flags, reduced on the spot (one host sync).
     """
 
-    def __init__(self, every_steps: int, every_minutes: float, last_step: int, signals: StopSignals, device):
+    def __init__(self, every_steps: int, every_minutes: float, last_step: int, signals: StopSignals):
         self.every_steps, self.every_minutes, self.last_step = every_steps, every_minutes, last_step
-        self.signals, self.device = signals, device
+        self.signals = signals
         self.last_save = time.monotonic()
         self.last_save_step = -1  # a time flag sampled at or before the last save is stale
 
@@ -95,9 +91,3 @@ class SavePolicy:
         if save:
             self.last_save, self.last_save_step = time.monotonic(), done
         return Boundary(save=save, stop_signal=signal.Signals(signum).name if signum else None)
-
-    def after_step(self, done: int) -> Boundary:
-        """``done``: steps completed. A collective: every rank calls it after every step."""
-        flags = torch.tensor(self.flags(), dtype=torch.float64, device=self.device)
-        dist.all_reduce(flags)
-        return self.decide(done, flags.tolist(), done)  # NOTE: host sync

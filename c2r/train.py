@@ -144,7 +144,7 @@ def train(config: RunConfig) -> dict[str, Any]:
                 comm.close()
             return result
         last_save = tc.steps if tc.save_last else -1  # -1: no step is the last one to save
-        policy = SavePolicy(tc.save_every, tc.save_every_minutes, last_save, signals, info.device)
+        policy = SavePolicy(tc.save_every, tc.save_every_minutes, last_save, signals)
         result.update(train_steps(config, engine, corpus, info, comm, policy, start, run_config))
     if is_main:
         log.info("checkpoint in %s; metrics in %s", ckpt_dir, out_dir / "metrics.jsonl")

@@ -115,13 +115,11 @@ def idle_table(events, phase_of: dict[int, str], steps: int, shown: int = 8) -> 
     return lines
 
 
-def profile_steps(
-    step: Callable[[], None], iters: int, on_cuda: bool, title: str, rows: int = 18, trace: Path | None = None
-) -> list[str]:
+def profile_steps(step: Callable[[], None], iters: int, on_cuda: bool, title: str, rows: int = 18) -> list[str]:
     """Where ``iters`` calls of ``step`` (one benchmark iteration each) spend their time, under torch.profiler: the
     kernels per step, the GPU's busy time against the wall (the union of kernel intervals) with the longest idle
     gaps and the kernels on either side, and the top ops by self time (device time on a GPU, so nested ops count
-    once). ``trace``: also write the Chrome trace there. For the layer benchmarks (benchmarks/layer_bench.py,
+    once). For the layer benchmarks (benchmarks/layer_bench.py,
     benchmarks/ep_bench.py ``--profile N``); a training run has :class:`KernelProfile`."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -135,9 +133,6 @@ def profile_steps(
         if on_cuda:
             torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - started) * 1e3 / iters
-    if trace is not None:
-        trace.parent.mkdir(parents=True, exist_ok=True)
-        prof.export_chrome_trace(str(trace))
     averages = prof.key_averages()
     kernels = sum(e.count for e in averages if on_cuda and e.device_type.name == "CUDA")
     per_step = f", {kernels / iters:.0f} kernels per step" if on_cuda else ""

@@ -244,11 +244,11 @@ def policy_worker(rank, world):
     clock = [0.0]
     c2r.stops.time.monotonic = lambda: clock[0]
     with c2r.stops.StopSignals() as signals:
-        policy = c2r.stops.SavePolicy(4, 1.0, 10, signals, torch.device("cpu"))
+        policy = c2r.stops.SavePolicy(4, 1.0, 10, signals)
         saves = []
         for done, minutes in zip(range(1, 11), (0.2, 0.5, 0.9, 1.0, 1.5, 2.1, 2.2, 2.4, 3.0, 3.1), strict=True):
             clock[0] = 60 * minutes
-            saves.append(policy.after_step(done).save)
+            saves.append(policy.decide(done, policy.flags(), done).save)  # this step's own flags, one rank
     return saves
 
 
@@ -265,7 +265,7 @@ def lagged_policy_worker(rank, world):
     clock = [0.0]
     c2r.stops.time.monotonic = lambda: clock[0]
     with c2r.stops.StopSignals() as signals:
-        policy = c2r.stops.SavePolicy(4, 1.0, 10, signals, torch.device("cpu"))
+        policy = c2r.stops.SavePolicy(4, 1.0, 10, signals)
         saves, previous = [], None  # previous: (flags, the step they were sampled after)
         for done, minutes in zip(range(1, 11), (0.2, 0.5, 0.9, 1.0, 1.5, 2.1, 2.2, 2.4, 3.0, 3.1), strict=True):
             clock[0] = 60 * minutes

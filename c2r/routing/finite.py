@@ -63,7 +63,7 @@ class FiniteLogitsCheck:
             return
         count = bad_T.sum()
         self.bad_count = count if self.bad_count is None else self.bad_count + count
-        if self.read_by_trainer or not logits_TE.is_cuda:
+        if self.read_by_trainer:  # read with the step, on every rank at once (c2r/step_reads.py)
             return
         self.raise_if_seen()
         if self._landing is None:  # one copy in flight at a time: the next one carries the newer total

@@ -43,8 +43,8 @@ def router_checks(model: nn.Module) -> list[FiniteLogitsCheck]:
 
 
 def bad_logit_counts(checks: list[FiniteLogitsCheck], device: torch.device) -> torch.Tensor:
-    """[len(checks)] int64 on ``device``: each check's bad tokens so far on this rank (0 before its first GPU
-    forward; on the CPU the routers raise at once and count nothing)."""
+    """[len(checks)] int64 on ``device``: each check's bad tokens so far on this rank (0 before its first counted
+    forward; a CPU router counts only where a trainer reads it, ``read_by_trainer``, and raises at once otherwise)."""
     zero = torch.zeros((), dtype=torch.int64, device=device)
     return torch.stack([zero if c.bad_count is None else c.bad_count.to(device) for c in checks])
 
@@ -67,7 +67,7 @@ def router_logits_error(model: nn.Module) -> FloatingPointError | None:
     checks = [c for c in router_checks(model) if c.bad_count is not None]
     if not checks:
         return None
-    host, landed = host_copy(torch.stack([c.bad_count for c in checks]))
+    host, landed = host_copy(bad_logit_counts(checks, checks[0].bad_count.device))
     wait_for(landed, "the routers' NaN/Inf check")  # NOTE: host sync
     return first_router_error(checks, host.tolist())
 
