@@ -37,9 +37,15 @@ def assert_ranks_match_reference(results: list[dict], reference, full: ExpertWei
     ``reference`` ((y, x grad, combine-weight grad) of ``run_rows``); each rank's expert gradients equal the
     reference's rows of its ``local_experts`` (a replica holds its expert's whole gradient, summed over copies)."""
     for key, want in zip(("y", "x_grad", "w_grad"), reference):
-        torch.testing.assert_close(torch.cat([r[key] for r in results]), want, msg=where)
+        assert_close_to_scale(torch.cat([r[key] for r in results]), want, where)
     E, F, D = full.num_experts, full.ffn_hidden_size, full.hidden_size
     for r in results:
         for name, grad in r["expert_grads"].items():
             want = getattr(full, name).grad.view(E, F, D)[r["local_experts"]].reshape(-1, D)
-            torch.testing.assert_close(grad, want, msg=f"{where}: grad of {name}")
+            assert_close_to_scale(grad, want, f"{where}: grad of {name}")
+
+
+def assert_close_to_scale(got: torch.Tensor, want: torch.Tensor, where: str) -> None:
+    """float32 closeness measured against the tensor's own scale: these layers' outputs are ~1e-3, under the default
+    absolute tolerance (1e-5), which would let a 0.1% error in a fast path pass."""
+    torch.testing.assert_close(got, want, rtol=1.3e-6, atol=1e-5 * float(want.abs().max().clamp(max=1)), msg=where)

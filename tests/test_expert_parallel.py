@@ -191,9 +191,15 @@ def vk_worker(rank, world):
     return results
 
 
-def test_lean_dispatch_matches_reference_with_variable_k(tmp_path):
+@pytest.mark.parametrize("slot_sums", ["torch", "triton-interpreted"])
+def test_lean_dispatch_matches_reference_with_variable_k(tmp_path, monkeypatch, slot_sums):
+    """``triton-interpreted``: the ranks sum slots with the GPU path's Triton kernels (c2r/parallel/slot_kernels.py),
+    run on their CPU tensors by Triton's interpreter."""
     from c2r.experts import build_backend
 
+    if slot_sums == "triton-interpreted":
+        pytest.importorskip("triton", reason="the Triton interpreter needs triton (pip install -e '.[dev]')")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # read by the spawned ranks
     world = 2
     per_rank = run_distributed(vk_worker, world, tmp_path)
     full, x = expert_inputs(world * VK_T, E, D, F)

@@ -438,3 +438,24 @@ def test_ep_bench_runs_every_contender_on_gpus(tmp_path):
             row = rows[routing, f"c2r-{mode}-contiguous"]
             assert row["ms_median"] > 0 and row["host_syncs_per_forward"] <= 2, (routing, mode, row)
             assert row["copies_per_token"] >= 1
+
+
+@pytest.mark.parametrize(
+    "Z,K,D,empty", [(4096, 8, 2048, 0.0), (4096, 8, 2048, 0.5), (8192, 1, 2048, 0.0), (999, 6, 1000, 0.3)]
+)
+def test_slot_sum_kernels_on_a_gpu_equal_the_torch_path(Z, K, D, empty):
+    """The Triton slot sums (c2r/parallel/slot_kernels.py) at layer sizes, bf16 on the GPU, against the torch path in
+    float64 on the CPU: outputs, row gradients and weight gradients."""
+    from tests.test_slot_sums import random_order, slot_sums
+
+    order = random_order(Z, K, empty, seed=Z + K)
+    g = torch.Generator().manual_seed(7)
+    x_ZD, w_ZK = torch.randn(Z, D, generator=g).bfloat16(), torch.rand(Z, K, generator=g)
+    cuda_order = type(order)(*(t.cuda() if torch.is_tensor(t) else t for t in vars(order).values()))
+    for unweighted in (False, True):
+        got = slot_sums(cuda_order, x_ZD.cuda(), w_ZK.cuda(), unweighted)
+        want = slot_sums(order, x_ZD.double(), w_ZK.double(), unweighted)
+        for name, a, b in zip(("out", "x grad", "weight grad"), got, want):
+            b = torch.where(order.valid_ZK, b, 0.0) if name == "weight grad" else b
+            scale = float(b.abs().max().clamp(min=1))
+            torch.testing.assert_close(a.cpu(), b, atol=0.02 * scale, rtol=2e-2, msg=f"{name}, unweighted={unweighted}")

@@ -9,11 +9,11 @@ Three modes, same result (docs/design.md, "Dispatch"):
 - ``per-node`` (``per_node.py``): per-rank across nodes: one copy per (token, destination node) over the network,
   then per rank within that node.
 
-Both are lean: only valid (token, expert) pairs are sent, computed and returned (no K-slot padding; the weighted sum
-back to rows still reads K slots per row, see ``slot_rows.sum_slots``); every move between token order and expert
-order is a gather through a precomputed order and its inverse (``slot_rows.py``), so neither direction uses atomic
-adds; all counts travel in one small all-to-all and reach the host in one copy, the only host sync of a dispatch (a
-backend may add one: MegaBlocks' grouped_gemm wants its group sizes on the host).
+Both are lean: only valid (token, expert) pairs are sent, computed and returned (no K-slot padding; on a GPU the
+weighted sums back to rows read only the valid slots, ``slot_rows.sum_slots``); every move between token order and
+expert order is a gather through a precomputed order and its inverse (``slot_rows.py``), so neither direction uses
+atomic adds; all counts travel in one small all-to-all and reach the host in one copy, the only host sync of a
+dispatch (a backend may add one: MegaBlocks' grouped_gemm wants its group sizes on the host).
 
 Each dispatcher is called as ``dispatcher(x_TD, routing, backend, experts) -> out_TD``. What it sent is reported in
 its :class:`DispatchMeta`, handed to the :class:`DispatchObserver` it was built with (the profiler, a test); nothing
@@ -359,4 +359,4 @@ class PerRankDispatcher(_Dispatcher):
         # One reply per copy, already weighted and summed over that rank's experts: the source adds up each token's
         # replies (at most R, gathered through the copy order).
         y_CD = self._send(y_QD, (meta.recv_splits, meta.send_splits), "combine")
-        return sum_slots(y_CD, meta.sent, meta.sent.valid_ZK.to(y_CD.dtype))
+        return sum_slots(y_CD, meta.sent)

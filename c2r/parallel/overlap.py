@@ -336,6 +336,6 @@ class OverlappedPerRankDispatcher(_Overlapped, PerRankDispatcher):
         def finish(c, started):
             sent = routes[c].sent
             y_CD = land(started)
-            return sum_slots(y_CD, sent, sent.valid_ZK.to(y_CD.dtype))
+            return sum_slots(y_CD, sent)
 
         return torch.cat(run_pipeline(len(routes), send, compute, finish))

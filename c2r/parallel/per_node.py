@@ -184,6 +184,6 @@ class PerNodeDispatcher(_Dispatcher):
         # 1. Replies back to the forwarders, which sum each token's replies from their node before the network hop;
         # 2. back over the network, and the source sums one reply per destination node.
         y_C2D = all_to_all(y_Q2D, route.send2, route.recv2, self.nodes.intra, self.observer, "combine_intra")
-        y_Q1D = sum_slots(y_C2D, route.sent2, route.sent2.valid_ZK.to(y_C2D.dtype))
+        y_Q1D = sum_slots(y_C2D, route.sent2)
         y_C1D = all_to_all(y_Q1D, route.send1, route.recv1, self.nodes.inter, self.observer, "combine_inter")
-        return sum_slots(y_C1D, route.sent1, route.sent1.valid_ZK.to(y_C1D.dtype))
+        return sum_slots(y_C1D, route.sent1)

@@ -6,8 +6,10 @@ The lean expert-parallel path (docs/design.md, "Dispatch") moves rows between tw
 A :class:`SlotOrder` holds both directions of that map, so every move is a plain gather:
 - :func:`expand_rows` (Z -> P): ``x_PD = x_ZD[row_P]``; its backward gathers each row's K pair gradients through the
   inverse and sums them (MegaBlocks' scatter does the same), instead of ``index_add``'s atomic adds.
-- :func:`sum_slots` (P -> Z): ``out_ZD = sum_k w_ZK * y_PD[inverse_ZK]`` as one batched matmul; its backward gathers
-  the pair gradients through the order. Empty slots read pair 0 with weight 0: their gradient is zero and dropped.
+- :func:`sum_slots` (P -> Z): ``out_ZD = sum_k w_ZK * y_PD[inverse_ZK]`` over the valid slots; its backward writes
+  each pair's gradient once. On a GPU both are Triton kernels (``slot_kernels.py``: one program per row or pair, empty
+  slots never read); elsewhere a gather of Z x K rows and one batched matmul, where empty slots read pair 0 with
+  weight 0 (their gradient is zero and dropped).
 - :func:`permute_rows`: a permutation whose backward is the inverse permutation (``x[perm]``'s backward is an
   accumulating ``index_put``).
 The number of pairs P is a host int the caller already has (from the counts exchange), never read off the device.
@@ -18,7 +20,9 @@ Shape legend: the package legend (``c2r/__init__.py``), and Z the rows whose slo
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 
@@ -78,6 +82,9 @@ class _ExpandRows(torch.autograd.Function):
         Z, K = order.shape_ZK
         if order.num_pairs == 0:
             return grad_PD.new_zeros(Z, grad_PD.shape[1]), None
+        kernels = _kernels_for(grad_PD)
+        if kernels is not None:  # each row's pair gradients summed in one pass (the forward of a plain slot sum)
+            return kernels.sum_slots_forward(grad_PD, order.inverse_ZK, order.valid_ZK, None), None
         grad_ZKD = grad_PD.index_select(0, order.inverse_ZK.flatten()).view(Z, K, -1)
         # Empty slots gathered pair 0's gradient: mask them out in the same batched matmul that sums the slots.
         mask_Z1K = order.valid_ZK.to(grad_PD.dtype).unsqueeze(1)
@@ -115,8 +122,52 @@ def expand_rows(x_ZD: torch.Tensor, order: SlotOrder) -> torch.Tensor:
     return _ExpandRows.apply(x_ZD, order)
 
 
-def sum_slots(y_PD: torch.Tensor, order: SlotOrder, weights_ZK: torch.Tensor) -> torch.Tensor:
-    """[Z, D]: ``out[z] = sum over valid slots k of weights[z, k] * y[pair (z, k)]`` (gradients reach weights_ZK)."""
+class _KernelSumSlots(torch.autograd.Function):
+    """:func:`sum_slots` through the Triton kernels (``slot_kernels.py``)."""
+
+    @staticmethod
+    def forward(ctx, y_PD: torch.Tensor, weights_ZK: torch.Tensor | None, order: SlotOrder):
+        ctx.order = order
+        wants_grad_w = weights_ZK is not None and ctx.needs_input_grad[1]
+        ctx.save_for_backward(y_PD if wants_grad_w else None, weights_ZK)
+        ctx.y_dtype = y_PD.dtype
+        return _kernels_for(y_PD).sum_slots_forward(y_PD, order.inverse_ZK, order.valid_ZK, weights_ZK)
+
+    @staticmethod
+    def backward(ctx, grad_ZD: torch.Tensor):
+        order: SlotOrder = ctx.order
+        y_PD, weights_ZK = ctx.saved_tensors
+        grad_y_PD, grad_w_ZK = _kernels_for(grad_ZD).sum_slots_backward(
+            grad_ZD, y_PD, order.row_P, order.flat_P, weights_ZK, ctx.y_dtype
+        )
+        return grad_y_PD, grad_w_ZK, None
+
+
+@cache
+def _triton_slot_kernels():
+    """``slot_kernels`` where Triton imports (torch's CUDA builds bring it), else None."""
+    try:
+        from c2r.parallel import slot_kernels
+    except ImportError:
+        return None
+    return slot_kernels
+
+
+def _kernels_for(x: torch.Tensor):
+    """The Triton kernels for ``x``'s device, or None for the torch path: on CUDA tensors, and on CPU tensors only under
+    Triton's interpreter (``TRITON_INTERPRET=1``, how the CPU suite runs the kernels)."""
+    if x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        return _triton_slot_kernels()
+    return None
+
+
+def sum_slots(y_PD: torch.Tensor, order: SlotOrder, weights_ZK: torch.Tensor | None = None) -> torch.Tensor:
+    """[Z, D]: ``out[z] = sum over valid slots k of weights[z, k] * y[pair (z, k)]`` (gradients reach weights_ZK);
+    without weights, the plain sum of each row's valid slots."""
+    if _kernels_for(y_PD) is not None:
+        return _KernelSumSlots.apply(y_PD, weights_ZK, order)
+    if weights_ZK is None:
+        weights_ZK = order.valid_ZK.to(y_PD.dtype)
     weights_ZK = torch.where(order.valid_ZK, weights_ZK, torch.zeros_like(weights_ZK)).to(y_PD.dtype)
     return torch.bmm(weights_ZK.unsqueeze(1), _GatherSlots.apply(y_PD, order)).squeeze(1)
 
