@@ -62,9 +62,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # c2r and placemen
 
 from c2r.experts import ExpertConfig, ExpertShape, ExpertWeights, build_backend, resolve_expert_config  # noqa: E402
 from c2r.experts.megablocks_backend import megablocks_unavailable_reason  # noqa: E402
+from c2r.experts.slot_rows import count_keys  # noqa: E402
 from c2r.moe import MoEConfig, MoELayer  # noqa: E402
 from c2r.parallel import build_dispatcher, local_expert_weights, shard_experts  # noqa: E402
-from c2r.parallel.slot_rows import count_keys  # noqa: E402
 from c2r.routing import RouterConfig, RoutingResult  # noqa: E402
 from placement.inputs import routing_from_expert_ids  # noqa: E402
 from placement.layout import ExpertLayout  # noqa: E402

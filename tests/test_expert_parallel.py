@@ -193,7 +193,7 @@ def vk_worker(rank, world):
 
 @pytest.mark.parametrize("slot_sums", ["torch", "triton-interpreted"])
 def test_lean_dispatch_matches_reference_with_variable_k(tmp_path, monkeypatch, slot_sums):
-    """``triton-interpreted``: the ranks sum slots with the GPU path's Triton kernels (c2r/parallel/slot_kernels.py),
+    """``triton-interpreted``: the ranks sum slots with the GPU path's Triton kernels (c2r/experts/slot_kernels.py),
     run on their CPU tensors by Triton's interpreter."""
     from c2r.experts import build_backend
 

@@ -444,7 +444,7 @@ def test_ep_bench_runs_every_contender_on_gpus(tmp_path):
     "Z,K,D,empty", [(4096, 8, 2048, 0.0), (4096, 8, 2048, 0.5), (8192, 1, 2048, 0.0), (999, 6, 1000, 0.3)]
 )
 def test_slot_sum_kernels_on_a_gpu_equal_the_torch_path(Z, K, D, empty):
-    """The Triton slot sums (c2r/parallel/slot_kernels.py) at layer sizes, bf16 on the GPU, against the torch path in
+    """The Triton slot sums (c2r/experts/slot_kernels.py) at layer sizes, bf16 on the GPU, against the torch path in
     float64 on the CPU: outputs, row gradients and weight gradients."""
     from tests.test_slot_sums import random_order, slot_sums
 

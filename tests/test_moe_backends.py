@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from c2r.experts import ExpertConfig, ExpertWeights, build_backend
-from c2r.experts.permute import sort_by_expert
+from c2r.experts.torch_backend import sort_by_expert
 from c2r.moe import MoEConfig, MoELayer
 from tests.routing_cases import all_to_one_expert, random_routing
 
@@ -85,10 +85,12 @@ def test_sort_by_expert_keeps_every_valid_pair_once():
     routing = random_routing(100, 4, 10, empty_fraction=0.4, idle_experts=3, seed=3)
     order = sort_by_expert(routing, 10)
     valid_pairs = routing.valid_TK.sum().item()
-    assert order.tokens_per_expert_E.sum().item() == valid_pairs == order.token_idx_P.numel()
-    assert order.tokens_per_expert_E[7:].sum() == 0  # idle experts get nothing
-    # Each token appears exactly as often as it has valid slots.
-    torch.testing.assert_close(torch.bincount(order.token_idx_P, minlength=100), routing.valid_TK.sum(1))
+    assert order.num_pairs == valid_pairs == order.row_P.numel() == routing.tokens_per_expert_E.sum().item()
+    # Each token appears exactly as often as it has valid slots, and the pairs come by expert, idle experts last.
+    torch.testing.assert_close(torch.bincount(order.row_P, minlength=100), routing.valid_TK.sum(1))
+    experts_P = routing.expert_ids_TK.flatten()[order.flat_P]
+    assert (experts_P[1:] >= experts_P[:-1]).all() and experts_P.max() < 7
+    assert routing.valid_TK.flatten()[order.flat_P].all()
 
 
 def test_one_expert_receives_every_token():

@@ -1,5 +1,5 @@
-"""The slot sums of the lean expert-parallel path (c2r/parallel/slot_rows.py): the GPU path's Triton kernels
-(c2r/parallel/slot_kernels.py), run on CPU tensors by Triton's interpreter, against the torch path in float64.
+"""The slot sums of the lean expert-parallel path (c2r/experts/slot_rows.py): the GPU path's Triton kernels
+(c2r/experts/slot_kernels.py), run on CPU tensors by Triton's interpreter, against the torch path in float64.
 
 Shapes a dispatch meets: K = 1 (per-rank combine on one rank), K not a power of two, D not a multiple of the kernel's
 block, rows with no valid slot, no pairs at all, bf16 rows, and a non-finite weight on an empty slot (never read).
@@ -24,7 +24,7 @@ CASES = [
 
 def random_order(Z: int, K: int, empty: float, seed: int):
     """A SlotOrder of Z x K slots keyed by one of 5 random experts, ``empty`` of the slots invalid (row 0 all empty)."""
-    from c2r.parallel.slot_rows import SlotOrder, sort_slots
+    from c2r.experts.slot_rows import SlotOrder, sort_slots
 
     g = torch.Generator().manual_seed(seed)
     valid_ZK = torch.rand(Z, K, generator=g) >= empty
@@ -35,7 +35,7 @@ def random_order(Z: int, K: int, empty: float, seed: int):
 
 def slot_sums(order, x_ZD, w_ZK, unweighted: bool):
     """Forward + backward of expand -> scale -> sum: (out, x grad, weight grad), in float64."""
-    from c2r.parallel.slot_rows import expand_rows, sum_slots
+    from c2r.experts.slot_rows import expand_rows, sum_slots
 
     x_ZD = x_ZD.clone().requires_grad_(True)
     w_ZK = w_ZK.clone().requires_grad_(True)

@@ -1,8 +1,10 @@
 """Sort + grouped GEMM in plain PyTorch: runs anywhere torch does.
 
-Tokens are sorted by expert once; the three expert matrices then run as grouped GEMMs (``torch._grouped_mm``)
-over the sorted rows, or, where torch has no grouped kernel for the device/dtype/shape, as a loop over the
-contiguous per-expert segments.
+The (token, slot) pairs are sorted by expert once and the tokens gathered into that order (``slot_rows.py``); the
+three expert matrices then run as grouped GEMMs (``torch._grouped_mm``) over the sorted rows, or, where torch has no
+grouped kernel for the device/dtype/shape, as a loop over the contiguous per-expert segments; each token's outputs
+are summed back with its combine weights by gathers, no atomic adds (Triton kernels on a GPU, as in the
+expert-parallel dispatch).
 
 Shape legend: the package legend (``c2r/__init__.py``), P (token, slot) rows in expert order, A the rows of one
 expert, I and J the input and output width of one grouped GEMM (D or F).
@@ -13,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from c2r.experts.permute import ExpertOrder, combine, sort_by_expert
+from c2r.experts.slot_rows import SlotOrder, expand_rows, sort_slots, sum_slots
 from c2r.experts.weights import ExpertWeights, gelu_tanh
 from c2r.routing.result import RoutingResult
 
@@ -114,6 +116,15 @@ class TorchBackend:
         return segment_loop_mlp(x_PD, tokens_per_expert_E, experts, host_counts)
 
     def __call__(self, x_TD: torch.Tensor, routing: RoutingResult, experts: ExpertWeights) -> torch.Tensor:
-        order: ExpertOrder = sort_by_expert(routing, experts.num_experts)
-        y_PD = self.grouped_mlp(x_TD[order.token_idx_P], order.tokens_per_expert_E, experts)
-        return combine(y_PD, order, x_TD.shape[0])
+        order = sort_by_expert(routing, experts.num_experts)
+        y_PD = self.grouped_mlp(expand_rows(x_TD, order), routing.tokens_per_expert_E, experts)
+        return sum_slots(y_PD, order, routing.weights_TK)
+
+
+def sort_by_expert(routing: RoutingResult, num_experts: int) -> SlotOrder:
+    """The valid (token, slot) pairs in expert order (by token within an expert)."""
+    num_tokens, top_k = routing.expert_ids_TK.shape
+    sorted_flat = sort_slots(routing.expert_ids_TK, routing.valid_TK, num_experts)
+    # NOTE: host sync only for routers with empty slots; a fixed k has T x K pairs
+    num_pairs = num_tokens * top_k if routing.fixed_k else int(routing.valid_TK.sum())
+    return SlotOrder.first(sorted_flat, routing.valid_TK, num_pairs)

@@ -34,9 +34,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from c2r.parallel.all_to_all import ExchangeTimer, all_to_all, exchange_counts
-from c2r.parallel.replicas import CopyChooser, ReplicaGradSum
-from c2r.parallel.slot_rows import (
+from c2r.experts.slot_rows import (
     SlotOrder,
     count_keys,
     expand_rows,
@@ -45,6 +43,8 @@ from c2r.parallel.slot_rows import (
     sort_slots,
     sum_slots,
 )
+from c2r.parallel.all_to_all import ExchangeTimer, all_to_all, exchange_counts
+from c2r.parallel.replicas import CopyChooser, ReplicaGradSum
 from c2r.routing import RoutingResult
 from placement.layout import ExpertLayout
 

@@ -47,6 +47,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from c2r.experts.slot_rows import (
+    SlotOrder,
+    count_keys,
+    expand_rows,
+    inverse_permutation,
+    permute_rows,
+    sort_slots,
+    sum_slots,
+)
 from c2r.parallel.dispatch import (
     DispatchMeta,
     PerExpertDispatcher,
@@ -55,15 +64,6 @@ from c2r.parallel.dispatch import (
     column_sums,
     compute_copies,
     ranks_hit,
-)
-from c2r.parallel.slot_rows import (
-    SlotOrder,
-    count_keys,
-    expand_rows,
-    inverse_permutation,
-    permute_rows,
-    sort_slots,
-    sum_slots,
 )
 from c2r.routing import RoutingResult
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from c2r.experts.slot_rows import SlotOrder, count_keys, expand_rows, sort_slots, sum_slots
 from c2r.parallel.all_to_all import all_to_all
 from c2r.parallel.dispatch import (
     NO_OBSERVER,
@@ -38,7 +39,6 @@ from c2r.parallel.dispatch import (
     ranks_hit,
 )
 from c2r.parallel.nodes import NodeGroups, make_node_groups
-from c2r.parallel.slot_rows import SlotOrder, count_keys, expand_rows, sort_slots, sum_slots
 from c2r.routing import RoutingResult
 from placement.layout import ExpertLayout
 

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from c2r.experts import ExpertWeights
-from c2r.parallel.slot_rows import count_keys
+from c2r.experts.slot_rows import count_keys
 from placement.layout import ExpertLayout
 
 

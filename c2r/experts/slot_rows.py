@@ -1,8 +1,9 @@
 """Rows expanded to their valid slots in key order, and summed back, with gathers only (no atomics, no host sync).
 
-The lean expert-parallel path (docs/design.md, "Dispatch") moves rows between two orders:
-- Z rows (tokens at a source, received copies at a destination), each with K slots of which some are valid;
-- P valid (row, slot) pairs sorted by a key (a physical expert id, a local expert slot, a destination rank).
+The torch backend (tokens to experts on one device) and the lean expert-parallel path (docs/design.md, "Dispatch")
+move rows between two orders:
+- Z rows (tokens, or received copies at a destination), each with K slots of which some are valid;
+- P valid (row, slot) pairs sorted by a key (an expert id, a physical expert id, a local expert slot, a rank).
 A :class:`SlotOrder` holds both directions of that map, so every move is a plain gather:
 - :func:`expand_rows` (Z -> P): ``x_PD = x_ZD[row_P]``; its backward gathers each row's K pair gradients through the
   inverse and sums them (MegaBlocks' scatter does the same), instead of ``index_add``'s atomic adds.
@@ -12,7 +13,8 @@ A :class:`SlotOrder` holds both directions of that map, so every move is a plain
   weight 0 (their gradient is zero and dropped).
 - :func:`permute_rows`: a permutation whose backward is the inverse permutation (``x[perm]``'s backward is an
   accumulating ``index_put``).
-The number of pairs P is a host int the caller already has (from the counts exchange), never read off the device.
+The number of pairs P is a host int the caller already has (T x K under a fixed k, or from the counts exchange), never
+read off the device here.
 
 Shape legend: the package legend (``c2r/__init__.py``), and Z the rows whose slots are ordered (T or Q), P valid
 (row, slot) pairs in key order.
@@ -147,7 +149,7 @@ class _KernelSumSlots(torch.autograd.Function):
 def _triton_slot_kernels():
     """``slot_kernels`` where Triton imports (torch's CUDA builds bring it), else None."""
     try:
-        from c2r.parallel import slot_kernels
+        from c2r.experts import slot_kernels
     except ImportError:
         return None
     return slot_kernels
