@@ -167,12 +167,12 @@ def test_torch_grouped_mm_refuses_unaligned_shapes_clearly():
 def test_auto_backend_takes_the_fastest_measured_backend_of_the_nearest_shape():
     from c2r.experts.backend_choice import MEASURED, nearest_measurement
 
-    # Recorded on sm90: MegaBlocks' permutation around torch._grouped_mm wins with 64-128 small experts,
-    # grouped_gemm with 8 large ones.
-    assert nearest_measurement("sm90", "swiglu", 128, 2048, 768).fastest == "megablocks-gmm"
-    assert nearest_measurement("sm90", "swiglu", 256, 7168, 2048).fastest == "megablocks-gmm"  # DeepSeek-V3-like
+    # Recorded on sm90: our torch backend (slot orders, Triton slot sums, torch._grouped_mm) wins with 64-128 small
+    # experts, MegaBlocks' grouped_gemm with 8 large ones.
+    assert nearest_measurement("sm90", "swiglu", 128, 2048, 768).fastest == "torch"
+    assert nearest_measurement("sm90", "swiglu", 256, 7168, 2048).fastest == "torch"  # DeepSeek-V3-like
     assert nearest_measurement("sm90", "swiglu", 8, 4096, 14336).fastest == "megablocks"
-    assert nearest_measurement("sm90", "gelu", 64, 2048, 1024).fastest == "megablocks-gmm"
+    assert nearest_measurement("sm90", "gelu", 64, 2048, 1024).fastest == "torch"
     assert nearest_measurement("sm90", "gelu", 8, 4096, 14336).fastest == "megablocks"
     assert nearest_measurement("sm80", "swiglu", 128, 2048, 768) is None  # nothing recorded: auto keeps MegaBlocks
     assert all(row.source.startswith("docs/benchmarks.md") for row in MEASURED)

@@ -39,14 +39,15 @@ class Measured:
         return min(times, key=times.__getitem__)
 
 
-# The newest measurement of each shape (older rows, H100 2026-11-24 and H200 2026-12-01, are in docs/benchmarks.md
-# and picked the same winner between megablocks and torch).
-_SOURCE = "docs/benchmarks.md, one H200, 2026-12-01, third session"
+# The newest measurement of each shape: the mean of two layer_bench runs' medians in one call (docs/benchmarks.md,
+# "The torch backend on slot orders"). Older rows (H100 2026-11-24, H200 2026-12-01) are in docs/benchmarks.md; the
+# torch backend won its two rows here only after it moved to slot orders and Triton slot sums (ninth session).
+_SOURCE = "docs/benchmarks.md, one H200, 2026-12-02, ninth session"
 MEASURED: tuple[Measured, ...] = (
-    Measured("sm90", "swiglu", 128, 2048, 768, 20.771, 13.641, _SOURCE, megablocks_gmm_ms=10.174),
-    Measured("sm90", "swiglu", 8, 4096, 14336, 28.108, 30.542, _SOURCE, megablocks_gmm_ms=29.795),
-    Measured("sm90", "gelu", 64, 2048, 1024, 10.984, 11.666, _SOURCE, megablocks_gmm_ms=7.994),
-    Measured("sm90", "gelu", 8, 4096, 14336, 18.711, 20.322, _SOURCE, megablocks_gmm_ms=20.016),
+    Measured("sm90", "swiglu", 128, 2048, 768, 18.977, 9.538, _SOURCE, megablocks_gmm_ms=10.061),
+    Measured("sm90", "swiglu", 8, 4096, 14336, 28.756, 30.234, _SOURCE, megablocks_gmm_ms=30.516),
+    Measured("sm90", "gelu", 64, 2048, 1024, 8.940, 7.351, _SOURCE, megablocks_gmm_ms=8.071),
+    Measured("sm90", "gelu", 8, 4096, 14336, 19.201, 19.825, _SOURCE, megablocks_gmm_ms=20.227),
 )
 
 
