@@ -19,6 +19,7 @@ CASES = [
     (9, 6, 2100, 0.5, torch.float32),
     (12, 3, 40, 1.0, torch.float32),  # no pairs at all
     (21, 4, 96, 0.25, torch.bfloat16),
+    (10, 64, 33, 0.9, torch.float32),  # per-rank combine over 64 ranks
 ]
 
 
@@ -67,7 +68,35 @@ def check_cases() -> None:
                 b = torch.where(order.valid_ZK, b, 0.0) if name == "weight grad" else b
                 torch.testing.assert_close(a, b, **tol, msg=f"{where}: {name}")
             assert torch.isfinite(got[0]).all(), where
+    check_views_and_non_finite_rows()
     print("slot sums: all cases equal")
+
+
+def check_views_and_non_finite_rows() -> None:
+    """Strided rows and a transposed weight view, weights that need no gradient; and a non-finite row reaches only
+    the rows whose valid slots read it (an empty slot reads nothing), on both paths."""
+    from c2r.experts.slot_rows import sum_slots
+
+    order = random_order(13, 5, 0.3, seed=42)
+    P = order.num_pairs
+    g = torch.Generator().manual_seed(43)
+    y_wide = torch.randn(P, 2 * 24, generator=g).requires_grad_(True)
+    w_T = torch.rand(5, 13, generator=g)  # no gradient wanted
+    results = []
+    for interpret in (True, False):
+        os.environ.pop("TRITON_INTERPRET", None)
+        if interpret:
+            os.environ["TRITON_INTERPRET"] = "1"
+        out = sum_slots(y_wide[:, ::2], order, w_T.t())
+        (grad,) = torch.autograd.grad(out.square().sum(), y_wide)
+        results.append((out.detach().double(), grad.double()))
+        bad = y_wide.detach()[:, ::2].clone()
+        bad[0] = float("inf")
+        reads_pair0 = (order.inverse_ZK == 0) & order.valid_ZK
+        finite_rows = torch.isfinite(sum_slots(bad, order, w_T.t())).all(1)
+        assert torch.equal(finite_rows, ~reads_pair0.any(1)), f"interpret={interpret}: {finite_rows.tolist()}"
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_triton_slot_sum_kernels_equal_the_torch_path():

@@ -17,9 +17,14 @@ Shape legend: the package legend (``c2r/__init__.py``), and Z rows of K slots, P
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+# Triton decides at decoration whether these kernels compile for a GPU or run in its interpreter on CPU tensors.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Elements of one program's [K, BLOCK_D] tile: large enough to stream whole rows, small enough for the registers.
 _TILE = 8192

@@ -1,18 +1,21 @@
-"""Rows expanded to their valid slots in key order, and summed back, with gathers only (no atomics, no host sync).
+"""Rows expanded to their valid slots in key order, and summed back: on a GPU with gathers only (no atomics), never a
+host sync.
 
 The torch backend (tokens to experts on one device) and the lean expert-parallel path (docs/design.md, "Dispatch")
 move rows between two orders:
 - Z rows (tokens, or received copies at a destination), each with K slots of which some are valid;
 - P valid (row, slot) pairs sorted by a key (an expert id, a physical expert id, a local expert slot, a rank).
-A :class:`SlotOrder` holds both directions of that map, so every move is a plain gather:
-- :func:`expand_rows` (Z -> P): ``x_PD = x_ZD[row_P]``; its backward gathers each row's K pair gradients through the
-  inverse and sums them (MegaBlocks' scatter does the same), instead of ``index_add``'s atomic adds.
+A :class:`SlotOrder` holds both directions of that map:
+- :func:`expand_rows` (Z -> P): ``x_PD = x_ZD[row_P]``; its backward sums each row's pair gradients.
 - :func:`sum_slots` (P -> Z): ``out_ZD = sum_k w_ZK * y_PD[inverse_ZK]`` over the valid slots; its backward writes
-  each pair's gradient once. On a GPU both are Triton kernels (``slot_kernels.py``: one program per row or pair, empty
-  slots never read); elsewhere a gather of Z x K rows and one batched matmul, where empty slots read pair 0 with
-  weight 0 (their gradient is zero and dropped).
+  each pair's gradient once.
 - :func:`permute_rows`: a permutation whose backward is the inverse permutation (``x[perm]``'s backward is an
   accumulating ``index_put``).
+On a GPU both sums are Triton kernels (``slot_kernels.py``): one program per row gathers its valid slots' rows
+through the inverse (MegaBlocks' scatter does the same) instead of ``index_add``'s atomic adds, and one program per
+pair writes the backward; empty slots are never read. Elsewhere (the CPU, float64, or no Triton) they are
+``index_add`` over the P pairs: sequential on the CPU, and no ``[Z, K, D]`` gather when K is wide (ReMoE routes with
+K = E slots).
 The number of pairs P is a host int the caller already has (T x K under a fixed k, or from the counts exchange), never
 read off the device here.
 
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 from functools import cache
 
 import torch
+from torch.autograd.function import once_differentiable
 
 # valid slots per key without a host sync; one histogram for routing and dispatch
 from c2r.routing.result import count_tokens_per_expert as count_keys  # noqa: F401  (re-exported)
@@ -79,33 +83,14 @@ class _ExpandRows(torch.autograd.Function):
         return x_ZD.index_select(0, order.row_P)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_PD: torch.Tensor):
         order: SlotOrder = ctx.order
-        Z, K = order.shape_ZK
-        if order.num_pairs == 0:
-            return grad_PD.new_zeros(Z, grad_PD.shape[1]), None
+        Z = order.shape_ZK[0]
         kernels = _kernels_for(grad_PD)
-        if kernels is not None:  # each row's pair gradients summed in one pass (the forward of a plain slot sum)
+        if kernels is not None and order.num_pairs > 0:  # each row's pair gradients summed in one pass
             return kernels.sum_slots_forward(grad_PD, order.inverse_ZK, order.valid_ZK, None), None
-        grad_ZKD = grad_PD.index_select(0, order.inverse_ZK.flatten()).view(Z, K, -1)
-        # Empty slots gathered pair 0's gradient: mask them out in the same batched matmul that sums the slots.
-        mask_Z1K = order.valid_ZK.to(grad_PD.dtype).unsqueeze(1)
-        return torch.bmm(mask_Z1K, grad_ZKD).squeeze(1), None
-
-
-class _GatherSlots(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y_PD: torch.Tensor, order: SlotOrder):
-        ctx.order = order
-        Z, K = order.shape_ZK
-        if order.num_pairs == 0:
-            return y_PD.new_zeros(Z, K, y_PD.shape[1])
-        return y_PD.index_select(0, order.inverse_ZK.flatten()).view(Z, K, -1)
-
-    @staticmethod
-    def backward(ctx, grad_ZKD: torch.Tensor):
-        order: SlotOrder = ctx.order
-        return grad_ZKD.reshape(-1, grad_ZKD.shape[-1]).index_select(0, order.flat_P), None
+        return grad_PD.new_zeros(Z, grad_PD.shape[1]).index_add_(0, order.row_P, grad_PD), None
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -136,6 +121,7 @@ class _KernelSumSlots(torch.autograd.Function):
         return _kernels_for(y_PD).sum_slots_forward(y_PD, order.inverse_ZK, order.valid_ZK, weights_ZK)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_ZD: torch.Tensor):
         order: SlotOrder = ctx.order
         y_PD, weights_ZK = ctx.saved_tensors
@@ -156,11 +142,15 @@ def _triton_slot_kernels():
 
 
 def _kernels_for(x: torch.Tensor):
-    """The Triton kernels for ``x``'s device, or None for the torch path: on CUDA tensors, and on CPU tensors only under
-    Triton's interpreter (``TRITON_INTERPRET=1``, how the CPU suite runs the kernels)."""
-    if x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
-        return _triton_slot_kernels()
-    return None
+    """The Triton kernels for ``x``, or None for the torch path. They take CUDA tensors up to 32 bits (they add in
+    float32), and CPU tensors only under Triton's interpreter (``TRITON_INTERPRET=1``, how the CPU suite runs them).
+    Triton fixes compiled or interpreted when it first imports the kernels, so that import's mode decides."""
+    if x.dtype == torch.float64 or not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return None
+    kernels = _triton_slot_kernels()
+    if kernels is None or x.is_cuda == kernels.INTERPRETED:
+        return None
+    return kernels
 
 
 def sum_slots(y_PD: torch.Tensor, order: SlotOrder, weights_ZK: torch.Tensor | None = None) -> torch.Tensor:
@@ -168,10 +158,9 @@ def sum_slots(y_PD: torch.Tensor, order: SlotOrder, weights_ZK: torch.Tensor | N
     without weights, the plain sum of each row's valid slots."""
     if _kernels_for(y_PD) is not None:
         return _KernelSumSlots.apply(y_PD, weights_ZK, order)
-    if weights_ZK is None:
-        weights_ZK = order.valid_ZK.to(y_PD.dtype)
-    weights_ZK = torch.where(order.valid_ZK, weights_ZK, torch.zeros_like(weights_ZK)).to(y_PD.dtype)
-    return torch.bmm(weights_ZK.unsqueeze(1), _GatherSlots.apply(y_PD, order)).squeeze(1)
+    if weights_ZK is not None:  # each pair's weight, read at valid slots only
+        y_PD = y_PD * weights_ZK.flatten()[order.flat_P].to(y_PD.dtype).unsqueeze(1)
+    return y_PD.new_zeros(order.shape_ZK[0], y_PD.shape[1]).index_add(0, order.row_P, y_PD)
 
 
 def permute_rows(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
