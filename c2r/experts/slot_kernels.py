@@ -1,4 +1,5 @@
-"""Triton kernels for the slot sums of the lean expert-parallel path (CUDA; ``slot_rows.py`` uses torch elsewhere).
+"""Triton kernels for the slot sums of the torch backend and the expert-parallel dispatch (CUDA; ``slot_rows.py``
+uses torch elsewhere).
 
 Why kernels: profiled on one H200 (docs/benchmarks.md, "Slot sums as Triton kernels"), the weighted sum of each row's
 K slots done as a gather of Z x K rows and a batched matmul ``[Z, 1, K] @ [Z, K, D]`` ran cuBLAS at a fifth of the
@@ -110,12 +111,12 @@ def sum_slots_backward(
     row_P: torch.Tensor,
     flat_P: torch.Tensor,
     weights_ZK: torch.Tensor | None,
-    grad_y_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(grad_y_PD, grad_weights_ZK): the gradients of :func:`sum_slots_forward`; the second only when ``y_PD`` (the
-    forward's input) is given, zero on empty slots, in ``weights_ZK``'s dtype."""
+    """(grad_y_PD, grad_weights_ZK): the gradients of :func:`sum_slots_forward` (whose output has ``y_PD``'s dtype, so
+    ``grad_ZD`` has it too); the second only when ``y_PD`` (the forward's input) is given, zero on empty slots, in
+    ``weights_ZK``'s dtype."""
     P, D = row_P.shape[0], grad_ZD.shape[1]
-    grad_y_PD = torch.empty(P, D, dtype=grad_y_dtype, device=grad_ZD.device)
+    grad_y_PD = torch.empty(P, D, dtype=grad_ZD.dtype, device=grad_ZD.device)
     want_grad_w = y_PD is not None and weights_ZK is not None
     grad_w_ZK = weights_ZK.new_zeros(weights_ZK.shape) if want_grad_w else None  # contiguous: indexed flat
     if P == 0:

@@ -14,7 +14,7 @@ A :class:`SlotOrder` holds both directions of that map:
 On a GPU both sums are Triton kernels (``slot_kernels.py``): one program per row gathers its valid slots' rows
 through the inverse (MegaBlocks' scatter does the same) instead of ``index_add``'s atomic adds, and one program per
 pair writes the backward; empty slots are never read. Elsewhere (the CPU, float64, or no Triton) they are
-``index_add`` over the P pairs: sequential on the CPU, and no ``[Z, K, D]`` gather when K is wide (ReMoE routes with
+``index_add`` over the P pairs: deterministic on the CPU, and no ``[Z, K, D]`` gather when K is wide (ReMoE routes with
 K = E slots).
 The number of pairs P is a host int the caller already has (T x K under a fixed k, or from the counts exchange), never
 read off the device here.
@@ -88,7 +88,7 @@ class _ExpandRows(torch.autograd.Function):
         order: SlotOrder = ctx.order
         Z = order.shape_ZK[0]
         kernels = _kernels_for(grad_PD)
-        if kernels is not None and order.num_pairs > 0:  # each row's pair gradients summed in one pass
+        if kernels is not None:  # each row's pair gradients summed in one pass
             return kernels.sum_slots_forward(grad_PD, order.inverse_ZK, order.valid_ZK, None), None
         return grad_PD.new_zeros(Z, grad_PD.shape[1]).index_add_(0, order.row_P, grad_PD), None
 
@@ -113,22 +113,19 @@ class _KernelSumSlots(torch.autograd.Function):
     """:func:`sum_slots` through the Triton kernels (``slot_kernels.py``)."""
 
     @staticmethod
-    def forward(ctx, y_PD: torch.Tensor, weights_ZK: torch.Tensor | None, order: SlotOrder):
-        ctx.order = order
+    def forward(ctx, y_PD: torch.Tensor, weights_ZK: torch.Tensor | None, order: SlotOrder, kernels):
+        ctx.order, ctx.kernels = order, kernels  # the backward runs on the forward's choice
         wants_grad_w = weights_ZK is not None and ctx.needs_input_grad[1]
         ctx.save_for_backward(y_PD if wants_grad_w else None, weights_ZK)
-        ctx.y_dtype = y_PD.dtype
-        return _kernels_for(y_PD).sum_slots_forward(y_PD, order.inverse_ZK, order.valid_ZK, weights_ZK)
+        return kernels.sum_slots_forward(y_PD, order.inverse_ZK, order.valid_ZK, weights_ZK)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_ZD: torch.Tensor):
         order: SlotOrder = ctx.order
         y_PD, weights_ZK = ctx.saved_tensors
-        grad_y_PD, grad_w_ZK = _kernels_for(grad_ZD).sum_slots_backward(
-            grad_ZD, y_PD, order.row_P, order.flat_P, weights_ZK, ctx.y_dtype
-        )
-        return grad_y_PD, grad_w_ZK, None
+        grad_y_PD, grad_w_ZK = ctx.kernels.sum_slots_backward(grad_ZD, y_PD, order.row_P, order.flat_P, weights_ZK)
+        return grad_y_PD, grad_w_ZK, None, None
 
 
 @cache
@@ -156,8 +153,9 @@ def _kernels_for(x: torch.Tensor):
 def sum_slots(y_PD: torch.Tensor, order: SlotOrder, weights_ZK: torch.Tensor | None = None) -> torch.Tensor:
     """[Z, D]: ``out[z] = sum over valid slots k of weights[z, k] * y[pair (z, k)]`` (gradients reach weights_ZK);
     without weights, the plain sum of each row's valid slots."""
-    if _kernels_for(y_PD) is not None:
-        return _KernelSumSlots.apply(y_PD, weights_ZK, order)
+    kernels = _kernels_for(y_PD)
+    if kernels is not None:
+        return _KernelSumSlots.apply(y_PD, weights_ZK, order, kernels)
     if weights_ZK is not None:  # each pair's weight, read at valid slots only
         y_PD = y_PD * weights_ZK.flatten()[order.flat_P].to(y_PD.dtype).unsqueeze(1)
     return y_PD.new_zeros(order.shape_ZK[0], y_PD.shape[1]).index_add(0, order.row_P, y_PD)
