@@ -13,8 +13,8 @@ For each trace and ranks in (8, 16): plan on the first 80% of steps (``--holdout
 caps 1.5, 1.25, 1.05 (the uncapped partition repaired under each cap, as ``--pareto`` prints them) and 1.10 (the
 plan `c2r-place plan --max-load 1.10` writes: Mt-KaHyPar under the cap where it can; again with
 ``--no-per-step-cap``, the "pooled only" row), judge each on the held-out 20%: copies per token and rank load
-max/mean per layer. Prints a markdown table and writes
-docs/img/placement_load.svg (copies vs load).
+max/mean per layer, pooled over the held-out steps and per step (each step's busiest rank: what a step waits
+for). Prints a markdown table and writes docs/img/placement_load.svg (copies vs load).
 
 Run from the repository root (CPU, a few minutes):
     python benchmarks/placement_load.py [--dir /tmp/c2r_placement_load]
@@ -109,6 +109,7 @@ def sweep(trace_dir: Path, ranks: int) -> list[dict]:
             layouts = cap_layouts(inp.plan_routings, base, cap, max_tokens=MAX_TOKENS, jobs=JOBS)
         layers = [layer_metrics(r, lay) for r, lay in zip(inp.eval_routings, layouts)]
         loads = np.array([m["load_imbalance"] for m in layers])
+        step_loads = np.array([m.get("step_load_imbalance", np.nan) for m in layers])  # each step's busiest rank
         possible = (
             np.ones(len(layers), bool)
             if cap is None
@@ -121,6 +122,8 @@ def sweep(trace_dir: Path, ranks: int) -> list[dict]:
                 "copies": float(np.mean([m["copies_per_token"] for m in layers])),
                 "load_mean": float(loads.mean()),
                 "load_max": float(loads.max()),
+                "step_load_mean": float(step_loads.mean()),
+                "step_load_max": float(step_loads.max()),
                 "met": int(((loads <= (cap or np.inf) + 1e-9) & possible).sum()),
                 "possible": int(possible.sum()),
                 "max_where_possible": float(loads[possible].max()) if possible.any() else float("nan"),
@@ -225,6 +228,12 @@ def main() -> None:
         help="hf-olmoe batches of 8 x 256 tokens (default 10: 4096 held-out tokens per layer; 40: 16384)",
     )
     p.add_argument("--train-steps", type=int, default=400, help="training steps of the trained OLMoE (default 400)")
+    p.add_argument(
+        "--trained-batches",
+        type=int,
+        default=10,
+        help="batches of 32 x 128 tokens recorded from the trained OLMoE (default 10: 8192 held-out tokens per layer)",
+    )
     args = p.parse_args()
     traces = {
         "synthetic": args.dir / "synthetic",
@@ -235,11 +244,12 @@ def main() -> None:
         shutil.rmtree(trace_dir, ignore_errors=True)
     synthetic_traces(traces["synthetic"])
     olmoe_traces(traces["hf-olmoe"], args.olmoe_batches)
-    trained_olmoe_traces(traces["hf-olmoe trained"], args.dir / "trained_model", args.train_steps)
+    trained_olmoe_traces(traces["hf-olmoe trained"], args.dir / "trained_model", args.train_steps, args.trained_batches)
     results = {}
     print("| trace | ranks | max-load | copies/token (held out) | vs uncapped | load max/mean, mean / worst layer | "
-          "layers <= cap / where possible without replicas | worst layer where possible |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "per step: busiest rank / mean, mean / worst layer | layers <= cap / where possible without replicas | "
+          "worst layer where possible |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, trace_dir in traces.items():
         for ranks in () if args.replicas_only else (8, 16):
             rows = sweep(trace_dir, ranks)
@@ -251,7 +261,8 @@ def main() -> None:
                 worst = "-" if r["cap"] is None else f"{r['max_where_possible']:.3f}"
                 print(
                     f"| {name} | {ranks} | {cap} | {r['copies']:.3f} (contiguous {r['contiguous']:.3f}) | {change} | "
-                    f"{r['load_mean']:.3f} / {r['load_max']:.3f} | {met} | {worst} |"
+                    f"{r['load_mean']:.3f} / {r['load_max']:.3f} | "
+                    f"{r['step_load_mean']:.3f} / {r['step_load_max']:.3f} | {met} | {worst} |"
                 )
     print(f"\nWith replicas (`--max-load {REPLICA_PLAN_CAP} --replicas P`, judged against {REPLICA_CAP} held out):\n")
     print("| trace | ranks | P (slots) | copies/token (held out) | vs uncapped | load max/mean, mean / worst layer | "

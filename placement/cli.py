@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from placement.cost import CostModel, calibrate, format_costs, layer_cost
+from placement.cost import CostModel, calibrate, format_costs, layer_cost, load_key
 from placement.errors import PlacementError
 from placement.evaluate import evaluate_with_baselines, format_comparison, keep_contiguous_where_plan_loses
 from placement.export import EXPORT_FORMATS, export_plan
@@ -110,6 +110,11 @@ def _summary_line(results: dict[str, dict[str, Any]], name: str) -> str:
         f"({cut:.1f}% fewer) and {rand['copies_per_token']:.3f} random{estimate}; rank load max/mean "
         f"{plan['load_imbalance']:.2f} (worst layer {plan['max_load_imbalance']:.2f}) vs "
         f"{contig['load_imbalance']:.2f} ({contig['max_load_imbalance']:.2f}) contiguous"
+        + (
+            f"; per step {plan['step_load_imbalance']:.2f} vs {contig['step_load_imbalance']:.2f}"
+            if "step_load_imbalance" in plan and "step_load_imbalance" in contig
+            else ""
+        )
     )
 
 
@@ -186,10 +191,12 @@ def _cost_model(args: argparse.Namespace) -> CostModel:
 
 def _predicted_costs(model: CostModel, args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None:
     """Attach "predicted_step_ms" (`placement.cost`) to every layer's metrics."""
-    for name in ("plan", "contiguous", "random"):
+    names = ("plan", "contiguous", "random")
+    load = load_key(*(results[name]["layers"] for name in names))
+    for name in names:
         for m in results[name]["layers"]:
             if m.get("tokens"):
-                m["predicted_step_ms"] = layer_cost(m, model, args.ranks, args.nodes)["step_ms"]
+                m["predicted_step_ms"] = layer_cost(m, model, args.ranks, args.nodes, load)["step_ms"]
         results[name]["overall"] = overall_metrics(results[name]["layers"])
 
 

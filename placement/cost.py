@@ -7,6 +7,8 @@ Per layer and placement (metrics from `placement.objective`), per rank, one trai
                   + inter-node copies per token / inter bandwidth)
     compute_ms = load max/mean x T x k (the busiest rank's token-expert pairs) x 3 (forward + 2 x backward)
                  x 2 x matrices x D x F flops / expert rate
+                 (load max/mean: within each recorded step, ``step_load_imbalance``, where the trace has steps for
+                 every placement compared -- each step waits for its own busiest rank; else the pooled ratio)
     step_ms    = comm_ms + compute_ms   (no overlap: every rank waits for the busiest one, and for its copies)
 
 T: tokens per rank per step, k: slots per token (``slots_per_token``), D / F: hidden / expert FFN width. Copies per
@@ -59,8 +61,20 @@ class CostModel:
                 raise PlacementError(f"cost model: {field.name} must be {bound}; got {value!r}")
 
 
-def layer_cost(metrics: dict[str, Any], model: CostModel, num_ranks: int, num_nodes: int = 1) -> dict[str, float]:
-    """{"comm_ms", "compute_ms", "step_ms"} of one layer's placement (formulas: module docstring)."""
+def load_key(*layer_metrics: list[dict[str, Any]]) -> str:
+    """The load ratio the compute term uses for these placements' layers: the per-step one where every layer with
+    tokens has it (traces of 2+ steps, unreplicated layouts), else the pooled one for all: a plan and its baseline
+    are always costed on the same ratio."""
+    with_tokens = [m for layers in layer_metrics for m in layers if m.get("tokens")]
+    per_step = bool(with_tokens) and all("step_load_imbalance" in m for m in with_tokens)
+    return "step_load_imbalance" if per_step else "load_imbalance"
+
+
+def layer_cost(
+    metrics: dict[str, Any], model: CostModel, num_ranks: int, num_nodes: int = 1, load: str = "load_imbalance"
+) -> dict[str, float]:
+    """{"comm_ms", "compute_ms", "step_ms"} of one layer's placement (formulas: module docstring); ``load``: the
+    metric of the busiest rank's load (`load_key`)."""
     if not metrics.get("tokens"):
         return {"comm_ms": 0.0, "compute_ms": 0.0, "step_ms": 0.0}
     copies = metrics["copies_per_token"]
@@ -69,7 +83,7 @@ def layer_cost(metrics: dict[str, Any], model: CostModel, num_ranks: int, num_no
     bytes_per_copy = model.hidden * model.bytes_per_element
     seconds = intra / (model.intra_node_gb_s * 1e9) + inter / (model.inter_node_gb_s * 1e9)
     comm_ms = 4 * model.tokens_per_rank * bytes_per_copy * seconds * 1e3
-    pairs = metrics["load_imbalance"] * model.tokens_per_rank * metrics["slots_per_token"]
+    pairs = metrics[load] * model.tokens_per_rank * metrics["slots_per_token"]
     flops = 3 * 2 * model.matrices * model.hidden * model.ffn * pairs
     compute_ms = flops / (model.expert_tflop_s * 1e12) * 1e3
     return {"comm_ms": comm_ms, "compute_ms": compute_ms, "step_ms": comm_ms + compute_ms}
@@ -152,15 +166,19 @@ def format_costs(
     layer_pairs: list[tuple[dict[str, Any], dict[str, Any]]], model: CostModel, num_ranks: int, num_nodes: int
 ) -> str:
     """Per layer: predicted step ms (comm + compute) under the plan vs contiguous, and an overall line."""
+    load = load_key([p for p, _ in layer_pairs], [c for _, c in layer_pairs])
+    busiest = "the busiest rank of each recorded step" if load == "step_load_imbalance" else "the busiest rank, pooled"
     lines = [
         f"PREDICTED step time per MoE layer (a cost model, not a measurement; {model.source}: {model.tokens_per_rank} "
         f"tokens/rank, hidden {model.hidden}, ffn {model.ffn}, {model.intra_node_gb_s:.0f} GB/s intra-node, "
-        f"{model.inter_node_gb_s:.0f} GB/s inter-node, {model.expert_tflop_s:.0f} TFLOP/s experts)",
+        f"{model.inter_node_gb_s:.0f} GB/s inter-node, {model.expert_tflop_s:.0f} TFLOP/s experts; compute on "
+        f"{busiest})",
         "layer  plan ms (comm + compute)  contig ms (comm + compute)  change",
     ]
     totals = np.zeros(2)
     for layer, (plan, contig) in enumerate(layer_pairs):
-        p, c = layer_cost(plan, model, num_ranks, num_nodes), layer_cost(contig, model, num_ranks, num_nodes)
+        p = layer_cost(plan, model, num_ranks, num_nodes, load)
+        c = layer_cost(contig, model, num_ranks, num_nodes, load)
         totals += [p["step_ms"], c["step_ms"]]
         change = f"{100 * (p['step_ms'] / c['step_ms'] - 1):+.1f}%" if c["step_ms"] else "n/a"
         lines.append(

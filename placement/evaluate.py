@@ -130,6 +130,8 @@ def _row_cells(results: dict[str, dict[str, Any]], m: dict[str, dict[str, Any]],
                 f"{contig['cross_rank_bytes_per_token'] / 1024:.2f}",
             ]
     cells += [f"{plan['load_imbalance']:.2f}", f"{contig['load_imbalance']:.2f}"]
+    if "step_load_imbalance" in plan:
+        cells += [f"{plan['step_load_imbalance']:.2f}", f"{contig['step_load_imbalance']:.2f}"]
     if "node_fanout_per_token" in plan:
         cells += [f"{plan['node_fanout_per_token']:.3f}", f"{contig['node_fanout_per_token']:.3f}"]
     return cells
@@ -146,6 +148,8 @@ def format_comparison(results: dict[str, dict[str, Any]], detailed: bool = True)
         if "cross_rank_bytes_per_token" in first:
             header += ["cross KiB/tok", "contig"]
     header += ["load max/mean", "contig"]
+    if "step_load_imbalance" in first:
+        header += ["per step", "contig"]
     if "node_fanout_per_token" in first:
         header += ["nodes/tok", "contig"]
     rows = []
@@ -165,6 +169,11 @@ def format_comparison(results: dict[str, dict[str, Any]], detailed: bool = True)
         f"copies/tok = distinct destination ranks per token (what per-rank dispatch sends; per-expert dispatch sends "
         f"{o['slots_per_token']:.3f}); 'all' = mean over layers"
     )
+    if "step_load_imbalance" in first:
+        lines.append(
+            "per step = the busiest rank's load in each recorded step, summed, over the mean rank's: what the steps "
+            "wait for (load max/mean pools the steps)"
+        )
     if not o.get("exact", True):
         lines.append(
             "NOTE: from a co-activation matrix: copies/tok are an ESTIMATE (pairwise approximation, exact for top-2 "

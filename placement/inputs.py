@@ -318,12 +318,13 @@ def load_trace_input(path: str | Path, holdout: float | None = None, progress: b
         "holdout": None,
         "skipped_shards": [name for name, _ in traces.skipped],
     }
-    plan_ids, eval_ids, plan_steps = ids, ids, steps
+    plan_ids, eval_ids, plan_steps, eval_steps = ids, ids, steps, steps
     if holdout:
         cutoff = holdout_cutoff(steps, holdout)
         plan_ids = [x[s < cutoff] for x, s in zip(ids, steps)]
         eval_ids = [x[s >= cutoff] for x, s in zip(ids, steps)]
         plan_steps = [s[s < cutoff] for s in steps]
+        eval_steps = [s[s >= cutoff] for s in steps]
         info["holdout"] = {
             "fraction": holdout,
             "first_held_out_step": cutoff,
@@ -331,7 +332,11 @@ def load_trace_input(path: str | Path, holdout: float | None = None, progress: b
             "eval_tokens": int(sum(len(x) for x in eval_ids)),
         }
     plan_routings = [routing_from_expert_ids(x, num_experts, s) for x, s in zip(plan_ids, plan_steps)]
-    eval_routings = plan_routings if not holdout else [routing_from_expert_ids(x, num_experts) for x in eval_ids]
+    eval_routings = (
+        plan_routings
+        if not holdout
+        else [routing_from_expert_ids(x, num_experts, s) for x, s in zip(eval_ids, eval_steps)]
+    )
     return PlannerInput(num_layers, num_experts, plan_routings, eval_routings, info)
 
 

@@ -24,6 +24,11 @@ Metrics (per token = averaged over the layer's tokens; "overall" = the mean over
 - ``cross_rank_bytes_per_token``: cross_rank_copies_per_token * hidden * dtype bytes (dispatch direction only; the
   combine reply moves the same amount back).
 - ``load_imbalance``: max over ranks of token-expert pairs processed / mean (1.0 = perfectly balanced compute).
+- ``step_load_imbalance`` (traces of 2+ recorded steps, unreplicated layouts): the busiest rank's load of each
+  recorded step, summed over the steps, over the mean rank load summed likewise. In training every step waits for
+  its busiest rank, so this is the expert compute time over a perfectly balanced one's: the load that sets the step
+  time. It is at least ``load_imbalance`` (a rank busiest overall is not the busiest of every step).
+  ``worst_step_load_imbalance``: the worst single step's max / mean.
 - with N > 1 nodes: ``node_fanout_per_token`` = mean nu; ``inter_node_copies_per_token`` = nu (N - 1) / N (copies
   crossing nodes with node-level dedup, e.g. hierarchical/DeepEP-style dispatch, uniform source node as above);
   ``inter_node_rank_copies_per_token`` = lambda (N - 1) / N (flat per-rank dispatch, one copy per remote rank).
@@ -186,6 +191,13 @@ def layer_metrics(
         out["cross_rank_bytes_per_token"] = out["cross_rank_copies_per_token"] * bytes_per_copy
         out["per_expert_cross_rank_bytes_per_token"] = out["per_expert_cross_rank_copies_per_token"] * bytes_per_copy
     out["load_imbalance"] = float(rank_load_R.max() / rank_load_R.mean()) if rank_load_R.sum() else 1.0
+    if routing.step_load_SE is not None and not layout.is_replicated:
+        step_load_SR = np.stack([np.bincount(e2r, weights=row, minlength=num_ranks) for row in routing.step_load_SE])
+        step_load_SR = step_load_SR[step_load_SR.sum(axis=1) > 0]
+        if len(step_load_SR):
+            busiest_S, mean_S = step_load_SR.max(axis=1), step_load_SR.mean(axis=1)
+            out["step_load_imbalance"] = float(busiest_S.sum() / mean_S.sum())
+            out["worst_step_load_imbalance"] = float((busiest_S / mean_S).max())
     out["rank_load"] = rank_load_R.round().astype(np.int64).tolist()
     if num_nodes > 1:
         out["node_fanout_per_token"] = node_hits / tokens
@@ -201,8 +213,10 @@ def overall_metrics(layers: list[dict[str, Any]]) -> dict[str, Any]:
     if not with_tokens:
         return out
     out["exact"] = all(m["exact"] for m in with_tokens)
-    keys = [k for k, v in with_tokens[0].items() if isinstance(v, float)]
-    for key in keys:
-        out[key] = float(np.mean([m[key] for m in with_tokens]))
+    keys = dict.fromkeys(k for m in with_tokens for k, v in m.items() if isinstance(v, float))
+    for key in keys:  # over the layers that have the metric (per-step loads need 2+ recorded steps)
+        out[key] = float(np.mean([m[key] for m in with_tokens if key in m]))
     out["max_load_imbalance"] = float(max(m["load_imbalance"] for m in with_tokens))
+    if "worst_step_load_imbalance" in keys:
+        out["worst_step_load_imbalance"] = float(max(m.get("worst_step_load_imbalance", 0.0) for m in with_tokens))
     return out

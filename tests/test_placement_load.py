@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from placement.cli import main
-from placement.cost import CostModel, calibrate, layer_cost
+from placement.cost import CostModel, calibrate, format_costs, layer_cost, load_key
 from placement.export import replicate_hot_experts
 from placement.inputs import routing_from_coactivation, routing_from_expert_ids
 from placement.layout import ExpertLayout
@@ -239,6 +239,22 @@ def test_cost_model_by_hand():
     cost = layer_cost(metrics, model, num_ranks=2)
     assert cost["comm_ms"] == pytest.approx(4 * 1000 * 100 * 0.75 / 1e9 * 1e3)
     assert cost["compute_ms"] == pytest.approx(1.2 * 1000 * 2 * 3 * 2 * 3 * 50 * 10 / 1e12 * 1e3)
+
+
+def test_cost_model_costs_plan_and_baseline_on_one_load_ratio():
+    """The compute term takes each step's busiest rank where every placement compared has it; where one does not
+    (a replicated plan's metrics have no per-step load), both are costed on the pooled ratio."""
+    model = CostModel(tokens_per_rank=1000, hidden=50, ffn=10, intra_node_gb_s=1.0, expert_tflop_s=1.0)
+    stepped = {"tokens": 1, "copies_per_token": 1.5, "slots_per_token": 2.0, "load_imbalance": 1.2}
+    stepped["step_load_imbalance"] = 1.5
+    pooled_only = {k: v for k, v in stepped.items() if k != "step_load_imbalance"}
+    assert load_key([stepped], [dict(stepped)]) == "step_load_imbalance"
+    assert load_key([pooled_only], [stepped]) == "load_imbalance"
+    per_step = layer_cost(stepped, model, 2, load="step_load_imbalance")["compute_ms"]
+    assert per_step == pytest.approx(layer_cost(stepped, model, 2)["compute_ms"] * 1.5 / 1.2)
+    text = format_costs([(pooled_only, stepped)], model, 2, 1)
+    assert "the busiest rank, pooled" in text and "+0.0%" in text
+    assert "each recorded step" in format_costs([(stepped, stepped)], model, 2, 1)
 
 
 def test_calibrate_reads_comm_records(tmp_path):

@@ -115,3 +115,24 @@ def test_overall_is_the_mean_over_layers():
     o = overall_metrics(layers)
     assert o["copies_per_token"] == pytest.approx((2.0 + 1.0) / 2)
     assert o["tokens"] == 4 and o["layers"] == 2
+
+
+def test_step_load_is_the_busiest_rank_of_each_step_by_hand():
+    # 4 experts on 2 ranks, expert_to_rank = [0, 0, 1, 1]; two recorded steps of top-1 tokens:
+    #   step 0: experts 0, 0, 1, 2 -> rank loads [3, 1]: busiest 3, mean 2
+    #   step 1: experts 2, 3, 3, 1 -> rank loads [1, 3]: busiest 3, mean 2
+    # pooled: [4, 4] -> 1.0, yet each step waits for a rank at 1.5 x mean: step load (3 + 3) / (2 + 2) = 1.5.
+    ids = np.array([[0], [0], [1], [2], [2], [3], [3], [1]])
+    routing = routing_from_expert_ids(ids, 4, steps_N=np.array([0, 0, 0, 0, 1, 1, 1, 1]))
+    m = layer_metrics(routing, ExpertLayout([0, 0, 1, 1], 2))
+    assert m["load_imbalance"] == pytest.approx(1.0)
+    assert m["step_load_imbalance"] == pytest.approx(1.5)
+    assert m["worst_step_load_imbalance"] == pytest.approx(1.5)
+    # a layout that keeps every step level: experts {0, 3} and {1, 2} (loads [2, 2] in both steps)
+    level = layer_metrics(routing, ExpertLayout([0, 1, 1, 0], 2))
+    assert level["step_load_imbalance"] == pytest.approx(1.0)
+    # one recorded step: no per-step metric; the overall mean skips the layers without it
+    single = layer_metrics(routing_from_expert_ids(ids, 4), ExpertLayout([0, 0, 1, 1], 2))
+    assert "step_load_imbalance" not in single
+    o = overall_metrics([m, single])
+    assert o["step_load_imbalance"] == pytest.approx(1.5) and o["worst_step_load_imbalance"] == pytest.approx(1.5)
