@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from placement.cost import CostModel, calibrate, format_costs, layer_cost, load_key
+from placement.cost import CostModel, calibrate, format_costs, layer_cost
 from placement.errors import PlacementError
 from placement.evaluate import evaluate_with_baselines, format_comparison, keep_contiguous_where_plan_loses
 from placement.export import EXPORT_FORMATS, export_plan
@@ -41,12 +41,12 @@ from placement.methods import (
     cap_layouts,
     plan_placement,
 )
-from placement.objective import DTYPE_BYTES, check_topology, layer_metrics, overall_metrics
+from placement.objective import DTYPE_BYTES, check_topology, layer_metrics, load_key, overall_metrics
 from placement.plan import check_output_path, dumps, load_plan, make_plan, save_plan, write_text_atomic
 from placement.pool import check_jobs
 from placement.replicate import parse_num_slots, replicate_layouts
 from placement.simulate_cli import add_simulate_command
-from profiling.cli_errors import BAD_INPUT_ERRORS, OneLineParser
+from profiling.cli_errors import BAD_INPUT_ERRORS, OneLineParser, positive
 
 PARETO_CAPS = (None, 1.5, 1.25, 1.1, 1.05)
 
@@ -65,7 +65,7 @@ DEFAULT_HIDDEN, DEFAULT_DTYPE = 4096, "bf16"
 def _add_bytes_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--hidden",
-        type=int,
+        type=positive(int),
         help=f"hidden size for bytes per token (default: the traced model's, else {DEFAULT_HIDDEN})",
     )
     p.add_argument(
@@ -112,7 +112,7 @@ def _summary_line(results: dict[str, dict[str, Any]], name: str) -> str:
         f"{contig['load_imbalance']:.2f} ({contig['max_load_imbalance']:.2f}) contiguous"
         + (
             f"; per step {plan['step_load_imbalance']:.2f} vs {contig['step_load_imbalance']:.2f}"
-            if "step_load_imbalance" in plan and "step_load_imbalance" in contig
+            if load_key(results["plan"]["layers"], results["contiguous"]["layers"]) == "step_load_imbalance"
             else ""
         )
     )
@@ -189,8 +189,9 @@ def _cost_model(args: argparse.Namespace) -> CostModel:
     return calibrate(args.calibrate, model) if args.calibrate else model
 
 
-def _predicted_costs(model: CostModel, args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None:
-    """Attach "predicted_step_ms" (`placement.cost`) to every layer's metrics."""
+def _predicted_costs(model: CostModel, args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> str:
+    """Attach "predicted_step_ms" (`placement.cost`) to every layer's metrics; returns the load ratio its compute
+    term used (`placement.objective.load_key`)."""
     names = ("plan", "contiguous", "random")
     load = load_key(*(results[name]["layers"] for name in names))
     for name in names:
@@ -198,6 +199,7 @@ def _predicted_costs(model: CostModel, args: argparse.Namespace, results: dict[s
             if m.get("tokens"):
                 m["predicted_step_ms"] = layer_cost(m, model, args.ranks, args.nodes, load)["step_ms"]
         results[name]["overall"] = overall_metrics(results[name]["layers"])
+    return load
 
 
 def _print_pareto(inp: PlannerInput, base: list, args: argparse.Namespace, replicated: list | None = None) -> None:
@@ -280,7 +282,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     kept_contiguous: list[int] = []
     if num_slots is None:  # (contiguous placement has no replicas: a replicated plan is not compared for this)
         layouts, kept_contiguous = keep_contiguous_where_plan_loses(results, layouts, args.max_load)
-    _predicted_costs(model, args, results)
+    compute_load = _predicted_costs(model, args, results)
     reports = _cap_report(inp, results, args)
     for layer, report in enumerate(reports):
         report["kept_contiguous"] = layer in kept_contiguous
@@ -312,7 +314,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "max_load": args.max_load,
             "per_step_cap": args.per_step_cap,
             "replicas": num_slots,
-            "cost_model": {**vars(model)},
+            "cost_model": {**vars(model), "compute_load": compute_load},
         },
     )
     save_plan(plan, args.out)
@@ -345,10 +347,12 @@ def add_plan_command(sub: argparse._SubParsersAction) -> None:
         "contiguous and random placement.",
     )
     _add_input_args(p)
-    p.add_argument("--ranks", type=int, required=True, help="expert-parallel ranks R (must divide the experts)")
+    p.add_argument(
+        "--ranks", type=positive(int), required=True, help="expert-parallel ranks R (must divide the experts)"
+    )
     p.add_argument(
         "--nodes",
-        type=int,
+        type=positive(int),
         default=1,
         help="nodes N (R/N GPUs each): topology-aware placement, see --topology (default 1)",
     )
@@ -373,7 +377,7 @@ def add_plan_command(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--preset", choices=KAHYPAR_PRESETS, default="deterministic", help="Mt-KaHyPar preset")
     p.add_argument(
-        "--threads", type=int, help="Mt-KaHyPar threads (default: all cores with --jobs 1, else 1 per worker)"
+        "--threads", type=positive(int), help="Mt-KaHyPar threads (default: all cores with --jobs 1, else 1 per worker)"
     )
     p.add_argument(
         "--jobs",
@@ -385,7 +389,7 @@ def add_plan_command(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--max-tokens",
-        type=int,
+        type=positive(int, allow_zero=True),
         metavar="N",
         default=20000,
         help="plan each layer on a seeded sample of at most this many tokens (default 20000; 0: all); the "
@@ -422,7 +426,9 @@ def add_plan_command(sub: argparse._SubParsersAction) -> None:
         help="predicted step time: take bandwidth and tokens per rank from a profiled run's all-to-all records "
         "(default: stated H200-class defaults)",
     )
-    p.add_argument("--ffn", type=int, help="expert FFN width for the predicted compute time (default 3.5 x hidden)")
+    p.add_argument(
+        "--ffn", type=positive(int), help="expert FFN width for the predicted compute time (default 3.5 x hidden)"
+    )
     _add_bytes_args(p)
     p.add_argument("--out", "-o", required=True, help="plan file to write (JSON)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
@@ -477,7 +483,7 @@ def add_evaluate_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plan", required=True, help="plan file (c2r-place plan)")
     _add_input_args(p)
     _add_bytes_args(p)
-    p.add_argument("--nodes", type=int, help="nodes for inter-node metrics (default: the plan's)")
+    p.add_argument("--nodes", type=positive(int), help="nodes for inter-node metrics (default: the plan's)")
     p.add_argument(
         "--holdout", type=float, metavar="FRACTION", help="evaluate on the latest FRACTION of steps only (0: all steps)"
     )

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from placement.errors import PlacementError
+from placement.objective import load_key
 
 
 @dataclass(frozen=True)
@@ -59,15 +60,6 @@ class CostModel:
             bound = ">= 0" if field.name == "latency_us" else "> 0"
             if not (value >= 0 if bound == ">= 0" else value > 0):
                 raise PlacementError(f"cost model: {field.name} must be {bound}; got {value!r}")
-
-
-def load_key(*layer_metrics: list[dict[str, Any]]) -> str:
-    """The load ratio the compute term uses for these placements' layers: the per-step one where every layer with
-    tokens has it (traces of 2+ steps, unreplicated layouts), else the pooled one for all: a plan and its baseline
-    are always costed on the same ratio."""
-    with_tokens = [m for layers in layer_metrics for m in layers if m.get("tokens")]
-    per_step = bool(with_tokens) and all("step_load_imbalance" in m for m in with_tokens)
-    return "step_load_imbalance" if per_step else "load_imbalance"
 
 
 def layer_cost(
@@ -120,6 +112,11 @@ def calibrate(run_dir: str | Path, base: CostModel | None = None) -> CostModel:
     run_dir = Path(run_dir)
     comm_dir = next((d for d in (run_dir / "profile" / "comm", run_dir / "comm", run_dir) if d.is_dir()), None)
     if comm_dir is None:
+        if run_dir.exists():
+            raise PlacementError(
+                f"--calibrate {run_dir} is not a directory; give a profiled run's directory (RUN, RUN/profile or "
+                "RUN/profile/comm)"
+            )
         raise FileNotFoundError(f"--calibrate {run_dir} does not exist")
     records = read_comm_records(comm_dir)
     sent_bytes, ms, tokens = 0.0, 0.0, []

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from placement.inputs import LayerRouting
 from placement.layout import ExpertLayout
 from placement.methods import random_placement
-from placement.objective import layer_metrics, overall_metrics
+from placement.objective import layer_metrics, load_key, overall_metrics
 from placement.pool import map_layers
 
 BASELINES = ("contiguous", "random")
@@ -114,7 +114,9 @@ def _change(new: float, old: float) -> str:
     return f"{100.0 * (new - old) / old:+.1f}%" if old else "n/a"
 
 
-def _row_cells(results: dict[str, dict[str, Any]], m: dict[str, dict[str, Any]], detailed: bool) -> list[str]:
+def _row_cells(
+    results: dict[str, dict[str, Any]], m: dict[str, dict[str, Any]], detailed: bool, per_step: bool
+) -> list[str]:
     plan, contig, rand = m["plan"], m["contiguous"], m["random"]
     cells = [
         f"{plan['copies_per_token']:.3f}",
@@ -130,7 +132,7 @@ def _row_cells(results: dict[str, dict[str, Any]], m: dict[str, dict[str, Any]],
                 f"{contig['cross_rank_bytes_per_token'] / 1024:.2f}",
             ]
     cells += [f"{plan['load_imbalance']:.2f}", f"{contig['load_imbalance']:.2f}"]
-    if "step_load_imbalance" in plan:
+    if per_step:
         cells += [f"{plan['step_load_imbalance']:.2f}", f"{contig['step_load_imbalance']:.2f}"]
     if "node_fanout_per_token" in plan:
         cells += [f"{plan['node_fanout_per_token']:.3f}", f"{contig['node_fanout_per_token']:.3f}"]
@@ -148,7 +150,9 @@ def format_comparison(results: dict[str, dict[str, Any]], detailed: bool = True)
         if "cross_rank_bytes_per_token" in first:
             header += ["cross KiB/tok", "contig"]
     header += ["load max/mean", "contig"]
-    if "step_load_imbalance" in first:
+    # the per-step column where every layer of the plan and of contiguous placement has it (one rule for all rows)
+    per_step = load_key(results["plan"]["layers"], results["contiguous"]["layers"]) == "step_load_imbalance"
+    if per_step:
         header += ["per step", "contig"]
     if "node_fanout_per_token" in first:
         header += ["nodes/tok", "contig"]
@@ -158,9 +162,9 @@ def format_comparison(results: dict[str, dict[str, Any]], detailed: bool = True)
             rows.append([str(layer), "0"] + ["-"] * (len(header) - 2))
             continue
         per = {name: results[name]["layers"][layer] for name in results}
-        rows.append([str(layer), str(plan["tokens"]), *_row_cells(results, per, detailed)])
+        rows.append([str(layer), str(plan["tokens"]), *_row_cells(results, per, detailed, per_step)])
     overall = {name: results[name]["overall"] for name in results}
-    rows.append(["all", str(overall["plan"]["tokens"]), *_row_cells(results, overall, detailed)])
+    rows.append(["all", str(overall["plan"]["tokens"]), *_row_cells(results, overall, detailed, per_step)])
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
@@ -169,7 +173,7 @@ def format_comparison(results: dict[str, dict[str, Any]], detailed: bool = True)
         f"copies/tok = distinct destination ranks per token (what per-rank dispatch sends; per-expert dispatch sends "
         f"{o['slots_per_token']:.3f}); 'all' = mean over layers"
     )
-    if "step_load_imbalance" in first:
+    if per_step:
         lines.append(
             "per step = the busiest rank's load in each recorded step, summed, over the mean rank's: what the steps "
             "wait for (load max/mean pools the steps)"

@@ -100,14 +100,27 @@ def routing_from_expert_ids(
 
 
 def _step_loads(sets_NK: np.ndarray, steps_N: np.ndarray | None, num_experts: int) -> np.ndarray | None:
-    """[S, E] expert load per distinct step (ascending), or None for fewer than 2 steps."""
+    """[S, E] expert load per distinct step (ascending), or None for fewer than 2 steps. A step with under half the
+    median step's tokens (the last step a recorder's token cap cut short) is left out: its load is mostly noise."""
     if steps_N is None or len(np.unique(steps_N)) < 2:
         return None
-    _, step_of_N = np.unique(steps_N, return_inverse=True)
+    _, step_of_N, tokens_S = np.unique(steps_N, return_inverse=True, return_counts=True)
     valid = sets_NK >= 0
     flat = step_of_N[:, None].repeat(sets_NK.shape[1], axis=1)[valid] * num_experts + sets_NK[valid]
-    num_steps = int(step_of_N.max()) + 1
-    return np.bincount(flat, minlength=num_steps * num_experts).reshape(num_steps, num_experts).astype(np.float64)
+    num_steps = len(tokens_S)
+    loads = np.bincount(flat, minlength=num_steps * num_experts).reshape(num_steps, num_experts).astype(np.float64)
+    loads = loads[tokens_S >= 0.5 * np.median(tokens_S)]
+    return loads if len(loads) >= 2 else None
+
+
+def step_loads_off_reason(header: dict[str, Any]) -> str | None:
+    """Why a trace's per-step expert loads are not used (the per-step cap, the per-step load metric), or None. A
+    sampled trace records a fraction of each step's tokens (``profile.trace.sample_rate``): at 1% a step of a
+    4096-token batch is ~40 tokens, whose expert load is mostly sampling noise."""
+    rate = float(header.get("sample_rate") or 1.0)
+    if rate < 1.0:
+        return f"the trace samples {rate:.2%} of the tokens: a step's sample is too small to read its load"
+    return None
 
 
 def validate_coactivation(counts: np.ndarray, name: str = "co-activation matrix") -> np.ndarray:
@@ -136,6 +149,18 @@ def validate_coactivation(counts: np.ndarray, name: str = "co-activation matrix"
         layer, i, j = (int(x) for x in np.argwhere(counts != np.round(counts))[0])
         raise PlacementError(
             f"{name} must hold integer token counts; layer {layer} [{i}, {j}] = {counts[layer, i, j]:g}"
+        )
+    # With a diagonal (expert loads), a pair count is at most either expert's load: both experts served those tokens.
+    # (An all-zero diagonal is the top-2 form, where loads are the row sums.)
+    diag_LE = np.diagonal(counts, axis1=1, axis2=2)
+    bound = np.minimum(diag_LE[:, :, None], diag_LE[:, None, :])
+    over = (counts > bound) & ~np.eye(counts.shape[-1], dtype=bool) & diag_LE.any(axis=1)[:, None, None]
+    if over.any():
+        layer, i, j = (int(x) for x in np.argwhere(over)[0])
+        raise PlacementError(
+            f"{name} layer {layer}: pair count [{i}, {j}] = {counts[layer, i, j]:g} exceeds an expert's load on the "
+            f"diagonal ([{i}, {i}] = {counts[layer, i, i]:g}, [{j}, {j}] = {counts[layer, j, j]:g}); the diagonal must "
+            "be each expert's token count (or all zero for top-2 pair counts)"
         )
     return counts
 
@@ -331,6 +356,10 @@ def load_trace_input(path: str | Path, holdout: float | None = None, progress: b
             "plan_tokens": int(sum(len(x) for x in plan_ids)),
             "eval_tokens": int(sum(len(x) for x in eval_ids)),
         }
+    off = step_loads_off_reason(traces.header)
+    if off:  # pooled loads only: no per-step cap, no per-step metric
+        info["step_loads"] = f"not used: {off}"
+        plan_steps = eval_steps = [None] * num_layers
     plan_routings = [routing_from_expert_ids(x, num_experts, s) for x, s in zip(plan_ids, plan_steps)]
     eval_routings = (
         plan_routings
@@ -370,6 +399,16 @@ def load_coactivation_input(path: str | Path, holdout: float | None = None) -> P
     counts = validate_coactivation(counts, f"co-activation matrix {path.name}")
     if tokens is not None and len(tokens) != len(counts):
         raise PlacementError(f"{path} has tokens for {len(tokens)} layers but co-activation for {len(counts)}")
+    if tokens is not None:
+        # a token uses an expert at most once: every expert's load (the diagonal) is at most the layer's tokens
+        loads_L = np.diagonal(counts, axis1=1, axis2=2).max(axis=1)
+        bad = [i for i, t in enumerate(tokens) if not (np.isfinite(t) and t == round(t) and t >= loads_L[i])]
+        if bad:
+            i = bad[0]
+            raise PlacementError(
+                f"{path}: 'tokens' of layer {i} is {tokens[i]:g}, but it must be a whole number of tokens at least "
+                f"its busiest expert's load ({loads_L[i]:g})"
+            )
     routings = [routing_from_coactivation(c, None if tokens is None else int(tokens[i])) for i, c in enumerate(counts)]
     info = {
         "kind": "coactivation",

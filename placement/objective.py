@@ -206,6 +206,15 @@ def layer_metrics(
     return out
 
 
+def load_key(*layer_metrics: list[dict[str, Any]]) -> str:
+    """The load ratio to show and cost these placements' layers on: ``step_load_imbalance`` where every layer with
+    tokens of every list has it (traces of 2+ steps, unreplicated layouts), else ``load_imbalance`` for all: a plan
+    and its baselines are always compared on the same ratio, over the same layers."""
+    with_tokens = [m for layers in layer_metrics for m in layers if m.get("tokens")]
+    per_step = bool(with_tokens) and all("step_load_imbalance" in m for m in with_tokens)
+    return "step_load_imbalance" if per_step else "load_imbalance"
+
+
 def overall_metrics(layers: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean over layers (with tokens) of every per-token metric; the worst layer's load imbalance beside it."""
     with_tokens = [m for m in layers if m.get("tokens")]
@@ -213,10 +222,12 @@ def overall_metrics(layers: list[dict[str, Any]]) -> dict[str, Any]:
     if not with_tokens:
         return out
     out["exact"] = all(m["exact"] for m in with_tokens)
-    keys = dict.fromkeys(k for m in with_tokens for k, v in m.items() if isinstance(v, float))
-    for key in keys:  # over the layers that have the metric (per-step loads need 2+ recorded steps)
-        out[key] = float(np.mean([m[key] for m in with_tokens if key in m]))
+    # every layer's metrics (the per-step ratios only where every layer has them: a mean over some layers would not
+    # compare with another placement's over all)
+    keys = [k for k, v in with_tokens[0].items() if isinstance(v, float) and all(k in m for m in with_tokens)]
+    for key in keys:
+        out[key] = float(np.mean([m[key] for m in with_tokens]))
     out["max_load_imbalance"] = float(max(m["load_imbalance"] for m in with_tokens))
     if "worst_step_load_imbalance" in keys:
-        out["worst_step_load_imbalance"] = float(max(m.get("worst_step_load_imbalance", 0.0) for m in with_tokens))
+        out["worst_step_load_imbalance"] = float(max(m["worst_step_load_imbalance"] for m in with_tokens))
     return out

@@ -22,10 +22,12 @@ from placement.cost import CostModel, fit_latency_bandwidth
 from placement.errors import PlacementError
 from placement.inputs import (
     ELEMENT_DTYPES,
+    LayerRouting,
     find_trace_dir,
     holdout_cutoff,
     recorded_activation,
     routing_from_expert_ids,
+    step_loads_off_reason,
 )
 from placement.layout import ExpertLayout
 from placement.methods import METHODS, plan_placement
@@ -34,6 +36,7 @@ from placement.plan import check_output_path, dumps, write_text_atomic
 from placement.replicate import parse_num_slots, replicate_layouts
 from placement.simulate import Cluster, predict_layer, totals, with_overrides
 from placement.synthetic import synthetic_expert_ids
+from profiling.cli_errors import positive
 
 # DeepSeek-V3's routed experts (the shared expert and group-limited routing are not modelled): 58 MoE layers,
 # 256 experts, top-8, hidden 7168, expert FFN 2048, SwiGLU (3 matrices), bf16; routing from placement/synthetic.py
@@ -57,19 +60,6 @@ SYNTHETIC = {
 CLUSTER_DEFAULTS = CostModel(intra_node_gb_s=200.0, inter_node_gb_s=50.0, latency_us=5.0, source="defaults")
 PLANS = ("contiguous", "planned", "capped")
 MIN_SYNTHETIC_TOKENS = 16384  # per layer: a small cluster still gets enough tokens for a stable busiest rank
-
-
-def _positive(kind: type):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__} > 0; got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__} > 0; got {text!r}")
-        return value
-
-    return parse
 
 
 def _non_negative(text: str) -> float:
@@ -112,8 +102,10 @@ def load_calibration(path: str | Path, base: CostModel) -> CostModel:
     return with_overrides(base, intra_node_gb_s=gb_s, inter_node_gb_s=gb_s, latency_us=latency_us, source=source)
 
 
-def _synthetic_ids(args: argparse.Namespace, cluster: Cluster) -> tuple[list[np.ndarray], list[np.ndarray], int, dict]:
-    """(tokens to simulate, tokens to plan on: another draw of the same structure, experts, input record)."""
+def _synthetic_ids(
+    args: argparse.Namespace, cluster: Cluster
+) -> tuple[list[np.ndarray], list[LayerRouting], int, dict]:
+    """(tokens to simulate, the routing to plan on: another draw of the same structure, experts, input record)."""
     shape = SYNTHETIC[args.synthetic]
     layers = args.layers or shape["layers"]
     tokens = max(cluster.num_ranks * args.synthetic_tokens, MIN_SYNTHETIC_TOKENS)
@@ -133,11 +125,12 @@ def _synthetic_ids(args: argparse.Namespace, cluster: Cluster) -> tuple[list[np.
     progress = tqdm(range(layers), desc="synthetic routing", unit="layer", disable=not _progress(args))
     pairs = [(draw(layer, 1000 * layer + args.seed), draw(layer, 1000 * layer + args.seed + 500)) for layer in progress]
     info = {"kind": "synthetic", "name": args.synthetic, "tokens_per_layer": tokens, "planned_on": "another draw"}
-    return [p[0] for p in pairs], [p[1] for p in pairs], shape["experts"], {**info, **shape}
+    plan_routings = [routing_from_expert_ids(p[1], shape["experts"]) for p in pairs]
+    return [p[0] for p in pairs], plan_routings, shape["experts"], {**info, **shape}
 
 
-def _trace_ids(args: argparse.Namespace) -> tuple[list[np.ndarray], list[np.ndarray], int, dict]:
-    """(tokens to simulate, tokens to plan on, experts, input record); with --holdout the plans are made on the
+def _trace_ids(args: argparse.Namespace) -> tuple[list[np.ndarray], list[LayerRouting], int, dict]:
+    """(tokens to simulate, the routing to plan on, experts, input record); with --holdout the plans are made on the
     earlier steps and judged on the later ones, else both on every token."""
     from profiling.reader import read_traces
 
@@ -147,15 +140,23 @@ def _trace_ids(args: argparse.Namespace) -> tuple[list[np.ndarray], list[np.ndar
     layers = range(min(args.layers or traces.num_layers, traces.num_layers))
     ids = [traces.expert_ids.get(layer, empty) for layer in layers]
     info: dict[str, Any] = {"kind": "traces", "path": str(trace_dir), "planned_on": "the same tokens"}
-    plan_ids = ids
+    steps = [traces.steps.get(layer, np.zeros(0, np.int32)) for layer in layers]
+    plan_ids, plan_steps = ids, steps
     if args.holdout:
-        steps = [traces.steps.get(layer, np.zeros(0, np.int32)) for layer in layers]
         cutoff = holdout_cutoff(steps, args.holdout)
         plan_ids = [x[s < cutoff] for x, s in zip(ids, steps)]
+        plan_steps = [s[s < cutoff] for s in steps]
         ids = [x[s >= cutoff] for x, s in zip(ids, steps)]
         info["planned_on"] = f"steps < {cutoff}; simulated on steps >= {cutoff}"
+    off = step_loads_off_reason(traces.header)
+    if off:
+        info["step_loads"] = f"not used: {off}"
+    # the planning steps: the capped plans hold the cap on each step's load too, as `c2r-place plan` does
+    plan_routings = [
+        routing_from_expert_ids(x, traces.num_experts, None if off else s) for x, s in zip(plan_ids, plan_steps)
+    ]
     info["tokens"] = int(sum(map(len, ids)))
-    return ids, plan_ids, traces.num_experts, info
+    return ids, plan_routings, traces.num_experts, info
 
 
 def _progress(args: argparse.Namespace) -> bool:
@@ -189,11 +190,10 @@ def _cost_model(args: argparse.Namespace, info: dict[str, Any]) -> CostModel:
     )
 
 
-def _layouts(args, ids: list[np.ndarray], num_experts: int, cluster: Cluster) -> dict[str, list[ExpertLayout]]:
+def _layouts(args, routings: list[LayerRouting], num_experts: int, cluster: Cluster) -> dict[str, list[ExpertLayout]]:
     R, N = cluster.num_ranks, cluster.num_nodes
-    routings = [routing_from_expert_ids(x, num_experts) for x in ids]
     planner = dict(method=args.method, seed=args.seed, max_tokens=args.max_tokens or None, progress=_progress(args))
-    out = {"contiguous": [ExpertLayout.contiguous(num_experts, R)] * len(ids)}
+    out = {"contiguous": [ExpertLayout.contiguous(num_experts, R)] * len(routings)}
     if "planned" in args.plans:
         out["planned"] = plan_placement(routings, R, N, **planner)
     if "capped" in args.plans or args.replicas is not None:
@@ -256,10 +256,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.json:
         check_output_path(args.json)
     cluster = Cluster(args.nodes, args.gpus_per_node)
-    ids, plan_ids, num_experts, info = _synthetic_ids(args, cluster) if args.synthetic else _trace_ids(args)
+    ids, plan_routings, num_experts, info = _synthetic_ids(args, cluster) if args.synthetic else _trace_ids(args)
     cluster.check_experts(num_experts)
     model = _cost_model(args, info)
-    layouts = _layouts(args, plan_ids, num_experts, cluster)
+    layouts = _layouts(args, plan_routings, num_experts, cluster)
     layers = []
     for i, x in enumerate(tqdm(ids, desc="simulating", unit="layer", disable=not _progress(args))):
         layers.append({plan: predict_layer(x, lay[i], cluster, model) for plan, lay in layouts.items()})
@@ -297,13 +297,13 @@ def add_simulate_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nodes", type=int, required=True, help="nodes N")
     p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs (ranks) per node G")
     p.add_argument(
-        "--intra-gb-s", type=_positive(float), help=f"intra-node GB/s per GPU (default {d.intra_node_gb_s:g})"
+        "--intra-gb-s", type=positive(float), help=f"intra-node GB/s per GPU (default {d.intra_node_gb_s:g})"
     )
     p.add_argument(
-        "--inter-gb-s", type=_positive(float), help=f"inter-node GB/s per GPU (default {d.inter_node_gb_s:g}: 400 Gb/s)"
+        "--inter-gb-s", type=positive(float), help=f"inter-node GB/s per GPU (default {d.inter_node_gb_s:g}: 400 Gb/s)"
     )
     p.add_argument("--latency-us", type=_non_negative, help=f"us per peer per exchange (default {d.latency_us:g})")
-    p.add_argument("--expert-tflop-s", type=_positive(float), help=f"expert GEMM rate (default {d.expert_tflop_s:g})")
+    p.add_argument("--expert-tflop-s", type=positive(float), help=f"expert GEMM rate (default {d.expert_tflop_s:g})")
     p.add_argument(
         "--calibrate",
         metavar="PATH",
@@ -311,16 +311,16 @@ def add_simulate_command(sub: argparse._SubParsersAction) -> None:
         "directory (bandwidth from its all-to-all records); explicit flags still win",
     )
     p.add_argument(
-        "--tokens-per-gpu", type=_positive(int), help=f"tokens per GPU per step (default {d.tokens_per_rank})"
+        "--tokens-per-gpu", type=positive(int), help=f"tokens per GPU per step (default {d.tokens_per_rank})"
     )
-    p.add_argument("--hidden", type=_positive(int), help="hidden size D (default: traced, else 4096)")
-    p.add_argument("--ffn", type=_positive(int), help="expert FFN width F (default 3.5 x hidden)")
-    p.add_argument("--matrices", type=_positive(int), help="expert weight matrices: 3 SwiGLU, 2 GELU (default 3)")
+    p.add_argument("--hidden", type=positive(int), help="hidden size D (default: traced, else 4096)")
+    p.add_argument("--ffn", type=positive(int), help="expert FFN width F (default 3.5 x hidden)")
+    p.add_argument("--matrices", type=positive(int), help="expert weight matrices: 3 SwiGLU, 2 GELU (default 3)")
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), help="activation dtype (default: traced, else bf16)")
-    p.add_argument("--layers", type=_positive(int), help="only the first LAYERS MoE layers")
+    p.add_argument("--layers", type=positive(int), help="only the first LAYERS MoE layers")
     p.add_argument(
         "--synthetic-tokens",
-        type=_positive(int),
+        type=positive(int),
         default=256,
         help=f"--synthetic: tokens per rank drawn per layer (default 256; at least {MIN_SYNTHETIC_TOKENS} per layer)",
     )

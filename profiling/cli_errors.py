@@ -34,3 +34,20 @@ class OneLineParser(argparse.ArgumentParser):
     def report(self, line: str) -> None:
         """Print the error line; ``c2r.run_setup`` prints it on one rank only under a launcher."""
         print(line, file=sys.stderr, flush=True)
+
+
+def positive(kind: type, allow_zero: bool = False):
+    """An argparse ``type`` for numbers > 0 (>= 0 with ``allow_zero``): a bad value is one line naming it."""
+    bound = ">= 0" if allow_zero else "> 0"
+    name = {int: "an integer", float: "a number"}.get(kind, f"a {kind.__name__}")
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {name} {bound}; got {text!r}") from None
+        if not (value >= 0 if allow_zero else value > 0):
+            raise argparse.ArgumentTypeError(f"expected {name} {bound}; got {text!r}")
+        return value
+
+    return parse

@@ -185,11 +185,104 @@ def test_bad_input_exits_2_with_a_message(run_dir, tmp_path, capsys):
     data["version"] = 7
     (tmp_path / "v7.json").write_text(json.dumps(data))
     cases.append((["export", "--plan", tmp_path / "v7.json", "--format", "eplb"], "plan version 7"))
+    # co-activation counts that no routing can produce: a pair counted more often than an expert's load, and
+    # 'tokens' below the busiest expert's load (or negative): refused, no plan written
+    counts = np.array([[5, 3, 1, 0], [3, 4, 2, 0], [1, 2, 3, 1], [0, 0, 1, 2]])
+    zero_diag = counts.copy()
+    zero_diag[0, 0] = 0
+    np.save(tmp_path / "zerodiag.npy", zero_diag)
+    np.savez(tmp_path / "negtok.npz", coactivation=counts[None], tokens=np.array([-7]))
+    np.savez(tmp_path / "fewtok.npz", coactivation=counts[None], tokens=np.array([1]))
+    for name, message in [
+        ("zerodiag.npy", "pair count [0, 1] = 3 exceeds an expert's load"),
+        ("negtok.npz", "'tokens' of layer 0 is -7"),
+        ("fewtok.npz", "'tokens' of layer 0 is 1"),
+    ]:
+        out = tmp_path / f"{name}.json"
+        cases.append((["plan", "--coactivation", tmp_path / name, "--ranks", 2, "--out", out], message))
+    # numeric flags out of range: one argparse line each
+    for flag, value in [("--threads", -3), ("--max-tokens", -5), ("--hidden", -4096), ("--ranks", 0)]:
+        argv = ["plan", "--traces", run_dir, "--ranks", 4, "--out", tmp_path / "x.json", flag, value]
+        cases.append((argv, f"argument {flag}: expected an integer"))
+    cases.append((["evaluate", "--plan", other, "--traces", run_dir, "--nodes", 0], "argument --nodes"))
+    (tmp_path / "file.txt").write_text("x")
+    argv = [
+        "plan",
+        "--traces",
+        run_dir,
+        "--ranks",
+        4,
+        "--out",
+        tmp_path / "x.json",
+        "--calibrate",
+        tmp_path / "file.txt",
+    ]
+    cases.append((argv, "is not a directory; give a profiled run's directory"))
     for argv, message in cases:
         capsys.readouterr()
-        code, out, err = run_cli(capsys, *argv)
+        try:
+            code, out, err = run_cli(capsys, *argv)
+        except SystemExit as stop:  # argparse's one line
+            code, (out, err) = stop.code, capsys.readouterr()
         assert code == 2, (argv, out, err)
         assert message in err and "Traceback" not in err, (argv, err)
+    assert not any(p.name.endswith(".npz.json") or p.name.endswith(".npy.json") for p in tmp_path.iterdir())
+
+
+def _record(path, steps_by_layer: dict[int, range], sample_rate: float = 1.0, tokens: int = 200):
+    """Clustered top-4 routing of 16 experts, layer l recorded at the steps ``steps_by_layer[l]``."""
+    recorder = RoutingTraceRecorder(
+        path, num_layers=len(steps_by_layer), num_experts=E, top_k=K, source="test",
+        config=TraceConfig(shard_rows=256, sample_rate=sample_rate),
+    )  # fmt: skip
+    for step in range(max(max(s) for s in steps_by_layer.values()) + 1):
+        recorder.step = step
+        for layer, steps in steps_by_layer.items():
+            if step in steps:
+                ids = synthetic_expert_ids(tokens, E, K, num_clusters=4, seed=10 * layer + step, structure_seed=layer)
+                recorder.record(layer, torch.from_numpy(ids.astype(np.int64)))
+    recorder.close()
+    return path
+
+
+@pytest.mark.parametrize("short_layer", [0, 1])
+def test_per_step_load_is_shown_only_where_every_layer_has_it(tmp_path, capsys, short_layer):
+    """A layer with one held-out step has no per-step load: then no per-step column for any layer, every row as
+    long as the header, and the summary compares pooled loads (whichever layer is short)."""
+    steps = {layer: range(4) for layer in range(2)}
+    steps[short_layer] = range(3)
+    traces = _record(tmp_path / "traces", steps)
+    plan = tmp_path / "p.json"
+    code, out, err = run_cli(
+        capsys, "plan", "--traces", traces, "--ranks", 4, "--nodes", 2, "--holdout", 0.5, "--out", plan, "-q"
+    )
+    assert code == 0, err
+    assert "per step" not in out.splitlines()[-1]
+    code, out, err = run_cli(capsys, "evaluate", "--plan", plan, "--traces", traces, "--nodes", 2, "--holdout", 0.5)
+    assert code == 0, err
+    header = next(line for line in out.splitlines() if line.strip().startswith("layer"))
+    rows = [line.split() for line in out.splitlines() if line.strip().split(" ")[0] in ("0", "1", "all")]
+    assert "per step" not in header and len({len(row) for row in rows}) == 1, out
+    # every layer with two held-out steps: the column and the summary's per-step clause are there
+    both = _record(tmp_path / "both", {0: range(4), 1: range(4)})
+    code, out, err = run_cli(capsys, "plan", "--traces", both, "--ranks", 4, "--holdout", 0.5, "--out", plan, "-q")
+    assert code == 0 and "; per step" in out.splitlines()[-1], out
+    code, out, err = run_cli(capsys, "evaluate", "--plan", plan, "--traces", both, "--holdout", 0.5)
+    header = next(line for line in out.splitlines() if line.strip().startswith("layer"))
+    rows = [line.split() for line in out.splitlines() if line.strip().split(" ")[0] in ("0", "1", "all")]
+    assert "per step" in header and len({len(row) for row in rows}) == 1, out
+
+
+def test_a_sampled_trace_has_no_per_step_loads(tmp_path):
+    """A sampled trace's steps hold a fraction of their tokens: its per-step loads are not used (no per-step cap,
+    no per-step metric), and the input record says why."""
+    from placement.inputs import load_trace_input
+
+    inp = load_trace_input(_record(tmp_path / "sampled", {0: range(4)}, sample_rate=0.5), holdout=0.5, progress=False)
+    assert inp.plan_routings[0].step_load_SE is None and inp.eval_routings[0].step_load_SE is None
+    assert "samples 50.00% of the tokens" in inp.info["step_loads"]
+    full = load_trace_input(_record(tmp_path / "full", {0: range(4)}), holdout=0.5, progress=False)
+    assert full.plan_routings[0].step_load_SE.shape == (2, E) and "step_loads" not in full.info
 
 
 def test_help_on_every_subcommand():

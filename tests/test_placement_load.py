@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from placement.cli import main
-from placement.cost import CostModel, calibrate, format_costs, layer_cost, load_key
+from placement.cost import CostModel, calibrate, format_costs, layer_cost
 from placement.export import replicate_hot_experts
 from placement.inputs import routing_from_coactivation, routing_from_expert_ids
 from placement.layout import ExpertLayout
 from placement.loadcap import _Cost, cap_load, min_max_load, needs_replication
 from placement.methods import balanced_labelings, partition_kahypar, partition_kahypar_capped, steiner_cost_batch
-from placement.objective import layer_metrics
+from placement.objective import layer_metrics, load_key
 from placement.plan import load_plan
 from placement.synthetic import synthetic_expert_ids
 from profiling.reader import coactivation_from_ids

@@ -5,7 +5,7 @@ import pytest
 
 from placement.inputs import routing_from_coactivation, routing_from_expert_ids
 from placement.layout import ExpertLayout
-from placement.objective import distinct_per_row, km1, km1_batch, layer_metrics, overall_metrics
+from placement.objective import distinct_per_row, km1, km1_batch, layer_metrics, load_key, overall_metrics
 from placement.synthetic import synthetic_expert_ids
 
 
@@ -131,8 +131,11 @@ def test_step_load_is_the_busiest_rank_of_each_step_by_hand():
     # a layout that keeps every step level: experts {0, 3} and {1, 2} (loads [2, 2] in both steps)
     level = layer_metrics(routing, ExpertLayout([0, 1, 1, 0], 2))
     assert level["step_load_imbalance"] == pytest.approx(1.0)
-    # one recorded step: no per-step metric; the overall mean skips the layers without it
+    o = overall_metrics([m, level])
+    assert o["step_load_imbalance"] == pytest.approx(1.25) and o["worst_step_load_imbalance"] == pytest.approx(1.5)
+    # one recorded step: no per-step metric, and then none overall (a mean over some layers would not compare with
+    # another placement's over all of them), nor in what placements are compared on
     single = layer_metrics(routing_from_expert_ids(ids, 4), ExpertLayout([0, 0, 1, 1], 2))
     assert "step_load_imbalance" not in single
-    o = overall_metrics([m, single])
-    assert o["step_load_imbalance"] == pytest.approx(1.5) and o["worst_step_load_imbalance"] == pytest.approx(1.5)
+    assert "step_load_imbalance" not in overall_metrics([m, single])
+    assert load_key([m, level]) == "step_load_imbalance" and load_key([m, single]) == "load_imbalance"

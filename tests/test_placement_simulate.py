@@ -163,7 +163,7 @@ def test_cli_end_to_end_on_a_tiny_trace(trace_dir, tmp_path, capsys):
         (["--nodes", 4, "--gpus-per-node", 4], "= 16 ranks, but the traces have 8 experts"),
         (["--nodes", 3, "--gpus-per-node", 1], "ranks must divide 8"),
         (["--nodes", 0, "--gpus-per-node", 2], "--nodes must be a whole number >= 1; got 0"),
-        (["--nodes", 1, "--gpus-per-node", 2, "--inter-gb-s", "0"], "expected a float > 0; got '0'"),
+        (["--nodes", 1, "--gpus-per-node", 2, "--inter-gb-s", "0"], "expected a number > 0; got '0'"),
         (["--nodes", 1, "--gpus-per-node", 2, "--latency-us", "-1"], "expected a number >= 0; got '-1'"),
         (["--nodes", 1, "--gpus-per-node", 2, "--calibrate", "/nonexistent/cal.json"], "does not exist"),
     ],
