@@ -76,7 +76,7 @@ class DispatchMeta:
     send_splits: list[int]  # rows (token copies) sent to each rank, this rank included; sums to C
     recv_splits: list[int]  # rows received from each rank; sums to Q
     tokens_per_local_expert_X: torch.Tensor  # (token, expert) pairs this rank computes, per local expert
-    token_idx_C: torch.Tensor  # source token of each sent row
+    token_idx_C: torch.Tensor  # source token of each sent row (per-node: of each row sent over the network only)
     dest_rank_TK: torch.Tensor  # rank holding each slot's expert (meaningless where the slot is empty)
     valid_TK: torch.Tensor
     bytes_per_row: int  # one sent row: D * element size

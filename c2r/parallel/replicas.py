@@ -12,7 +12,7 @@ slot whose expert e has m > 1 copies on ranks r_1..r_m (home first):
 2. otherwise the slot is one of e's *free pairs* in this batch on this rank; in flat order (t * K + k) the n-th free
    pair of e goes to copy n mod m: an even split over e's copies, deterministic, computed on the device with no host
    sync (one stable sort of the T * K slots).
-Slots of unreplicated experts go to their only copy; empty slots get their expert's home copy (never read).
+Slots of unreplicated experts go to their only copy; an empty slot gets one of its expert's copies (never read).
 
 Copies must stay identical, so that the replicated model is the unreplicated one: :class:`ReplicaGradSum` passes a
 rank's expert weights through an autograd function whose backward sums every replicated expert's gradient over its
