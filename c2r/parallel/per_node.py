@@ -79,7 +79,9 @@ class PerNodeDispatcher(_Dispatcher):
         super().__init__(layout, group, observer, ranks_per_node or layout.num_ranks)
         self.nodes = node_groups or make_node_groups(self.ranks_per_node, group)
         if self.nodes.ranks_per_node != self.ranks_per_node:
-            raise ValueError(f"the node groups have {self.nodes.ranks_per_node} ranks per node, not {self.ranks_per_node}")
+            raise ValueError(
+                f"the node groups have {self.nodes.ranks_per_node} ranks per node, not {self.ranks_per_node}"
+            )
         self.node, self.local = divmod(self.rank, self.ranks_per_node)
 
     def __call__(self, x_TD, routing: RoutingResult, backend, experts) -> torch.Tensor:
