@@ -408,9 +408,9 @@ def add_plan_command(sub: argparse._SubParsersAction) -> None:
         "--per-step-cap",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="hold --max-load on each recorded planning step's expert load too, not only on their sum (default on): "
-        "the margin for the step-to-step drift of expert loads, so the cap holds on unseen steps; traces of one "
-        "step and co-activation input have only the sum",
+        help="hold --max-load on the expert load of recorded planning steps too (at most 8, evenly spaced), not only "
+        "on their sum (default on): the margin for the step-to-step drift of expert loads, so the cap holds on "
+        "unseen steps; traces of one step, sampled traces and co-activation input have only the sum",
     )
     p.add_argument(
         "--replicas",

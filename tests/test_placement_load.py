@@ -13,7 +13,7 @@ from placement.cost import CostModel, calibrate, format_costs, layer_cost
 from placement.export import replicate_hot_experts
 from placement.inputs import routing_from_coactivation, routing_from_expert_ids
 from placement.layout import ExpertLayout
-from placement.loadcap import _Cost, cap_load, min_max_load, needs_replication
+from placement.loadcap import STEP_VIEWS, _Cost, cap_load, load_views, min_max_load, needs_replication
 from placement.methods import balanced_labelings, partition_kahypar, partition_kahypar_capped, steiner_cost_batch
 from placement.objective import layer_metrics, load_key
 from placement.plan import load_plan
@@ -119,17 +119,32 @@ def test_the_cap_holds_on_every_planning_step_too():
     assert each.labels[0] != each.labels[1] and each.labels[2] != each.labels[3]
 
 
+def test_at_most_eight_evenly_spaced_steps_are_held_to_the_cap():
+    """The margin must not grow with the trace: of 32 planning steps, 8 evenly spaced ones (the first and the last
+    among them) become views, each scaled to the pooled total; 5 steps stay 5; steps without load are left out."""
+    load_E = np.array([30.0, 10.0])
+    steps_SE = np.stack([[s + 1.0, 1.0] for s in range(32)])
+    views = load_views(load_E, steps_SE)
+    assert STEP_VIEWS == 8 and views.shape == (1 + 8, 2)
+    assert views[0].tolist() == [30.0, 10.0] and np.allclose(views.sum(axis=1), 40.0)
+    firsts = views[1:, 0] / views[1:, 1]  # step s has loads [s + 1, 1]: the ratio names the step
+    assert firsts.round().astype(int).tolist() == [s + 1 for s in np.linspace(0, 31, 8).round().astype(int)]
+    assert firsts[0] == 1 and firsts[-1] == 32
+    few = np.array([[1.0, 1.0], [0.0, 0.0], [2.0, 1.0], [3.0, 1.0], [4.0, 1.0], [5.0, 1.0]])
+    assert load_views(load_E, few).shape == (1 + 5, 2)
+
+
 def test_steps_that_cannot_all_meet_the_cap_keep_the_pooled_cap():
-    """Noisy steps (20 tokens each, 16 experts, 4 ranks): where no placement meets 1.1 on every step, the repair
-    lowers the worst step but never lets the pooled load above the cap it met first."""
+    """Noisy steps (20 tokens each, 16 experts, 4 ranks): where no placement meets 1.1 on every step it holds (8 of
+    the 20, evenly spaced), the repair lowers their worst but never lets the pooled load above the cap it met
+    first."""
     ids = synthetic_expert_ids(400, 16, 4, num_clusters=4, zipf=0.7, seed=3, structure_seed=0)
     routing = routing_from_expert_ids(ids, 16, steps_N=np.arange(400) // 20)
     start = partition_kahypar(routing, 4)
     pooled = cap_load(routing, start, 4, 1.1)
     each = cap_load(routing, start, 4, 1.1, step_load_SE=routing.step_load_SE)
-    worst_step = [
-        max(rank_load_of(row, lab, 4) for row in routing.step_load_SE) for lab in (pooled.labels, each.labels)
-    ]
+    held = routing.step_load_SE[np.linspace(0, 19, STEP_VIEWS).round().astype(int)]  # the 8 steps held to it
+    worst_step = [max(rank_load_of(row, lab, 4) for row in held) for lab in (pooled.labels, each.labels)]
     assert not each.met and worst_step[1] < worst_step[0]  # the steps could not all meet it; their worst went down
     assert rank_load(routing, each.labels, 4) <= 1.1 + 1e-9  # the pooled cap still holds
     assert each.max_load == pytest.approx(worst_step[1])
