@@ -148,6 +148,9 @@ def c2r_command(args, model_dir: Path, data: Path, out: Path, backend: str, port
         "train.save_last": "false",
         "train.seed": SEED,
         "model.moe.experts.backend": backend,
+        # the same AdamW as the other contenders: c2r-train's default width scaling (hidden matrices at lr x 128 /
+        # width, 1/16 at width 2048) would train slower and make the loss column compare unlike runs
+        "train.lr_base_width": 0,
     }
     cmd = [*launcher(args, port), "--module", "c2r.train", "--hf-model", str(model_dir), "--data", str(data)]
     cmd += ["--out", str(out), "--steps", str(args.steps), "--overwrite"]
