@@ -10,7 +10,8 @@ under the deepspeed launcher, bf16 + ZeRO-2 (our default GPU DeepSpeed config), 
 - ``autoep``: the Hugging Face model with DeepSpeed AutoEP (``expert_parallel`` enabled, ``autoep_size`` 1);
 - ``hf-eager``: the plain Hugging Face model under the same DeepSpeed config (transformers' own experts).
 
-Every contender gets the same batches (c2r's batch sampler over the same tokenized text, seed 0), the same AdamW
+Every contender starts from the same random weights (drawn once, saved with the config in bf16), gets the same
+batches (c2r's batch sampler over the same tokenized text, seed 0), the same AdamW
 (lr 2e-3, betas 0.9/0.95, weight decay 0.1, warm-up then cosine, gradient clipping 1.0), and the same timing window:
 the training steps after ``--warmup`` steps, from a GPU with nothing queued to the wait for their last loss, with no
 host sync in between (c2r-train reads each step's loss a step late), evaluations and checkpoints left out. c2r
@@ -93,8 +94,10 @@ def model_config(name: str, layers: int, vocab: int | None, smoke: bool):
 
 
 def write_inputs(root: Path, configs: list[str], args) -> tuple[dict[str, Path], Path]:
-    """A config-only model directory per config (with the tokenizer) and the text every contender trains on."""
+    """A model directory per config (config, tokenizer and one set of random weights that every contender starts
+    from) and the text every contender trains on."""
     import tokenizers
+    import torch
     import transformers
 
     readme = (REPO / "README.md").read_text()
@@ -106,8 +109,16 @@ def write_inputs(root: Path, configs: list[str], args) -> tuple[dict[str, Path],
     dirs = {}
     for name in configs:
         dirs[name] = root / name
-        model_config(name, args.layers, args.vocab, args.smoke).save_pretrained(dirs[name])
+        config = model_config(name, args.layers, args.vocab, args.smoke)
+        config.save_pretrained(dirs[name])
         fast.save_pretrained(dirs[name])
+        # One set of starting weights for every contender: drawn apart (c2r's own initialisation, HF's from_config)
+        # the runs start from different random models, and at 12 steps the loss column then measures that
+        # (0.31 apart on the Qwen3 shape; equal weights give equal losses). Saved in bf16, as the runs train.
+        torch.manual_seed(SEED)
+        model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+        model.save_pretrained(dirs[name])
+        del model
     # Enough text that the held-out tail (c2r's validation split) holds a few sequences of the longest length.
     data = root / "data.txt"
     data.write_text(readme * max(1, math.ceil(2_000_000 / len(readme)) if not args.smoke else 2))
@@ -262,9 +273,9 @@ def worker(args) -> None:
     config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
     corpus = load_corpus(DataConfig(path=args.worker_data), HFTokenizer(model_dir, vocab_size=config.vocab_size))
     batches = BatchSampler(corpus.train, args.seq_len, args.batch_size, seed=SEED)  # c2r's "global" sampler, 1 rank
-    torch.manual_seed(SEED)
-    with device:  # initialised where it trains (a 2-layer Qwen3 shape is ~1.9 B parameters): float32, cast by DeepSpeed
-        model = transformers.AutoModelForCausalLM.from_config(config)
+    # the weights write_inputs saved (every contender's), in float32 on the device it trains on; DeepSpeed casts
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
+    model = model.to(device)
 
     ds_config = load_deepspeed_config(None, use_cuda, args.batch_size, GRAD_CLIP)
     # A client optimizer would hold the parameters AutoEP replaces: DeepSpeed builds torch's AdamW from the config.

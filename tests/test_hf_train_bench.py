@@ -1,5 +1,6 @@
-"""benchmarks/hf_train_bench.py --smoke end to end on the c2r contender: config-only model directory and tokenizer
-written, c2r-train --hf-model run under the deepspeed launcher, tokens/s read from its metrics.jsonl window."""
+"""benchmarks/hf_train_bench.py --smoke end to end: a model directory (config, tokenizer, one set of random weights)
+written, c2r-train --hf-model run under the deepspeed launcher beside the Hugging Face model under DeepSpeed's own
+step, tokens/s read from their timing windows, and the same losses from the same starting weights."""
 
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ from tests.test_deepspeed_training import REPO, launcher_env  # noqa: E402
 def test_smoke_measures_c2r_tokens_per_second(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "hf_train_bench.py"), "--smoke", "--configs", "olmoe-layers"]
-    cmd += ["--contenders", "c2r-torch", "--json", str(out)]
+    cmd += ["--contenders", "c2r-torch,hf-eager", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    (result,) = json.loads(out.read_text())["results"]
+    result, eager = json.loads(out.read_text())["results"]
+    # the same weights, batches and optimizer: the same loss (c2r's router aux loss, weight 0.01, moves it ~1e-3)
+    assert eager["error"] is None and result["final_loss"] == pytest.approx(eager["final_loss"], abs=0.01)
     assert result["error"] is None
     # --smoke: 4 steps, the first 2 untimed; 2 x 32 tokens per step
     assert result["steps_timed"] == 2
