@@ -113,14 +113,18 @@ def _step_loads(sets_NK: np.ndarray, steps_N: np.ndarray | None, num_experts: in
     return loads if len(loads) >= 2 else None
 
 
-def step_loads_off_reason(header: dict[str, Any]) -> str | None:
-    """Why a trace's per-step expert loads are not used (the per-step cap, the per-step load metric), or None. A
-    sampled trace records a fraction of each step's tokens (``profile.trace.sample_rate``): at 1% a step of a
-    4096-token batch is ~40 tokens, whose expert load is mostly sampling noise."""
+def steps_for_loads(header: dict[str, Any], steps: list[np.ndarray], info: dict[str, Any]) -> list:
+    """Each layer's token steps to read per-step expert loads from (the per-step cap, the per-step load metric), or
+    None per layer where they are not used, with the reason in ``info["step_loads"]``. A sampled trace records a
+    fraction of each step's tokens (``profile.trace.sample_rate``): at 1% a step of a 4096-token batch is ~40 tokens,
+    whose expert load is mostly sampling noise."""
     rate = float(header.get("sample_rate") or 1.0)
     if rate < 1.0:
-        return f"the trace samples {rate:.2%} of the tokens: a step's sample is too small to read its load"
-    return None
+        info["step_loads"] = (
+            f"not used: the trace samples {rate:.2%} of the tokens: a step's sample is too small to read its load"
+        )
+        return [None] * len(steps)
+    return steps
 
 
 def validate_coactivation(counts: np.ndarray, name: str = "co-activation matrix") -> np.ndarray:
@@ -356,10 +360,8 @@ def load_trace_input(path: str | Path, holdout: float | None = None, progress: b
             "plan_tokens": int(sum(len(x) for x in plan_ids)),
             "eval_tokens": int(sum(len(x) for x in eval_ids)),
         }
-    off = step_loads_off_reason(traces.header)
-    if off:  # pooled loads only: no per-step cap, no per-step metric
-        info["step_loads"] = f"not used: {off}"
-        plan_steps = eval_steps = [None] * num_layers
+    plan_steps = steps_for_loads(traces.header, plan_steps, info)
+    eval_steps = steps_for_loads(traces.header, eval_steps, info)
     plan_routings = [routing_from_expert_ids(x, num_experts, s) for x, s in zip(plan_ids, plan_steps)]
     eval_routings = (
         plan_routings

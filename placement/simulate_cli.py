@@ -27,7 +27,7 @@ from placement.inputs import (
     holdout_cutoff,
     recorded_activation,
     routing_from_expert_ids,
-    step_loads_off_reason,
+    steps_for_loads,
 )
 from placement.layout import ExpertLayout
 from placement.methods import METHODS, plan_placement
@@ -148,13 +148,9 @@ def _trace_ids(args: argparse.Namespace) -> tuple[list[np.ndarray], list[LayerRo
         plan_steps = [s[s < cutoff] for s in steps]
         ids = [x[s >= cutoff] for x, s in zip(ids, steps)]
         info["planned_on"] = f"steps < {cutoff}; simulated on steps >= {cutoff}"
-    off = step_loads_off_reason(traces.header)
-    if off:
-        info["step_loads"] = f"not used: {off}"
     # the planning steps: the capped plans hold the cap on each step's load too, as `c2r-place plan` does
-    plan_routings = [
-        routing_from_expert_ids(x, traces.num_experts, None if off else s) for x, s in zip(plan_ids, plan_steps)
-    ]
+    plan_steps = steps_for_loads(traces.header, plan_steps, info)
+    plan_routings = [routing_from_expert_ids(x, traces.num_experts, s) for x, s in zip(plan_ids, plan_steps)]
     info["tokens"] = int(sum(map(len, ids)))
     return ids, plan_routings, traces.num_experts, info
 
