@@ -367,9 +367,12 @@ def build_deepspeed_ep(cfg, device, dtype, args, routing) -> Contender:
     try:
         import deepspeed
         from deepspeed.moe.layer import MoE
+
+        from c2r.deepspeed.setup import release_shm_buffer
     except ImportError as error:
         raise Skip(f"deepspeed is not importable ({error})") from None
     deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+    release_shm_buffer()  # on CPU ranks of one machine DeepSpeed maps a shared buffer a rank; don't leave its name
     torch.manual_seed(args.seed)
     with device:
         if cfg.activation == "swiglu":

@@ -262,9 +262,11 @@ def worker(args) -> None:
 
     from c2r.data import BatchSampler, DataConfig, HFTokenizer, load_corpus
     from c2r.deepspeed import load_deepspeed_config
+    from c2r.deepspeed.setup import release_shm_buffer
     from c2r.run_setup import TrainConfig, lr_at
 
     deepspeed.init_distributed()
+    release_shm_buffer()
     use_cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
     if use_cuda:

@@ -50,6 +50,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
         )
     # Also when torch.distributed is already up: DeepSpeed's own comm layer must be told about it.
     deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=True, verbose=False)
+    release_shm_buffer()
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", rank)))
     if use_cuda:
@@ -58,6 +59,32 @@ def init_distributed(device: str = "auto") -> DistInfo:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", world)))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))  # don't oversubscribe the cores
     return DistInfo(rank, world, local_rank, torch.device("cpu"))
+
+
+# DeepSpeed's CPU accelerator names its per-rank shared-memory all-reduce buffer
+# /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank> (ops/csrc/cpu/comm/shm.cpp).
+SHM_BUFFER_NAME = "deepspeed_allreduce_buffer"
+
+
+def shm_buffer_path(rank: int) -> Path:
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"{SHM_BUFFER_NAME}_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def release_shm_buffer() -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer name once every rank has mapped the buffers.
+
+    DeepSpeed maps one ~58 MB buffer per rank on a CPU job of local ranks and never unlinks it, so every CPU job
+    left its buffers in /dev/shm until the machine ran out of it (21 GB after one test suite). Every rank opens all
+    the others' buffers inside ``deepspeed.init_distributed``, so after a barrier the names are no longer needed; the
+    mappings stay valid until the processes exit, which then frees the memory, also after a crash. Call it on every
+    rank (it holds a barrier) right after ``deepspeed.init_distributed``; a no-op on GPU accelerators."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu" or not dist.is_initialized():
+        return
+    dist.barrier()
+    shm_buffer_path(dist.get_rank()).unlink(missing_ok=True)
 
 
 def ensure_expert_groups(ep_size: int):
