@@ -16,8 +16,10 @@ batches (c2r's batch sampler over the same tokenized text, seed 0), the same Ada
 the training steps after ``--warmup`` steps, from a GPU with nothing queued to the wait for their last loss, with no
 host sync in between (c2r-train reads each step's loss a step late), evaluations and checkpoints left out. c2r
 reports that window in metrics.jsonl (``train_window_s``, windows of ``--warmup`` steps, each ending in a wait).
-Differences: AutoEP and HF eager decay every parameter (c2r: matrices only) and compute no router aux loss (c2r adds
-its router's, weight 0.01 by default: one tiny extra term).
+No contender trains a router balance loss (Hugging Face's is computed only with ``output_router_logits``; c2r-train's,
+0.01 by default, is set to 0 here: on the OLMoE shape it moved c2r's loss 0.8 away). The one difference left: AutoEP
+and HF eager decay every parameter (c2r: matrices only). ``train loss by window`` is each contender's loss curve, the
+mean of each window of ``--warmup`` steps.
 
 Vocabulary: the real one by default (151936 / 50304). At 2 layers the embedding and LM head are a large part of the
 step (Qwen3: 2 x 151936 x 2048 = 0.62 B of ~1.9 B parameters, and the logits' cross-entropy), the same for every
@@ -139,6 +141,7 @@ class Result:
     ms_per_step: float | None = None
     peak_gib: float | None = None
     final_loss: float | None = None
+    window_losses: list[float] | None = None  # the mean loss of each window of --warmup steps: the loss curve
     rounds: int = 0
     error: str | None = None
 
@@ -162,6 +165,11 @@ def c2r_command(args, model_dir: Path, data: Path, out: Path, backend: str, port
         # the same AdamW as the other contenders: c2r-train's default width scaling (hidden matrices at lr x 128 /
         # width, 1/16 at width 2048) would train slower and make the loss column compare unlike runs
         "train.lr_base_width": 0,
+        # the same objective: the Hugging Face contenders train on the LM loss alone (their models' router loss is
+        # computed only with output_router_logits), and c2r-train adds its routers' balance loss (0.01) by default;
+        # on the OLMoE shape, whose random router sends every token to the same 8 of 64 experts, that loss moved
+        # c2r's loss of steps 9-12 0.8 above Hugging Face's (7.150 vs 6.350; steps 5-8 7.708 vs 7.705)
+        "model.moe.router.aux_loss_weight": 0,
     }
     cmd = [*launcher(args, port), "--module", "c2r.train", "--hf-model", str(model_dir), "--data", str(data)]
     cmd += ["--out", str(out), "--steps", str(args.steps), "--overwrite"]
@@ -177,6 +185,12 @@ def last_window_start(steps: int, every: int) -> int:
     return (steps - 1) // every * every
 
 
+def windows(losses: list[float], every: int) -> list[list[float]]:
+    """Each step's loss grouped as c2r-train's metrics records average them (``last_window_start``): steps 1..every,
+    every+1..2 every, ..., and the last window up to the last step."""
+    return [losses[start : start + every] for start in range(0, len(losses), every)]
+
+
 def c2r_result(out: Path, args) -> dict:
     """Tokens/s over the records after the warm-up's, from the run's metrics.jsonl."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -190,6 +204,7 @@ def c2r_result(out: Path, args) -> dict:
         "seconds": seconds,
         "peak_gib": max((r.get("peak_memory_gib", 0.0) for r in records), default=None) or None,
         "final_loss": timed[-1]["train_loss"],
+        "window_losses": [r["train_loss"] for r in records],
     }
 
 
@@ -246,6 +261,7 @@ def measure(args, contender: str, config: str, model_dir: Path, data: Path, work
         result.tokens_per_s = statistics.median(rates)
         result.ms_per_step = 1000 * median["seconds"] / median["steps_timed"]
         result.peak_gib, result.final_loss = median["peak_gib"], median["final_loss"]
+        result.window_losses = median.get("window_losses")
     return result
 
 
@@ -318,6 +334,7 @@ def worker(args) -> None:
         "seconds": seconds,
         "peak_gib": peak,
         "final_loss": sum(last) / len(last),
+        "window_losses": [sum(w) / len(w) for w in windows(losses, args.warmup)],
     }
     if int(os.environ.get("RANK", 0)) == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -349,16 +366,18 @@ def fmt(value, spec: str) -> str:
 
 def table(results: list[Result]) -> str:
     rows = [
-        "| config | contender | steps timed | tokens/s | ms/step | peak GiB | train loss, last window |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| config | contender | steps timed | tokens/s | ms/step | peak GiB | train loss, last window | "
+        "train loss by window |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         if r.error:
-            rows.append(f"| {r.config} | {r.contender} | - | failed: {r.error.replace('|', '/')} | - | - | - |")
+            rows.append(f"| {r.config} | {r.contender} | - | failed: {r.error.replace('|', '/')} | - | - | - | - |")
             continue
+        curve = " / ".join(f"{x:.3f}" for x in r.window_losses or []) or "-"
         rows.append(
             f"| {r.config} | {r.contender} | {r.steps_timed} | {fmt(r.tokens_per_s, ',.0f')} | "
-            f"{fmt(r.ms_per_step, '.1f')} | {fmt(r.peak_gib, '.1f')} | {fmt(r.final_loss, '.3f')} |"
+            f"{fmt(r.ms_per_step, '.1f')} | {fmt(r.peak_gib, '.1f')} | {fmt(r.final_loss, '.3f')} | {curve} |"
         )
     return "\n".join(rows)
 

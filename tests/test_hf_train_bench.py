@@ -25,6 +25,10 @@ def test_smoke_measures_c2r_tokens_per_second(tmp_path):
     result, eager = json.loads(out.read_text())["results"]
     # the same weights, batches and optimizer: the same loss (c2r's router aux loss, weight 0.01, moves it ~1e-3)
     assert eager["error"] is None and result["final_loss"] == pytest.approx(eager["final_loss"], abs=0.01)
+    # and the same loss curve, window by window (--smoke: 2 windows of 2 steps), in the JSON and the table
+    assert len(result["window_losses"]) == 2
+    assert result["window_losses"] == pytest.approx(eager["window_losses"], abs=0.01)
+    assert " / ".join(f"{x:.3f}" for x in result["window_losses"]) in proc.stdout
     assert result["error"] is None
     # --smoke: 4 steps, the first 2 untimed; 2 x 32 tokens per step
     assert result["steps_timed"] == 2
