@@ -22,9 +22,13 @@ time, greedily:
    at most one copy of an expert per rank: *swap* two slots on different ranks (homes included: a hot expert whose
    co-activated experts share its home keeps its load under rule 1 until its home moves), or *replace* a replica
    (of an expert with several copies) by a new copy of an expert on the busiest rank (what the greedy fill cannot
-   do once the slots are full). Candidates come from an estimate (each copy's own load,
-   `placement.replica_rule.expected_expert_rank_load`); the best 24 of each kind are scored exactly on the two
-   experts' tokens; a move is made when it lowers the load above the target (summed over ranks).
+   do once the slots are full), or *reorder* an expert's copies: rule 1 sends a token to the first copy (home first)
+   on a rank it visits, so moving the busiest rank's copy later in that order hands the tokens that also visit
+   another copy's rank to that one (a sweep of small synthetic cases: never worse, and 1.025 instead of 1.042 for
+   32 experts on 8 ranks). Candidates come from an estimate (each copy's own load,
+   `placement.replica_rule.expected_expert_rank_load`); the best 24 swaps and replacements, and every reorder of the
+   busiest rank's copies, are scored exactly on the experts' tokens; a move is made when it lowers the load above
+   the target (summed over ranks).
 Why greedy and not a joint optimisation: each step is exact and cheap (e's tokens only), P - E steps per layer fit
 the DeepSeek-V3 scale budget (256 experts, 64 ranks, 64 replicas per layer), and the busiest rank is what an
 expert-parallel step waits for, so lowering it one replica at a time is the direct route.
@@ -259,7 +263,8 @@ class _Replicator:
         ("swap", e, p, f, q): e's copy on p and f's copy on q trade ranks (homes included), where e has no copy on q
         and f none on p;
         ("replace", e, p, g, q): a copy of g (one of several) on q gives its slot to a new copy of e (e on p, not
-        on q): the move the greedy fill cannot make once the slots are full."""
+        on q): the move the greedy fill cannot make once the slots are full;
+        ("order", e, p, e, j): e's copy on p moves to position j (> its own) of e's copy order."""
         table = self._table()
         share_ER = expected_expert_rank_load(self.sets_MK, self.weight_M, table, self.num_ranks)
         holds_ER = np.zeros((self.num_experts, self.num_ranks), dtype=bool)
@@ -282,6 +287,13 @@ class _Replicator:
         est = np.maximum(new_p, self.load_R[q_B][None, :] - share_ER[g_B, q_B][None, :] + per_copy_A)
         ok = ~holds_ER[e_A][:, q_B] & (e_A[:, None] != g_B[None, :]) & (self.count_E[e_A] < self.num_ranks)[:, None]
         moves += self._best_moves("replace", est, ok, e_A, p, g_B, q_B)
+        # reorders: e's copy on p later in e's copy order, so that rule 1 sends fewer of e's tokens there (a token
+        # that visits p and an earlier-placed copy's rank then goes to that one); scored exactly, at most one per
+        # (expert, position) of the few experts that hold p
+        for e in e_A[self.count_E[e_A] > 1]:
+            n = int(self.count_E[e])
+            at = int(np.flatnonzero(table[e, :n] == p)[0])
+            moves += [("order", int(e), p, int(e), j) for j in range(at + 1, n)]
         return moves
 
     def _best_moves(self, kind, est_AB, ok_AB, e_A, p, f_B, q_B) -> list[tuple[str, int, int, int, int]]:
@@ -294,7 +306,12 @@ class _Replicator:
     def _make(self, kind: str, e: int, p: int, f: int, q: int) -> tuple:
         """Make a `_slot_moves` move; returns what `_undo` needs."""
         saved = (e, f, self.table[e].copy(), self.table[f].copy(), int(self.count_E[e]), int(self.count_E[f]))
-        if kind == "swap":  # each copy keeps its place in its expert's copy order
+        if kind == "order":  # e's copy on p moves to position q of e's copy order (f is e)
+            n = int(self.count_E[e])
+            row = [r for r in self.table[e, :n] if r != p]
+            row.insert(q, p)
+            self.table[e, :n] = row
+        elif kind == "swap":  # each copy keeps its place in its expert's copy order
             self.table[e, : self.count_E[e]][self.table[e, : self.count_E[e]] == p] = q
             self.table[f, : self.count_E[f]][self.table[f, : self.count_E[f]] == q] = p
         else:  # f's copy on q goes (the next copy becomes home if it was the home); e's new copy comes last
