@@ -412,7 +412,10 @@ def partition_kahypar_capped(
     per_part = routing.num_experts // num_parts
     mt, initializer, context = _kahypar_context(seed, preset, threads)
     context.set_partitioning_parameters(num_parts, 0.0, mt.Objective.KM1)
-    context.set_individual_target_block_weights([big * per_part + int(max_load * scaled.sum() / num_parts)] * num_parts)
+    # rounded up: at --max-load 1.0 a floor left the parts' bounds summing below the total, which Mt-KaHyPar refuses
+    # as invalid input; the exact cap is checked on the result below
+    bound = big * per_part + math.ceil(max_load * scaled.sum() / num_parts)
+    context.set_individual_target_block_weights([bound] * num_parts)
     hypergraph = initializer.create_hypergraph(
         context, routing.num_experts, len(edges), edges, (big + scaled).tolist(), weights
     )

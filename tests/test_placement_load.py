@@ -235,6 +235,15 @@ def test_plan_keeps_contiguous_where_it_does_not_win(tmp_path, capsys):
     assert load_plan(tmp_path / "p.json").layouts[0] == ExpertLayout.contiguous(E, 2)
 
 
+def test_max_load_of_exactly_one_plans(run_dir, tmp_path, capsys):
+    """The tightest cap the CLI takes: Mt-KaHyPar's part bounds are rounded up (rounded down, they summed below the
+    total weight and Mt-KaHyPar refused the input: "c2r-place plan: error: [Invalid Input] ...")."""
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--traces", str(run_dir), "--ranks", "4", "--max-load", "1.0", "--out", str(out), "-q"]) == 0
+    assert load_plan(out).num_ranks == 4
+    assert "Invalid Input" not in capsys.readouterr().err
+
+
 def test_max_load_below_one_is_refused(run_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["plan", "--traces", str(run_dir), "--ranks", "4", "--max-load", "0.9", "--out", str(tmp_path / "p")])
