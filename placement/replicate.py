@@ -257,9 +257,10 @@ class _Replicator:
         return share_ER.sum(axis=0), hits, self.scale_SE @ share_ER
 
     def _slot_moves(self) -> list[tuple[str, int, int, int, int]]:
-        """Moves that take load off the busiest rank p and keep every rank's slot count, each the best
-        `_SWAP_CANDIDATES` of its kind by an estimate from each copy's own load (`expected_expert_rank_load`; the
-        exact score, `slot_step`, also counts the tokens whose rule-1 choice changes):
+        """Moves that take load off the busiest rank p and keep every rank's slot count: of the swaps and the
+        replacements the best `_SWAP_CANDIDATES` of each kind by an estimate from each copy's own load
+        (`expected_expert_rank_load`; the exact score, `slot_step`, also counts the tokens whose rule-1 choice
+        changes), and every reorder of p's copies:
         ("swap", e, p, f, q): e's copy on p and f's copy on q trade ranks (homes included), where e has no copy on q
         and f none on p;
         ("replace", e, p, g, q): a copy of g (one of several) on q gives its slot to a new copy of e (e on p, not

@@ -227,7 +227,7 @@ def test_quickstart_runs_the_demo_under_the_deepspeed_launcher_with_2_ranks(tmp_
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "done: train loss" in proc.stdout and "2 ranks on cpu, ep_size 2" in proc.stderr
     assert (tmp_path / "checkpoints" / "step4" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").exists()
-    # DeepSpeed's CPU all-reduce buffers (~58 MB a rank) are not left behind in /dev/shm
+    # DeepSpeed's CPU all-reduce buffers (66 MiB a rank) are not left behind in /dev/shm
     left = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{env['MASTER_PORT']}_*"))
     assert left == []
 

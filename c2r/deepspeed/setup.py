@@ -74,14 +74,18 @@ def shm_buffer_path(rank: int) -> Path:
 def release_shm_buffer() -> None:
     """Unlink this rank's DeepSpeed CPU all-reduce buffer name once every rank has mapped the buffers.
 
-    DeepSpeed maps one ~58 MB buffer per rank on a CPU job of local ranks and never unlinks it, so every CPU job
-    left its buffers in /dev/shm until the machine ran out of it (21 GB after one test suite). Every rank opens all
-    the others' buffers inside ``deepspeed.init_distributed``, so after a barrier the names are no longer needed; the
-    mappings stay valid until the processes exit, which then frees the memory, also after a crash. Call it on every
-    rank (it holds a barrier) right after ``deepspeed.init_distributed``; a no-op on GPU accelerators."""
+    DeepSpeed maps one 66 MiB buffer per rank on a CPU job whose ranks are all local (``LOCAL_SIZE`` equal to the
+    world size, its own condition) and never unlinks it, so every CPU job left its buffers in /dev/shm until the
+    machine ran out of it (21 GB after one test suite). Every rank opens all the others' buffers inside
+    ``deepspeed.init_distributed``, so after a barrier the names are no longer needed; the mappings stay valid until
+    the processes exit, which then frees the memory, also after a crash. Call it on every rank (it may hold a
+    barrier) right after ``deepspeed.init_distributed``; a no-op where DeepSpeed made no buffer (GPU accelerators,
+    ranks on several machines)."""
     from deepspeed.accelerator import get_accelerator
 
     if get_accelerator().device_name() != "cpu" or not dist.is_initialized():
+        return
+    if os.environ.get("LOCAL_SIZE") != str(dist.get_world_size()):
         return
     dist.barrier()
     shm_buffer_path(dist.get_rank()).unlink(missing_ok=True)
