@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from placement.inputs import load_trace_input  # noqa: E402
+from placement.kahypar_context import DEFAULT_PRESET, KAHYPAR_PRESETS  # noqa: E402
 from placement.loadcap import needs_replication  # noqa: E402
 from placement.methods import cap_layouts, plan_placement  # noqa: E402
 from placement.objective import layer_metrics  # noqa: E402
@@ -50,6 +51,7 @@ REPLICA_CAP = 1.05  # judged held out
 # trace's layers land at 1.05-1.08 held out)
 REPLICA_PLAN_CAP = 1.02
 JOBS = usable_cpus()  # layers in parallel (the same plans as one process)
+TRACES = {"synthetic": "synthetic", "hf-olmoe": "olmoe", "hf-olmoe trained": "olmoe_trained"}  # name: folder
 REPLICA_EXTRA_PER_RANK = (2, 4, 8)  # P = E + ranks x this, smallest first, until every layer holds 1.05 held out
 
 
@@ -93,17 +95,23 @@ def olmoe_traces(out: Path, num_batches: int = 10) -> None:
     trace_hf_model(model, out, batches, TraceConfig(shard_rows=1 << 16), source="tiny random OLMoE")
 
 
-def sweep(trace_dir: Path, ranks: int) -> list[dict]:
+def sweep(trace_dir: Path, ranks: int, preset: str = DEFAULT_PRESET) -> list[dict]:
     """One row per cap: mean copies, per-layer loads, layers meeting the cap / layers where it is possible."""
     inp = load_trace_input(trace_dir, holdout=0.2, progress=False)
-    base = plan_placement(inp.plan_routings, ranks, max_tokens=MAX_TOKENS, progress=False, jobs=JOBS)
+    base = plan_placement(inp.plan_routings, ranks, max_tokens=MAX_TOKENS, progress=False, jobs=JOBS, preset=preset)
     rows = []
     for cap, per_step in [(c, True) for c in CAPS] + [(PLAN_CAP, False)]:
         if cap is None:
             layouts = base
         elif cap == PLAN_CAP:  # what `c2r-place plan --max-load 1.10` writes (Mt-KaHyPar under the cap where it can)
             layouts = plan_placement(
-                inp.plan_routings, ranks, max_tokens=MAX_TOKENS, progress=False, max_load=cap, per_step=per_step
+                inp.plan_routings,
+                ranks,
+                max_tokens=MAX_TOKENS,
+                progress=False,
+                max_load=cap,
+                per_step=per_step,
+                preset=preset,
             )
         else:  # what `--pareto` prints: the one uncapped partition, repaired and descended under each cap
             layouts = cap_layouts(inp.plan_routings, base, cap, max_tokens=MAX_TOKENS, jobs=JOBS)
@@ -140,13 +148,17 @@ def sweep(trace_dir: Path, ranks: int) -> list[dict]:
     return rows
 
 
-def replica_sweep(trace_dir: Path, ranks: int) -> list[dict]:
+def replica_sweep(
+    trace_dir: Path, ranks: int, preset: str = DEFAULT_PRESET, extras: tuple[int, ...] = REPLICA_EXTRA_PER_RANK
+) -> list[dict]:
     """What `c2r-place plan --max-load 1.02 --replicas P` writes, for growing P, judged held out against 1.05; stops
     at the first P where every layer is at or under 1.05."""
     inp = load_trace_input(trace_dir, holdout=0.2, progress=False)
-    homes = plan_placement(inp.plan_routings, ranks, max_tokens=MAX_TOKENS, progress=False, max_load=REPLICA_PLAN_CAP)
+    homes = plan_placement(
+        inp.plan_routings, ranks, max_tokens=MAX_TOKENS, progress=False, max_load=REPLICA_PLAN_CAP, preset=preset
+    )
     rows = []
-    for extra in REPLICA_EXTRA_PER_RANK:
+    for extra in extras:
         num_slots = homes[0].num_experts + ranks * extra
         layouts = replicate_layouts(inp.plan_routings, homes, num_slots, REPLICA_PLAN_CAP, MAX_TOKENS, jobs=JOBS)
         layers = [layer_metrics(r, lay) for r, lay in zip(inp.eval_routings, layouts)]
@@ -222,6 +234,16 @@ def main() -> None:
     p.add_argument("--plot", type=Path, default=REPO / "docs" / "img" / "placement_load.svg")
     p.add_argument("--replicas-only", action="store_true", help="only the replica rows (no cap sweep, no plot)")
     p.add_argument(
+        "--extra-slots",
+        type=int,
+        nargs="+",
+        default=list(REPLICA_EXTRA_PER_RANK),
+        metavar="N",
+        help="replica slots per rank to try, smallest first, until every layer holds 1.05 held out (P = E + ranks x N; "
+        f"default {' '.join(map(str, REPLICA_EXTRA_PER_RANK))})",
+    )
+    p.add_argument("--traces", nargs="+", choices=TRACES, default=list(TRACES), help="the traces to run (default all)")
+    p.add_argument(
         "--olmoe-batches",
         type=int,
         default=10,
@@ -234,17 +256,22 @@ def main() -> None:
         default=10,
         help="batches of 32 x 128 tokens recorded from the trained OLMoE (default 10: 8192 held-out tokens per layer)",
     )
+    p.add_argument(
+        "--preset", choices=KAHYPAR_PRESETS, default=DEFAULT_PRESET, help="Mt-KaHyPar preset (c2r-place plan --preset)"
+    )
     args = p.parse_args()
-    traces = {
-        "synthetic": args.dir / "synthetic",
-        "hf-olmoe": args.dir / "olmoe",
-        "hf-olmoe trained": args.dir / "olmoe_trained",
-    }
+    traces = {name: args.dir / folder for name, folder in TRACES.items() if name in args.traces}
     for trace_dir in traces.values():  # the traces are redone; the trained model is kept (args.dir / "trained_model")
         shutil.rmtree(trace_dir, ignore_errors=True)
-    synthetic_traces(traces["synthetic"])
-    olmoe_traces(traces["hf-olmoe"], args.olmoe_batches)
-    trained_olmoe_traces(traces["hf-olmoe trained"], args.dir / "trained_model", args.train_steps, args.trained_batches)
+    record = {
+        "synthetic": synthetic_traces,
+        "hf-olmoe": lambda out: olmoe_traces(out, args.olmoe_batches),
+        "hf-olmoe trained": lambda out: trained_olmoe_traces(
+            out, args.dir / "trained_model", args.train_steps, args.trained_batches
+        ),
+    }
+    for name, trace_dir in traces.items():
+        record[name](trace_dir)
     results = {}
     print("| trace | ranks | max-load | copies/token (held out) | vs uncapped | load max/mean, mean / worst layer | "
           "per step: busiest rank / mean, mean / worst layer | layers <= cap / where possible without replicas | "
@@ -252,7 +279,7 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, trace_dir in traces.items():
         for ranks in () if args.replicas_only else (8, 16):
-            rows = sweep(trace_dir, ranks)
+            rows = sweep(trace_dir, ranks, args.preset)
             results[f"{name}, {ranks} ranks"] = rows
             for r in rows:
                 cap = "none" if r["cap"] is None else f"{r['cap']:.2f}" + ("" if r["per_step"] else " pooled only")
@@ -270,7 +297,7 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, trace_dir in traces.items():
         for ranks in (8, 16):
-            rows = replica_sweep(trace_dir, ranks)
+            rows = replica_sweep(trace_dir, ranks, args.preset, tuple(args.extra_slots))
             uncapped = results.get(f"{name}, {ranks} ranks", [{}])[0].get("copies")
             results[f"{name}, {ranks} ranks, replicas"] = rows
             for r in rows:

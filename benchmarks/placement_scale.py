@@ -99,6 +99,8 @@ def run_planner(args: argparse.Namespace, trace_dir: Path, plan_path: Path) -> d
     ]
     if args.replicas:
         cmd += ["--replicas", args.replicas]
+    if args.preset:
+        cmd += ["--preset", args.preset]
     if args.jobs:
         cmd += ["--jobs", str(args.jobs)]
     timer = ["/usr/bin/time", "-v"] if Path("/usr/bin/time").exists() else []
@@ -172,6 +174,7 @@ def main() -> None:
     p.add_argument("--max-load", default="1.10", help="load cap (c2r-place default 1.10; none: copies only)")
     p.add_argument("--replicas", help="physical expert slots P or +N (c2r-place plan --replicas; default none)")
     p.add_argument("--jobs", type=int, help="c2r-place plan --jobs (default: its own, the usable CPUs)")
+    p.add_argument("--preset", help="c2r-place plan --preset (default: its own, deterministic_multilevel)")
     args = p.parse_args()
 
     trace_dir, plan_path = args.dir / "traces", args.dir / "plan.json"
@@ -188,7 +191,8 @@ def main() -> None:
     print(f"trace generation: {generate_s:.1f} s (0 = reused)")
     print(
         f"c2r-place plan ({args.method}, --max-tokens {args.max_tokens}, --max-load {args.max_load}"
-        f"{', --replicas ' + args.replicas if args.replicas else ''}{f', --jobs {args.jobs}' if args.jobs else ''}): "
+        f"{', --replicas ' + args.replicas if args.replicas else ''}{f', --jobs {args.jobs}' if args.jobs else ''}"
+        f"{f', --preset {args.preset}' if args.preset else ''}): "
         f"wall {run['wall_s']:.0f} s (CPU {run['cpu_s']:.0f} s), "
         f"peak RSS {run['tree_peak_rss_gib']:.2f} GiB summed over the planner and its workers (largest single "
         f"process {run['peak_rss_gib']:.2f} GiB)\n"

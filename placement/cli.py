@@ -32,10 +32,10 @@ from placement.errors import PlacementError
 from placement.evaluate import evaluate_with_baselines, format_comparison, keep_contiguous_where_plan_loses
 from placement.export import EXPORT_FORMATS, export_plan
 from placement.inputs import PlannerInput, load_input, recorded_activation
+from placement.kahypar_context import DEFAULT_PRESET, KAHYPAR_PRESETS
 from placement.loadcap import DEFAULT_MAX_LOAD, max_load_arg, min_max_load, needs_replication
 from placement.methods import (
     DEFAULT_INTER_NODE_COST,
-    KAHYPAR_PRESETS,
     METHODS,
     TOPOLOGIES,
     cap_layouts,
@@ -375,7 +375,13 @@ def add_plan_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--holdout", type=float, metavar="FRACTION", help="hold out the latest FRACTION of steps; predict on them"
     )
-    p.add_argument("--preset", choices=KAHYPAR_PRESETS, default="deterministic", help="Mt-KaHyPar preset")
+    p.add_argument(
+        "--preset",
+        choices=KAHYPAR_PRESETS,
+        default=DEFAULT_PRESET,
+        help=f"Mt-KaHyPar preset (default {DEFAULT_PRESET}: its deterministic preset made to coarsen a few hundred "
+        "experts; see placement/kahypar_context.py)",
+    )
     p.add_argument(
         "--threads", type=positive(int), help="Mt-KaHyPar threads (default: all cores with --jobs 1, else 1 per worker)"
     )
@@ -385,7 +391,7 @@ def add_plan_command(sub: argparse._SubParsersAction) -> None:
         type=int,
         metavar="N",
         help="layers planned in parallel worker processes (default: the usable CPUs for 2+ layers of 64+ experts, "
-        "else 1: this process only); with the deterministic preset the plan is the same for any N",
+        "else 1: this process only); with the deterministic presets the plan is the same for any N",
     )
     p.add_argument(
         "--max-tokens",

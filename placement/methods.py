@@ -44,6 +44,7 @@ import numpy as np
 
 from placement.errors import PlacementError
 from placement.inputs import LayerRouting, restrict, subsample
+from placement.kahypar_context import DEFAULT_PRESET, check_preset, context_for
 from placement.layout import ExpertLayout
 from placement.loadcap import cap_load, needs_replication
 from placement.objective import check_topology, km1_batch
@@ -53,7 +54,6 @@ PartitionFn = Callable[[LayerRouting, int, int], np.ndarray]
 CostFn = Callable[[np.ndarray], np.ndarray]
 
 EXACT_MAX_PLACEMENTS = 200_000
-KAHYPAR_PRESETS = ("deterministic", "default", "quality", "highest_quality")
 TOPOLOGIES = ("two-level", "map")
 DEFAULT_INTER_NODE_COST = 10
 _KAHYPAR_MAX_TOTAL_WEIGHT = 1 << 26  # keeps Mt-KaHyPar's 32-bit edge weights and gains far from overflow
@@ -337,16 +337,12 @@ def _mtkahypar(threads: int):
     return mtkahypar, mtkahypar.initialize(threads, False)
 
 
-def _check_preset(preset: str) -> None:
-    if preset not in KAHYPAR_PRESETS:
-        raise PlacementError(f"unknown Mt-KaHyPar preset {preset!r}; choose from {', '.join(KAHYPAR_PRESETS)}")
-
-
-def _kahypar_context(seed: int, preset: str, threads: int | None):
-    """Mt-KaHyPar's module, initializer and a silent, seeded context of ``preset``."""
+def _kahypar_context(seed: int, preset: str, threads: int | None, num_experts: int, num_parts: int):
+    """Mt-KaHyPar's module, initializer and a silent, seeded context of ``preset`` for ``num_experts`` vertices into
+    ``num_parts`` (`placement.kahypar_context.context_for`)."""
     mt, initializer = _mtkahypar(threads or os.cpu_count() or 1)
     mt.set_seed(seed)
-    context = initializer.context_from_preset(getattr(mt.PresetType, preset.upper()))
+    context = context_for(mt, initializer, preset, num_experts, num_parts)
     context.logging = False
     return mt, initializer, context
 
@@ -368,16 +364,17 @@ def _hyperedges(routing: LayerRouting) -> tuple[list[list[int]], list[int]]:
 
 
 def partition_kahypar(
-    routing: LayerRouting, num_parts: int, seed: int = 0, preset: str = "deterministic", threads: int | None = None
+    routing: LayerRouting, num_parts: int, seed: int = 0, preset: str = DEFAULT_PRESET, threads: int | None = None
 ) -> np.ndarray:
     """Mt-KaHyPar, KM1, epsilon 0, unit expert weights; hyperedges = distinct sets weighted by token count; then
-    `refine_by_swaps` where it is cheap (small E). ``preset``: deterministic (default; the same result for a seed at
-    any thread count: checked on 1 and 2 threads), default, quality, highest_quality."""
-    _check_preset(preset)
+    `refine_by_swaps` where it is cheap (small E). ``preset``: `placement.kahypar_context` (default
+    ``deterministic_multilevel``; it and ``deterministic`` give the same result for a seed at any thread count:
+    checked on 1 and 2 threads), default, quality, highest_quality."""
+    check_preset(preset)
     edges, weights = _hyperedges(routing)
     if not edges:
         return ExpertLayout.contiguous(routing.num_experts, num_parts).as_array()
-    mt, initializer, context = _kahypar_context(seed, preset, threads)
+    mt, initializer, context = _kahypar_context(seed, preset, threads, routing.num_experts, num_parts)
     context.set_partitioning_parameters(num_parts, 0.0, mt.Objective.KM1)
     hypergraph = initializer.create_hypergraph(
         context, routing.num_experts, len(edges), edges, [1] * routing.num_experts, weights
@@ -392,7 +389,7 @@ def partition_kahypar_capped(
     load_E: np.ndarray,
     max_load: float,
     seed: int = 0,
-    preset: str = "deterministic",
+    preset: str = DEFAULT_PRESET,
     threads: int | None = None,
 ) -> np.ndarray | None:
     """Mt-KaHyPar with both constraints in one weight: expert e weighs B + l_e (l: its load scaled to integers summing
@@ -402,7 +399,7 @@ def partition_kahypar_capped(
     no feasible partition (e.g. a hot expert makes the cap impossible); the caller falls back to the unit-weight
     partition and `placement.loadcap` repair. Measured (benchmarks/placement_load.py traces, 64 experts, 8 ranks):
     0.2-2% lower KM1 than repair alone at the same cap."""
-    _check_preset(preset)
+    check_preset(preset)
     edges, weights = _hyperedges(routing)
     total = float(np.sum(load_E))
     if not edges or not total:
@@ -410,7 +407,7 @@ def partition_kahypar_capped(
     scaled = np.round(np.asarray(load_E, dtype=np.float64) / total * 100_000).astype(np.int64)
     big = int(scaled.sum()) + 1
     per_part = routing.num_experts // num_parts
-    mt, initializer, context = _kahypar_context(seed, preset, threads)
+    mt, initializer, context = _kahypar_context(seed, preset, threads, routing.num_experts, num_parts)
     context.set_partitioning_parameters(num_parts, 0.0, mt.Objective.KM1)
     # rounded up: at --max-load 1.0 a floor left the parts' bounds summing below the total, which Mt-KaHyPar refuses
     # as invalid input; the exact cap is checked on the result below
@@ -432,7 +429,7 @@ def map_kahypar(
     gpus_per_node: int,
     inter_node_cost: int = DEFAULT_INTER_NODE_COST,
     seed: int = 0,
-    preset: str = "deterministic",
+    preset: str = DEFAULT_PRESET,
     threads: int | None = None,
 ) -> np.ndarray:
     """Mt-KaHyPar's ``map_onto_graph``: the hypergraph of `partition_kahypar` mapped onto the complete graph of
@@ -442,13 +439,13 @@ def map_kahypar(
     Mt-KaHyPar ever missed exact sizes (not seen). Returns ranks [E]. Slow: about 10x the two-level plan at 64
     experts on 16 ranks, unfinished after 18 minutes at 256 experts on 64 ranks; within 1.5% of two-level,
     either way, on the synthetic cases measured (docs/placement.md)."""
-    _check_preset(preset)
+    check_preset(preset)
     if isinstance(inter_node_cost, bool) or not isinstance(inter_node_cost, (int, np.integer)) or inter_node_cost < 1:
         raise PlacementError(f"inter-node cost must be an integer >= 1 (intra-node cost is 1); got {inter_node_cost!r}")
     edges, weights = _hyperedges(routing)
     if not edges:
         return ExpertLayout.contiguous(routing.num_experts, num_ranks).as_array()
-    _, initializer, context = _kahypar_context(seed, preset, threads)
+    _, initializer, context = _kahypar_context(seed, preset, threads, routing.num_experts, num_ranks)
     context.set_mapping_parameters(num_ranks, 0.0)
     hypergraph = initializer.create_hypergraph(
         context, routing.num_experts, len(edges), edges, [1] * routing.num_experts, weights
@@ -492,7 +489,7 @@ def _partition(routing: LayerRouting, num_parts: int, partition: PartitionFn, se
     return labels
 
 
-def get_method(method: str, preset: str = "deterministic", threads: int | None = None) -> PartitionFn:
+def get_method(method: str, preset: str = DEFAULT_PRESET, threads: int | None = None) -> PartitionFn:
     if method not in METHODS:
         raise PlacementError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if method == "kahypar":
@@ -506,7 +503,7 @@ def plan_layer(
     num_nodes: int = 1,
     method: str = "kahypar",
     seed: int = 0,
-    preset: str = "deterministic",
+    preset: str = DEFAULT_PRESET,
     threads: int | None = None,
     max_tokens: int | None = None,
     topology: str = "two-level",
@@ -549,7 +546,7 @@ def plan_placement(
     num_nodes: int = 1,
     method: str = "kahypar",
     seed: int = 0,
-    preset: str = "deterministic",
+    preset: str = DEFAULT_PRESET,
     threads: int | None = None,
     max_tokens: int | None = None,
     progress: bool = True,
