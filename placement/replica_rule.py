@@ -127,34 +127,53 @@ def expected_groups_hit(
 ) -> np.ndarray:
     """[M] float64: expected distinct groups (ranks by default; nodes with ``group_of_rank_R``) each set reaches
     under the rule (module docstring); ``ranks_EC`` as in `expected_rank_load`."""
-    group_R = np.arange(num_ranks) if group_of_rank_R is None else np.asarray(group_of_rank_R, dtype=np.int64)
-    num_groups = int(group_R.max()) + 1
     visited_MR, _, rows, experts, dest = rule_one(sets_MK, ranks_EC, num_ranks) if route is None else route
     if group_of_rank_R is None:
-        visited_MG = visited_MR
-    else:
-        visited_MG = np.zeros((len(sets_MK), num_groups), dtype=bool)
-        vm, vr = np.nonzero(visited_MR)
-        visited_MG[vm, group_R[vr]] = True
+        return _expected_ranks_hit(visited_MR, rows, experts, dest, ranks_EC, num_ranks)
+    group_R = np.asarray(group_of_rank_R, dtype=np.int64)
+    num_groups = int(group_R.max()) + 1
+    visited_MG = np.zeros((len(sets_MK), num_groups), dtype=bool)
+    vm, vr = np.nonzero(visited_MR)
+    visited_MG[vm, group_R[vr]] = True
     free = dest < 0
     free_rows, cand_SC = rows[free], ranks_EC[experts[free]]
     on_SC = cand_SC >= 0
     num_copies_S = on_SC.sum(axis=1)
-    if group_of_rank_R is None:  # copies of one expert sit on distinct ranks: one factor per copy, 1 - 1/m
-        group_SC, first_SC = np.where(on_SC, cand_SC, -1), on_SC
-        factor = 1.0 - 1.0 / np.broadcast_to(num_copies_S[:, None], on_SC.shape)[first_SC]
-    else:  # one factor per (free slot, distinct group of its copies): P(slot misses g) = 1 - copies on g / m
-        group_SC = np.where(on_SC, group_R[np.maximum(cand_SC, 0)], -1)
-        count_SC = np.zeros(group_SC.shape, dtype=np.int64)
-        first_SC = on_SC.copy()
-        for c in range(group_SC.shape[1]):  # C is a handful: columns, not an [S, C, C] cube
-            same_S = group_SC == group_SC[:, c : c + 1]
-            count_SC[:, c] = same_S.sum(axis=1)
-            first_SC[:, c] &= ~same_S[:, :c].any(axis=1)
-        factor = 1.0 - count_SC[first_SC] / np.broadcast_to(num_copies_S[:, None], on_SC.shape)[first_SC]
+    # one factor per (free slot, distinct group of its copies): P(slot misses g) = 1 - copies on g / m
+    group_SC = np.where(on_SC, group_R[np.maximum(cand_SC, 0)], -1)
+    count_SC = np.zeros(group_SC.shape, dtype=np.int64)
+    first_SC = on_SC.copy()
+    for c in range(group_SC.shape[1]):  # C is a handful: columns, not an [S, C, C] cube
+        same_S = group_SC == group_SC[:, c : c + 1]
+        count_SC[:, c] = same_S.sum(axis=1)
+        first_SC[:, c] &= ~same_S[:, :c].any(axis=1)
+    factor = 1.0 - count_SC[first_SC] / np.broadcast_to(num_copies_S[:, None], on_SC.shape)[first_SC]
     cell = (np.broadcast_to(free_rows[:, None], group_SC.shape)[first_SC] * num_groups + group_SC[first_SC]).ravel()
     size = len(sets_MK) * num_groups
     log_miss = np.bincount(cell, weights=np.log(np.maximum(factor, 1e-300)), minlength=size)
     certain = np.bincount(cell, weights=factor <= 0, minlength=size) > 0  # every copy on g: surely reached
     reached = np.where(certain, 1.0, 1.0 - np.exp(log_miss)).reshape(len(sets_MK), num_groups)
     return np.where(visited_MG, 1.0, reached).sum(axis=1)
+
+
+def _expected_ranks_hit(
+    visited_MR: np.ndarray,
+    rows_S: np.ndarray,
+    experts_S: np.ndarray,
+    dest_S: np.ndarray,
+    ranks_EC: np.ndarray,
+    num_ranks: int,
+) -> np.ndarray:
+    """`expected_groups_hit` over ranks, on the (set, rank) cells that free slots reach only: a free slot never has
+    a copy on a visited rank (rule 1 would have taken it), and the copies of one expert sit on distinct ranks, so a
+    token reaches its visited ranks plus, per reached cell, 1 - prod over the free slots with a copy there of
+    (1 - 1/m). The planner's replica fill calls this thousands of times a layer on one expert's sets: the dense
+    [M, R] pass of the general path was most of its time."""
+    free = dest_S < 0
+    cand_SC = ranks_EC[experts_S[free]]
+    on_SC = cand_SC >= 0
+    log_miss_S = np.log1p(-1.0 / on_SC.sum(axis=1))
+    cell = (rows_S[free][:, None] * num_ranks + cand_SC)[on_SC]
+    cells, which = np.unique(cell, return_inverse=True)
+    reached = -np.expm1(np.bincount(which, weights=np.broadcast_to(log_miss_S[:, None], on_SC.shape)[on_SC]))
+    return visited_MR.sum(axis=1) + np.bincount(cells // num_ranks, weights=reached, minlength=len(visited_MR))
