@@ -39,6 +39,7 @@ from placement.methods import cap_layouts, plan_placement  # noqa: E402
 from placement.objective import layer_metrics  # noqa: E402
 from placement.pool import usable_cpus  # noqa: E402
 from placement.replicate import replicate_layouts  # noqa: E402
+from profiling.cli_errors import positive  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from placement_trained_olmoe import trained_olmoe_traces  # noqa: E402
@@ -51,6 +52,7 @@ REPLICA_CAP = 1.05  # judged held out
 # trace's layers land at 1.05-1.08 held out)
 REPLICA_PLAN_CAP = 1.02
 JOBS = usable_cpus()  # layers in parallel (the same plans as one process)
+DOC_PLOT = REPO / "docs" / "img" / "placement_load.svg"
 TRACES = {"synthetic": "synthetic", "hf-olmoe": "olmoe", "hf-olmoe trained": "olmoe_trained"}  # name: folder
 REPLICA_EXTRA_PER_RANK = (2, 4, 8)  # P = E + ranks x this, smallest first, until every layer holds 1.05 held out
 
@@ -231,11 +233,16 @@ def svg(results: dict[str, list[dict]], path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", type=Path, default=Path("/tmp/c2r_placement_load"))
-    p.add_argument("--plot", type=Path, default=REPO / "docs" / "img" / "placement_load.svg")
+    p.add_argument(
+        "--plot",
+        type=Path,
+        help=f"the copies-vs-load plot (default {DOC_PLOT.relative_to(REPO)}, the documented one: only with the "
+        "default preset and every trace; otherwise no plot unless named)",
+    )
     p.add_argument("--replicas-only", action="store_true", help="only the replica rows (no cap sweep, no plot)")
     p.add_argument(
         "--extra-slots",
-        type=int,
+        type=positive(int),
         nargs="+",
         default=list(REPLICA_EXTRA_PER_RANK),
         metavar="N",
@@ -297,7 +304,7 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, trace_dir in traces.items():
         for ranks in (8, 16):
-            rows = replica_sweep(trace_dir, ranks, args.preset, tuple(args.extra_slots))
+            rows = replica_sweep(trace_dir, ranks, args.preset, tuple(sorted(set(args.extra_slots))))
             uncapped = results.get(f"{name}, {ranks} ranks", [{}])[0].get("copies")
             results[f"{name}, {ranks} ranks, replicas"] = rows
             for r in rows:
@@ -309,8 +316,11 @@ def main() -> None:
                 )
     if args.replicas_only:
         return
-    svg(results, args.plot)
-    print(f"\nwrote {args.plot}")
+    documented = args.preset == DEFAULT_PRESET and list(traces) == list(TRACES)
+    plot = args.plot or (DOC_PLOT if documented else None)
+    if plot is not None:
+        svg(results, plot)
+        print(f"\nwrote {plot}")
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def main() -> None:
             copies, seconds = [], 0.0
             for planning, judging in zip(plan, held):
                 start = time.perf_counter()
-                labels = plan_layer(planning, ranks, nodes, "kahypar", 0, preset, threads=1)
+                labels = plan_layer(planning, ranks, nodes, method="kahypar", seed=0, preset=preset, threads=1)
                 seconds += time.perf_counter() - start
                 copies.append(layer_metrics(judging, ExpertLayout(labels, ranks), nodes)["copies_per_token"])
             cells += [f"{np.mean(copies):.4f}", f"{seconds / LAYERS:.2f}"]

@@ -32,6 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from placement.kahypar_context import DEFAULT_PRESET, KAHYPAR_PRESETS  # noqa: E402
 from placement.synthetic import synthetic_expert_ids  # noqa: E402
 
 
@@ -174,7 +175,9 @@ def main() -> None:
     p.add_argument("--max-load", default="1.10", help="load cap (c2r-place default 1.10; none: copies only)")
     p.add_argument("--replicas", help="physical expert slots P or +N (c2r-place plan --replicas; default none)")
     p.add_argument("--jobs", type=int, help="c2r-place plan --jobs (default: its own, the usable CPUs)")
-    p.add_argument("--preset", help="c2r-place plan --preset (default: its own, deterministic_multilevel)")
+    p.add_argument(
+        "--preset", choices=KAHYPAR_PRESETS, help=f"c2r-place plan --preset (default: its own, {DEFAULT_PRESET})"
+    )
     args = p.parse_args()
 
     trace_dir, plan_path = args.dir / "traces", args.dir / "plan.json"

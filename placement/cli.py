@@ -32,7 +32,7 @@ from placement.errors import PlacementError
 from placement.evaluate import evaluate_with_baselines, format_comparison, keep_contiguous_where_plan_loses
 from placement.export import EXPORT_FORMATS, export_plan
 from placement.inputs import PlannerInput, load_input, recorded_activation
-from placement.kahypar_context import DEFAULT_PRESET, KAHYPAR_PRESETS
+from placement.kahypar_context import DEFAULT_PRESET, KAHYPAR_PRESETS, mtkahypar_version
 from placement.loadcap import DEFAULT_MAX_LOAD, max_load_arg, min_max_load, needs_replication
 from placement.methods import (
     DEFAULT_INTER_NODE_COST,
@@ -306,6 +306,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         expert_load_LE=np.stack([r.expert_load_E for r in inp.plan_routings]),
         options={
             "preset": args.preset,
+            "mtkahypar": mtkahypar_version() if args.method == "kahypar" else None,
             "max_tokens": args.max_tokens,
             "hidden": args.hidden,
             "dtype": args.dtype,

@@ -369,7 +369,7 @@ def partition_kahypar(
     """Mt-KaHyPar, KM1, epsilon 0, unit expert weights; hyperedges = distinct sets weighted by token count; then
     `refine_by_swaps` where it is cheap (small E). ``preset``: `placement.kahypar_context` (default
     ``deterministic_multilevel``; it and ``deterministic`` give the same result for a seed at any thread count:
-    checked on 1 and 2 threads), default, quality, highest_quality."""
+    checked on 1, 2 and 4 threads), default, quality, highest_quality."""
     check_preset(preset)
     edges, weights = _hyperedges(routing)
     if not edges:

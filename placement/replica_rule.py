@@ -176,4 +176,5 @@ def _expected_ranks_hit(
     cell = (rows_S[free][:, None] * num_ranks + cand_SC)[on_SC]
     cells, which = np.unique(cell, return_inverse=True)
     reached = -np.expm1(np.bincount(which, weights=np.broadcast_to(log_miss_S[:, None], on_SC.shape)[on_SC]))
-    return visited_MR.sum(axis=1) + np.bincount(cells // num_ranks, weights=reached, minlength=len(visited_MR))
+    hits = np.bincount(cells // num_ranks, weights=reached, minlength=len(visited_MR)).astype(np.float64, copy=False)
+    return visited_MR.sum(axis=1) + hits  # float64 when no slot is free too (an empty bincount is int64)

@@ -53,6 +53,27 @@ def test_reverted_options_partition_exactly_as_the_deterministic_preset(num_expe
     assert np.array_equal(preset[0], ours[0]) and preset[1] == ours[1]
 
 
+def test_reverted_options_are_the_deterministic_preset_option_for_option(capfd):
+    # every option, not only those the partitions above exercise (coarsening and Jet never run at their sizes)
+    mt, initializer = methods._mtkahypar(1)
+    printed = []
+    for context in (
+        context_for(mt, initializer, "deterministic", 256, 8),
+        context_for(mt, initializer, MULTILEVEL, 256, 8, ini_text=multilevel_ini(160, 20)),
+        context_for(mt, initializer, MULTILEVEL, 256, 8),
+    ):
+        context.set_partitioning_parameters(8, 0.0, mt.Objective.KM1)
+        capfd.readouterr()
+        context.print_configuration()
+        printed.append(capfd.readouterr().out)
+    assert "Contraction Limit Multiplier:       160" in printed[0] and printed[0] == printed[1]
+    changed = [(a, b) for a, b in zip(printed[0].splitlines(), printed[2].splitlines()) if a != b]
+    assert [" ".join(b.split()) for _, b in changed] == [
+        "Contraction Limit Multiplier: 4",
+        "Number of Runs: 10",
+    ], changed
+
+
 def test_multilevel_beats_the_preset_where_the_preset_cannot_coarsen():
     # 256 experts into 8 parts: under the preset's contraction limit (160 x 8), so the preset never coarsens
     layer = routing(256, 8, 4000, clusters=32)

@@ -1,7 +1,9 @@
 """The planner's model of the replica rule (placement/replica_rule.py, numpy, whole batch, in expectation) against the
-rule the dispatchers run (c2r/parallel/replicas.py, torch, per source rank): the two layers implement one rule."""
+rule the dispatchers run (c2r/parallel/replicas.py, torch, per source rank): the two layers implement one rule. And
+the planner's fast count of distinct ranks against its general per-group count."""
 
 import numpy as np
+import pytest
 import torch
 
 from c2r.parallel.replicas import CopyChooser
@@ -62,3 +64,28 @@ def test_the_simulators_copy_choice_is_the_dispatchers():
             physical = CopyChooser(layout).physical(torch.from_numpy(np.maximum(ids, 0)), valid).numpy()
             want = np.where(ids >= 0, physical // layout.experts_per_rank, -1)
             np.testing.assert_array_equal(choose_copy_ranks(ids, layout), want)
+
+
+def random_replicated_case(rng, num_experts, num_ranks, top_k, num_sets):
+    """Sets with -1 padding, and a copy table of 1 to several copies per expert on distinct ranks (-1 past them)."""
+    sets = np.stack([rng.permutation(num_experts)[:top_k] for _ in range(num_sets)])
+    sets[rng.random(sets.shape) < 0.15] = -1
+    copies = rng.integers(1, min(num_ranks, 4) + 1, num_experts)
+    table = np.full((num_experts, int(copies.max())), -1)
+    for e, m in enumerate(copies):
+        table[e, :m] = rng.permutation(num_ranks)[:m]
+    return sets, table
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_distinct_ranks_fast_path_equals_the_groups_path(seed):
+    # the rank count on reached cells (the replica fill's fast path) against the general path with each rank its
+    # own group
+    rng = np.random.default_rng(seed)
+    for num_experts, num_ranks, top_k in [(16, 4, 4), (32, 8, 6), (64, 16, 8)]:
+        sets, table = random_replicated_case(rng, num_experts, num_ranks, top_k, 300)
+        fast = expected_groups_hit(sets, table, num_ranks)
+        general = expected_groups_hit(sets, table, num_ranks, np.arange(num_ranks))
+        assert fast.dtype == np.float64 and np.allclose(fast, general, rtol=0, atol=1e-12)
+    single = expected_groups_hit(np.array([[0, 1], [1, -1]]), np.array([[0], [1]]), 2)  # no free slot at all
+    assert single.dtype == np.float64 and single.tolist() == [2.0, 1.0]
