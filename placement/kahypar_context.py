@@ -18,8 +18,11 @@ time. But with the new options on 64 experts into 8 ranks (8 a part) the trained
 uncapped and +2.1% at the 1.10 cap (the random-router OLMoE +1.7% uncapped; the synthetic trace -1.4%): where parts
 hold a handful of experts, coarsening merges experts the local search would keep apart, so parts of fewer than
 `MULTILEVEL_MIN_PER_PART` experts (a threshold between the measured 8, worse, and 32, better) keep the preset as it
-is. Deterministic either way: the same plan for a seed at any thread count (the preset's deterministic coarsener,
-initial partitioner and Jet; checked by hand on 1, 2 and 4 threads, by the tests on 1 and 2).
+is (its values, with the plan's seed: Mt-KaHyPar's presets always run with seed 0, since ``mtkahypar.set_seed`` does
+not reach their deterministic algorithms; with seed 0 it is the preset exactly). Deterministic either way: the same
+plan for a seed at any thread count (the preset's deterministic coarsener, initial partitioner and Jet; checked by
+hand on 1, 2 and 4 threads, by the tests on 1 and 2); other seeds give other plans (256 experts into 8 parts, seeds
+0-3: KM1 13,829-13,948), so ``--seed`` can be used to look for a better one.
 
 The context is read from an ini file, Mt-KaHyPar's only way to set options its Python API does not expose (a
 temporary file per call). `tests/test_kahypar_context.py` checks that the file with the two changes reverted is the
@@ -121,10 +124,13 @@ _DETERMINISTIC_PRESET = MappingProxyType(
 
 
 def multilevel_ini(
-    contraction_limit_multiplier: int = CONTRACTION_LIMIT_MULTIPLIER, runs: int = INITIAL_PARTITIONING_RUNS
+    contraction_limit_multiplier: int = CONTRACTION_LIMIT_MULTIPLIER,
+    runs: int = INITIAL_PARTITIONING_RUNS,
+    seed: int = 0,
 ) -> str:
-    """The ``deterministic_multilevel`` options as ini text (with 160 and 20: the ``deterministic`` preset)."""
-    options = {**_DETERMINISTIC_PRESET, "c-t": contraction_limit_multiplier, "i-runs": runs}
+    """The ``deterministic_multilevel`` options as ini text (with 160 and 20: the ``deterministic`` preset, which
+    always runs with seed 0: ``mtkahypar.set_seed`` does not reach its deterministic algorithms, the option does)."""
+    options = {**_DETERMINISTIC_PRESET, "c-t": contraction_limit_multiplier, "i-runs": runs, "seed": seed}
     return "".join(f"{key}={value}\n" for key, value in options.items())
 
 
@@ -143,26 +149,37 @@ def check_preset(preset: str) -> None:
 
 
 def context_for(
-    mt: Any, initializer: Any, preset: str, num_vertices: int, num_parts: int, ini_text: str | None = None
+    mt: Any,
+    initializer: Any,
+    preset: str,
+    num_vertices: int,
+    num_parts: int,
+    seed: int = 0,
+    ini_text: str | None = None,
 ) -> Any:
     """Mt-KaHyPar's context of ``preset`` for ``num_vertices`` experts into ``num_parts`` (module docstring)
     (``mt``: the mtkahypar module, ``initializer``: its `initialize` result); ``ini_text``: these options instead
-    (tests). A Mt-KaHyPar that refuses the ``deterministic_multilevel`` options (another version's option names)
-    gets its own ``deterministic`` preset, with one warning per process."""
+    (tests). ``deterministic_multilevel`` runs with ``seed`` (Mt-KaHyPar's own presets with seed 0 whatever it is:
+    `multilevel_ini`). A Mt-KaHyPar that refuses the ``deterministic_multilevel`` options (another version's option
+    names) gets its own ``deterministic`` preset, with one warning per process."""
     check_preset(preset)
-    if preset == MULTILEVEL and ini_text is None and num_vertices < MULTILEVEL_MIN_PER_PART * num_parts:
-        preset = "deterministic"  # small parts: the preset as it is (module docstring)
     if preset != MULTILEVEL and ini_text is None:
         return initializer.context_from_preset(getattr(mt.PresetType, preset.upper()))
+    if ini_text is None:  # small parts: the preset's own values, with the seed (module docstring)
+        large = num_vertices >= MULTILEVEL_MIN_PER_PART * num_parts
+        ini_text = multilevel_ini(seed=seed) if large else multilevel_ini(160, 20, seed)
+        refusable = True
+    else:
+        refusable = False
     # a file per call, gone when the context is read: Mt-KaHyPar reads options from files only, and a file kept for
     # the process could be cleaned away under a long run (the context would then fall back for the wrong reason)
     with tempfile.NamedTemporaryFile("w", prefix="c2r-mtkahypar-", suffix=".ini") as options:
-        options.write(multilevel_ini() if ini_text is None else ini_text)
+        options.write(ini_text)
         options.flush()
         try:
             return initializer.context_from_file(options.name)
         except mt.InvalidParameterError as error:
-            if ini_text is not None:
+            if not refusable:
                 raise
             _warn_fallback(re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip())  # its messages carry colour codes
     return initializer.context_from_preset(mt.PresetType.DETERMINISTIC)

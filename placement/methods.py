@@ -342,7 +342,7 @@ def _kahypar_context(seed: int, preset: str, threads: int | None, num_experts: i
     ``num_parts`` (`placement.kahypar_context.context_for`)."""
     mt, initializer = _mtkahypar(threads or os.cpu_count() or 1)
     mt.set_seed(seed)
-    context = context_for(mt, initializer, preset, num_experts, num_parts)
+    context = context_for(mt, initializer, preset, num_experts, num_parts, seed)
     context.logging = False
     return mt, initializer, context
 

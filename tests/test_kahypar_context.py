@@ -82,8 +82,19 @@ def test_multilevel_beats_the_preset_where_the_preset_cannot_coarsen():
     assert ours < 0.99 * preset  # measured 13888 vs 14413
 
 
+def test_the_seed_gives_other_plans_and_the_same_plan_again():
+    # Mt-KaHyPar's presets ignore mtkahypar.set_seed (always seed 0); the options file carries the plan's seed
+    layer = routing(256, 8, 4000, clusters=32)
+    plans = [methods.partition_kahypar(layer, 8, seed=seed, threads=1) for seed in (0, 1, 2, 0)]
+    assert np.array_equal(plans[0], plans[3])
+    assert len({p.tobytes() for p in plans}) == 3  # measured KM1 13,888 / 13,878 / 13,948
+    small = routing(64, 8, 2000, clusters=8)  # small parts too: the preset's values with the seed
+    assert not np.array_equal(*(methods.partition_kahypar(small, 8, seed=seed, threads=1) for seed in (0, 3)))
+
+
 def test_parts_of_a_handful_of_experts_keep_the_preset():
-    # 64 experts into 8 parts (8 a part): coarsening would merge experts the local search keeps apart
+    # 64 experts into 8 parts (8 a part): coarsening would merge experts the local search keeps apart; at seed 0 the
+    # plan is the preset's
     layer = routing(64, 8, 2000, clusters=8)
     ours = methods.partition_kahypar(layer, 8, threads=1)
     assert np.array_equal(ours, methods.partition_kahypar(layer, 8, preset="deterministic", threads=1))
@@ -108,7 +119,9 @@ def test_the_plan_is_the_same_at_any_thread_count():
 def test_refused_options_fall_back_to_the_preset_with_one_warning(monkeypatch, caplog):
     # another Mt-KaHyPar's option names: the plan still comes, from its own deterministic preset, with one warning
     monkeypatch.setattr(
-        kahypar_context, "multilevel_ini", lambda: multilevel_ini() + "an-option-of-another-version=1\n"
+        kahypar_context,
+        "multilevel_ini",
+        lambda *args, **kwargs: multilevel_ini(*args, **kwargs) + "an-option-of-another-version=1\n",
     )
     kahypar_context._warn_fallback.cache_clear()
     layer = routing(64, 4, 1000, clusters=4)  # 16 experts a part: the multilevel options
