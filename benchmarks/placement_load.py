@@ -114,6 +114,7 @@ def sweep(trace_dir: Path, ranks: int, preset: str = DEFAULT_PRESET) -> list[dic
                 max_load=cap,
                 per_step=per_step,
                 preset=preset,
+                jobs=JOBS,
             )
         else:  # what `--pareto` prints: the one uncapped partition, repaired and descended under each cap
             layouts = cap_layouts(inp.plan_routings, base, cap, max_tokens=MAX_TOKENS, jobs=JOBS)

@@ -165,12 +165,12 @@ def context_for(
     check_preset(preset)
     if preset != MULTILEVEL and ini_text is None:
         return initializer.context_from_preset(getattr(mt.PresetType, preset.upper()))
-    if ini_text is None:  # small parts: the preset's own values, with the seed (module docstring)
-        large = num_vertices >= MULTILEVEL_MIN_PER_PART * num_parts
-        ini_text = multilevel_ini(seed=seed) if large else multilevel_ini(160, 20, seed)
-        refusable = True
-    else:
-        refusable = False
+    refusable = ini_text is None  # our own options may be refused by another version; a test's must not be
+    if refusable:
+        if num_vertices >= MULTILEVEL_MIN_PER_PART * num_parts:
+            ini_text = multilevel_ini(seed=seed)
+        else:  # small parts: the preset's own values, with the seed (module docstring)
+            ini_text = multilevel_ini(_DETERMINISTIC_PRESET["c-t"], _DETERMINISTIC_PRESET["i-runs"], seed)
     # a file per call, gone when the context is read: Mt-KaHyPar reads options from files only, and a file kept for
     # the process could be cleaned away under a long run (the context would then fall back for the wrong reason)
     with tempfile.NamedTemporaryFile("w", prefix="c2r-mtkahypar-", suffix=".ini") as options:
