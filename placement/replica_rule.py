@@ -83,7 +83,8 @@ def expected_rank_load(
     _, single, rows, experts, dest = rule_one(sets_MK, ranks_EC, num_ranks) if route is None else route
     expert = np.maximum(sets_MK, 0)
     w_MK = np.broadcast_to(w_M[:, None], sets_MK.shape)
-    load = np.bincount(ranks_EC[expert[single], 0], weights=w_MK[single], minlength=num_ranks)
+    # float64 also when every slot is replicated (numpy's bincount of nothing is int64, weights or not)
+    load = np.bincount(ranks_EC[expert[single], 0], weights=w_MK[single], minlength=num_ranks).astype(np.float64)
     fixed = dest >= 0
     load += np.bincount(dest[fixed], weights=w_M[rows[fixed]], minlength=num_ranks)
     free_rows, free_experts = rows[~fixed], experts[~fixed]
@@ -106,7 +107,7 @@ def expected_expert_rank_load(
     expert = np.maximum(sets_MK, 0)
     w_MK = np.broadcast_to(w_M[:, None], sets_MK.shape)
     cell = expert[single] * num_ranks + ranks_EC[expert[single], 0]
-    load = np.bincount(cell, weights=w_MK[single], minlength=size)
+    load = np.bincount(cell, weights=w_MK[single], minlength=size).astype(np.float64)  # as in expected_rank_load
     fixed = dest >= 0
     load += np.bincount(experts[fixed] * num_ranks + dest[fixed], weights=w_M[rows[fixed]], minlength=size)
     free_rows, free_experts = rows[~fixed], experts[~fixed]

@@ -1,8 +1,15 @@
 """Replicated hot experts in the planner: which experts get a replica, and on which rank, for P physical slots.
 
 What we chose, and why. The homes come from the plan without replicas (the co-activation-aware, load-capped
-partition, E/R experts per rank); P - E replicas then fill exactly (P - E) / R extra slots on every rank, one at a
-time, greedily:
+partition, E/R experts per rank); P - E replicas then fill exactly (P - E) / R extra slots on every rank:
+0. where P >= 2E, every expert first gets a second copy: the experts of rank r all on the rank after r in a ring
+   of ranks that alternates heavy and light ones. No expert is then single-copy, so rule 1 never fires and every
+   pair splits evenly over its copies: each rank carries half of its own experts and half of its ring
+   predecessor's, whose step-to-step drifts partly cancel. Why: filling P = 2E greedily piles the copies on the
+   hot experts, and rule 1 pulls each copy's co-activated tokens onto its rank, so the held-out load ended further
+   above the target the more slots there were; the ring held it (docs/placement.md, "Every expert twice"), for more
+   token copies where the homes group co-activated experts (rule 1 saved those);
+then one replica at a time, greedily:
 1. the *target*: every rank's predicted load <= target x mean, loads predicted under the replica rule
    (`placement.replica_rule`, the rule the runtime dispatch applies);
 2. while the busiest rank is above the target, the candidates are its heaviest experts (by load per copy): a
@@ -118,6 +125,23 @@ class _Replicator:
         self.soft = (1 + (target - 1) / 2) * self.mean
         # small layers: every (expert, rank) pair is a candidate; large ones: the shortlist (module docstring)
         self.exhaustive = self.num_experts * self.num_ranks <= _EXHAUSTIVE
+        if extra * self.num_ranks >= self.num_experts:  # P >= 2E: every expert twice first (module docstring)
+            self.spread()
+
+    def spread(self) -> None:
+        """Step 0: every expert a second copy, rank r's experts all on the rank after r in a ring of ranks that
+        alternates the heaviest and the lightest (by predicted load), so that every rank carries half of two ranks'
+        experts (module docstring)."""
+        by_load = np.argsort(-self.load_R, kind="stable")
+        half = (self.num_ranks + 1) // 2
+        order = np.empty(self.num_ranks, dtype=np.int64)
+        order[0::2], order[1::2] = by_load[:half], by_load[half:][::-1]
+        after = np.empty(self.num_ranks, dtype=np.int64)
+        after[order] = np.roll(order, -1)
+        self.table[:, 1] = after[self.table[:, 0]]
+        self.count_E[:] = 2
+        self.room_R -= np.bincount(self.table[:, 1], minlength=self.num_ranks)
+        self.load_R, _, self.step_SR = self._predict_sets(np.arange(len(self.sets_MK)), self._table())
 
     def _table(self, extra: int = 0) -> np.ndarray:
         """The copy table cut to the most copies (+ ``extra`` columns for a trial copy)."""

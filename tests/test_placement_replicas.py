@@ -103,8 +103,8 @@ def clustered(num_tokens=3000, num_experts=16, top_k=4, seed=0, zipf=1.5):
 @pytest.mark.parametrize("num_slots", [20, 24, 32])
 def test_planned_replicas_keep_slots_even_and_meet_the_cap(num_slots):
     """P/R slots per rank, never two copies on one rank (ExpertLayout refuses both), and every rank at or under the
-    cap on the planning tokens. With 32 slots (half of them replicas) the greedy fill alone ended at 1.058 (each
-    forced replica pulls load onto its rank): the slot swaps that follow it, homes included, reach the cap."""
+    cap on the planning tokens. With 32 slots (P = 2E: every expert twice, in a ring) the greedy fill alone had
+    ended at 1.058 (each forced replica pulls load onto its rank)."""
     routing = routing_from_expert_ids(clustered(zipf=1.2), 16)
     base = plan_placement([routing], 4, max_load=1.05, progress=False)[0]
     assert layer_metrics(routing, base)["load_imbalance"] > 1.07  # the hottest expert: the cap needs replicas
@@ -115,6 +115,34 @@ def test_planned_replicas_keep_slots_even_and_meet_the_cap(num_slots):
     load = layer_metrics(routing, layout)["load_imbalance"]
     assert load < layer_metrics(routing, base)["load_imbalance"]
     assert load <= 1.05 + 1e-9
+
+
+def test_twice_the_slots_give_every_expert_a_second_copy_in_one_ring():
+    """P = 2E: every expert gets a second copy, the experts of a rank all on the rank after it in one ring of every
+    rank, heaviest next to lightest; no expert is single-copy, so every pair splits evenly and each rank's predicted
+    load is the mean of its own and its ring predecessor's (and the round robin's recount is within a pair of it)."""
+    ids = clustered(zipf=1.2)
+    routing = routing_from_expert_ids(ids, 16)
+    base = plan_placement([routing], 4, progress=False)[0]  # uncapped: rank loads far apart
+    base_load = np.array(layer_metrics(routing, base)["rank_load"], dtype=float)
+    layout = replicate_layer(routing, base, 32, target=2.0)  # a loose target: no move after the ring
+    copies = layout.ranks_of_experts
+    assert all(len(c) == 2 and c[0] == base.expert_to_rank[e] for e, c in enumerate(copies))
+    after = {}
+    for home, second in copies:
+        assert after.setdefault(home, second) == second  # one successor per rank
+    ring, rank = [0], after[0]
+    while rank != 0:
+        ring.append(rank)
+        rank = after[rank]
+    assert sorted(ring) == [0, 1, 2, 3]  # one cycle through every rank
+    assert after[int(np.argmax(base_load))] == int(np.argmin(base_load))
+    before = {second: home for home, second in after.items()}
+    m = layer_metrics(routing, layout)
+    expected = [(base_load[r] + base_load[before[r]]) / 2 for r in range(4)]
+    assert m["rank_load"] == pytest.approx(expected, abs=0.5)  # the metric rounds to whole pairs
+    _, load = recount(ids, layout)
+    assert np.abs(load - expected).max() <= 4 * 0.5 + 1e-9  # a half pair per expert copy on a rank
 
 
 def test_replicate_layer_refuses_impossible_slot_counts_in_one_line():

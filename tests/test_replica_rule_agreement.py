@@ -11,6 +11,8 @@ from placement.layout import ExpertLayout
 from placement.replica_rule import copy_ranks, expected_groups_hit, expected_rank_load
 
 T, E, K, R = 600, 8, 2, 4
+# every expert on two ranks: rank r's experts also on rank r + 1 (what P = 2E plans, placement/replicate.py)
+RING = ExpertLayout.from_json([[e // 2, (e // 2 + 1) % R] for e in range(E)], R, num_experts=E)
 
 
 def test_planner_prediction_matches_the_runtime_choice():
@@ -55,6 +57,7 @@ def test_the_simulators_copy_choice_is_the_dispatchers():
         ExpertLayout.from_json([[0, 1, 2, 3], 0, 1, 1, 2, [2, 3], 3, 0], R, num_experts=E),
         ExpertLayout.from_json([[1, 0], [2, 3], 0, 0, [1, 2], 2, 3, [3, 1]], R, num_experts=E),
         ExpertLayout.contiguous(E, R),
+        RING,
     ]
     for layout in layouts:
         for k in (1, 2, 4):
@@ -64,6 +67,21 @@ def test_the_simulators_copy_choice_is_the_dispatchers():
             physical = CopyChooser(layout).physical(torch.from_numpy(np.maximum(ids, 0)), valid).numpy()
             want = np.where(ids >= 0, physical // layout.experts_per_rank, -1)
             np.testing.assert_array_equal(choose_copy_ranks(ids, layout), want)
+
+
+def test_a_layout_with_every_expert_replicated_is_predicted_exactly_in_expectation():
+    # no single-copy expert (what --replicas 2E plans): rule 1 never applies, every pair is free; the planner's
+    # loads are float halves (numpy's bincount of no single-copy slot had made them int64 and failed to add them)
+    rng = np.random.default_rng(5)
+    sets = np.stack([rng.choice(E, K, replace=False) for _ in range(T)])
+    ranks_EC = copy_ranks(RING)
+    predicted = expected_rank_load(sets, np.ones(T), ranks_EC, R)
+    assert predicted.dtype == np.float64
+    own_R = np.bincount(sets.ravel(), minlength=E).reshape(R, 2).sum(axis=1)  # rank r's two homes
+    np.testing.assert_allclose(predicted, (own_R + np.roll(own_R, 1)) / 2)  # half its own, half its predecessor's
+    physical = CopyChooser(RING).physical(torch.from_numpy(sets), torch.ones(T, K, dtype=torch.bool)).numpy()
+    runtime = np.bincount((physical // RING.experts_per_rank).ravel(), minlength=R)
+    assert np.abs(predicted - runtime).max() <= 2  # within a pair per copy held on a rank (4 a rank, each +-1/2)
 
 
 def random_replicated_case(rng, num_experts, num_ranks, top_k, num_sets):
