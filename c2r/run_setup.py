@@ -39,6 +39,7 @@ from c2r.hf.training import HFConfig
 from c2r.model import ModelConfig, MoEGPT
 from c2r.parallel import DISPATCH_MODES, DispatchObserver, model_layouts, resolve_ranks_per_node
 from c2r.parallel.expert_parallel import check_overlap_chunks
+from c2r.parallel.replicas import COPY_CHOICES
 from placement.layout import require_divides
 from profiling.cli_errors import OneLineParser
 from profiling.session import ProfileConfig
@@ -91,6 +92,9 @@ class TrainConfig:
     # > 1: each MoE layer's per-expert or per-rank dispatch runs in that many token chunks whose exchanges overlap the
     # expert compute (c2r/parallel/overlap.py); 1 = off, the default until a GPU measurement shows where it wins
     overlap_chunks: int = 1
+    # how a slot of a replicated expert (a plan made with --replicas) picks its copy: "rule" (a rank the token visits,
+    # else an even split) or "balanced" (shares that level the ranks' loads for each batch; c2r/parallel/replicas.py)
+    copy_choice: str = "rule"
     placement_plan: str | None = None  # c2r-place plan JSON: which experts live on which EP rank, per MoE layer
     deepspeed_config: str | None = None  # default: deepspeed_configs/cpu_zero2.json or gpu_bf16_zero2.json
     out_dir: str = "runs/demo"
@@ -109,6 +113,7 @@ class TrainConfig:
         )
         require_choice("dispatch", self.dispatch, DISPATCH_MODES)
         check_overlap_chunks(self.overlap_chunks, self.dispatch, "train.")
+        require_choice("train.copy_choice", self.copy_choice, COPY_CHOICES)
         if self.gpus_per_node is not None:
             require_positive(gpus_per_node=self.gpus_per_node)
         for name in ("save_every", "save_every_minutes", "keep_checkpoints", "lr_base_width"):
@@ -473,7 +478,14 @@ def build_engine(
     else:
         model = MoEGPT(config.model)
         make_expert_parallel(
-            model, tc.ep_size, tc.dispatch, plan_layouts(config), observers, tc.gpus_per_node, tc.overlap_chunks
+            model,
+            tc.ep_size,
+            tc.dispatch,
+            plan_layouts(config),
+            observers,
+            tc.gpus_per_node,
+            tc.overlap_chunks,
+            tc.copy_choice,
         )
     if train_only is None:
         optimizer, scheduler = optimize_everything(model, device, tc)

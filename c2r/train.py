@@ -440,6 +440,14 @@ TRAIN_CLI = ConfigCli(
             int,
         ),
         Shorthand(
+            "--copy-choice",
+            "train.copy_choice",
+            "how a slot of a replicated expert (a plan with --replicas) picks its copy: rule (a rank the token "
+            "visits, else an even split; the default) or balanced (shares that level the ranks for each batch, one "
+            "more small all-reduce per layer)",
+            choices=("rule", "balanced"),
+        ),
+        Shorthand(
             "--gpus-per-node",
             "train.gpus_per_node",
             "ranks per node (default: the launcher's local world size); groups CPU ranks into virtual nodes",

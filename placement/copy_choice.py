@@ -4,7 +4,7 @@ this is the numpy twin the simulator uses, tested equal to it in tests/test_repl
 For one source rank's tokens, each valid slot whose expert has m > 1 copies goes (1) to its first copy, home first,
 on a rank the token already visits through its single-copy experts, else (2) as the n-th "free pair" of that expert
 in flat order (token * K + slot) to copy n mod m. The planner's *expected* form of the same rule over a whole batch
-is `placement.replica_rule`.
+is `placement.replica_rule`. `choose_balanced_copy_ranks` is the twin of the dispatchers' ``copy_choice="balanced"``.
 
 Shape legend: A tokens of one source rank, K slots, E experts, C most copies of one expert, R ranks.
 """
@@ -16,6 +16,87 @@ import numpy as np
 from placement.layout import ExpertLayout
 from placement.replica_rule import copy_ranks
 
+BALANCE_ITERS = 32  # c2r.parallel.replicas.BALANCE_ITERS (placement never imports c2r; tested equal)
+
+
+def balanced_shares(count_E: np.ndarray, rank_EC: np.ndarray, num_ranks: int) -> np.ndarray:
+    """[E, C] float64: c2r.parallel.replicas.balanced_shares (its docstring), in numpy."""
+    on = rank_EC >= 0
+    copies_E = on.sum(axis=1)
+    cells = on & (copies_E > 1)[:, None]
+    rank = np.maximum(rank_EC, 0)
+    count = np.asarray(count_E, dtype=np.float64)
+    fixed_R = np.bincount(rank[:, 0], weights=np.where(copies_E > 1, 0.0, count), minlength=num_ranks)
+    step = 1.0 / max(float(np.bincount(rank.ravel(), weights=cells.ravel(), minlength=num_ranks).max()), 1.0)
+    share = np.where(cells, (count / copies_E)[:, None], 0.0)
+    for _ in range(BALANCE_ITERS):
+        load = fixed_R + np.bincount(rank.ravel(), weights=share.ravel(), minlength=num_ranks)
+        load_EC = load[rank]
+        mean_E = np.where(cells, load_EC, 0.0).sum(axis=1) / copies_E
+        share = np.where(cells, np.maximum(share + step * (mean_E[:, None] - load_EC), 0.0), 0.0)
+        share = share * (count / np.maximum(share.sum(axis=1), 1e-300))[:, None]
+    return share
+
+
+def choose_balanced_copy_ranks(
+    expert_ids_AK: np.ndarray, layout: ExpertLayout, count_E: np.ndarray | None = None
+) -> np.ndarray:
+    """`choose_copy_ranks` under ``copy_choice="balanced"`` (c2r/parallel/replicas.py): ``count_E`` the batch's
+    pairs per expert over every source rank (default: this source's own, a batch of one rank)."""
+    ids = np.asarray(expert_ids_AK, dtype=np.int64)
+    valid = ids >= 0
+    expert = np.maximum(ids, 0)
+    ranks_EC = copy_ranks(layout)
+    E, C = ranks_EC.shape
+    copies_AK = (ranks_EC >= 0).sum(axis=1)[expert]
+    local_E = np.bincount(ids[valid], minlength=E)
+    count = local_E if count_E is None else np.asarray(count_E, dtype=np.int64)
+    share = balanced_shares(count, ranks_EC, layout.num_ranks)
+    bound = np.minimum(
+        np.round(np.cumsum(share / np.maximum(count, 1)[:, None], axis=1) * local_E[:, None]), local_E[:, None]
+    )
+    bound = bound.astype(np.int64)
+    bound[:, -1] = local_E
+    quota = np.diff(bound, axis=1, prepend=0)
+    first = _first_visited_copy(ids, layout, ranks_EC)
+    replicated = valid & (copies_AK > 1)
+    prefer = replicated & (first < C)
+    key = expert * C + np.minimum(first, C - 1)
+    keep = prefer & (_nth_within_key(key, prefer) < quota.ravel()[key])
+    kept = np.bincount(key[keep], minlength=E * C).reshape(E, C)
+    spill = replicated & ~keep
+    ends = np.cumsum(quota - kept, axis=1)
+    spill_copy = np.minimum((_nth_within_key(expert, spill)[..., None] >= ends[expert]).sum(axis=2), copies_AK - 1)
+    copy = np.where(keep, first, np.where(spill, spill_copy, np.where(first < C, first, 0)))
+    dest = np.take_along_axis(ranks_EC[expert], copy[..., None], 2)[..., 0]
+    return np.where(valid, dest, -1)
+
+
+def _first_visited_copy(ids: np.ndarray, layout: ExpertLayout, ranks_EC: np.ndarray) -> np.ndarray:
+    """[A, K] the index of each slot's first copy on a rank its token visits (rule 1), C where none is."""
+    valid = ids >= 0
+    expert = np.maximum(ids, 0)
+    copies_AK = (ranks_EC >= 0).sum(axis=1)[expert]
+    A, K = ids.shape
+    R, C = layout.num_ranks, ranks_EC.shape[1]
+    cand_AKC = ranks_EC[expert]
+    single = valid & (copies_AK == 1)
+    visited_AR = np.zeros((A, R + 1), dtype=bool)
+    rows = np.broadcast_to(np.arange(A)[:, None], (A, K))
+    visited_AR[rows[single], cand_AKC[..., 0][single]] = True
+    on_visited = np.take_along_axis(visited_AR, np.where(cand_AKC >= 0, cand_AKC, R).reshape(A, K * C), 1)
+    return np.where(on_visited.reshape(A, K, C), np.arange(C), C).min(axis=2)
+
+
+def _nth_within_key(key_AK: np.ndarray, mask_AK: np.ndarray) -> np.ndarray:
+    """[A, K]: how many masked-in slots with the same key come before each in flat order (arbitrary where off)."""
+    flat = np.flatnonzero(mask_AK.ravel())
+    order = flat[np.argsort(key_AK.ravel()[flat], kind="stable")]
+    keys = key_AK.ravel()[order]
+    nth = np.zeros(key_AK.size, dtype=np.int64)
+    nth[order] = np.arange(len(order)) - np.searchsorted(keys, keys, side="left")
+    return nth.reshape(key_AK.shape)
+
 
 def choose_copy_ranks(expert_ids_AK: np.ndarray, layout: ExpertLayout) -> np.ndarray:
     """[A, K] int64: the rank each valid slot goes to (-1: an empty slot, expert id < 0), for one source rank."""
@@ -23,26 +104,12 @@ def choose_copy_ranks(expert_ids_AK: np.ndarray, layout: ExpertLayout) -> np.nda
     valid = ids >= 0
     expert = np.maximum(ids, 0)
     ranks_EC = copy_ranks(layout)
-    copies_E = (ranks_EC >= 0).sum(axis=1)
-    A, K = ids.shape
-    R, C = layout.num_ranks, ranks_EC.shape[1]
-    cand_AKC = ranks_EC[expert]  # -1 past an expert's copies
-    copies_AK = copies_E[expert]
-    # 1. Visited ranks: those of the token's valid single-copy slots.
-    single = valid & (copies_AK == 1)
-    visited_AR = np.zeros((A, R + 1), dtype=bool)
-    rows = np.broadcast_to(np.arange(A)[:, None], (A, K))
-    visited_AR[rows[single], cand_AKC[..., 0][single]] = True
-    on_visited = np.take_along_axis(visited_AR, np.where(cand_AKC >= 0, cand_AKC, R).reshape(A, K * C), 1)
-    first = np.where(on_visited.reshape(A, K, C), np.arange(C), C).min(axis=2)  # C: no copy on a visited rank
+    C = ranks_EC.shape[1]
+    copies_AK = (ranks_EC >= 0).sum(axis=1)[expert]
+    first = _first_visited_copy(ids, layout, ranks_EC)  # 1. a copy on a visited rank
     # 2. Free pairs: the n-th of expert e in flat order goes to copy n mod m.
     free = valid & (copies_AK > 1) & (first == C)
-    flat_free = np.flatnonzero(free.ravel())
-    order = flat_free[np.argsort(expert.ravel()[flat_free], kind="stable")]
-    keys = expert.ravel()[order]
-    starts = np.searchsorted(keys, keys, side="left")
-    nth = np.zeros(A * K, dtype=np.int64)
-    nth[order] = np.arange(len(order)) - starts
-    copy = np.where(free, nth.reshape(A, K) % np.maximum(copies_AK, 1), np.where(first < C, first, 0))
-    dest = np.take_along_axis(cand_AKC, copy[..., None], 2)[..., 0]
+    nth = _nth_within_key(expert, free)
+    copy = np.where(free, nth % np.maximum(copies_AK, 1), np.where(first < C, first, 0))
+    dest = np.take_along_axis(ranks_EC[expert], copy[..., None], 2)[..., 0]
     return np.where(valid, dest, -1)

@@ -67,6 +67,7 @@ CASES = (
     case("c2r-train", "--steps ten", "--steps", "'ten'"),
     case("c2r-train", "--dispatch sideways", "--dispatch", "'sideways'", "per-rank"),
     case("c2r-train", "--set train.overlap_chunks=0", "train.overlap_chunks (0)", ">= 1"),
+    case("c2r-train", "--set train.copy_choice=nearest", "train.copy_choice", "'nearest'", "balanced"),
     case("c2r-train", "--config notjson.txt", "notjson.txt"),
     case("c2r-train", "--config missing.json", "missing.json"),
     # c2r-train: the machine and the files

@@ -26,6 +26,8 @@ CASES = {
     "2 ranks, early tokens stay home": (2, [0, 0, 0, 0, 1, 1, 1, 1], {}, "home_first"),
     "2 ranks, replicated": (2, [0, 0, 0, 0, 1, 1, 1, 1], {0: (1,), 5: (0,)}, "empty_slots"),
     "4 ranks, replicated, rank 3 idle": (4, [0, 0, 1, 1, 2, 2, 3, 3], {0: (1,), 1: (2,), 2: (0,), 5: (3,)}, "idle"),
+    # copy_choice="balanced" (its name says so): the copies chosen once over all T tokens, as without chunks
+    "4 ranks, replicated, balanced copies": (4, [0, 0, 1, 1, 2, 2, 3, 3], {0: (1, 2), 3: (0,), 4: (3,)}, "empty_slots"),
 }
 
 
@@ -63,7 +65,8 @@ def chunked_worker(rank, world, names):
             for chunks in CHUNKS:
                 recorder = MetaRecorder()
                 experts = local_expert_weights(full, layout.local_experts(rank))
-                dispatcher = build_dispatcher(mode, layout, None, recorder, overlap_chunks=chunks)
+                choice = "balanced" if "balanced" in name else "rule"
+                dispatcher = build_dispatcher(mode, layout, None, recorder, overlap_chunks=chunks, copy_choice=choice)
                 y, x_grad, w_grad = run_dispatch(dispatcher, x, routing, experts, slice(rank * T, (rank + 1) * T))
                 (meta,) = recorder.metas
                 results[name, mode, chunks] = {

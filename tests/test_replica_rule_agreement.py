@@ -107,3 +107,34 @@ def test_distinct_ranks_fast_path_equals_the_groups_path(seed):
         assert fast.dtype == np.float64 and np.allclose(fast, general, rtol=0, atol=1e-12)
     single = expected_groups_hit(np.array([[0, 1], [1, -1]]), np.array([[0], [1]]), 2)  # no free slot at all
     assert single.dtype == np.float64 and single.tolist() == [2.0, 1.0]
+
+
+def test_the_balanced_choice_equals_its_numpy_twin_and_levels_the_ranks():
+    # copy_choice="balanced" (c2r/parallel/replicas.py, torch) and placement/copy_choice.py's twin pick the same copy
+    # for every slot; every slot goes to a copy of its own expert; on skewed routing over a layout whose copies
+    # connect the ranks it levels the loads that the fixed split leaves uneven
+    from placement.copy_choice import choose_balanced_copy_ranks, choose_copy_ranks
+
+    rng = np.random.default_rng(7)
+    p = np.array([8, 1, 1, 4, 1, 2, 1, 1], dtype=float)
+    layouts = [
+        ExpertLayout.from_json([[0, 1, 2, 3], 0, 1, 1, 2, [2, 3], 3, 0], R, num_experts=E),
+        ExpertLayout.from_json([[1, 0], [2, 3], 0, 0, [1, 2], 2, 3, [3, 1]], R, num_experts=E),
+        ExpertLayout.contiguous(E, R),
+        RING,
+    ]
+    for layout in layouts:
+        for k in (1, 2, 4):
+            ids = np.stack([rng.choice(E, k, replace=False, p=p / p.sum()) for _ in range(500)])
+            ids[rng.random(ids.shape) < 0.1] = -1
+            valid = torch.from_numpy(ids >= 0)
+            chooser = CopyChooser(layout, copy_choice="balanced")
+            physical = chooser.physical(torch.from_numpy(np.maximum(ids, 0)), valid).numpy()
+            want = np.where(ids >= 0, physical // layout.experts_per_rank, -1)
+            np.testing.assert_array_equal(choose_balanced_copy_ranks(ids, layout), want)
+            held = layout.physical_to_logical[physical]
+            assert (held[ids >= 0] == ids[ids >= 0]).all()  # each slot on a copy of its own expert, none lost
+    ids = np.stack([rng.choice(E, K, replace=False, p=p / p.sum()) for _ in range(T)])
+    rule = np.bincount(choose_copy_ranks(ids, RING).ravel(), minlength=R)
+    balanced = np.bincount(choose_balanced_copy_ranks(ids, RING).ravel(), minlength=R)
+    assert rule.max() / rule.mean() > 1.2 and balanced.max() / balanced.mean() < 1.01, (rule, balanced)

@@ -102,10 +102,28 @@ def test_free_pairs_split_evenly_over_the_copies():
     assert Counter(physical.flatten().tolist()) == {int(s): 10 for s in layout.replica_slots[0]}
 
 
-def world_cases(world: int) -> list[tuple[str, str]]:
+def world_cases(world: int) -> list[tuple[str, str, str]]:
+    """(layout, dispatch mode, copy choice): every mode with the rule, and with copy_choice="balanced"."""
     names = [n for n, (w, _, _) in LAYOUTS.items() if w == world]
     modes = ["per-expert", "per-rank"] + (["per-node"] if world == 4 else [])
-    return [(name, mode) for name in names for mode in modes]
+    return [(name, mode, choice) for name in names for mode in modes for choice in ("rule", "balanced")]
+
+
+def balanced_physical(routing, layout: ExpertLayout, world: int) -> list[list[int | None]]:
+    """copy_choice="balanced" per source rank, from placement/copy_choice.py's twin with the batch's counts (what
+    the dispatchers all-reduce), as physical slots (None for empty slots)."""
+    from placement.copy_choice import choose_balanced_copy_ranks
+
+    ids = torch.where(routing.valid_TK, routing.expert_ids_TK, -1).numpy()
+    count_E = torch.bincount(torch.from_numpy(ids[ids >= 0]), minlength=E).numpy()
+    out = []
+    for rank in range(world):
+        src = ids[rank * T : (rank + 1) * T]
+        dest = choose_balanced_copy_ranks(src, layout, count_E)
+        for row_ids, row_dest in zip(src.tolist(), dest.tolist()):
+            slot_of = lambda e, r: int(layout.replica_slots[e][layout.ranks_of_experts[e].index(r)])  # noqa: E731
+            out.append([slot_of(e, r) if e >= 0 else None for e, r in zip(row_ids, row_dest)])
+    return out
 
 
 def dispatch_worker(rank, world):
@@ -114,15 +132,15 @@ def dispatch_worker(rank, world):
     node_groups = make_node_groups(2) if world == 4 else None  # 4 ranks as 2 nodes x 2
     backend = build_backend("torch", ExpertConfig(torch_impl="grouped_mm"))
     results = {}
-    for name, mode in world_cases(world):
+    for name, mode, choice in world_cases(world):
         layout = make_layout(name)
         recorder = MetaRecorder()
         experts = local_expert_weights(full, layout.local_experts(rank))
         W = 2 if mode == "per-node" else None
-        dispatcher = build_dispatcher(mode, layout, None, recorder, W, node_groups if W else None)
+        dispatcher = build_dispatcher(mode, layout, None, recorder, W, node_groups if W else None, copy_choice=choice)
         y, x_grad, w_grad = run_rows(dispatcher, x, layout_routing(name, world), backend, experts, rows)
         (meta,) = recorder.metas
-        results[name, mode] = {
+        results[name, mode, choice] = {
             "y": y,
             "x_grad": x_grad,
             "w_grad": w_grad,
@@ -158,18 +176,21 @@ def test_replicated_dispatch_matches_unreplicated_reference(tmp_path, world):
         )
     full, x = expert_inputs(world * T, E, D, F)
     reference = build_backend("reference", ExpertConfig())
-    for name, mode in world_cases(world):
+    for name, mode, choice in world_cases(world):
         layout = make_layout(name)
         routing = layout_routing(name, world)
         full.zero_grad(set_to_none=True)
-        results = [r[name, mode] for r in per_rank]
-        where = f"{name}, {mode}"
+        results = [r[name, mode, choice] for r in per_rank]
+        where = f"{name}, {mode}, {choice}"
         # Every copy of every expert holds the whole expert's gradient (the sum over its copies' own gradients):
         # exactly what one unreplicated expert gets.
         assert_ranks_match_reference(results, run_rows(None, x, routing, reference, full), full, where)
         # Dropless, counted, and the rows went where the copy rule says (per source rank): load per physical slot.
         want_load = Counter()
-        for rank in range(world):
+        if choice == "balanced":
+            for row in balanced_physical(routing, layout, world):
+                want_load.update(p for p in row if p is not None)
+        for rank in range(world if choice == "rule" else 0):
             src = slice(rank * T, (rank + 1) * T)
             for row in naive_physical(routing.expert_ids_TK[src], routing.valid_TK[src], layout):
                 want_load.update(p for p in row if p is not None)
@@ -187,8 +208,11 @@ def test_replicated_dispatch_matches_unreplicated_reference(tmp_path, world):
             assert all(r["network_rows"] == r["distinct_nodes"] for r in results), where
         if name == "rank3_idle":
             assert results[3]["load_X"] == [0, 0, 0], where  # rank 3 receives nothing, and still joins the backward
-        if name == "hot_everywhere":
+        if name == "hot_everywhere" and choice == "rule":
             assert all(results[rank]["load_X"][layout.local_experts(rank).index(0)] > 0 for rank in range(world))
+        if choice == "balanced":  # the busiest rank no busier than under the rule (here it is less busy)
+            rule = [r[name, mode, "rule"] for r in per_rank]
+            assert max(sum(r["load_X"]) for r in results) <= max(sum(r["load_X"]) for r in rule), where
 
 
 # Training under DeepSpeed (c2r-train's own train(), 2 CPU ranks): 2 MoE layers of 8 experts, each with 2 replicas.
@@ -361,6 +385,10 @@ def test_replicas_train_like_the_unreplicated_model_under_deepspeed(tmp_path):
         "zero2_replicas": raw("zero2_replicas", grad_clip=0.0, placement_plan=plan, profile=True),
         "zero0": raw("zero0", grad_clip=0.0, deepspeed_config=str(zero0)),
         "zero0_replicas": raw("zero0_replicas", grad_clip=0.0, deepspeed_config=str(zero0), placement_plan=plan),
+        # copy_choice="balanced": other copies for the same pairs, the same function
+        "zero2_balanced_replicas": raw(
+            "zero2_balanced_replicas", grad_clip=0.0, placement_plan=plan, copy_choice="balanced"
+        ),
         # clipping on: a replicated expert's gradient counts once per copy in the global norm (replicas.py)
         "clipped_replicas": raw("clipped_replicas", grad_clip=0.05, placement_plan=plan),
     }
@@ -368,6 +396,7 @@ def test_replicas_train_like_the_unreplicated_model_under_deepspeed(tmp_path):
     losses = {name: run_losses for name, (run_losses, _) in zip(runs, per_rank[0])}
     for stage in ("zero2", "zero0"):
         torch.testing.assert_close(losses[f"{stage}_replicas"], losses[stage], rtol=1e-5, atol=1e-5, msg=stage)
+    torch.testing.assert_close(losses["zero2_balanced_replicas"], losses["zero2"], rtol=1e-5, atol=1e-5)
     for index, name in enumerate(runs):
         copies = {}  # (layer, logical expert) -> its copies on the two ranks, after 20 steps
         for rank in range(2):

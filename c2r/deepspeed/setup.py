@@ -110,6 +110,7 @@ def make_expert_parallel(
     observers: list[DispatchObserver] | None = None,
     gpus_per_node: int | None = None,
     overlap_chunks: int = 1,
+    copy_choice: str = "rule",
 ) -> list[DeepSpeedMoELayer]:
     """Shard every MoE layer's experts over ``ep_size`` ranks and wrap it as a DeepSpeed MoE module.
 
@@ -117,8 +118,9 @@ def make_expert_parallel(
     launcher's local world size); ``layouts``: one :class:`ExpertLayout` per MoE layer (a
     placement plan), default contiguous; ``observers``: one per MoE layer for its dispatcher (the communication
     profiler's), default none; ``overlap_chunks``: > 1 overlaps exchanges and expert compute in that many token chunks
-    (c2r/parallel/overlap.py). Call after building the model (same seed on every rank) and before building the
-    optimizer.
+    (c2r/parallel/overlap.py); ``copy_choice``: how a slot of a replicated expert picks its copy, ``rule`` or
+    ``balanced`` (c2r/parallel/replicas.py). Call after building the model (same seed on every rank) and before
+    building the optimizer.
     """
     for index, layer in enumerate(m for m in model.modules() if isinstance(m, MoELayer)):
         if not (layouts and layouts[index].is_replicated):  # replicated: the layout checks that its slots divide
@@ -133,6 +135,7 @@ def make_expert_parallel(
             observers=observers,
             ranks_per_node=gpus_per_node,
             overlap_chunks=overlap_chunks,
+            copy_choice=copy_choice,
         )
     return wrap_moe_layers(model, ep_size)
 

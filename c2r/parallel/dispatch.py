@@ -208,6 +208,7 @@ class _Dispatcher:
         group=None,
         observer: DispatchObserver = NO_OBSERVER,
         ranks_per_node: int | None = None,
+        copy_choice: str = "rule",
     ):
         self.layout = layout
         self.ranks_per_node = ranks_per_node  # for the counts only (DispatchMeta.inter_node_copies and co.)
@@ -218,7 +219,7 @@ class _Dispatcher:
         self.rank = dist.get_rank(group)
         self.observer = observer
         # Replicated experts (replicas.py): which copy each slot uses, and the gradient sum over the copies.
-        self.copies = CopyChooser(layout)
+        self.copies = CopyChooser(layout, copy_choice, group)
         self.replica_grads = ReplicaGradSum(layout, self.rank, group)
 
     def _physical(self, routing: RoutingResult) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,24 +34,26 @@ def build_dispatcher(
     ranks_per_node: int | None = None,
     node_groups=None,
     overlap_chunks: int = 1,
+    copy_choice: str = "rule",
 ) -> PerExpertDispatcher | PerRankDispatcher | PerNodeDispatcher:
     """``observer``: who times the exchanges and receives each forward's :class:`DispatchMeta` (default: nobody).
 
     ``ranks_per_node``: W (None: the launcher's local world size, else one node); per-node dispatch exchanges over
     ``node_groups`` (a :class:`~c2r.parallel.nodes.NodeGroups`; made here if None, but make them once per model).
     ``overlap_chunks``: > 1 runs per-expert or per-rank dispatch in that many chunks of the local tokens whose exchanges
-    overlap the experts' compute (``overlap.py``); 1, the default, is the plain path."""
+    overlap the experts' compute (``overlap.py``); 1, the default, is the plain path. ``copy_choice``: how a slot of a
+    replicated expert picks its copy, ``rule`` or ``balanced`` (``replicas.py``)."""
     ranks_per_node = resolve_ranks_per_node(ranks_per_node, layout.num_ranks)
     check_overlap_chunks(overlap_chunks, mode)
     if overlap_chunks > 1:
         chunked = {"per-expert": OverlappedPerExpertDispatcher, "per-rank": OverlappedPerRankDispatcher}[mode]
-        return chunked(layout, group, observer, ranks_per_node, overlap_chunks=overlap_chunks)
+        return chunked(layout, group, observer, ranks_per_node, copy_choice, overlap_chunks=overlap_chunks)
     if mode == "per-expert":
-        return PerExpertDispatcher(layout, group, observer, ranks_per_node)
+        return PerExpertDispatcher(layout, group, observer, ranks_per_node, copy_choice)
     if mode == "per-rank":
-        return PerRankDispatcher(layout, group, observer, ranks_per_node)
+        return PerRankDispatcher(layout, group, observer, ranks_per_node, copy_choice)
     if mode == "per-node":
-        return PerNodeDispatcher(layout, group, observer, ranks_per_node, node_groups)
+        return PerNodeDispatcher(layout, group, observer, ranks_per_node, node_groups, copy_choice)
     raise ValueError(f"dispatch mode {mode!r} is not one of {list(DISPATCH_MODES)}")
 
 
@@ -87,6 +89,7 @@ def shard_experts(
     observers: list[DispatchObserver] | None = None,
     ranks_per_node: int | None = None,
     overlap_chunks: int = 1,
+    copy_choice: str = "rule",
 ) -> list[MoELayer]:
     """Make every :class:`MoELayer` in ``model`` expert parallel over ``group`` (default: the world).
 
@@ -96,7 +99,8 @@ def shard_experts(
     ``mode``: ``per-expert``, ``per-rank`` or ``per-node`` dispatch. ``observers``: one per MoE layer (e.g. the
     communication profiler's), given to that layer's dispatcher; default none. ``ranks_per_node``: the EP ranks of one
     node (default: the launcher's local world size, else one node); per-node dispatch exchanges within and across
-    nodes, every mode counts inter- and intra-node copies by it. Returns the converted layers.
+    nodes, every mode counts inter- and intra-node copies by it. ``copy_choice``: ``rule`` or ``balanced``, for
+    replicated layouts (``replicas.py``). Returns the converted layers.
     """
     ep_size = dist.get_world_size(group)
     ranks_per_node = resolve_ranks_per_node(ranks_per_node, ep_size)
@@ -117,7 +121,14 @@ def shard_experts(
             )
         observer = observers[index] if observers else NO_OBSERVER
         dispatcher = build_dispatcher(
-            mode, layer_layout, group, observer, ranks_per_node, node_groups, overlap_chunks=overlap_chunks
+            mode,
+            layer_layout,
+            group,
+            observer,
+            ranks_per_node,
+            node_groups,
+            overlap_chunks=overlap_chunks,
+            copy_choice=copy_choice,
         )
         layer.experts = local_expert_weights(layer.experts, layer_layout.local_experts(dispatcher.rank))
         layer.dispatcher = dispatcher

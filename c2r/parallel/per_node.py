@@ -75,8 +75,9 @@ class PerNodeDispatcher(_Dispatcher):
         observer: DispatchObserver = NO_OBSERVER,
         ranks_per_node: int | None = None,
         node_groups: NodeGroups | None = None,
+        copy_choice: str = "rule",
     ):
-        super().__init__(layout, group, observer, ranks_per_node or layout.num_ranks)
+        super().__init__(layout, group, observer, ranks_per_node or layout.num_ranks, copy_choice)
         self.nodes = node_groups or make_node_groups(self.ranks_per_node, group)
         if self.nodes.ranks_per_node != self.ranks_per_node:
             raise ValueError(

@@ -14,6 +14,16 @@ slot whose expert e has m > 1 copies on ranks r_1..r_m (home first):
    sync (one stable sort of the T * K slots).
 Slots of unreplicated experts go to their only copy; an empty slot gets one of its expert's copies (never read).
 
+``copy_choice="balanced"`` (``train.copy_choice``) replaces the fixed even split by one that knows the batch: each
+rank counts its pairs per expert, one all-reduce of those E counts over the EP group gives the batch's counts, and
+every rank computes from them the same shares (`balanced_shares`: how many of each replicated expert's pairs each of
+its copies should take so that the ranks' loads come out level), then sends its own pairs in those proportions:
+the slots rule 1 would keep on a visited rank first (up to that copy's share), the rest in flat order over the
+remaining shares. Still on the device with no host sync, deterministic, and the same function (copies are
+identical), for one more small collective per layer forward. It moves load between copies batch by batch, which
+the fixed split cannot: the drift of expert loads between the plan's tokens and a training step's
+(docs/placement.md, "A load-aware copy choice").
+
 Copies must stay identical, so that the replicated model is the unreplicated one: :class:`ReplicaGradSum` passes a
 rank's expert weights through an autograd function whose backward sums every replicated expert's gradient over its
 copies, in one all-reduce over the EP group per layer. See its docstring for why this is right under DeepSpeed.
@@ -44,12 +54,61 @@ def rank_within_key(keys_TK: torch.Tensor, mask_TK: torch.Tensor, num_keys: int)
     return torch.empty_like(flat_keys).scatter_(0, order, within_sorted).view_as(keys_TK)
 
 
-class CopyChooser:
-    """The copy rule (module docstring) for one layout: ``physical(expert_ids_TK, valid_TK) -> physical_TK``."""
+COPY_CHOICES = ("rule", "balanced")
+BALANCE_ITERS = 32  # of `balanced_shares`: enough to level 16 ranks of OLMoE routing to ~1% (docs/placement.md)
 
-    def __init__(self, layout: ExpertLayout):
+
+def check_copy_choice(copy_choice: str, prefix: str = "") -> None:
+    """One line naming the value; ``prefix``: how the caller's config spells the key's section (``train.``)."""
+    if copy_choice not in COPY_CHOICES:
+        raise ValueError(f"{prefix}copy_choice ({copy_choice!r}) must be one of {list(COPY_CHOICES)}")
+
+
+def balanced_shares(count_E: torch.Tensor, rank_EM: torch.Tensor, num_ranks: int) -> torch.Tensor:
+    """[E, M] float64: how many of expert e's ``count_E`` pairs (the batch's, every source rank's) its copy m
+    (on rank ``rank_EM[e, m]``, -1 past e's copies) should take, so that the ranks' loads come out level.
+
+    Single-copy experts are fixed load. Each replicated expert starts split evenly; then, `BALANCE_ITERS` times,
+    every copy's share moves towards the mean load of its expert's copy ranks (a step of 1 / the most replicated
+    copies on one rank, so that no rank is overshot), clipped at 0 and rescaled to the expert's count. A diffusion:
+    no host sync, the same result on every rank from the same counts (placement/copy_choice.py is its numpy twin)."""
+    on_EM = rank_EM >= 0
+    copies_E = on_EM.sum(1)
+    cells_EM = on_EM & (copies_E > 1)[:, None]
+    rank_EM = rank_EM.clamp(min=0)
+    count_E = count_E.to(torch.float64)
+    fixed_R = count_E.new_zeros(num_ranks).index_add_(0, rank_EM[:, 0], torch.where(copies_E > 1, 0.0, count_E))
+    degree_R = count_E.new_zeros(num_ranks).index_add_(0, rank_EM.flatten(), cells_EM.flatten().to(torch.float64))
+    step = 1.0 / degree_R.max().clamp(min=1.0)
+    share_EM = torch.where(cells_EM, (count_E / copies_E)[:, None], 0.0)
+    for _ in range(BALANCE_ITERS):
+        load_R = fixed_R.index_add(0, rank_EM.flatten(), share_EM.flatten())
+        load_EM = load_R[rank_EM]
+        mean_E = torch.where(cells_EM, load_EM, 0.0).sum(1) / copies_E
+        share_EM = torch.where(cells_EM, (share_EM + step * (mean_E[:, None] - load_EM)).clamp(min=0.0), 0.0)
+        share_EM = share_EM * (count_E / share_EM.sum(1).clamp(min=1e-300))[:, None]
+    return share_EM
+
+
+def local_quotas(share_EM: torch.Tensor, count_E: torch.Tensor, local_E: torch.Tensor) -> torch.Tensor:
+    """[E, M] int64: this rank's pairs of each expert per copy, ``local_E`` split in the batch's proportions
+    ``share_EM / count_E``; rounded on the cumulative sum, and the last column set to ``local_E``, so that a row sums
+    to ``local_E`` exactly (copies past an expert's last get none: their share is 0)."""
+    fraction_EM = share_EM / count_E.to(torch.float64).clamp(min=1.0)[:, None]
+    bound_EM = (fraction_EM.cumsum(1) * local_E[:, None]).round().to(torch.int64).clamp(max=local_E[:, None])
+    bound_EM[:, -1] = local_E
+    return torch.diff(bound_EM, dim=1, prepend=torch.zeros_like(bound_EM[:, :1]))
+
+
+class CopyChooser:
+    """The copy rule (module docstring) for one layout: ``physical(expert_ids_TK, valid_TK) -> physical_TK``;
+    ``copy_choice``: ``rule`` or ``balanced`` (its counts all-reduced over ``group``)."""
+
+    def __init__(self, layout: ExpertLayout, copy_choice: str = "rule", group=None):
+        check_copy_choice(copy_choice)
         self.num_ranks, self.slots_per_rank = layout.num_ranks, layout.experts_per_rank
         self.replicated = layout.is_replicated
+        self.balanced, self.group = copy_choice == "balanced", group
         self._slots_EM = torch.tensor(layout.replica_slots)  # home first, -1 past an expert's copies
         self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -78,11 +137,41 @@ class CopyChooser:
         on_visited_TKM = visited_TR.gather(1, rank_TKM.view(T, K * M)).view(T, K, M)
         # the first copy (home-first) on a visited rank; M where there is none
         first_TK = torch.where(on_visited_TKM, torch.arange(M, device=slots_TKM.device), M).amin(2)
+        if self.balanced:
+            copy_TK = self._balanced_copies(expert_ids_TK, valid_TK, first_TK, slots_EM)
+            return slots_TKM.gather(2, copy_TK.unsqueeze(2)).squeeze(2)
         # 2. Free pairs: the n-th of expert e in flat order goes to copy n mod m.
         free_TK = valid_TK & (copies_TK > 1) & (first_TK == M)
         nth_TK = rank_within_key(expert_ids_TK, free_TK, slots_EM.shape[0])
         copy_TK = torch.where(free_TK, nth_TK % copies_TK, torch.where(first_TK < M, first_TK, 0))
         return slots_TKM.gather(2, copy_TK.unsqueeze(2)).squeeze(2)
+
+    def _balanced_copies(
+        self, expert_ids_TK: torch.Tensor, valid_TK: torch.Tensor, first_TK: torch.Tensor, slots_EM: torch.Tensor
+    ) -> torch.Tensor:
+        """[T, K] the copy index of each slot under ``copy_choice="balanced"`` (module docstring)."""
+        E, M = slots_EM.shape
+        copies_TK = (slots_EM >= 0).sum(1)[expert_ids_TK]
+        local_E = count_keys(expert_ids_TK, valid_TK, E).to(torch.int64)
+        count_E = local_E.clone()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1:
+            dist.all_reduce(count_E, group=self.group)  # the batch's pairs per expert: every rank the same shares
+        rank_EM = torch.where(slots_EM >= 0, slots_EM // self.slots_per_rank, -1)
+        quota_EM = local_quotas(balanced_shares(count_E, rank_EM, self.num_ranks), count_E, local_E)
+        replicated_TK = valid_TK & (copies_TK > 1)
+        # 1. Slots with a copy on a visited rank keep it, up to that copy's quota (first come, flat order).
+        prefer_TK = replicated_TK & (first_TK < M)
+        key_TK = expert_ids_TK * M + first_TK.clamp(max=M - 1)
+        keep_TK = prefer_TK & (rank_within_key(key_TK, prefer_TK, E * M) < quota_EM.flatten()[key_TK])
+        kept_EM = count_keys(key_TK, keep_TK, E * M).view(E, M).to(torch.int64)
+        # 2. The rest, in flat order, fill each expert's remaining quotas copy by copy.
+        spill_TK = replicated_TK & ~keep_TK
+        nth_TK = rank_within_key(expert_ids_TK, spill_TK, E)
+        ends_EM = (quota_EM - kept_EM).cumsum(1)
+        spill_copy_TK = torch.minimum((nth_TK.unsqueeze(2) >= ends_EM[expert_ids_TK]).sum(2), copies_TK - 1)
+        return torch.where(
+            keep_TK, first_TK, torch.where(spill_TK, spill_copy_TK, torch.where(first_TK < M, first_TK, 0))
+        )
 
 
 class _SumOverCopies(torch.autograd.Function):
