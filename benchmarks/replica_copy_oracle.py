@@ -1,11 +1,14 @@
-"""How far a run-time, load-aware copy choice could take a replicated plan: per held-out step, the rank loads under
-the dispatchers' copy rule against the best any per-step choice of copies could do (a linear program).
+"""How far a run-time, load-aware copy choice takes a replicated plan: per held-out step, the rank loads under the
+dispatchers' copy choices (`rule`, `balanced`) against the best any per-step choice of copies could do (a linear
+program).
 
 For each trace, ranks and P: the homes are `c2r-place plan --max-load 1.02`, the replicas `--replicas P` (as
 benchmarks/placement_load.py plans them, on the first 80% of steps). Then, for every held-out step (the whole step
 as one batch):
 - rule: the copy each slot takes under the dispatchers' rule (`placement.copy_choice`, numpy twin of
-  `c2r.parallel.replicas.CopyChooser`): rule 1 (a copy on a rank the token visits), else the round robin;
+  `c2r.parallel.replicas.CopyChooser`): rule 1 (a copy on a rank the token visits), else the round robin; the step's
+  tokens split over the ranks as data parallelism splits a batch, each rank choosing for its own;
+- balanced: ``copy_choice="balanced"`` the same way (every rank with the step's counts, as its all-reduce gives);
 - oracle: copies chosen knowing the step's loads. A linear program over how many of each replicated expert's pairs
   go to each of its copies: first the lowest busiest-rank load, then, under it, the most pairs on ranks their tokens
   visit anyway (fewest token copies); tokens are then assigned to those counts, visiting tokens first. Single-copy
@@ -27,13 +30,13 @@ from scipy.optimize import linprog
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from placement.copy_choice import choose_copy_ranks  # noqa: E402
 from placement.inputs import holdout_cutoff, load_trace_input  # noqa: E402
 from placement.layout import ExpertLayout  # noqa: E402
 from placement.methods import plan_placement  # noqa: E402
 from placement.pool import usable_cpus  # noqa: E402
 from placement.replica_rule import copy_ranks  # noqa: E402
 from placement.replicate import replicate_layouts  # noqa: E402
+from placement.simulate import slot_ranks, source_ranks  # noqa: E402
 from profiling.reader import read_traces  # noqa: E402
 
 PLAN_CAP = 1.02  # benchmarks/placement_load.py's REPLICA_PLAN_CAP
@@ -117,7 +120,12 @@ def judge(trace_dir: Path, ranks: int, slots: list[int]) -> list[dict]:
     rows = []
     for num_slots in slots:
         layouts = replicate_layouts(inp.plan_routings, homes, num_slots, PLAN_CAP, MAX_TOKENS, jobs=usable_cpus())
-        for name, choose in (("rule", choose_copy_ranks), ("oracle", oracle_copy_ranks)):
+        choices = {
+            "rule": lambda ids, lay: slot_ranks(ids, lay, source_ranks(len(ids), ranks)),
+            "balanced": lambda ids, lay: slot_ranks(ids, lay, source_ranks(len(ids), ranks), "balanced"),
+            "oracle": oracle_copy_ranks,
+        }
+        for name, choose in choices.items():
             pooled, worst_step, copies = [], [], []
             for layer, layout in enumerate(layouts):
                 ids, step_of = traces.expert_ids[layer].astype(np.int64), steps[layer]

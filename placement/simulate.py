@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from placement.copy_choice import choose_copy_ranks
+from placement.copy_choice import choose_balanced_copy_ranks, choose_copy_ranks
 from placement.cost import CostModel, exchange_ms
 from placement.errors import PlacementError
 from placement.layout import ExpertLayout
@@ -78,17 +78,24 @@ def source_ranks(num_tokens: int, num_ranks: int) -> np.ndarray:
     return np.arange(num_tokens, dtype=np.int64) * num_ranks // max(num_tokens, 1)
 
 
-def slot_ranks(expert_ids_AK: np.ndarray, layout: ExpertLayout, src_A: np.ndarray | None = None) -> np.ndarray:
-    """[A, K] destination rank of each slot (-1: empty slot). With replicated experts the copy rule runs per source
-    rank (``src_A``, each rank's tokens in order), as the dispatchers run it (`placement.copy_choice`)."""
+def slot_ranks(
+    expert_ids_AK: np.ndarray, layout: ExpertLayout, src_A: np.ndarray | None = None, copy_choice: str = "rule"
+) -> np.ndarray:
+    """[A, K] destination rank of each slot (-1: empty slot). With replicated experts the copy choice runs per source
+    rank (``src_A``, each rank's tokens in order), as the dispatchers run it (`placement.copy_choice`):
+    ``copy_choice`` ``rule``, or ``balanced`` (every source with the batch's counts, as the all-reduce gives them)."""
     ids = np.asarray(expert_ids_AK, dtype=np.int64)
     if not layout.is_replicated:
         return np.where(ids >= 0, layout.as_array()[np.maximum(ids, 0)], -1)
     src_A = np.zeros(len(ids), dtype=np.int64) if src_A is None else src_A
+    count_E = np.bincount(ids[ids >= 0], minlength=layout.num_experts)
     dest = np.full(ids.shape, -1, dtype=np.int64)
     for rank in np.unique(src_A):
         mine = src_A == rank
-        dest[mine] = choose_copy_ranks(ids[mine], layout)
+        if copy_choice == "balanced":
+            dest[mine] = choose_balanced_copy_ranks(ids[mine], layout, count_E)
+        else:
+            dest[mine] = choose_copy_ranks(ids[mine], layout)
     return dest
 
 
@@ -164,17 +171,18 @@ def mode_exchanges(rows: dict[str, Any], mode: str, cluster: Cluster, model: Cos
 
 
 def predict_layer(
-    expert_ids_AK: np.ndarray, layout: ExpertLayout, cluster: Cluster, model: CostModel
+    expert_ids_AK: np.ndarray, layout: ExpertLayout, cluster: Cluster, model: CostModel, copy_choice: str = "rule"
 ) -> dict[str, dict[str, Any]]:
     """Per mode: PREDICTED ``all_to_all_ms`` (latency + transfer), ``step_ms``, ``compute_ms``, copies per token
-    (all / inter-node / intra-node) for one layer's traced tokens under ``layout`` (module docstring)."""
+    (all / inter-node / intra-node) for one layer's traced tokens under ``layout`` (module docstring);
+    ``copy_choice``: the run's ``train.copy_choice`` (replicated layouts)."""
     ids = np.asarray(expert_ids_AK)
     T_traced = len(ids) / cluster.num_ranks
     if T_traced == 0:
         return {mode: {"tokens": 0} for mode in MODES}
     scale = model.tokens_per_rank / T_traced
     src_A = source_ranks(len(ids), cluster.num_ranks)
-    dest = slot_ranks(ids, layout, src_A)
+    dest = slot_ranks(ids, layout, src_A, copy_choice)
     rows = dispatch_rows(dest, src_A, cluster)
     copies = copies_per_token(rows, len(ids), cluster)
     pairs_R = np.bincount(dest[dest >= 0], minlength=cluster.num_ranks) * scale

@@ -258,7 +258,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     layouts = _layouts(args, plan_routings, num_experts, cluster)
     layers = []
     for i, x in enumerate(tqdm(ids, desc="simulating", unit="layer", disable=not _progress(args))):
-        layers.append({plan: predict_layer(x, lay[i], cluster, model) for plan, lay in layouts.items()})
+        layers.append(
+            {plan: predict_layer(x, lay[i], cluster, model, args.copy_choice) for plan, lay in layouts.items()}
+        )
     print(format_simulation(layers, model, cluster, info))
     if args.json:
         doc = {
@@ -331,6 +333,12 @@ def add_simulate_command(sub: argparse._SubParsersAction) -> None:
         "--replicas",
         metavar="P",
         help="also the load-capped plan with replicated experts: P physical slots, or +N extra (as `plan --replicas`)",
+    )
+    p.add_argument(
+        "--copy-choice",
+        choices=("rule", "balanced"),
+        default="rule",
+        help="how replicated experts' copies are chosen, as c2r-train's --copy-choice (default rule)",
     )
     p.add_argument("--method", choices=list(METHODS), default="kahypar", help="planner method (default kahypar)")
     p.add_argument(

@@ -236,6 +236,12 @@ def test_replicated_layouts_are_counted_with_the_dispatchers_copy_rule():
             assert got[mode][key] * 800 == pytest.approx(want[mode][key]), (mode, key)
     unreplicated = recount(ids, [0, 0, 1, 1, 2, 2, 3, 3], 4, 2)
     assert want["per-rank"]["all"] < unreplicated["per-rank"]["all"]  # the hot expert's copies save copies
+    # --copy-choice balanced: the twin of copy_choice="balanced" (its dispatchers: tests/test_replicas.py), every
+    # source with the batch's counts; no pair lost, the busiest rank lighter than under the rule
+    balanced = slot_ranks(ids, layout, src, "balanced")
+    assert ((balanced >= 0) == (ids >= 0)).all()
+    load_rule, load_balanced = (np.bincount(d[d >= 0], minlength=4) for d in (slot_ranks(ids, layout, src), balanced))
+    assert load_balanced.sum() == load_rule.sum() and load_balanced.max() < load_rule.max(), (load_rule, load_balanced)
 
 
 def test_cli_adds_the_replicated_plan(trace_dir, tmp_path, capsys):
