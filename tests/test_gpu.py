@@ -355,12 +355,14 @@ def test_a_whole_layer_forward_syncs_at_most_once_on_one_gpu(backend_name, balan
 def test_graphed_balance_solve_equals_the_eager_loop(T, E, K):
     """The batch balancer's solve replayed from a CUDA graph (c2r/routing/balance.py) computes exactly the eager
     loop's bias, for every layer that shares the graph (one copy in, one replay, one copy out each)."""
+    from c2r import graphed as graphs
     from c2r.routing import balance
 
     generator = torch.Generator(device="cuda").manual_seed(0)
     batches = [torch.randn(T, E, device="cuda", generator=generator) * s + s for s in (0.5, 2.0, 0.01)]
     graphed = [balance.solve_bias_fast(logits, K, 8) for logits in batches]  # the first captures, then replays
-    assert balance._GRAPHS[((T, E), K, 8, batches[0].device)] is not None
+    key = (balance.solve_bias, (((T, E), torch.float32),), (("rounds", 8), ("top_k", K)), batches[0].device)
+    assert graphs._GRAPHS[key] is not None
     for logits, bias in zip(batches, graphed):
         assert torch.equal(bias, balance.solve_bias(logits, K, 8))
     balancer = balance.BatchBalancer(E, 8, 0.9).cuda().train()
@@ -368,16 +370,69 @@ def test_graphed_balance_solve_equals_the_eager_loop(T, E, K):
     assert torch.equal(scores, batches[1] + balance.solve_bias(batches[1], K, 8))
 
 
+@needs_cuda
+def test_balanced_copy_choice_on_a_gpu_equals_the_cpu_and_its_graph_the_eager_loop():
+    """copy_choice="balanced" (c2r/parallel/replicas.py): the shares replayed from a CUDA graph equal the eager loop's
+    bit for bit, the slots chosen on the GPU equal the CPU's, and the call issues no host sync; prints eager vs
+    graphed time per call (the loop is 32 rounds of small kernels)."""
+    import time
+
+    from c2r import graphed as graphs
+    from c2r.parallel.replicas import CopyChooser, balanced_shares
+    from placement.layout import ExpertLayout
+    from profiling.host_syncs import count_host_syncs
+
+    E, R, T, K = 64, 16, 8192, 8
+    # every expert twice, rank r's 4 experts also 1, 2, 4 and 8 ranks on (as --replicas 2E spreads them)
+    layout = ExpertLayout.from_json([[e // 4, (e // 4 + 2 ** (e % 4)) % R] for e in range(E)], R, num_experts=E)
+    generator = torch.Generator().manual_seed(0)
+    popularity = torch.rand(E, generator=generator) ** 3 + 0.05
+    ids = torch.multinomial(popularity.expand(T, E), K, generator=generator)
+    valid = torch.rand(T, K, generator=generator) > 0.05
+    cpu = CopyChooser(layout, "balanced").physical(ids, valid)
+    chooser = CopyChooser(layout, "balanced")
+    gpu = chooser.physical(ids.cuda(), valid.cuda())  # captures the shares' graph
+    assert torch.equal(gpu.cpu(), cpu)
+    count_E = torch.bincount(ids[valid], minlength=E).cuda()
+    rank_EM = torch.tensor(layout.replica_slots).cuda() // layout.experts_per_rank
+    assert torch.equal(graphs.graphed_call(balanced_shares, count_E, rank_EM, num_ranks=R),
+                       balanced_shares(count_E, rank_EM, num_ranks=R))  # fmt: skip
+    load, rule = (
+        torch.bincount((physical // layout.experts_per_rank)[valid], minlength=R).float()
+        for physical in (cpu, CopyChooser(layout).physical(ids, valid))
+    )
+    assert load.max() / load.mean() < 1.05 < 1.4 < rule.max() / rule.mean(), (load, rule)  # skewed: 1.036 vs 1.46
+    ids, valid = ids.cuda(), valid.cuda()
+    with count_host_syncs("cuda") as syncs:
+        chooser.physical(ids, valid)
+    assert syncs.count == 0, syncs.count
+    times = {}
+    calls = {
+        "eager": lambda: balanced_shares(count_E, rank_EM, num_ranks=R),
+        "graphed": lambda: graphs.graphed_call(balanced_shares, count_E, rank_EM, num_ranks=R),
+    }
+    for name, call in calls.items():
+        call()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(50):
+            call()
+        torch.cuda.synchronize()
+        times[name] = (time.perf_counter() - start) / 50 * 1e3
+    print(f"balanced_shares E={E} R={R}: eager {times['eager']:.3f} ms, graphed {times['graphed']:.3f} ms per call")
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_balance_solve_on_another_gpu_than_the_current_one_is_still_right():
     """Logits on a GPU that is not the current device (a layer placed on cuda:1 from a notebook) solve eagerly."""
+    from c2r import graphed as graphs
     from c2r.routing import balance
 
     with torch.cuda.device(0):
         logits = torch.randn(512, 16, device="cuda:1", generator=torch.Generator(device="cuda:1").manual_seed(0))
         bias = balance.solve_bias_fast(logits, 2, 8)
     assert bias.device == logits.device and torch.equal(bias, balance.solve_bias(logits, 2, 8))
-    assert not any(key[3] == logits.device for key in balance._GRAPHS)
+    assert not any(key[3] == logits.device for key in graphs._GRAPHS)
 
 
 @needs_cuda

@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from c2r.experts import ExpertWeights
 from c2r.experts.slot_rows import count_keys
+from c2r.graphed import graphed_call
 from placement.layout import ExpertLayout
 
 
@@ -75,15 +76,16 @@ def balanced_shares(count_E: torch.Tensor, rank_EM: torch.Tensor, num_ranks: int
     on_EM = rank_EM >= 0
     copies_E = on_EM.sum(1)
     cells_EM = on_EM & (copies_E > 1)[:, None]
-    rank_EM = rank_EM.clamp(min=0)
     count_E = count_E.to(torch.float64)
-    fixed_R = count_E.new_zeros(num_ranks).index_add_(0, rank_EM[:, 0], torch.where(copies_E > 1, 0.0, count_E))
-    degree_R = count_E.new_zeros(num_ranks).index_add_(0, rank_EM.flatten(), cells_EM.flatten().to(torch.float64))
-    step = 1.0 / degree_R.max().clamp(min=1.0)
+    # per-rank sums as dense sums over a one-hot [E, M, R], not index_add: CUDA's index_add adds with atomics, in
+    # an order that changes from run to run, and every rank must compute the same shares
+    onehot_EMR = torch.nn.functional.one_hot(rank_EM.clamp(min=0), num_ranks).to(torch.float64) * on_EM[..., None]
+    fixed_R = (torch.where(copies_E > 1, 0.0, count_E)[:, None] * onehot_EMR[:, 0]).sum(0)
+    step = 1.0 / (cells_EM[..., None] * onehot_EMR).sum((0, 1)).max().clamp(min=1.0)
     share_EM = torch.where(cells_EM, (count_E / copies_E)[:, None], 0.0)
     for _ in range(BALANCE_ITERS):
-        load_R = fixed_R.index_add(0, rank_EM.flatten(), share_EM.flatten())
-        load_EM = load_R[rank_EM]
+        load_R = fixed_R + (share_EM[..., None] * onehot_EMR).sum((0, 1))
+        load_EM = (onehot_EMR * load_R).sum(2)
         mean_E = torch.where(cells_EM, load_EM, 0.0).sum(1) / copies_E
         share_EM = torch.where(cells_EM, (share_EM + step * (mean_E[:, None] - load_EM)).clamp(min=0.0), 0.0)
         share_EM = share_EM * (count_E / share_EM.sum(1).clamp(min=1e-300))[:, None]
@@ -157,7 +159,8 @@ class CopyChooser:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1:
             dist.all_reduce(count_E, group=self.group)  # the batch's pairs per expert: every rank the same shares
         rank_EM = torch.where(slots_EM >= 0, slots_EM // self.slots_per_rank, -1)
-        quota_EM = local_quotas(balanced_shares(count_E, rank_EM, self.num_ranks), count_E, local_E)
+        share_EM = graphed_call(balanced_shares, count_E, rank_EM, num_ranks=self.num_ranks)  # c2r.graphed
+        quota_EM = local_quotas(share_EM, count_E, local_E)
         replicated_TK = valid_TK & (copies_TK > 1)
         # 1. Slots with a copy on a visited rank keep it, up to that copy's quota (first come, flat order).
         prefer_TK = replicated_TK & (first_TK < M)

@@ -19,20 +19,18 @@ and once per optimizer step, b_run = m b_run + (1 - m) mean(b over the step's ba
 evaluation the selection uses b_run alone, so an evaluated model does not depend on its batch. No host sync: the
 loop runs a fixed number of rounds on the device.
 
-On a GPU the solve is replayed from a CUDA graph: its R rounds are ~6 small kernels each, ~50 launches per layer
-forward that the host must issue one by one, and at 8k tokens a step the ~1B model's forward is bound by the host's
-launches (docs/gpu_runs.md). One graph per (batch shape, k, R, device), shared by every layer of that shape, captured
-at its first use; the replay computes exactly what the eager loop computes (tests/test_gpu.py).
+On a GPU the solve is replayed from a CUDA graph (`c2r.graphed`): its R rounds are ~6 small kernels each, ~50
+launches per layer forward that the host must issue one by one, and at 8k tokens a step the ~1B model's forward is
+bound by the host's launches (docs/gpu_runs.md). One graph per (batch shape, k, R, device), shared by every layer of
+that shape, captured at its first use; the replay computes exactly what the eager loop computes (tests/test_gpu.py).
 """
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 
-log = logging.getLogger(__name__)
+from c2r.graphed import graphed_call
 
 
 def solve_bias(logits_TE: torch.Tensor, top_k: int, rounds: int) -> torch.Tensor:
@@ -54,47 +52,9 @@ def solve_bias(logits_TE: torch.Tensor, top_k: int, rounds: int) -> torch.Tensor
     return bias_E
 
 
-class GraphedSolve:
-    """`solve_bias` for one (shape, k, rounds, device), captured once in a CUDA graph and replayed."""
-
-    def __init__(self, shape: tuple[int, int], top_k: int, rounds: int, device: torch.device):
-        with torch.cuda.device(device):  # the capture stream and every kernel on this GPU
-            self.logits_TE = torch.zeros(shape, dtype=torch.float32, device=device)
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):  # warm-up off the capture, as torch.cuda.graphs asks
-                solve_bias(self.logits_TE, top_k, rounds)
-            torch.cuda.current_stream(device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            # thread_local: another thread's CUDA calls (a data loader, NCCL's) do not break this capture
-            with torch.cuda.graph(self.graph, stream=torch.cuda.Stream(device), capture_error_mode="thread_local"):
-                self.bias_E = solve_bias(self.logits_TE, top_k, rounds)
-
-    def __call__(self, logits_TE: torch.Tensor) -> torch.Tensor:
-        self.logits_TE.copy_(logits_TE)
-        self.graph.replay()
-        return self.bias_E.clone()  # the next replay (another layer) overwrites the graph's output
-
-
-_GRAPHS: dict[tuple, GraphedSolve | None] = {}  # None: capture failed for that key; the eager loop runs instead
-MAX_GRAPHS = 8  # distinct training batch shapes kept; more (varying lengths) run eagerly
-
-
 def solve_bias_fast(logits_TE: torch.Tensor, top_k: int, rounds: int) -> torch.Tensor:
-    """`solve_bias`, from a CUDA graph where the logits are on the current GPU and no other capture is running."""
-    logits_TE = logits_TE.detach()  # the graph's input buffer must not join an autograd graph
-    on_current_gpu = logits_TE.device.type == "cuda" and logits_TE.device.index == torch.cuda.current_device()
-    if not on_current_gpu or torch.cuda.is_current_stream_capturing():
-        return solve_bias(logits_TE, top_k, rounds)
-    key = (tuple(logits_TE.shape), top_k, rounds, logits_TE.device)
-    if key not in _GRAPHS and len(_GRAPHS) < MAX_GRAPHS:
-        try:
-            _GRAPHS[key] = GraphedSolve(key[0], top_k, rounds, logits_TE.device)
-        except RuntimeError as error:  # a CUDA build or mode that refuses graphs: correct, only slower
-            log.warning("batch balancer: CUDA graph capture failed (%s); solving eagerly", error)
-            _GRAPHS[key] = None
-    graphed = _GRAPHS.get(key)
-    return solve_bias(logits_TE, top_k, rounds) if graphed is None else graphed(logits_TE)
+    """`solve_bias`, from a CUDA graph where the logits are on the current GPU (`c2r.graphed`)."""
+    return graphed_call(solve_bias, logits_TE, top_k=top_k, rounds=rounds)
 
 
 class BatchBalancer(nn.Module):
