@@ -16,7 +16,7 @@ import numpy as np
 from placement.layout import ExpertLayout
 from placement.replica_rule import copy_ranks
 
-BALANCE_ITERS = 32  # c2r.parallel.replicas.BALANCE_ITERS (placement never imports c2r; tested equal)
+BALANCE_ITERS = 64  # c2r.parallel.replicas.BALANCE_ITERS (placement never imports c2r; tested equal)
 
 
 def balanced_shares(count_E: np.ndarray, rank_EC: np.ndarray, num_ranks: int) -> np.ndarray:

@@ -113,7 +113,11 @@ def test_the_balanced_choice_equals_its_numpy_twin_and_levels_the_ranks():
     # copy_choice="balanced" (c2r/parallel/replicas.py, torch) and placement/copy_choice.py's twin pick the same copy
     # for every slot; every slot goes to a copy of its own expert; on skewed routing over a layout whose copies
     # connect the ranks it levels the loads that the fixed split leaves uneven
+    from c2r.parallel import replicas
+    from placement import copy_choice
     from placement.copy_choice import choose_balanced_copy_ranks, choose_copy_ranks
+
+    assert copy_choice.BALANCE_ITERS == replicas.BALANCE_ITERS  # placement never imports c2r: one number twice
 
     rng = np.random.default_rng(7)
     p = np.array([8, 1, 1, 4, 1, 2, 1, 1], dtype=float)

@@ -34,6 +34,8 @@ Shape legend: the package legend (``c2r/__init__.py``), and here M the most copi
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 import torch.distributed as dist
 
@@ -56,7 +58,9 @@ def rank_within_key(keys_TK: torch.Tensor, mask_TK: torch.Tensor, num_keys: int)
 
 
 COPY_CHOICES = ("rule", "balanced")
-BALANCE_ITERS = 32  # of `balanced_shares`: enough to level 16 ranks of OLMoE routing to ~1% (docs/placement.md)
+# rounds of `balanced_shares`: within 1% of the best per-batch split at 16 ranks from 32, at 64 ranks from ~128
+# (skewed routing, tests/test_gpu.py); 64: within ~2% there, 0.06 ms a layer in the kernel
+BALANCE_ITERS = 64
 
 
 def check_copy_choice(copy_choice: str, prefix: str = "") -> None:
@@ -90,6 +94,27 @@ def balanced_shares(count_E: torch.Tensor, rank_EM: torch.Tensor, num_ranks: int
         share_EM = torch.where(cells_EM, (share_EM + step * (mean_E[:, None] - load_EM)).clamp(min=0.0), 0.0)
         share_EM = share_EM * (count_E / share_EM.sum(1).clamp(min=1e-300))[:, None]
     return share_EM
+
+
+def balanced_shares_fast(count_E: torch.Tensor, rank_EM: torch.Tensor, num_ranks: int) -> torch.Tensor:
+    """`balanced_shares` as one Triton kernel on a GPU (``share_kernel.py``: the loop's ~580 small kernels took
+    1.13 ms a call even from a CUDA graph), the torch loop elsewhere."""
+    if rank_EM.is_cuda:
+        kernel = _share_kernel()
+        if kernel is not None:
+            return kernel.balanced_shares_kernel(count_E, rank_EM, num_ranks, BALANCE_ITERS)
+        return graphed_call(balanced_shares, count_E, rank_EM, num_ranks=num_ranks)
+    return balanced_shares(count_E, rank_EM, num_ranks)
+
+
+@cache
+def _share_kernel():
+    """``share_kernel`` where Triton imports (torch's CUDA builds bring it), else None."""
+    try:
+        from c2r.parallel import share_kernel
+    except ImportError:
+        return None
+    return share_kernel
 
 
 def local_quotas(share_EM: torch.Tensor, count_E: torch.Tensor, local_E: torch.Tensor) -> torch.Tensor:
@@ -159,7 +184,7 @@ class CopyChooser:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1:
             dist.all_reduce(count_E, group=self.group)  # the batch's pairs per expert: every rank the same shares
         rank_EM = torch.where(slots_EM >= 0, slots_EM // self.slots_per_rank, -1)
-        share_EM = graphed_call(balanced_shares, count_E, rank_EM, num_ranks=self.num_ranks)  # c2r.graphed
+        share_EM = balanced_shares_fast(count_E, rank_EM, self.num_ranks)
         quota_EM = local_quotas(share_EM, count_E, local_E)
         replicated_TK = valid_TK & (copies_TK > 1)
         # 1. Slots with a copy on a visited rank keep it, up to that copy's quota (first come, flat order).
