@@ -13,6 +13,14 @@ from placement.replica_rule import copy_ranks, expected_groups_hit, expected_ran
 T, E, K, R = 600, 8, 2, 4
 # every expert on two ranks: rank r's experts also on rank r + 1 (what P = 2E plans, placement/replicate.py)
 RING = ExpertLayout.from_json([[e // 2, (e // 2 + 1) % R] for e in range(E)], R, num_experts=E)
+# the layouts on which the numpy twins must pick what the dispatchers pick: a hot expert everywhere, several
+# replicated experts whose homes moved, none replicated, every expert twice
+TWIN_LAYOUTS = [
+    ExpertLayout.from_json([[0, 1, 2, 3], 0, 1, 1, 2, [2, 3], 3, 0], R, num_experts=E),
+    ExpertLayout.from_json([[1, 0], [2, 3], 0, 0, [1, 2], 2, 3, [3, 1]], R, num_experts=E),
+    ExpertLayout.contiguous(E, R),
+    RING,
+]
 
 
 def test_planner_prediction_matches_the_runtime_choice():
@@ -53,13 +61,7 @@ def test_the_simulators_copy_choice_is_the_dispatchers():
     from placement.copy_choice import choose_copy_ranks
 
     rng = np.random.default_rng(3)
-    layouts = [
-        ExpertLayout.from_json([[0, 1, 2, 3], 0, 1, 1, 2, [2, 3], 3, 0], R, num_experts=E),
-        ExpertLayout.from_json([[1, 0], [2, 3], 0, 0, [1, 2], 2, 3, [3, 1]], R, num_experts=E),
-        ExpertLayout.contiguous(E, R),
-        RING,
-    ]
-    for layout in layouts:
+    for layout in TWIN_LAYOUTS:
         for k in (1, 2, 4):
             ids = np.stack([rng.choice(E, k, replace=False) for _ in range(300)])
             ids[rng.random(ids.shape) < 0.2] = -1  # empty slots (variable k)
@@ -121,13 +123,7 @@ def test_the_balanced_choice_equals_its_numpy_twin_and_levels_the_ranks():
 
     rng = np.random.default_rng(7)
     p = np.array([8, 1, 1, 4, 1, 2, 1, 1], dtype=float)
-    layouts = [
-        ExpertLayout.from_json([[0, 1, 2, 3], 0, 1, 1, 2, [2, 3], 3, 0], R, num_experts=E),
-        ExpertLayout.from_json([[1, 0], [2, 3], 0, 0, [1, 2], 2, 3, [3, 1]], R, num_experts=E),
-        ExpertLayout.contiguous(E, R),
-        RING,
-    ]
-    for layout in layouts:
+    for layout in TWIN_LAYOUTS:
         for k in (1, 2, 4):
             ids = np.stack([rng.choice(E, k, replace=False, p=p / p.sum()) for _ in range(500)])
             ids[rng.random(ids.shape) < 0.1] = -1
