@@ -2,15 +2,16 @@
 
 What we chose, and why. The homes come from the plan without replicas (the co-activation-aware, load-capped
 partition, E/R experts per rank); P - E replicas then fill exactly (P - E) / R extra slots on every rank:
-0. where P >= 2E, every expert first gets a second copy: the ranks in a cycle that alternates heavy and light
-   ones, and rank r's i-th heaviest expert 1, 2, 4, ... places further along it. No expert is then single-copy, so
-   rule 1 never fires and every pair splits evenly over its copies: each rank carries half of its own experts and
-   halves of its neighbours', whose step-to-step drifts partly cancel; and the copies join any two ranks in a few
-   hops, so that a load-aware copy choice (c2r-train --copy-choice balanced) can level them in every batch. Why:
-   filling P = 2E greedily piles the copies on the hot experts, and rule 1 pulls each copy's co-activated tokens
-   onto its rank, so the held-out load ended further above the target the more slots there were; the spread held
-   it (docs/placement.md, "Every expert twice"), for more token copies where the homes group co-activated experts
-   (rule 1 saved those);
+0. where P >= 2E, every expert first gets a second copy: the experts of rank r all on the rank after r in a ring
+   of ranks that alternates heavy and light ones. No expert is then single-copy, so rule 1 never fires and every
+   pair splits evenly over its copies: each rank carries half of its own experts and half of its ring
+   predecessor's, whose step-to-step drifts partly cancel, and a load-aware copy choice (c2r-train --copy-choice
+   balanced) can move load around the ring in every batch. Why: filling P = 2E greedily piles the copies on the
+   hot experts, and rule 1 pulls each copy's co-activated tokens onto its rank, so the held-out load ended further
+   above the target the more slots there were; the ring held it (docs/placement.md, "Every expert twice"). Why one
+   partner rank and not a rank's experts spread over several (1, 2, 4, ... ranks on, tried: fewer hops for the
+   balanced choice): the homes gather co-activated experts, and with one partner a token that uses several of
+   them still reaches at most two ranks; spread, it costs 2-5% more copies for the same balance (measured);
 then one replica at a time, greedily:
 1. the *target*: every rank's predicted load <= target x mean, loads predicted under the replica rule
    (`placement.replica_rule`, the rule the runtime dispatch applies);
@@ -75,16 +76,6 @@ _RANK_CANDIDATES = 2  # of each kind (co-activated, least loaded)
 _SWAP_CANDIDATES = 24  # slot swaps scored exactly per step, the best by the estimate
 
 
-def spread_shifts(num_ranks: int, count: int) -> list[int]:
-    """``count`` shifts along a cycle of ``num_ranks`` for `_Replicator.spread`: the powers of two first (1, 2, 4, ...:
-    any rank then reaches any other in a few hops of the copies, which a load-aware copy choice needs to move load
-    far, c2r/parallel/replicas.py), then the other shifts, repeated when there are more experts a rank than shifts."""
-    powers = [1 << i for i in range(num_ranks.bit_length()) if 0 < 1 << i < num_ranks]
-    rest = [d for d in range(1, num_ranks) if d not in powers]
-    cycle = powers + rest
-    return [cycle[i % len(cycle)] for i in range(count)]
-
-
 def parse_num_slots(text: str | int, num_experts: int, num_ranks: int) -> int:
     """``--replicas``: P physical slots, or ``+N`` for E + N; P must be >= E, a multiple of the ranks, and at most
     E x R (one copy of each expert per rank). Errors name the values."""
@@ -141,21 +132,16 @@ class _Replicator:
             self.spread()
 
     def spread(self) -> None:
-        """Step 0: every expert a second copy (module docstring). The ranks in a cycle that alternates the heaviest
-        and the lightest (by predicted load); rank r's i-th heaviest expert goes i-th shift along it (1, 2, 4, ...:
-        `spread_shifts`), so that each rank's second copies land on different ranks a few hops apart."""
+        """Step 0: every expert a second copy, rank r's experts all on the rank after r in a ring of ranks that
+        alternates the heaviest and the lightest (by predicted load), so that every rank carries half of two ranks'
+        experts (module docstring)."""
         by_load = np.argsort(-self.load_R, kind="stable")
         half = (self.num_ranks + 1) // 2
         order = np.empty(self.num_ranks, dtype=np.int64)
         order[0::2], order[1::2] = by_load[:half], by_load[half:][::-1]
-        position = np.empty(self.num_ranks, dtype=np.int64)
-        position[order] = np.arange(self.num_ranks)
-        homes = self.table[:, 0]
-        shifts = spread_shifts(self.num_ranks, self.num_experts // self.num_ranks)
-        for rank in range(self.num_ranks):
-            mine = np.flatnonzero(homes == rank)
-            for shift, e in zip(shifts, mine[np.argsort(-self.load_E[mine], kind="stable")]):
-                self.table[e, 1] = order[(position[rank] + shift) % self.num_ranks]
+        after = np.empty(self.num_ranks, dtype=np.int64)
+        after[order] = np.roll(order, -1)
+        self.table[:, 1] = after[self.table[:, 0]]
         self.count_E[:] = 2
         self.room_R -= np.bincount(self.table[:, 1], minlength=self.num_ranks)
         self.load_R, _, self.step_SR = self._predict_sets(np.arange(len(self.sets_MK)), self._table())

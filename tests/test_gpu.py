@@ -382,13 +382,12 @@ def test_balanced_copy_choice_on_a_gpu_equals_the_cpu_and_its_kernel_the_torch_l
     from c2r.parallel.replicas import BALANCE_ITERS, CopyChooser, balanced_shares
     from c2r.parallel.share_kernel import balanced_shares_kernel
     from placement.layout import ExpertLayout
-    from placement.replicate import spread_shifts
     from profiling.host_syncs import count_host_syncs
 
     for E, R in ((64, 16), (256, 64)):
         X, T, K = E // R, 8192, 8
-        shifts = spread_shifts(R, X)  # every expert twice, as --replicas 2E spreads them
-        layout = ExpertLayout.from_json([[e // X, (e // X + shifts[e % X]) % R] for e in range(E)], R, num_experts=E)
+        # every expert twice, a rank's 4 experts also 1, 2, 4 and 8 ranks on: a few hops between any two ranks
+        layout = ExpertLayout.from_json([[e // X, (e // X + 2 ** (e % X)) % R] for e in range(E)], R, num_experts=E)
         generator = torch.Generator().manual_seed(0)
         popularity = torch.rand(E, generator=generator) ** 3 + 0.05
         ids = torch.multinomial(popularity.expand(T, E), K, generator=generator)

@@ -16,7 +16,7 @@ from placement.layout import ExpertLayout
 from placement.methods import plan_placement
 from placement.objective import layer_metrics
 from placement.plan import dumps, load_plan
-from placement.replicate import parse_num_slots, replicate_layer, spread_shifts
+from placement.replicate import parse_num_slots, replicate_layer
 from placement.synthetic import synthetic_expert_ids
 from profiling.trace import RoutingTraceRecorder, TraceConfig
 from tests.test_placement_cli import run_cli
@@ -117,27 +117,28 @@ def test_planned_replicas_keep_slots_even_and_meet_the_cap(num_slots):
     assert load <= 1.05 + 1e-9
 
 
-def test_twice_the_slots_give_every_expert_a_second_copy_spread_over_the_ranks():
-    """P = 2E: every expert gets a second copy; a rank's experts' second copies go 1, 2, 4, ... places along a cycle
-    of the ranks that puts the lightest after the heaviest; no expert is single-copy, so every pair splits evenly and
-    each copy's predicted load is half its expert's (and the round robin's recount is within a pair per copy)."""
+def test_twice_the_slots_give_every_expert_a_second_copy_in_one_ring():
+    """P = 2E: every expert gets a second copy, the experts of a rank all on the rank after it in one ring of every
+    rank, heaviest next to lightest; no expert is single-copy, so every pair splits evenly and each rank's predicted
+    load is the mean of its own and its ring predecessor's (and the round robin's recount is within a pair of it)."""
     ids = clustered(num_tokens=4000, num_experts=32, zipf=1.2)
     routing = routing_from_expert_ids(ids, 32)
     base = plan_placement([routing], 8, progress=False)[0]  # uncapped: rank loads far apart
     base_load = np.array(layer_metrics(routing, base)["rank_load"], dtype=float)
-    layout = replicate_layer(routing, base, 64, target=2.0)  # a loose target: no move after the spread
+    layout = replicate_layer(routing, base, 64, target=2.0)  # a loose target: no move after the ring
     copies = layout.ranks_of_experts
     assert all(len(c) == 2 and c[0] == base.expert_to_rank[e] for e, c in enumerate(copies))
-    assert spread_shifts(8, 4) == [1, 2, 4, 3] and spread_shifts(2, 3) == [1, 1, 1]
-    for rank in range(8):  # 4 experts a rank: their second copies on 4 different ranks
-        assert len({c[1] for c in copies if c[0] == rank}) == 4
-    heaviest = int(np.argmax(base_load))
-    mine = [e for e in range(32) if copies[e][0] == heaviest]
-    top = max(mine, key=lambda e: routing.expert_load_E[e])
-    assert copies[top][1] == int(np.argmin(base_load))
-    expected = np.zeros(8)
-    for e, (home, second) in enumerate(copies):
-        expected[[home, second]] += routing.expert_load_E[e] / 2
+    after = {}
+    for home, second in copies:
+        assert after.setdefault(home, second) == second  # one successor per rank
+    ring, rank = [0], after[0]
+    while rank != 0:
+        ring.append(rank)
+        rank = after[rank]
+    assert sorted(ring) == list(range(8))  # one cycle through every rank
+    assert after[int(np.argmax(base_load))] == int(np.argmin(base_load))
+    before = {second: home for home, second in after.items()}
+    expected = [(base_load[r] + base_load[before[r]]) / 2 for r in range(8)]
     m = layer_metrics(routing, layout)
     assert m["rank_load"] == pytest.approx(expected, abs=0.5)  # the metric rounds to whole pairs
     assert max(m["rank_load"]) < base_load.max()

@@ -13,7 +13,8 @@ import torch
 # (layout as saved: a rank or the ranks of each expert, ranks)
 CASES = [
     ([[0, 1, 2, 3], 0, 1, 1, 2, [2, 3], 3, 0], 4),
-    ([[e // 4, (e // 4 + [1, 2, 4, 8][e % 4]) % 16] for e in range(64)], 16),  # --replicas 2E's spread
+    ([[e // 4, (e // 4 + 1) % 16] for e in range(64)], 16),  # every expert twice, in a ring (--replicas 2E)
+    ([[e // 4, (e // 4 + [1, 2, 4, 8][e % 4]) % 16] for e in range(64)], 16),  # twice, spread 1, 2, 4, 8 on
     ([[e // 2, (e // 2 + 1) % 3] for e in range(6)], 3),  # 3 ranks: powers of two do not fit
     ([0, 0, 1, 1], 2),  # nothing replicated: every share 0
 ]
