@@ -423,8 +423,9 @@ def add_plan_command(sub: argparse._SubParsersAction) -> None:
         "--replicas",
         metavar="P",
         help="P physical expert slots (P >= E, a multiple of --ranks, <= E x ranks), or +N for E + N: hot experts get "
-        "replicas, placed where their co-activated experts live, until every rank is under --max-load (placement/"
-        "replicate.py); needs --traces",
+        "replicas, placed where their co-activated experts live, until every rank is under --max-load; from P = 2E "
+        "every expert first gets a second copy on a partner rank, for c2r-train --copy-choice balanced to level the "
+        "ranks in every batch (placement/replicate.py); needs --traces",
     )
     p.add_argument("--pareto", action="store_true", help="also print copies vs load for caps none, 1.5 ... 1.05")
     p.add_argument(
