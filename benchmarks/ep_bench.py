@@ -14,10 +14,13 @@ Routing: ``synthetic`` feeds every contender that accepts a routing the same str
 layer route with its own top-k router (c2r's, MegaBlocks', DeepSpeed's gate). The planned placement is planned by
 placement's planner (Mt-KaHyPar, or ``--plan-method``) from a separate synthetic sample of the same structure; the
 replicated one keeps its homes and adds 2 replica slots per rank for the sample's hottest experts (the skewed-load
-case replication is for: placement/replicate.py).
+case replication is for: placement/replicate.py); the balanced one gives every expert a partner copy (P = 2E, as
+``c2r-place plan --replicas 2E``) and dispatches with ``copy_choice="balanced"`` (shares that level the ranks per
+batch: c2r/parallel/replicas.py).
 
 Contenders (``--contenders``, default all):
-    c2r-{per-expert,per-rank,per-node}-{contiguous,planned,replicated}   (per-node: nodes of --gpus-per-node ranks)
+    c2r-{per-expert,per-rank,per-node}-{contiguous,planned,replicated,balanced}   (per-node: nodes of
+                        --gpus-per-node ranks)
     c2r-{per-expert,per-rank}-{contiguous,planned}-overlap{2,4}   the same in 2 or 4 token chunks whose exchanges
                         overlap the expert compute (c2r/parallel/overlap.py); their all-to-all time is the exposed
                         part only (the waits), so "a2a ms" there is what compute did not hide
@@ -77,7 +80,7 @@ from profiling.kernels import profile_steps  # noqa: E402
 STRUCTURE_SEED = 11  # popularity and clusters of the synthetic routing; token draws vary by seed
 C2R_CONTENDERS = [
     f"c2r-{mode}-{layout}"
-    for layout in ("contiguous", "planned", "replicated")
+    for layout in ("contiguous", "planned", "replicated", "balanced")
     for mode in ("per-expert", "per-rank", "per-node")
 ]
 REPLICA_SLOTS_PER_RANK = 2  # the replicated layout: the planned homes + 2 replica slots per rank (P = E + 2 R)
@@ -179,11 +182,12 @@ def synthetic_routing(cfg: EPConfig, rank: int, world: int, device, seed: int) -
 
 def planned_layouts(
     cfg: EPConfig, world: int, method: str, nodes: int = 1
-) -> tuple[ExpertLayout, ExpertLayout | None, str]:
+) -> tuple[ExpertLayout, ExpertLayout | None, ExpertLayout | None, str]:
     """The planned layout and the same homes with replicas, planned on rank 0 from a separate sample (seed 1; the
     benchmark's routing uses seed 0) and broadcast; with ``nodes`` > 1 the two-level plan (nodes, then ranks). The
     replicas (``REPLICA_SLOTS_PER_RANK`` per rank, placement/replicate.py) bring the sample's skewed rank load toward
-    ``REPLICA_TARGET``, as ``c2r-place plan --replicas`` would; None on one rank."""
+    ``REPLICA_TARGET``, as ``c2r-place plan --replicas`` would; the third layout has 2E slots (every expert twice,
+    for the balanced copy choice); both None on one rank."""
     box: list = [None]
     if dist.get_rank() == 0:
         sample = routing_from_expert_ids(
@@ -197,14 +201,16 @@ def planned_layouts(
                 f"greedy ({method}: {error})",
             )
         homes = ExpertLayout(tuple(expert_to_rank), world)
-        replicated = None  # one rank holds every expert once: there is nowhere to put a copy
+        replicated = twice = None  # one rank holds every expert once: there is nowhere to put a copy
         if world > 1:
             replicated = replicate_layer(sample, homes, cfg.E + REPLICA_SLOTS_PER_RANK * world, REPLICA_TARGET)
-        box[0] = (expert_to_rank, replicated and replicated.to_json(), used)
+            twice = replicate_layer(sample, homes, 2 * cfg.E, REPLICA_TARGET)
+        box[0] = (expert_to_rank, replicated and replicated.to_json(), twice and twice.to_json(), used)
     dist.broadcast_object_list(box, src=0)
-    expert_to_rank, replicated, used = box[0]
+    expert_to_rank, replicated, twice, used = box[0]
     replicated = replicated and ExpertLayout.from_json(replicated, world, cfg.E)
-    return ExpertLayout(tuple(expert_to_rank), world), replicated, used
+    twice = twice and ExpertLayout.from_json(twice, world, cfg.E)
+    return ExpertLayout(tuple(expert_to_rank), world), replicated, twice, used
 
 
 # ---- contenders --------------------------------------------------------------------------------------------------
@@ -231,7 +237,9 @@ def parse_c2r(name: str) -> tuple[str, str, int]:
     return f"{parts[1]}-{parts[2]}", parts[3], chunks
 
 
-def build_c2r(cfg, device, dtype, args, routing, mode: str, layout: ExpertLayout, chunks: int = 1) -> Contender:
+def build_c2r(
+    cfg, device, dtype, args, routing, mode: str, layout: ExpertLayout, chunks: int = 1, copy_choice: str = "rule"
+) -> Contender:
     clock = ExchangeClock(device)
     if routing is None:  # c2r's own top-k router
         torch.manual_seed(args.seed)
@@ -246,11 +254,19 @@ def build_c2r(cfg, device, dtype, args, routing, mode: str, layout: ExpertLayout
         with device:
             layer = MoELayer(cfg.D, moe).to(dtype)
         shard_experts(
-            layer, layout, mode=mode, observers=[clock], ranks_per_node=args.gpus_per_node, overlap_chunks=chunks
+            layer,
+            layout,
+            mode=mode,
+            observers=[clock],
+            ranks_per_node=args.gpus_per_node,
+            overlap_chunks=chunks,
+            copy_choice=copy_choice,
         )
         return Contender(lambda x: layer(x)[0], list(layer.parameters()), clock)
     experts = local_expert_weights(expert_weights(cfg, device, dtype, args.seed), layout.local_experts(dist.get_rank()))
-    dispatcher = build_dispatcher(mode, layout, None, clock, ranks_per_node=args.gpus_per_node, overlap_chunks=chunks)
+    dispatcher = build_dispatcher(
+        mode, layout, None, clock, ranks_per_node=args.gpus_per_node, overlap_chunks=chunks, copy_choice=copy_choice
+    )
     backend = c2r_backend(cfg, device, dtype, args.backend, experts.num_experts)
     return Contender(
         lambda x: dispatcher(x, routing, backend, experts), [*experts.parameters(), routing.weights_TK], clock
@@ -399,7 +415,8 @@ def build(name: str, cfg, device, dtype, args, routing, layouts) -> Contender:
         mode, layout, chunks = parse_c2r(name)
         if layouts[layout] is None:
             raise Skip("replicas need 2+ ranks (one rank already holds every expert)")
-        return build_c2r(cfg, device, dtype, args, routing, mode, layouts[layout], chunks)
+        copy_choice = "balanced" if layout == "balanced" else "rule"
+        return build_c2r(cfg, device, dtype, args, routing, mode, layouts[layout], chunks, copy_choice)
     builders = {
         "single-device": build_single_device,
         "raw-all-to-all": build_raw_all_to_all,
@@ -610,8 +627,13 @@ def main(argv=None) -> None:
         if cfg.E % world:
             sys.exit(f"ep_bench: {cfg.name} has {cfg.E} experts, not divisible by {world} ranks")
         nodes = world // args.gpus_per_node if args.gpus_per_node else 1
-        planned, replicated, plan_method = planned_layouts(cfg, world, args.plan_method, nodes)
-        layouts = {"contiguous": ExpertLayout.contiguous(cfg.E, world), "planned": planned, "replicated": replicated}
+        planned, replicated, twice, plan_method = planned_layouts(cfg, world, args.plan_method, nodes)
+        layouts = {
+            "contiguous": ExpertLayout.contiguous(cfg.E, world),
+            "planned": planned,
+            "replicated": replicated,
+            "balanced": twice,
+        }
         x = torch.randn(cfg.T, cfg.D, generator=torch.Generator().manual_seed(100 + rank)).to(device, dtype)
         x.requires_grad_(True)
         grad_out = torch.randn(cfg.T, cfg.D, generator=torch.Generator().manual_seed(200 + rank)).to(device)

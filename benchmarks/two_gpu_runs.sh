@@ -2,8 +2,9 @@
 # The expert-parallel measurements that need 2 GPUs of one host (docs/benchmarks.md, docs/gpu_runs.md; issues 11, 12
 # and 15 read their 2-GPU lines from these tables). Each part fits in 10 minutes on 2 x H200; run them one at a time:
 #   bash benchmarks/two_gpu_runs.sh ep-fine          ep_bench, DeepSeek-like and Qwen3-like rows, main contenders
-#   bash benchmarks/two_gpu_runs.sh ep-mixtral-node  Mixtral-like row; replicated placements; per-node dispatch with
-#                                                    two one-GPU nodes (--gpus-per-node 1)
+#   bash benchmarks/two_gpu_runs.sh ep-mixtral-node  Mixtral-like row; replicated placements (E + 2R slots, and 2E
+#                                                    with the balanced copy choice); per-node dispatch with two
+#                                                    one-GPU nodes (--gpus-per-node 1)
 #   bash benchmarks/two_gpu_runs.sh e2e 8            c2r-train of the ~1B fine-grained model, 8k tokens per GPU:
 #                                                    per-expert contiguous vs profile -> plan -> per-rank + plan
 #   bash benchmarks/two_gpu_runs.sh e2e 32           the same at 32k tokens per GPU, and a kernel profile of the
@@ -40,8 +41,9 @@ ep-mixtral-node)
     c2r-per-rank-contiguous c2r-per-rank-planned megablocks-dmoe-ep raw-all-to-all > "$OUT/ep_mixtral.txt" 2>&1
   echo "== mixtral-like rc $?"; grep "^|" "$OUT/ep_mixtral.txt"
   timeout "$(bounded 600)" "${EP_BENCH[@]}" --configs deepseek-like --gpus-per-node 1 --json "$OUT/ep_rep_node.json" --contenders \
-    c2r-per-rank-planned c2r-per-rank-replicated c2r-per-expert-replicated c2r-per-node-contiguous \
-    c2r-per-node-planned c2r-per-node-replicated megablocks-dmoe-ep > "$OUT/ep_rep_node.txt" 2>&1
+    c2r-per-rank-planned c2r-per-rank-replicated c2r-per-expert-replicated c2r-per-rank-balanced \
+    c2r-per-expert-balanced c2r-per-node-contiguous c2r-per-node-planned c2r-per-node-replicated megablocks-dmoe-ep \
+    > "$OUT/ep_rep_node.txt" 2>&1
   echo "== replicated + per-node rc $?"; grep "^|" "$OUT/ep_rep_node.txt"
   ;;
 e2e)

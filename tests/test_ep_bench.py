@@ -52,6 +52,14 @@ def test_ep_bench_runs_on_two_gloo_ranks(tmp_path):
         assert [e if isinstance(e, int) else e[0] for e in saved] == homes["expert_to_rank"], mode
         assert sum(len(e) - 1 for e in saved if isinstance(e, list)) == 2 * 2, mode  # 2 replica slots x 2 ranks
     assert rows["synthetic", "c2r-per-expert-replicated"]["copies_per_token"] == 2
+    # The balanced contenders: every expert twice (2 x 8 slots on 2 ranks: each expert on both) and the balanced
+    # copy choice, dropless in every mode; with every expert on both ranks the shares level the two ranks, up to
+    # each source rank's rounding of its quotas (here 256 pairs a rank: 1.016 is 4 pairs)
+    for mode in ("per-expert", "per-rank", "per-node"):
+        balanced = rows["synthetic", f"c2r-{mode}-balanced"]
+        assert all(isinstance(e, list) and len(e) == 2 for e in balanced["expert_to_rank"]), mode
+        assert balanced["ms_median"] > 0 and balanced["rank_load_max_mean"] <= 1.03, (mode, balanced)
+        assert balanced["rank_load_max_mean"] < rows["synthetic", f"c2r-{mode}-contiguous"]["rank_load_max_mean"]
     # Overlapped dispatch (c2r/parallel/overlap.py) sends exactly what its plain mode sends.
     for name in ("per-expert-contiguous", "per-rank-planned"):
         for chunks in (2, 4):
