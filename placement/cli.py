@@ -175,11 +175,17 @@ def _replica_line(layouts: list) -> str:
     per_layer = [{e: len(r) + 1 for e, r in enumerate(lay.replicas) if r} for lay in layouts]
     most = max((max(x.values(), default=1) for x in per_layer), default=1)
     extra, mean_replicated = layout.num_slots - layout.num_experts, sum(map(len, per_layer)) / len(layouts)
-    return (
+    line = (
         f"replicas: {layout.num_slots} slots ({layout.experts_per_rank} per rank, {extra} replicas per layer) on "
         f"{mean_replicated:.1f} replicated experts per layer (mean), at most {most} copies of one expert; "
         f"layer 0 copies: {per_layer[0]}"
     )
+    if layout.num_slots >= 2 * layout.num_experts:  # every expert has a partner copy (placement/replicate.py)
+        line += (
+            "\nevery expert has a second copy: train with `c2r-train --copy-choice balanced` to level the ranks in "
+            "every batch (the loads above are the default rule's; docs/placement.md, 'A load-aware copy choice')"
+        )
+    return line
 
 
 def _cost_model(args: argparse.Namespace) -> CostModel:

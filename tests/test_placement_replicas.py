@@ -179,6 +179,7 @@ def test_plan_with_replicas_round_trips_and_evaluates(run_dir, tmp_path, capsys)
     )
     assert code == 0, err
     assert "replicas: 24 slots (6 per rank, 8 replicas per layer)" in text
+    assert "--copy-choice balanced" not in text  # + 8 slots: not every expert has a partner copy
     doc = json.loads(out.read_text())
     assert doc["version"] == 2 and doc["num_slots"] == 24 and doc["options"]["replicas"] == 24
     plan = load_plan(out, num_layers=2, num_experts=16, num_ranks=4)
@@ -195,6 +196,15 @@ def test_plan_with_replicas_round_trips_and_evaluates(run_dir, tmp_path, capsys)
     )
     code, text, err = run_cli(capsys, "evaluate", "--plan", out, "--traces", run_dir)
     assert code == 0 and "copies/tok" in text
+
+
+def test_a_plan_with_every_expert_twice_points_to_the_balanced_copy_choice(run_dir, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    code, text, err = run_cli(capsys, "plan", "--traces", run_dir, "--ranks", 4, "--replicas", 32, "--out", out)
+    assert code == 0, err
+    assert "every expert has a second copy: train with `c2r-train --copy-choice balanced`" in text
+    plan = load_plan(out, num_layers=2, num_experts=16, num_ranks=4)
+    assert all(len(ranks) >= 2 for layout in plan.layouts for ranks in layout.ranks_of_experts)
 
 
 def test_bad_replicas_get_one_line(run_dir, tmp_path, capsys):
