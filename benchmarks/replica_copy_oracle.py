@@ -11,7 +11,8 @@ as one batch):
 - balanced: ``copy_choice="balanced"`` the same way (every rank with the step's counts, as its all-reduce gives);
 - oracle: copies chosen knowing the step's loads. A linear program over how many of each replicated expert's pairs
   go to each of its copies: first the lowest busiest-rank load, then, under it, the most pairs on ranks their tokens
-  visit anyway (fewest token copies); tokens are then assigned to those counts, visiting tokens first. Single-copy
+  visit anyway (fewer token copies; the program counts a token once per copy rank it visits, so this second stage
+  is an estimate); tokens are then assigned to those counts, visiting tokens first. Single-copy
   experts cannot move. It is a bound for any per-step rule (a real one must decide on the device, fast), not a rule.
 Prints a markdown table: copies per token and rank load max/mean pooled over the held-out steps, and the worst step.
 

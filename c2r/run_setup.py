@@ -463,7 +463,7 @@ def build_engine(
     from c2r.deepspeed.fused_clip import fold_clip_into_fused_adamw
     from c2r.deepspeed.one_rank_groups import skip_one_rank_group_work
     from c2r.deepspeed.replica_norm import count_replicas_once
-    from c2r.deepspeed.setup import warn_if_clipping_counts_replicas
+    from c2r.deepspeed.setup import warn_if_clipping_counts_replicas, warn_if_copy_choice_is_idle
     from c2r.deepspeed.zero0_norm import clip_by_whole_model_norm
 
     tc = config.train
@@ -487,6 +487,7 @@ def build_engine(
             tc.overlap_chunks,
             tc.copy_choice,
         )
+    warn_if_copy_choice_is_idle(model, tc.copy_choice)
     if train_only is None:
         optimizer, scheduler = optimize_everything(model, device, tc)
     else:

@@ -39,7 +39,7 @@ def balanced_shares(count_E: np.ndarray, rank_EC: np.ndarray, num_ranks: int) ->
 
 
 def choose_balanced_copy_ranks(
-    expert_ids_AK: np.ndarray, layout: ExpertLayout, count_E: np.ndarray | None = None
+    expert_ids_AK: np.ndarray, layout: ExpertLayout, count_E: np.ndarray | None = None, source_rank: int = 0
 ) -> np.ndarray:
     """`choose_copy_ranks` under ``copy_choice="balanced"`` (c2r/parallel/replicas.py): ``count_E`` the batch's
     pairs per expert over every source rank (default: this source's own, a batch of one rank)."""
@@ -52,8 +52,10 @@ def choose_balanced_copy_ranks(
     local_E = np.bincount(ids[valid], minlength=E)
     count = local_E if count_E is None else np.asarray(count_E, dtype=np.int64)
     share = balanced_shares(count, ranks_EC, layout.num_ranks)
+    dither = (source_rank + 0.5) / layout.num_ranks  # c2r.parallel.replicas.local_quotas: rounding per source rank
     bound = np.minimum(
-        np.round(np.cumsum(share / np.maximum(count, 1)[:, None], axis=1) * local_E[:, None]), local_E[:, None]
+        np.floor(np.cumsum(share / np.maximum(count, 1)[:, None], axis=1) * local_E[:, None] + dither),
+        local_E[:, None],
     )
     bound = bound.astype(np.int64)
     bound[:, -1] = local_E

@@ -93,7 +93,7 @@ def slot_ranks(
     for rank in np.unique(src_A):
         mine = src_A == rank
         if copy_choice == "balanced":
-            dest[mine] = choose_balanced_copy_ranks(ids[mine], layout, count_E)
+            dest[mine] = choose_balanced_copy_ranks(ids[mine], layout, count_E, int(rank))
         else:
             dest[mine] = choose_copy_ranks(ids[mine], layout)
     return dest

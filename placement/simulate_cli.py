@@ -268,7 +268,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             "cluster": {"nodes": cluster.num_nodes, "gpus_per_node": cluster.gpus_per_node},
             "cost_model": {**vars(model)},
             "input": info,
-            "options": {"method": args.method, "max_load": args.max_load, "seed": args.seed},
+            "options": {
+                "method": args.method,
+                "max_load": args.max_load,
+                "seed": args.seed,
+                "copy_choice": args.copy_choice,
+            },
             "layers": layers,
             "totals": totals(layers),
             "expert_to_rank": {plan: [lay.to_json() for lay in lays] for plan, lays in layouts.items()},

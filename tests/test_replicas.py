@@ -119,7 +119,7 @@ def balanced_physical(routing, layout: ExpertLayout, world: int) -> list[list[in
     out = []
     for rank in range(world):
         src = ids[rank * T : (rank + 1) * T]
-        dest = choose_balanced_copy_ranks(src, layout, count_E)
+        dest = choose_balanced_copy_ranks(src, layout, count_E, rank)
         for row_ids, row_dest in zip(src.tolist(), dest.tolist()):
             slot_of = lambda e, r: int(layout.replica_slots[e][layout.ranks_of_experts[e].index(r)])  # noqa: E731
             out.append([slot_of(e, r) if e >= 0 else None for e, r in zip(row_ids, row_dest)])
@@ -607,4 +607,22 @@ def test_clipping_with_replicas_is_said_once(caplog):
     caplog.clear()
     warn_if_clipping_counts_replicas(layers, {"gradient_clipping": 0.0}, "x")  # clipping off: the runs are equal
     warn_if_clipping_counts_replicas(layers[:1], {"gradient_clipping": 1.0}, "x")  # no replicas
+    assert not caplog.records
+
+
+def test_a_balanced_copy_choice_without_replicas_is_said_once(caplog):
+    from types import SimpleNamespace
+
+    from c2r.deepspeed.setup import warn_if_copy_choice_is_idle
+    from c2r.moe import MoEConfig, MoELayer
+
+    layers = torch.nn.ModuleList(MoELayer(D, MoEConfig(num_experts=E, top_k=2, ffn_hidden_size=F)) for _ in range(2))
+    layers[0].dispatcher = layers[1].dispatcher = SimpleNamespace(layout=ExpertLayout.contiguous(E, 2))
+    warn_if_copy_choice_is_idle(layers, "balanced")
+    (record,) = caplog.records
+    assert record.getMessage().startswith("copy_choice 'balanced' has nothing to balance: no MoE layer has replicated")
+    caplog.clear()
+    warn_if_copy_choice_is_idle(layers, "rule")
+    layers[1].dispatcher = SimpleNamespace(layout=make_layout("two_ranks"))
+    warn_if_copy_choice_is_idle(layers, "balanced")
     assert not caplog.records

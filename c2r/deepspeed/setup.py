@@ -250,6 +250,18 @@ def load_deepspeed_config(
     return config
 
 
+def warn_if_copy_choice_is_idle(model: nn.Module, copy_choice: str) -> None:
+    """Say once (rank 0) when ``copy_choice`` is ``balanced`` but no MoE layer has replicated experts: it then changes
+    nothing (a plan made with ``c2r-place plan --replicas 2E`` gives every expert a copy to balance with)."""
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    replicated = any(m.dispatcher is not None and m.dispatcher.layout.is_replicated for m in layers)
+    if copy_choice == "balanced" and not replicated and (not dist.is_initialized() or dist.get_rank() == 0):
+        log.warning(
+            "copy_choice 'balanced' has nothing to balance: no MoE layer has replicated experts (train with a plan "
+            "made by `c2r-place plan --replicas 2E`, docs/placement.md)"
+        )
+
+
 def warn_if_clipping_counts_replicas(model: nn.Module, ds_config: dict[str, Any], optimizer: str) -> None:
     """Say once (rank 0) when DeepSpeed's gradient clipping is on in a run with replicated experts whose norm neither
     ``replica_norm.count_replicas_once`` (ZeRO 1/2, with or without CPU offload) nor

@@ -34,6 +34,7 @@ Shape legend: the package legend (``c2r/__init__.py``), and here M the most copi
 
 from __future__ import annotations
 
+import logging
 from functools import cache
 
 import torch
@@ -43,6 +44,8 @@ from c2r.experts import ExpertWeights
 from c2r.experts.slot_rows import count_keys
 from c2r.graphed import graphed_call
 from placement.layout import ExpertLayout
+
+log = logging.getLogger(__name__)
 
 
 def rank_within_key(keys_TK: torch.Tensor, mask_TK: torch.Tensor, num_keys: int) -> torch.Tensor:
@@ -97,14 +100,24 @@ def balanced_shares(count_E: torch.Tensor, rank_EM: torch.Tensor, num_ranks: int
 
 
 def balanced_shares_fast(count_E: torch.Tensor, rank_EM: torch.Tensor, num_ranks: int) -> torch.Tensor:
-    """`balanced_shares` as one Triton kernel on a GPU (``share_kernel.py``: the loop's ~580 small kernels took
-    1.13 ms a call even from a CUDA graph), the torch loop elsewhere."""
+    """`balanced_shares` as one Triton kernel on a GPU (``share_kernel.py``: the loop's ~1,100 small kernels took
+    2.2 ms a call even from a CUDA graph), the torch loop elsewhere, and from a CUDA graph where Triton is missing or
+    its kernel fails to build here (said once)."""
+    global _KERNEL_FAILED
     if rank_EM.is_cuda:
         kernel = _share_kernel()
-        if kernel is not None:
-            return kernel.balanced_shares_kernel(count_E, rank_EM, num_ranks, BALANCE_ITERS)
+        if kernel is not None and not _KERNEL_FAILED:
+            try:
+                with torch.cuda.device(rank_EM.device):  # Triton launches on the current device
+                    return kernel.balanced_shares_kernel(count_E, rank_EM, num_ranks, BALANCE_ITERS)
+            except Exception as error:  # a compile error or too few registers for this size: correct, slower
+                log.warning("balanced copy shares: the Triton kernel failed (%s); using the torch loop", error)
+                _KERNEL_FAILED = True
         return graphed_call(balanced_shares, count_E, rank_EM, num_ranks=num_ranks)
     return balanced_shares(count_E, rank_EM, num_ranks)
+
+
+_KERNEL_FAILED = False  # set once the kernel failed: no second compile attempt per layer forward
 
 
 @cache
@@ -117,12 +130,18 @@ def _share_kernel():
     return share_kernel
 
 
-def local_quotas(share_EM: torch.Tensor, count_E: torch.Tensor, local_E: torch.Tensor) -> torch.Tensor:
-    """[E, M] int64: this rank's pairs of each expert per copy, ``local_E`` split in the batch's proportions
+def local_quotas(
+    share_EM: torch.Tensor, count_E: torch.Tensor, local_E: torch.Tensor, rank: int = 0, num_ranks: int = 1
+) -> torch.Tensor:
+    """[E, M] int64: source ``rank``'s pairs of each expert per copy, ``local_E`` split in the batch's proportions
     ``share_EM / count_E``; rounded on the cumulative sum, and the last column set to ``local_E``, so that a row sums
-    to ``local_E`` exactly (copies past an expert's last get none: their share is 0)."""
+    to ``local_E`` exactly (copies past an expert's last get none: their share is 0). The rounding is dithered by
+    source rank (offset (rank + 1/2) / num_ranks before the floor): every rank rounding the same way would pile its
+    half pairs onto the same copies, which at a few pairs an expert per rank unbalanced the ranks (16 ranks of 4
+    tokens: 1.35 against 1.14 dithered)."""
     fraction_EM = share_EM / count_E.to(torch.float64).clamp(min=1.0)[:, None]
-    bound_EM = (fraction_EM.cumsum(1) * local_E[:, None]).round().to(torch.int64).clamp(max=local_E[:, None])
+    dither = (rank + 0.5) / num_ranks
+    bound_EM = (fraction_EM.cumsum(1) * local_E[:, None] + dither).floor().to(torch.int64).clamp(max=local_E[:, None])
     bound_EM[:, -1] = local_E
     return torch.diff(bound_EM, dim=1, prepend=torch.zeros_like(bound_EM[:, :1]))
 
@@ -138,6 +157,10 @@ class CopyChooser:
         self.balanced, self.group = copy_choice == "balanced", group
         self._slots_EM = torch.tensor(layout.replica_slots)  # home first, -1 past an expert's copies
         self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _rank(self) -> int:
+        """This source rank in the EP group (0 outside a distributed run): the dither of its quotas."""
+        return dist.get_rank(self.group) if dist.is_available() and dist.is_initialized() else 0
 
     def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(slots_EM, copies_E) on ``device``, copied there once rather than every forward."""
@@ -185,7 +208,7 @@ class CopyChooser:
             dist.all_reduce(count_E, group=self.group)  # the batch's pairs per expert: every rank the same shares
         rank_EM = torch.where(slots_EM >= 0, slots_EM // self.slots_per_rank, -1)
         share_EM = balanced_shares_fast(count_E, rank_EM, self.num_ranks)
-        quota_EM = local_quotas(share_EM, count_E, local_E)
+        quota_EM = local_quotas(share_EM, count_E, local_E, self._rank(), self.num_ranks)
         replicated_TK = valid_TK & (copies_TK > 1)
         # 1. Slots with a copy on a visited rank keep it, up to that copy's quota (first come, flat order).
         prefer_TK = replicated_TK & (first_TK < M)

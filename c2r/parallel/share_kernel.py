@@ -1,10 +1,11 @@
 """`c2r.parallel.replicas.balanced_shares` as one Triton kernel (CUDA; the torch loop elsewhere, and as the reference).
 
-Why a kernel: the loop is 32 rounds of ~18 tiny tensor ops, ~580 kernels a layer forward; replayed from a CUDA graph
-they still took 1.13 ms of GPU time per call on one H200 (E = 64, R = 16; 5.5 ms eager: tests/test_gpu.py), as much
-as a layer's expert compute. The whole problem is small (E x M copies, R ranks), so one program holds it in registers
-and runs every round: the same arithmetic as the torch loop (float64, the same steps), its sums in another order, so
-the shares agree to float64 rounding, and every rank computes the same shares (one program, a fixed order).
+Why a kernel: the loop is 64 rounds of ~18 tiny tensor ops, ~1,100 kernels a layer forward; replayed from a CUDA
+graph they still took 2.2 ms per call on one H200 (E = 64, R = 16; 15.7 ms eager; the kernel 0.07 ms:
+tests/test_gpu.py, docs/benchmarks.md), as much as a layer's expert compute. The whole problem is small (E x M
+copies, R ranks), so one program holds it in registers and runs every round: the same arithmetic as the torch loop
+(float64, the same steps), its sums in another order, so the shares agree to float64 rounding, and every rank
+computes the same shares (one program, a fixed order).
 
 Shape legend: E experts, M most copies of one expert, R ranks; BE, BM, BR their powers of two.
 """
