@@ -180,10 +180,12 @@ def _replica_line(layouts: list) -> str:
         f"{mean_replicated:.1f} replicated experts per layer (mean), at most {most} copies of one expert; "
         f"layer 0 copies: {per_layer[0]}"
     )
-    if all(len(ranks) > 1 for lay in layouts for ranks in lay.ranks_of_experts):  # placement/replicate.py, step 0
+    if layout.num_slots >= 2 * layout.num_experts:  # placement/replicate.py, step 0
+        single = sum(sum(len(ranks) == 1 for ranks in lay.ranks_of_experts) for lay in layouts) / len(layouts)
         line += (
-            "\nevery expert has a second copy: train with `c2r-train --copy-choice balanced` to level the ranks in "
-            "every batch (the loads above are the default rule's; docs/placement.md, 'A load-aware copy choice')"
+            f"\nevery expert got a partner copy ({single:.1f} per layer, light ones, later gave theirs to a hot "
+            "expert): train with `c2r-train --copy-choice balanced` to level the ranks in every batch (the loads "
+            "above are the default rule's; docs/placement.md, 'A load-aware copy choice')"
         )
     return line
 

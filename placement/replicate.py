@@ -12,7 +12,9 @@ partition, E/R experts per rank); P - E replicas then fill exactly (P - E) / R e
    partner rank and not a rank's experts spread over several (1, 2, 4, ... ranks on, tried: fewer hops for the
    balanced choice): the homes gather co-activated experts, and with one partner a token that uses several of
    them still reaches at most two ranks; spread, it costs 2-5% more copies for the same balance (measured). The
-   moves below never take a partner copy away again (a replacement takes a third copy, never a second);
+   moves below may still give a light expert's partner slot to a third copy of a hot one: kept, because forbidding
+   it raised the random-router OLMoE's held-out worst layer at 16 ranks from 1.037 to 1.062 under the balanced
+   choice (the hot expert then has too few copies to spread over; measured 2026-12-02);
 then one replica at a time, greedily:
 1. the *target*: every rank's predicted load <= target x mean, loads predicted under the replica rule
    (`placement.replica_rule`, the rule the runtime dispatch applies);
@@ -129,7 +131,6 @@ class _Replicator:
         self.soft = (1 + (target - 1) / 2) * self.mean
         # small layers: every (expert, rank) pair is a candidate; large ones: the shortlist (module docstring)
         self.exhaustive = self.num_experts * self.num_ranks <= _EXHAUSTIVE
-        self.min_copies = 1  # 2 after `spread`: later moves never take an expert's partner copy away
         if extra * self.num_ranks >= self.num_experts:  # P >= 2E: every expert twice first (module docstring)
             self.spread()
 
@@ -145,7 +146,6 @@ class _Replicator:
         after[order] = np.roll(order, -1)
         self.table[:, 1] = after[self.table[:, 0]]
         self.count_E[:] = 2
-        self.min_copies = 2
         self.room_R -= np.bincount(self.table[:, 1], minlength=self.num_ranks)
         self.load_R, _, self.step_SR = self._predict_sets(np.arange(len(self.sets_MK)), self._table())
 
@@ -263,7 +263,7 @@ class _Replicator:
             if excess <= 0:
                 return
             busiest = int(np.argmax(self._worst()))
-            holders = np.flatnonzero((self.table[:, 1:] == busiest).any(axis=1) & (self.count_E > self.min_copies))
+            holders = np.flatnonzero((self.table[:, 1:] == busiest).any(axis=1))
             start, best = self._state(), None
             for e in holders:
                 self._remove(int(e), busiest)
@@ -310,7 +310,7 @@ class _Replicator:
         est = np.maximum(self.load_R[p] - leave_AB + arrive_AB, self.load_R[q_B][None, :] - arrive_AB + leave_AB)
         moves += self._best_moves("swap", est, ~holds_ER[e_A][:, q_B], e_A, p, f_B, q_B)
         # replacements: a new copy of e on q takes about 1 / (copies + 1) of e's load, off p among others
-        g_B, q_B = np.nonzero(holds_ER & (self.count_E > self.min_copies)[:, None])
+        g_B, q_B = np.nonzero(holds_ER & (self.count_E > 1)[:, None])
         keep = q_B != p
         g_B, q_B = g_B[keep], q_B[keep]
         per_copy_A = (share_ER[e_A].sum(axis=1) / (self.count_E[e_A] + 1))[:, None]

@@ -144,11 +144,6 @@ def test_twice_the_slots_give_every_expert_a_second_copy_in_one_ring():
     assert max(m["rank_load"]) < base_load.max()
     _, load = recount(ids, layout)
     assert np.abs(load - expected).max() <= 8 * 0.5 + 1e-9  # a half pair per expert copy on a rank
-    # A tight target makes the refinement and the slot moves run: they keep every partner copy (a replacement took
-    # 3-5 experts back to one copy before, and the balanced copy choice needs a copy to move load to)
-    for num_slots in (64, 96):
-        tight = replicate_layer(routing, base, num_slots, target=1.02)
-        assert all(len(ranks) >= 2 for ranks in tight.ranks_of_experts), num_slots
 
 
 def test_replicate_layer_refuses_impossible_slot_counts_in_one_line():
@@ -207,7 +202,7 @@ def test_a_plan_with_every_expert_twice_points_to_the_balanced_copy_choice(run_d
     out = tmp_path / "plan.json"
     code, text, err = run_cli(capsys, "plan", "--traces", run_dir, "--ranks", 4, "--replicas", 32, "--out", out)
     assert code == 0, err
-    assert "every expert has a second copy: train with `c2r-train --copy-choice balanced`" in text
+    assert "every expert got a partner copy (" in text and "train with `c2r-train --copy-choice balanced`" in text
     plan = load_plan(out, num_layers=2, num_experts=16, num_ranks=4)
     assert all(len(ranks) >= 2 for layout in plan.layouts for ranks in layout.ranks_of_experts)
 
