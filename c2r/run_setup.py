@@ -39,7 +39,7 @@ from c2r.hf.training import HFConfig
 from c2r.model import ModelConfig, MoEGPT
 from c2r.parallel import DISPATCH_MODES, DispatchObserver, model_layouts, resolve_ranks_per_node
 from c2r.parallel.expert_parallel import check_overlap_chunks
-from c2r.parallel.replicas import COPY_CHOICES
+from placement.copy_choice import COPY_CHOICES
 from placement.layout import require_divides
 from profiling.cli_errors import OneLineParser
 from profiling.session import ProfileConfig

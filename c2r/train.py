@@ -48,6 +48,7 @@ from c2r.run_setup import (
 )
 from c2r.step_reads import StepReader
 from c2r.stops import SavePolicy, StopSignals
+from placement.copy_choice import COPY_CHOICES
 from profiling.kernels import KernelProfile, phase
 from profiling.session import ProfileSession, open_comm_profiler
 
@@ -445,7 +446,7 @@ TRAIN_CLI = ConfigCli(
             "how a slot of a replicated expert (a plan with --replicas) picks its copy: rule (a rank the token "
             "visits, else an even split; the default) or balanced (shares that level the ranks for each batch, one "
             "more small all-reduce per layer)",
-            choices=("rule", "balanced"),
+            choices=COPY_CHOICES,
         ),
         Shorthand(
             "--gpus-per-node",

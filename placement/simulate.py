@@ -88,11 +88,12 @@ def slot_ranks(
     if not layout.is_replicated:
         return np.where(ids >= 0, layout.as_array()[np.maximum(ids, 0)], -1)
     src_A = np.zeros(len(ids), dtype=np.int64) if src_A is None else src_A
-    count_E = np.bincount(ids[ids >= 0], minlength=layout.num_experts)
+    balanced = copy_choice == "balanced"
+    count_E = np.bincount(ids[ids >= 0], minlength=layout.num_experts) if balanced else None  # the batch's
     dest = np.full(ids.shape, -1, dtype=np.int64)
     for rank in np.unique(src_A):
         mine = src_A == rank
-        if copy_choice == "balanced":
+        if balanced:
             dest[mine] = choose_balanced_copy_ranks(ids[mine], layout, count_E, int(rank))
         else:
             dest[mine] = choose_copy_ranks(ids[mine], layout)

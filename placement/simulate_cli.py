@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from placement.copy_choice import COPY_CHOICES
 from placement.cost import CostModel, fit_latency_bandwidth
 from placement.errors import PlacementError
 from placement.inputs import (
@@ -341,7 +342,7 @@ def add_simulate_command(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--copy-choice",
-        choices=("rule", "balanced"),
+        choices=COPY_CHOICES,
         default="rule",
         help="how replicated experts' copies are chosen, as c2r-train's --copy-choice (default rule)",
     )

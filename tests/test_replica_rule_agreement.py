@@ -119,7 +119,7 @@ def test_the_balanced_choice_equals_its_numpy_twin_and_levels_the_ranks():
     from placement import copy_choice
     from placement.copy_choice import choose_balanced_copy_ranks, choose_copy_ranks
 
-    assert copy_choice.BALANCE_ITERS == replicas.BALANCE_ITERS  # placement never imports c2r: one number twice
+    assert copy_choice.BALANCE_ITERS == replicas.BALANCE_ITERS  # one number: the dispatchers import the twin's
 
     rng = np.random.default_rng(7)
     p = np.array([8, 1, 1, 4, 1, 2, 1, 1], dtype=float)

@@ -1,14 +1,12 @@
 """The balanced copy shares' Triton kernel (c2r/parallel/share_kernel.py), run on CPU tensors by Triton's
 interpreter, against the torch loop (c2r/parallel/replicas.py `balanced_shares`): equal to float64 rounding on
 layouts with single-copy experts, three copies, every expert twice, and experts that nobody chose. The kernel's own
-process sets TRITON_INTERPRET before Triton compiles anything, so the check runs in a subprocess."""
+process sets TRITON_INTERPRET before Triton compiles anything, so the check runs in a
+subprocess (tests/triton_interpreter.py)."""
 
-import os
-import subprocess
-import sys
-
-import pytest
 import torch
+
+from tests.triton_interpreter import check_interpreted
 
 # (layout as saved: a rank or the ranks of each expert, ranks)
 CASES = [
@@ -42,9 +40,4 @@ def check_cases() -> None:
 
 
 def test_the_share_kernel_equals_the_torch_loop():
-    pytest.importorskip("triton", reason="the Triton interpreter needs triton (pip install -e '.[dev]')")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    code = "from tests.test_share_kernel import check_cases; check_cases()"
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "all cases equal" in done.stdout
+    check_interpreted("tests.test_share_kernel")

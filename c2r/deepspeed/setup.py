@@ -250,12 +250,17 @@ def load_deepspeed_config(
     return config
 
 
+def replicated_layers(model: nn.Module) -> list[int]:
+    """Indices of the MoE layers of ``model`` whose expert-parallel layout has replicated experts."""
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    return [i for i, m in enumerate(layers) if m.dispatcher is not None and m.dispatcher.layout.is_replicated]
+
+
 def warn_if_copy_choice_is_idle(model: nn.Module, copy_choice: str) -> None:
     """Say once (rank 0) when ``copy_choice`` is ``balanced`` but no MoE layer has replicated experts: it then changes
     nothing (a plan made with ``c2r-place plan --replicas 2E`` gives every expert a copy to balance with)."""
-    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
-    replicated = any(m.dispatcher is not None and m.dispatcher.layout.is_replicated for m in layers)
-    if copy_choice == "balanced" and not replicated and (not dist.is_initialized() or dist.get_rank() == 0):
+    idle = copy_choice == "balanced" and not replicated_layers(model)
+    if idle and (not dist.is_initialized() or dist.get_rank() == 0):
         log.warning(
             "copy_choice 'balanced' has nothing to balance: no MoE layer has replicated experts (train with a plan "
             "made by `c2r-place plan --replicas 2E`, docs/placement.md)"
@@ -270,8 +275,7 @@ def warn_if_clipping_counts_replicas(model: nn.Module, ds_config: dict[str, Any]
     norm counts each copy, so the clip coefficient can differ from the unreplicated model's (docs/design.md, "Gradient
     clipping with replicated experts"); the copies stay identical either way."""
     clip = float(ds_config.get("gradient_clipping") or 0.0)
-    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
-    replicated = [i for i, m in enumerate(layers) if m.dispatcher is not None and m.dispatcher.layout.is_replicated]
+    replicated = replicated_layers(model)
     if clip > 0 and replicated and (not dist.is_initialized() or dist.get_rank() == 0):
         log.warning(
             "gradient clipping (%g) with replicated experts (MoE layers %s): DeepSpeed's %s counts each copy of a "

@@ -40,9 +40,11 @@ from functools import cache
 import torch
 import torch.distributed as dist
 
+from c2r.config_utils import require_choice
 from c2r.experts import ExpertWeights
 from c2r.experts.slot_rows import count_keys
 from c2r.graphed import graphed_call
+from placement.copy_choice import BALANCE_ITERS, COPY_CHOICES  # one home: the numpy twin's module
 from placement.layout import ExpertLayout
 
 log = logging.getLogger(__name__)
@@ -58,18 +60,6 @@ def rank_within_key(keys_TK: torch.Tensor, mask_TK: torch.Tensor, num_keys: int)
     position = torch.arange(flat_keys.numel(), device=keys_TK.device)
     within_sorted = position - starts[flat_keys[order]]
     return torch.empty_like(flat_keys).scatter_(0, order, within_sorted).view_as(keys_TK)
-
-
-COPY_CHOICES = ("rule", "balanced")
-# rounds of `balanced_shares`: within 1% of the best per-batch split at 16 ranks from 32, at 64 ranks from ~128
-# (skewed routing, tests/test_gpu.py); 64: within ~2% there, 0.06 ms a layer in the kernel
-BALANCE_ITERS = 64
-
-
-def check_copy_choice(copy_choice: str, prefix: str = "") -> None:
-    """One line naming the value; ``prefix``: how the caller's config spells the key's section (``train.``)."""
-    if copy_choice not in COPY_CHOICES:
-        raise ValueError(f"{prefix}copy_choice ({copy_choice!r}) must be one of {list(COPY_CHOICES)}")
 
 
 def balanced_shares(count_E: torch.Tensor, rank_EM: torch.Tensor, num_ranks: int) -> torch.Tensor:
@@ -151,27 +141,29 @@ class CopyChooser:
     ``copy_choice``: ``rule`` or ``balanced`` (its counts all-reduced over ``group``)."""
 
     def __init__(self, layout: ExpertLayout, copy_choice: str = "rule", group=None):
-        check_copy_choice(copy_choice)
+        require_choice("copy_choice", copy_choice, COPY_CHOICES)
         self.num_ranks, self.slots_per_rank = layout.num_ranks, layout.experts_per_rank
         self.replicated = layout.is_replicated
         self.balanced, self.group = copy_choice == "balanced", group
         self._slots_EM = torch.tensor(layout.replica_slots)  # home first, -1 past an expert's copies
-        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def _rank(self) -> int:
         """This source rank in the EP group (0 outside a distributed run): the dither of its quotas."""
         return dist.get_rank(self.group) if dist.is_available() and dist.is_initialized() else 0
 
-    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(slots_EM, copies_E) on ``device``, copied there once rather than every forward."""
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(slots_EM, copies_E, rank_EM: each copy's rank, -1 past an expert's copies) on ``device``, made there once
+        rather than every forward."""
         if device not in self._on_device:
             slots_EM = self._slots_EM.to(device)
-            self._on_device[device] = (slots_EM, (slots_EM >= 0).sum(1))
+            rank_EM = torch.where(slots_EM >= 0, slots_EM // self.slots_per_rank, -1)
+            self._on_device[device] = (slots_EM, (slots_EM >= 0).sum(1), rank_EM)
         return self._on_device[device]
 
     def physical(self, expert_ids_TK: torch.Tensor, valid_TK: torch.Tensor) -> torch.Tensor:
         """[T, K] int64 physical slot of each (token, slot): rank = physical // X, local slot = physical % X."""
-        slots_EM, copies_E = self._tables(expert_ids_TK.device)
+        slots_EM, copies_E, rank_EM = self._tables(expert_ids_TK.device)
         if not self.replicated:
             return slots_EM[:, 0][expert_ids_TK]
         T, K = expert_ids_TK.shape
@@ -188,7 +180,7 @@ class CopyChooser:
         # the first copy (home-first) on a visited rank; M where there is none
         first_TK = torch.where(on_visited_TKM, torch.arange(M, device=slots_TKM.device), M).amin(2)
         if self.balanced:
-            copy_TK = self._balanced_copies(expert_ids_TK, valid_TK, first_TK, slots_EM)
+            copy_TK = self._balanced_copies(expert_ids_TK, valid_TK, first_TK, copies_TK, rank_EM)
             return slots_TKM.gather(2, copy_TK.unsqueeze(2)).squeeze(2)
         # 2. Free pairs: the n-th of expert e in flat order goes to copy n mod m.
         free_TK = valid_TK & (copies_TK > 1) & (first_TK == M)
@@ -197,16 +189,19 @@ class CopyChooser:
         return slots_TKM.gather(2, copy_TK.unsqueeze(2)).squeeze(2)
 
     def _balanced_copies(
-        self, expert_ids_TK: torch.Tensor, valid_TK: torch.Tensor, first_TK: torch.Tensor, slots_EM: torch.Tensor
+        self,
+        expert_ids_TK: torch.Tensor,
+        valid_TK: torch.Tensor,
+        first_TK: torch.Tensor,
+        copies_TK: torch.Tensor,
+        rank_EM: torch.Tensor,
     ) -> torch.Tensor:
         """[T, K] the copy index of each slot under ``copy_choice="balanced"`` (module docstring)."""
-        E, M = slots_EM.shape
-        copies_TK = (slots_EM >= 0).sum(1)[expert_ids_TK]
+        E, M = rank_EM.shape
         local_E = count_keys(expert_ids_TK, valid_TK, E).to(torch.int64)
         count_E = local_E.clone()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1:
             dist.all_reduce(count_E, group=self.group)  # the batch's pairs per expert: every rank the same shares
-        rank_EM = torch.where(slots_EM >= 0, slots_EM // self.slots_per_rank, -1)
         share_EM = balanced_shares_fast(count_E, rank_EM, self.num_ranks)
         quota_EM = local_quotas(share_EM, count_E, local_E, self._rank(), self.num_ranks)
         replicated_TK = valid_TK & (copies_TK > 1)
