@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from placement.copy_choice import balanced_rank_load
 from placement.cost import CostModel, calibrate, format_costs, layer_cost
 from placement.errors import PlacementError
 from placement.evaluate import evaluate_with_baselines, format_comparison, keep_contiguous_where_plan_loses
@@ -169,7 +170,7 @@ def _num_slots(args: argparse.Namespace, inp: PlannerInput) -> int | None:
     return num_slots
 
 
-def _replica_line(layouts: list) -> str:
+def _replica_line(layouts: list, routings: list | None = None) -> str:
     """How many replicas, and of which experts (per layer: the replicated experts and their copies)."""
     layout = layouts[0]
     per_layer = [{e: len(r) + 1 for e, r in enumerate(lay.replicas) if r} for lay in layouts]
@@ -187,7 +188,28 @@ def _replica_line(layouts: list) -> str:
             "expert): train with `c2r-train --copy-choice balanced` to level the ranks in every batch (the loads "
             "above are the default rule's; docs/placement.md, 'A load-aware copy choice')"
         )
+        if routings:
+            line += "\n" + _balanced_load_line(routings, layouts)
     return line
+
+
+def _balanced_load_line(routings: list, layouts: list) -> str:
+    """The rank loads ``--copy-choice balanced`` would give on these (judged) tokens: each recorded step as one batch
+    (all of them as one, a trace of one step), its expert loads split by the balanced shares; pooled over the steps
+    (as the rule's load above) and each step's own busiest rank."""
+    pooled, per_step = [], []
+    for routing, layout in zip(routings, layouts):
+        steps = routing.step_load_SE if routing.step_load_SE is not None else routing.expert_load_E[None]
+        loads_SR = np.stack([balanced_rank_load(row, layout) for row in steps if row.sum() > 0])
+        total_R = loads_SR.sum(axis=0)
+        pooled.append(float(total_R.max() / total_R.mean()))
+        per_step.append(float(loads_SR.max(axis=1).sum() / loads_SR.mean(axis=1).sum()))
+    return (
+        f"PREDICTION with --copy-choice balanced, each step's expert loads split by the balanced shares: rank load "
+        f"max/mean {np.mean(pooled):.3f} mean over layers, {max(pooled):.3f} worst layer; each step's busiest rank "
+        f"{np.mean(per_step):.3f} / {max(per_step):.3f} (copies per token not predicted here: `c2r-place simulate "
+        "--copy-choice balanced` counts them token by token)"
+    )
 
 
 def _cost_model(args: argparse.Namespace) -> CostModel:
@@ -337,7 +359,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         )
     _print_cap_report(reports, kept_contiguous, args.max_load, judged, replicated=num_slots is not None)
     if num_slots is not None:
-        print(_replica_line(layouts))
+        print(_replica_line(layouts, inp.eval_routings))
     pairs = list(zip(results["plan"]["layers"], results["contiguous"]["layers"]))
     print(format_costs(pairs, model, args.ranks, args.nodes))
     print(bytes_line)
@@ -430,8 +452,8 @@ def add_plan_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--replicas",
         metavar="P",
-        help="P physical expert slots (P >= E, a multiple of --ranks, <= E x ranks), or +N for E + N: hot experts get "
-        "replicas, placed where their co-activated experts live, until every rank is under --max-load; from P = 2E "
+        help="P physical expert slots (P >= E, a multiple of --ranks, <= E x ranks), +N for E + N, or 2E: hot experts "
+        "get replicas, placed where their co-activated experts live, until every rank is under --max-load; from P = 2E "
         "every expert first gets a second copy on a partner rank, for c2r-train --copy-choice balanced to level the "
         "ranks in every batch (placement/replicate.py); needs --traces",
     )

@@ -80,13 +80,21 @@ _SWAP_CANDIDATES = 24  # slot swaps scored exactly per step, the best by the est
 
 
 def parse_num_slots(text: str | int, num_experts: int, num_ranks: int) -> int:
-    """``--replicas``: P physical slots, or ``+N`` for E + N; P must be >= E, a multiple of the ranks, and at most
-    E x R (one copy of each expert per rank). Errors name the values."""
+    """``--replicas``: P physical slots, ``+N`` for E + N, or ``2E`` (any whole multiple of E: every expert twice
+    is what the balanced copy choice levels best); P must be >= E, a multiple of the ranks, and at most E x R (one
+    copy of each expert per rank). Errors name the values."""
     raw = str(text).strip()
     try:
-        num_slots = num_experts + int(raw[1:]) if raw.startswith("+") else int(raw)
+        if raw.startswith("+"):
+            num_slots = num_experts + int(raw[1:])
+        elif raw[-1:] in ("E", "e"):
+            num_slots = int(raw[:-1]) * num_experts
+        else:
+            num_slots = int(raw)
     except ValueError:
-        raise PlacementError(f"--replicas takes P physical slots or +N extra slots; got {raw!r}") from None
+        raise PlacementError(
+            f"--replicas takes P physical slots, +N extra slots or a multiple of the experts (2E); got {raw!r}"
+        ) from None
     if num_slots < num_experts:
         raise PlacementError(f"--replicas {raw}: P ({num_slots}) must be >= experts ({num_experts})")
     if num_slots % num_ranks:

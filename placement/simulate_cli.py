@@ -338,7 +338,7 @@ def add_simulate_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--replicas",
         metavar="P",
-        help="also the load-capped plan with replicated experts: P physical slots, or +N extra (as `plan --replicas`)",
+        help="also the load-capped plan with replicated experts: P slots, +N extra or 2E (as `plan --replicas`)",
     )
     p.add_argument(
         "--copy-choice",

@@ -203,6 +203,11 @@ def test_a_plan_with_every_expert_twice_points_to_the_balanced_copy_choice(run_d
     code, text, err = run_cli(capsys, "plan", "--traces", run_dir, "--ranks", 4, "--replicas", 32, "--out", out)
     assert code == 0, err
     assert "every expert got a partner copy (" in text and "train with `c2r-train --copy-choice balanced`" in text
+    # the rank loads a balanced run would see, predicted from the held-out steps' expert loads: nearly level
+    line = next(line for line in text.splitlines() if line.startswith("PREDICTION with --copy-choice balanced"))
+    pooled = float(line.split("rank load max/mean ")[1].split()[0])
+    rule = max(layer["predicted"]["load_imbalance"] for layer in json.loads(out.read_text())["layers"])
+    assert 1.0 <= pooled < min(1.02, rule), (line, rule)
     plan = load_plan(out, num_layers=2, num_experts=16, num_ranks=4)
     assert all(len(ranks) >= 2 for layout in plan.layouts for ranks in layout.ranks_of_experts)
 
@@ -212,7 +217,9 @@ def test_bad_replicas_get_one_line(run_dir, tmp_path, capsys):
         ("12", "P (12) must be >= experts (16)"),
         ("18", "P (18) must be a multiple of ranks (4)"),
         ("68", "P (68) must be <= experts x ranks (16 x 4)"),
-        ("many", "--replicas takes P physical slots or +N extra slots; got 'many'"),
+        ("many", "--replicas takes P physical slots, +N extra slots or a multiple of the experts (2E); got 'many'"),
+        ("E", "--replicas takes P physical slots, +N extra slots or a multiple of the experts (2E); got 'E'"),
+        ("5E", "P (80) must be <= experts x ranks (16 x 4)"),
     ]
     for value, message in cases:
         argv = ["plan", "--traces", run_dir, "--ranks", 4, "--replicas", value, "--out", tmp_path / "p.json"]
@@ -222,6 +229,7 @@ def test_bad_replicas_get_one_line(run_dir, tmp_path, capsys):
     with pytest.raises(PlacementError, match=r"P \(20\) must be a multiple of ranks \(8\)"):
         parse_num_slots("+4", 16, 8)
     assert parse_num_slots("+4", 16, 4) == parse_num_slots(20, 16, 4) == 20
+    assert parse_num_slots("2E", 16, 4) == parse_num_slots("+16", 16, 4) == 32
 
 
 def test_eplb_packing_never_puts_two_replicas_of_one_expert_on_one_gpu():
