@@ -195,20 +195,31 @@ def _replica_line(layouts: list, routings: list | None = None) -> str:
 
 def _balanced_load_line(routings: list, layouts: list) -> str:
     """The rank loads ``--copy-choice balanced`` would give on these (judged) tokens: each recorded step as one batch
-    (all of them as one, a trace of one step), its expert loads split by the balanced shares; pooled over the steps
-    (as the rule's load above) and each step's own busiest rank."""
+    (all of them as one where the trace has no step loads), its expert loads split by the balanced shares; pooled
+    over the steps (as the rule's load above) and each step's own busiest rank. Optimistic by a little: a run
+    balances each layer forward's micro-batch, and rounds its quotas to whole pairs per source rank."""
     pooled, per_step = [], []
     for routing, layout in zip(routings, layouts):
         steps = routing.step_load_SE if routing.step_load_SE is not None else routing.expert_load_E[None]
-        loads_SR = np.stack([balanced_rank_load(row, layout) for row in steps if row.sum() > 0])
+        loads = [balanced_rank_load(row, layout) for row in steps if row.sum() > 0]
+        if not loads:  # a layer with no judged tokens
+            continue
+        loads_SR = np.stack(loads)
         total_R = loads_SR.sum(axis=0)
         pooled.append(float(total_R.max() / total_R.mean()))
-        per_step.append(float(loads_SR.max(axis=1).sum() / loads_SR.mean(axis=1).sum()))
+        if routing.step_load_SE is not None:
+            per_step.append(float(loads_SR.max(axis=1).sum() / loads_SR.mean(axis=1).sum()))
+    head = "PREDICTION with --copy-choice balanced, each step's expert loads split by the balanced shares: "
+    if not pooled:
+        return head + "no judged tokens"
+    steps_part = (
+        f"; per step (each step's busiest rank) {np.mean(per_step):.3f} mean over layers, {max(per_step):.3f} worst"
+        if per_step
+        else " (the trace has no per-step loads: all of it as one batch)"
+    )
     return (
-        f"PREDICTION with --copy-choice balanced, each step's expert loads split by the balanced shares: rank load "
-        f"max/mean {np.mean(pooled):.3f} mean over layers, {max(pooled):.3f} worst layer; each step's busiest rank "
-        f"{np.mean(per_step):.3f} / {max(per_step):.3f} (copies per token not predicted here: `c2r-place simulate "
-        "--copy-choice balanced` counts them token by token)"
+        f"{head}rank load max/mean {np.mean(pooled):.3f} mean over layers, {max(pooled):.3f} worst layer{steps_part} "
+        "(copies per token not predicted here: `c2r-place simulate --copy-choice balanced` counts them token by token)"
     )
 
 

@@ -101,7 +101,11 @@ def balanced_shares_fast(count_E: torch.Tensor, rank_EM: torch.Tensor, num_ranks
                 with torch.cuda.device(rank_EM.device):  # Triton launches on the current device
                     return kernel.balanced_shares_kernel(count_E, rank_EM, num_ranks, BALANCE_ITERS)
             except Exception as error:  # a compile error or too few registers for this size: correct, slower
-                log.warning("balanced copy shares: the Triton kernel failed (%s); using the torch loop", error)
+                log.warning(
+                    "balanced copy shares: the Triton kernel failed (%s; it needs Triton >= 3.2, torch >= 2.6); using "
+                    "the torch loop from a CUDA graph (slower, the same shares)",
+                    error,
+                )
                 _KERNEL_FAILED = True
         return graphed_call(balanced_shares, count_E, rank_EM, num_ranks=num_ranks)
     return balanced_shares(count_E, rank_EM, num_ranks)
