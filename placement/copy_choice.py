@@ -38,7 +38,8 @@ def balanced_shares(count_E: np.ndarray, rank_EC: np.ndarray, num_ranks: int) ->
         load_EC = load[rank]
         mean_E = np.where(cells, load_EC, 0.0).sum(axis=1) / copies_E
         share = np.where(cells, np.maximum(share + step * (mean_E[:, None] - load_EC), 0.0), 0.0)
-        share = share * (count / np.maximum(share.sum(axis=1), 1e-300))[:, None]
+        total = share.sum(axis=1)  # 0 where nothing is replicated or every share clipped: then the shares stay 0
+        share = share * np.where(total > 0, count / np.maximum(total, 1e-300), 0.0)[:, None]
     return share
 
 

@@ -15,6 +15,7 @@ CASES = [
     ([[e // 4, (e // 4 + [1, 2, 4, 8][e % 4]) % 16] for e in range(64)], 16),  # twice, spread 1, 2, 4, 8 on
     ([[e // 2, (e // 2 + 1) % 3] for e in range(6)], 3),  # 3 ranks: powers of two do not fit
     ([0, 0, 1, 1], 2),  # nothing replicated: every share 0
+    ([[0, 1, 2], [1, 2], 0, [0, 1], 2], 3),  # at most 3 copies (not a power of two), ranks of 2 and 3 copies
 ]
 
 
@@ -33,6 +34,10 @@ def check_cases() -> None:
         kernel = balanced_shares_kernel(count_E, rank_EM, ranks, BALANCE_ITERS)
         reference = balanced_shares(count_E, rank_EM, ranks)
         torch.testing.assert_close(kernel, reference, rtol=1e-12, atol=1e-9)
+        # a batch of ~1e9 pairs: the running sums' rounding stays far below the one pair the quotas round to
+        huge = count_E * 1_000_000
+        far = balanced_shares_kernel(huge, rank_EM, ranks, BALANCE_ITERS) - balanced_shares(huge, rank_EM, ranks)
+        assert far.abs().max() < 1e-3, far.abs().max()
         replicated = (rank_EM >= 0).sum(1) > 1  # their shares add up to their counts; the others' are 0
         assert torch.allclose(kernel.sum(1)[replicated], count_E[replicated].double())
         assert not kernel[~replicated].any()

@@ -85,7 +85,8 @@ def balanced_shares(count_E: torch.Tensor, rank_EM: torch.Tensor, num_ranks: int
         load_EM = (onehot_EMR * load_R).sum(2)
         mean_E = torch.where(cells_EM, load_EM, 0.0).sum(1) / copies_E
         share_EM = torch.where(cells_EM, (share_EM + step * (mean_E[:, None] - load_EM)).clamp(min=0.0), 0.0)
-        share_EM = share_EM * (count_E / share_EM.sum(1).clamp(min=1e-300))[:, None]
+        total_E = share_EM.sum(1)  # 0 where nothing is replicated or every share clipped: then the shares stay 0
+        share_EM = share_EM * torch.where(total_E > 0, count_E / total_E.clamp(min=1e-300), 0.0)[:, None]
     return share_EM
 
 

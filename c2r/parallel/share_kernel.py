@@ -64,7 +64,8 @@ def _balanced_shares_kernel(
         load_EM = tl.reshape(tl.gather(load_R, rank_of_C, 0), (BE, BM))
         mean_E = tl.sum(tl.where(cells_EM, load_EM, 0.0), axis=1) / tl.maximum(copies_E, 1.0)
         share_EM = tl.where(cells_EM, tl.maximum(share_EM + step * (mean_E[:, None] - load_EM), 0.0), 0.0)
-        share_EM = share_EM * (count_E / tl.maximum(tl.sum(share_EM, axis=1), 1e-300))[:, None]
+        total_E = tl.sum(share_EM, axis=1)  # 0: nothing replicated, or every share clipped (they stay 0)
+        share_EM = share_EM * tl.where(total_E > 0, count_E / tl.maximum(total_E, 1e-300), 0.0)[:, None]
     tl.store(out_ptr + e[:, None] * M + m[None, :], share_EM, mask=in_EM)
 
 
