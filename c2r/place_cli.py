@@ -23,9 +23,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
     # The resumed run needs the plan's ranks and the settings it was trained with (the saved config holds them).
     saved = json.loads((written / CONFIG_FILE).read_text())
     optimizer_state, ranks, steps = saved["optimizer_state"], plan.num_ranks, saved["train"]["steps"]
+    world = saved.get("world_size", ranks)  # the checkpoint's ranks: apply keeps them (ep_size is the plan's)
     print(
         f"wrote {written}: experts moved to the plan's ranks; optimizer state {optimizer_state}; continue with "
-        f"`deepspeed --num_gpus {ranks} --module c2r.train --ep-size {ranks} --config {written / CONFIG_FILE} "
+        f"`deepspeed --num_gpus {world} --module c2r.train --ep-size {ranks} --config {written / CONFIG_FILE} "
         f"--resume --plan {args.plan} --out {Path(args.out).parent} --steps N` (N > {steps})"
     )
     return 0
@@ -58,12 +59,13 @@ def cmd_reshard(args: argparse.Namespace) -> int:
     layouts = plan.layouts if plan else None
     written = reshard(args.checkpoint, args.out, args.world_size, ep_size, layouts, tag=args.tag, plan_path=args.plan)
     saved = json.loads((written / CONFIG_FILE).read_text())
-    batch = saved["train"]["batch_size"]
+    batch, steps = saved["train"]["batch_size"], saved["train"]["steps"]
     plan_flag = f" --plan {args.plan}" if args.plan else ""
     print(
         f"wrote {written}: {args.world_size} ranks, ep_size {ep_size}, {batch} sequences per rank; optimizer state "
         f"{saved['optimizer_state']}; continue with `deepspeed --num_gpus {args.world_size} --module c2r.train "
-        f"--out {Path(args.out).parent} --resume --ep-size {ep_size} --set train.batch_size={batch}{plan_flag}`"
+        f"--config {written / CONFIG_FILE} --out {Path(args.out).parent} --resume --ep-size {ep_size} "
+        f"--set train.batch_size={batch}{plan_flag} --steps N` (N > {steps})"
     )
     return 0
 

@@ -219,6 +219,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"config file {str(path)!r} is not JSON ({error})") from None
     if not isinstance(settings, dict):
         raise ValueError(f"config file {str(path)!r} holds a {type(settings).__name__}, expected a JSON object")
+    if any(key in settings for key in RECORDED_KEYS) and isinstance(settings.get("train"), dict):
+        # a saved run's config: whether that run resumed or replaced another says nothing about the next one (a
+        # saved "overwrite": true would refuse the --resume that `c2r-place apply` and `reshard` print)
+        settings["train"] = {k: v for k, v in settings["train"].items() if k not in ("resume", "overwrite")}
     return {key: value for key, value in settings.items() if key not in RECORDED_KEYS}
 
 

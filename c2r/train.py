@@ -94,7 +94,8 @@ def check_finite_step(
     cause = f" ({router_error})" if router_error is not None else ""
     raise TrainingDiverged(
         f"training diverged at step {step}: loss {loss:.4g}, gradient norm {norm}{cause}; stopped before saving it, "
-        f"{saved} (--resume continues from it; a lower --set train.lr=... or train.grad_clip=... may hold it)"
+        f"{saved} (--resume, in place of any --overwrite, continues from it; a lower --set train.lr=... or "
+        "train.grad_clip=... may hold it)"
     )
 
 
@@ -527,7 +528,8 @@ def run(config: RunConfig) -> str | None:
     if result["stopped_by"]:
         return (
             f"stopped by {result['stopped_by']} at step {end} of {steps} ({this_run}): checkpoint "
-            f"{Path(result['checkpoint_dir']) / f'step{end}'}; run the same command with --resume to continue"
+            f"{Path(result['checkpoint_dir']) / f'step{end}'}; run the same command with --resume (and without "
+            "--overwrite) to continue"
         )
     first, last = result["history"][0], result["history"][-1]
     return (

@@ -1,20 +1,21 @@
 """``c2r-place``: plan where each expert lives, judge a plan, export it, apply it to a checkpoint.
 
-c2r-place plan --traces runs/demo --ranks 2 --out plan.json             # Mt-KaHyPar, KM1, exactly E/R per rank,
+c2r-place plan --traces runs/before --ranks 2 --out plan.json           # Mt-KaHyPar, KM1, exactly E/R per rank,
                                                                         # rank load <= 1.10 x mean (--max-load)
-c2r-place plan --traces runs/demo --ranks 8 --holdout 0.2 --pareto --calibrate runs/demo --out plan.json
-c2r-place plan --traces runs/demo --ranks 16 --nodes 2 --holdout 0.2 --out plan.json
-c2r-place plan --traces runs/demo --ranks 16 --nodes 2 --topology map --inter-node-cost 10 --out plan.json
+c2r-place plan --traces runs/before --ranks 8 --holdout 0.2 --pareto --calibrate runs/before --out plan.json
+c2r-place plan --traces runs/big --ranks 16 --nodes 2 --holdout 0.2 --out plan.json
+c2r-place plan --traces runs/big --ranks 16 --nodes 2 --topology map --inter-node-cost 10 --out plan.json
 c2r-place plan --coactivation coact.npy --ranks 4 --method greedy --out plan.json
-c2r-place plan --traces runs/demo --ranks 8 --holdout 0.2 --max-load 1.05 --replicas +8 --out plan.json  # replicas
+c2r-place plan --traces runs/before --ranks 8 --holdout 0.2 --max-load 1.05 --replicas +8 --out plan.json  # replicas
 c2r-place plan --traces runs/big --ranks 64 --nodes 8 --jobs 8 --out plan.json   # 8 layers at a time (default: CPUs)
-c2r-place evaluate --plan plan.json --traces runs/demo [--hidden 4096 --dtype bf16] [--json]   # default: traced
+c2r-place evaluate --plan plan.json --traces runs/before [--hidden 4096 --dtype bf16] [--json]   # default: traced
 c2r-place export --plan plan.json --format eplb|autoep [--out placement.json]
-c2r-place simulate --traces runs/demo --nodes 2 --gpus-per-node 4    # PREDICTED a2a / step ms per dispatch mode
+c2r-place simulate --traces runs/before --nodes 2 --gpus-per-node 4    # PREDICTED a2a / step ms per dispatch mode
 c2r-place apply --plan plan.json --checkpoint RUN/checkpoints --out RUN2/checkpoints   # c2r-place only
 
 --traces takes a trace directory, a profile directory or a run directory (c2r-train --profile writes
-run/profile/traces); --coactivation a [L, E, E] or [E, E] .npy (c2r-profile coactivation) or counts-rank*.npz.
+run/profile/traces: runs/before above is README's profiled run; `make demo`'s runs/demo records no traces);
+--coactivation a [L, E, E] or [E, E] .npy (c2r-profile coactivation) or counts-rank*.npz.
 Bad input exits with code 2 and a message naming the values.
 """
 

@@ -2,9 +2,9 @@
 per-expert, per-rank and per-node dispatch under the contiguous, planned and load-capped placements
 (placement/simulate.py has the model).
 
-c2r-place simulate --traces runs/demo --nodes 2 --gpus-per-node 4
+c2r-place simulate --traces runs/before --nodes 2 --gpus-per-node 4
 c2r-place simulate --synthetic deepseek-v3 --layers 4 --nodes 8 --gpus-per-node 8 --json sim.json
-c2r-place simulate --traces runs/demo --nodes 1 --gpus-per-node 2 --calibrate calibration.json
+c2r-place simulate --traces runs/before --nodes 1 --gpus-per-node 2 --calibrate calibration.json
 """
 
 from __future__ import annotations

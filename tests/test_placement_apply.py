@@ -355,3 +355,34 @@ def test_apply_refuses_a_plan_of_another_shape(tmp_path):
     assert cli.returncode == 2 and "num_experts=16 in the plan, 8 in the checkpoint" in cli.stderr
     with pytest.raises(FileNotFoundError, match="no checkpoint in"):
         move_experts(plan_from_dict(plan_dict()).layouts, tmp_path / "nowhere", tmp_path / "out")
+
+
+def test_the_printed_continue_commands_run_as_written(tmp_path):
+    # `c2r-place apply` and `reshard` print the command that continues the run: with the checkpoint's ranks (4, ep 2:
+    # apply keeps the world size), its config (a run started with --overwrite must not make --resume fail), and
+    # --steps past the saved step; c2r-train accepts each as printed (--print-config: the settings are checked, no
+    # run)
+    import re
+
+    run_distributed(train_worker, 4, tmp_path / "w1", raw_config(tmp_path / "run", steps=2, overwrite=True))
+    plan = write_plan(tmp_path / "plan.json")
+    commands = {
+        "apply": ["apply", "--plan", plan, "--checkpoint", str(tmp_path / "run" / "checkpoints")],
+        "reshard": ["reshard", "--world-size", "2", "--checkpoint", str(tmp_path / "run" / "checkpoints")],
+    }
+    for name, argv in commands.items():
+        out = tmp_path / name / "checkpoints"
+        done = subprocess.run(
+            [sys.executable, "-m", "c2r.place_cli", *argv, "--out", str(out)], capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        printed = re.search(r"continue with `deepspeed --num_gpus (\d+) --module c2r.train (.*?)`", done.stdout)
+        assert printed is not None, done.stdout
+        assert printed.group(1) == ("4" if name == "apply" else "2") and "--ep-size 2" in printed.group(2)
+        args = printed.group(2).replace("--steps N", "--steps 4").split()
+        check = subprocess.run(
+            [sys.executable, "-m", "c2r.train", *args, "--print-config"], capture_output=True, text=True
+        )
+        assert check.returncode == 0, (printed.group(0), check.stderr)
+        settings = json.loads(check.stdout)
+        assert settings["train"]["resume"] and not settings["train"]["overwrite"] and settings["train"]["steps"] == 4

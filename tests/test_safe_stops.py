@@ -83,7 +83,7 @@ def test_sigint_on_one_rank_stops_both_at_the_same_boundary_and_resume_continues
     assert (ckpt / "latest").read_text() == f"step{done}"
     assert stopped[0]["summary"] == (
         f"stopped by SIGINT at step {done} of {STEPS} ({done} steps): checkpoint {ckpt / f'step{done}'}; "
-        "run the same command with --resume to continue"
+        "run the same command with --resume (and without --overwrite) to continue"
     )
     torch.testing.assert_close(stopped[0]["step_losses"], full_run[1][0]["step_losses"][:done], rtol=1e-5, atol=1e-5)
 
