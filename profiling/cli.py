@@ -1,9 +1,9 @@
 """``c2r-profile``: read what ``c2r-train --profile`` recorded.
 
-c2r-profile summarize runs/demo                      # headline numbers per MoE layer, in the terminal
-c2r-profile dashboard runs/demo -o report.html       # one self-contained HTML file, opens offline
+c2r-profile summarize runs/before                      # headline numbers per MoE layer, in the terminal
+c2r-profile dashboard runs/before -o report.html       # one self-contained HTML file, opens offline
 c2r-profile dashboard runs/before runs/after -o compare.html   # before/after (e.g. contiguous vs a plan)
-c2r-profile coactivation runs/demo -o coact.npy      # [L, E, E] counts for the placement planner
+c2r-profile coactivation runs/before -o coact.npy      # [L, E, E] counts for the placement planner
 """
 
 from __future__ import annotations
