@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -13,21 +14,28 @@ from placement import cli as placement_cli
 from placement.plan import load_plan
 
 
+def _continue_hint(written: Path, saved: dict) -> str:
+    """``(N > step)``: the step the checkpoint holds (its tag is step<N>; else the saved run's length)."""
+    match = re.fullmatch(r"step(\d+)", written.name)
+    return f"(N > {match.group(1) if match else saved['train']['steps']})"
+
+
 def cmd_apply(args: argparse.Namespace) -> int:
     # torch and DeepSpeed load for this subcommand only: plan / evaluate / export stay quick to start
     from c2r.deepspeed.apply_plan import apply_plan
     from c2r.deepspeed.checkpoint import CONFIG_FILE
+    from c2r.deepspeed.reshard import saved_world_size
 
     plan = load_plan(args.plan)
     written = apply_plan(plan.layouts, args.checkpoint, args.out, tag=args.tag, plan_path=args.plan)
     # The resumed run needs the plan's ranks and the settings it was trained with (the saved config holds them).
     saved = json.loads((written / CONFIG_FILE).read_text())
-    optimizer_state, ranks, steps = saved["optimizer_state"], plan.num_ranks, saved["train"]["steps"]
-    world = saved.get("world_size", ranks)  # the checkpoint's ranks: apply keeps them (ep_size is the plan's)
+    optimizer_state, ranks = saved["optimizer_state"], plan.num_ranks
+    world = saved.get("world_size") or saved_world_size(written)  # apply keeps the ranks (ep_size is the plan's)
     print(
         f"wrote {written}: experts moved to the plan's ranks; optimizer state {optimizer_state}; continue with "
         f"`deepspeed --num_gpus {world} --module c2r.train --ep-size {ranks} --config {written / CONFIG_FILE} "
-        f"--resume --plan {args.plan} --out {Path(args.out).parent} --steps N` (N > {steps})"
+        f"--resume --plan {args.plan} --out {Path(args.out).parent} --steps N` {_continue_hint(written, saved)}"
     )
     return 0
 
@@ -59,13 +67,13 @@ def cmd_reshard(args: argparse.Namespace) -> int:
     layouts = plan.layouts if plan else None
     written = reshard(args.checkpoint, args.out, args.world_size, ep_size, layouts, tag=args.tag, plan_path=args.plan)
     saved = json.loads((written / CONFIG_FILE).read_text())
-    batch, steps = saved["train"]["batch_size"], saved["train"]["steps"]
+    batch = saved["train"]["batch_size"]
     plan_flag = f" --plan {args.plan}" if args.plan else ""
     print(
         f"wrote {written}: {args.world_size} ranks, ep_size {ep_size}, {batch} sequences per rank; optimizer state "
         f"{saved['optimizer_state']}; continue with `deepspeed --num_gpus {args.world_size} --module c2r.train "
         f"--config {written / CONFIG_FILE} --out {Path(args.out).parent} --resume --ep-size {ep_size} "
-        f"--set train.batch_size={batch}{plan_flag} --steps N` (N > {steps})"
+        f"--set train.batch_size={batch}{plan_flag} --steps N` {_continue_hint(written, saved)}"
     )
     return 0
 

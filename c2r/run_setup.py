@@ -5,7 +5,8 @@ A run config is one typed dataclass per section (``model``, ``train``, ``data``,
 ``adak``), each validated on construction. A tool resolves it from layers, each later one winning:
 1. the tool's base: nothing for ``c2r-train``; the source checkpoint's run for ``c2r-adak``;
 2. the tool's own defaults where they differ from the dataclasses' (``c2r-adak``'s are the Ada-K paper's);
-3. ``--config FILE`` (a saved run's ``c2r_config.json`` loads as it is);
+3. ``--config FILE`` (a saved run's ``c2r_config.json`` loads as it is, but for its records and its own
+   ``train.resume`` / ``train.overwrite``: how that run started says nothing about the next one);
 4. the shorthand flags (``--steps 7`` is ``--set train.steps=7``), then ``--set key=value``, in order.
 Every checkpoint saves the resolved config (``run_config_record``); ``--print-config`` prints it and exits.
 """

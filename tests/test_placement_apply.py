@@ -359,30 +359,42 @@ def test_apply_refuses_a_plan_of_another_shape(tmp_path):
 
 def test_the_printed_continue_commands_run_as_written(tmp_path):
     # `c2r-place apply` and `reshard` print the command that continues the run: with the checkpoint's ranks (4, ep 2:
-    # apply keeps the world size), its config (a run started with --overwrite must not make --resume fail), and
-    # --steps past the saved step; c2r-train accepts each as printed (--print-config: the settings are checked, no
-    # run)
+    # apply keeps the world size), its config (a run started with --overwrite must not make --resume fail, a run
+    # trained under a plan must not bring that plan back into a reshard to contiguous placement), and --steps past
+    # the checkpoint's step; c2r-train accepts each as printed (--print-config), and the resharded one resumes
     import re
 
-    run_distributed(train_worker, 4, tmp_path / "w1", raw_config(tmp_path / "run", steps=2, overwrite=True))
     plan = write_plan(tmp_path / "plan.json")
-    commands = {
-        "apply": ["apply", "--plan", plan, "--checkpoint", str(tmp_path / "run" / "checkpoints")],
-        "reshard": ["reshard", "--world-size", "2", "--checkpoint", str(tmp_path / "run" / "checkpoints")],
+    source = raw_config(tmp_path / "run", steps=2, overwrite=True, placement_plan=plan)
+    run_distributed(train_worker, 4, tmp_path / "w1", source)
+    commands = {  # name: (c2r-place arguments, ranks, resolved batch per rank, resolved plan)
+        "apply": (["apply", "--plan", plan], "4", 4, plan),
+        "reshard": (["reshard", "--world-size", "2"], "2", 8, None),
     }
-    for name, argv in commands.items():
+    for name, (argv, ranks, batch, plan_path) in commands.items():
         out = tmp_path / name / "checkpoints"
         done = subprocess.run(
-            [sys.executable, "-m", "c2r.place_cli", *argv, "--out", str(out)], capture_output=True, text=True
+            [sys.executable, "-m", "c2r.place_cli", *argv, "--checkpoint", str(tmp_path / "run" / "checkpoints")]
+            + ["--out", str(out)],
+            capture_output=True,
+            text=True,
         )
         assert done.returncode == 0, done.stderr
-        printed = re.search(r"continue with `deepspeed --num_gpus (\d+) --module c2r.train (.*?)`", done.stdout)
+        printed = re.search(
+            r"continue with `deepspeed --num_gpus (\d+) --module c2r.train (.*?)` \(N > 2\)", done.stdout
+        )
         assert printed is not None, done.stdout
-        assert printed.group(1) == ("4" if name == "apply" else "2") and "--ep-size 2" in printed.group(2)
-        args = printed.group(2).replace("--steps N", "--steps 4").split()
+        assert printed.group(1) == ranks, printed.group(0)
+        args = printed.group(2).replace("--steps N", "--steps 3").split()
         check = subprocess.run(
             [sys.executable, "-m", "c2r.train", *args, "--print-config"], capture_output=True, text=True
         )
         assert check.returncode == 0, (printed.group(0), check.stderr)
         settings = json.loads(check.stdout)
-        assert settings["train"]["resume"] and not settings["train"]["overwrite"] and settings["train"]["steps"] == 4
+        train_settings = settings["train"]
+        assert train_settings["resume"] and not train_settings["overwrite"] and train_settings["steps"] == 3
+        assert (train_settings["batch_size"], train_settings["ep_size"]) == (batch, 2)
+        assert train_settings["placement_plan"] == plan_path
+    # the resharded run resumes as printed: 2 ranks, one more step
+    resumed = run_distributed(train_worker, 2, tmp_path / "w2", settings)
+    assert len(resumed[0]["step_losses"]) == 1

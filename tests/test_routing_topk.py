@@ -115,7 +115,7 @@ def test_batch_balance_spreads_tokens_that_share_most_of_their_input():
 def test_batch_balance_levels_clustered_logits_in_its_default_rounds():
     # Two groups of tokens that favour different experts strongly: the solve's first steps overshoot there (an
     # expert above target drops below it, and back); with harmonic steps the default 8 rounds end nearly level
-    # (1 / sqrt(1 + i) steps ended at 2.4 max/mean here; c2r/routing/balance.py)
+    # (1 / sqrt(1 + i) steps ended at 1.85 max/mean here, these at 1.14; c2r/routing/balance.py)
     from c2r.routing.balance import solve_bias
 
     torch.manual_seed(0)

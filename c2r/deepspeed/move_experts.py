@@ -136,6 +136,7 @@ def move_experts(
         log.warning("optimizer state not carried over: %s", why)
     run_config["expert_layouts"] = [layout.to_json() for layout in new]
     run_config["placement_plan"] = plan_path
+    run_config["train"]["placement_plan"] = plan_path  # the setting too, for a resume with --config
     (tmp / CONFIG_FILE).write_text(json.dumps(run_config, indent=2))
     return publish_checkpoint(tmp, dst)
 

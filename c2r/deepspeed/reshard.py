@@ -186,6 +186,7 @@ def resized_run_config(
     config["world_size"] = world_size
     config["expert_layouts"] = [layout.to_json() for layout in layouts]
     config["placement_plan"] = plan_path
+    train["placement_plan"] = plan_path  # the setting too: a resume with --config must not bring back the old plan
     return config
 
 

@@ -49,8 +49,8 @@ def solve_bias(logits_TE: torch.Tensor, top_k: int, rounds: int) -> torch.Tensor
         kth_T1 = scores_TE.topk(top_k, dim=1).values[:, -1:]
         counts_E = (scores_TE >= kth_T1).sum(0, dtype=torch.float32)
         # Harmonic steps: the first rounds' steps overshoot (an expert above target drops below it, and back);
-        # 1 / (1 + i) damps that where 1 / sqrt(1 + i) kept 8 rounds at 1.1-2.4 max/mean on clustered logits
-        # (1.01-1.22 now; docs/gpu_runs.md)
+        # 1 / (1 + i) damps that where 1 / sqrt(1 + i) left 8 rounds at 1.1-2.4 max/mean on synthetic logits
+        # (1.01-1.22 with these), and the ~1B model at 1.23-1.51 (1.04-1.22): docs/gpu_runs.md, part 5
         bias_E.addcmul_(counts_E - target, step, value=-1.0 / (target * (1 + i)))
     return bias_E
 
