@@ -51,26 +51,17 @@ def layout_ranks(E: int, R: int, third: bool) -> torch.Tensor:
 
 def row(E: int, R: int, third: bool, warps: list[int]) -> str:
     """One table row: the kernel at each warp count, as called, the graphed and the eager loop, the difference."""
-    import triton
-
-    from c2r.parallel.share_kernel import _balanced_shares_kernel, balanced_shares_kernel
+    from c2r.parallel.share_kernel import balanced_shares_kernel
 
     rank_EM = layout_ranks(E, R, third).cuda()
     count_E = (torch.rand(E, generator=torch.Generator().manual_seed(0)) ** 3 * 20000).long().cuda()
-    BE, BM, BR = (triton.next_power_of_2(n) for n in (E, rank_EM.shape[1], R))
-    out = torch.empty(rank_EM.shape, dtype=torch.float64, device="cuda")
-
-    def kernel_at(w: int) -> None:
-        _balanced_shares_kernel[(1,)](
-            count_E, rank_EM, out, E, rank_EM.shape[1], ITERS=BALANCE_ITERS, BE=BE, BM=BM, BR=BR, num_warps=w
-        )
-
-    cells = [f"{best_ms(partial(kernel_at, w)):.3f}" for w in warps]
-    cells.append(f"**{best_ms(partial(balanced_shares_kernel, count_E, rank_EM, R, BALANCE_ITERS)):.3f}**")
+    kernel_at = partial(balanced_shares_kernel, count_E, rank_EM, R, BALANCE_ITERS)
+    cells = [f"{best_ms(partial(kernel_at, num_warps=w)):.3f}" for w in warps]
+    cells.append(f"**{best_ms(kernel_at):.3f}**")
     cells.append(f"{best_ms(partial(graphed_call, balanced_shares, count_E, rank_EM, num_ranks=R)):.3f}")
     cells.append(f"{best_ms(partial(balanced_shares, count_E, rank_EM, R), rounds=1, calls=5):.3f}")
     reference = balanced_shares(count_E, rank_EM, R)
-    diff = (balanced_shares_kernel(count_E, rank_EM, R, BALANCE_ITERS) - reference).abs().max().item()
+    diff = (kernel_at() - reference).abs().max().item()
     return f"| {E}, {R}, {'2 + 3rd' if third else '2'} | " + " | ".join(cells) + f" | {diff:.1e} |"
 
 

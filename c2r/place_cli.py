@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -16,8 +15,10 @@ from placement.plan import load_plan
 
 def _continue_hint(written: Path, saved: dict) -> str:
     """``(N > step)``: the step the checkpoint holds (its tag is step<N>; else the saved run's length)."""
-    match = re.fullmatch(r"step(\d+)", written.name)
-    return f"(N > {match.group(1) if match else saved['train']['steps']})"
+    from c2r.deepspeed.checkpoint import tag_step
+
+    step = tag_step(written.name)
+    return f"(N > {saved['train']['steps'] if step is None else step})"
 
 
 def cmd_apply(args: argparse.Namespace) -> int:

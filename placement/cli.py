@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from placement.copy_choice import balanced_rank_load
+from placement.copy_choice import balanced_rank_loads
 from placement.cost import CostModel, calibrate, format_costs, layer_cost
 from placement.errors import PlacementError
 from placement.evaluate import evaluate_with_baselines, format_comparison, keep_contiguous_where_plan_loses
@@ -202,10 +202,10 @@ def _balanced_load_line(routings: list, layouts: list) -> str:
     pooled, per_step = [], []
     for routing, layout in zip(routings, layouts):
         steps = routing.step_load_SE if routing.step_load_SE is not None else routing.expert_load_E[None]
-        loads = [balanced_rank_load(row, layout) for row in steps if row.sum() > 0]
-        if not loads:  # a layer with no judged tokens
+        steps = steps[steps.sum(axis=1) > 0]
+        if not len(steps):  # a layer with no judged tokens
             continue
-        loads_SR = np.stack(loads)
+        loads_SR = balanced_rank_loads(steps, layout)
         total_R = loads_SR.sum(axis=0)
         pooled.append(float(total_R.max() / total_R.mean()))
         if routing.step_load_SE is not None:

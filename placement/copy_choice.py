@@ -43,17 +43,20 @@ def balanced_shares(count_E: np.ndarray, rank_EC: np.ndarray, num_ranks: int) ->
     return share
 
 
-def balanced_rank_load(load_E: np.ndarray, layout: ExpertLayout) -> np.ndarray:
-    """[R] each rank's load when ``load_E`` (one batch's pairs per expert) is split as `balanced_shares` splits it:
-    the single-copy experts' on their ranks, each replicated expert's shares on its copies' (the quotas round these
-    to whole pairs per source rank, so a run's loads differ from these by a pair or so per copy)."""
+def balanced_rank_loads(load_SE: np.ndarray, layout: ExpertLayout) -> np.ndarray:
+    """[S, R] each rank's load when each row of ``load_SE`` (one batch's pairs per expert) is split as
+    `balanced_shares` splits it: the single-copy experts' on their ranks, each replicated expert's shares on its
+    copies' (the quotas round these to whole pairs per source rank, so a run's loads differ from these by a pair or
+    so per copy)."""
     ranks_EC = copy_ranks(layout)
-    load = np.asarray(load_E, dtype=np.float64)
-    share = balanced_shares(load, ranks_EC, layout.num_ranks)
-    single = (ranks_EC >= 0).sum(axis=1) == 1
-    out = np.bincount(ranks_EC[single, 0], weights=load[single], minlength=layout.num_ranks)
     on = ranks_EC >= 0
-    return out + np.bincount(ranks_EC[on], weights=share[on], minlength=layout.num_ranks)
+    single = on.sum(axis=1) == 1
+    out = np.zeros((len(load_SE), layout.num_ranks))
+    for row, load in zip(out, np.asarray(load_SE, dtype=np.float64)):
+        share = balanced_shares(load, ranks_EC, layout.num_ranks)
+        row += np.bincount(ranks_EC[single, 0], weights=load[single], minlength=layout.num_ranks)
+        row += np.bincount(ranks_EC[on], weights=share[on], minlength=layout.num_ranks)
+    return out
 
 
 def choose_balanced_copy_ranks(

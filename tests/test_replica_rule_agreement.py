@@ -141,10 +141,10 @@ def test_the_balanced_choice_equals_its_numpy_twin_and_levels_the_ranks():
 
 
 def test_the_planners_balanced_load_is_what_the_choice_sends_up_to_rounding():
-    # placement/copy_choice.py balanced_rank_load (the plan summary's prediction for --copy-choice balanced, from
+    # placement/copy_choice.py balanced_rank_loads (the plan summary's prediction for --copy-choice balanced, from
     # expert loads alone) against the copies the choice picks token by token, the batch split over 4 source ranks
     # (each rounds its quotas to whole pairs, dithered by source: 0.7 pairs off at most here)
-    from placement.copy_choice import balanced_rank_load
+    from placement.copy_choice import balanced_rank_loads
     from placement.simulate import slot_ranks, source_ranks
 
     rng = np.random.default_rng(3)
@@ -152,9 +152,9 @@ def test_the_planners_balanced_load_is_what_the_choice_sends_up_to_rounding():
     for layout in TWIN_LAYOUTS:
         ids = np.stack([rng.choice(E, K, replace=False, p=p / p.sum()) for _ in range(T)])
         sent = np.bincount(slot_ranks(ids, layout, source_ranks(T, R), "balanced").ravel(), minlength=R)
-        predicted = balanced_rank_load(np.bincount(ids.ravel(), minlength=E), layout)
+        predicted = balanced_rank_loads(np.bincount(ids.ravel(), minlength=E)[None], layout)[0]
         assert predicted.sum() == pytest.approx(T * K)
         np.testing.assert_allclose(predicted, sent, atol=R)  # a rank's load to within a pair per source
     ids = np.stack([rng.choice(E, K, replace=False, p=p / p.sum()) for _ in range(T)])
-    level = balanced_rank_load(np.bincount(ids.ravel(), minlength=E), RING)
+    level = balanced_rank_loads(np.bincount(ids.ravel(), minlength=E)[None], RING)[0]
     assert level.max() / level.mean() < 1.01

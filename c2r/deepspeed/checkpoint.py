@@ -49,16 +49,22 @@ def save_checkpoint(engine, ckpt_dir: str | Path, step: int, run_config: dict[st
     return tag
 
 
+def tag_step(tag: str | None) -> int | None:
+    """The step of a ``step<N>`` tag (`save_checkpoint`'s), None for any other tag."""
+    match = re.fullmatch(r"step(\d+)", tag or "")
+    return int(match.group(1)) if match else None
+
+
 def prune_checkpoints(ckpt_dir: str | Path, keep: int) -> list[str]:
     """Delete all but the newest ``keep`` step checkpoints up to ``latest`` (0: keep all); returns the deleted tags.
     Newer ones than ``latest`` are a crashed save's leftovers, which the next save of that step overwrites."""
-    latest = latest_tag(ckpt_dir)
-    if keep <= 0 or latest is None or not re.fullmatch(r"step\d+", latest):
+    latest = tag_step(latest_tag(ckpt_dir))
+    if keep <= 0 or latest is None:
         return []
     steps = sorted(
-        int(path.name[4:]) for path in Path(ckpt_dir).iterdir() if path.is_dir() and re.fullmatch(r"step\d+", path.name)
+        tag_step(path.name) for path in Path(ckpt_dir).iterdir() if path.is_dir() and tag_step(path.name) is not None
     )
-    old = [step for step in steps if step <= int(latest[4:])][:-keep]
+    old = [step for step in steps if step <= latest][:-keep]
     for step in old:
         shutil.rmtree(Path(ckpt_dir) / f"step{step}", ignore_errors=True)
     return [f"step{step}" for step in old]

@@ -69,13 +69,17 @@ def _balanced_shares_kernel(
     tl.store(out_ptr + e[:, None] * M + m[None, :], share_EM, mask=in_EM)
 
 
-def balanced_shares_kernel(count_E: torch.Tensor, rank_EM: torch.Tensor, num_ranks: int, iters: int) -> torch.Tensor:
-    """[E, M] float64, as `c2r.parallel.replicas.balanced_shares` (module docstring); CUDA tensors."""
+def balanced_shares_kernel(
+    count_E: torch.Tensor, rank_EM: torch.Tensor, num_ranks: int, iters: int, num_warps: int | None = None
+) -> torch.Tensor:
+    """[E, M] float64, as `c2r.parallel.replicas.balanced_shares` (module docstring); CUDA tensors. ``num_warps``:
+    default by the number of copies (benchmarks/share_kernel_bench.py times others)."""
     E, M = rank_EM.shape
     out = torch.empty(E, M, dtype=torch.float64, device=rank_EM.device)
     BE, BM, BR = (triton.next_power_of_2(n) for n in (E, M, num_ranks))
+    if num_warps is None:
+        num_warps = min(16, max(4, BE * BM // 32))  # measured best at 128, 256, >= 512 copies
     _balanced_shares_kernel[(1,)](
-        count_E.contiguous(), rank_EM.contiguous(), out, E, M, ITERS=iters, BE=BE, BM=BM, BR=BR,
-        num_warps=min(16, max(4, BE * BM // 32)),  # measured best at 128, 256, >= 512 copies
+        count_E.contiguous(), rank_EM.contiguous(), out, E, M, ITERS=iters, BE=BE, BM=BM, BR=BR, num_warps=num_warps,
     )  # fmt: skip
     return out
