@@ -353,21 +353,38 @@ def test_a_whole_layer_forward_syncs_at_most_once_on_one_gpu(backend_name, balan
 @needs_cuda
 @pytest.mark.parametrize(("T", "E", "K"), [(8192, 64, 8), (1000, 16, 2)])
 def test_graphed_balance_solve_equals_the_eager_loop(T, E, K):
-    """The batch balancer's solve replayed from a CUDA graph (c2r/routing/balance.py) computes exactly the eager
-    loop's bias, for every layer that shares the graph (one copy in, one replay, one copy out each)."""
+    """The batch balancer's solve replayed from a CUDA graph (c2r/routing/balance.py), with the margin step as its
+    Triton kernel, computes exactly the eager loop's bias with the torch step, for every layer that shares the
+    graph (one copy in, one replay, one copy out each)."""
     from c2r import graphed as graphs
-    from c2r.routing import balance
+    from c2r.routing import balance, margin_kernel
 
     generator = torch.Generator(device="cuda").manual_seed(0)
     batches = [torch.randn(T, E, device="cuda", generator=generator) * s + s for s in (0.5, 2.0, 0.01)]
     graphed = [balance.solve_bias_fast(logits, K, 8) for logits in batches]  # the first captures, then replays
-    key = (balance.solve_bias, (((T, E), torch.float32),), (("rounds", 8), ("top_k", K)), batches[0].device)
+    static = (("margins", margin_kernel.token_margins_kernel), ("rounds", 8), ("top_k", K))
+    key = (balance.solve_bias, (((T, E), torch.float32),), static, batches[0].device)
     assert graphs._GRAPHS[key] is not None
     for logits, bias in zip(batches, graphed):
         assert torch.equal(bias, balance.solve_bias(logits, K, 8))
     balancer = balance.BatchBalancer(E, 8, 0.9).cuda().train()
     scores = balancer.selection_scores(batches[1], K)
     assert torch.equal(scores, batches[1] + balance.solve_bias(batches[1], K, 8))
+
+
+@needs_cuda
+@pytest.mark.parametrize(("T", "E", "K"), [(8192, 64, 8), (32768, 128, 8), (1000, 12, 1), (333, 256, 8)])
+def test_margin_kernel_on_a_gpu_equals_the_torch_step(T, E, K):
+    """The balance solve's per-token step as a Triton kernel (c2r/routing/margin_kernel.py) == the torch step,
+    exactly, also where a token's scores tie."""
+    from c2r.routing.balance import token_margins
+    from c2r.routing.margin_kernel import token_margins_kernel
+
+    generator = torch.Generator(device="cuda").manual_seed(T)
+    logits = torch.randn(T, E, device="cuda", generator=generator)
+    bias = torch.randn(E, device="cuda", generator=generator)
+    for x in (logits, (logits * 2).round() / 2):
+        assert torch.equal(token_margins_kernel(x, bias, K), token_margins(x, bias, K))
 
 
 @needs_cuda

@@ -113,17 +113,46 @@ def test_batch_balance_spreads_tokens_that_share_most_of_their_input():
 
 
 def test_batch_balance_levels_clustered_logits_in_its_default_rounds():
-    # Two groups of tokens that favour different experts strongly: the solve's first steps overshoot there (an
-    # expert above target drops below it, and back); with harmonic steps the default 8 rounds end nearly level
-    # (1 / sqrt(1 + i) steps ended at 1.85 max/mean here, these at 1.14; c2r/routing/balance.py)
+    # Groups of tokens that favour different experts strongly: the counting solve of before overshot here and ended
+    # its 8 rounds at 1.85 (two groups) and 2.0 (four groups) max/mean; the threshold rounds end at 1.04-1.07
     from c2r.routing.balance import solve_bias
 
-    torch.manual_seed(0)
     T, E, K = 8192, 64, 8
-    logits = (torch.randn(T, 1) > 0).float() * torch.randn(E) * 3 + 0.3 * torch.randn(T, E)
-    scores = logits + solve_bias(logits, K, RouterConfig().balance_rounds)
-    counts = (scores >= scores.topk(K, dim=1).values[:, -1:]).sum(0).float()
-    assert counts.max() / counts.mean() < 1.25, counts.max() / counts.mean()
+    rounds = RouterConfig().balance_rounds
+    generator = torch.Generator().manual_seed(0)
+    two = (torch.randn(T, 1, generator=generator) > 0).float() * torch.randn(E, generator=generator) * 3
+    four = (torch.randn(4, E, generator=generator) * 4)[torch.randint(0, 4, (T,), generator=generator)]
+    for logits in (
+        two + 0.3 * torch.randn(T, E, generator=generator),
+        four + 0.2 * torch.randn(T, E, generator=generator),
+    ):
+        scores = logits + solve_bias(logits, K, rounds)
+        counts = (scores >= scores.topk(K, dim=1).values[:, -1:]).sum(0).float()
+        assert counts.max() / counts.mean() < 1.10, counts.max() / counts.mean()
+
+
+@pytest.mark.parametrize(("T", "E", "K"), [(4096, 64, 8), (1000, 16, 2), (300, 8, 1)])
+def test_batch_balance_round_gives_each_expert_exactly_its_target_were_the_others_to_stay(T, E, K):
+    """One round of the solve (c2r/routing/balance.py) moves every expert's bias to the value at which, with the
+    other experts' biases as they were before the round, exactly round(T k / E) tokens take it."""
+    from c2r.routing.balance import solve_bias
+
+    generator = torch.Generator().manual_seed(E)
+    logits = torch.randn(T, E, generator=generator) * torch.rand(E, generator=generator) * 3
+    before, after = solve_bias(logits, K, 0), solve_bias(logits, K, 1)
+    torch.testing.assert_close(before, -logits.mean(0))
+    for e in range(E):
+        bias = before.clone()
+        bias[e] = after[e]
+        taken = (logits + bias).topk(K, dim=1).indices
+        assert (taken == e).sum() == round(T * K / E), e
+
+
+def test_batch_balance_takes_every_expert_when_k_is_all_of_them():
+    from c2r.routing.balance import solve_bias
+
+    logits = torch.randn(64, 4)
+    torch.testing.assert_close(solve_bias(logits, 4, 8), -logits.mean(0))
 
 
 def test_batch_balance_running_bias_is_what_evaluation_uses():

@@ -11,53 +11,109 @@ same as routing on the router's input minus its batch mean.
 
 Algorithm (docs/algorithms.md section 1, "Batch balancing"), on the detached float32 logits l [T, E]:
 
-    b = -mean_T(l) (each expert's logits centred on the batch); s = std(l + b); target = T k / E
-    repeat R times (i = 0..R-1):  c = top-k counts of (l + b);  b = b - s (c - target) / target / (1 + i)
+    b = -mean_T(l) (each expert's logits centred on the batch); target n = round(T k / E)
+    repeat R times:  s = l + b
+                     bar[t, e] = the k-th best score of token t among the experts other than e
+                     m[t, e] = s[t, e] - bar[t, e]
+                     b = b - (the n-th and the (n+1)-th largest over t of m[:, e], averaged)
     select top-k of (l + b);  combine weights are the unbiased softmax probabilities of the selected experts
 
-and once per optimizer step, b_run = m b_run + (1 - m) mean(b over the step's batches and every rank). In
+Expert e is in token t's top-k exactly when s[t, e] >= bar[t, e], so each round moves every expert's bias by what
+makes its own count exactly n were the others to stay put (a Jacobi iteration on the experts' thresholds). It needs
+no step size: the counting solve it replaced (b -= s (c - n) / n / (1 + i)) had one, and at the ~1B size one layer
+in 8 rounds still ended at 1.6 max/mean where these end at 1.02 (docs/gpu_runs.md, part 6).
+Once per optimizer step, b_run = m b_run + (1 - m) mean(b over the step's batches and every rank). In
 evaluation the selection uses b_run alone, so an evaluated model does not depend on its batch. No host sync: the
 loop runs a fixed number of rounds on the device.
 
-On a GPU the solve is replayed from a CUDA graph (`c2r.graphed`): its R rounds are ~6 small kernels each, ~50
-launches per layer forward that the host must issue one by one, and at 8k tokens a step the ~1B model's forward is
-bound by the host's launches (docs/gpu_runs.md). One graph per (batch shape, k, R, device), shared by every layer of
-that shape, captured at its first use; the replay computes exactly what the eager loop computes (tests/test_gpu.py).
+On a GPU the per-token step (the bars and margins) is one Triton kernel (`margin_kernel.py`: the torch step's
+top-(k+1) took most of a round) and the solve is replayed from a CUDA graph (`c2r.graphed`): its R rounds are ~6
+small kernels each, ~50 launches per layer forward that the host would issue one by one, and at 8k tokens a step
+the ~1B model's forward is bound by the host's launches (docs/gpu_runs.md). One graph per (batch shape, k, R,
+device), shared by every layer of that shape, captured at its first use; the replay computes exactly what the eager
+torch loop computes (tests/test_gpu.py). 8 rounds at 8,192 tokens x 64 experts: 0.42 ms (the counting solve's
+0.49; benchmarks/balance_solve_bench.py, docs/benchmarks.md).
 """
 
 from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from functools import cache
 
 import torch
 from torch import nn
 
 from c2r.graphed import graphed_call
 
+log = logging.getLogger(__name__)
 
-def solve_bias(logits_TE: torch.Tensor, top_k: int, rounds: int) -> torch.Tensor:
-    """The batch's balancing bias [E] (module docstring) from its detached float32 logits [T, E], T > 0."""
+
+def token_margins(logits_TE: torch.Tensor, bias_E: torch.Tensor, top_k: int) -> torch.Tensor:
+    """[E, T]: by how much each expert's score l + b clears the bar to enter each token's top-k (>= 0: it is in),
+    the bar being the k-th best score of the token's other experts. top_k < E. (``margin_kernel.py`` is this as one
+    Triton kernel.)"""
+    scores_TE = logits_TE + bias_E
+    best_TK1 = scores_TE.topk(top_k + 1, dim=1).values
+    kth_T1, after_T1 = best_TK1[:, top_k - 1 : top_k], best_TK1[:, top_k:]
+    # the k-th best of the others is the (k+1)-th best where the expert itself is in the top-k
+    return (scores_TE - torch.where(scores_TE >= kth_T1, after_T1, kth_T1)).t()
+
+
+def solve_bias(
+    logits_TE: torch.Tensor, top_k: int, rounds: int, margins: Callable[..., torch.Tensor] = token_margins
+) -> torch.Tensor:
+    """The batch's balancing bias [E] (module docstring) from its detached float32 logits [T, E], T > 0;
+    ``margins``: `token_margins` or its kernel."""
     T, E = logits_TE.shape
-    target = T * top_k / E
     # Start from the bias that centres every expert's logits on this batch (= routing on what differs between
-    # tokens: the router's input minus its batch mean), and step in units of what is left.
+    # tokens: the router's input minus its batch mean).
     bias_E = -logits_TE.mean(0)
-    step = (logits_TE + bias_E).std().clamp_min(1e-6)
-    for i in range(rounds):
-        # Each expert's top-k count, as the experts scoring at least each token's k-th best score: four kernel
-        # launches a round where a histogram of the picks takes eight; this loop runs rounds x layers times per
-        # step and is launch-bound (docs/gpu_runs.md). The two differ only on an exact tie at the k-th score.
-        scores_TE = logits_TE + bias_E
-        kth_T1 = scores_TE.topk(top_k, dim=1).values[:, -1:]
-        counts_E = (scores_TE >= kth_T1).sum(0, dtype=torch.float32)
-        # Harmonic steps: the first rounds' steps overshoot (an expert above target drops below it, and back);
-        # 1 / (1 + i) damps that where 1 / sqrt(1 + i) left 8 rounds at 1.1-2.4 max/mean on synthetic logits
-        # (1.01-1.22 with these), and the ~1B model at 1.23-1.51 (1.04-1.22): docs/gpu_runs.md, part 5
-        bias_E.addcmul_(counts_E - target, step, value=-1.0 / (target * (1 + i)))
+    if top_k >= E or T < 2:  # every token takes every expert, or one token: nothing to balance
+        return bias_E
+    target = min(max(round(T * top_k / E), 1), T - 1)
+    for _ in range(rounds):
+        margin_ET = margins(logits_TE, bias_E, top_k)
+        # Put each expert's bar halfway between its target-th and (target+1)-th largest margins: exactly target
+        # tokens over it and none on it (where the bar fell on a token, rounding decided whether it took the
+        # expert). The (target+1)-th is the largest margin below the target-th (itself where they tie).
+        inside_E = margin_ET.kthvalue(T - target + 1, dim=1).values
+        outside_E = torch.where(margin_ET < inside_E[:, None], margin_ET, -torch.inf).amax(1)
+        outside_E = torch.where(outside_E > -torch.inf, outside_E, inside_E)
+        bias_E -= (inside_E + outside_E) / 2
     return bias_E
 
 
 def solve_bias_fast(logits_TE: torch.Tensor, top_k: int, rounds: int) -> torch.Tensor:
-    """`solve_bias`, from a CUDA graph where the logits are on the current GPU (`c2r.graphed`)."""
-    return graphed_call(solve_bias, logits_TE, top_k=top_k, rounds=rounds)
+    """`solve_bias`, from a CUDA graph where the logits are on the current GPU (`c2r.graphed`), its per-token step
+    the Triton kernel there where it builds (else the torch step, said once)."""
+    global _KERNEL_FAILED
+    margins = token_margins
+    on_current_gpu = logits_TE.is_cuda and logits_TE.device.index == torch.cuda.current_device()
+    if on_current_gpu and top_k < logits_TE.shape[1] and not _KERNEL_FAILED:
+        try:
+            kernel = _margin_kernel().token_margins_kernel
+            built = (logits_TE.shape[1], top_k, logits_TE.device)
+            if built not in _KERNEL_BUILT:  # compiled here, once, not inside a graph capture
+                kernel(logits_TE, logits_TE.new_zeros(logits_TE.shape[1]), top_k)
+                _KERNEL_BUILT.add(built)
+            margins = kernel
+        except Exception as error:  # no Triton, or a compile error on this build: correct, slower
+            log.warning("batch balance: the Triton margin kernel failed (%s); using the torch step", error)
+            _KERNEL_FAILED = True
+    return graphed_call(solve_bias, logits_TE, top_k=top_k, rounds=rounds, margins=margins)
+
+
+_KERNEL_FAILED = False  # set once the kernel failed: no second compile attempt per layer forward
+_KERNEL_BUILT: set[tuple] = set()  # (E, k, device) the kernel has run for
+
+
+@cache
+def _margin_kernel():
+    """``margin_kernel`` (raises ImportError where Triton is missing: caught with the compile errors)."""
+    from c2r.routing import margin_kernel
+
+    return margin_kernel
 
 
 class BatchBalancer(nn.Module):

@@ -135,7 +135,8 @@ class RouterConfig:
         balance: ``batch`` selects (``topk`` router only) on the logits plus a per-expert bias solved on each
             training batch to even out its top-k counts (c2r/routing/balance.py); ``none``: plain top-k; ``auto``
             (c2r-train's default): ``batch`` for the ``topk`` router, ``none`` for the other kinds.
-        balance_rounds: rounds of the per-batch solve (each one top-k and one count on the device).
+        balance_rounds: rounds of the per-batch solve (each one pass over the logits and one selection per expert,
+            on the device).
         balance_momentum: m of the running bias used in evaluation, updated once per optimizer step.
     """
 
