@@ -13,13 +13,14 @@ Routing: ``synthetic`` feeds every contender that accepts a routing the same str
 (placement/synthetic.py: Zipf popularity, clustered co-activation, so that placement matters); ``router`` lets each
 layer route with its own top-k router (c2r's, MegaBlocks', DeepSpeed's gate). The planned placement is planned by
 placement's planner (Mt-KaHyPar, or ``--plan-method``) from a separate synthetic sample of the same structure; the
-replicated one keeps its homes and adds 2 replica slots per rank for the sample's hottest experts (the skewed-load
-case replication is for: placement/replicate.py); the balanced one gives every expert a partner copy (P = 2E, as
-``c2r-place plan --replicas 2E``) and dispatches with ``copy_choice="balanced"`` (shares that level the ranks per
-batch: c2r/parallel/replicas.py).
+capped one is planned the same way under a load cap (every rank's load on the sample at most 1.10 x the mean, as
+``c2r-place plan --max-load 1.10``); the replicated one keeps the planned homes and adds 2 replica slots per rank for
+the sample's hottest experts (the skewed-load case replication is for: placement/replicate.py); the balanced one
+gives every expert a partner copy (P = 2E, as ``c2r-place plan --replicas 2E``) and dispatches with
+``copy_choice="balanced"`` (shares that level the ranks per batch: c2r/parallel/replicas.py).
 
 Contenders (``--contenders``, default all):
-    c2r-{per-expert,per-rank,per-node}-{contiguous,planned,replicated,balanced}   (per-node: nodes of
+    c2r-{per-expert,per-rank,per-node}-{contiguous,planned,capped,replicated,balanced}   (per-node: nodes of
                         --gpus-per-node ranks)
     c2r-{per-expert,per-rank}-{contiguous,planned}-overlap{2,4}   the same in 2 or 4 token chunks whose exchanges
                         overlap the expert compute (c2r/parallel/overlap.py); their all-to-all time is the exposed
@@ -71,7 +72,7 @@ from c2r.parallel import build_dispatcher, local_expert_weights, shard_experts  
 from c2r.routing import RouterConfig, RoutingResult  # noqa: E402
 from placement.inputs import routing_from_expert_ids  # noqa: E402
 from placement.layout import ExpertLayout  # noqa: E402
-from placement.methods import plan_layer  # noqa: E402
+from placement.methods import plan_layer, plan_placement  # noqa: E402
 from placement.replicate import replicate_layer  # noqa: E402
 from placement.synthetic import synthetic_expert_ids  # noqa: E402
 from profiling.host_syncs import count_host_syncs  # noqa: E402
@@ -80,11 +81,12 @@ from profiling.kernels import profile_steps  # noqa: E402
 STRUCTURE_SEED = 11  # popularity and clusters of the synthetic routing; token draws vary by seed
 C2R_CONTENDERS = [
     f"c2r-{mode}-{layout}"
-    for layout in ("contiguous", "planned", "replicated", "balanced")
+    for layout in ("contiguous", "planned", "capped", "replicated", "balanced")
     for mode in ("per-expert", "per-rank", "per-node")
 ]
 REPLICA_SLOTS_PER_RANK = 2  # the replicated layout: the planned homes + 2 replica slots per rank (P = E + 2 R)
 REPLICA_TARGET = 1.05  # rank load max/mean the replicas aim for on the planning sample (c2r-place plan --max-load)
+LOAD_CAP = 1.10  # the capped layout's rank load max/mean on the planning sample (c2r-place plan's default --max-load)
 OVERLAP_CHUNKS = (2, 4)  # c2r/parallel/overlap.py: per-expert and per-rank dispatch in C chunks
 C2R_CONTENDERS += [
     f"c2r-{mode}-{layout}-overlap{chunks}"
@@ -182,12 +184,13 @@ def synthetic_routing(cfg: EPConfig, rank: int, world: int, device, seed: int) -
 
 def planned_layouts(
     cfg: EPConfig, world: int, method: str, nodes: int = 1
-) -> tuple[ExpertLayout, ExpertLayout | None, ExpertLayout | None, str]:
-    """The planned layout and the same homes with replicas, planned on rank 0 from a separate sample (seed 1; the
-    benchmark's routing uses seed 0) and broadcast; with ``nodes`` > 1 the two-level plan (nodes, then ranks). The
-    replicas (``REPLICA_SLOTS_PER_RANK`` per rank, placement/replicate.py) bring the sample's skewed rank load toward
-    ``REPLICA_TARGET``, as ``c2r-place plan --replicas`` would; the third layout has 2E slots (every expert twice,
-    for the balanced copy choice); both None on one rank."""
+) -> tuple[ExpertLayout, ExpertLayout, ExpertLayout | None, ExpertLayout | None, str]:
+    """The planned layout, the plan under the load cap ``LOAD_CAP``, and the planned homes with replicas, planned
+    on rank 0 from a separate sample (seed 1; the benchmark's routing uses seed 0) and broadcast; with ``nodes`` > 1
+    the two-level plan (nodes, then ranks). The replicas (``REPLICA_SLOTS_PER_RANK`` per rank,
+    placement/replicate.py) bring the sample's skewed rank load toward ``REPLICA_TARGET``, as ``c2r-place plan
+    --replicas`` would; the fourth layout has 2E slots (every expert twice, for the balanced copy choice); both None
+    on one rank."""
     box: list = [None]
     if dist.get_rank() == 0:
         sample = routing_from_expert_ids(
@@ -201,16 +204,20 @@ def planned_layouts(
                 f"greedy ({method}: {error})",
             )
         homes = ExpertLayout(tuple(expert_to_rank), world)
+        capped_method = used if used == method else "greedy"
+        capped = plan_placement([sample], world, nodes, method=capped_method, max_load=LOAD_CAP, progress=False)[0]
         replicated = twice = None  # one rank holds every expert once: there is nowhere to put a copy
         if world > 1:
             replicated = replicate_layer(sample, homes, cfg.E + REPLICA_SLOTS_PER_RANK * world, REPLICA_TARGET)
             twice = replicate_layer(sample, homes, 2 * cfg.E, REPLICA_TARGET)
-        box[0] = (expert_to_rank, replicated and replicated.to_json(), twice and twice.to_json(), used)
+        saved = (replicated and replicated.to_json(), twice and twice.to_json())
+        box[0] = (expert_to_rank, capped.expert_to_rank, *saved, used)
     dist.broadcast_object_list(box, src=0)
-    expert_to_rank, replicated, twice, used = box[0]
+    expert_to_rank, capped, replicated, twice, used = box[0]
     replicated = replicated and ExpertLayout.from_json(replicated, world, cfg.E)
     twice = twice and ExpertLayout.from_json(twice, world, cfg.E)
-    return ExpertLayout(tuple(expert_to_rank), world), replicated, twice, used
+    layouts = (ExpertLayout(tuple(expert_to_rank), world), ExpertLayout(tuple(capped), world))
+    return *layouts, replicated, twice, used
 
 
 # ---- contenders --------------------------------------------------------------------------------------------------
@@ -627,10 +634,11 @@ def main(argv=None) -> None:
         if cfg.E % world:
             sys.exit(f"ep_bench: {cfg.name} has {cfg.E} experts, not divisible by {world} ranks")
         nodes = world // args.gpus_per_node if args.gpus_per_node else 1
-        planned, replicated, twice, plan_method = planned_layouts(cfg, world, args.plan_method, nodes)
+        planned, capped, replicated, twice, plan_method = planned_layouts(cfg, world, args.plan_method, nodes)
         layouts = {
             "contiguous": ExpertLayout.contiguous(cfg.E, world),
             "planned": planned,
+            "capped": capped,
             "replicated": replicated,
             "balanced": twice,
         }
@@ -652,6 +660,8 @@ def main(argv=None) -> None:
                     row["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:200]
                 if "planned" in name or "replicated" in name:
                     row["plan"] = plan_method
+                if "capped" in name:
+                    row["plan"] = f"{plan_method}, --max-load {LOAD_CAP}"
                 if name.startswith("c2r-") and layouts[parse_c2r(name)[1]]:  # what c2r-place simulate needs
                     row["expert_to_rank"] = layouts[parse_c2r(name)[1]].to_json()
                     row["gpus_per_node"] = args.gpus_per_node
