@@ -383,8 +383,9 @@ def test_margin_kernel_on_a_gpu_equals_the_torch_step(T, E, K):
     generator = torch.Generator(device="cuda").manual_seed(T)
     logits = torch.randn(T, E, device="cuda", generator=generator)
     bias = torch.randn(E, device="cuda", generator=generator)
-    for x in (logits, (logits * 2).round() / 2):
-        assert torch.equal(token_margins_kernel(x, bias, K), token_margins(x, bias, K))
+    tied = (logits * 2).round() / 2  # a few values a token; with a bias of halves too, its scores still tie
+    for x, b in ((logits, bias), (tied, torch.zeros_like(bias)), (tied, (bias * 2).round() / 2)):
+        assert torch.equal(token_margins_kernel(x, b, K), token_margins(x, b, K))
 
 
 @needs_cuda

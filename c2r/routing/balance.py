@@ -74,9 +74,10 @@ def solve_bias(
     target = min(max(round(T * top_k / E), 1), T - 1)
     for _ in range(rounds):
         margin_ET = margins(logits_TE, bias_E, top_k)
-        # Put each expert's bar halfway between its target-th and (target+1)-th largest margins: exactly target
-        # tokens over it and none on it (where the bar fell on a token, rounding decided whether it took the
-        # expert). The (target+1)-th is the largest margin below the target-th (itself where they tie).
+        # Put each expert's bar halfway between its target-th largest margin and the largest one below it: exactly
+        # target tokens over it and none on it (where the bar fell on a token, rounding decided whether it took the
+        # expert); where margins tie at the target-th, all the tied tokens clear the bar (and the bar is the
+        # target-th itself where nothing lies below it)
         inside_E = margin_ET.kthvalue(T - target + 1, dim=1).values
         outside_E = torch.where(margin_ET < inside_E[:, None], margin_ET, -torch.inf).amax(1)
         outside_E = torch.where(outside_E > -torch.inf, outside_E, inside_E)
@@ -86,34 +87,26 @@ def solve_bias(
 
 def solve_bias_fast(logits_TE: torch.Tensor, top_k: int, rounds: int) -> torch.Tensor:
     """`solve_bias`, from a CUDA graph where the logits are on the current GPU (`c2r.graphed`), its per-token step
-    the Triton kernel there where it builds (else the torch step, said once)."""
-    global _KERNEL_FAILED
+    the Triton kernel there where it builds (else the torch step, said once per size)."""
     margins = token_margins
     on_current_gpu = logits_TE.is_cuda and logits_TE.device.index == torch.cuda.current_device()
-    if on_current_gpu and top_k < logits_TE.shape[1] and not _KERNEL_FAILED:
-        try:
-            kernel = _margin_kernel().token_margins_kernel
-            built = (logits_TE.shape[1], top_k, logits_TE.device)
-            if built not in _KERNEL_BUILT:  # compiled here, once, not inside a graph capture
-                kernel(logits_TE, logits_TE.new_zeros(logits_TE.shape[1]), top_k)
-                _KERNEL_BUILT.add(built)
-            margins = kernel
-        except Exception as error:  # no Triton, or a compile error on this build: correct, slower
-            log.warning("batch balance: the Triton margin kernel failed (%s); using the torch step", error)
-            _KERNEL_FAILED = True
+    if on_current_gpu and top_k < logits_TE.shape[1] and not torch.cuda.is_current_stream_capturing():
+        margins = _margin_step(logits_TE.shape[1], top_k, logits_TE.device)
     return graphed_call(solve_bias, logits_TE, top_k=top_k, rounds=rounds, margins=margins)
 
 
-_KERNEL_FAILED = False  # set once the kernel failed: no second compile attempt per layer forward
-_KERNEL_BUILT: set[tuple] = set()  # (E, k, device) the kernel has run for
-
-
 @cache
-def _margin_kernel():
-    """``margin_kernel`` (raises ImportError where Triton is missing: caught with the compile errors)."""
-    from c2r.routing import margin_kernel
+def _margin_step(num_experts: int, top_k: int, device: torch.device) -> Callable[..., torch.Tensor]:
+    """The Triton margin kernel, compiled and run once for this size on ``device`` (here, not inside a graph
+    capture), or the torch step where Triton is missing or the kernel fails to build (correct, slower)."""
+    try:
+        from c2r.routing.margin_kernel import token_margins_kernel
 
-    return margin_kernel
+        token_margins_kernel(torch.zeros(2, num_experts, device=device), torch.zeros(num_experts, device=device), top_k)
+        return token_margins_kernel
+    except Exception as error:  # no Triton, or a compile error on this build
+        log.warning("batch balance: the Triton margin kernel failed (%s); using the torch step", error)
+        return token_margins
 
 
 class BatchBalancer(nn.Module):

@@ -5,8 +5,9 @@ Why a kernel: the torch step is a top-(k+1) over each token's E scores, a compar
 the top-k alone took most of a round (the solve replayed from a CUDA graph: ~60 us a round at 8,192 tokens x 64
 experts on one H200, 8 rounds x 8 layers a step). A token's E scores fit in registers, so one pass finds its k-th and
 (k+1)-th best by removing the best one at a time (k reductions over E lanes) and writes every margin, transposed, so
-that the per-expert selection that follows reads contiguous rows. The values are the torch step's exactly: the same
-float32 sum and subtraction, and order statistics are exact.
+that the per-expert selection that follows reads contiguous rows. For finite logits the values are the torch step's
+exactly: the same float32 sum and subtraction, and order statistics are exact (NaN differs: torch's top-k ranks it
+first, Triton's max does not; NaN logits are the router's own error, c2r/routing/finite.py).
 
 Shape legend: T tokens, E experts; BT tokens a program, BE the power of two >= E.
 """
@@ -41,7 +42,7 @@ def _token_margins_kernel(
 
 
 def token_margins_kernel(logits_TE: torch.Tensor, bias_E: torch.Tensor, top_k: int) -> torch.Tensor:
-    """[E, T] float32, as `c2r.routing.balance.token_margins` (module docstring); CUDA tensors, top_k < E."""
+    """[E, T] float32, as `c2r.routing.balance.token_margins` (module docstring); float32 CUDA tensors, top_k < E."""
     T, E = logits_TE.shape
     out = torch.empty(E, T, dtype=torch.float32, device=logits_TE.device)
     BE = triton.next_power_of_2(E)
