@@ -17,6 +17,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PART=${1:?usage: two_gpu_runs.sh ep-fine|ep-mixtral-node|e2e 8|e2e 32|ep-profile}
+case $PART in ep-fine | ep-mixtral-node | e2e | ep-profile) ;; *) echo "two_gpu_runs.sh: unknown part '$PART' (ep-fine, ep-mixtral-node, e2e 8, e2e 32, ep-profile)" >&2; exit 2 ;; esac
 NGPU=${NGPU:-2}
 [ -f .device/setup.sh ] && { source .device/setup.sh >/dev/null || exit 1; }
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -55,15 +56,7 @@ e2e)
      --set train.save_every_minutes=0 --steps 20 --set train.batch_size=$B --ep-size $NGPU"
   train() { local name=$1; shift; timeout "$(bounded "$T")" python -m deepspeed.launcher.runner --num_gpus "$NGPU" \
     --module c2r.train $M "$@" --overwrite --out "$OUT/$name" > "$OUT/$name.log" 2>&1; echo "== $name rc $?"; }
-  report() {
-    python - "$OUT/$1/metrics.jsonl" <<'PY'
-import json, sys
-for r in [json.loads(line) for line in open(sys.argv[1])]:
-    print(f"  step {r['step']}: {r['tokens_per_s']:,.0f} tokens/s (all GPUs), MFU {r['model_tflops_per_rank'] / 989:.1%}, "
-          f"loss {r['train_loss']:.3f}, val {r.get('val_loss', float('nan')):.3f}, "
-          f"load max/mean {max(r['load_imbalance_by_layer']):.2f}")
-PY
-  }
+  report() { python benchmarks/train_report.py "$OUT/$1" --gpus "$NGPU" --from-step 10 --evaluations; }
   train per-expert --dispatch per-expert; report per-expert
   # a short profiled run gives the plan its routing traces (8k tokens per GPU: the traces, not the speed, matter)
   train profiled --steps 8 --set train.batch_size=8 --dispatch per-expert --profile
@@ -91,6 +84,5 @@ ep-profile)
     > "$OUT/ep_profile.txt" 2> "$OUT/ep_profile.err"
   echo "== ep-profile rc $?"; grep "^|" "$OUT/ep_profile.txt"; grep -a -A12 "^--- profile" "$OUT/ep_profile.err" | cut -c1-170
   ;;
-*) echo "two_gpu_runs.sh: unknown part '$PART' (ep-fine, ep-mixtral-node, e2e 8, e2e 32, ep-profile)" >&2; exit 2 ;;
 esac
 echo "== $PART done in $(($(date +%s) - S)) s; outputs in $OUT"
