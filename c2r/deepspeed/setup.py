@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())),
         )
+    if not use_cuda:
+        warn_if_op_build_is_locked()
     # Also when torch.distributed is already up: DeepSpeed's own comm layer must be told about it.
     deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=True, verbose=False)
     release_shm_buffer()
@@ -59,6 +62,35 @@ def init_distributed(device: str = "auto") -> DistInfo:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", world)))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))  # don't oversubscribe the cores
     return DistInfo(rank, world, local_rank, torch.device("cpu"))
+
+
+SHM_OP = "deepspeed_shm_comm"  # the C++ op DeepSpeed's CPU accelerator builds at its first run on a machine
+STALE_LOCK_S = 300  # its build takes about a minute here; a lock older than this is one a killed run left
+
+
+def warn_if_op_build_is_locked() -> None:
+    """Say so where DeepSpeed's CPU op build is locked by a run that died: torch's extension builder takes a lock
+    file in the op's build folder and waits, without a word and for ever, while one exists, and a run killed
+    during the build (the first run on a machine, when a new user may well press Ctrl-C) leaves it. Once per
+    machine (local rank 0), before DeepSpeed starts the build."""
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        return
+    try:  # torch's own rule for the folder (TORCH_EXTENSIONS_DIR, else the user's cache); a private name
+        from torch.utils.cpp_extension import _get_build_directory
+    except ImportError:
+        return
+    lock = Path(_get_build_directory(SHM_OP, verbose=False)) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:  # no lock: nothing waits
+        return
+    if age > STALE_LOCK_S:
+        log.warning(
+            "DeepSpeed's CPU op build is locked by %s, left %.0f minutes ago (a run killed while building it leaves "
+            "this file), and this run will wait on it; if no other run is building the op now, delete the file",
+            lock,
+            age / 60,
+        )
 
 
 # DeepSpeed's CPU accelerator names its per-rank shared-memory all-reduce buffer
