@@ -27,8 +27,7 @@ def window(records: list[dict], from_step: int) -> list[dict]:
     return [r for r in records if r["step"] > from_step and r.get("train_window_s", 0) > 0]
 
 
-def summary(run: Path, gpus: int, from_step: int, peak_tflops: float) -> str:
-    records = read_metrics(run)
+def summary(run: Path, records: list[dict], gpus: int, from_step: int, peak_tflops: float) -> str:
     timed = window(records, from_step)
     if not timed:
         return f"| {run} | no timed evaluation after step {from_step} | | | | | |"
@@ -55,11 +54,12 @@ def main(argv: list[str] | None = None) -> None:
         "| run | evaluations at steps | tokens/s per GPU | MFU | train loss | val loss | load max/mean, worst layer |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for run in args.runs:
-        print(summary(run, args.gpus, args.from_step, args.peak_tflops))
+    metrics = {run: read_metrics(run) for run in args.runs}
+    for run, records in metrics.items():
+        print(summary(run, records, args.gpus, args.from_step, args.peak_tflops))
     if args.evaluations:
-        for run in args.runs:
-            for r in read_metrics(run):
+        for run, records in metrics.items():
+            for r in records:
                 by_layer = r.get("load_imbalance_by_layer") or [float("nan")]
                 print(
                     f"{run} step {r['step']}: {r.get('tokens_per_s', 0) / args.gpus:,.0f} tokens/s per GPU, "
