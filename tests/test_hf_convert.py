@@ -18,7 +18,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
+import safetensors  # noqa: E402
+
 import c2r.hf as hf  # noqa: E402
+from c2r.experts.config import ExpertConfig  # noqa: E402
 from c2r.hf.weights import hf_expert_tensors  # noqa: E402
 from c2r.routing import RouterConfig, router_class  # noqa: E402
 from c2r.routing.config import AdaMoEConfig, C2RConfig, GroupLimitedConfig  # noqa: E402
@@ -342,3 +345,56 @@ def test_unsupported_and_non_moe_models_are_one_clear_line(tmp_path):
         hf.load(tmp_path / "nowhere")
     with pytest.raises(ValueError, match=r"export needs models converted by c2r.hf"):
         hf.export(dense, tmp_path / "out")
+
+
+def test_pickled_weights_are_refused_in_one_line_not_loaded_as_a_random_model(tmp_path, tokenizer_files):
+    """A directory of pytorch_model.bin looked like a config alone: c2r.hf.load built a random model without a word
+    (and c2r-train --hf-model would have fine-tuned it)."""
+    original = save_model("qwen3_moe", tmp_path, tokenizer_files)
+    for shard in tmp_path.glob("*.safetensors"):
+        shard.unlink()
+    torch.save(original.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"holds weights as pytorch_model.bin, not safetensors") as info:
+        hf.load(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
+def test_a_bf16_load_keeps_the_router_in_float32_where_transformers_does(family, tmp_path, tokenizer_files):
+    """DeepSeek-V2/V3 keep gate.weight in float32 (_keep_in_fp32_modules_strict); a bf16 gate rounds the router's
+    weights and moves some tokens to other experts. Ours stays float32 and routes as transformers' bf16 model."""
+    save_model(family, tmp_path, tokenizer_files)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    ours = hf.load(tmp_path, dtype=torch.bfloat16)
+    for (name, block), site in zip(hf.converted_blocks(ours), find_moe_sites(theirs), strict=True):
+        hf_router = getattr(theirs.get_submodule(site.block_name), block.arch.router_attr)
+        assert hf_router.weight.dtype == torch.float32 and block.router.gate.weight.dtype == torch.float32, name
+        torch.testing.assert_close(block.router.gate.weight, hf_router.weight, atol=0, rtol=0)
+        assert block.moe.experts.w1.dtype == torch.bfloat16
+    out_dir = hf.export(ours, tmp_path / "out")
+    with safetensors.safe_open(str(next(out_dir.glob("*.safetensors"))), framework="pt") as f:
+        gates = [k for k in f.keys() if k.endswith(".gate.weight")]  # noqa: SIM118 (safe_open has no __iter__)
+        assert gates and all(f.get_tensor(k).dtype == torch.float32 for k in gates)
+
+
+def test_export_keeps_the_generation_config(tmp_path, tokenizer_files):
+    """Stop tokens and sampling defaults travel with the model (an exported chat model must still stop)."""
+    original = save_model("qwen3_moe", tmp_path / "src", tokenizer_files)
+    original.generation_config = transformers.GenerationConfig(eos_token_id=[1, 3], temperature=0.7, do_sample=True)
+    original.generation_config.save_pretrained(tmp_path / "src")
+    for model in (hf.load(tmp_path / "src"), hf.convert(original)):
+        out_dir = hf.export(model, tmp_path / "out", tokenizer_dir=tokenizer_files)
+        got = transformers.GenerationConfig.from_pretrained(out_dir)
+        assert (got.eos_token_id, got.temperature, got.do_sample) == ([1, 3], 0.7, True)
+
+
+def test_a_batch_balanced_router_refuses_export_and_other_expert_activations_are_one_line(tmp_path, tokenizer_files):
+    """The balance bias changes which experts a token takes (at eval too): Mixtral cannot hold it. Experts of an HF
+    model are SiLU-gated GLUs: another activation is one clear line, not an AttributeError."""
+    save_model("mixtral", tmp_path / "src", tokenizer_files)
+    model = hf.load(tmp_path / "src", router=RouterConfig(kind="topk", balance="batch"))
+    with pytest.raises(ValueError, match=r"batch-balanced selection.*mixtral can only express its own routing"):
+        hf.export(model, tmp_path / "out")
+    with pytest.raises(ValueError, match=r"ExpertConfig\(activation='gelu'\) cannot hold its experts") as info:
+        hf.load(tmp_path / "src", experts=ExpertConfig(activation="gelu"))
+    assert "\n" not in str(info.value)

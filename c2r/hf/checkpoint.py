@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 INDEX_FILE = "model.safetensors.index.json"
+PICKLED_WEIGHTS = ("pytorch_model*.bin", "pytorch_model*.bin.index.json", "*.pth", "*.pt")  # torch.save'd weights
 
 
 def checkpoint_files(model_dir: Path) -> dict[str, Path]:
@@ -27,6 +28,15 @@ def checkpoint_files(model_dir: Path) -> dict[str, Path]:
     for path in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
             files.update(dict.fromkeys(f.keys(), path))
+    pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in model_dir.glob(pattern))
+    if not files and pickled:
+        # without this check a directory of .bin weights would look like a config alone: a random model
+        named = ", ".join(pickled[:3]) + (" ..." if len(pickled) > 3 else "")
+        raise ValueError(
+            f"{model_dir} holds weights as {named}, not safetensors; "
+            "c2r reads safetensors only: save them once with transformers "
+            "(AutoModelForCausalLM.from_pretrained(dir).save_pretrained(new_dir))"
+        )
     return files
 
 

@@ -76,6 +76,11 @@ def convert_block(
     num_experts, (_, two_ffn, hidden) = hf_experts.num_experts, hf_experts.gate_up_proj.shape
     if layout.num_experts != num_experts:
         raise ValueError(f"the expert layout is for {layout.num_experts} experts, {arch.block_class} has {num_experts}")
+    if experts is not None and experts.activation != "swiglu":
+        raise ValueError(
+            f"{arch.model_type}: ExpertConfig(activation={experts.activation!r}) cannot hold its experts, which are "
+            "SiLU-gated GLUs: use activation='swiglu'"
+        )
     native = arch.native_router(hf_router)
     moe_config = MoEConfig(
         num_experts=num_experts,

@@ -12,6 +12,7 @@ adak, ...) is a ValueError naming it.
 
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 
@@ -101,6 +102,8 @@ def export(models: nn.Module | list[nn.Module], out_dir: str | Path, *, tokenize
     with torch.device("meta"):
         hf_model = transformers.AutoModelForCausalLM.from_config(info.config)
     hf_model.load_state_dict(state, strict=True, assign=True)
+    if getattr(models[0], "generation_config", None) is not None:  # the source's (stop tokens, sampling), not defaults
+        hf_model.generation_config = copy.deepcopy(models[0].generation_config)
     out_dir = Path(out_dir)
     hf_model.save_pretrained(out_dir)
     source = Path(tokenizer_dir) if tokenizer_dir is not None else info.source_dir

@@ -63,8 +63,11 @@ def load(
         ep_size=ep_size,
         expert_to_rank=expert_to_rank,
     )
+    fp32_router = f"{arch.router_attr}.weight" in (getattr(model, "_keep_in_fp32_modules_strict", None) or ())
     for _, block in converted_blocks(model):
         block.layer.to(dtype)
+        if fp32_router:  # as transformers keeps it (DeepSeek-V2/V3, GLM-4.5 MoE, ...): a bf16 gate picks other experts
+            block.layer.router.float()
     _init_non_persistent_buffers(model, materialize(model))
     with SafetensorsCheckpoint(model_dir) as checkpoint:
         if checkpoint.files:
@@ -76,6 +79,8 @@ def load(
         # A no-op for most routers; AdaMoE's null experts start from the loaded gate.
         block.router.init_from_pretrained({"kind": block.native_router.kind})
     model.c2r_hf.source_dir = model_dir
+    if (model_dir / "generation_config.json").is_file():  # from_config gave the defaults (stop tokens, sampling)
+        model.generation_config = transformers.GenerationConfig.from_pretrained(model_dir, local_files_only=True)
     return model.eval()
 
 

@@ -17,7 +17,7 @@ from c2r.routing import RouterConfig
 
 def routing_signature(config: RouterConfig) -> tuple:
     """What decides a router's function (not its losses or numerics): equal signatures route identically."""
-    signature: tuple = (config.kind, config.renormalize)
+    signature: tuple = (config.kind, config.renormalize, config.batch_balanced)
     if config.kind == "scored":
         g = config.group_limited
         groups = (g.num_groups, g.max_groups) if g.max_groups < g.num_groups else "no group limit"
@@ -31,7 +31,8 @@ def same_routing(a: RouterConfig, b: RouterConfig) -> bool:
 
 def describe(config: RouterConfig) -> str:
     if config.kind != "scored":
-        return f"{config.kind} (renormalize={config.renormalize})"
+        balanced = ", batch-balanced selection" if config.batch_balanced else ""
+        return f"{config.kind} (renormalize={config.renormalize}{balanced})"
     s, g = config.scored, config.group_limited
     return (
         f"scored ({s.score_function}, renormalize={config.renormalize}, routed_scaling_factor="

@@ -27,9 +27,9 @@ def null_aware_balance_loss(probs_TU: torch.Tensor, selected_TK: torch.Tensor, n
     """
     total = probs_TU.shape[-1]
     every_TK = torch.ones_like(selected_TK, dtype=torch.bool)
-    f_U = count_tokens_per_expert(selected_TK, every_TK, total).to(probs_TU.dtype) / selected_TK.numel()
+    f_U = count_tokens_per_expert(selected_TK, every_TK, total).to(probs_TU.dtype) / max(selected_TK.numel(), 1)
     f_U = torch.cat([f_U[:num_experts], f_U[num_experts:].mean().expand(total - num_experts)])
-    return total * torch.sum(f_U.detach() * probs_TU.mean(dim=0))
+    return total * torch.sum(f_U.detach() * probs_TU.sum(dim=0)) / max(probs_TU.shape[0], 1)  # 0 when T = 0
 
 
 class AdaMoERouter(TopKRouter):

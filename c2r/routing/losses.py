@@ -16,7 +16,7 @@ def load_balancing_loss(
     handful of tiny kernels, each launched from the host while the GPU waits, so fewer is faster.
     """
     num_experts = probs_TE.shape[-1]
-    P_E = probs_TE.mean(dim=0)
+    P_E = probs_TE.sum(dim=0) / max(probs_TE.shape[0], 1)  # not .mean: an empty batch (T = 0) gives 0, not NaN
     if num_pairs is None:
         f_E = tokens_per_expert_E.to(P_E.dtype) / tokens_per_expert_E.sum().clamp(min=1)
         scale = num_experts * weight
@@ -27,5 +27,5 @@ def load_balancing_loss(
 
 
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
-    """ST-MoE router z-loss without its coefficient: ``mean(logsumexp(logits)^2)``."""
-    return torch.logsumexp(logits_TE, dim=-1).square().mean()
+    """ST-MoE router z-loss without its coefficient: ``mean(logsumexp(logits)^2)`` (0 for an empty batch)."""
+    return torch.logsumexp(logits_TE, dim=-1).square().sum() / max(logits_TE.shape[0], 1)
