@@ -53,6 +53,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from placement.inputs import LayerRouting
+from placement.objective import km1_batch
 
 DEFAULT_MAX_LOAD = 1.10  # c2r-place plan's and simulate's default cap on rank load max/mean
 
@@ -97,13 +98,15 @@ def needs_replication(load_E: np.ndarray, num_ranks: int, cap: float) -> bool:
 @dataclass
 class CapResult:
     """``labels`` [E]: the capped placement; ``max_load``: its max/mean rank load (on the load it was given);
-    ``met``: at or under the cap; ``swaps``: repair + descent swaps made."""
+    ``met``: at or under the cap; ``swaps``: repair + descent swaps made; ``cost``: the cost the swaps lowered
+    (rank KM1 + (c - 1) node KM1) of ``labels`` on the routing it was measured on."""
 
     labels: np.ndarray
     max_load: float
     met: bool
     needs_replication: bool
     swaps: int
+    cost: float
 
 
 class _PartCounts:
@@ -326,7 +329,9 @@ def cap_load(
         swaps += _apply(cost, labels, load_VE, rank_load, *step)
     max_load = float(rank_load.max()) / mean if mean else 1.0
     met = bool(rank_load.max() <= limit * (1 + _EPS))
-    return CapResult(labels, max_load, met, needs_replication(load_E, num_ranks, cap), swaps)
+    G = gpus_per_node or num_ranks
+    total = km1_batch(routing, labels[None])[0] + (inter_node_cost - 1) * km1_batch(routing, labels[None] // G)[0]
+    return CapResult(labels, max_load, met, needs_replication(load_E, num_ranks, cap), swaps, float(total))
 
 
 def _apply(cost: _Cost, labels: np.ndarray, load_VE: np.ndarray, rank_load_VR: np.ndarray, a: int, b: int) -> int:
