@@ -1,9 +1,10 @@
 """A training run's output directory: what ``c2r-train`` writes there, and refusing to mix two runs in one.
 
-``c2r-train --out DIR`` writes ``DIR/checkpoints/``, ``DIR/metrics.jsonl`` and (``--profile``) ``DIR/profile/``.
+``c2r-train --out DIR`` writes ``DIR/checkpoints/``, ``DIR/metrics.jsonl`` and (``--profile``) ``DIR/profile/`` (a
+resumed run's ``--profile`` first moves an earlier one to ``DIR/profile-before-resume-at-step<N>/``).
 A second run into the same directory would replace the metrics and interleave checkpoints (a stale
 ``zero_pp_rank_1_...`` shard of a 2-rank run next to a 1-rank run's files), so it is refused unless it continues
-the run (``--resume``) or replaces it (``--overwrite``, which deletes those three and nothing else of DIR).
+the run (``--resume``) or replaces it (``--overwrite``, which deletes those and nothing else of DIR).
 """
 
 from __future__ import annotations
@@ -12,16 +13,34 @@ import shutil
 from pathlib import Path
 
 RUN_FILES = ("checkpoints", "metrics.jsonl", "profile")
+EARLIER_PROFILE = "profile-before-resume-at-step{step}"  # a resumed run's --profile keeps the earlier one here
+
+
+def earlier_profiles(out_dir: Path) -> list[Path]:
+    return sorted(out_dir.glob(EARLIER_PROFILE.format(step="*")))
+
+
+def set_aside_profile(out_dir: str | Path, step: int) -> Path | None:
+    """Before a resumed run profiles into ``out_dir/profile``: move what an earlier run recorded there to
+    ``profile-before-resume-at-step<step>`` (its traces and records would otherwise be overwritten shard by shard).
+    Returns the new place, or None when there was nothing to keep."""
+    profile = Path(out_dir) / "profile"
+    if not (profile.is_dir() and any(profile.iterdir())):
+        return None
+    kept = Path(out_dir) / EARLIER_PROFILE.format(step=step)
+    if kept.exists():  # a second resume at the same step: keep every recording
+        kept = Path(out_dir) / (kept.name + f"-{len(list(Path(out_dir).glob(kept.name + '*')))}")
+    profile.rename(kept)
+    return kept
 
 
 def run_files(out_dir: str | Path) -> list[str]:
     """The files and folders of a c2r-train run in ``out_dir`` (an empty ``checkpoints/`` is no run)."""
     out_dir = Path(out_dir)
     found = []
-    for name in RUN_FILES:
-        path = out_dir / name
+    for path in [out_dir / name for name in RUN_FILES] + earlier_profiles(out_dir):
         if path.is_file() or (path.is_dir() and any(path.iterdir())):
-            found.append(name + ("/" if path.is_dir() else ""))
+            found.append(path.name + ("/" if path.is_dir() else ""))
     return found
 
 
@@ -41,8 +60,7 @@ def check_out_dir(out_dir: str | Path, resume: bool, overwrite: bool, init_from:
 def clear_run(out_dir: str | Path) -> list[str]:
     """Delete the run in ``out_dir`` (its checkpoints, metrics and profile); returns what was there."""
     found = run_files(out_dir)
-    for name in RUN_FILES:
-        path = Path(out_dir) / name
+    for path in [Path(out_dir) / name for name in RUN_FILES] + earlier_profiles(Path(out_dir)):
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():

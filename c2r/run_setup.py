@@ -43,6 +43,7 @@ from c2r.parallel.expert_parallel import check_overlap_chunks
 from placement.copy_choice import COPY_CHOICES
 from placement.layout import require_divides
 from profiling.cli_errors import OneLineParser
+from profiling.files import atomic_write_text
 from profiling.session import ProfileConfig
 
 # Written next to the settings by ``run_config_record`` and checked on resume; derived from the settings (the
@@ -351,7 +352,8 @@ class ConfigCli:
         try:
             check_machine(config)
             summary = run(config)
-        except (ValueError, FileNotFoundError, FloatingPointError) as error:  # FloatingPointError: a diverged run
+        # FloatingPointError: a diverged run; OSError: the machine (a full disk, a read-only --out)
+        except (ValueError, OSError, FloatingPointError) as error:
             if os.environ.get("C2R_TRACEBACK"):
                 raise
             return report_error(f"{self.prog}: {error}")
@@ -665,15 +667,23 @@ def progress_bar(steps: range, desc: str, enabled: bool) -> tqdm:
 
 
 class MetricsLog:
-    """A JSON-lines metrics file and its terminal lines (``format_record``), written by rank 0 only."""
+    """A JSON-lines metrics file and its terminal lines (``format_record``), written by rank 0 only.
+    ``resumed_at``: the step a resumed run starts from: the file keeps its records up to that step and the run
+    appends (the records of later steps came from steps the run now repeats: kept, every evaluation would be
+    there twice); None: a new file."""
 
-    def __init__(self, path: Path, append: bool, enabled: bool, format_record: Callable[[dict[str, Any]], str]):
-        self.path, self.mode, self.enabled, self.file = path, "a" if append else "w", enabled, None
+    def __init__(
+        self, path: Path, resumed_at: int | None, enabled: bool, format_record: Callable[[dict[str, Any]], str]
+    ):
+        self.path, self.resumed_at, self.enabled, self.file = path, resumed_at, enabled, None
         self.format_record = format_record
 
     def __enter__(self) -> MetricsLog:
         if self.enabled:
-            self.file = open(self.path, self.mode)  # noqa: SIM115 (closed in __exit__)
+            if self.resumed_at is not None and self.path.is_file():
+                atomic_write_text(self.path, "".join(_records_through(self.path, self.resumed_at)))
+            mode = "w" if self.resumed_at is None else "a"
+            self.file = open(self.path, mode)  # noqa: SIM115 (closed in __exit__)
         return self
 
     def write(self, record: dict[str, Any]) -> None:
@@ -685,3 +695,16 @@ class MetricsLog:
     def __exit__(self, *exc) -> None:
         if self.file:
             self.file.close()
+
+
+def _records_through(path: Path, step: int) -> list[str]:
+    """The lines of a metrics file whose record is of ``step`` or before (a line cut short by a crash is dropped)."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int) or record["step"] <= step:
+            kept.append(line + "\n")
+    return kept

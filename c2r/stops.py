@@ -91,3 +91,29 @@ class SavePolicy:
         if save:
             self.last_save, self.last_save_step = time.monotonic(), done
         return Boundary(save=save, stop_signal=signal.Signals(signum).name if signum else None)
+
+
+# DeepSpeed's node launcher (deepspeed.launcher.launch), on Ctrl-C or SIGTERM, sends its ranks SIGTERM and kills
+# those still running 30 s later (terminate_process_tree): a stop must finish its steps and its save within that.
+LAUNCHER_GRACE_S = 30.0
+
+
+def under_deepspeed_launcher(environ=None) -> bool:
+    """Whether this process is a rank started by DeepSpeed's node launcher (it sets CROSS_RANK; torchrun does not)."""
+    import os
+
+    return "CROSS_RANK" in (os.environ if environ is None else environ)
+
+
+def stop_deadline_warning(save_s: float, step_s: float, pid: int, environ=None) -> str | None:
+    """The warning for a run whose stop (two more steps, then a save) would outlast the launcher's grace period,
+    None where it fits (with a fifth to spare) or no launcher will kill the ranks."""
+    needed = save_s + 2 * step_s
+    if not under_deepspeed_launcher(environ) or needed <= 0.8 * LAUNCHER_GRACE_S:
+        return None
+    return (
+        f"a stop here takes ~{needed:.0f} s (a checkpoint {save_s:.0f} s, after two steps of {step_s:.1f} s), but the "
+        f"deepspeed launcher kills its ranks {LAUNCHER_GRACE_S:.0f} s after a Ctrl-C: such a stop would be killed "
+        f"mid-save (the previous checkpoint stays loadable). Stop by signalling one rank instead, e.g. kill -INT {pid} "
+        "(every rank stops with it and the launcher lets them finish), and keep train.save_every_minutes small"
+    )

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from c2r.hf.training import base_settings
 from c2r.model import ModelOutput
 from c2r.profiled import profiled_model
 from c2r.routing import RoutingResult, after_optimizer_step
-from c2r.run_dir import check_out_dir, clear_run
+from c2r.run_dir import check_out_dir, clear_run, set_aside_profile
 from c2r.run_setup import (
     ConfigCli,
     MetricsLog,
@@ -47,7 +48,7 @@ from c2r.run_setup import (
     tokens_per_step,
 )
 from c2r.step_reads import StepReader
-from c2r.stops import SavePolicy, StopSignals
+from c2r.stops import SavePolicy, StopSignals, stop_deadline_warning
 from placement.copy_choice import COPY_CHOICES
 from profiling.kernels import KernelProfile, phase
 from profiling.session import ProfileSession, open_comm_profiler
@@ -123,6 +124,12 @@ def train(config: RunConfig) -> dict[str, Any]:
             if is_main and (replaced := clear_run(out_dir)):
                 log.info("--overwrite: deleted the previous run's %s in %s", ", ".join(replaced), out_dir)
             dist.barrier()
+        if config.profile.enabled and tc.resume:
+            step = checkpoint.tag_step(checkpoint.latest_tag(ckpt_dir)) if is_main else None
+            if step is not None and (kept := set_aside_profile(out_dir, step)):
+                log.info("--profile on --resume: the earlier profile is kept in %s; this one starts at step %d",
+                         kept, step)  # fmt: skip
+            dist.barrier()  # every rank, before any of them opens the new profile
         corpus = load_corpus(config.data, corpus_tokenizer(config), progress=is_main)
         # The all-to-all profiler exists before the engine: each dispatcher is built with its observer.
         use_cuda = info.device.type == "cuda"
@@ -179,8 +186,10 @@ def train_steps(config: RunConfig, engine, corpus, info, comm, policy: SavePolic
     reads, latest = StepReader(engine.module, info.device), None  # latest: the newest step numbers read
     started = time.perf_counter()
     bar = progress_bar(range(start, tc.steps), "train", enabled=is_main)
-    metrics_log = MetricsLog(out_dir / "metrics.jsonl", append=tc.resume, enabled=is_main, format_record=format_record)
-    done, stopped_by = start, None
+    metrics_log = MetricsLog(
+        out_dir / "metrics.jsonl", start if tc.resume else None, enabled=is_main, format_record=format_record
+    )
+    done, stopped_by, warned_stop_deadline = start, None, False
     window_s = 0.0  # training-step time since the last record, evaluations and checkpoints left out (tokens/s)
     tokens = tokens_per_step(config, info.world_size)
     # the profilers end with the loop however it ends: a kernel profile left open keeps torch's sync debug mode on
@@ -260,9 +269,15 @@ def train_steps(config: RunConfig, engine, corpus, info, comm, policy: SavePolic
                 metrics.write(record)
                 write_monitor(engine, record)
             if after.save:
+                save_started = time.perf_counter()
                 checkpoint.save_checkpoint(engine, ckpt_dir, done, run_config)
                 if is_main:
                     checkpoint.prune_checkpoints(ckpt_dir, tc.keep_checkpoints)
+                    save_s, step_s = time.perf_counter() - save_started, save_started - step_started
+                    warning = stop_deadline_warning(save_s, step_s, os.getpid())
+                    if warning and not warned_stop_deadline:
+                        log.warning(warning)
+                        warned_stop_deadline = True
             if after.stop_signal:
                 stopped_by = after.stop_signal
                 bar.close()

@@ -6,8 +6,9 @@ the table in docs/status.md, which is this module's real output:
     PYTHONPATH=. .venv/bin/python -m tests.bad_inputs      # builds a tiny profiled run in a temp dir (~20 s), runs all
 
 Every case runs in a scratch directory holding ``run/`` (a 4-step profiled c2r-train run: 2 MoE layers of 8 experts,
-one rank), ``plan.json`` (a 2-rank plan from its traces), ``random.bin`` (random bytes), ``notjson.txt`` and an
-empty directory ``empty/``; arguments name them by relative path, so the messages read as the user would see them.
+one rank), ``plan.json`` (a 2-rank plan from its traces), ``random.bin`` (random bytes), ``notjson.txt``, an
+empty directory ``empty/`` and ``other/checkpoints/latest`` (another run's checkpoints, naming step9); arguments
+name them by relative path, so the messages read as the user would see them.
 """
 
 from __future__ import annotations
@@ -101,6 +102,19 @@ CASES = (
         "inside",
     ),
     case("c2r-place", "apply --plan plan.json --checkpoint empty --out out/checkpoints", "empty", "latest"),
+    case(
+        "c2r-place",
+        "apply --plan plan.json --checkpoint run/checkpoints --out other/checkpoints",
+        "other/checkpoints",
+        "another run's checkpoints",
+        "step9",
+    ),
+    case(
+        "c2r-place",
+        "reshard --checkpoint run/checkpoints --world-size 1 --out run/checkpoints/step4",
+        "run/checkpoints/step4",
+        "inside",
+    ),
     # c2r-profile
     case("c2r-profile", "summarize missing", "missing"),
     case("c2r-profile", "summarize empty", "empty"),
@@ -122,6 +136,8 @@ def make_scratch(root: Path) -> Path:
     (root / "empty").mkdir(exist_ok=True)
     (root / "random.bin").write_bytes(os.urandom(20_000))
     (root / "notjson.txt").write_text("this is not JSON\n")
+    (root / "other" / "checkpoints").mkdir(parents=True, exist_ok=True)  # another run's checkpoints, at step 9
+    (root / "other" / "checkpoints" / "latest").write_text("step9")
     config = tiny_run_config("run", steps=4, profile=True, eval_every=2)
     (root / "tiny.json").write_text(json.dumps(config))
     for argv in (

@@ -106,9 +106,15 @@ def test_sigkill_of_one_rank_leaves_the_last_periodic_checkpoint_loadable(tmp_pa
     with pytest.raises(AssertionError, match="a rank failed"):
         run_distributed(run_worker, 2, tmp_path / "a", raw, {1: (4, signal.SIGKILL)})  # dies in step 5 of 8
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step3"
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [4]  # evaluated, not saved
+    with metrics.open("a") as f:
+        f.write('{"step": 5, "train_lo')  # a line cut short by the crash
     resumed = run_distributed(run_worker, 2, tmp_path / "b", {**raw, "train": {**raw["train"], "resume": True}})
     assert resumed[0]["start_step"] == 3
     torch.testing.assert_close(resumed[0]["step_losses"], full_run[1][0]["step_losses"][3:], rtol=1e-5, atol=1e-5)
+    # the records of the steps the resume repeated are written once, by the resume (step 4 was twice)
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [4, 8]
 
 
 def ep_mismatch_worker(rank, world, raw):
@@ -284,3 +290,44 @@ def test_save_policy_on_flags_read_a_step_late(tmp_path):
     # (the last); step 4's own flags (sampled before its save, due by the clock) are no second save at step 5.
     assert [done for done, save in enumerate(saves, start=1) if save] == [4, 7, 8, 10]
     assert (signal_name, saved, both) == ("SIGTERM", True, "SIGINT")
+
+
+def profiled_worker(rank, world, raw):
+    result = c2r.train.train(config_from_dict(RunConfig, raw))
+    return result["start_step"], result["end_step"]
+
+
+def test_a_resumed_profile_keeps_the_earlier_one_whole(tmp_path):
+    """--resume --profile restarted the trace shards at rank000-00000 and rewrote the counts: the recording of the
+    steps before the resume was lost. The earlier profile is now moved aside whole; the new one starts at the resume."""
+    import numpy as np
+
+    from c2r.run_dir import clear_run
+
+    raw = tiny_run_config(tmp_path / "run", steps=4, profile=True, eval_every=2, save_every=0)
+    run_distributed(profiled_worker, 1, tmp_path / "a", raw)
+    shard = "traces/rank000-00000.npz"
+    before = np.load(tmp_path / "run" / "profile" / shard)
+    longer = tiny_run_config(tmp_path / "run", steps=8, profile=True, eval_every=2, save_every=0, resume=True)
+    assert run_distributed(profiled_worker, 1, tmp_path / "b", longer) == [(4, 8)]
+    kept = tmp_path / "run" / "profile-before-resume-at-step4"
+    with np.load(kept / shard) as old, np.load(tmp_path / "run" / "profile" / shard) as new:
+        assert np.array_equal(old["step"], before["step"]) and set(old["step"].tolist()) == {0, 1, 2, 3}
+        assert set(new["step"].tolist()) == {4, 5, 6, 7}
+    assert sorted(clear_run(tmp_path / "run")) == sorted(
+        ["checkpoints/", "metrics.jsonl", "profile/", "profile-before-resume-at-step4/"]
+    )
+    assert not kept.exists()
+
+
+def test_a_stop_that_would_outlast_the_deepspeed_launchers_grace_is_warned_of():
+    """DeepSpeed's node launcher kills its ranks 30 s after a Ctrl-C: a run whose checkpoint (plus the two steps a
+    stop finishes first) takes longer is told so, with the way round it (signal one rank: the launcher, whose
+    children then exit 0, lets them finish)."""
+    from c2r.stops import stop_deadline_warning
+
+    launcher = {"CROSS_RANK": "0", "RANK": "0"}
+    assert stop_deadline_warning(40.0, 1.0, 1234, environ={"RANK": "0"}) is None  # torchrun, mpirun: no such kill
+    assert stop_deadline_warning(5.0, 2.0, 1234, environ=launcher) is None
+    warning = stop_deadline_warning(30.0, 1.5, 1234, environ=launcher)
+    assert "~33 s" in warning and "kills its ranks 30 s after a Ctrl-C" in warning and "kill -INT 1234" in warning

@@ -32,15 +32,26 @@ log = logging.getLogger("c2r.deepspeed.checkpoint")
 LATEST = "latest"
 CONFIG_FILE = "c2r_config.json"
 # Model settings that change parameter shapes or expert identity: a checkpoint only loads if these match.
-SHAPE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "moe_every", "dense_ffn_hidden_size")
+SHAPE_KEYS = (
+    "vocab_size", "block_size", "n_layer", "n_head", "d_model", "moe_every", "dense_ffn_hidden_size", "tie_embeddings",
+)  # fmt: skip
+SHAPE_DEFAULTS = {"tie_embeddings": True}
 MOE_SHAPE_KEYS = ("num_experts", "ffn_hidden_size")
 
 
 def save_checkpoint(engine, ckpt_dir: str | Path, step: int, run_config: dict[str, Any]) -> str:
     ckpt_dir = Path(ckpt_dir)
     tag = f"step{step}"
-    with one_file_per_expert(engine, replicated_layouts(run_config)):
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+    try:
+        with one_file_per_expert(engine, replicated_layouts(run_config)):
+            engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+    except (OSError, RuntimeError) as error:  # a full disk: torch's writer says "enforce fail ... unexpected pos"
+        free = shutil.disk_usage(ckpt_dir).free / 2**20 if ckpt_dir.exists() else float("nan")
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise OSError(
+            f"could not save checkpoint {tag} in {ckpt_dir} ({first_line}; {free:.0f} MiB free there); "
+            f"latest still names {latest_tag(ckpt_dir)}, which --resume continues from"
+        ) from error
     dist.barrier()  # every rank's files are on disk before anyone points at them
     if dist.get_rank() == 0:
         atomic_write_text(ckpt_dir / tag / CONFIG_FILE, json.dumps(run_config, indent=2))
@@ -76,6 +87,7 @@ def latest_tag(ckpt_dir: str | Path) -> str | None:
 
 
 def check_compatible(saved_model: dict[str, Any], model: dict[str, Any], where: str) -> None:
+    saved_model = {**SHAPE_DEFAULTS, **saved_model}  # checkpoints from before a key was saved
     diffs = [
         f"{k}={saved_model.get(k)} in the checkpoint, {model.get(k)} here"
         for k in SHAPE_KEYS
@@ -94,6 +106,31 @@ def check_compatible(saved_model: dict[str, Any], model: dict[str, Any], where: 
         raise ValueError(f"checkpoint {where} does not fit this model: " + "; ".join(diffs))
 
 
+def router_state_settings(model: dict[str, Any]) -> dict[str, Any]:
+    """The router settings that decide which tensors a router saves (a resume must match them; --init-from may
+    switch routers): its kind, whether a batch-balance bias is kept, AdaMoE's null experts."""
+    router = model.get("moe", {}).get("router", {})
+    kind = router.get("kind", "topk")
+    settings = {"router": kind, "batch balance": kind == "topk" and router.get("balance", "none") in ("batch", "auto")}
+    if kind == "adamoe":
+        settings["adamoe.num_null_experts"] = router.get("adamoe", {}).get("num_null_experts")
+    return settings
+
+
+def check_same_router(saved_model: dict[str, Any], model: dict[str, Any], where: str) -> None:
+    saved, here = router_state_settings(saved_model), router_state_settings(model)
+    diffs = [
+        f"{k}={saved.get(k)} in the checkpoint, {here.get(k)} here"
+        for k in {**saved, **here}
+        if saved.get(k) != here.get(k)
+    ]
+    if diffs:
+        raise ValueError(
+            f"checkpoint {where} was trained with another router: " + "; ".join(diffs) + " (--resume continues the "
+            "same model; start a run from its weights under another router with --init-from)"
+        )
+
+
 def resume(engine, ckpt_dir: str | Path, run_config: dict[str, Any]) -> int:
     """Load the latest complete checkpoint into ``engine``; return the step it was taken at."""
     tag = latest_tag(ckpt_dir)
@@ -102,6 +139,7 @@ def resume(engine, ckpt_dir: str | Path, run_config: dict[str, Any]) -> int:
     config_path = Path(ckpt_dir) / tag / CONFIG_FILE
     saved = json.loads(config_path.read_text())
     check_compatible(saved["model"], run_config["model"], str(Path(ckpt_dir) / tag))
+    check_same_router(saved["model"], run_config["model"], str(Path(ckpt_dir) / tag))
     check_same_size(saved, run_config, Path(ckpt_dir), tag)
     check_same_placement(saved, run_config, tag)
     check_same_width_scaling(saved, run_config, tag)

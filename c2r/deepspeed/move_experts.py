@@ -142,12 +142,18 @@ def move_experts(
 
 
 def check_out_dir(out_dir: Path, checkpoint_dir: Path, src: Path) -> None:
-    """Refuse an ``--out`` that is the source checkpoint directory or lies inside the source checkpoint: the new
-    checkpoint would be written into (or over) the one it is read from."""
+    """Refuse an ``--out`` that is the source checkpoint directory or lies inside the source checkpoint (the new
+    checkpoint would be written into, or over, the one it is read from), or that holds another run's checkpoints
+    (its ``latest`` would move to the new one: a resume of that run would go back to an older step)."""
     out, ckpt, source = out_dir.resolve(), checkpoint_dir.resolve(), src.resolve()
     if out in (ckpt, source) or source in out.parents:
         raise ValueError(
             f"--out {str(out_dir)!r} is the source checkpoint {str(checkpoint_dir)!r} or inside it; write the moved "
+            "checkpoint to a new directory, e.g. RUN2/checkpoints"
+        )
+    if (out_dir / LATEST).is_file():
+        raise ValueError(
+            f"--out {str(out_dir)!r} holds another run's checkpoints (latest: {latest_tag(out_dir)}); write the moved "
             "checkpoint to a new directory, e.g. RUN2/checkpoints"
         )
 
@@ -222,6 +228,23 @@ def move_rows(old: list[torch.Tensor], before: ExpertLayout, after: ExpertLayout
     shape = old[0].shape
     new_shape = (shape[0] // was_local * now_local, *shape[1:])
     return [m.reshape(new_shape) for m in moved]
+
+
+def load_zero_states(paths: list[Path]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The ZeRO-1/2 partition files (read copy-on-write) and their optimizer states, where this module can read
+    their flat buffers: by the parameters' order in ``param_slice_mappings``. ``round_robin_gradients`` orders a flat
+    buffer otherwise (and by the run's data-parallel size): refused, so that the state is dropped, not scrambled."""
+    files = [torch.load(p, map_location="cpu", weights_only=False, mmap=True) for p in paths]
+    sds = [f.get("optimizer_state_dict", {}) for f in files]
+    for path, file, sd in zip(paths, files, sds):
+        missing = [k for k in (BASE_STATE, FP32_PARTITIONS, SLICES) if k not in sd]
+        if missing:
+            raise UnsupportedOptimizerState(f"{path.name} has no {', '.join(missing)}")
+        if (file.get("ds_config") or {}).get("zero_optimization", {}).get("round_robin_gradients"):
+            raise UnsupportedOptimizerState(
+                f"{path.name} was saved with ZeRO's round_robin_gradients (its flat buffers are in round-robin order)"
+            )
+    return files, sds
 
 
 class OptimizerRemap:
@@ -312,12 +335,7 @@ class OptimizerRemap:
                 f"{world} ZeRO partition files for ep_size {self.ep}: expected ranks 0..N-1, N a multiple of ep_size"
             )
         edp = world // self.ep
-        files = [torch.load(p, map_location="cpu", weights_only=False, mmap=True) for p in paths]
-        sds = [f.get("optimizer_state_dict", {}) for f in files]
-        for path, sd in zip(paths, sds):
-            missing = [k for k in (BASE_STATE, FP32_PARTITIONS, SLICES) if k not in sd]
-            if missing:
-                raise UnsupportedOptimizerState(f"{path.name} has no {', '.join(missing)}")
+        files, sds = load_zero_states(paths)
         for group in range(len(sds[0][FP32_PARTITIONS])):
             names = {name for sd in sds for name in sd[SLICES][group]}
             experts = names & self.by_name.keys()

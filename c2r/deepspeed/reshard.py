@@ -58,6 +58,8 @@ from c2r.deepspeed.move_experts import (
     UnsupportedOptimizerState,
     _copy_one,
     begin_checkpoint,
+    check_out_dir,
+    load_zero_states,
     publish_checkpoint,
 )
 from placement.layout import ExpertLayout, require_divides
@@ -97,6 +99,7 @@ def reshard(
     if tag is None:
         raise FileNotFoundError(f"no checkpoint in {str(checkpoint_dir)!r} (no '{LATEST}' file; pass --tag)")
     src = checkpoint_dir / tag
+    check_out_dir(out_dir, checkpoint_dir, src)
     if not (src / CONFIG_FILE).exists():
         raise FileNotFoundError(f"{src} has no {CONFIG_FILE}: not a c2r-train checkpoint")
     run_config = json.loads((src / CONFIG_FILE).read_text())
@@ -246,12 +249,8 @@ class OptimizerReshard(OptimizerRemap):
             raise UnsupportedOptimizerState(
                 f"{len(paths)} ZeRO partition files for a checkpoint saved from {self.old_world} ranks"
             )
-        files = [torch.load(p, map_location="cpu", weights_only=False, mmap=True) for p in paths]
-        sds = [f.get("optimizer_state_dict", {}) for f in files]
+        files, sds = load_zero_states(paths)
         for path, sd in zip(paths, sds):
-            missing = [k for k in (BASE_STATE, FP32_PARTITIONS, SLICES) if k not in sd]
-            if missing:
-                raise UnsupportedOptimizerState(f"{path.name} has no {', '.join(missing)}")
             if not isinstance(sd[BASE_STATE], dict):
                 raise UnsupportedOptimizerState(f"{path.name} is an elastic ZeRO checkpoint")
             if any(any(paddings) for paddings in sd.get(PARAM_PADDINGS, [])):
