@@ -603,7 +603,7 @@ def _plan_and_cap(
     labels = plan_layer(
         routing, num_ranks, num_nodes, method, seed, preset, threads, max_tokens, topology, inter_node_cost
     )
-    if max_load is None:
+    if max_load is None or num_ranks == 1:  # one rank holds every expert: nothing to cap (nor to ask Mt-KaHyPar)
         return labels
     capped = functools.partial(
         _cap_result, routing, num_ranks=num_ranks, max_load=max_load, num_nodes=num_nodes, seed=seed,

@@ -365,3 +365,19 @@ def test_bad_files_get_one_line_each(tmp_path, capsys, run_dir):
     code, out, err = run_cli(capsys, "export", "--plan", tmp_path / "p.json", "--format", "eplb", "--out", plan_dir)
     assert code == 2 and "is a directory" in err and len(err.strip().splitlines()) == 1
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_capped_plan_for_one_rank_needs_no_mt_kahypar(monkeypatch):
+    """One rank holds every expert: the plan is that, whatever the cap, and asks nothing of Mt-KaHyPar (the GPU
+    host has none: ep_bench's capped layout on one GPU failed there)."""
+    import placement.methods as methods
+    from placement.errors import PlacementError
+    from placement.methods import plan_placement
+
+    def missing(threads):
+        raise PlacementError("method 'kahypar' needs Mt-KaHyPar")
+
+    monkeypatch.setattr(methods, "_mtkahypar", missing)
+    routing = routing_from_expert_ids(synthetic_expert_ids(500, 8, 2, seed=0), 8)
+    (layout,) = plan_placement([routing], 1, max_load=1.1, progress=False)
+    assert layout.as_array().tolist() == [0] * 8

@@ -102,7 +102,11 @@ def _margin_step(num_experts: int, top_k: int, device: torch.device) -> Callable
     try:
         from c2r.routing.margin_kernel import token_margins_kernel
 
-        token_margins_kernel(torch.zeros(2, num_experts, device=device), torch.zeros(num_experts, device=device), top_k)
+        # 16 tokens: Triton compiles one variant for token counts divisible by 16 (every usual batch) and one for
+        # the rest; warming on that one keeps the first real solve from compiling another
+        token_margins_kernel(
+            torch.zeros(16, num_experts, device=device), torch.zeros(num_experts, device=device), top_k
+        )
         return token_margins_kernel
     except Exception as error:  # no Triton, or a compile error on this build
         log.warning("batch balance: the Triton margin kernel failed (%s); using the torch step", error)
