@@ -8,6 +8,7 @@ and a tiny BPE tokenizer trained here, then loaded the way a user's model is.
 
 from __future__ import annotations
 
+import copy
 import functools
 from pathlib import Path
 
@@ -398,3 +399,22 @@ def test_a_batch_balanced_router_refuses_export_and_other_expert_activations_are
     with pytest.raises(ValueError, match=r"ExpertConfig\(activation='gelu'\) cannot hold its experts") as info:
         hf.load(tmp_path / "src", experts=ExpertConfig(activation="gelu"))
     assert "\n" not in str(info.value)
+
+
+def test_mixtral_router_jitter_noise_is_applied_in_training_as_transformers_does():
+    """Mixtral's router_jitter_noise scales the block's input by U(1 - eps, 1 + eps) in training (not in eval): the
+    converted block draws the same noise under the same seed, so a training forward equals transformers'."""
+    config, impl = BUILDERS["mixtral"]()
+    config.router_jitter_noise = 0.1
+    config._experts_implementation = impl
+    torch.manual_seed(0)
+    original = transformers.AutoModelForCausalLM.from_config(config)
+    model = hf.convert(copy.deepcopy(original))
+    original.train(), model.train()
+    ids = input_ids()
+    outs = []
+    for m in (original, model):
+        torch.manual_seed(5)
+        outs.append(m(input_ids=ids).logits)
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=0)
+    assert not torch.allclose(model.eval()(input_ids=ids).logits, outs[1], atol=1e-3)  # the noise did act

@@ -43,8 +43,10 @@ class HFMoEBlock(nn.Module):
         shared: dict[str, nn.Module],
         native_router: RouterConfig,
         native_top_k: int,
+        jitter_noise: float = 0.0,
     ):
         super().__init__()
+        self.jitter_noise = jitter_noise  # Mixtral's router_jitter_noise: the block's input scaled in training
         self.arch = arch
         self.moe = moe
         for name, module in shared.items():
@@ -76,6 +78,9 @@ class HFMoEBlock(nn.Module):
                 f"this MoE block holds {len(self.local_experts)} of {self.layout.num_experts} experts (ep rank "
                 f"{self.ep_rank} of {self.layout.num_ranks}): call c2r.hf.attach_expert_parallel(model) first"
             )
+        if self.training and self.jitter_noise > 0:  # as Hugging Face's block: the same draws under the same seed
+            noise = torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+            hidden_states = hidden_states * noise
         x_TD = hidden_states.reshape(-1, hidden_states.shape[-1])
         out_TD, routing = self.moe(x_TD)
         self.last_routing = routing

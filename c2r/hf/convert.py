@@ -99,7 +99,8 @@ def convert_block(
         moe.router.to(hf_router.weight.dtype)
         moe.experts.to(hf_experts.gate_up_proj.dtype)
     shared = {name: getattr(hf_block, name) for name in arch.shared_attrs}
-    return HFMoEBlock(arch, moe, layout, ep_rank, shared, native, hf_router.top_k)
+    jitter = float(getattr(hf_block, "jitter_noise", 0.0) or 0.0)
+    return HFMoEBlock(arch, moe, layout, ep_rank, shared, native, hf_router.top_k, jitter)
 
 
 def convert(
