@@ -380,9 +380,7 @@ def train_allocators(run: AdaKRun, opts: AdaKTrainConfig, p: float | None) -> tu
     device, started, eval_batches = run.info.device, time.perf_counter(), run.config.train.eval_batches
     history, after_pwarm = [], None
     bar = progress_bar(range(opts.warm_steps + opts.steps), "p-warm" if opts.warm_steps else "ppo", run.is_main)
-    metrics_log = MetricsLog(
-        run.out_dir / "adak_metrics.jsonl", None, enabled=run.is_main, format_record=format_record
-    )
+    metrics_log = MetricsLog(run.out_dir / "adak_metrics.jsonl", None, enabled=run.is_main, format_record=format_record)
     with metrics_log as metrics:
         for step in bar:
             warm = step < opts.warm_steps

@@ -217,3 +217,20 @@ def test_variable_k_costs_only_the_valid_slots(kind, top_k, extra):
     _, routing = layer(torch.randn(64, 16))
     valid = int(routing.valid_TK.sum())
     assert rows == [valid] and valid < routing.valid_TK.numel()
+
+
+def test_remoe_ignores_an_empty_batch_in_its_sparsity():
+    """A forward with no tokens (an empty micro-batch or rank) measured 0 / 0 = NaN, and the all-reduced NaN made
+    every rank divide lambda whatever the real sparsity: it now adds no gates, and all-empty steps leave lambda."""
+    from c2r.routing import RouterConfig, build_router
+
+    router = build_router(16, 8, 2, RouterConfig(kind="remoe")).train()
+    router.reg_lambda = np.float32(1e-3)
+    with torch.no_grad():
+        router.gate.weight.fill_(1.0)  # every gate open on a positive input: sparsity 0, below the target 0.75
+    router(torch.ones(4, 16))
+    router(torch.zeros(0, 16))
+    stats = type(router).update_after_step([router])
+    assert stats["remoe_sparsity"] == 0.0 and router.reg_lambda > np.float32(1e-3)  # too dense: lambda grows
+    router(torch.zeros(0, 16))
+    assert type(router).update_after_step([router]) == {} and router._forwards == 0

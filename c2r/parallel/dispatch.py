@@ -79,7 +79,9 @@ class DispatchMeta:
     token_idx_C: torch.Tensor  # source token of each sent row (per-node: of each row sent over the network only)
     dest_rank_TK: torch.Tensor  # rank holding each slot's expert (meaningless where the slot is empty)
     valid_TK: torch.Tensor
-    bytes_per_row: int  # one sent row: D * element size
+    # one sent copy: its D-wide row (D x element size) plus, per-rank and per-node, the [2K] float32 slots and weights
+    # that travel beside it (per-expert sends none: its weights stay on the source)
+    bytes_per_row: int
     # How sent rows map to the tokens' slots: per-expert, (token, routing slot) pairs by physical expert id;
     # per-rank, (token, destination rank) pairs by rank. The combine sums each token's rows through it.
     sent: SlotOrder | None = None
@@ -350,7 +352,7 @@ class PerRankDispatcher(_Dispatcher):
             token_idx_C=token_C,
             dest_rank_TK=rank_TK,
             valid_TK=routing.valid_TK,
-            bytes_per_row=x_TD.shape[1] * x_TD.element_size(),
+            bytes_per_row=x_TD.shape[1] * x_TD.element_size() + meta_CK2.shape[1] * meta_CK2.element_size(),
             sent=sent,
             ranks_per_node=self.ranks_per_node,
         )

@@ -179,7 +179,8 @@ class PerNodeDispatcher(_Dispatcher):
             token_idx_C=token_C1,
             dest_rank_TK=rank_TK,
             valid_TK=routing.valid_TK,
-            bytes_per_row=x_TD.shape[1] * x_TD.element_size(),
+            # each copy's [2K] float32 slots and weights travel with it, in both stages
+            bytes_per_row=x_TD.shape[1] * x_TD.element_size() + 2 * routing.expert_ids_TK.shape[1] * 4,
             ranks_per_node=W,
         )
 

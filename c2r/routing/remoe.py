@@ -45,7 +45,10 @@ class ReMoERouter(TopKRouter):
         self.lambda_floor = np.float32(config.remoe.lambda_init)
         self.lambda_factor = np.float32(config.remoe.lambda_factor)
         self.target_sparsity = 1.0 - top_k / num_experts
-        self._zero_fraction_sum: torch.Tensor | None = None  # summed over forwards since the last optimizer step
+        # zero gates and all gates over the forwards since the last optimizer step (counts, so that an empty batch
+        # adds nothing: its zero fraction would be 0 / 0)
+        self._zero_gates: torch.Tensor | None = None
+        self._all_gates = 0
         self._forwards = 0
 
     def forward(self, x_TD: torch.Tensor) -> RoutingResult:
@@ -56,10 +59,9 @@ class ReMoERouter(TopKRouter):
         expert_ids_TE = torch.arange(self.num_experts, device=gates_TE.device).expand(num_tokens, -1)
         tokens_per_expert_E = valid_TE.sum(dim=0)
         if self.training:
-            zero_fraction = 1.0 - valid_TE.float().mean().detach()
-            self._zero_fraction_sum = (
-                zero_fraction if self._zero_fraction_sum is None else self._zero_fraction_sum + zero_fraction
-            )
+            zeros = (~valid_TE).sum().detach()
+            self._zero_gates = zeros if self._zero_gates is None else self._zero_gates + zeros
+            self._all_gates += valid_TE.numel()
             self._forwards += 1
         aux_loss = float(self.reg_lambda) * load_balanced_l1(gates_TE, self.top_k)
         if self.config.z_loss_weight > 0:
@@ -69,19 +71,23 @@ class ReMoERouter(TopKRouter):
     @classmethod
     def update_after_step(cls, routers: list[ReMoERouter], group=None) -> dict[str, float]:
         """``lambda *= alpha`` if the measured sparsity S is below ``1 - k/E`` (too many active experts), else
-        ``lambda /= alpha`` (but not below ``lambda_init``); S is the mean zero-gate fraction over layers,
-        micro-batches and ranks."""
+        ``lambda /= alpha`` (but not below ``lambda_init``); S is the zero-gate fraction of all gates over layers,
+        micro-batches and ranks (none: lambda stays)."""
         seen = [r for r in routers if r._forwards]
         if not seen:
             return {}
-        device = seen[0]._zero_fraction_sum.device
+        device = seen[0]._zero_gates.device
         totals = torch.stack(
             [
-                sum(r._zero_fraction_sum for r in seen),
-                torch.tensor(float(sum(r._forwards for r in seen)), device=device),
+                sum(r._zero_gates for r in seen).double(),
+                torch.tensor(float(sum(r._all_gates for r in seen)), device=device, dtype=torch.float64),
             ]
-        ).double()
+        )
         totals = all_reduce_sum(totals, group)
+        for router in routers:
+            router._zero_gates, router._all_gates, router._forwards = None, 0, 0
+        if float(totals[1]) == 0:  # every batch was empty on every rank: nothing measured
+            return {}
         sparsity = float(totals[0] / totals[1])
         target = seen[0].target_sparsity
         for router in routers:
@@ -90,7 +96,6 @@ class ReMoERouter(TopKRouter):
             # regularisation would otherwise drive lambda to float32 underflow (2.8e-45 after 800 steps in the
             # quality study), and hundreds of steps would pass before it could bite again.
             router.reg_lambda = max(np.float32(router.reg_lambda * factor), router.lambda_floor)
-            router._zero_fraction_sum, router._forwards = None, 0
         return {
             "remoe_lambda": float(routers[0].reg_lambda),
             "remoe_sparsity": sparsity,
