@@ -167,8 +167,8 @@ def format_costs(
     busiest = "the busiest rank of each recorded step" if load == "step_load_imbalance" else "the busiest rank, pooled"
     lines = [
         f"PREDICTED step time per MoE layer (a cost model, not a measurement; {model.source}: {model.tokens_per_rank} "
-        f"tokens/rank, hidden {model.hidden}, ffn {model.ffn}, {model.intra_node_gb_s:.0f} GB/s intra-node, "
-        f"{model.inter_node_gb_s:.0f} GB/s inter-node, {model.expert_tflop_s:.0f} TFLOP/s experts; compute on "
+        f"tokens/rank, hidden {model.hidden}, ffn {model.ffn}, {model.intra_node_gb_s:.3g} GB/s intra-node, "
+        f"{model.inter_node_gb_s:.3g} GB/s inter-node, {model.expert_tflop_s:.3g} TFLOP/s experts; compute on "
         f"{busiest})",
         "layer  plan ms (comm + compute)  contig ms (comm + compute)  change",
     ]

@@ -354,7 +354,12 @@ def add_simulate_command(sub: argparse._SubParsersAction) -> None:
         metavar="CAP",
         help=f"the load-capped plan's cap on rank load max/mean (default {DEFAULT_MAX_LOAD})",
     )
-    p.add_argument("--max-tokens", type=int, default=20000, help="planning sample per layer (default 20000; 0: all)")
+    p.add_argument(
+        "--max-tokens",
+        type=positive(int, allow_zero=True),
+        default=20000,
+        help="planning sample per layer (default 20000; 0: all)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the planner and the synthetic tokens")
     p.add_argument("--json", metavar="OUT", help="also write every number as JSON")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")

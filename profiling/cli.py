@@ -27,8 +27,9 @@ def cmd_summarize(args: argparse.Namespace) -> int:
 
 def cmd_coactivation(args: argparse.Namespace) -> int:
     counts = coactivation_matrix(args.run)
-    np.save(args.out, counts)
-    print(f"wrote {args.out}: co-activation counts of shape {list(counts.shape)} [layers, experts, experts]")
+    out = args.out if str(args.out).endswith(".npy") else f"{args.out}.npy"  # the name np.save writes
+    np.save(out, counts)
+    print(f"wrote {out}: co-activation counts of shape {list(counts.shape)} [layers, experts, experts]")
     return 0
 
 

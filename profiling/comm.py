@@ -71,8 +71,29 @@ class _LayerObserver:
             self.profiler._timings[self.layer].append((name, (time.perf_counter() - begin) * 1e3, None))
 
     def on_dispatch(self, meta: Any) -> None:
-        if not self.profiler.closed:
-            self.profiler._records[self.layer] = self.profiler._layer_record(self.layer, meta)
+        if self.profiler.closed:
+            return
+        record = self.profiler._layer_record(self.layer, meta)
+        earlier = self.profiler._records.get(self.layer)
+        # every forward of the step counts (gradient accumulation runs several), as its exchanges' times do
+        self.profiler._records[self.layer] = record if earlier is None else _summed(earlier, record)
+
+
+# The counts of a record that add up over a step's forwards (the rest describe the layer and are the same in each).
+SUMMED = (
+    "tokens", "valid_slots", "send_copies", "recv_copies", "distinct_ranks", "remote_ranks", "local_expert_load",
+    "distinct_nodes", "remote_nodes", "inter_node_copies", "intra_node_copies", "inter_node_bytes", "intra_node_bytes",
+)  # fmt: skip
+
+
+def _summed(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two forwards' records of one layer as one: counts added (device tensors stay on the device, lists by
+    position)."""
+    out = dict(a)
+    for key in SUMMED:
+        x, y = a[key], b[key]
+        out[key] = [i + j for i, j in zip(x, y, strict=True)] if isinstance(x, list) else x + y
+    return out
 
 
 class CommProfiler:

@@ -517,7 +517,7 @@ def fig_load(runs: list[RunData]) -> go.Figure | None:
     if not any(get(run, 0) for run in runs for _, get in panels):
         return None
     titles = [f"routed slots per token, per {what}" for what, _ in panels]
-    widths = [0.7, 0.3] if len(panels) < 3 else [0.45, 0.15, 0.4]
+    widths = {1: [1.0], 2: [0.7, 0.3], 3: [0.45, 0.15, 0.4]}[len(panels)]
     fig = make_subplots(1, len(panels), subplot_titles=titles, column_widths=widths)
 
     def traces(index: int) -> dict[str, list]:

@@ -26,6 +26,8 @@ def atomic_save_npz(path: str | Path, arrays: dict[str, ArrayLike]) -> None:
     """``np.savez(path, **arrays)`` atomically. Through a file handle: given a name, ``np.savez`` would append
     ``.npz`` to the temporary one."""
     path = Path(path)
+    if not path.parent.is_dir():  # else the error would name the temporary file
+        raise FileNotFoundError(f"cannot write {path}: its directory {path.parent} does not exist")
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)

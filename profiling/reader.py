@@ -111,8 +111,13 @@ def read_online_counts(trace_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
         raise FileNotFoundError(f"no online counters (counts-rank*.npz) in {trace_dir}")
     coactivation = tokens = None
     for path in paths:
-        with np.load(path) as data:
-            c, t = data["coactivation"], data["tokens"]
+        try:
+            with np.load(path) as data:
+                c, t = data["coactivation"], data["tokens"]
+        except (zipfile.BadZipFile, OSError, KeyError, EOFError, ValueError) as error:
+            raise ValueError(
+                f"{path} is not a readable counters file ({error}); move it away to go on without it"
+            ) from None
         if coactivation is not None and c.shape != coactivation.shape:
             raise ValueError(f"{path.name} holds counters of shape {c.shape}, others {coactivation.shape}")
         coactivation = c if coactivation is None else coactivation + c

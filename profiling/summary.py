@@ -5,6 +5,7 @@ cross-rank bytes, all-to-all time, expert and rank load. ``c2r-profile summarize
 from __future__ import annotations
 
 import json
+import logging
 from collections import defaultdict
 from collections.abc import Collection
 from pathlib import Path
@@ -13,6 +14,8 @@ from typing import Any
 import numpy as np
 
 from profiling.reader import read_comm_records, read_online_counts
+
+log = logging.getLogger("profiling.summary")
 
 
 def find_profile_dir(path: str | Path) -> Path:
@@ -54,10 +57,13 @@ def _layer_traffic(records: list[dict[str, Any]], num_ranks: int) -> dict[str, A
     copies_RR = np.zeros((num_ranks, num_ranks), dtype=np.int64)
     load_R = np.zeros(num_ranks, dtype=np.int64)
     slot_load_R = [None] * num_ranks  # per rank, per local slot (replicas are slots of their own)
+    group_load: dict[int, np.ndarray] = defaultdict(lambda: np.zeros(num_ranks, dtype=np.int64))
     sums = defaultdict(int)
     for r in records:
         copies_RR[r["ep_rank"]] += np.asarray(r["send_copies"], dtype=np.int64)
         load_R[r["ep_rank"]] += sum(r["local_expert_load"])
+        # EP groups are contiguous ranks; with data parallelism over them, each group's GPUs wait for its busiest
+        group_load[r["rank"] // num_ranks][r["ep_rank"]] += sum(r["local_expert_load"])
         local = np.asarray(r["local_expert_load"], dtype=np.int64)
         slot_load_R[r["ep_rank"]] = local if slot_load_R[r["ep_rank"]] is None else slot_load_R[r["ep_rank"]] + local
         for key in ("tokens", "valid_slots", "distinct_ranks", "remote_ranks"):
@@ -80,7 +86,8 @@ def _layer_traffic(records: list[dict[str, Any]], num_ranks: int) -> dict[str, A
         "rank_load": load_R.tolist(),
         # per physical slot (rank * X + local slot), when every rank recorded: a replica's load apart from its home's
         **({"slot_load": np.concatenate(slot_load_R).tolist()} if all(s is not None for s in slot_load_R) else {}),
-        "rank_load_imbalance": float(load_R.max() / max(load_R.mean(), 1e-9)),
+        # the worst EP group's: pooled over groups, one GPU's load would hide behind another's
+        "rank_load_imbalance": max(float(g.max() / max(g.mean(), 1e-9)) for g in group_load.values()),
         **_node_traffic(records, copies_RR, tokens),
     }
 
@@ -106,7 +113,10 @@ def summarize(path: str | Path, steps: Collection[int] | None = None) -> dict[st
     """``steps``: summarise the all-to-all records of these training steps only (a window; None: every step). The
     online co-activation counters have no steps: they always cover the whole run (``traced_tokens`` per layer)."""
     profile_dir = find_profile_dir(path)
-    info = json.loads((profile_dir / "profile.json").read_text())
+    try:
+        info = json.loads((profile_dir / "profile.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{profile_dir / 'profile.json'} is not readable JSON ({error})") from None
     summary: dict[str, Any] = {
         "format": "c2r-profile-summary",
         "version": 1,
@@ -115,8 +125,12 @@ def summarize(path: str | Path, steps: Collection[int] | None = None) -> dict[st
         "steps": [],
     }
     coactivation = traced_tokens = None
-    if (profile_dir / "traces").exists():
+    if any((profile_dir / "traces").glob("counts-rank*.npz")):
         coactivation, traced_tokens = read_online_counts(profile_dir / "traces")
+    elif (profile_dir / "traces").exists():  # a run killed before its counters were first written
+        log.warning(
+            "%s has no online counters yet: expert loads and co-activation are left out", profile_dir / "traces"
+        )
     records = read_comm_records(profile_dir / "comm") if (profile_dir / "comm").exists() else []
     summary["profiled_steps"] = sorted({r["step"] for r in records})
     if steps is not None:
@@ -172,7 +186,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     info = summary["profile"]
     lines = [
         f"profile of {info.get('run', '?')}: {info['num_layers']} MoE layers, {info['num_experts']} experts, "
-        f"top-{info['top_k']}, ep_size {info.get('ep_size', '?')}, {len(summary['steps'])} steps"
+        f"top-{info['top_k']}, ep_size {info.get('ep_size', '?')}, "
+        + (f"{len(summary['steps'])} steps of all-to-all records" if summary["steps"] else "no all-to-all records")
     ]
     header = (
         f"{'layer':>5} {'copies/tok':>10} {'ranks/tok':>9} {'cross/tok':>9} {'cross KiB/tok':>13} "

@@ -204,6 +204,12 @@ def test_missing_comm_or_traces_is_said_not_crashed(runs, tmp_path):
     page = build_dashboard([no_comm, no_traces])
     for div in FIGURES:
         assert f'id="{div}"' in page  # each figure has at least one run to draw
+    # a run without expert parallelism (no placement, no all-to-all): the load figure has the expert panel alone
+    # (it failed in plotly's make_subplots: two column widths for one column)
+    one_rank = RunData(
+        "ep1", {**no_comm.summary, "layers": [{**e, "expert_to_rank": None} for e in no_comm.summary["layers"]]}
+    )
+    assert 'id="fig-load"' in build_dashboard([one_rank])
     empty = RunData("empty", {**no_comm.summary, "steps": [], "layers": [{"layer": 0, "expert_to_rank": None}]})
     assert "Not shown" in build_dashboard([empty])
     with pytest.raises(ValueError, match="one run, or two"):

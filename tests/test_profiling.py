@@ -75,7 +75,8 @@ def test_profiler_counts_equal_what_the_dispatch_sent(tmp_path, world, expert_to
         assert r["send_copies"] == want["send"]
         assert r["distinct_ranks"] == want["distinct"]
         assert r["remote_ranks"] == want["remote"]
-        assert r["bytes_per_copy"] == D * 4
+        # a copy's row, and per-rank its [2K] float32 slots and weights that travel beside it
+        assert r["bytes_per_copy"] == D * 4 + (2 * K * 4 if mode == "per-rank" else 0)
         # What rank r received from rank j is what j sent to r.
         assert r["recv_copies"] == [expected[j][r["step"]]["send"][r["ep_rank"]] for j in range(world)]
         phases = {"dispatch", "combine", "dispatch_backward", "combine_backward"}
@@ -217,6 +218,10 @@ def test_profiled_training_run_writes_traces_and_comm_and_changes_nothing(tmp_pa
     npy = tmp_path / "coact.npy"
     out = subprocess.run([*cli, "coactivation", str(tmp_path / "prof"), "-o", str(npy)], capture_output=True, text=True)
     assert out.returncode == 0 and np.load(npy).shape == (2, 8, 8)
+    out = subprocess.run(
+        [*cli, "coactivation", str(tmp_path / "prof"), "-o", str(tmp_path / "co2")], capture_output=True, text=True
+    )
+    assert f"wrote {tmp_path / 'co2.npy'}:" in out.stdout and (tmp_path / "co2.npy").exists()  # the name np.save wrote
 
 
 def test_cli_errors_are_clear(tmp_path):
@@ -388,3 +393,51 @@ def test_host_syncs_are_counted_by_the_python_frames_that_made_them():
     lines = sync_table(syncs, steps=2)
     assert "1.5" in lines[1] and lines[2].split()[0] == "1.5"
     assert "reads_a_value  <  tests/test_profiling.py" in lines[2]
+
+
+def test_with_gradient_accumulation_the_comm_records_count_every_micro_batch(tmp_path):
+    """Each forward of a step is dispatched (grad_accum of them): its record counts them all, as the traces and the
+    exchange times do (it held the last micro-batch only, so bytes and time came from different token sets)."""
+    raw = tiny_run_config(tmp_path / "run", 3, profile=True, eval_every=3, ep_size=2, grad_accum=2)
+    raw["train"]["dispatch"] = "per-rank"
+    run_distributed(profiled_worker, 2, tmp_path / "w", raw)
+    records = [json.loads(line) for p in sorted((tmp_path / "run" / "profile" / "comm").glob("comm-rank*.jsonl"))
+               for line in p.read_text().splitlines()]  # fmt: skip
+    traces = read_traces(tmp_path / "run" / "profile" / "traces", progress=False)
+    for layer in range(2):
+        mine = [r for r in records if r["layer"] == layer]
+        assert len(mine) == 3 * 2  # steps x ranks
+        assert sum(r["tokens"] for r in mine) == len(traces.expert_ids[layer])
+        assert sum(sum(r["local_expert_load"]) for r in mine) == int((traces.expert_ids[layer] >= 0).sum())
+
+
+def test_rank_load_imbalance_is_the_worst_expert_parallel_groups():
+    """4 ranks, ep_size 2: groups (0, 1) and (2, 3). Pooled over the groups the two EP positions carry 30 and 30
+    (1.0); group (2, 3) alone is 20 against 0 (2.0): its GPUs wait for the busy one, so that is the imbalance."""
+    from profiling.summary import _layer_traffic
+
+    def record(rank, load):
+        return {"rank": rank, "ep_rank": rank % 2, "ep_size": 2, "send_copies": [1, 1], "local_expert_load": load,
+                "tokens": 1, "valid_slots": 1, "distinct_ranks": 1, "remote_ranks": 0, "bytes_per_copy": 2}  # fmt: skip
+
+    records = [record(0, [5, 5]), record(1, [5, 5]), record(2, [10, 10]), record(3, [0, 0])]
+    traffic = _layer_traffic(records, 2)
+    assert traffic["rank_load"] == [30, 10]
+    assert traffic["rank_load_imbalance"] == pytest.approx(2.0)
+
+
+def test_a_run_without_counters_yet_still_summarises_and_a_damaged_counters_file_is_named(tmp_path):
+    """A run killed before its trace recorder first wrote its counters: the traffic is summarised without expert
+    loads (it was an error); a truncated counters file is one line naming it (it was a BadZipFile traceback)."""
+    raw = tiny_run_config(tmp_path / "run", 2, profile=True, eval_every=2, ep_size=2)
+    run_distributed(profiled_worker, 2, tmp_path / "w", raw)
+    traces = tmp_path / "run" / "profile" / "traces"
+    counts = sorted(traces.glob("counts-rank*.npz"))
+    saved = [p.read_bytes() for p in counts]
+    for path in counts:
+        path.unlink()
+    summary = summarize(tmp_path / "run")
+    assert summary["layers"][0]["copies_per_token"] > 0 and "expert_load" not in summary["layers"][0]
+    counts[0].write_bytes(saved[0][:100])
+    with pytest.raises(ValueError, match=r"counts-rank000.npz is not a readable counters file"):
+        summarize(tmp_path / "run")
