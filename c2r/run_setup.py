@@ -471,6 +471,7 @@ def build_engine(
     from c2r.deepspeed.one_rank_groups import skip_one_rank_group_work
     from c2r.deepspeed.replica_norm import count_replicas_once
     from c2r.deepspeed.setup import warn_if_clipping_counts_replicas, warn_if_copy_choice_is_idle
+    from c2r.deepspeed.zero0_init import undo_the_init_step
     from c2r.deepspeed.zero0_norm import clip_by_whole_model_norm
 
     tc = config.train
@@ -501,6 +502,7 @@ def build_engine(
         ds_config, optimizer = optimize_only(model, device, tc, ds_config, train_only)
         scheduler = None
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    undo_the_init_step(engine)  # ZeRO 0 16-bit: DeepSpeed's constructor took an Adam step with zero gradients
     # The clipping norm: ZeRO 0 gets the whole model's (DeepSpeed's leaves the experts out in bf16/fp16 and averages
     # the ranks' norms in fp32), a replicated expert counted once; ZeRO 1/2 (CPU offload too) get a replicated
     # expert counted once; another optimizer (DeepSpeed's BF16_Optimizer) with replicas warns.

@@ -323,7 +323,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     )
     kept_contiguous: list[int] = []
     if num_slots is None:  # (contiguous placement has no replicas: a replicated plan is not compared for this)
-        layouts, kept_contiguous = keep_contiguous_where_plan_loses(results, layouts, args.max_load)
+        judged = results  # decided on the planning tokens; reported on the held-out ones
+        if inp.eval_routings is not inp.plan_routings:
+            judged = evaluate_with_baselines(inp.plan_routings, layouts, args.nodes, None, dtype_bytes, args.seed)
+        layouts, kept_contiguous = keep_contiguous_where_plan_loses(judged, layouts, args.max_load, results)
     compute_load = _predicted_costs(model, args, results)
     reports = _cap_report(inp, results, args)
     for layer, report in enumerate(reports):

@@ -82,14 +82,21 @@ def _judge_layer(
 
 
 def keep_contiguous_where_plan_loses(
-    results: dict[str, dict[str, Any]], layouts: list[ExpertLayout], max_load: float | None = None
+    judged: dict[str, dict[str, Any]],
+    layouts: list[ExpertLayout],
+    max_load: float | None = None,
+    reported: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[list[ExpertLayout], list[int]]:
-    """Per layer, the contiguous placement instead of the plan where contiguous is no worse on the judged tokens
-    (held out, when the plan was made with a holdout) on both counts: copies per token, and load max/mean above the
-    cap (below the cap, load does not count; without a cap, load does not count at all). ``results`` (as
-    `evaluate_with_baselines` returns) is updated to match. Returns (layouts, the layers switched)."""
+    """Per layer, the contiguous placement instead of the plan where contiguous is no worse on the ``judged``
+    tokens (the planning tokens: a choice made on held-out ones would be selection on the test set, and the held-out
+    numbers could never show a loss) on both counts: copies per token, and load max/mean above the cap (below the
+    cap, load does not count; without a cap, load does not count at all). ``reported`` (as
+    `evaluate_with_baselines` returns; default ``judged``) is updated to match. Returns (layouts, the layers
+    switched)."""
+    reported = judged if reported is None else reported
     cap = float("inf") if max_load is None else max_load
-    plan, contig = results["plan"]["layers"], results["contiguous"]["layers"]
+    plan, contig = judged["plan"]["layers"], judged["contiguous"]["layers"]
+    shown, shown_contig = reported["plan"]["layers"], reported["contiguous"]["layers"]
     switched = []
     out = list(layouts)
     for layer, (p, c) in enumerate(zip(plan, contig)):
@@ -99,10 +106,10 @@ def keep_contiguous_where_plan_loses(
         no_worse_load = max(c["load_imbalance"], cap) <= max(p["load_imbalance"], cap)
         if no_worse_copies and no_worse_load and layouts[layer].expert_to_rank != _contiguous_ids(layouts[layer]):
             out[layer] = ExpertLayout.contiguous(layouts[layer].num_experts, layouts[layer].num_ranks)
-            plan[layer] = {**c, "layer": layer}
+            shown[layer] = {**shown_contig[layer], "layer": layer}
             switched.append(layer)
     if switched:
-        results["plan"]["overall"] = overall_metrics(plan)
+        reported["plan"]["overall"] = overall_metrics(shown)
     return out, switched
 
 

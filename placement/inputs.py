@@ -431,6 +431,11 @@ def load_input(
 ) -> PlannerInput:
     if (traces is None) == (coactivation is None):
         raise PlacementError("give exactly one of --traces DIR or --coactivation FILE")
-    if traces is not None:
-        return load_trace_input(traces, holdout, progress)
-    return load_coactivation_input(coactivation, holdout)
+    inp = (
+        load_trace_input(traces, holdout, progress)
+        if traces is not None
+        else load_coactivation_input(coactivation, holdout)
+    )
+    if not any(r.num_tokens for r in inp.plan_routings):  # nothing to plan on (and nothing to judge a plan by)
+        raise PlacementError(f"{traces if traces is not None else coactivation} holds no routed tokens on any layer")
+    return inp

@@ -144,7 +144,24 @@ def plan_from_dict(
         if "rank_to_experts" in entry:
             _validate_rank_to_experts(entry["rank_to_experts"], layout, where)
         layouts[entry["layer"]] = layout
+    _check_slots(data, layouts, source)
+    data = {**data, "layers": sorted(layers, key=lambda entry: entry["layer"])}  # per-layer data in layer order
     return Plan(layers_n, experts_n, ranks_n, nodes_n, layouts, str(data.get("method", "?")), data)
+
+
+def _check_slots(data: dict[str, Any], layouts: list[ExpertLayout], source: str) -> None:
+    """A plan's header agrees with its layers: one slot count for all (what `make_plan` writes), ``num_slots``
+    where given, and the replicated version where a layer has replicas (an older reader would misread them)."""
+    slots = sorted({layout.num_slots for layout in layouts})
+    if len(slots) > 1:
+        raise PlacementError(f"{source}: its layers hold different numbers of expert slots {slots}; one is needed")
+    if "num_slots" in data and data["num_slots"] != slots[0]:
+        raise PlacementError(f"{source}: num_slots is {data['num_slots']!r} but its layers hold {slots[0]} slots")
+    if any(layout.is_replicated for layout in layouts) and data.get("version") != REPLICATED_VERSION:
+        raise PlacementError(
+            f"{source}: its layers have replicas, which need plan version {REPLICATED_VERSION} (found "
+            f"{data.get('version')!r})"
+        )
 
 
 def load_plan(

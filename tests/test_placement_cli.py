@@ -164,6 +164,13 @@ def test_bad_input_exits_2_with_a_message(run_dir, tmp_path, capsys):
             "got shape [3, 4]",
         )
     )
+    np.save(tmp_path / "zeros.npy", np.zeros((8, 8), dtype=np.int64))  # no tokens: refused before a plan is written
+    cases.append(
+        (
+            ["plan", "--coactivation", tmp_path / "zeros.npy", "--ranks", 2, "--out", tmp_path / "zeros.npy.json"],
+            "no routed tokens",
+        )
+    )
     np.save(tmp_path / "asym.npy", np.array([[0, 1], [2, 0]]))
     cases.append(
         (["plan", "--coactivation", tmp_path / "asym.npy", "--ranks", 2, "--out", tmp_path / "x.json"], "not symmetric")

@@ -381,3 +381,24 @@ def test_a_capped_plan_for_one_rank_needs_no_mt_kahypar(monkeypatch):
     routing = routing_from_expert_ids(synthetic_expert_ids(500, 8, 2, seed=0), 8)
     (layout,) = plan_placement([routing], 1, max_load=1.1, progress=False)
     assert layout.as_array().tolist() == [0] * 8
+
+
+def test_a_plan_is_kept_or_dropped_on_the_planning_tokens_and_reported_on_the_held_out_ones():
+    """Whether a layer keeps contiguous placement is decided on the tokens the plan was made on: deciding on the
+    held-out tokens and then reporting on them meant that no layer could ever show a loss (selection on the test
+    set). The held-out report follows the decision, wins and losses alike."""
+    from placement.evaluate import keep_contiguous_where_plan_loses
+
+    def results(plan_copies, contig_copies):
+        def layers(copies):
+            return [{"layer": i, "tokens": 10, "copies_per_token": c, "load_imbalance": 1.0, "exact": True}
+                    for i, c in enumerate(copies)]  # fmt: skip
+
+        return {"plan": {"layers": layers(plan_copies)}, "contiguous": {"layers": layers(contig_copies)}}
+
+    layouts = [ExpertLayout((1, 0, 0, 1), 2), ExpertLayout((1, 0, 1, 0), 2)]
+    judged = results([1.5, 1.9], [1.6, 1.8])  # planning tokens: the plan wins layer 0, loses layer 1
+    held_out = results([1.7, 1.7], [1.6, 1.8])  # held out the other way round
+    kept, switched = keep_contiguous_where_plan_loses(judged, layouts, None, held_out)
+    assert switched == [1] and kept[0] == layouts[0] and kept[1] == ExpertLayout.contiguous(4, 2)
+    assert [e["copies_per_token"] for e in held_out["plan"]["layers"]] == [1.7, 1.8]  # layer 0's loss is shown

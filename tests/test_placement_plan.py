@@ -66,6 +66,30 @@ def test_bad_plan_documents(changes, message):
         plan_from_dict(small_plan(**changes))
 
 
+def test_a_plan_whose_header_contradicts_its_layers_is_refused_and_layers_read_in_layer_order():
+    """Validated before, wrong after: replicas under version 1 (an older reader misreads them), num_slots that is
+    not the layers', layers of different slot counts. Layers listed out of order load by their numbers, and so does
+    the per-layer data (export --replicas read the expert loads in file order: another layer's hot experts)."""
+    twice = [[[r, (r + 1) % 4] for r in row] for row in E2R.tolist()]  # every expert on its rank and the next
+    replicated = small_plan(version=2)
+    for entry in replicated["layers"]:
+        entry.pop("rank_to_experts")  # optional; make_plan wrote the unreplicated ones
+    replicated["layers"][0]["expert_to_rank"] = twice[0]  # layer 1 keeps 8 slots
+    with pytest.raises(PlacementError, match=r"different numbers of expert slots \[8, 16\]"):
+        plan_from_dict(replicated)
+    replicated["layers"][1]["expert_to_rank"] = twice[1]
+    assert plan_from_dict(replicated).layouts[0].num_slots == 16
+    with pytest.raises(PlacementError, match=r"have replicas, which need plan version 2 \(found 1\)"):
+        plan_from_dict({**replicated, "version": 1})
+    with pytest.raises(PlacementError, match="num_slots is 999 but its layers hold 16 slots"):
+        plan_from_dict({**replicated, "num_slots": 999})
+    reordered = small_plan()
+    reordered["layers"] = reordered["layers"][::-1]
+    plan = plan_from_dict(reordered)
+    assert np.array_equal([layout.expert_to_rank for layout in plan.layouts], E2R)
+    assert plan.expert_load.tolist() == np.arange(16.0).reshape(2, 8).tolist()
+
+
 def test_plan_for_another_model_names_both_numbers(tmp_path):
     path = tmp_path / "plan.json"
     save_plan(small_plan(), path)
