@@ -170,7 +170,7 @@ def replicated_plan(path: Path, num_layers: int) -> Path:
     rank then holds 5 slots), in every layer: the plan file's ``[home, replica, ...]`` form."""
     expert_to_rank = [[0, 1], 0, 0, 0, [1, 0], 1, 1, 1]
     layers = [{"layer": layer, "expert_to_rank": expert_to_rank} for layer in range(num_layers)]
-    document = {"format": "c2r-placement", "version": 1, "num_layers": num_layers, "num_experts": E, "num_ranks": 2}
+    document = {"format": "c2r-placement", "version": 2, "num_layers": num_layers, "num_experts": E, "num_ranks": 2}
     path.write_text(json.dumps(document | {"layers": layers}))
     return path
 

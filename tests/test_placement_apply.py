@@ -36,7 +36,7 @@ PLAN_LAYOUTS_EP4 = [[3, 2, 1, 0, 0, 1, 2, 3], [1, 1, 0, 3, 0, 2, 3, 2]]
 def plan_dict(layouts=PLAN_LAYOUTS) -> dict:
     return {
         "format": "c2r-placement",
-        "version": 1,
+        "version": 2 if any(isinstance(e, list) for layout in layouts for e in layout) else 1,  # replicas: 2
         "num_layers": len(layouts),
         "num_experts": len(layouts[0]),
         "num_ranks": max(layouts[0]) + 1,

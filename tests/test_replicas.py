@@ -226,7 +226,7 @@ def write_replicated_plan(path, layouts=REPLICATED_PLAN) -> str:
 
     plan = {
         "format": "c2r-placement",
-        "version": 1,
+        "version": 2,  # a plan with replicas (placement/plan.py)
         "num_layers": 2,
         "num_experts": E,
         "num_ranks": 2,
