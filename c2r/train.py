@@ -246,7 +246,8 @@ def train_steps(config: RunConfig, engine, corpus, info, comm, policy: SavePolic
                     log.info("kernel profile in %s:\n%s", out_dir / "profile" / "kernels.txt", kernels.summary)
                     kernels.summary = None
             # Summed over a window that ends with its own step's numbers read (the GPU done): its wall time.
-            window_s += time.perf_counter() - step_started
+            step_s = time.perf_counter() - step_started  # the step alone: evaluations and checkpoints come after
+            window_s += step_s
             if step_losses:
                 bar.set_postfix(loss=f"{step_losses[-1]:.3f}", lr=f"{lr_at(step, tc):.1e}")
             if eval_due:
@@ -273,8 +274,7 @@ def train_steps(config: RunConfig, engine, corpus, info, comm, policy: SavePolic
                 checkpoint.save_checkpoint(engine, ckpt_dir, done, run_config)
                 if is_main:
                     checkpoint.prune_checkpoints(ckpt_dir, tc.keep_checkpoints)
-                    save_s, step_s = time.perf_counter() - save_started, save_started - step_started
-                    warning = stop_deadline_warning(save_s, step_s, os.getpid())
+                    warning = stop_deadline_warning(time.perf_counter() - save_started, step_s, os.getpid())
                     if warning and not warned_stop_deadline:
                         log.warning(warning)
                         warned_stop_deadline = True

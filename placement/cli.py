@@ -31,7 +31,13 @@ import numpy as np
 from placement.copy_choice import balanced_rank_loads
 from placement.cost import CostModel, calibrate, format_costs, layer_cost
 from placement.errors import PlacementError
-from placement.evaluate import evaluate_with_baselines, format_comparison, keep_contiguous_where_plan_loses
+from placement.evaluate import (
+    baseline_placements,
+    evaluate_placement,
+    evaluate_with_baselines,
+    format_comparison,
+    keep_contiguous_where_plan_loses,
+)
 from placement.export import EXPORT_FORMATS, export_plan
 from placement.inputs import PlannerInput, load_input, recorded_activation
 from placement.kahypar_context import DEFAULT_PRESET, KAHYPAR_PRESETS, mtkahypar_version
@@ -325,7 +331,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if num_slots is None:  # (contiguous placement has no replicas: a replicated plan is not compared for this)
         judged = results  # decided on the planning tokens; reported on the held-out ones
         if inp.eval_routings is not inp.plan_routings:
-            judged = evaluate_with_baselines(inp.plan_routings, layouts, args.nodes, None, dtype_bytes, args.seed)
+            contiguous = baseline_placements(len(layouts), layouts[0].num_experts, layouts[0].num_ranks)["contiguous"]
+            judged = {
+                name: evaluate_placement(inp.plan_routings, placed, args.nodes)
+                for name, placed in (("plan", layouts), ("contiguous", contiguous))
+            }
         layouts, kept_contiguous = keep_contiguous_where_plan_loses(judged, layouts, args.max_load, results)
     compute_load = _predicted_costs(model, args, results)
     reports = _cap_report(inp, results, args)

@@ -86,19 +86,16 @@ def latest_tag(ckpt_dir: str | Path) -> str | None:
     return latest.read_text().strip() if latest.exists() else None
 
 
+def _differences(saved: dict[str, Any], here: dict[str, Any], keys) -> list[str]:
+    """``key=saved in the checkpoint, here here`` for each of ``keys`` whose values differ."""
+    return [f"{k}={saved.get(k)} in the checkpoint, {here.get(k)} here" for k in keys if saved.get(k) != here.get(k)]
+
+
 def check_compatible(saved_model: dict[str, Any], model: dict[str, Any], where: str) -> None:
     saved_model = {**SHAPE_DEFAULTS, **saved_model}  # checkpoints from before a key was saved
-    diffs = [
-        f"{k}={saved_model.get(k)} in the checkpoint, {model.get(k)} here"
-        for k in SHAPE_KEYS
-        if saved_model.get(k) != model.get(k)
-    ]
+    diffs = _differences(saved_model, model, SHAPE_KEYS)
+    diffs += _differences(saved_model.get("moe", {}), model.get("moe", {}), MOE_SHAPE_KEYS)
     saved_moe, moe = saved_model.get("moe", {}), model.get("moe", {})
-    diffs += [
-        f"{k}={saved_moe.get(k)} in the checkpoint, {moe.get(k)} here"
-        for k in MOE_SHAPE_KEYS
-        if saved_moe.get(k) != moe.get(k)
-    ]
     saved_act, act = saved_moe.get("experts", {}).get("activation"), moe.get("experts", {}).get("activation")
     if saved_act != act:
         diffs.append(f"activation={saved_act} in the checkpoint, {act} here")
@@ -119,11 +116,7 @@ def router_state_settings(model: dict[str, Any]) -> dict[str, Any]:
 
 def check_same_router(saved_model: dict[str, Any], model: dict[str, Any], where: str) -> None:
     saved, here = router_state_settings(saved_model), router_state_settings(model)
-    diffs = [
-        f"{k}={saved.get(k)} in the checkpoint, {here.get(k)} here"
-        for k in {**saved, **here}
-        if saved.get(k) != here.get(k)
-    ]
+    diffs = _differences(saved, here, {**saved, **here})
     if diffs:
         raise ValueError(
             f"checkpoint {where} was trained with another router: " + "; ".join(diffs) + " (--resume continues the "

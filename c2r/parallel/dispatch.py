@@ -63,6 +63,12 @@ def ranks_hit(rank_TK: torch.Tensor, valid_TK: torch.Tensor, num_ranks: int) -> 
     return hits_TR > 0
 
 
+def copy_bytes(x_TD: torch.Tensor, routing_slots: int = 0) -> int:
+    """Bytes one sent copy takes: its row of ``x_TD``, and ``routing_slots`` (K where a copy carries its slots) x
+    a float32 slot id and weight beside it (per-rank and per-node dispatch)."""
+    return x_TD.shape[1] * x_TD.element_size() + 2 * routing_slots * 4
+
+
 @dataclass(frozen=True)
 class DispatchMeta:
     """What ``combine`` needs to undo ``dispatch``, and the counts of what this rank sent.
@@ -282,7 +288,7 @@ class PerExpertDispatcher(_Dispatcher):
             token_idx_C=sent.row_P,
             dest_rank_TK=physical_TK // X,
             valid_TK=routing.valid_TK,
-            bytes_per_row=x_TD.shape[1] * x_TD.element_size(),
+            bytes_per_row=copy_bytes(x_TD),
             sent=sent,
             weights_TK=routing.weights_TK,
             regroup_Q=regroup_Q,
@@ -352,7 +358,7 @@ class PerRankDispatcher(_Dispatcher):
             token_idx_C=token_C,
             dest_rank_TK=rank_TK,
             valid_TK=routing.valid_TK,
-            bytes_per_row=x_TD.shape[1] * x_TD.element_size() + meta_CK2.shape[1] * meta_CK2.element_size(),
+            bytes_per_row=copy_bytes(x_TD, K),
             sent=sent,
             ranks_per_node=self.ranks_per_node,
         )

@@ -63,6 +63,7 @@ from c2r.parallel.dispatch import (
     ReceivedCopies,
     column_sums,
     compute_copies,
+    copy_bytes,
     ranks_hit,
 )
 from c2r.routing import RoutingResult
@@ -214,9 +215,8 @@ class _Overlapped:
             token_idx_C=torch.cat([r.sent.row_P + r.begin for r in routes]),
             dest_rank_TK=dest_rank_TK,
             valid_TK=routing.valid_TK,
-            # per-rank copies carry their [2K] float32 slots and weights (PerRankDispatcher's bytes_per_row)
-            bytes_per_row=x_TD.shape[1] * x_TD.element_size()
-            + (2 * routing.expert_ids_TK.shape[1] * 4 if self.mode == "per-rank" else 0),
+            # per-rank copies carry their slots and weights (PerRankDispatcher's bytes_per_row)
+            bytes_per_row=copy_bytes(x_TD, routing.expert_ids_TK.shape[1] if self.mode == "per-rank" else 0),
             ranks_per_node=self.ranks_per_node,
         )
 

@@ -36,6 +36,7 @@ from c2r.parallel.dispatch import (
     _Dispatcher,
     column_sums,
     compute_copies,
+    copy_bytes,
     ranks_hit,
 )
 from c2r.parallel.nodes import NodeGroups, make_node_groups
@@ -179,8 +180,7 @@ class PerNodeDispatcher(_Dispatcher):
             token_idx_C=token_C1,
             dest_rank_TK=rank_TK,
             valid_TK=routing.valid_TK,
-            # each copy's [2K] float32 slots and weights travel with it, in both stages
-            bytes_per_row=x_TD.shape[1] * x_TD.element_size() + 2 * routing.expert_ids_TK.shape[1] * 4,
+            bytes_per_row=copy_bytes(x_TD, routing.expert_ids_TK.shape[1]),  # its slots travel with it, both stages
             ranks_per_node=W,
         )
 
