@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ import numpy as np
 
 from placement.errors import PlacementError
 from placement.layout import ExpertLayout, require_divides
+from profiling.files import atomic_write_text
 
 FORMAT = "c2r-placement"
 # one reading per list: numbers separated by commas (the old pattern, with an optional comma and sign, could split a
@@ -257,8 +257,7 @@ def write_text_atomic(path: str | Path, text: str, what: str = "--out") -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        atomic_write_text(path, text)
     except OSError as error:
         tmp.unlink(missing_ok=True)
         raise PlacementError(f"cannot write {what} {path}: {error.strerror or error}") from error

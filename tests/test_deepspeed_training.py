@@ -210,6 +210,44 @@ def test_crash_mid_save_leaves_latest_on_the_last_complete_checkpoint(tmp_path):
     assert (tmp_path / "ckpt" / "step2").exists()  # the partial one is there, but nothing points at it
 
 
+def flush_order_worker(rank, world, ckpt_dir):
+    from c2r.deepspeed.checkpoint import save_checkpoint
+    from profiling import files
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    files.os.fsync, files.os.replace = fsync, replace  # this worker process's own modules
+    try:
+
+        class Engine:
+            def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+                os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
+                with open(os.path.join(save_dir, tag, "mp_rank_00_model_states.pt"), "w") as f:
+                    f.write("weights")
+
+        save_checkpoint(Engine(), ckpt_dir, 3, {"model": {}, "train": {}})
+    finally:
+        files.os.fsync, files.os.replace = real_fsync, real_replace
+    return events
+
+
+def test_a_checkpoint_is_on_the_disk_before_latest_names_it(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    (events,) = run_distributed(flush_order_worker, 1, tmp_path / "w", str(ckpt))
+    flushed_model = events.index(("fsync", str(ckpt / "step3" / "mp_rank_00_model_states.pt")))
+    named = events.index(("replace", str(ckpt / "latest")))
+    assert flushed_model < events.index(("fsync", str(ckpt / "step3"))) < named
+
+
 def bad_ep_worker(rank, world):
     from c2r.deepspeed import ensure_expert_groups
 

@@ -1,10 +1,32 @@
-"""The atomic writers leave the target whole and no temporary file behind."""
+"""The atomic writers leave the target whole and no temporary file behind, and flush it to the disk before the
+rename names it."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
-from profiling.files import atomic_save_npz, atomic_write_text
+from profiling import files
+from profiling.files import atomic_save_npz, atomic_write_text, fsync_tree
+
+
+def record_fsyncs_and_renames(monkeypatch) -> list[tuple[str, str]]:
+    """Patch os.fsync / os.replace to log ("fsync", path) and ("replace", target) in the order they happen."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    monkeypatch.setattr(files.os, "replace", replace)
+    return events
 
 
 def test_atomic_write_text_replaces_the_file_and_leaves_no_temporary(tmp_path):
@@ -22,3 +44,25 @@ def test_atomic_save_npz_keeps_the_name_it_is_given(tmp_path):
     with np.load(path) as data:
         assert data["a"].tolist() == [0, 1, 2] and str(data["meta"]) == '{"source": "test"}'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lists.npz"]
+
+
+def test_the_writers_flush_the_data_before_the_rename_and_the_directory_after(tmp_path, monkeypatch):
+    # A rename can reach the disk before the data it names: after a power loss "latest" would name an empty file.
+    events = record_fsyncs_and_renames(monkeypatch)
+    atomic_write_text(tmp_path / "latest", "step7")
+    atomic_save_npz(tmp_path / "a.npz", {"a": np.arange(3)})
+    d = str(tmp_path)
+    assert events == [
+        ("fsync", f"{d}/latest.tmp"), ("replace", f"{d}/latest"), ("fsync", d),
+        ("fsync", f"{d}/a.npz.tmp"), ("replace", f"{d}/a.npz"), ("fsync", d),
+    ]  # fmt: skip
+
+
+def test_fsync_tree_flushes_every_file_and_directory(tmp_path, monkeypatch):
+    (tmp_path / "tag" / "experts").mkdir(parents=True)
+    for name in ("tag/model.pt", "tag/experts/e0.pt", "tag/experts/e1.pt"):
+        (tmp_path / name).write_text(name)
+    events = record_fsyncs_and_renames(monkeypatch)
+    fsync_tree(tmp_path / "tag")
+    flushed = {path.removeprefix(str(tmp_path) + "/") for _, path in events}
+    assert flushed == {"tag", "tag/model.pt", "tag/experts", "tag/experts/e0.pt", "tag/experts/e1.pt"}

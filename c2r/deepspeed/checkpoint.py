@@ -1,10 +1,10 @@
 """DeepSpeed checkpoints that survive a crash mid-save, and refuse to load into a different model.
 
 ``engine.save_checkpoint`` writes the model, optimizer and per-expert files under ``<dir>/<tag>/``. We write the
-``latest`` pointer ourselves, atomically and only after every rank has finished, so a crash mid-save leaves
-``latest`` on the previous complete checkpoint. Each tag also gets ``c2r_config.json`` (our run config), which
-``resume`` compares with the model it is asked to load into. With replicated experts each logical expert's weights are
-saved once (``c2r.deepspeed.expert_files``).
+``latest`` pointer ourselves, atomically and only after every rank has finished and flushed its files to the disk, so a
+crash mid-save (a power loss too) leaves ``latest`` on the previous complete checkpoint. Each tag also gets
+``c2r_config.json`` (our run config), which ``resume`` compares with the model it is asked to load into. With replicated
+experts each logical expert's weights are saved once (``c2r.deepspeed.expert_files``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from c2r.deepspeed.setup import width_lr_scale
 from c2r.model import ModelConfig
 from c2r.routing import Router
 from placement.layout import ExpertLayout
-from profiling.files import atomic_write_text
+from profiling.files import atomic_write_text, fsync_tree
 
 log = logging.getLogger("c2r.deepspeed.checkpoint")
 
@@ -45,6 +45,7 @@ def save_checkpoint(engine, ckpt_dir: str | Path, step: int, run_config: dict[st
     try:
         with one_file_per_expert(engine, replicated_layouts(run_config)):
             engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+        fsync_tree(ckpt_dir / tag)  # on the disk, not only in the page cache, before latest may name it
     except (OSError, RuntimeError) as error:  # a full disk: torch's writer says "enforce fail ... unexpected pos"
         free = shutil.disk_usage(ckpt_dir).free / 2**20 if ckpt_dir.exists() else float("nan")
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -52,7 +53,7 @@ def save_checkpoint(engine, ckpt_dir: str | Path, step: int, run_config: dict[st
             f"could not save checkpoint {tag} in {ckpt_dir} ({first_line}; {free:.0f} MiB free there); "
             f"latest still names {latest_tag(ckpt_dir)}, which --resume continues from"
         ) from error
-    dist.barrier()  # every rank's files are on disk before anyone points at them
+    dist.barrier()  # every rank's files are on the disk before anyone points at them
     if dist.get_rank() == 0:
         atomic_write_text(ckpt_dir / tag / CONFIG_FILE, json.dumps(run_config, indent=2))
         atomic_write_text(ckpt_dir / LATEST, tag)

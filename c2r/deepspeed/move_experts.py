@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 from c2r.deepspeed.checkpoint import CONFIG_FILE, LATEST, latest_tag, recorded_layouts
 from c2r.deepspeed.expert_files import EXPERT_FILE, check_expert_files, expert_file_name, rename_slot, stored_slot
 from placement.layout import ExpertLayout
-from profiling.files import atomic_write_text
+from profiling.files import atomic_write_text, fsync_tree
 
 log = logging.getLogger("c2r.deepspeed.move_experts")
 
@@ -207,6 +207,7 @@ def begin_checkpoint(out_dir: Path, tag: str) -> tuple[Path, Path]:
 def publish_checkpoint(tmp: Path, dst: Path) -> Path:
     """Rename the finished partial directory into place (it appears whole or not at all), then point ``latest`` at
     it."""
+    fsync_tree(tmp)  # the data on the disk before a name points at it (a power loss too)
     os.replace(tmp, dst)
     atomic_write_text(dst.parent / LATEST, dst.name)
     return dst
