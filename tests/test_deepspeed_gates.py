@@ -135,6 +135,40 @@ def test_used_token_empties_the_slots_of_padding_tokens():
     check_protocol(values, routing.expert_ids_TK, routing.weights_TK, routing.valid_TK, EXPERTS)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_padding_never_reaches_the_router(kind, tmp_path):
+    # DeepSpeed's used_token marks padding: the balance loss, the router's gradient and its per-step statistics
+    # (ReMoE's sparsity, the group-limited bias, the batch balancer) are those of the used tokens alone.
+    config, top_k = kind_config(kind, tmp_path)
+    alone = RouterGate.from_config(HIDDEN, EXPERTS, top_k, config)
+    masked = RouterGate.from_config(HIDDEN, EXPERTS, top_k, config)
+    masked.load_state_dict(alone.state_dict())
+    x = torch.randn(16, HIDDEN)
+    x[1::2] = 5.0  # padding that would tilt every statistic if counted
+    x.requires_grad_(True)
+    used = torch.tensor([1.0, 0.0] * 8)
+    want, got = alone(x.detach()[0::2]), masked(x, used)
+    torch.testing.assert_close(got[0], want[0])  # l_aux
+    assert torch.equal(got[3][:, 0::2], want[3]) and bool((got[3][:, 1::2] == -1).all())
+    assert torch.equal(got[4][:, 0::2], want[4]) and torch.equal(got[5][:, 0::2], want[5])
+    assert torch.equal(got[6], want[6])  # exp_counts
+    (got[0] + got[5].sum()).backward()
+    assert float(x.grad[1::2].abs().max()) == 0.0 and float(x.grad[0::2].abs().max()) > 0.0
+    after_optimizer_step(alone), after_optimizer_step(masked)
+    for key, value in alone.state_dict().items():
+        torch.testing.assert_close(masked.state_dict()[key], value, msg=key)
+
+
+def test_a_gate_of_ours_can_be_replaced_and_deepspeed_noise_is_not_silently_dropped(tmp_path, caplog):
+    layer = tiny_moe(2)
+    layer.deepspeed_moe.gate.noisy_gate_policy = "RSample"
+    with caplog.at_level("WARNING", logger="c2r.deepspeed.gates"):
+        (first,) = use_router(layer, RouterConfig())
+    assert "noisy_gate_policy ['RSample'] of the replaced gates is ignored" in caplog.text
+    (second,) = use_router(layer, RouterConfig(kind="remoe"))  # k read from our own gate
+    assert layer.deepspeed_moe.gate is second and second.router.top_k == first.router.top_k == 2
+
+
 def test_gate_refuses_what_deepspeed_could_not_use():
     with pytest.raises(NotImplementedError, match="sparse-route protocol"):
         RouterGate.from_config(HIDDEN, EXPERTS, 2, RouterConfig())(torch.randn(4, HIDDEN), None, False)
@@ -146,6 +180,8 @@ def test_gate_refuses_what_deepspeed_could_not_use():
     router.register_buffer("expert_bias", torch.zeros(EXPERTS))
     with pytest.raises(ValueError, match=r"\['expert_bias'\] containing 'expert'"):
         RouterGate(router, EXPERTS)
+    with pytest.raises(ValueError, match=f"TopKRouter routes to {EXPERTS} experts, the layer has {2 * EXPERTS}"):
+        RouterGate(TopKRouter(HIDDEN, EXPERTS, 2), 2 * EXPERTS)
 
 
 def tiny_moe(top_k: int, ep_size: int = 1) -> MoE:

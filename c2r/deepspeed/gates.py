@@ -30,6 +30,7 @@ Shape legend: S tokens on this rank (DeepSpeed's name; T in c2r.routing), D hidd
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 import torch.distributed as dist
@@ -40,6 +41,8 @@ from torch import nn
 
 from c2r.routing import Router, RouterConfig, RoutingResult, build_router, count_tokens_per_expert
 from placement.layout import ExpertLayout, require_divides
+
+log = logging.getLogger("c2r.deepspeed.gates")
 
 
 class RouterGate(nn.Module):
@@ -57,6 +60,9 @@ class RouterGate(nn.Module):
     def __init__(self, router: nn.Module, num_experts: int, ep_size: int = 1):
         super().__init__()
         require_divides(ep_size, "ep_size", num_experts, "num_experts")
+        routed = getattr(router, "num_experts", num_experts)
+        if routed != num_experts:
+            raise ValueError(f"router {type(router).__name__} routes to {routed} experts, the layer has {num_experts}")
         self.router = router
         self.num_experts = num_experts
         self.ep_size = ep_size
@@ -108,7 +114,8 @@ class RouterGate(nn.Module):
 
         ``indices_KS`` int32 (-1: slot not routed), ``locations_KS`` int32 (row within the expert's buffer; 0 where
         not routed), ``gates_KS`` float32 (0 where not routed), ``exp_counts_E`` int64, ``capacity`` an int64 scalar
-        tensor equal on every rank of the EP group. ``used_token_S`` (0 = padding) empties all of a token's slots.
+        tensor equal on every rank of the EP group. ``used_token_S`` (0 = padding) empties all of a token's slots, and
+        the router sees only the used tokens (its loss and statistics count no padding).
         ``use_tutel`` is ignored: MOELayer alone picks its dispatch (its own top-1 gate also hands Tutel -1 for
         dropped routes; the Tutel path is untested here, as Tutel is not installed).
         """
@@ -122,12 +129,9 @@ class RouterGate(nn.Module):
                 f"RouterGate for ep_size {self.ep_size} has no expert-parallel group yet: swap the gate in before "
                 "deepspeed.initialize (which calls _set_ep_group), or call gate._set_ep_group(group)"
             )
-        routing = self.router(input_SD)
+        routing = self._route_used_tokens(input_SD, used_token_S)
         valid_SK = routing.valid_TK
         tokens_per_expert_E = routing.tokens_per_expert_E
-        if used_token_S is not None:
-            valid_SK = valid_SK & used_token_S.reshape(-1, 1).bool()
-            tokens_per_expert_E = count_tokens_per_expert(routing.expert_ids_TK, valid_SK, self.num_experts)
         locations_SK = locations_in_expert_buffers(routing.expert_ids_TK, valid_SK, self.num_experts)
         capacity = self.group_capacity(tokens_per_expert_E)
         indices_SK = torch.where(valid_SK, routing.expert_ids_TK, -1)
@@ -141,6 +145,31 @@ class RouterGate(nn.Module):
             locations_SK.t().to(torch.int32).contiguous(),  # [K, S]
             gates_SK.t().contiguous(),  # [K, S]
             tokens_per_expert_E.detach(),
+        )
+
+    def _route_used_tokens(self, input_SD: torch.Tensor, used_token_S: torch.Tensor | None) -> RoutingResult:
+        """The router on the used tokens only, its result on all S rows (padding rows: every slot empty).
+
+        Padding must not reach the router: its balance loss, z-loss and ReMoE's L1 term would average over it (and
+        send it gradient), and the per-step statistics of the stateful routers (ReMoE's sparsity that steers lambda,
+        the group-limited bias, the batch balancer) would count it."""
+        if used_token_S is None:
+            return self.router(input_SD)
+        rows_U = used_token_S.reshape(-1).nonzero().squeeze(1)  # a host sync, as DeepSpeed's own gates' masks
+        if rows_U.numel() == input_SD.shape[0]:
+            return self.router(input_SD)
+        used = self.router(input_SD[rows_U])
+        num_tokens, max_k = input_SD.shape[0], used.expert_ids_TK.shape[1]
+
+        def rows(values_UK: torch.Tensor) -> torch.Tensor:
+            return values_UK.new_zeros((num_tokens, max_k)).index_copy(0, rows_U, values_UK)
+
+        return dataclasses.replace(
+            used,
+            expert_ids_TK=rows(used.expert_ids_TK),
+            weights_TK=rows(used.weights_TK),
+            valid_TK=rows(used.valid_TK),
+            fixed_k=False,  # the padding rows' slots are empty
         )
 
     def group_capacity(self, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
@@ -187,17 +216,19 @@ def use_router(
     Call before building the optimizer and ``deepspeed.initialize`` (which hands the gates their EP group). Hidden
     size and k come from the gate being replaced (``top_k`` overrides k: AdaMoE raises it, ReMoE's k is a target);
     layer indices (C2R's per-layer collaborator lists) count the MoE layers in ``model.modules()`` order from
-    ``first_layer_index``. The gate is always dropless, whatever the layer's ``drop_tokens`` and capacity factors say.
+    ``first_layer_index``. The gate is always dropless, whatever the layer's ``drop_tokens`` and capacity factors say;
+    a ``noisy_gate_policy`` of the replaced gates is ignored, with a warning. A gate of ours may be replaced too.
     Returns the new gates, in layer order.
     """
     layers = [m for m in model.modules() if isinstance(m, MoE)]
     if not layers:
         raise ValueError(f"{type(model).__name__} contains no deepspeed.moe.layer.MoE layer")
-    gates = []
+    gates, noisy = [], set()
     for offset, layer in enumerate(layers):
         old = layer.deepspeed_moe.gate
         weight = old.wg.weight if hasattr(old, "wg") else next(old.parameters())
-        k = top_k if top_k is not None else old.k
+        k = top_k if top_k is not None else (old.router.top_k if isinstance(old, RouterGate) else old.k)
+        noisy.add(str(getattr(old, "noisy_gate_policy", None)))
         gate = RouterGate.from_config(
             weight.shape[1], layer.num_experts, k, config, first_layer_index + offset, layer.ep_size
         )
@@ -206,6 +237,11 @@ def use_router(
             gate._set_ep_group(layer.deepspeed_moe.ep_group)
         layer.deepspeed_moe.gate = gate
         gates.append(gate)
+    if noisy - {"None"}:  # DeepSpeed's gates take None or the string "None" for no noise
+        log.warning(
+            f"noisy_gate_policy {sorted(noisy - {'None'})} of the replaced gates is ignored: the {config.kind} router "
+            "adds no noise to the gate's input or logits"
+        )
     return gates
 
 
