@@ -162,6 +162,11 @@ def train(config: RunConfig) -> dict[str, Any]:
     return result
 
 
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of step ``step``'s random draws on ``rank`` (each rank its own, every step its own)."""
+    return (seed * 1_000_003 + step) * 1_000_003 + rank
+
+
 def train_steps(config: RunConfig, engine, corpus, info, comm, policy: SavePolicy, start: int, run_config) -> dict:
     """Steps ``start`` .. ``train.steps`` (or up to a stop signal): evaluations, checkpoints, the metrics log."""
     from c2r.deepspeed import checkpoint
@@ -199,6 +204,9 @@ def train_steps(config: RunConfig, engine, corpus, info, comm, policy: SavePolic
                 cleanup.callback(closable.close)
         for step in bar:
             step_started = time.perf_counter()
+            # Random draws in the step (dropout, Ada-K's sampled k, Mixtral's jitter) from (seed, step, rank): a
+            # resumed run draws what the uninterrupted one drew at that step.
+            torch.manual_seed(step_seed(tc.seed, step, info.rank))
             if profiler:
                 profiler.begin_step(step)
             if kernels:

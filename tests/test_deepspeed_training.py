@@ -90,18 +90,29 @@ def write_ds_config(path: Path, stage: int) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2])
-def test_zero_stage_trains_and_resumes_like_an_uninterrupted_run(tmp_path, stage):
+def with_dropout(raw: dict, dropout: float) -> dict:
+    raw["model"]["dropout"] = dropout
+    return raw
+
+
+@pytest.mark.parametrize("stage,dropout", [(0, 0.0), (1, 0.0), (2, 0.0), (2, 0.1)])
+def test_zero_stage_trains_and_resumes_like_an_uninterrupted_run(tmp_path, stage, dropout):
+    # With dropout the resumed run must draw the masks the uninterrupted one drew at those steps.
     ds_config = write_ds_config(tmp_path / "ds.json", stage)
     full = run_distributed(
-        train_worker, 2, tmp_path / "r1", run_config(tmp_path / "full", steps=12, ep_size=2, deepspeed_config=ds_config)
+        train_worker,
+        2,
+        tmp_path / "r1",
+        with_dropout(run_config(tmp_path / "full", steps=12, ep_size=2, deepspeed_config=ds_config), dropout),
     )
     # The "killed" run: dies right after its step-6 checkpoint; a fresh set of processes resumes it to step 12.
     run_distributed(
         killed_worker,
         2,
         tmp_path / "r2",
-        run_config(tmp_path / "part", steps=12, ep_size=2, save_every=6, deepspeed_config=ds_config),
+        with_dropout(
+            run_config(tmp_path / "part", steps=12, ep_size=2, save_every=6, deepspeed_config=ds_config), dropout
+        ),
         6,
     )
     part_dir = tmp_path / "part" / "checkpoints"
@@ -114,7 +125,9 @@ def test_zero_stage_trains_and_resumes_like_an_uninterrupted_run(tmp_path, stage
         train_worker,
         2,
         tmp_path / "r3",
-        run_config(tmp_path / "part", steps=12, ep_size=2, deepspeed_config=ds_config, resume=True),
+        with_dropout(
+            run_config(tmp_path / "part", steps=12, ep_size=2, deepspeed_config=ds_config, resume=True), dropout
+        ),
     )
     torch.testing.assert_close(resumed[0]["step_losses"], full[0]["step_losses"][6:], rtol=1e-5, atol=1e-5)
     for key, weight in resumed[0]["experts"].items():
