@@ -19,13 +19,28 @@ import torch
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".jsonl"}
 
 
+EMBEDDED_MAX_BYTES = 8_000_000  # the embedded corpus's default size: the standard library has ~40 MB of source
+
+
 @dataclass
 class DataConfig:
-    """Where the text comes from. ``path`` None means the embedded standard-library corpus."""
+    """Where the text comes from. ``path`` None means the embedded standard-library corpus.
+
+    ``max_bytes`` caps the training and the validation tokens (bytes for the byte tokenizer); None: 8 MB of the
+    embedded corpus, all of a ``--data`` path. ``val_every``: every ``val_every``-th document is validation (>= 2).
+    """
 
     path: str | None = None
-    max_bytes: int = 8_000_000
+    max_bytes: int | None = None
     val_every: int = 20
+
+    def __post_init__(self) -> None:
+        if self.max_bytes is not None and self.max_bytes < 1:
+            raise ValueError(f"data.max_bytes ({self.max_bytes}) must be >= 1, or null for no cap")
+        if self.val_every < 2:  # 1 would hold out everything; a negative step would hold out training documents
+            raise ValueError(
+                f"data.val_every ({self.val_every}) must be >= 2 (every val_every-th document is held out)"
+            )
 
 
 class ByteTokenizer:
@@ -105,12 +120,15 @@ def user_documents(path: Path) -> list[str]:
     """Texts from a file or a directory of .txt/.md/.rst/.py files and .jsonl files (one {"text": ...} per line)."""
     if not path.exists():
         raise FileNotFoundError(f"--data path {str(path)!r} does not exist")
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES)
+    if path.is_file():
+        files = [path]
+    else:  # a directory named like a text file is not one
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in TEXT_SUFFIXES and p.is_file())
     if not files:
         raise ValueError(f"no text files ({', '.join(sorted(TEXT_SUFFIXES))}) under {str(path)!r}")
     documents = []
     for file in files:
-        if file.suffix == ".jsonl":
+        if file.suffix.lower() == ".jsonl":
             documents.extend(_jsonl_texts(file))
         else:
             documents.append(read_text_file(file))
@@ -125,7 +143,7 @@ MAX_UNDECODABLE_SHARE = 0.01
 
 def read_text_file(file: Path) -> str:
     """The file's text, or a ValueError naming it when it is binary."""
-    raw = file.read_bytes()
+    raw = file.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark is not text
     text = raw.decode("utf-8", errors="replace")
     undecodable = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
     if b"\0" in raw or undecodable > MAX_UNDECODABLE_SHARE * max(1, len(raw)):
@@ -135,7 +153,9 @@ def read_text_file(file: Path) -> str:
 
 def _jsonl_texts(file: Path) -> list[str]:
     texts = []
-    for line_no, line in enumerate(read_text_file(file).splitlines(), start=1):
+    # Lines end at "\n" only: str.splitlines() would also cut a JSON string at U+2028, U+2029 or U+0085, which
+    # json.dumps(..., ensure_ascii=False) writes as they are.
+    for line_no, line in enumerate(read_text_file(file).split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -154,8 +174,9 @@ def load_corpus(config: DataConfig, tokenizer=None, progress: bool = False) -> C
     if config.path is None:
         documents, source = [], f"python {sysconfig.get_python_version()} standard library source"
         size = 0
+        limit = EMBEDDED_MAX_BYTES if config.max_bytes is None else config.max_bytes
         for file in stdlib_files():
-            if size >= config.max_bytes:
+            if size >= limit:
                 break
             documents.append(file.read_text(encoding="utf-8", errors="replace"))
             size += len(documents[-1])
@@ -167,14 +188,16 @@ def load_corpus(config: DataConfig, tokenizer=None, progress: bool = False) -> C
 def split_documents(
     documents: list[str], config: DataConfig, source: str, tokenizer=None, progress: bool = False
 ) -> Corpus:
-    """Train and validation tokens; ``max_bytes`` caps each (in tokens, which for a byte tokenizer are bytes)."""
+    """Train and validation tokens; ``max_bytes`` caps each (in tokens, which for a byte tokenizer are bytes; the
+    embedded corpus's default, 8 MB, is applied where it is read)."""
     tokenizer = tokenizer or ByteTokenizer()
+    cap = slice(config.max_bytes)  # slice(None): everything
     if len(documents) >= 2 * config.val_every:
         val_docs = documents[:: config.val_every]
         train_docs = [d for i, d in enumerate(documents) if i % config.val_every]
-        train, val = (tokenizer.encode_documents(docs, progress)[: config.max_bytes] for docs in (train_docs, val_docs))
+        train, val = (tokenizer.encode_documents(docs, progress)[cap] for docs in (train_docs, val_docs))
     else:  # too few documents to hold whole ones out: hold out the tail instead
-        tokens = tokenizer.encode_documents(documents, progress)[: config.max_bytes]
+        tokens = tokenizer.encode_documents(documents, progress)[cap]
         cut = len(tokens) - max(len(tokens) // config.val_every, 1)
         train, val = tokens[:cut], tokens[cut:]
     return Corpus(train=train, val=val, source=source, num_documents=len(documents))

@@ -635,6 +635,7 @@ def batch_samplers(
     size for the same global batch (what resharding needs). "per-rank": each rank draws from its own seed, the
     stream of runs saved before the global sampler (``--resume`` such a run with it to replay its batches)."""
     tc, block = config.train, config.model.block_size
+    check_splits_fit(corpus, config.data.val_every, block)
     if tc.batch_sampler == "per-rank":
         rank_seed = tc.seed + RANK_SEED_STRIDE * rank
         train = BatchSampler(corpus.train, block, tc.batch_size, seed=rank_seed + stream)
@@ -646,6 +647,26 @@ def batch_samplers(
     )
     val = BatchSampler(corpus.val, block, tc.batch_size, seed=tc.seed + VAL_SEED_OFFSET, **slice_of)
     return train, val
+
+
+def check_splits_fit(corpus: Corpus, val_every: int, block_size: int) -> None:
+    """Refuse, naming the split, the text and what would fix it, a split too short for one window of the model."""
+    for split, tokens in (("training", corpus.train), ("validation", corpus.val)):
+        if len(tokens) > block_size + 1:
+            continue
+        if split == "validation":
+            held = (
+                f"every data.val_every-th ({val_every}) of its {corpus.num_documents} documents"
+                if corpus.num_documents >= 2 * val_every
+                else f"the last 1/{val_every} (data.val_every) of its text, as it has under {2 * val_every} documents"
+            )
+            how = f"validation holds out {held}: give more text, or lower data.val_every or model.block_size"
+        else:
+            how = "give more text or lower model.block_size"
+        raise ValueError(
+            f"the {split} split of {corpus.source} has {len(tokens)} tokens, too few for one window of "
+            f"model.block_size {block_size} + 1; {how}"
+        )
 
 
 def tokens_per_step(config: RunConfig, world_size: int) -> int:

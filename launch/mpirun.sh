@@ -5,9 +5,11 @@
 # Hardware: OpenMPI and mpi4py (Debian: apt-get install openmpi-bin libopenmpi-dev; pip install mpi4py; or
 # `make mpi`). On CPUs each rank is a process over gloo; on GPUs one rank per GPU over NCCL. Expected: the same
 # output as launch/quickstart.sh.
+# Relative paths in the arguments (--data, --out, --plan) are read from the directory you call it from (OpenMPI
+# starts every rank there, on other nodes too).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-BIN="${BIN:-.venv/bin}"
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+BIN="${BIN:-$ROOT/.venv/bin}"
 NP="${NP:-2}"
 EP_SIZE="${EP_SIZE:-$NP}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"

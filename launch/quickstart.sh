@@ -4,9 +4,10 @@
 # Hardware: any machine. On a CPU-only machine the ranks are CPU processes talking over gloo; on a GPU machine,
 # one rank per GPU over NCCL. Expected (2 CPU cores, ~2 minutes): train and validation loss falling from ~5.2 to
 # ~2.1 over 300 steps, checkpoints with one file per expert in runs/demo/checkpoints/.
+# Relative paths in the arguments (--data, --out, --plan) are read from the directory you call it from.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-BIN="${BIN:-.venv/bin}"
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+BIN="${BIN:-$ROOT/.venv/bin}"
 NUM_RANKS="${NUM_RANKS:-2}"
 EP_SIZE="${EP_SIZE:-$NUM_RANKS}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"

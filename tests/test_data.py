@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from c2r.data import BatchSampler, ByteTokenizer, DataConfig, load_corpus
+from c2r.data import EMBEDDED_MAX_BYTES, BatchSampler, ByteTokenizer, DataConfig, load_corpus, user_documents
+from c2r.run_setup import check_splits_fit
 
 
 def test_embedded_corpus_is_real_text_with_disjoint_validation_files():
@@ -44,3 +45,50 @@ def test_bad_user_data_names_the_problem(tmp_path):
     empty.mkdir()
     with pytest.raises(ValueError, match="no text files"):
         load_corpus(DataConfig(path=str(empty)))
+
+
+def test_jsonl_keeps_unicode_line_separators_inside_texts_and_a_byte_order_mark_is_not_text(tmp_path):
+    # json.dumps(ensure_ascii=False) writes U+2028 / U+2029 / U+0085 as they are; only "\n" ends a JSONL line.
+    texts = ["line a\u2028line b", "para\u2029next\u0085end", "plain"]
+    (tmp_path / "u.jsonl").write_text("\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in texts) + "\r\n")
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfhello")
+    (tmp_path / "notes.md").mkdir()  # a directory named like a text file is skipped
+    (tmp_path / "UPPER.TXT").write_text("shouting")
+    assert sorted(user_documents(tmp_path)) == sorted([*texts, "hello", "shouting"])
+
+
+def test_a_user_corpus_is_not_cut_to_the_embedded_corpus_size(tmp_path):
+    (tmp_path / "big.txt").write_bytes(b"a" * (EMBEDDED_MAX_BYTES + 100_000))
+    corpus = load_corpus(DataConfig(path=str(tmp_path)))
+    assert len(corpus.train) + len(corpus.val) == EMBEDDED_MAX_BYTES + 100_000
+    corpus = load_corpus(DataConfig(path=str(tmp_path), max_bytes=1000))  # a cap the user sets still applies
+    assert len(corpus.train) + len(corpus.val) == 1000
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"val_every": -3}, r"data.val_every \(-3\) must be >= 2"),
+        ({"val_every": 1}, r"data.val_every \(1\) must be >= 2"),
+        ({"val_every": 0}, r"data.val_every \(0\) must be >= 2"),
+        ({"max_bytes": 0}, r"data.max_bytes \(0\) must be >= 1, or null for no cap"),
+    ],
+)
+def test_data_settings_that_would_leak_or_empty_a_split_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        DataConfig(**options)
+
+
+def test_a_split_too_short_for_the_model_says_which_split_and_what_would_fix_it(tmp_path):
+    (tmp_path / "small.txt").write_text("x" * 2000)
+    corpus = load_corpus(DataConfig(path=str(tmp_path / "small.txt")))
+    check_splits_fit(corpus, 20, 64)  # fits
+    with pytest.raises(ValueError) as error:
+        check_splits_fit(corpus, 20, 128)
+    assert str(error.value) == (
+        f"the validation split of {tmp_path / 'small.txt'} has 100 tokens, too few for one window of "
+        "model.block_size 128 + 1; validation holds out the last 1/20 (data.val_every) of its text, as it has under "
+        "40 documents: give more text, or lower data.val_every or model.block_size"
+    )
+    with pytest.raises(ValueError, match=r"the training split of .* has 1900 tokens, too few .*model.block_size 4096"):
+        check_splits_fit(corpus, 20, 4096)

@@ -330,6 +330,40 @@ def test_multinode_script_names_a_missing_hostfile(tmp_path):
     assert f"hostfile '{tmp_path / 'hosts'}' not found" in proc.stderr
 
 
+def fake_launcher(directory: Path) -> Path:
+    """A bin directory whose ``deepspeed`` prints where it runs and its arguments, one per line."""
+    directory.mkdir()
+    (directory / "deepspeed").write_text('#!/bin/sh\necho "cwd=$PWD"\nfor a in "$@"; do echo "arg=$a"; done\n')
+    (directory / "deepspeed").chmod(0o755)
+    return directory
+
+
+def test_multinode_script_reads_the_hostfile_from_the_callers_directory_and_its_slots(tmp_path):
+    fake = fake_launcher(tmp_path / "bin")
+    (tmp_path / "hosts").write_text("# two nodes of 4 GPUs\nnode-1 slots=4\n\nnode-2 slots=4\n")
+    env = dict(launcher_env(), HOSTFILE="hosts", BIN=str(fake))
+    script = str(REPO / "launch" / "deepspeed_multinode.sh")
+    proc = subprocess.run(["bash", script, "--steps", "2"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    args = [line.removeprefix("arg=") for line in proc.stdout.splitlines() if line.startswith("arg=")]
+    assert args[:6] == ["--hostfile", str(tmp_path / "hosts"), "--num_nodes", "2", "--num_gpus", "4"]
+    assert args[args.index("--ep-size") + 1] == "4" and args[-2:] == ["--steps", "2"]
+    (tmp_path / "hosts").write_text("# nobody here\n\n")
+    proc = subprocess.run(["bash", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"deepspeed_multinode.sh: hostfile '{tmp_path / 'hosts'}' names no host (one line per node: \"node-1 slots=8\")"
+    ]
+
+
+def test_quickstart_reads_relative_paths_from_the_callers_directory(tmp_path):
+    fake = fake_launcher(tmp_path / "bin")
+    env = dict(launcher_env(), BIN=str(fake))
+    script = str(REPO / "launch" / "quickstart.sh")
+    proc = subprocess.run(["bash", script, "--data", "my.txt"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == f"cwd={tmp_path}" and "arg=my.txt" in proc.stdout
+
+
 def test_optimizer_groups_have_no_empty_group_when_an_expert_parameter_is_bigger_than_a_group():
     # DeepSpeed's MoE split starts a new group before a parameter larger than max_group_size, leaving an empty one;
     # DeepSpeed drops empty groups inside initialize, after an LR scheduler counted them (Qwen3-30B-A3B's layer
