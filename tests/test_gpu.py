@@ -554,29 +554,55 @@ def test_slot_sum_kernels_on_a_gpu_equal_the_torch_path(Z, K, D, empty):
             torch.testing.assert_close(a.cpu(), b, atol=0.02 * scale, rtol=2e-2, msg=f"{name}, unweighted={unweighted}")
 
 
-@needs_cuda
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"])
-@pytest.mark.parametrize("backend", ["megablocks", "torch"])
-def test_a_converted_hf_model_in_bf16_on_a_gpu_backend_matches_the_float32_original(family, backend, tmp_path):
-    # The CPU tests hold the conversion to the original in float32 (1e-5); this one the GPU fast paths in bf16: the
-    # whole model (attention too) is bf16 here, so gradients get 1e-1 (0.06 measured with the CPU bf16 loop, Mixtral).
-    pytest.importorskip("transformers")
+HF_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"]
+
+
+def hf_original_and_converted(family: str, directory, **load_options):
+    """(the tiny Hugging Face model of ``family``, our conversion of it loaded with ``load_options``)."""
     import c2r.hf as hf
-    from tests.test_hf_convert import BUILDERS, input_ids
-    from tests.test_hf_hooks import find_moe_sites, make_model
+    from tests.test_hf_convert import BUILDERS
+    from tests.test_hf_hooks import make_model
 
     original = make_model(BUILDERS[family])
-    original.save_pretrained(tmp_path)
-    model = hf.load(tmp_path, experts=ExpertConfig(backend=backend), dtype=torch.bfloat16).cuda()
-    original = original.cuda()
-    ids, labels = input_ids(shape=(4, 16)).cuda(), input_ids(seed=2, shape=(4, 16)).cuda()
-    outputs = []
-    for m in (original, model):
-        out = m(input_ids=ids, labels=labels)
-        out.loss.backward()
-        outputs.append(out)
-    assert rel_err(outputs[1].logits, outputs[0].logits) < BF16_REL_TOL
-    assert abs(float(outputs[1].loss) - float(outputs[0].loss)) < 2e-2 * float(outputs[0].loss)
+    original.save_pretrained(directory)
+    return original, hf.load(directory, **load_options)
+
+
+def loss_and_logits(model, seed: int = 1):
+    from tests.test_hf_convert import input_ids
+
+    ids, labels = input_ids(seed, shape=(4, 16)).cuda(), input_ids(seed + 1, shape=(4, 16)).cuda()
+    out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+    return out
+
+
+@needs_cuda
+@pytest.mark.parametrize("family", HF_FAMILIES)
+def test_a_converted_hf_model_in_float32_on_a_gpu_equals_the_original(family, tmp_path):
+    pytest.importorskip("transformers")
+    original, model = hf_original_and_converted(family, tmp_path, experts=ExpertConfig(backend="torch"))
+    want, got = loss_and_logits(original.cuda()), loss_and_logits(model.cuda())
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-4, rtol=1e-4)
+
+
+@needs_cuda
+@pytest.mark.parametrize("family", HF_FAMILIES)
+@pytest.mark.parametrize("backend", ["megablocks", "torch"])
+def test_a_converted_hf_model_in_bf16_on_a_gpu_backend_matches_the_original_in_bf16(family, backend, tmp_path):
+    # Against the original at the same precision on the same GPU. Not against float32: on an H200 Hugging Face's own
+    # DeepSeek-V2/V3 in bf16 is 0.50 (relative) off its float32 logits at this tiny size (ours 0.50 too; 0.006 on
+    # the CPU), the other families 0.005-0.006 (2026-12-03).
+    pytest.importorskip("transformers")
+    import c2r.hf as hf
+    from tests.test_hf_hooks import find_moe_sites
+
+    original, model = hf_original_and_converted(
+        family, tmp_path, experts=ExpertConfig(backend=backend), dtype=torch.bfloat16
+    )
+    original = original.to(torch.bfloat16).cuda()
+    want, got = loss_and_logits(original), loss_and_logits(model.cuda())
+    assert rel_err(got.logits, want.logits) < BF16_REL_TOL
     for (_, block), site in zip(hf.converted_blocks(model), find_moe_sites(original), strict=True):
         hf_block = original.get_submodule(site.block_name)
         router_grad = getattr(hf_block, block.arch.router_attr).weight.grad
