@@ -44,6 +44,7 @@ from c2r.config_utils import require_positive
 from c2r.data import BatchSampler, load_corpus
 from c2r.routing.adak import AdaKRouter, adak_routers
 from c2r.routing.updates import all_reduce_sum, raise_if_router_logits_were_not_finite
+from c2r.run_dir import check_out_dir, clear_run
 from c2r.run_setup import (
     ConfigCli,
     MetricsLog,
@@ -52,7 +53,9 @@ from c2r.run_setup import (
     TrainOnly,
     batch_samplers,
     build_engine,
+    flatten,
     global_mean,
+    merge,
     progress_bar,
     run_config_record,
     start_run,
@@ -108,6 +111,33 @@ class AdaKTrainConfig:
             raise ValueError(f"pwarm_p ({self.pwarm_p}) must be in (0, 1]")
 
 
+# Settings c2r-adak has no other value for (a source's, e.g. its dropout, are replaced; a user's are refused): a
+# fresh run (no resume), one save at the end, a constant learning rate, one optimizer step per engine.step() (DeepSpeed
+# would otherwise step every grad_accum-th call: half the P-Warm steps, PPO epochs merged into one), a frozen model
+# without dropout (the baseline, rollout and replayed passes must see the same model), no profiling.
+FIXED_SETTINGS: dict[str, Any] = {
+    "train.resume": False,
+    "train.save_every": 0,
+    "train.save_every_minutes": 0.0,
+    "train.warmup_steps": 0,
+    "train.grad_accum": 1,
+    "model.dropout": 0.0,
+    "profile.enabled": False,
+}
+
+
+def nested(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"train.lr": 1e-3}`` -> ``{"train": {"lr": 1e-3}}``."""
+    settings: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = settings
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return settings
+
+
 @dataclass
 class AdaKRunConfig(RunConfig):
     """A c2r-train run config plus the ``adak`` section; the router must be Ada-K's."""
@@ -121,6 +151,19 @@ class AdaKRunConfig(RunConfig):
             raise ValueError(f"c2r-adak trains Ada-K routers; model.moe.router.kind is {kind!r}, expected 'adak'")
         if self.train.weight_decay < 0:
             raise ValueError(f"train.weight_decay ({self.train.weight_decay}) must be >= 0")
+        if self.hf.model_dir is not None:
+            raise ValueError(
+                f"c2r-adak trains c2r's own GPT, not a Hugging Face model (hf.model_dir {self.hf.model_dir})"
+            )
+        settings = flatten(dataclasses.asdict(self))
+        others = [f"{key}={settings[key]}" for key, value in FIXED_SETTINGS.items() if settings[key] != value]
+        if others:
+            fixed = ", ".join(f"{key}={value}" for key, value in FIXED_SETTINGS.items())
+            raise ValueError(f"c2r-adak does not support {', '.join(others)} (it always runs with {fixed})")
+        max_k = self.model.moe.router.adak.resolved_max_k(self.model.moe.num_experts)
+        target = self.adak.pwarm_target_k
+        if target is not None and not 1 <= target <= max_k:
+            raise ValueError(f"adak.pwarm_target_k ({target}) must be between 1 and adak max_k ({max_k})")
         # Recorded so that the saved run reads like a c2r-train one: its length and the weights it started from.
         steps = max(1, self.adak.warm_steps + self.adak.steps)
         self.train = dataclasses.replace(self.train, steps=steps, init_from=self.adak.checkpoint)
@@ -128,24 +171,24 @@ class AdaKRunConfig(RunConfig):
 
 # c2r-adak's defaults over the source checkpoint's settings: the Ada-K router, recorded in its inference mode; the
 # paper's optimizer (AdamW, lr 1e-3, weight decay 0.1, constant learning rate, no clipping; a DeepSpeed config's
-# gradient_clipping still applies); a fresh run (no resume, no profile, one save at the end).
-ADAK_DEFAULTS: dict[str, Any] = {
-    "model": {"moe": {"router": {"kind": "adak", "adak": {"mode": "argmax"}}}},
-    "train": {
-        "lr": 1e-3,
-        "weight_decay": 0.1,
-        "warmup_steps": 0,
-        "grad_clip": 0.0,
-        "eval_batches": 8,
-        "save_every": 0,
-        "resume": False,
-        "ep_size": 1,
-        "device": "auto",
-        "out_dir": "runs/adak",
-        "seed": 0,
+# gradient_clipping still applies); the fixed settings; an output directory that is not replaced unless asked.
+ADAK_DEFAULTS: dict[str, Any] = merge(
+    nested(FIXED_SETTINGS),
+    {
+        "model": {"moe": {"router": {"kind": "adak", "adak": {"mode": "argmax"}}}},
+        "train": {
+            "lr": 1e-3,
+            "weight_decay": 0.1,
+            "grad_clip": 0.0,
+            "eval_batches": 8,
+            "overwrite": False,
+            "ep_size": 1,
+            "device": "auto",
+            "out_dir": "runs/adak",
+            "seed": 0,
+        },
     },
-    "profile": {"enabled": False},
-}
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -164,6 +207,12 @@ def read_source_config(checkpoint: str) -> tuple[Path, dict[str, Any]]:
             f"c2r-adak trains allocators on a top-k model; {ckpt_dir / tag} has router kind {kind!r} "
             f"(expected one of {list(SOURCE_ROUTERS)})"
         )
+    hf_model = (saved.get("hf") or {}).get("model_dir")
+    if hf_model:
+        raise ValueError(
+            f"c2r-adak trains allocators on c2r's own GPT; {ckpt_dir / tag} is a Hugging Face model's run "
+            f"(hf.model_dir {hf_model}), which it does not support"
+        )
     return ckpt_dir / tag, saved
 
 
@@ -174,7 +223,11 @@ def source_settings(user: dict[str, Any]) -> dict[str, Any]:
     if not checkpoint:
         raise ValueError("c2r-adak needs the model to train allocators on: --checkpoint RUN (adak.checkpoint)")
     _, saved = read_source_config(checkpoint)
-    return {key: copy.deepcopy(saved[key]) for key in SOURCE_SECTIONS}
+    settings = {key: copy.deepcopy(saved[key]) for key in SOURCE_SECTIONS}
+    router = settings["model"]["moe"]["router"]
+    if router.get("balance") == "batch":  # "batch" is the topk kind's; Ada-K keeps the running bias under "auto"
+        router["balance"] = "auto"
+    return settings
 
 
 def allocators(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -329,7 +382,12 @@ def setup_run(config: AdaKRunConfig) -> AdaKRun:
 
     source, _ = read_source_config(config.adak.checkpoint)
     tc = config.train
+    check_out_dir(tc.out_dir, False, tc.overwrite, tc.init_from)  # every rank, before any of them writes
     info = start_run(config)
+    if tc.overwrite:
+        if info.rank == 0 and (replaced := clear_run(tc.out_dir)):
+            log.info("--overwrite: deleted the previous run's %s in %s", ", ".join(replaced), tc.out_dir)
+        dist.barrier()
     corpus = load_corpus(config.data)
     engine = build_engine(config, info.device, TrainOnly("allocators", allocators))
     routers = adak_routers(engine.module)
@@ -366,6 +424,7 @@ def train_adak(config: AdaKRunConfig) -> dict[str, Any]:
     evaluation = evaluate_modes(run.engine, run.routers, run.val_batches, config.train.eval_batches, run.info.device)
     raise_if_router_logits_were_not_finite(run.engine.module)  # on a GPU the routers report here, before the save
     set_routers(run.routers, "argmax")
+    restore_source_weights(run)
     save_checkpoint(run.engine, run.out_dir / "checkpoints", opts.warm_steps + opts.steps, run.run_config)
     summary = eval_summary(config, run.source, p, mean_label, evaluation, after_pwarm)
     if run.is_main:
@@ -373,6 +432,25 @@ def train_adak(config: AdaKRunConfig) -> dict[str, Any]:
         tqdm.write(format_eval_table(summary))
         log.info("Ada-K checkpoint in %s; evaluation in %s", run.out_dir / "checkpoints", run.out_dir / ADAK_EVAL)
     return {"history": history, "eval": summary, "engine": run.engine, "routers": run.routers, "out_dir": run.out_dir}
+
+
+def restore_source_weights(run: AdaKRun) -> None:
+    """Before the save: where the frozen model ran in another dtype than the source checkpoint holds (a bf16 DeepSpeed
+    config), load the source's tensors again in its own dtype, so that only the allocators differ from it (float32
+    weights rounded to bf16 and back would not be the source's)."""
+    from c2r.deepspeed.checkpoint import init_from_checkpoint
+    from c2r.deepspeed.move_experts import MODEL_FILE
+
+    states = torch.load(run.source / MODEL_FILE, map_location="cpu", mmap=True, weights_only=False)["module"]
+    dtype = next(t.dtype for t in states.values() if torch.is_tensor(t) and t.is_floating_point())
+    module = run.engine.module
+    if all(p.dtype == dtype for p in module.parameters() if not p.requires_grad):
+        return
+    trained = [allocator.weight.detach().clone() for allocator in allocators(module)]
+    module.to(dtype)
+    init_from_checkpoint(run.engine, run.config.adak.checkpoint, run.run_config)  # the source's allocators too
+    for allocator, weight in zip(allocators(module), trained):
+        allocator.float().weight.data.copy_(weight)
 
 
 def train_allocators(run: AdaKRun, opts: AdaKTrainConfig, p: float | None) -> tuple[list[dict], dict | None]:
@@ -405,7 +483,7 @@ def calibrate(run: AdaKRun, opts: AdaKTrainConfig) -> tuple[float | None, float 
     if not opts.warm_steps:
         return opts.pwarm_p, None
     probs = collect_router_probs(run.engine, run.routers, run.train_batches, opts.calib_batches, run.info.device)
-    target = opts.pwarm_target_k or float(run.routers[0].top_k)
+    target = float(run.routers[0].top_k) if opts.pwarm_target_k is None else opts.pwarm_target_k
     max_k = run.routers[0].max_k
     if opts.pwarm_p is not None:
         p, mean_label = opts.pwarm_p, mean_pwarm_label([sorted_cumsum(q) for q in probs], opts.pwarm_p, max_k)
@@ -509,6 +587,7 @@ ADAK_CLI = ConfigCli(
     shorthands=(
         Shorthand("--checkpoint", "adak.checkpoint", "c2r-train run dir, checkpoints dir or tag dir (required)"),
         Shorthand("--out", "train.out_dir", "output directory"),
+        Shorthand("--overwrite", "train.overwrite", "replace the run already in --out", switch=True),
         Shorthand("--steps", "adak.steps", "PPO batches", int),
         Shorthand("--warm-steps", "adak.warm_steps", "P-Warm steps before PPO", int),
         Shorthand("--batch-size", "train.batch_size", "sequences per rank and step (default: the checkpoint's)", int),

@@ -5,6 +5,10 @@ import dataclasses
 import json
 import math
 import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -207,8 +211,11 @@ def saved_tensors(tag_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def topk_checkpoint(tmp_path_factory) -> Path:
+    """A batch-balanced top-k run, as c2r-train's default (``balance: auto``) trains it."""
     root = tmp_path_factory.mktemp("topk")
-    run_distributed(topk_worker, 1, root / "w", tiny_run_config(root / "run", steps=3))
+    raw = tiny_run_config(root / "run", steps=3)
+    raw["model"]["moe"]["router"] = {"balance": "auto"}
+    run_distributed(topk_worker, 1, root / "w", raw)
     return root / "run"
 
 
@@ -249,8 +256,12 @@ def check_frozen_and_trained(source: Path, out: Path) -> None:
     after = saved_tensors(out)
     allocator_keys = sorted(k for k in after if "allocator" in k)
     assert len(allocator_keys) == 2 and set(after) - set(allocator_keys) == set(before)
-    for key, tensor in before.items():
-        assert torch.equal(after[key], tensor), key
+    assert any(key.endswith("balancer._extra_state") for key in before)  # the batch-balance bias is kept too
+    for key, value in before.items():
+        if isinstance(value, dict):  # a module's extra state: {"bias_E": tensor}
+            assert value.keys() == after[key].keys() and all(torch.equal(after[key][k], value[k]) for k in value)
+        else:
+            assert after[key].dtype == value.dtype and torch.equal(after[key], value), key
     assert all(float(after[k].abs().max()) > 0 for k in allocator_keys)  # trained away from the zero start
 
 
@@ -312,3 +323,199 @@ def test_adak_with_expert_parallelism_on_2_ranks(topk_checkpoint, tmp_path):
     assert saved["train"]["ep_size"] == 2
     check_frozen_and_trained(source_dir, out_dir)
     assert json.loads((tmp_path / "adak" / "adak_eval.json").read_text())["world_size"] == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Review findings: each test failed before its fix.
+
+
+def routing_worker(rank, world, source: str, out: str):
+    """The source top-k engine and c2r-adak's engine in default mode, both in evaluation, on the same batch."""
+    from c2r.adak_train import set_routers, setup_run
+    from c2r.deepspeed.checkpoint import init_from_checkpoint
+    from c2r.run_setup import build_engine, run_config_record
+
+    run = setup_run(ADAK_CLI.resolve(["--checkpoint", source, "--out", out]))  # joins DeepSpeed's job first
+    _, saved = read_source_config(source)
+    config = config_from_dict(RunConfig, {key: saved[key] for key in ("model", "train", "data")})
+    topk = build_engine(config, torch.device("cpu"))
+    init_from_checkpoint(topk, source, run_config_record(config, topk.module))
+    set_routers(run.routers, "default")
+    topk.eval()
+    run.engine.eval()
+    idx = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = topk(idx), run.engine(idx)
+    plain = [r.router_probs_TE.topk(2).indices for r in (router.last_allocation for router in run.routers)]
+    return {
+        "expert_ids": [(x.expert_ids_TK, y.expert_ids_TK) for x, y in zip(a.routing, b.routing)],
+        "weights": [(x.weights_TK, y.weights_TK) for x, y in zip(a.routing, b.routing)],
+        "plain_ids": plain,
+        "logits": (a.logits, b.logits),
+    }
+
+
+def test_default_mode_routes_as_the_batch_balanced_source(topk_checkpoint, tmp_path):
+    # The source picks experts by logits + its running balance bias; Ada-K's default mode must be that router (it
+    # ranked by probability alone and dropped the bias on load).
+    (result,) = run_distributed(routing_worker, 1, tmp_path / "w", str(topk_checkpoint), str(tmp_path / "adak"))
+    for (source_ids, adak_ids), plain_ids in zip(result["expert_ids"], result["plain_ids"]):
+        assert torch.equal(source_ids, adak_ids)
+        assert not torch.equal(source_ids.sort(dim=1).values, plain_ids.sort(dim=1).values)  # the bias matters
+    for source_w, adak_w in result["weights"]:
+        assert torch.equal(source_w, adak_w)
+    assert torch.equal(*result["logits"])
+
+
+def edited_copy(checkpoint: Path, dest: Path, **changes) -> Path:
+    """A copy of ``checkpoint``'s latest tag whose c2r_config.json has ``changes`` ("section.key": value) applied."""
+    source_dir, saved = read_source_config(str(checkpoint))
+    shutil.copytree(source_dir, dest)
+    for key, value in changes.items():
+        *parents, leaf = key.split(".")
+        node = saved
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    (dest / "c2r_config.json").write_text(json.dumps(saved))
+    return dest
+
+
+def bf16_worker(rank, world, argv):
+    from c2r.adak_train import set_routers, train_adak
+
+    result = train_adak(ADAK_CLI.resolve(argv + ["--set", "train.batch_size=2"]))
+    engine, routers = result["engine"], result["routers"]
+    optimizer_steps = [int(engine.optimizer.state[r.allocator.weight]["step"]) for r in routers]
+    idx = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    engine.train()  # as in training
+    with torch.no_grad():
+        set_routers(routers, "default")
+        baselines = [engine(idx).logits for _ in range(2)]
+        set_routers(routers, "sample")
+        rollout = engine(idx).logits
+        ks = [r.last_allocation.k_T for r in routers]
+        set_routers(routers, "sample", forced_k=ks)
+        replay = engine(idx).logits
+    return {"optimizer_steps": optimizer_steps, "baselines": baselines, "rollout": rollout, "replay": replay}
+
+
+@pytest.fixture(scope="module")
+def bf16_run(topk_checkpoint, tmp_path_factory) -> dict:
+    """c2r-adak under a bf16 DeepSpeed config on a source saved with grad_accum 2 and dropout 0.3 (an fp32 model),
+    into an output directory holding an older run (--overwrite)."""
+    root = tmp_path_factory.mktemp("bf16")
+    source = edited_copy(topk_checkpoint, root / "src" / "step3", **{"train.grad_accum": 2, "model.dropout": 0.3})
+    ds_config = root / "bf16.json"
+    ds_config.write_text(json.dumps({"bf16": {"enabled": True}}))
+    out = root / "adak"
+    (out / "checkpoints" / "step6").mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text("step2")
+    argv = options(source, out, "--deepspeed-config", str(ds_config), "--overwrite")
+    (result,) = run_distributed(bf16_worker, 1, root / "w", argv)
+    return {**result, "source": source, "out": out}
+
+
+def test_grad_accum_of_the_source_does_not_merge_optimizer_steps(bf16_run):
+    # 2 P-Warm steps + 2 PPO batches x 2 epochs = 6 AdamW steps (grad_accum 2 made DeepSpeed step every 2nd call: 3).
+    assert bf16_run["optimizer_steps"] == [6, 6]
+
+
+def test_frozen_model_has_no_dropout(bf16_run):
+    # The source's dropout 0.3 is off: the baseline repeats and the forced replay is the rollout.
+    assert torch.equal(*bf16_run["baselines"])
+    assert torch.equal(bf16_run["rollout"], bf16_run["replay"])
+
+
+def test_bf16_run_saves_the_source_weights_bit_for_bit(bf16_run):
+    out_dir, saved = read_source_config(str(bf16_run["out"]))
+    check_frozen_and_trained(bf16_run["source"], out_dir)  # float32 as the source, not bf16-rounded
+    assert saved["model"]["dropout"] == 0.0 and saved["train"]["grad_accum"] == 1
+
+
+def test_overwrite_replaces_the_older_run_and_an_existing_out_is_refused(bf16_run, topk_checkpoint, tmp_path):
+    from c2r.adak_train import setup_run
+
+    checkpoints = bf16_run["out"] / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step4" and not (checkpoints / "step6").exists()
+    config = ADAK_CLI.resolve(["--checkpoint", str(topk_checkpoint), "--out", str(bf16_run["out"])])
+    with pytest.raises(ValueError, match="already holds a run"):
+        setup_run(config)
+
+
+def test_unsupported_settings_are_refused_in_one_line(tmp_path):
+    source = saved_run(tmp_path / "src" / "step1", {"kind": "topk", "balance": "batch"}, grad_accum=2)
+    config = ADAK_CLI.resolve(["--checkpoint", source])  # the source's grad_accum is replaced, its balance kept
+    assert (config.train.grad_accum, config.model.moe.router.balance, config.train.warmup_steps) == (1, "auto", 0)
+    settings = ["train.resume=true", "train.save_every=10", "train.warmup_steps=5", "profile.enabled=true"]
+    flags = [arg for setting in settings for arg in ("--set", setting)]
+    with pytest.raises(ValueError) as error:
+        ADAK_CLI.resolve(["--checkpoint", source, *flags])
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("c2r-adak does not support")
+    for named in ("train.resume=True", "train.save_every=10", "train.warmup_steps=5", "profile.enabled=True"):
+        assert named in message
+    for setting in ("train.grad_accum=2", "model.dropout=0.1"):
+        with pytest.raises(ValueError, match=f"does not support {setting}"):
+            ADAK_CLI.resolve(["--checkpoint", source, "--set", setting])
+
+
+@pytest.mark.parametrize("target, max_k", [(0.0, 0), (9.0, 0), (5.0, 4), (0.5, 0)])
+def test_pwarm_target_k_must_be_between_1_and_max_k(tmp_path, target, max_k):
+    source = saved_run(tmp_path / "src" / "step1", {"kind": "topk"})
+    flags = ["--checkpoint", source, "--pwarm-target-k", str(target), "--max-k", str(max_k)]
+    with pytest.raises(ValueError, match=rf"pwarm_target_k \({target}\) must be between 1 and adak max_k"):
+        ADAK_CLI.resolve(flags)
+    assert ADAK_CLI.resolve(flags[:2] + ["--pwarm-target-k", "1.5"]).adak.pwarm_target_k == 1.5
+
+
+def test_hugging_face_runs_are_refused(tmp_path):
+    tag = tmp_path / "hf" / "step1"
+    saved_run(tag, {"kind": "topk"})
+    saved = json.loads((tag / "c2r_config.json").read_text())
+    (tag / "c2r_config.json").write_text(json.dumps({**saved, "hf": {"model_dir": "models/qwen"}}))
+    with pytest.raises(ValueError, match="is a Hugging Face model's run"):
+        ADAK_CLI.resolve(["--checkpoint", str(tag)])
+    plain = saved_run(tmp_path / "plain" / "step1", {"kind": "topk"})
+    with pytest.raises(ValueError, match="not a Hugging Face model"):
+        ADAK_CLI.resolve(["--checkpoint", plain, "--set", "hf.model_dir=models/qwen"])
+
+
+def test_another_max_k_is_one_line(topk_checkpoint, tmp_path):
+    from tests.bad_inputs import child_env, error_lines
+
+    adak8 = edited_copy(topk_checkpoint, tmp_path / "adak8" / "step3", **{"model.moe.router.kind": "adak"})
+    adak4 = edited_copy(
+        topk_checkpoint,
+        tmp_path / "adak4" / "step3",
+        **{"model.moe.router.kind": "adak", "model.moe.router.adak.max_k": 4},
+    )
+    tiny = tmp_path / "tiny.json"
+    tiny.write_text(json.dumps(tiny_run_config(tmp_path / "unused")))
+    commands = [
+        ["c2r.adak_train", "--checkpoint", str(adak8), "--max-k", "4", "--out", str(tmp_path / "o1")],
+        [
+            "c2r.train",
+            "--config",
+            str(tiny),
+            "--init-from",
+            str(adak4),
+            "--router",
+            "adak",
+            "--out",
+            str(tmp_path / "o2"),
+        ],
+    ]
+    with ThreadPoolExecutor(2) as pool:
+        results = list(
+            pool.map(
+                lambda argv: subprocess.run(
+                    [sys.executable, "-m", *argv], env=child_env(), capture_output=True, text=True, timeout=300
+                ),
+                commands,
+            )
+        )
+    for result, (saved_k, k) in zip(results, [(8, 4), (4, 8)]):
+        lines = error_lines(result)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert len(lines) == 1 and f"adak max_k={saved_k} in the checkpoint, {k} here" in lines[0], lines

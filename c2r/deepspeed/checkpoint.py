@@ -100,6 +100,12 @@ def check_compatible(saved_model: dict[str, Any], model: dict[str, Any], where: 
     saved_act, act = saved_moe.get("experts", {}).get("activation"), moe.get("experts", {}).get("activation")
     if saved_act != act:
         diffs.append(f"activation={saved_act} in the checkpoint, {act} here")
+    saved_router, router = saved_moe.get("router", {}), moe.get("router", {})
+    if saved_router.get("kind") == router.get("kind") == "adak":  # the allocator's shape; 0: all experts
+        saved_k = saved_router.get("adak", {}).get("max_k") or saved_moe.get("num_experts")
+        k = router.get("adak", {}).get("max_k") or moe.get("num_experts")
+        if saved_k != k:
+            diffs.append(f"adak max_k={saved_k} in the checkpoint, {k} here (--set model.moe.router.adak.max_k)")
     if diffs:
         raise ValueError(f"checkpoint {where} does not fit this model: " + "; ".join(diffs))
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from c2r.config_utils import require_choice
+from c2r.routing.balance import BatchBalancer
 from c2r.routing.config import RouterConfig
 from c2r.routing.result import RoutingResult
 from c2r.routing.topk import TopKRouter
@@ -49,13 +50,23 @@ class Allocation:
         return self.log_probs_TJ.exp()
 
 
-def select_top_k_star(probs_TE: torch.Tensor, k_T: torch.Tensor, max_k: int, renormalize: bool = True):
+def select_top_k_star(
+    probs_TE: torch.Tensor,
+    k_T: torch.Tensor,
+    max_k: int,
+    renormalize: bool = True,
+    scores_TE: torch.Tensor | None = None,
+):
     """The router's top-``k_T[t]`` experts of each token in ``max_k`` slots; slots past k are empty.
 
-    Returns ``(expert_ids_TK, weights_TK, valid_TK)``; empty slots hold expert 0 and weight 0. With ``renormalize``
-    the weights of the used slots sum to 1 (a token with k = 1 gets weight 1 on its top expert).
+    Experts are ranked by ``scores_TE`` (default: the probabilities; a batch-balanced router's logits plus its bias)
+    and weighted by their probabilities. Returns ``(expert_ids_TK, weights_TK, valid_TK)``; empty slots hold expert 0
+    and weight 0. With ``renormalize`` the weights of the used slots sum to 1 (a token with k = 1 gets weight 1 on its
+    top expert).
     """
-    top_probs_TK, expert_ids_TK = probs_TE.topk(max_k, dim=-1)  # sorted, most probable first
+    scores_TE = probs_TE if scores_TE is None else scores_TE
+    expert_ids_TK = scores_TE.topk(max_k, dim=-1).indices  # sorted, best first
+    top_probs_TK = probs_TE.gather(1, expert_ids_TK)
     slot_K = torch.arange(max_k, device=probs_TE.device)
     valid_TK = slot_K.unsqueeze(0) < k_T.unsqueeze(1)
     weights_TK = torch.where(valid_TK, top_probs_TK, torch.zeros_like(top_probs_TK))
@@ -79,6 +90,11 @@ class AdaKRouter(TopKRouter):
     The allocator (named ``allocator``: no parameter may contain the word "expert") starts at zero weights, i.e. a
     uniform distribution over k = 1..J: the natural start of a policy that P-Warm then moves towards the default k.
 
+    Batch balance (``balance`` ``auto``, c2r-train's default; ``c2r-adak`` turns a source's ``batch`` into it): the
+    experts are ranked by the logits plus the source top-k router's *running* bias (``balancer.bias_E``, loaded with
+    the checkpoint), as that router ranks them in evaluation; the bias is never re-solved or updated here, so every
+    mode routes each token the same way in training and evaluation. ``balance`` ``none``: ranked by probability.
+
     Aux loss: the plain router's balance (and z-) loss over the slots actually used, exactly as
     :class:`TopKRouter` computes it. It only matters if the gate trains (``c2r-train`` with this router); ``c2r-adak``
     freezes the gate and optimises its own P-Warm / PPO losses, ignoring it.
@@ -89,9 +105,16 @@ class AdaKRouter(TopKRouter):
         self.max_k = config.adak.resolved_max_k(num_experts)
         self.allocator = nn.Linear(hidden_size, self.max_k, bias=False)
         nn.init.zeros_(self.allocator.weight)
+        if config.balance != "none":  # the batch-balanced source's running bias (TopKRouter makes none for "adak")
+            self.balancer = BatchBalancer(num_experts, config.balance_rounds, config.balance_momentum)
         self.mode = config.adak.mode
         self.forced_k_T: torch.Tensor | None = None
         self.last_allocation: Allocation | None = None
+
+    @classmethod
+    def update_after_step(cls, routers: list[AdaKRouter], group=None) -> dict[str, float]:
+        """Nothing: the running bias stays the source's (TopKRouter's update would fold in solves never made)."""
+        return {}
 
     def set_mode(self, mode: str) -> None:
         require_choice("adak mode", mode, ADAK_MODES)
@@ -131,9 +154,15 @@ class AdaKRouter(TopKRouter):
         k_T = self.choose_k(log_probs_TJ)
         self.last_allocation = Allocation(k_T, log_probs_TJ, probs_TE.detach())
         fixed_k = self.forced_k_T is None and self.mode == "default"
-        # Default mode keeps K = top_k full slots: the output is then exactly TopKRouter's.
+        # Default mode keeps K = top_k full slots: the output is then exactly TopKRouter's (in evaluation).
         slots = self.top_k if fixed_k else self.max_k
-        expert_ids_TK, weights_TK, valid_TK = select_top_k_star(probs_TE, k_T, slots, self.config.renormalize)
+        scores_TE = None
+        if self.balancer is not None:  # TopKRouter's evaluation scores: the running bias, never a batch's solve
+            self.balancer.bias_E = self.balancer.bias_E.to(logits_TE.device)
+            scores_TE = logits_TE.detach() + self.balancer.bias_E
+        expert_ids_TK, weights_TK, valid_TK = select_top_k_star(
+            probs_TE, k_T, slots, self.config.renormalize, scores_TE
+        )
         return self.selection_result(logits_TE, probs_TE, expert_ids_TK, weights_TK, None if fixed_k else valid_TK)
 
     def extra_repr(self) -> str:
