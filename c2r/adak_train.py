@@ -382,7 +382,7 @@ def setup_run(config: AdaKRunConfig) -> AdaKRun:
 
     source, _ = read_source_config(config.adak.checkpoint)
     tc = config.train
-    check_out_dir(tc.out_dir, False, tc.overwrite, tc.init_from)  # every rank, before any of them writes
+    check_out_dir(tc.out_dir, False, tc.overwrite, tc.init_from, resumable=False)  # every rank, before any writes
     info = start_run(config)
     if tc.overwrite:
         if info.rank == 0 and (replaced := clear_run(tc.out_dir)):

@@ -44,13 +44,17 @@ def run_files(out_dir: str | Path) -> list[str]:
     return found
 
 
-def check_out_dir(out_dir: str | Path, resume: bool, overwrite: bool, init_from: str | None = None) -> None:
-    """Refuse to start a fresh run over an existing one. Call on every rank before any rank writes."""
+def check_out_dir(
+    out_dir: str | Path, resume: bool, overwrite: bool, init_from: str | None = None, resumable: bool = True
+) -> None:
+    """Refuse to start a fresh run over an existing one. Call on every rank before any rank writes. ``resumable``:
+    whether the command can continue a run (the message offers --resume only then)."""
     found = run_files(out_dir)
     if found and not (resume or overwrite):
+        how = "continue it with --resume, or replace it" if resumable else "replace it"
         raise ValueError(
-            f"{str(out_dir)!r} already holds a run ({', '.join(found)}); continue it with --resume, or replace it "
-            "with --overwrite (or choose another --out)"
+            f"{str(out_dir)!r} already holds a run ({', '.join(found)}); {how} with --overwrite (or choose another "
+            "--out)"
         )
     source = Path(init_from).resolve() if init_from else None
     if overwrite and source and Path(out_dir).resolve() in (source, *source.parents):

@@ -439,8 +439,9 @@ def test_overwrite_replaces_the_older_run_and_an_existing_out_is_refused(bf16_ru
     checkpoints = bf16_run["out"] / "checkpoints"
     assert (checkpoints / "latest").read_text() == "step4" and not (checkpoints / "step6").exists()
     config = ADAK_CLI.resolve(["--checkpoint", str(topk_checkpoint), "--out", str(bf16_run["out"])])
-    with pytest.raises(ValueError, match="already holds a run"):
+    with pytest.raises(ValueError, match="already holds a run") as error:
         setup_run(config)
+    assert "replace it with --overwrite" in str(error.value) and "--resume" not in str(error.value)  # c2r-adak has none
 
 
 def test_unsupported_settings_are_refused_in_one_line(tmp_path):

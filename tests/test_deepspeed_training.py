@@ -134,6 +134,34 @@ def test_zero_stage_trains_and_resumes_like_an_uninterrupted_run(tmp_path, stage
         torch.testing.assert_close(weight, full[0]["experts"][key], rtol=1e-5, atol=1e-6)
 
 
+def batch_change_worker(rank, world, saved, here, ckpt_dir):
+    import logging
+
+    from c2r.deepspeed.checkpoint import check_same_size
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("c2r.deepspeed.checkpoint").addHandler(handler)
+    check_same_size(saved, here, Path(ckpt_dir), "step4")
+    return [record.getMessage() for record in records]
+
+
+def test_resume_with_other_data_or_seed_says_the_batches_change(tmp_path):
+    (tmp_path / "step4").mkdir()
+    saved = {"train": {"ep_size": 1, "batch_size": 4, "seed": 0}, "data": {"max_bytes": 8_000_000}, "world_size": 1}
+    same = {"train": {"ep_size": 1, "batch_size": 4, "seed": 0}, "data": {"max_bytes": None}}  # the same corpus
+    other = {"train": {"ep_size": 1, "batch_size": 4, "seed": 5}, "data": {"path": "my.txt"}}
+    ((quiet,),) = [run_distributed(batch_change_worker, 1, tmp_path / "a", saved, same, str(tmp_path))]
+    ((warned,),) = [run_distributed(batch_change_worker, 1, tmp_path / "b", saved, other, str(tmp_path))]
+    assert not [m for m in quiet if "other data or seed" in m]
+    assert [m for m in warned if "other data or seed" in m] == [
+        "resuming checkpoint step4 with other data or seed (train.seed=0 in the checkpoint, 5 here; data.path=None "
+        "in the checkpoint, my.txt here; data.max_bytes=8000000 in the checkpoint, None here): other batches and "
+        "another validation set than an uninterrupted run"
+    ]
+
+
 def resume_worker(rank, world, raw):
     try:
         train(config_from_dict(RunConfig, raw))

@@ -10,6 +10,7 @@ experts each logical expert's weights are saved once (``c2r.deepspeed.expert_fil
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import re
@@ -20,6 +21,7 @@ from typing import Any
 import torch.distributed as dist
 
 from c2r.config_utils import config_from_dict
+from c2r.data import EMBEDDED_MAX_BYTES, DataConfig
 from c2r.deepspeed.expert_files import check_expert_files, one_file_per_expert
 from c2r.deepspeed.setup import width_lr_scale
 from c2r.model import ModelConfig
@@ -115,7 +117,8 @@ def router_state_settings(model: dict[str, Any]) -> dict[str, Any]:
     switch routers): its kind, whether a batch-balance bias is kept, AdaMoE's null experts."""
     router = model.get("moe", {}).get("router", {})
     kind = router.get("kind", "topk")
-    settings = {"router": kind, "batch balance": kind == "topk" and router.get("balance", "none") in ("batch", "auto")}
+    balanced = router.get("balance", "none") in ("batch", "auto")  # Ada-K keeps its source top-k router's bias
+    settings = {"router": kind, "batch balance": kind in ("topk", "adak") and balanced}
     if kind == "adamoe":
         settings["adamoe.num_null_experts"] = router.get("adamoe", {}).get("num_null_experts")
     return settings
@@ -217,6 +220,26 @@ def check_same_size(saved: dict[str, Any], run_config: dict[str, Any], ckpt_dir:
             run_config["train"].get("batch_sampler"),
             saved_sampler,
         )
+    # The data and the seed decide the batches (and the validation set): resuming under others still trains, but
+    # neither the batches nor the validation losses then continue the saved run's.
+    saved_data, data = batch_source(saved), batch_source(run_config)
+    changed = _differences(saved_data, data, list(data))
+    if changed:
+        log.warning(
+            "resuming checkpoint %s with other data or seed (%s): other batches and another validation set than "
+            "an uninterrupted run",
+            tag,
+            "; ".join(changed),
+        )
+
+
+def batch_source(run_config: dict[str, Any]) -> dict[str, Any]:
+    """The settings that decide a run's batches besides their sizes: the seed and the data (the embedded corpus's
+    default cap as the number it stands for: runs saved before it was None recorded 8000000)."""
+    data = {**dataclasses.asdict(DataConfig()), **run_config.get("data", {})}
+    if data["path"] is None and data["max_bytes"] is None:
+        data["max_bytes"] = EMBEDDED_MAX_BYTES
+    return {"train.seed": run_config["train"].get("seed"), **{f"data.{k}": v for k, v in data.items()}}
 
 
 def recorded_layouts(run_config: dict[str, Any]) -> list[ExpertLayout]:
