@@ -44,6 +44,10 @@ class ModelConfig:
         )
         if self.d_model % self.n_head:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        if self.dense_ffn_hidden_size is not None and self.dense_ffn_hidden_size <= 0:
+            raise ValueError(
+                f"dense_ffn_hidden_size ({self.dense_ffn_hidden_size}) must be > 0, or null for 4 x d_model"
+            )
         if self.moe_every > self.n_layer:
             raise ValueError(f"moe_every ({self.moe_every}) > n_layer ({self.n_layer}) leaves no MoE layer")
 

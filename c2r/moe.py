@@ -86,7 +86,8 @@ class MoELayer(nn.Module):
                 f"input hidden size {x.shape[-1]} does not match the layer's hidden size "
                 f"{self.hidden_size} (input shape {tuple(x.shape)})"
             )
-        x_TD = x.reshape(-1, self.hidden_size)
+        # Contiguous: MegaBlocks' gather kernels take rows as D elements apart (a slice of a wider tensor is not).
+        x_TD = x.reshape(-1, self.hidden_size).contiguous()
         routing = self.router(x_TD)
         backend = self.backend_for(x_TD)
         if self.dispatcher is None:

@@ -332,3 +332,10 @@ def test_zero0_bf16_clips_by_the_whole_models_norm(tmp_path):
     zero0, zero2, deepspeeds_own = run_distributed(clip_norm_worker, 1, tmp_path / "ranks", runs)[0]
     assert zero0 == pytest.approx(zero2, rel=1e-6)  # the same gradients, the same norm
     assert deepspeeds_own < 0.995 * zero2  # DeepSpeed's own: the experts' share is missing (1.487 vs 1.500 here)
+
+
+@pytest.mark.parametrize("width", [0, -4])
+def test_a_dense_ffn_width_that_is_not_positive_is_refused(width):
+    # 0 was silently 4 x d_model, a negative width a traceback inside nn.Linear
+    with pytest.raises(ValueError, match=rf"dense_ffn_hidden_size \({width}\) must be > 0, or null for 4 x d_model"):
+        ModelConfig(moe_every=2, dense_ffn_hidden_size=width)

@@ -154,7 +154,8 @@ def test_auto_backend_falls_back_to_torch_on_cpu():
 def test_torch_grouped_mm_refuses_unaligned_shapes_clearly():
     experts = ExpertWeights(4, 10, 6, "gelu")  # 10 floats = 40 bytes: not a multiple of 16
     routing = random_routing(8, 2, 4)
-    with pytest.raises(RuntimeError, match="torch_impl='grouped_mm' has no kernel here.*hidden 10, ffn 6"):
+    # a ValueError: c2r-train prints it as one line (a RuntimeError was a traceback)
+    with pytest.raises(ValueError, match="torch_impl='grouped_mm' has no kernel here.*hidden 10, ffn 6"):
         build_backend("torch", ExpertConfig(torch_impl="grouped_mm"))(torch.randn(8, 10), routing, experts)
     # auto falls back to the loop and still matches the reference
     x = torch.randn(8, 10)
@@ -185,3 +186,30 @@ def test_auto_backend_is_torch_on_the_cpu_whatever_the_shape():
     cpu = torch.device("cpu")
     assert resolve_expert_config(ExpertConfig(), cpu, torch.float32, shape).backend == "torch"
     assert resolve_expert_config(ExpertConfig(backend="reference"), cpu, torch.float32, shape).backend == "reference"
+
+
+def test_the_reference_backend_runs_under_autocast():
+    # DeepSpeed's torch_autocast: float32 input, bf16 expert rows; the ground truth must still run (it failed in
+    # index_add on the mixed dtypes).
+    experts = ExpertWeights(4, 16, 8, "swiglu")
+    routing = random_routing(12, 2, 4)
+    x = torch.randn(12, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = build_backend("reference", ExpertConfig())(x, routing, experts)
+        want = build_backend("torch", ExpertConfig(torch_impl="loop"))(x, routing, experts)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_the_layer_hands_its_backend_contiguous_rows():
+    # MegaBlocks' gather kernels read rows D elements apart: a slice of a wider tensor must reach them copied.
+    seen = []
+
+    def spy(x_TD, routing, experts):
+        seen.append(x_TD.is_contiguous())
+        return torch.zeros_like(x_TD)
+
+    layer = MoELayer(16, MoEConfig(num_experts=4, top_k=2, ffn_hidden_size=8))
+    layer.backend_for = lambda x_TD: spy
+    wide = torch.randn(2, 3, 32)
+    layer(wide[..., :16])
+    assert seen == [True]

@@ -14,6 +14,7 @@ last).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -31,6 +32,7 @@ GPU_INSTALL_HINT = (
 )
 
 
+@functools.cache  # asked at every layer's forward under backend "auto"; a failing import is retried each time
 def megablocks_unavailable_reason() -> str | None:
     """None when MegaBlocks' grouped path can run here, else why not (a sentence naming what to do)."""
     if not torch.cuda.is_available():
@@ -116,6 +118,7 @@ class MegaBlocksBackend:
         import megablocks.ops as mops
 
         self._check_input(x_TD)
+        x_TD = x_TD.contiguous()  # its gather kernels read rows D elements apart
         num_tokens, top_k = routing.expert_ids_TK.shape
         num_experts = experts.num_experts
         if self.impl == "grouped_mm":

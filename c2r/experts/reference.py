@@ -34,5 +34,5 @@ class ReferenceBackend:
                 continue
             y_AD = experts.expert_mlp(x_TD[token_A], e)
             w_A1 = routing.weights_TK[token_A, slot_A].to(y_AD.dtype).unsqueeze(1)
-            out_TD = out_TD.index_add(0, token_A, y_AD * w_A1)
+            out_TD = out_TD.index_add(0, token_A, (y_AD * w_A1).to(out_TD.dtype))  # autocast: bf16 rows, fp32 out
         return out_TD

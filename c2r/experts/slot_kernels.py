@@ -18,6 +18,7 @@ Shape legend: the package legend (``c2r/__init__.py``), and Z rows of K slots, P
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -81,6 +82,12 @@ def _sum_slots_backward_kernel(
         tl.store(grad_w_ptr + flat, tl.sum(dot, axis=0).to(grad_w_ptr.dtype.element_ty))
 
 
+def on_device_of(tensor: torch.Tensor):
+    """Triton launches on the current GPU, whichever holds the tensors: make it the tensor's (CPU tensors, under
+    Triton's interpreter: nothing to do)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 def _block_d(num_slots: int, D: int) -> int:
     return max(16, min(triton.next_power_of_2(D), _TILE // triton.next_power_of_2(num_slots), 1024))
 
@@ -98,10 +105,11 @@ def sum_slots_forward(
     if y_PD.shape[0] == 0:
         return out_ZD.zero_()
     weights = weights_ZK.contiguous() if weights_ZK is not None else valid_ZK  # unread without weights
-    _sum_slots_kernel[(Z,)](
-        y_PD.contiguous(), inverse_ZK.contiguous(), valid_ZK.contiguous().view(torch.uint8), weights, out_ZD, D,
-        K=K, K_POW2=triton.next_power_of_2(K), HAS_W=weights_ZK is not None, BLOCK_D=_block_d(K, D),
-    )  # fmt: skip
+    with on_device_of(y_PD):
+        _sum_slots_kernel[(Z,)](
+            y_PD.contiguous(), inverse_ZK.contiguous(), valid_ZK.contiguous().view(torch.uint8), weights, out_ZD, D,
+            K=K, K_POW2=triton.next_power_of_2(K), HAS_W=weights_ZK is not None, BLOCK_D=_block_d(K, D),
+        )  # fmt: skip
     return out_ZD
 
 
@@ -122,9 +130,10 @@ def sum_slots_backward(
     if P == 0:
         return grad_y_PD, grad_w_ZK
     weights = weights_ZK.contiguous() if weights_ZK is not None else flat_P  # unread without weights
-    _sum_slots_backward_kernel[(P,)](
-        grad_ZD.contiguous(), y_PD.contiguous() if want_grad_w else grad_ZD, row_P.contiguous(), flat_P.contiguous(),
-        weights, grad_y_PD, grad_w_ZK if want_grad_w else grad_y_PD, D,
-        HAS_W=weights_ZK is not None, WANT_GRAD_W=want_grad_w, BLOCK_D=min(triton.next_power_of_2(D), 1024),
-    )  # fmt: skip
+    with on_device_of(grad_ZD):
+        _sum_slots_backward_kernel[(P,)](
+            grad_ZD.contiguous(), y_PD.contiguous() if want_grad_w else grad_ZD, row_P.contiguous(),
+            flat_P.contiguous(), weights, grad_y_PD, grad_w_ZK if want_grad_w else grad_y_PD, D,
+            HAS_W=weights_ZK is not None, WANT_GRAD_W=want_grad_w, BLOCK_D=min(triton.next_power_of_2(D), 1024),
+        )  # fmt: skip
     return grad_y_PD, grad_w_ZK

@@ -95,7 +95,7 @@ class TorchBackend:
         supported = grouped_mm_supported(x, experts)
         if self.impl == "grouped_mm":
             if not supported:
-                raise RuntimeError(
+                raise ValueError(
                     f"torch_impl='grouped_mm' has no kernel here: device {x.device}, dtype {x.dtype}, hidden "
                     f"{experts.hidden_size}, ffn {experts.ffn_hidden_size} (needs bf16 on sm90+ GPUs or float32 on "
                     "the CPU, and sizes whose rows are multiples of 16 bytes); use torch_impl='auto'"
