@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 STAMP  := $(BIN)/.c2r-installed
 
-.PHONY: setup demo test test-gpu mpi lint format clean
+.PHONY: setup demo test test-gpu mpi lint format clean device-wheels
 
 setup: $(STAMP)
 
@@ -27,6 +27,13 @@ demo: setup
 # mpi4py for `launch/mpirun.sh`; needs OpenMPI (Debian: apt-get install openmpi-bin libopenmpi-dev).
 mpi: setup
 	$(BIN)/python -m pip install -q $(FIND_LINKS) "mpi4py>=3.1"
+
+# An offline GPU host (Python 3.12) lacks Mt-KaHyPar, which the plans of the GPU run scripts need: fetch its wheel
+# here into .device/wheels (which .device/setup.sh installs there), then carry .device with the call.
+MTKAHYPAR ?= mtkahypar==1.7.post1
+device-wheels: setup
+	$(BIN)/python -m pip download -q --only-binary=:all: --no-deps --python-version 3.12 \
+		--platform manylinux_2_28_x86_64 -d .device/wheels "$(MTKAHYPAR)"
 
 test: setup
 	$(BIN)/python -m pytest $(ARGS)

@@ -31,7 +31,7 @@ GPN=$((NGPU / 2))  # GPUs per virtual node for per-node dispatch
 [ "$SMOKE" = 1 ] && [ -x .venv/bin/python ] && export PATH=$PWD/.venv/bin:$PATH  # make setup's venv
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 # the plans (ep_bench's planned and capped layouts, c2r-place plan) need Mt-KaHyPar: say so before any GPU minute
-python -c "import mtkahypar" 2>/dev/null || { echo "multi_gpu_runs.sh: mtkahypar is not importable (pip install mtkahypar; on an offline GPU host put its wheel in .device/wheels)" >&2; exit 2; }
+python -c "import mtkahypar" 2>/dev/null || { echo "multi_gpu_runs.sh: mtkahypar is not importable (pip install mtkahypar; for an offline GPU host run \`make device-wheels\` before the call)" >&2; exit 2; }
 OUT=${OUT:-runs/multi_gpu/$PART}; mkdir -p "$OUT"
 S=$(date +%s)
 left() { echo $((570 - $(date +%s) + S)); }  # seconds left of a 10-minute call
