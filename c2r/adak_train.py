@@ -53,6 +53,7 @@ from c2r.run_setup import (
     TrainOnly,
     batch_samplers,
     build_engine,
+    check_same_corpus,
     flatten,
     global_mean,
     merge,
@@ -389,6 +390,7 @@ def setup_run(config: AdaKRunConfig) -> AdaKRun:
             log.info("--overwrite: deleted the previous run's %s in %s", ", ".join(replaced), tc.out_dir)
         dist.barrier()
     corpus = load_corpus(config.data)
+    check_same_corpus(corpus)
     engine = build_engine(config, info.device, TrainOnly("allocators", allocators))
     routers = adak_routers(engine.module)
     run_config = run_config_record(config, engine.module)

@@ -24,6 +24,7 @@ import os
 import sys
 import time
 import typing
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -647,6 +648,25 @@ def batch_samplers(
     )
     val = BatchSampler(corpus.val, block, tc.batch_size, seed=tc.seed + VAL_SEED_OFFSET, **slice_of)
     return train, val
+
+
+def check_same_corpus(corpus: Corpus) -> None:
+    """Every rank slices one global batch out of its own copy of the text: refuse, in one line, ranks whose copy
+    differs from rank 0's (another Python's standard library on another node, --data files that differ between
+    nodes). A CRC of the tokens, gathered once at the start."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    digest = (len(corpus.train), len(corpus.val), zlib.crc32(corpus.train.tobytes()), zlib.crc32(corpus.val.tobytes()))
+    digests: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest)
+    other = [rank for rank, d in enumerate(digests) if d != digests[0]]
+    if other:
+        (train, val, *_), (train0, val0, *_) = digests[other[0]], digests[0]
+        raise ValueError(
+            f"ranks {other} loaded another text than rank 0 from {corpus.source} (rank {other[0]}: {train} training "
+            f"and {val} validation tokens, rank 0: {train0} and {val0}, or the same counts of other tokens): every "
+            "node needs the same data (the same Python for the embedded corpus, the same --data files)"
+        )
 
 
 def check_splits_fit(corpus: Corpus, val_every: int, block_size: int) -> None:

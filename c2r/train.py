@@ -35,6 +35,7 @@ from c2r.run_setup import (
     Shorthand,
     batch_samplers,
     build_engine,
+    check_same_corpus,
     corpus_tokenizer,
     global_mean,
     hidden_lr_scale,
@@ -131,6 +132,7 @@ def train(config: RunConfig) -> dict[str, Any]:
                          kept, step)  # fmt: skip
             dist.barrier()  # every rank, before any of them opens the new profile
         corpus = load_corpus(config.data, corpus_tokenizer(config), progress=is_main)
+        check_same_corpus(corpus)
         # The all-to-all profiler exists before the engine: each dispatcher is built with its observer.
         use_cuda = info.device.type == "cuda"
         comm = open_comm_profiler(out_dir / "profile", config.profile, num_moe_layers(config), use_cuda)

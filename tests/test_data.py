@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from c2r.data import EMBEDDED_MAX_BYTES, BatchSampler, ByteTokenizer, DataConfig, load_corpus, user_documents
-from c2r.run_setup import check_splits_fit
+from c2r.run_setup import check_same_corpus, check_splits_fit
 
 
 def test_embedded_corpus_is_real_text_with_disjoint_validation_files():
@@ -92,3 +92,31 @@ def test_a_split_too_short_for_the_model_says_which_split_and_what_would_fix_it(
     )
     with pytest.raises(ValueError, match=r"the training split of .* has 1900 tokens, too few .*model.block_size 4096"):
         check_splits_fit(corpus, 20, 4096)
+
+
+def corpus_check_worker(rank, world, differ):
+    import numpy as np
+
+    from c2r.data import Corpus
+
+    tokens = np.arange(1000, dtype=np.uint8)
+    if differ and rank == 1:
+        tokens[500] += 1  # same length, one token different: a node with another copy of the files
+    try:
+        check_same_corpus(Corpus(train=tokens, val=tokens[:100], source="my_corpus/", num_documents=3))
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def test_ranks_that_loaded_different_text_are_refused(tmp_path):
+    from tests.distributed import run_distributed
+
+    assert run_distributed(corpus_check_worker, 2, tmp_path / "same", False) == [None, None]
+    messages = run_distributed(corpus_check_worker, 2, tmp_path / "other", True)
+    expected = (
+        "ranks [1] loaded another text than rank 0 from my_corpus/ (rank 1: 1000 training and 100 validation "
+        "tokens, rank 0: 1000 and 100, or the same counts of other tokens): every node needs the same data (the "
+        "same Python for the embedded corpus, the same --data files)"
+    )
+    assert messages == [expected, expected]
