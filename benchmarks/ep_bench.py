@@ -11,13 +11,25 @@ forward (torch's CUDA sync debug mode; 0 on CPUs), peak memory (CUDA only).
 
 Routing: ``synthetic`` feeds every contender that accepts a routing the same structured routing
 (placement/synthetic.py: Zipf popularity, clustered co-activation, so that placement matters); ``router`` lets each
-layer route with its own top-k router (c2r's, MegaBlocks', DeepSpeed's gate). The planned placement is planned by
-placement's planner (Mt-KaHyPar, or ``--plan-method``) from a separate synthetic sample of the same structure; the
-capped one is planned the same way under a load cap (every rank's load on the sample at most 1.10 x the mean, as
-``c2r-place plan --max-load 1.10``); the replicated one keeps the planned homes and adds 2 replica slots per rank for
-the sample's hottest experts (the skewed-load case replication is for: placement/replicate.py); the balanced one
-gives every expert a partner copy (P = 2E, as ``c2r-place plan --replicas 2E``) and dispatches with
-``copy_choice="balanced"`` (shares that level the ranks per batch: c2r/parallel/replicas.py).
+layer route with its own top-k router (c2r's, MegaBlocks', DeepSpeed's gate; DeepSpeed's top-2 without its default
+Gumbel sampling of the second expert, so that every contender routes top-k). The planned placement is planned by
+placement's planner (Mt-KaHyPar, or ``--plan-method``) from a separate synthetic sample of the same structure (at
+most ``--plan-tokens`` tokens, seed 1; the measured routing uses seed 0); the capped one is planned the same way
+under a load cap (every rank's load on the sample at most 1.10 x the mean, as ``c2r-place plan --max-load 1.10``);
+the replicated one keeps the planned homes and adds 2 replica slots per rank for the sample's hottest experts (the
+skewed-load case replication is for: placement/replicate.py); the balanced one gives every expert a partner copy (P
+= 2E, as ``c2r-place plan --replicas 2E``) and dispatches with ``copy_choice="balanced"`` (shares that level the
+ranks per batch: c2r/parallel/replicas.py). Only the layouts a requested contender uses are planned, on rank 0 (the
+seconds each took go to stderr). These plans are made from the synthetic routing, so their rows run under
+``synthetic`` routing only (under ``router`` they are reported as skipped, with the reason). A planner that fails
+stops the run in one line when ``--plan-method`` was given; without it, ep_bench warns on stderr, plans with the
+greedy method and says so in the table's plan column.
+
+Output: each row is printed as it completes (``row | ...`` on stdout, flushed) and ``--json`` is rewritten after
+every contender (``"complete": false`` until the end), so a run cut short keeps what it measured; the whole table is
+printed at the end. With ``--gpus-per-node`` below the world size, "inter-node KiB/token" is what crosses nodes; on
+per-node rows "copies/token" and "remote KiB/token" add both stages (the network hop and the hop within the node),
+so compare their inter-node column with the other modes'.
 
 Contenders (``--contenders``, default all):
     c2r-{per-expert,per-rank,per-node}-{contiguous,planned,capped,replicated,balanced}   (per-node: nodes of
@@ -28,7 +40,8 @@ Contenders (``--contenders``, default all):
     single-device       the layer with all E experts on each rank, its own tokens only (no expert parallelism)
     raw-all-to-all      four all_to_all_single of T*k rows (what per-expert dispatch moves per step), evenly split
     megablocks-dmoe-ep  megablocks.layers.dmoe.dMoE with expert_parallel_group (GPU only)
-    deepspeed-moe-ep    deepspeed.moe.layer.MoE with ep_size N, drop_tokens=False (its own gate: router routing only)
+    deepspeed-moe-ep    deepspeed.moe.layer.MoE with ep_size N, drop_tokens=False, top2_2nd_expert_sampling=False
+                        (its own gate: router routing only)
 A contender that cannot run here (no GPU, a package missing, a routing it cannot take) is reported as skipped with the
 reason.
 
@@ -48,13 +61,14 @@ Shape legend: the package legend (c2r/__init__.py): T tokens per rank, D hidden,
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -70,7 +84,7 @@ from c2r.experts.slot_rows import count_keys  # noqa: E402
 from c2r.moe import MoEConfig, MoELayer  # noqa: E402
 from c2r.parallel import build_dispatcher, local_expert_weights, shard_experts  # noqa: E402
 from c2r.routing import RouterConfig, RoutingResult  # noqa: E402
-from placement.inputs import routing_from_expert_ids  # noqa: E402
+from placement.inputs import LayerRouting, routing_from_expert_ids  # noqa: E402
 from placement.layout import ExpertLayout  # noqa: E402
 from placement.methods import plan_layer, plan_placement  # noqa: E402
 from placement.replicate import replicate_layer  # noqa: E402
@@ -87,6 +101,12 @@ C2R_CONTENDERS = [
 REPLICA_SLOTS_PER_RANK = 2  # the replicated layout: the planned homes + 2 replica slots per rank (P = E + 2 R)
 REPLICA_TARGET = 1.05  # rank load max/mean the replicas aim for on the planning sample (c2r-place plan --max-load)
 LOAD_CAP = 1.10  # the capped layout's rank load max/mean on the planning sample (c2r-place plan's default --max-load)
+PLAN_LAYOUTS = ("planned", "capped", "replicated", "balanced")  # planned on rank 0 from a synthetic sample
+DEFAULT_PLAN_METHOD = "kahypar"
+# Planning tokens: on 8 ranks every layout planned on all 8 x 16384 tokens took 136 s (DeepSeek-like) and 195 s
+# (Qwen3-like) of one CPU core; on 32768 tokens 2-4 s to plan, 8-9 s to cap, 11-16 s for E + 2R slots and 18-30 s for
+# 2E, with plans as good on the measured routing (docs/benchmarks.md)
+PLAN_TOKENS = 32768
 OVERLAP_CHUNKS = (2, 4)  # c2r/parallel/overlap.py: per-expert and per-rank dispatch in C chunks
 C2R_CONTENDERS += [
     f"c2r-{mode}-{layout}-overlap{chunks}"
@@ -165,6 +185,7 @@ class Contender:
     step: Callable[[torch.Tensor], torch.Tensor]  # x_TD -> out_TD
     params: list[torch.Tensor]  # gradients reset between steps
     clock: ExchangeClock | None = None
+    info: dict = field(default_factory=dict)  # settings worth keeping in the row (e.g. DeepSpeed's gate)
 
 
 # ---- routing and placement ---------------------------------------------------------------------------------------
@@ -182,42 +203,84 @@ def synthetic_routing(cfg: EPConfig, rank: int, world: int, device, seed: int) -
     )
 
 
-def planned_layouts(
-    cfg: EPConfig, world: int, method: str, nodes: int = 1
-) -> tuple[ExpertLayout, ExpertLayout, ExpertLayout | None, ExpertLayout | None, str]:
-    """The planned layout, the plan under the load cap ``LOAD_CAP``, and the planned homes with replicas, planned
-    on rank 0 from a separate sample (seed 1; the benchmark's routing uses seed 0) and broadcast; with ``nodes`` > 1
-    the two-level plan (nodes, then ranks). The replicas (``REPLICA_SLOTS_PER_RANK`` per rank,
-    placement/replicate.py) bring the sample's skewed rank load toward ``REPLICA_TARGET``, as ``c2r-place plan
-    --replicas`` would; the fourth layout has 2E slots (every expert twice, for the balanced copy choice); both None
-    on one rank."""
+def plan_sample(cfg: EPConfig, world: int, max_tokens: int) -> LayerRouting:
+    """The planning sample: min(world x T, ``max_tokens``) tokens of the benchmark's synthetic routing structure,
+    drawn with seed 1 (the measured routing uses seed 0)."""
+    ids = synthetic_expert_ids(min(world * cfg.T, max_tokens), cfg.E, cfg.K, seed=1, structure_seed=STRUCTURE_SEED)
+    return routing_from_expert_ids(ids, cfg.E)
+
+
+def plan_layouts(
+    sample: LayerRouting, cfg: EPConfig, world: int, nodes: int, method: str, needed: set[str]
+) -> tuple[dict[str, list | None], dict[str, float]]:
+    """The ``needed`` layouts (of ``PLAN_LAYOUTS``) planned on ``sample`` with ``method``, as JSON, and the seconds
+    each took. planned: the plan (with ``nodes`` > 1 the two-level one: nodes, then ranks); capped: the plan under
+    ``LOAD_CAP``; replicated: the planned homes + ``REPLICA_SLOTS_PER_RANK`` replica slots per rank toward
+    ``REPLICA_TARGET`` (as ``c2r-place plan --replicas``); balanced: the homes with 2E slots (every expert twice).
+    Replicas are None on one rank (it holds every expert already)."""
+    saved: dict[str, list | None] = {}
+    seconds: dict[str, float] = {}
+    homes = None
+    if needed & {"planned", "replicated", "balanced"}:
+        begin = time.perf_counter()
+        homes = ExpertLayout(tuple(plan_layer(sample, world, nodes, method=method).tolist()), world)
+        saved["planned"], seconds["planned"] = homes.to_json(), time.perf_counter() - begin
+    if "capped" in needed:
+        begin = time.perf_counter()
+        capped = plan_placement([sample], world, nodes, method=method, max_load=LOAD_CAP, progress=False)[0]
+        saved["capped"], seconds["capped"] = capped.to_json(), time.perf_counter() - begin
+    for name, slots in (("replicated", cfg.E + REPLICA_SLOTS_PER_RANK * world), ("balanced", 2 * cfg.E)):
+        if name in needed:
+            begin = time.perf_counter()
+            replicas = replicate_layer(sample, homes, slots, REPLICA_TARGET) if world > 1 else None
+            saved[name], seconds[name] = replicas and replicas.to_json(), time.perf_counter() - begin
+    return saved, seconds
+
+
+def plan_on_rank0(cfg: EPConfig, world: int, nodes: int, needed: set[str], args) -> tuple[dict, str, str | None]:
+    """(layouts as JSON, the method that planned them, the line that stops the run or None). A planner named with
+    ``--plan-method`` that fails stops the run: its rows under another plan's name would mislead; the default one
+    falls back to greedy (which needs no package), with a warning, and the label says so."""
+    method = args.plan_method or DEFAULT_PLAN_METHOD
+    sample = plan_sample(cfg, world, args.plan_tokens)
+    try:
+        saved, seconds = plan_layouts(sample, cfg, world, nodes, method, needed)
+        used = method
+    except Exception as error:  # e.g. mtkahypar missing on this machine
+        why = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+        if args.plan_method:
+            return {}, method, f"ep_bench: --plan-method {method} failed on {cfg.name}: {why}"
+        print(f"ep_bench: WARNING: the {method} planner failed on {cfg.name} ({why}); planning with greedy instead",
+              file=sys.stderr, flush=True)  # fmt: skip
+        saved, seconds = plan_layouts(sample, cfg, world, nodes, "greedy", needed)
+        used = f"greedy ({method} failed)"
+    took = ", ".join(f"{name} {s:.1f} s" for name, s in seconds.items())
+    print(f"ep_bench: {cfg.name}: planned on {sample.num_tokens} synthetic tokens ({used}): {took}",
+          file=sys.stderr, flush=True)  # fmt: skip
+    return saved, used, None
+
+
+def planned_layouts(cfg: EPConfig, world: int, nodes: int, needed: set[str], args) -> tuple[dict, str]:
+    """The ``needed`` layouts (`plan_on_rank0`, broadcast to every rank) and the method that planned them."""
     box: list = [None]
     if dist.get_rank() == 0:
-        sample = routing_from_expert_ids(
-            synthetic_expert_ids(world * cfg.T, cfg.E, cfg.K, seed=1, structure_seed=STRUCTURE_SEED), cfg.E
-        )
-        try:
-            expert_to_rank, used = plan_layer(sample, world, nodes, method=method).tolist(), method
-        except Exception as error:  # e.g. mtkahypar missing on this machine: the greedy planner needs nothing
-            expert_to_rank, used = (
-                plan_layer(sample, world, nodes, method="greedy").tolist(),
-                f"greedy ({method}: {error})",
-            )
-        homes = ExpertLayout(tuple(expert_to_rank), world)
-        capped_method = used if used == method else "greedy"
-        capped = plan_placement([sample], world, nodes, method=capped_method, max_load=LOAD_CAP, progress=False)[0]
-        replicated = twice = None  # one rank holds every expert once: there is nowhere to put a copy
-        if world > 1:
-            replicated = replicate_layer(sample, homes, cfg.E + REPLICA_SLOTS_PER_RANK * world, REPLICA_TARGET)
-            twice = replicate_layer(sample, homes, 2 * cfg.E, REPLICA_TARGET)
-        saved = (replicated and replicated.to_json(), twice and twice.to_json())
-        box[0] = (expert_to_rank, capped.expert_to_rank, *saved, used)
+        box[0] = plan_on_rank0(cfg, world, nodes, needed, args)
     dist.broadcast_object_list(box, src=0)
-    expert_to_rank, capped, replicated, twice, used = box[0]
-    replicated = replicated and ExpertLayout.from_json(replicated, world, cfg.E)
-    twice = twice and ExpertLayout.from_json(twice, world, cfg.E)
-    layouts = (ExpertLayout(tuple(expert_to_rank), world), ExpertLayout(tuple(capped), world))
-    return *layouts, replicated, twice, used
+    saved, used, failed = box[0]
+    if failed:
+        stop_run(failed)
+    layouts = {name: data and ExpertLayout.from_json(data, world, cfg.E) for name, data in saved.items()}
+    return layouts, used
+
+
+def stop_run(line: str) -> None:
+    """Every rank ends the run, rank 0 saying why in ``line`` (rc 2): what was measured before is in --json."""
+    if dist.get_rank() == 0:
+        print(line, file=sys.stderr, flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(2)
 
 
 # ---- contenders --------------------------------------------------------------------------------------------------
@@ -394,6 +457,13 @@ def build_deepspeed_ep(cfg, device, dtype, args, routing) -> Contender:
         from c2r.deepspeed.setup import release_shm_buffer
     except ImportError as error:
         raise Skip(f"deepspeed is not importable ({error})") from None
+    # DeepSpeed's top-2 gate draws the second expert with Gumbel noise by default (top2_2nd_expert_sampling):
+    # another routing each step, and other capacities, than the top-k every other contender runs
+    deterministic = {"top2_2nd_expert_sampling": False}
+    if "top2_2nd_expert_sampling" not in inspect.signature(MoE).parameters:
+        if cfg.K == 2:
+            raise Skip(f"deepspeed {deepspeed.__version__}'s MoE always samples its second expert (top-2)")
+        deterministic = {}
     deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
     release_shm_buffer()  # on CPU ranks of one machine DeepSpeed maps a shared buffer a rank; don't leave its name
     torch.manual_seed(args.seed)
@@ -412,14 +482,19 @@ def build_deepspeed_ep(cfg, device, dtype, args, routing) -> Contender:
             k=cfg.K,
             drop_tokens=False,
             use_rts=False,
+            **deterministic,
         ).to(dtype)
     layer.set_deepspeed_parallelism()
-    return Contender(lambda x: layer(x)[0], list(layer.parameters()))
+    gate = layer.deepspeed_moe.gate
+    info = {"k": gate.k, "drop_tokens": gate.drop_tokens, "top2_2nd_expert_sampling": gate.top2_2nd_expert_sampling}
+    return Contender(lambda x: layer(x)[0], list(layer.parameters()), info={"deepspeed_gate": info})
 
 
 def build(name: str, cfg, device, dtype, args, routing, layouts) -> Contender:
     if name.startswith("c2r-"):
         mode, layout, chunks = parse_c2r(name)
+        if layout in PLAN_LAYOUTS and routing is None:
+            raise Skip(f"the {layout} layout is planned from synthetic routing, not this router's: synthetic only")
         if layouts[layout] is None:
             raise Skip("replicas need 2+ ranks (one rank already holds every expert)")
         copy_choice = "balanced" if layout == "balanced" else "rule"
@@ -519,18 +594,37 @@ def measure(contender: Contender, x: torch.Tensor, grad_out: torch.Tensor, args)
         result.update(all_to_all_ms=a2a, all_to_all_share=a2a / result["ms_median"])
     meta = contender.clock.meta if contender.clock is not None else None
     if meta is not None:
-        sent = sum(meta.send_splits)
-        copies, remote, tokens = reduce_over_ranks([sent, sent - meta.send_splits[meta.ep_rank], meta.num_tokens])
-        # each rank's expert work: the (token, expert) pairs it computes; the step waits for the busiest rank
-        load_R = [0.0] * dist.get_world_size()
-        load_R[dist.get_rank()] = float(meta.tokens_per_local_expert_X.sum())
-        load_R = reduce_over_ranks(load_R)
-        result.update(
-            copies_per_token=copies / tokens,
-            remote_bytes_per_token=remote * meta.bytes_per_row / tokens,
-            rank_load_max_mean=max(load_R) / (sum(load_R) / len(load_R)),
-        )
+        result.update(sent_counts(meta, args.gpus_per_node))
     return result
+
+
+def sent_counts(meta, gpus_per_node: int | None) -> dict:
+    """What the last forward's dispatch sent, over all ranks: copies and remote bytes per token (per-node: both
+    stages added), the ranks' expert load max/mean and, with nodes of ``gpus_per_node`` ranks, the copies and bytes
+    per token that crossed nodes (per-node: its network stage alone)."""
+    sent, world = sum(meta.send_splits), len(meta.send_splits)
+    node_of = (lambda r: r // gpus_per_node) if gpus_per_node and gpus_per_node < world else None
+    inter = sum(n for r, n in enumerate(meta.send_splits) if node_of and node_of(r) != node_of(meta.ep_rank))
+    copies, remote, crossed, tokens = reduce_over_ranks(
+        [sent, sent - meta.send_splits[meta.ep_rank], inter, meta.num_tokens]
+    )
+    # each rank's expert work: the (token, expert) pairs it computes; the step waits for the busiest rank
+    load_R = [0.0] * world
+    load_R[meta.ep_rank] = float(meta.tokens_per_local_expert_X.sum())
+    load_R = reduce_over_ranks(load_R)
+    counts = {
+        "copies_per_token": copies / tokens,
+        "remote_bytes_per_token": remote * meta.bytes_per_row / tokens,
+        "rank_load_max_mean": max(load_R) / (sum(load_R) / len(load_R)),
+    }
+    if meta.mode == "per-node":
+        counts["counts"] = "both stages"  # copies and remote bytes: the network hop and the hop within the node
+    if node_of:
+        counts.update(
+            inter_node_copies_per_token=crossed / tokens,
+            inter_node_bytes_per_token=crossed * meta.bytes_per_row / tokens,
+        )
+    return counts
 
 
 def profile(contender: Contender, x: torch.Tensor, grad_out: torch.Tensor, title: str, row: dict, args) -> None:
@@ -551,35 +645,68 @@ def profile(contender: Contender, x: torch.Tensor, grad_out: torch.Tensor, title
 
 # ---- report ------------------------------------------------------------------------------------------------------
 
+COLUMNS = (
+    "| config | routing | contender | plan | ms | min-max | rounds | copies/token | remote KiB/token "
+    "| inter-node KiB/token | rank load max/mean | a2a ms | a2a share | host syncs/fwd | peak GiB |"
+)
 
-def fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+
+def fmt(value, spec: str, scale: float = 1.0) -> str:
+    return "-" if value is None else format(value / scale, spec)
+
+
+def table_row(r: dict) -> str:
+    """One row of the markdown table (``COLUMNS``)."""
+    head = f"| {r['config']} | {r['routing']} | {r['contender']} | {r.get('plan', '-')} |"
+    if "skipped" in r or "error" in r:
+        why = "skipped: " + r["skipped"] if "skipped" in r else "error: " + r["error"]
+        return f"{head} {why} |" + " |" * 10
+    return (
+        f"{head} {r['ms_median']:.2f} | {r['ms_min']:.2f}-{r['ms_max']:.2f} | "
+        f"{' / '.join(f'{m:.2f}' for m in r['round_medians'])} | {fmt(r.get('copies_per_token'), '.2f')} | "
+        f"{fmt(r.get('remote_bytes_per_token'), '.1f', 1024)} | "
+        f"{fmt(r.get('inter_node_bytes_per_token'), '.1f', 1024)} | "
+        f"{fmt(r.get('rank_load_max_mean'), '.2f')} | {fmt(r.get('all_to_all_ms'), '.2f')} | "
+        f"{fmt(r.get('all_to_all_share'), '.0%')} | {r['host_syncs_per_forward']} | {fmt(r['peak_gib'], '.2f')} |"
+    )
 
 
 def markdown(rows: list[dict], args) -> str:
-    lines = [
+    notes = [
         f"ms: median of {args.rounds} x {args.iters} steps (slowest rank), forward + backward; min-max; round medians",
-        "",
-        "| config | routing | contender | ms | min-max | rounds | copies/token | remote KiB/token | rank load max/mean "
-        "| a2a ms | a2a share | host syncs/fwd | peak GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "per-node rows: copies/token and remote KiB/token add both stages (the network hop, then within the node); "
+        "inter-node KiB/token (with --gpus-per-node) is what crosses nodes in every mode",
     ]
-    for r in rows:
-        head = f"| {r['config']} | {r['routing']} | {r['contender']} |"
-        if "skipped" in r or "error" in r:
-            lines.append(
-                f"{head} {'skipped: ' + r['skipped'] if 'skipped' in r else 'error: ' + r['error']} |" + " |" * 9
-            )
-            continue
-        kib = r.get("remote_bytes_per_token")
-        lines.append(
-            f"{head} {r['ms_median']:.2f} | {r['ms_min']:.2f}-{r['ms_max']:.2f} | "
-            f"{' / '.join(f'{m:.2f}' for m in r['round_medians'])} | {fmt(r.get('copies_per_token'), '.2f')} | "
-            f"{fmt(kib / 1024 if kib is not None else None, '.1f')} | {fmt(r.get('rank_load_max_mean'), '.2f')} | "
-            f"{fmt(r.get('all_to_all_ms'), '.2f')} | "
-            f"{fmt(r.get('all_to_all_share'), '.0%')} | {r['host_syncs_per_forward']} | {fmt(r['peak_gib'], '.2f')} |"
-        )
-    return "\n".join(lines)
+    return "\n".join([*notes, "", COLUMNS, "|---" * COLUMNS.count(" |") + "|", *map(table_row, rows)])
+
+
+class Report:
+    """Rank 0's rows: each printed as it completes (``row | ...``, flushed) and ``--json`` rewritten after each, so
+    a run that a timeout or a hang cuts short keeps what it measured; `finish` prints the whole table."""
+
+    def __init__(self, args, world: int, header: str):
+        self.args, self.world, self.header = args, world, header
+        self.rows: list[dict] = []
+        self.plans: dict[str, str] = {}
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        print(f"row {table_row(row)}", flush=True)
+        self.write_json(complete=False)
+
+    def finish(self) -> None:
+        print(self.header)
+        print(markdown(self.rows, self.args), flush=True)
+        self.write_json(complete=True)
+
+    def write_json(self, complete: bool) -> None:
+        if not self.args.json:
+            return
+        data = {"args": {k: str(v) for k, v in vars(self.args).items()}, "world": self.world, "complete": complete}
+        data.update(plans=self.plans, rows=self.rows)
+        partial = self.args.json.with_name(self.args.json.name + ".partial")
+        partial.write_text(json.dumps(data, indent=1))
+        partial.replace(self.args.json)  # never a half-written file, whenever the run is stopped
 
 
 def parse_args(argv=None):
@@ -592,7 +719,17 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--backend", default="auto", help="c2r expert backend (auto, torch, megablocks)")
-    p.add_argument("--plan-method", default="kahypar", help="placement planner method (placement/methods.py)")
+    p.add_argument(
+        "--plan-method",
+        help=f"placement planner method (placement/methods.py; default {DEFAULT_PLAN_METHOD}, falling back to greedy "
+        "with a warning where it fails); named here, a failure stops the run",
+    )
+    p.add_argument(
+        "--plan-tokens",
+        type=int,
+        default=PLAN_TOKENS,
+        help=f"tokens of the synthetic planning sample (at most world x T; default {PLAN_TOKENS})",
+    )
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
@@ -613,7 +750,61 @@ def parse_args(argv=None):
         help="ranks per node for per-node dispatch and the planned placement (default: the launcher's local world "
         "size); e.g. 2 on 4 CPU ranks: two virtual nodes",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.plan_tokens < 1:
+        p.error(f"--plan-tokens must be at least 1, got {args.plan_tokens}")
+    return args
+
+
+def run_contender(name: str, cfg: EPConfig, routing_kind: str, inputs: tuple, layouts: dict, plan: str, args) -> dict:
+    """One row: the contender built and measured (and profiled with ``--profile``), or why it was skipped or broke."""
+    x, grad_out, routing = inputs
+    row = {"config": cfg.name, "routing": routing_kind, "contender": name, **asdict(cfg)}
+    try:
+        contender = build(name, cfg, x.device, x.dtype, args, routing, layouts)
+        row.update(contender.info)
+        row.update(measure(contender, x, grad_out, args))
+        if args.profile:  # every rank runs the steps (they exchange); rank 0 prints its tables
+            profile(contender, x, grad_out, f"{cfg.name} {routing_kind} {name}, rank 0", row, args)
+    except Skip as why:
+        row["skipped"] = str(why)
+    except Exception as error:  # a contender that breaks is reported, the others still run
+        row["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+    layout = parse_c2r(name)[1] if name.startswith("c2r-") else None
+    if layout in PLAN_LAYOUTS and "skipped" not in row:
+        row["plan"] = f"{plan}, --max-load {LOAD_CAP}" if layout == "capped" else plan
+    if layouts.get(layout) and "skipped" not in row:  # what c2r-place simulate needs
+        row["expert_to_rank"] = layouts[layout].to_json()
+        row["gpus_per_node"] = args.gpus_per_node
+    return row
+
+
+def run_config(cfg: EPConfig, args, device, dtype, report: Report | None) -> None:
+    """Every routing x contender of one config; rows to ``report`` (rank 0) as they complete."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    nodes = world // args.gpus_per_node if args.gpus_per_node else 1
+    layouts, plan = {"contiguous": ExpertLayout.contiguous(cfg.E, world)}, "-"
+    # only what a contender will run: each layout costs seconds to minutes of one CPU core at 8 ranks
+    needed = {parse_c2r(n)[1] for n in args.contenders if n.startswith("c2r-")} & set(PLAN_LAYOUTS)
+    if needed and "synthetic" in args.routing:
+        planned, plan = planned_layouts(cfg, world, nodes, needed, args)
+        layouts.update(planned)
+        if report:
+            report.plans[cfg.name] = plan
+    x = torch.randn(cfg.T, cfg.D, generator=torch.Generator().manual_seed(100 + rank)).to(device, dtype)
+    x.requires_grad_(True)
+    grad_out = torch.randn(cfg.T, cfg.D, generator=torch.Generator().manual_seed(200 + rank)).to(device)
+    for routing_kind in args.routing:
+        routing = synthetic_routing(cfg, rank, world, device, args.seed) if routing_kind == "synthetic" else None
+        for name in args.contenders:
+            row = run_contender(name, cfg, routing_kind, (x, grad_out, routing), layouts, plan, args)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if report:
+                print(f"{cfg.name} {routing_kind} {name}: "
+                      + (row.get("skipped") or row.get("error") or f"{row['ms_median']:.2f} ms"),
+                      file=sys.stderr, flush=True)  # fmt: skip
+                report.add(row)
 
 
 def main(argv=None) -> None:
@@ -628,64 +819,20 @@ def main(argv=None) -> None:
     dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(args.device, local_rank) if args.device == "cuda" else torch.device("cpu")
-    dtype = getattr(torch, args.dtype)
-    rows = []
     for cfg in (CONFIGS[name] for name in args.configs):
         if cfg.E % world:
             sys.exit(f"ep_bench: {cfg.name} has {cfg.E} experts, not divisible by {world} ranks")
-        nodes = world // args.gpus_per_node if args.gpus_per_node else 1
-        planned, capped, replicated, twice, plan_method = planned_layouts(cfg, world, args.plan_method, nodes)
-        layouts = {
-            "contiguous": ExpertLayout.contiguous(cfg.E, world),
-            "planned": planned,
-            "capped": capped,
-            "replicated": replicated,
-            "balanced": twice,
-        }
-        x = torch.randn(cfg.T, cfg.D, generator=torch.Generator().manual_seed(100 + rank)).to(device, dtype)
-        x.requires_grad_(True)
-        grad_out = torch.randn(cfg.T, cfg.D, generator=torch.Generator().manual_seed(200 + rank)).to(device)
-        for routing_kind in args.routing:
-            routing = synthetic_routing(cfg, rank, world, device, args.seed) if routing_kind == "synthetic" else None
-            for name in args.contenders:
-                row = {"config": cfg.name, "routing": routing_kind, "contender": name, **asdict(cfg)}
-                try:
-                    contender = build(name, cfg, device, dtype, args, routing, layouts)
-                    row.update(measure(contender, x, grad_out, args))
-                    if args.profile:  # every rank runs the steps (they exchange); rank 0 prints its tables
-                        profile(contender, x, grad_out, f"{cfg.name} {routing_kind} {name}, rank 0", row, args)
-                except Skip as why:
-                    row["skipped"] = str(why)
-                except Exception as error:  # a contender that breaks is reported, the others still run
-                    row["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:200]
-                if "planned" in name or "replicated" in name:
-                    row["plan"] = plan_method
-                if "capped" in name:
-                    row["plan"] = f"{plan_method}, --max-load {LOAD_CAP}"
-                if name.startswith("c2r-") and layouts[parse_c2r(name)[1]]:  # what c2r-place simulate needs
-                    row["expert_to_rank"] = layouts[parse_c2r(name)[1]].to_json()
-                    row["gpus_per_node"] = args.gpus_per_node
-                rows.append(row)
-                contender = None
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if rank == 0:
-                    print(
-                        f"{cfg.name} {routing_kind} {name}: "
-                        + (row.get("skipped") or row.get("error") or f"{row['ms_median']:.2f} ms"),
-                        file=sys.stderr,
-                        flush=True,
-                    )
-    if rank == 0:
-        print(
-            f"ep_bench: {world} ranks, {device.type} {args.dtype}, torch {torch.__version__}, "
-            f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
-        )
-        print(markdown(rows, args))
-        if args.json:
-            args.json.write_text(
-                json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "world": world, "rows": rows}, indent=1)
-            )
+    header = (
+        f"ep_bench: {world} ranks, {device.type} {args.dtype}, torch {torch.__version__}, "
+        f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
+    )
+    report = Report(args, world, header) if rank == 0 else None
+    if report:
+        print(header, flush=True)
+    for cfg in (CONFIGS[name] for name in args.configs):
+        run_config(cfg, args, device, getattr(torch, args.dtype), report)
+    if report:
+        report.finish()
     dist.barrier()
     dist.destroy_process_group()
     # Skip the interpreter's teardown: on CPU ranks it sometimes aborted there ("terminate called without an active
