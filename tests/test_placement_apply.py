@@ -320,7 +320,14 @@ def test_resume_under_a_different_placement_is_refused(tmp_path):
     messages = run_distributed(
         resume_error_worker, 2, tmp_path / "w2", raw_config(tmp_path / "run", resume=True, placement_plan=plan_path)
     )
-    assert "places experts differently from this run" in messages[0]
+    assert (
+        f"places experts differently from this run (its plan: the contiguous placement; this run's: {plan_path})"
+        in (messages[0])
+    )
+    # the other way round: the checkpoint's plan is named (c2r-train records it in its train section)
+    run_distributed(train_worker, 2, tmp_path / "w3", raw_config(tmp_path / "planned", placement_plan=plan_path))
+    messages = run_distributed(resume_error_worker, 2, tmp_path / "w4", raw_config(tmp_path / "planned", resume=True))
+    assert f"(its plan: {plan_path}; this run's: the contiguous placement)" in messages[0]
 
 
 def test_apply_refuses_a_plan_of_another_shape(tmp_path):

@@ -270,11 +270,17 @@ def check_same_placement(saved: dict[str, Any], run_config: dict[str, Any], tag:
     checks ep_size itself, and at equal ep_size the slot order fixes the layout."""
     order = [layout.physical_to_logical.tolist() for layout in recorded_layouts(saved)]
     if order != [layout.physical_to_logical.tolist() for layout in recorded_layouts(run_config)]:
-        hint = saved.get("placement_plan") or "the contiguous placement"
         raise ValueError(
-            f"checkpoint {tag} places experts differently from this run (its plan: {hint}); train "
-            "with the same --plan, or move the experts with c2r-place apply"
+            f"checkpoint {tag} places experts differently from this run (its plan: {plan_name(saved)}; this run's: "
+            f"{plan_name(run_config)}); train with the same --plan, or move the experts with c2r-place apply"
         )
+
+
+def plan_name(run_config: dict[str, Any]) -> str:
+    """The placement plan a run config names (``c2r-place apply`` and ``reshard`` record theirs at the top level,
+    c2r-train in ``train``), or "the contiguous placement"."""
+    plan = run_config.get("placement_plan") or run_config.get("train", {}).get("placement_plan")
+    return plan or "the contiguous placement"
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
