@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -35,10 +36,21 @@ def cmd_apply(args: argparse.Namespace) -> int:
     world = saved.get("world_size") or saved_world_size(written)  # apply keeps the ranks (ep_size is the plan's)
     print(
         f"wrote {written}: experts moved to the plan's ranks; optimizer state {optimizer_state}; continue with "
-        f"`deepspeed --num_gpus {world} --module c2r.train --ep-size {ranks} --config {written / CONFIG_FILE} "
-        f"--resume --plan {args.plan} --out {Path(args.out).parent} --steps N` {_continue_hint(written, saved)}"
+        f"`{launch_command(world, ranks)} --config {written / CONFIG_FILE} --resume --plan {args.plan} "
+        f"--out {Path(args.out).parent} --steps N` {_continue_hint(written, saved)}"
     )
     return 0
+
+
+def launch_command(ranks: int, ep_size: int) -> str:
+    """How to start c2r-train on ``ranks`` ranks, runnable as printed: the checkout's launcher script (it also sets
+    OMP_NUM_THREADS and Ctrl-C handling), or, for an installed package without it, the venv's own deepspeed."""
+    script = Path(__file__).resolve().parents[1] / "launch" / "quickstart.sh"
+    if script.is_file():
+        relative = os.path.relpath(script)
+        shown = script if relative.startswith("..") else relative
+        return f"NUM_RANKS={ranks} EP_SIZE={ep_size} bash {shown}"
+    return f"{Path(sys.executable).parent / 'deepspeed'} --num_gpus {ranks} --module c2r.train --ep-size {ep_size}"
 
 
 def add_apply_command(sub: argparse._SubParsersAction) -> None:
@@ -72,8 +84,8 @@ def cmd_reshard(args: argparse.Namespace) -> int:
     plan_flag = f" --plan {args.plan}" if args.plan else ""
     print(
         f"wrote {written}: {args.world_size} ranks, ep_size {ep_size}, {batch} sequences per rank; optimizer state "
-        f"{saved['optimizer_state']}; continue with `deepspeed --num_gpus {args.world_size} --module c2r.train "
-        f"--config {written / CONFIG_FILE} --out {Path(args.out).parent} --resume --ep-size {ep_size} "
+        f"{saved['optimizer_state']}; continue with `{launch_command(args.world_size, ep_size)} "
+        f"--config {written / CONFIG_FILE} --out {Path(args.out).parent} --resume "
         f"--set train.batch_size={batch}{plan_flag} --steps N` {_continue_hint(written, saved)}"
     )
     return 0

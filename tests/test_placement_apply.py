@@ -388,11 +388,12 @@ def test_the_printed_continue_commands_run_as_written(tmp_path):
         )
         assert done.returncode == 0, done.stderr
         printed = re.search(
-            r"continue with `deepspeed --num_gpus (\d+) --module c2r.train (.*?)` \(N > 2\)", done.stdout
+            r"continue with `NUM_RANKS=(\d+) EP_SIZE=(\d+) bash launch/quickstart.sh (.*?)` \(N > 2\)", done.stdout
         )
         assert printed is not None, done.stdout
         assert printed.group(1) == ranks, printed.group(0)
-        args = printed.group(2).replace("--steps N", "--steps 3").split()
+        # what quickstart.sh runs: c2r.train under the deepspeed launcher with --ep-size EP_SIZE, then the arguments
+        args = ["--ep-size", printed.group(2), *printed.group(3).replace("--steps N", "--steps 3").split()]
         check = subprocess.run(
             [sys.executable, "-m", "c2r.train", *args, "--print-config"], capture_output=True, text=True
         )
