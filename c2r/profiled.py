@@ -27,6 +27,8 @@ def profiled_model(model: nn.Module) -> ProfiledModel:
         num_experts=moe.num_experts,
         top_k=moe.top_k,
         hidden_size=layers[0].hidden_size,
+        ffn_hidden_size=moe.ffn_hidden_size,
+        expert_matrices=3 if layers[0].experts.is_glu else 2,
         router=moe.router.kind,
         dispatch_mode=modes[0] if modes else None,
         expert_to_rank=model_layouts(model),

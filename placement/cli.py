@@ -39,7 +39,7 @@ from placement.evaluate import (
     keep_contiguous_where_plan_loses,
 )
 from placement.export import EXPORT_FORMATS, export_plan
-from placement.inputs import PlannerInput, load_input, recorded_activation
+from placement.inputs import PlannerInput, load_input, recorded_activation, recorded_experts
 from placement.kahypar_context import DEFAULT_PRESET, KAHYPAR_PRESETS, mtkahypar_version
 from placement.loadcap import DEFAULT_MAX_LOAD, max_load_arg, min_max_load, needs_replication
 from placement.methods import (
@@ -231,9 +231,16 @@ def _balanced_load_line(routings: list, layouts: list) -> str:
 
 
 def _cost_model(args: argparse.Namespace) -> CostModel:
-    """The defaults with this plan's hidden size and dtype, calibrated on ``--calibrate`` when given."""
+    """The defaults with this plan's hidden size and dtype, the traced experts' width and matrices (else 3.5 x hidden,
+    SwiGLU), calibrated on ``--calibrate`` when given."""
     hidden = args.hidden
-    model = CostModel(hidden=hidden, ffn=args.ffn or round(3.5 * hidden), bytes_per_element=DTYPE_BYTES[args.dtype])
+    ffn, matrices = recorded_experts(args.traces) if args.traces else (None, None)
+    model = CostModel(
+        hidden=hidden,
+        ffn=args.ffn or ffn or round(3.5 * hidden),
+        matrices=matrices or 3,
+        bytes_per_element=DTYPE_BYTES[args.dtype],
+    )
     return calibrate(args.calibrate, model) if args.calibrate else model
 
 
@@ -490,7 +497,9 @@ def add_plan_command(sub: argparse._SubParsersAction) -> None:
         "(default: stated H200-class defaults)",
     )
     p.add_argument(
-        "--ffn", type=positive(int), help="expert FFN width for the predicted compute time (default 3.5 x hidden)"
+        "--ffn",
+        type=positive(int),
+        help="expert FFN width for the predicted compute time (default: the traced model's, else 3.5 x hidden)",
     )
     _add_bytes_args(p)
     p.add_argument("--out", "-o", required=True, help="plan file to write (JSON)")

@@ -36,8 +36,10 @@ from placement.objective import load_key
 
 @dataclass(frozen=True)
 class CostModel:
-    """Defaults: an H200-class GPU (NVLink all-to-all measured at 235-280 GB/s, docs/design.md facts; 25 GB/s per GPU
-    between nodes, a 200 Gb/s NIC each; an expert GEMM rate of 300 TFLOP/s bf16), Mixtral-like experts."""
+    """Defaults: an H200-class GPU (NVLink all-to-all measured at 235-280 GB/s, docs/design.md facts; 50 GB/s per GPU
+    between nodes, a 400 Gb/s NIC each, where DeepEP reaches 43-58 GB/s; an expert GEMM rate of 300 TFLOP/s bf16),
+    Mixtral-like experts. ``bytes_per_copy``: what one sent copy takes, measured (``calibrate``: the row and the
+    routing slots that travel with it); 0: ``hidden`` x ``bytes_per_element``."""
 
     tokens_per_rank: int = 8192
     hidden: int = 4096
@@ -45,19 +47,24 @@ class CostModel:
     matrices: int = 3  # SwiGLU: w1, w3, w2
     bytes_per_element: int = 2
     intra_node_gb_s: float = 200.0
-    inter_node_gb_s: float = 25.0
+    inter_node_gb_s: float = 50.0
     expert_tflop_s: float = 300.0
     source: str = "defaults"
     # A fixed cost per peer of each exchange (one message each way), what small messages and CPU/gloo ranks are
     # dominated by; `exchange_ms` (c2r-place simulate) uses it, `layer_cost` (bandwidth only) does not.
     latency_us: float = 5.0
+    bytes_per_copy: int = 0
+
+    @property
+    def copy_bytes(self) -> int:
+        return self.bytes_per_copy or self.hidden * self.bytes_per_element
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if field.type == "str":
                 continue
-            bound = ">= 0" if field.name == "latency_us" else "> 0"
+            bound = ">= 0" if field.name in ("latency_us", "bytes_per_copy") else "> 0"
             if not (value >= 0 if bound == ">= 0" else value > 0):
                 raise PlacementError(f"cost model: {field.name} must be {bound}; got {value!r}")
 
@@ -72,7 +79,7 @@ def layer_cost(
     copies = metrics["copies_per_token"]
     inter = copies * (num_nodes - 1) / num_nodes
     intra = copies * (num_ranks - 1) / num_ranks - inter
-    bytes_per_copy = model.hidden * model.bytes_per_element
+    bytes_per_copy = model.copy_bytes
     seconds = intra / (model.intra_node_gb_s * 1e9) + inter / (model.inter_node_gb_s * 1e9)
     comm_ms = 4 * model.tokens_per_rank * bytes_per_copy * seconds * 1e3
     pairs = metrics[load] * model.tokens_per_rank * metrics["slots_per_token"]
@@ -129,11 +136,10 @@ def calibrate(run_dir: str | Path, base: CostModel | None = None) -> CostModel:
         tokens.append(rec.get("tokens", 0))
     if not sent_bytes or not ms:
         raise PlacementError(f"--calibrate {comm_dir}: the all-to-all records hold no cross-rank bytes or no times")
-    bytes_per_copy = int(records[0].get("bytes_per_copy", 0)) or base.hidden * base.bytes_per_element
     return dataclasses.replace(
         base,
         tokens_per_rank=max(1, int(np.median(tokens))),
-        hidden=max(1, bytes_per_copy // base.bytes_per_element),
+        bytes_per_copy=int(records[0].get("bytes_per_copy", 0)),  # with the routing slots a per-rank copy carries
         intra_node_gb_s=sent_bytes / (ms * 1e-3) / 1e9,
         source=f"calibrated on {comm_dir} ({len(records)} all-to-all records; expert rate: default)",
     )
@@ -167,7 +173,8 @@ def format_costs(
     busiest = "the busiest rank of each recorded step" if load == "step_load_imbalance" else "the busiest rank, pooled"
     lines = [
         f"PREDICTED step time per MoE layer (a cost model, not a measurement; {model.source}: {model.tokens_per_rank} "
-        f"tokens/rank, hidden {model.hidden}, ffn {model.ffn}, {model.intra_node_gb_s:.3g} GB/s intra-node, "
+        f"tokens/rank, hidden {model.hidden}, ffn {model.ffn}, {model.copy_bytes} bytes a copy"
+        f"{' (measured)' if model.bytes_per_copy else ''}, {model.intra_node_gb_s:.3g} GB/s intra-node, "
         f"{model.inter_node_gb_s:.3g} GB/s inter-node, {model.expert_tflop_s:.3g} TFLOP/s experts; compute on "
         f"{busiest})",
         "layer  plan ms (comm + compute)  contig ms (comm + compute)  change",

@@ -278,6 +278,17 @@ def recorded_activation(path: str | Path) -> tuple[int | None, str | None, str]:
     return hidden, dtype, " and ".join(found)
 
 
+def recorded_experts(path: str | Path) -> tuple[int | None, int | None]:
+    """(FFN width, matrices per expert: 3 SwiGLU, 2 GELU) of the traced model's experts, as its trace header or the
+    profile.json beside the traces recorded them (profiles since 2026-12-03); None for what neither recorded."""
+    trace_dir = find_trace_dir(path)
+    for file in (trace_dir / "header.json", trace_dir.parent / "profile.json"):
+        info = json.loads(file.read_text()) if file.exists() else {}
+        if info.get("ffn_hidden_size"):
+            return int(info["ffn_hidden_size"]), info.get("expert_matrices")
+    return None, None
+
+
 def digest_files(paths: list[Path]) -> str:
     """sha256 over the files' names and bytes (sorted by name): identifies the exact inputs of a plan."""
     h = hashlib.sha256()

@@ -56,9 +56,7 @@ SYNTHETIC = {
         "bonus": 3.0,
     }
 }
-# An H100/H200 node: NVLink all-to-all measured at 235-280 GB/s per GPU on 2 x H200 (docs/design.md); one 400 Gb/s
-# NIC per GPU = 50 GB/s line rate (DeepEP reaches 43-58 GB/s internode); 5 us per peer per exchange.
-CLUSTER_DEFAULTS = CostModel(intra_node_gb_s=200.0, inter_node_gb_s=50.0, latency_us=5.0, source="defaults")
+CLUSTER_DEFAULTS = CostModel()  # an H100/H200 cluster: the cost model's defaults (placement/cost.py)
 PLANS = ("contiguous", "planned", "capped")
 MIN_SYNTHETIC_TOKENS = 16384  # per layer: a small cluster still gets enough tokens for a stable busiest rank
 

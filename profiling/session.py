@@ -53,7 +53,9 @@ class ProfiledModel:
     rank of each expert, or None where the layer is not expert parallel. ``dispatch_mode``: how the expert-parallel
     layers send tokens (``per-expert``, ``per-rank``, ...), None when no layer is expert parallel. ``dtype``: the
     activations' dtype (``bf16``, ``fp16``, ``fp32``), recorded with ``hidden_size`` so that bytes per token can be
-    computed from the traces alone (``c2r-place evaluate``); None when not known.
+    computed from the traces alone (``c2r-place evaluate``); None when not known. ``ffn_hidden_size`` and
+    ``expert_matrices`` (3 for SwiGLU, 2 for GELU): the experts' shape, for the planner's predicted compute time;
+    None when not known.
     """
 
     layers: list[nn.Module]
@@ -64,6 +66,8 @@ class ProfiledModel:
     dispatch_mode: str | None
     expert_to_rank: list[list[int] | None]
     dtype: str | None = None
+    ffn_hidden_size: int | None = None
+    expert_matrices: int | None = None
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -119,6 +123,8 @@ class ProfileSession:
             "num_experts": model.num_experts,
             "top_k": model.top_k,
             "hidden_size": model.hidden_size,
+            "ffn_hidden_size": model.ffn_hidden_size,
+            "expert_matrices": model.expert_matrices,
             "dtype": model.dtype,
             "world_size": world,
         }
@@ -147,7 +153,13 @@ class ProfileSession:
                 rank=rank,
                 world_size=world,
                 config=config.trace,
-                extra_header={"hidden_size": model.hidden_size, "dtype": model.dtype, **run_info},
+                extra_header={
+                    "hidden_size": model.hidden_size,
+                    "ffn_hidden_size": model.ffn_hidden_size,
+                    "expert_matrices": model.expert_matrices,
+                    "dtype": model.dtype,
+                    **run_info,
+                },
             )
             self._handles = attach_routing_recorder(model.layers, self.recorder)
 

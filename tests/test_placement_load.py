@@ -293,9 +293,32 @@ def test_calibrate_reads_comm_records(tmp_path):
     }
     (comm / "comm-rank000.jsonl").write_text(json.dumps(record) + "\n")
     model = calibrate(tmp_path)
-    assert model.tokens_per_rank == 512 and model.hidden == 128
+    # the measured bytes of a copy (a per-rank copy carries its routing slots too), not a hidden size made of them
+    assert model.tokens_per_rank == 512 and model.copy_bytes == 256 and model.hidden == CostModel().hidden
     assert model.intra_node_gb_s == pytest.approx(2 * 200 * 256 / 1e-3 / 1e9)
     assert "calibrated" in model.source
+
+
+def test_the_predicted_step_time_states_the_traced_experts_and_the_measured_copy(tmp_path, capsys):
+    # 64 hidden in fp32 and top-2: 256 bytes of row + 2 x 2 x 4 bytes of routing slots = 272 bytes a per-rank copy;
+    # the traced experts: ffn 96, GELU (2 matrices). The summary said "hidden 68, ffn 238" (made of the bytes).
+    run = tmp_path / "run"
+    header = {"hidden_size": 64, "ffn_hidden_size": 96, "expert_matrices": 2, "dtype": "fp32"}
+    recorder = RoutingTraceRecorder(
+        run / "profile" / "traces", num_layers=1, num_experts=8, top_k=2, source="test", extra_header=header
+    )
+    for step in range(4):
+        recorder.step = step
+        recorder.record(0, torch.from_numpy(synthetic_expert_ids(200, 8, 2, seed=step).astype(np.int64)))
+    recorder.close()
+    record = {"ep_rank": 0, "tokens": 200, "send_copies": [90, 110], "bytes_per_copy": 272, "time_ms": {"dispatch": 1}}
+    (run / "profile" / "comm").mkdir()
+    (run / "profile" / "comm" / "comm-rank000.jsonl").write_text(json.dumps(record) + "\n")
+    argv = ["plan", "--traces", run, "--ranks", 2, "--calibrate", run, "--out", tmp_path / "p.json", "-q"]
+    code, text, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert "tokens/rank, hidden 64, ffn 96, 272 bytes a copy (measured), " in text
+    assert load_plan(tmp_path / "p.json").data["predicted"]["predicted_step_ms"] > 0
 
 
 # ---- the bugs --------------------------------------------------------------------------------------------------
