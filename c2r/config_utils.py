@@ -17,14 +17,13 @@ T = TypeVar("T")
 
 def config_from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     """Build dataclass ``cls`` from ``data``, recursing into fields whose type is itself a dataclass."""
+    section = f"config section {where!r}" if where else "the config's top level"
     if not isinstance(data, dict):
-        raise TypeError(f"config section {where or cls.__name__!r} must be a mapping, got {type(data).__name__}")
+        raise TypeError(f"{section} must be a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(
-            f"unknown key(s) {unknown} in config section {where or cls.__name__!r}; valid keys: {sorted(fields)}"
-        )
+        raise ValueError(f"unknown key(s) {unknown} in {section}; valid keys: {sorted(fields)}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():

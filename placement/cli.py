@@ -557,7 +557,11 @@ def add_evaluate_command(sub: argparse._SubParsersAction) -> None:
     _add_bytes_args(p)
     p.add_argument("--nodes", type=positive(int), help="nodes for inter-node metrics (default: the plan's)")
     p.add_argument(
-        "--holdout", type=float, metavar="FRACTION", help="evaluate on the latest FRACTION of steps only (0: all steps)"
+        "--holdout",
+        type=float,
+        metavar="FRACTION",
+        help="evaluate on the latest FRACTION of steps only (0: all steps; default: the plan's own --holdout when "
+        "these are the traces it was made from, else all steps)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
     p.add_argument("--json", action="store_true", help="print everything as JSON")

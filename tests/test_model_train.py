@@ -339,3 +339,11 @@ def test_a_dense_ffn_width_that_is_not_positive_is_refused(width):
     # 0 was silently 4 x d_model, a negative width a traceback inside nn.Linear
     with pytest.raises(ValueError, match=rf"dense_ffn_hidden_size \({width}\) must be > 0, or null for 4 x d_model"):
         ModelConfig(moe_every=2, dense_ffn_hidden_size=width)
+
+
+def test_an_unknown_top_level_key_names_the_top_level_not_a_class():
+    from c2r.config_utils import config_from_dict
+    from c2r.train import RunConfig
+
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['modle'\] in the config's top level; valid keys"):
+        config_from_dict(RunConfig, {"modle": {}})

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -96,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = export_run(args.run, args.out)
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"c2r-export-hf: {error}") from None
+    except (ValueError, FileNotFoundError) as error:  # one line and exit status 2, as every c2r command's bad input
+        print(f"c2r-export-hf: {error}", file=sys.stderr)
+        return 2
     print(f"wrote {out} (transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
     return 0
 
