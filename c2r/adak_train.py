@@ -57,6 +57,7 @@ from c2r.run_setup import (
     flatten,
     global_mean,
     merge,
+    plural,
     progress_bar,
     run_config_record,
     start_run,
@@ -459,21 +460,26 @@ def train_allocators(run: AdaKRun, opts: AdaKTrainConfig, p: float | None) -> tu
     """The P-Warm steps, then the PPO batches; returns the logged records and the argmax evaluation after P-Warm."""
     device, started, eval_batches = run.info.device, time.perf_counter(), run.config.train.eval_batches
     history, after_pwarm = [], None
-    bar = progress_bar(range(opts.warm_steps + opts.steps), "p-warm" if opts.warm_steps else "ppo", run.is_main)
     metrics_log = MetricsLog(run.out_dir / "adak_metrics.jsonl", None, enabled=run.is_main, format_record=format_record)
     with metrics_log as metrics:
-        for step in bar:
-            warm = step < opts.warm_steps
-            if warm:
-                stats = pwarm_step(run.engine, run.routers, run.train_batches.batch_at(step, device)[0], p)
-            else:
-                stats = ppo_step(run.engine, run.routers, run.train_batches.batch_at(step, device), opts)
-            record = report(step, warm, stats, run.info, bar, opts, started)
-            if record is not None:
-                history.append(record)
-                metrics.write(record)
-            if step + 1 == opts.warm_steps and opts.steps:
-                bar.set_description("ppo")
+        # one bar per phase, each counting its own steps; ``step`` counts both (the records' and checkpoint's step)
+        for name, first, count in (("p-warm", 0, opts.warm_steps), ("ppo", opts.warm_steps, opts.steps)):
+            if not count:
+                continue
+            bar = progress_bar(range(count), name, run.is_main)
+            for step in range(first, first + count):
+                warm = step < opts.warm_steps
+                if warm:
+                    stats = pwarm_step(run.engine, run.routers, run.train_batches.batch_at(step, device)[0], p)
+                else:
+                    stats = ppo_step(run.engine, run.routers, run.train_batches.batch_at(step, device), opts)
+                bar.update()
+                record = report(step, warm, stats, run.info, bar, opts, started)
+                if record is not None:
+                    history.append(record)
+                    metrics.write(record)
+            bar.close()
+            if name == "p-warm" and opts.steps:
                 after_pwarm = evaluate_modes(
                     run.engine, run.routers, run.val_batches, eval_batches, device, ("argmax",)
                 )
@@ -502,7 +508,8 @@ def report(step: int, warm: bool, stats, info, bar, opts: AdaKTrainConfig, start
     done = step + 1
     last_of_phase = done in (opts.warm_steps, opts.warm_steps + opts.steps)
     if done % opts.log_every and not last_of_phase:
-        bar.set_postfix(loss=f"{float(stats['loss']):.4f}")  # NOTE: host sync, one per step
+        # NOTE: host sync, one per step; refresh=False: the bar redraws at its own interval (progress_bar)
+        bar.set_postfix(loss=f"{float(stats['loss']):.4f}", refresh=False)
         return None
     record = {"phase": "pwarm" if warm else "ppo", "step": done}
     record.update({key: global_mean(float(value), info.device) for key, value in stats.items()})
@@ -568,14 +575,14 @@ def format_eval_table(s: dict[str, Any]) -> str:
 def log_start(config: RunConfig, source: Path, info, routers: list[AdaKRouter]) -> None:
     trainable = sum(r.allocator.weight.numel() for r in routers)
     log.info(
-        "Ada-K on %s: %d MoE layers, top-%d of %d experts, k in 1..%d; %d ranks on %s, ep_size %d; "
+        "Ada-K on %s: %s, top-%d of %d experts, k in 1..%d; %s on %s, ep_size %d; "
         "training %d allocator parameters, the rest frozen",
         source,
-        len(routers),
+        plural(len(routers), "MoE layer"),
         config.model.moe.top_k,
         config.model.moe.num_experts,
         routers[0].max_k,
-        info.world_size,
+        plural(info.world_size, "rank"),
         info.device.type,
         config.train.ep_size,
         trainable,

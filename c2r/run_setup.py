@@ -24,6 +24,7 @@ import os
 import sys
 import time
 import typing
+import warnings
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -419,10 +420,16 @@ def check_machine(config: RunConfig) -> None:
 # The job and the engine.
 
 
+# DeepSpeed's ZeRO-2 gathers its partitions with torch.distributed.all_gather_into_tensor, which torch deprecates:
+# every rank would print the warning and a stack line, about a call that is not ours.
+DEPRECATED_ALL_GATHER = r"`torch\.distributed\.all_gather_into_tensor` is deprecated"
+
+
 def start_run(config: RunConfig):
     """Join the job the launcher started (or start a one-process one); returns this rank's ``DistInfo``."""
     from c2r.deepspeed import init_distributed
 
+    warnings.filterwarnings("ignore", message=DEPRECATED_ALL_GATHER, category=FutureWarning)
     info = init_distributed(config.train.device)
     require_divides(config.train.ep_size, "ep_size", info.world_size, "the world size")
     return info
@@ -696,10 +703,17 @@ def tokens_per_step(config: RunConfig, world_size: int) -> int:
     return tc.batch_size * tc.grad_accum * config.model.block_size * world_size
 
 
+def plural(count: int, noun: str) -> str:
+    """``count`` and ``noun`` for a log line: 1 rank, 2 ranks."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def progress_bar(steps: range, desc: str, enabled: bool) -> tqdm:
-    """A bar over ``steps`` on rank 0 (``enabled``), counting from ``steps.start`` (a resumed run) to ``steps.stop``."""
+    """A bar for ``steps`` on rank 0 (``enabled``), counting from ``steps.start`` (a resumed run) to ``steps.stop``.
+    Call ``bar.update()`` as each step ends (a bar iterated over the steps counts them only when it draws: the lines
+    ``tqdm.write`` redraws it under, and a log file's, would show a stale count such as 0/40), set its postfix with
+    ``refresh=False`` (it draws at its own interval) and close it."""
     return tqdm(
-        steps,
         desc=desc,
         unit="step",
         disable=not enabled,

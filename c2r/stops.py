@@ -6,11 +6,17 @@ c2r-train with the step's loss, read a step later: c2r/step_reads.py), so one ra
 process of the terminal's group, a scheduler's SIGTERM perhaps only some, the deepspeed launcher forwards SIGTERM
 after the terminal's SIGINT) stops all ranks after the same step -- the step in flight and the next one -- and they
 save together. The time-based save is agreed the same way: each rank's clock differs a little, any rank's counts.
-A second signal of the same kind while a stop is pending aborts at once (the handler in place before ours acts).
+A repeat of either stop signal while a stop is pending aborts at once: one line, then the signal's default action (the
+process ends killed by it; no traceback, no save). One SIGINT plus one SIGTERM is one stop (the launcher's forward of a
+single Ctrl-C); a second Ctrl-C repeats the SIGINT. Before training begins (``begin_training``: while the job joins, the
+corpus loads, DeepSpeed builds the engine or its ops) there is nothing to save: a stop signal ends the rank at once in
+the same way, with its own line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import threading
 import time
@@ -20,11 +26,15 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class StopSignals:
-    """While entered (in the main thread): SIGINT and SIGTERM set ``received`` instead of ending the process."""
+    """While entered (in the main thread): SIGINT and SIGTERM set ``received`` instead of ending the process, once
+    training has begun (:meth:`begin_training`); before that, and on a repeat, they end it at once (module docstring).
+    ``rank``: named in the line a rank other than 0 prints."""
 
-    def __init__(self, signums: tuple[int, ...] = STOP_SIGNALS):
-        self.signums = signums
+    def __init__(self, signums: tuple[int, ...] = STOP_SIGNALS, rank: int = 0):
+        self.signums, self.rank = signums, rank
         self.received: int | None = None
+        self.training = False
+        self._seen: set[int] = set()
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopSignals:
@@ -32,12 +42,34 @@ class StopSignals:
             self._previous = {signum: signal.signal(signum, self._handle) for signum in self.signums}
         return self
 
+    def begin_training(self) -> None:
+        """From here on a stop signal stops at a step boundary with a checkpoint."""
+        self.training = True
+
     def _handle(self, signum: int, frame) -> None:
-        if self.received == signum:  # asked twice: give the signal its previous meaning and act on it now
-            self._restore()
-            signal.raise_signal(signum)
-            return
+        name = signal.Signals(signum).name
+        if not self.training:
+            self._abort(signum, f"stopped by {name} before training began; nothing saved")
+        if signum in self._seen:
+            self._abort(
+                signum, f"{name} again: aborted at once, without a checkpoint (the last saved one stays loadable)"
+            )
+        self._seen.add(signum)
         self.received = self.received or signum
+
+    def _abort(self, signum: int, line: str) -> None:
+        """End the process now, killed by ``signum`` (its default action), after ``line`` on stderr. Not an exception:
+        raised here, between two bytecodes of whatever runs (a collective, DeepSpeed building an op), it would print
+        a traceback and could be caught. The line goes straight to the file descriptor: the handler may have
+        interrupted a write to ``sys.stderr``, which would refuse a reentrant one."""
+        start = "\n" if self.training and not self.rank else ""  # off the line of rank 0's progress bar
+        suffix = f" (rank {self.rank})" if self.rank else ""
+        with contextlib.suppress(OSError):
+            os.write(2, f"{start}{line}{suffix}\n".encode())
+        for other in self.signums:  # a pending signal of the other kind must not run a Python handler on the way out
+            signal.signal(other, signal.SIG_DFL)
+        signal.raise_signal(signum)
+        os._exit(128 + signum)  # where the default action did not end the process
 
     def _restore(self) -> None:
         for signum, handler in self._previous.items():

@@ -11,6 +11,7 @@ c2r-train --hf-model path/to/qwen3-moe --data my.jsonl  # a Hugging Face MoE mod
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -27,12 +28,19 @@ from c2r.hf.training import base_settings
 from c2r.model import ModelOutput
 from c2r.profiled import profiled_model
 from c2r.routing import RoutingResult, after_optimizer_step
-from c2r.run_dir import check_out_dir, clear_run, set_aside_profile
+from c2r.run_dir import (
+    STARTING_PROFILE,
+    check_out_dir,
+    clear_run,
+    discard_starting_profile,
+    start_resumed_profile,
+)
 from c2r.run_setup import (
     ConfigCli,
     MetricsLog,
     RunConfig,
     Shorthand,
+    TrainConfig,
     batch_samplers,
     build_engine,
     check_same_corpus,
@@ -43,6 +51,7 @@ from c2r.run_setup import (
     lr_at,
     model_width,
     num_moe_layers,
+    plural,
     progress_bar,
     run_config_record,
     start_run,
@@ -113,55 +122,106 @@ def evaluate(engine, sampler: BatchSampler, batches: int, device: torch.device, 
 
 
 def train(config: RunConfig) -> dict[str, Any]:
-    from c2r.deepspeed import checkpoint
-
     tc = config.train
     out_dir, ckpt_dir = Path(tc.out_dir), Path(tc.out_dir) / "checkpoints"
     check_out_dir(out_dir, tc.resume, tc.overwrite, tc.init_from)  # every rank, before any of them writes
-    with StopSignals() as signals:  # from here on, Ctrl-C stops at a step boundary with a checkpoint
+    # From here on, Ctrl-C ends the rank at once (nothing to save yet); once training begins, it stops at a step
+    # boundary with a checkpoint.
+    with StopSignals(rank=launcher_rank()) as signals:
         info = start_run(config)
         is_main = info.rank == 0
         if tc.overwrite:
             if is_main and (replaced := clear_run(out_dir)):
                 log.info("--overwrite: deleted the previous run's %s in %s", ", ".join(replaced), out_dir)
             dist.barrier()
-        if config.profile.enabled and tc.resume:
-            step = checkpoint.tag_step(checkpoint.latest_tag(ckpt_dir)) if is_main else None
-            if step is not None and (kept := set_aside_profile(out_dir, step)):
-                log.info("--profile on --resume: the earlier profile is kept in %s; this one starts at step %d",
-                         kept, step)  # fmt: skip
-            dist.barrier()  # every rank, before any of them opens the new profile
         corpus = load_corpus(config.data, corpus_tokenizer(config), progress=is_main)
         check_same_corpus(corpus)
-        # The all-to-all profiler exists before the engine: each dispatcher is built with its observer.
-        use_cuda = info.device.type == "cuda"
-        comm = open_comm_profiler(out_dir / "profile", config.profile, num_moe_layers(config), use_cuda)
-        engine = build_engine(config, info.device, observers=comm.observers if comm else None)
-        run_config = run_config_record(config, engine.module)
-        if is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            log_start(config, corpus, info, engine.module)
-        if tc.init_from and not tc.resume:
-            checkpoint.init_from_checkpoint(engine, tc.init_from, run_config)
-            if is_main:
-                log.info("initialised from the weights in %s", tc.init_from)
-        start = checkpoint.resume(engine, ckpt_dir, run_config) if tc.resume else 0
+        # The all-to-all profiler exists before the engine: each dispatcher is built with its observer. A resume's
+        # starts in STARTING_PROFILE: the run's profile/ stays as it is until the resume is known to train.
+        staged = config.profile.enabled and tc.resume
+        comm = open_comm_profiler(
+            out_dir / (STARTING_PROFILE if staged else "profile"),
+            config.profile,
+            num_moe_layers(config),
+            info.device.type == "cuda",
+        )
+        try:
+            engine, run_config, start = start_engine(config, corpus, info, comm)
+        except BaseException:  # a refused resume leaves the directory's profile as it was
+            drop_comm_profiler(comm, out_dir, staged)
+            raise
         result = {"history": [], "step_losses": [], "checkpoint_dir": str(ckpt_dir), "engine": engine}
         result.update(start_step=start, end_step=start, stopped_by=None)
-        if tc.resume and is_main:
-            log.info("resumed from %s at step %d of %d", ckpt_dir / f"step{start}", start, tc.steps)
         if start >= tc.steps:
-            if comm:
-                comm.close()
+            drop_comm_profiler(comm, out_dir, staged)
             return result
+        if staged:
+            if is_main and (kept := start_resumed_profile(out_dir, start)):
+                log.info("--profile on --resume: the earlier profile is kept in %s; this one starts at step %d",
+                         kept, start)  # fmt: skip
+            dist.barrier()  # every rank, before any of them writes the new profile
         last_save = tc.steps if tc.save_last else -1  # -1: no step is the last one to save
         policy = SavePolicy(tc.save_every, tc.save_every_minutes, last_save, signals)
+        signals.begin_training()
         result.update(train_steps(config, engine, corpus, info, comm, policy, start, run_config))
     if is_main:
         log.info("checkpoint in %s; metrics in %s", ckpt_dir, out_dir / "metrics.jsonl")
         if config.profile.enabled:
             log.info("profile in %s (c2r-profile summarize %s)", out_dir / "profile", out_dir)
     return result
+
+
+def start_engine(config: RunConfig, corpus, info, comm) -> tuple[Any, dict[str, Any], int]:
+    """The engine with its weights (fresh, ``--init-from``'s or the resumed checkpoint's), the run config its
+    checkpoints record and the step training starts from."""
+    from c2r.deepspeed import checkpoint
+
+    tc, is_main = config.train, info.rank == 0
+    ckpt_dir = Path(tc.out_dir) / "checkpoints"
+    engine = build_engine(config, info.device, observers=comm.observers if comm else None)
+    run_config = run_config_record(config, engine.module)
+    if is_main:
+        Path(tc.out_dir).mkdir(parents=True, exist_ok=True)
+        log_start(config, corpus, info, engine.module)
+    if tc.init_from and not tc.resume:
+        checkpoint.init_from_checkpoint(engine, tc.init_from, run_config)
+        if is_main:
+            log.info("initialised from the weights in %s", tc.init_from)
+    if not tc.resume:
+        return engine, run_config, 0
+    start = checkpoint.resume(engine, ckpt_dir, run_config)
+    if is_main:
+        log.info("resumed from %s at step %d of %d", ckpt_dir / f"step{start}", start, tc.steps)
+        if start < tc.steps and (warning := schedule_change_warning(ckpt_dir, start, tc)):
+            log.warning(warning)
+    return engine, run_config, start
+
+
+def schedule_change_warning(ckpt_dir: Path, start: int, tc: TrainConfig) -> str | None:
+    """Where a resume changes ``train.steps``, the cosine learning-rate schedule (``lr_at``) stretches or shrinks to
+    the new length: the warning names the learning rate of the first resumed step under the saved schedule and now.
+    None where the length is the saved one."""
+    from c2r.deepspeed.checkpoint import CONFIG_FILE, latest_tag
+
+    tag = latest_tag(ckpt_dir)
+    saved_steps = json.loads((ckpt_dir / tag / CONFIG_FILE).read_text())["train"].get("steps")
+    if saved_steps is None or saved_steps == tc.steps:
+        return None
+    before, now = lr_at(start, dataclasses.replace(tc, steps=saved_steps)), lr_at(start, tc)
+    return (
+        f"train.steps changes on resume ({saved_steps} in checkpoint {tag}, {tc.steps} here): the cosine learning-rate "
+        f"schedule now decays over {tc.steps} steps, so the learning rate at the resume (step {start}) is {now:.1e}, "
+        f"where the saved schedule had {before:.1e}"
+    )
+
+
+def drop_comm_profiler(comm, out_dir: Path, staged: bool) -> None:
+    """Close the all-to-all profiler of a run that does not train; a resume's starting profile goes with it."""
+    if comm is None:
+        return
+    comm.close()
+    if staged:
+        discard_starting_profile(out_dir, [comm.dir / f"comm-rank{comm.rank:03d}.jsonl"])  # the file it opened
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -201,10 +261,11 @@ def train_steps(config: RunConfig, engine, corpus, info, comm, policy: SavePolic
     tokens = tokens_per_step(config, info.world_size)
     # the profilers end with the loop however it ends: a kernel profile left open keeps torch's sync debug mode on
     with metrics_log as metrics, contextlib.ExitStack() as cleanup:
+        cleanup.callback(bar.close)
         for closable in (profiler, kernels):
             if closable:
                 cleanup.callback(closable.close)
-        for step in bar:
+        for step in range(start, tc.steps):
             step_started = time.perf_counter()
             # Random draws in the step (dropout, Ada-K's sampled k, Mixtral's jitter) from (seed, step, rank): a
             # resumed run draws what the uninterrupted one drew at that step.
@@ -258,8 +319,9 @@ def train_steps(config: RunConfig, engine, corpus, info, comm, policy: SavePolic
             # Summed over a window that ends with its own step's numbers read (the GPU done): its wall time.
             step_s = time.perf_counter() - step_started  # the step alone: evaluations and checkpoints come after
             window_s += step_s
+            bar.update()
             if step_losses:
-                bar.set_postfix(loss=f"{step_losses[-1]:.3f}", lr=f"{lr_at(step, tc):.1e}")
+                bar.set_postfix(loss=f"{step_losses[-1]:.3f}", lr=f"{lr_at(step, tc):.1e}", refresh=False)
             if eval_due:
                 record = {
                     "step": done,
@@ -290,7 +352,6 @@ def train_steps(config: RunConfig, engine, corpus, info, comm, policy: SavePolic
                         warned_stop_deadline = True
             if after.stop_signal:
                 stopped_by = after.stop_signal
-                bar.close()
                 break
     return {"history": history, "step_losses": step_losses, "end_step": done, "stopped_by": stopped_by}
 
@@ -354,7 +415,7 @@ def log_start(config: RunConfig, corpus, info, model: torch.nn.Module) -> None:
     backend = layer.backend_for(torch.empty(0, device=info.device, dtype=dtype)).name  # what `auto` resolves to
     unit = "M tokens" if config.hf.model_dir else "MB"  # byte tokens are bytes
     layout = layer.dispatcher.layout if layer.dispatcher is not None else None
-    per_rank = f"{moe.num_experts // config.train.ep_size} experts"
+    per_rank = plural(moe.num_experts // config.train.ep_size, "expert")
     if layout is not None and layout.is_replicated:  # a plan with replicas: P / R slots per rank (first MoE layer)
         per_rank = f"{layout.experts_per_rank} expert slots, replicas included,"
     log.info(
@@ -367,10 +428,9 @@ def log_start(config: RunConfig, corpus, info, model: torch.nn.Module) -> None:
         unit,
     )
     log.info(
-        "model: %s%d MoE layers of %d experts (top-%d, %s router, %s expert backend, %s), %d ranks on %s, "
-        "ep_size %d (%s per rank)",
+        "model: %s%s of %d experts (top-%d, %s router, %s expert backend, %s), %s on %s, ep_size %d (%s per rank)",
         f"{config.hf.model_dir}, " if config.hf.model_dir else "",
-        num_moe_layers(config),
+        plural(num_moe_layers(config), "MoE layer"),
         moe.num_experts,
         moe.top_k,
         "the model's own"
@@ -378,19 +438,19 @@ def log_start(config: RunConfig, corpus, info, model: torch.nn.Module) -> None:
         else moe.router.kind + (" batch-balanced" if moe.router.batch_balanced else ""),
         backend,
         str(dtype).removeprefix("torch."),
-        info.world_size,
+        plural(info.world_size, "rank"),
         info.device.type,
         config.train.ep_size,
         per_rank,
     )
     tc = config.train
     log.info(
-        "batch: %d tokens per step (%d sequences of %d per rank%s, %d ranks)",
+        "batch: %d tokens per step (%s of %d per rank%s, %s)",
         tokens_per_step(config, info.world_size),
-        tc.batch_size,
+        plural(tc.batch_size, "sequence"),
         config.model.block_size,
         f" x {tc.grad_accum} micro-batches" if tc.grad_accum > 1 else "",
-        info.world_size,
+        plural(info.world_size, "rank"),
     )
     scale = hidden_lr_scale(model, config.train)
     if scale < 1.0:
@@ -557,6 +617,11 @@ def run(config: RunConfig) -> str | None:
             "--overwrite) to continue"
         )
     first, last = result["history"][0], result["history"][-1]
+    if len(result["history"]) == 1:  # its train loss is the mean of every step: from the first step's own
+        return (
+            f"done: train loss {result['step_losses'][0]:.3f} (step {start + 1}) -> {last['train_loss']:.3f} (mean of "
+            f"steps {start + 1}-{end}), val loss {last['val_loss']:.3f} over {this_run}"
+        )
     return (
         f"done: train loss {first['train_loss']:.3f} -> {last['train_loss']:.3f}, "
         f"val loss {first['val_loss']:.3f} -> {last['val_loss']:.3f} over {this_run}"

@@ -325,10 +325,36 @@ def test_quickstart_runs_the_demo_under_the_deepspeed_launcher_with_2_ranks(tmp_
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "done: train loss" in proc.stdout and "2 ranks on cpu, ep_size 2" in proc.stderr
+    # The bar, drawn into a pipe: redrawn under the evaluation line of step 2, it counts 2 steps (it showed 0/4,
+    # its count as of its last timed draw, while its loss changed).
+    draws = [draw for draw in proc.stderr.replace("\r", "\n").splitlines() if draw.startswith("train:")]
+    assert not [draw for draw in draws if " 0/4 " in draw and "loss=" in draw], draws
+    assert any(" 2/4 " in draw for draw in draws), draws
     assert (tmp_path / "checkpoints" / "step4" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").exists()
     # DeepSpeed's CPU all-reduce buffers (66 MiB a rank) are not left behind in /dev/shm
     left = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{env['MASTER_PORT']}_*"))
     assert left == []
+
+
+def warnings_worker(rank, world, raw):
+    """The warnings a rank shows after the run start-up: torch's deprecation of the all-gather DeepSpeed's ZeRO calls
+    (every rank printed it, and a stack line), then another FutureWarning."""
+    import warnings
+
+    from c2r.run_setup import start_run
+
+    start_run(config_from_dict(RunConfig, raw))
+    gathered = torch.zeros(world)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.filterwarnings("always", append=True)  # behind the run's own filters
+        torch.distributed.all_gather_into_tensor(gathered, torch.ones(1))
+        warnings.warn("another deprecation", FutureWarning, stacklevel=1)
+    return [str(warning.message) for warning in shown]
+
+
+def test_the_run_start_up_filters_only_the_all_gather_deprecation(tmp_path):
+    (shown,) = run_distributed(warnings_worker, 1, tmp_path / "w", run_config(tmp_path / "run"))
+    assert shown == ["another deprecation"]
 
 
 def mpi_available() -> bool:

@@ -107,6 +107,40 @@ def test_training_lowers_loss_and_writes_metrics_and_checkpoint(tmp_path):
     assert saved == config_from_dict(RunConfig, tiny_run_config(tmp_path / "run"))
 
 
+def summary_worker(rank, world, raw_config):
+    """The run's summary line, its step losses and the lines c2r.train logged."""
+    import logging
+
+    import c2r.train
+
+    lines, results = [], []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("c2r.train").addHandler(handler)
+    logging.getLogger("c2r.train").setLevel(logging.INFO)
+    real_train = c2r.train.train
+    c2r.train.train = lambda config: results.append(real_train(config)) or results[-1]
+    summary = c2r.train.run(config_from_dict(RunConfig, raw_config))
+    return summary, results[0]["step_losses"], lines
+
+
+def test_a_run_with_one_evaluation_says_what_it_learned_and_counts_one_rank(tmp_path):
+    """A run of at most eval_every steps evaluates once: its `done:` line read `train loss 3.668 -> 3.668, val loss
+    2.702 -> 2.702`, as if nothing was learned; it starts from the first step's loss now. Its log said "1 ranks"."""
+    raw = tiny_run_config(tmp_path / "run", steps=4, eval_every=10, eval_batches=1)
+    raw["model"]["n_layer"] = 1
+    ((summary, step_losses, lines),) = run_distributed(summary_worker, 1, tmp_path / "ranks", raw)
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert summary == (
+        f"done: train loss {step_losses[0]:.3f} (step 1) -> {record['train_loss']:.3f} (mean of steps 1-4), val loss "
+        f"{record['val_loss']:.3f} over 4 steps"
+    )
+    assert record["train_loss"] == pytest.approx(sum(step_losses) / 4)  # the mean since the previous evaluation
+    (model,) = [line for line in lines if line.startswith("model:")]
+    assert "model: 1 MoE layer of 4 experts" in model and "1 rank on cpu, ep_size 1 (4 experts per rank)" in model
+    assert "batch: 256 tokens per step (8 sequences of 32 per rank, 1 rank)" in lines
+
+
 def test_cli_overrides_and_errors():
     config = TRAIN_CLI.resolve(
         ["--steps", "7", "--backend", "reference", "--set", "model.moe.top_k=1", "--set", "train.out_dir=/tmp/x"]

@@ -2,11 +2,13 @@
 at the same step boundary with a checkpoint, a killed rank leaves the last periodic checkpoint loadable, an existing
 run is never silently replaced, DeepSpeed monitors get scalars only."""
 
+import dataclasses
 import json
 import os
 import random
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -292,32 +294,146 @@ def test_save_policy_on_flags_read_a_step_late(tmp_path):
     assert (signal_name, saved, both) == ("SIGTERM", True, "SIGINT")
 
 
-def profiled_worker(rank, world, raw):
-    result = c2r.train.train(config_from_dict(RunConfig, raw))
-    return result["start_step"], result["end_step"]
+def profiled_worker(rank, world, raws: list[dict]):
+    """``train`` on each config in turn: its (start step, end step), or its error's message; and the warnings of
+    c2r.train's log."""
+    import logging
+
+    warnings = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("c2r.train").addHandler(handler)
+    results = []
+    for raw in raws:
+        try:
+            result = c2r.train.train(config_from_dict(RunConfig, raw))
+            results.append((result["start_step"], result["end_step"]))
+        except ValueError as error:
+            results.append(str(error))
+    return results, warnings
+
+
+def files_in(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
 def test_a_resumed_profile_keeps_the_earlier_one_whole(tmp_path):
     """--resume --profile restarted the trace shards at rank000-00000 and rewrote the counts: the recording of the
-    steps before the resume was lost. The earlier profile is now moved aside whole; the new one starts at the resume."""
+    steps before the resume was lost. The earlier profile is now moved aside whole; the new one starts at the resume.
+    A resume that is refused (here: another expert count) or has nothing to do (--steps at the checkpoint's) left
+    an empty profile/ and the earlier one moved aside (c2r-profile summarize then found no profile): now it leaves
+    the directory's profile as it was. The longer resume stretches the learning-rate schedule: it says so."""
     import numpy as np
 
     from c2r.run_dir import clear_run
+    from c2r.run_setup import lr_at
 
-    raw = tiny_run_config(tmp_path / "run", steps=4, profile=True, eval_every=2, save_every=0)
-    run_distributed(profiled_worker, 1, tmp_path / "a", raw)
+    run = tmp_path / "run"
+    raw = tiny_run_config(run, steps=4, profile=True, eval_every=2, save_every=0, ep_size=2, dispatch="per-rank")
+    run_distributed(profiled_worker, 2, tmp_path / "a", [raw])
     shard = "traces/rank000-00000.npz"
-    before = np.load(tmp_path / "run" / "profile" / shard)
-    longer = tiny_run_config(tmp_path / "run", steps=8, profile=True, eval_every=2, save_every=0, resume=True)
-    assert run_distributed(profiled_worker, 1, tmp_path / "b", longer) == [(4, 8)]
-    kept = tmp_path / "run" / "profile-before-resume-at-step4"
-    with np.load(kept / shard) as old, np.load(tmp_path / "run" / "profile" / shard) as new:
+    before = np.load(run / "profile" / shard)
+    recorded = files_in(run / "profile")
+    assert recorded["comm/comm-rank001.jsonl"]  # the all-to-all records too
+
+    def resume(steps: int, **model: int) -> dict:
+        longer = tiny_run_config(run, steps=steps, profile=True, eval_every=2, save_every=0, resume=True, ep_size=2)
+        longer["train"]["dispatch"] = "per-rank"
+        longer["model"]["moe"].update(model)
+        return longer
+
+    (results, warnings), _ = run_distributed(profiled_worker, 2, tmp_path / "b", [resume(8, num_experts=4), resume(4)])
+    assert results == [
+        f"checkpoint {run / 'checkpoints' / 'step4'} does not fit this model: num_experts=8 in the checkpoint, 4 here",
+        (4, 4),
+    ]
+    assert warnings == []
+    assert sorted(path.name for path in run.iterdir()) == ["checkpoints", "metrics.jsonl", "profile"]
+    assert files_in(run / "profile") == recorded
+
+    (results, warnings), _ = run_distributed(profiled_worker, 2, tmp_path / "c", [resume(8)])
+    assert results == [(4, 8)]
+    tc = config_from_dict(RunConfig, resume(8)).train
+    lr_saved, lr_now = lr_at(4, dataclasses.replace(tc, steps=4)), lr_at(4, tc)
+    assert lr_saved != lr_now and warnings == [
+        "train.steps changes on resume (4 in checkpoint step4, 8 here): the cosine learning-rate schedule now decays "
+        f"over 8 steps, so the learning rate at the resume (step 4) is {lr_now:.1e}, where the saved schedule had "
+        f"{lr_saved:.1e}"
+    ]
+    kept = run / "profile-before-resume-at-step4"
+    assert files_in(kept) == recorded
+    with np.load(kept / shard) as old, np.load(run / "profile" / shard) as new:
         assert np.array_equal(old["step"], before["step"]) and set(old["step"].tolist()) == {0, 1, 2, 3}
         assert set(new["step"].tolist()) == {4, 5, 6, 7}
-    assert sorted(clear_run(tmp_path / "run")) == sorted(
+    assert sorted(clear_run(run)) == sorted(
         ["checkpoints/", "metrics.jsonl", "profile/", "profile-before-resume-at-step4/"]
     )
     assert not kept.exists()
+
+
+# What a rank does on stop signals, in a process of its own: the signals end it, or it prints `exited` with the
+# signal it would stop by.
+SIGNALS_SCRIPT = """
+import os, signal, sys
+from c2r.stops import StopSignals
+with StopSignals(rank=int(sys.argv[2])) as signals:
+    if sys.argv[1] == "training":
+        signals.begin_training()
+    for name in sys.argv[3:]:
+        os.kill(os.getpid(), getattr(signal, name))  # handled before the next line
+print("exited", signals.received and signal.Signals(signals.received).name)
+"""
+
+
+def send_signals(phase: str, *names: str, rank: int = 0) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-c", SIGNALS_SCRIPT, phase, str(rank), *names]
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=60)
+
+
+def test_a_repeated_stop_signal_aborts_at_once_in_one_line():
+    """The deepspeed launcher forwards a Ctrl-C as SIGTERM: one SIGINT and one SIGTERM are one stop. A second Ctrl-C
+    (or SIGTERM) printed a traceback (`Signal 15 ignored due to race condition` inside an all-to-all, then a
+    KeyboardInterrupt) and did not abort: now it ends the rank at once, killed by the signal, with one line."""
+    one_stop = send_signals("training", "SIGINT", "SIGTERM")
+    assert (one_stop.returncode, one_stop.stdout, one_stop.stderr) == (0, "exited SIGINT\n", "")
+    for rank, names in ((0, ("SIGINT", "SIGTERM", "SIGINT")), (1, ("SIGTERM", "SIGTERM"))):
+        again = send_signals("training", *names, rank=rank)
+        assert (again.returncode, again.stdout) == (-signal.Signals[names[-1]], ""), names
+        line = f"{names[-1]} again: aborted at once, without a checkpoint (the last saved one stays loadable)"
+        # rank 0 starts a line of its own: its progress bar's is not ended
+        assert again.stderr == (f"\n{line}\n" if rank == 0 else f"{line} (rank 1)\n")
+
+
+def test_a_stop_signal_before_training_ends_the_rank_in_one_line():
+    early = send_signals("start-up", "SIGTERM")
+    assert (early.returncode, early.stdout) == (-signal.SIGTERM, "")
+    assert early.stderr == "stopped by SIGTERM before training began; nothing saved\n"
+
+
+STARTUP_SCRIPT = """
+import os, signal, sys
+import c2r.train
+real_build = c2r.train.build_engine
+
+def build_after_ctrl_c(*args, **kwargs):  # Ctrl-C while DeepSpeed builds the engine (and its shm op)
+    os.kill(os.getpid(), signal.SIGINT)
+    return real_build(*args, **kwargs)
+
+c2r.train.build_engine = build_after_ctrl_c
+sys.exit(c2r.train.main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_during_start_up_ends_the_run_in_one_line(tmp_path):
+    """Ctrl-C before step 1 gave two tracebacks and a 30 s wait under the launcher; now one line and a non-zero
+    exit, nothing written."""
+    tiny = ["--set", "model.n_layer=1", "--set", "model.d_model=16", "--set", "data.max_bytes=100000"]
+    command = [sys.executable, "-c", STARTUP_SCRIPT, "--steps", "2", "--out", str(tmp_path / "run"), *tiny]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=launcher_env(), timeout=120)
+    assert proc.returncode == -signal.SIGINT, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.splitlines()[-1] == "stopped by SIGINT before training began; nothing saved"
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_a_stop_that_would_outlast_the_deepspeed_launchers_grace_is_warned_of():
