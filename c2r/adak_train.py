@@ -594,7 +594,11 @@ ADAK_CLI = ConfigCli(
     description=__doc__,
     config_cls=AdaKRunConfig,
     shorthands=(
-        Shorthand("--checkpoint", "adak.checkpoint", "c2r-train run dir, checkpoints dir or tag dir (required)"),
+        Shorthand(
+            "--checkpoint",
+            "adak.checkpoint",
+            "c2r-train run dir, checkpoints dir or tag dir (required: here, or adak.checkpoint in --config / --set)",
+        ),
         Shorthand("--out", "train.out_dir", "output directory"),
         Shorthand("--overwrite", "train.overwrite", "replace the run already in --out", switch=True),
         Shorthand("--steps", "adak.steps", "PPO batches", int),

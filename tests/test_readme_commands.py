@@ -99,7 +99,7 @@ def test_small_settings_keep_the_order_of_runs():
 
 @pytest.fixture
 def checkout(tmp_path) -> Path:
-    for name in ("launch", "deepspeed_configs", "README.md"):  # README.md: a text the Hugging Face block trains on
+    for name in ("launch", "deepspeed_configs", "README.md"):
         (tmp_path / name).symlink_to(REPO / name)
     (tmp_path / ".venv").symlink_to(Path(sys.executable).parent.parent)
     return tmp_path

@@ -132,7 +132,7 @@ def test_resume_on_another_number_of_ranks_says_how_to_reshard(tmp_path, full_ru
     raw = tiny_run_config(run_dir, steps=STEPS + 1, ep_size=1, resume=True)
     (message,) = run_distributed(ep_mismatch_worker, 1, tmp_path / "w", raw)
     assert message == (
-        f"checkpoint step{STEPS} was saved with ep_size=2 on 2 ranks, this run has ep_size=1 on 1 ranks; convert it "
+        f"checkpoint step{STEPS} was saved with ep_size=2 on 2 ranks, this run has ep_size=1 on 1 rank; convert it "
         f"first: c2r-place reshard --checkpoint {run_dir / 'checkpoints'} --world-size 1 --ep-size 1 "
         "--out NEW_RUN/checkpoints"
     )

@@ -190,8 +190,8 @@ def check_same_size(saved: dict[str, Any], run_config: dict[str, Any], ckpt_dir:
     saved_world = saved.get("world_size") or zero_files or None
     if saved_ep != ep or (zero_files and zero_files != world):
         raise ValueError(
-            f"checkpoint {tag} was saved with ep_size={saved_ep} on {saved_world or 'an unrecorded number of'} ranks, "
-            f"this run has ep_size={ep} on {world} ranks; convert it first: c2r-place reshard --checkpoint {ckpt_dir} "
+            f"checkpoint {tag} was saved with ep_size={saved_ep} on {_ranks(saved_world)}, this run has "
+            f"ep_size={ep} on {_ranks(world)}; convert it first: c2r-place reshard --checkpoint {ckpt_dir} "
             f"--world-size {world} --ep-size {ep} --out NEW_RUN/checkpoints"
         )
     if dist.get_rank() != 0:
@@ -240,6 +240,10 @@ def batch_source(run_config: dict[str, Any]) -> dict[str, Any]:
     if data["path"] is None and data["max_bytes"] is None:
         data["max_bytes"] = EMBEDDED_MAX_BYTES
     return {"train.seed": run_config["train"].get("seed"), **{f"data.{k}": v for k, v in data.items()}}
+
+
+def _ranks(count: int | None) -> str:
+    return "an unrecorded number of ranks" if not count else f"{count} rank{'' if count == 1 else 's'}"
 
 
 def recorded_layouts(run_config: dict[str, Any]) -> list[ExpertLayout]:
