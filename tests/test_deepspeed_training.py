@@ -252,21 +252,14 @@ def test_crash_mid_save_leaves_latest_on_the_last_complete_checkpoint(tmp_path):
 
 
 def flush_order_worker(rank, world, ckpt_dir):
+    from types import SimpleNamespace
+
     from c2r.deepspeed.checkpoint import save_checkpoint
     from profiling import files
+    from tests.test_files import record_fsyncs_and_renames
 
-    events = []
     real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd):
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        real_fsync(fd)
-
-    def replace(src, dst):
-        events.append(("replace", str(dst)))
-        real_replace(src, dst)
-
-    files.os.fsync, files.os.replace = fsync, replace  # this worker process's own modules
+    events = record_fsyncs_and_renames(SimpleNamespace(setattr=setattr))  # this worker process's own modules
     try:
 
         class Engine:

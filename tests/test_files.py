@@ -12,7 +12,8 @@ from profiling.files import atomic_save_npz, atomic_write_text, fsync_tree
 
 
 def record_fsyncs_and_renames(monkeypatch) -> list[tuple[str, str]]:
-    """Patch os.fsync / os.replace to log ("fsync", path) and ("replace", target) in the order they happen."""
+    """Patch the writers' os.fsync / os.replace (through ``monkeypatch.setattr``, or any function of the same
+    signature) to log ("fsync", path) and ("replace", target) in the order they happen."""
     events: list[tuple[str, str]] = []
     real_fsync, real_replace = os.fsync, os.replace
 

@@ -26,16 +26,15 @@ def test_gpu_run_script_parses_and_refuses_an_unknown_part(script, tmp_path):
     assert f"{script}: unknown part 'warp-drive'" in done.stderr
 
 
+def smoke_multi_gpu_part(part: str, out) -> subprocess.CompletedProcess:
+    """multi_gpu_runs.sh PART on 4 CPU ranks with tiny sizes (SMOKE=1), its outputs in ``out``."""
+    env = dict(os.environ, OUT=str(out), SMOKE="1", NGPU="4")
+    script = str(REPO / "benchmarks" / "multi_gpu_runs.sh")
+    return subprocess.run(["bash", script, part], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+
+
 def test_multi_gpu_cost_part_runs_on_cpu_ranks(tmp_path):
-    env = dict(os.environ, OUT=str(tmp_path), SMOKE="1", NGPU="4")
-    done = subprocess.run(
-        ["bash", str(REPO / "benchmarks" / "multi_gpu_runs.sh"), "cost"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=600,
-    )
+    done = smoke_multi_gpu_part("cost", tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "== ep_bench on 2 GPUs rc 0" in done.stdout and "== ep_bench on 4 GPUs rc 0" in done.stdout, done.stdout
     assert "predicted runs:" in done.stdout and "| 4 ranks, 2 x 2 | per-rank-planned |" in done.stdout, done.stdout
@@ -44,15 +43,7 @@ def test_multi_gpu_cost_part_runs_on_cpu_ranks(tmp_path):
 
 
 def test_multi_gpu_ep_fine_part_runs_on_cpu_ranks(tmp_path):
-    env = dict(os.environ, OUT=str(tmp_path), SMOKE="1", NGPU="4")
-    done = subprocess.run(
-        ["bash", str(REPO / "benchmarks" / "multi_gpu_runs.sh"), "ep-fine"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=600,
-    )
+    done = smoke_multi_gpu_part("ep-fine", tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     finished = (
         "== ep-fine on 4 GPUs rc 0",
