@@ -112,7 +112,8 @@ def resume_resharded(tmp_path, name, source, tag, world, ep_size, ds_config, cli
             text=True,
         )
         assert done.returncode == 0, done.stderr
-        assert f"--resume --ep-size {ep_size} --set train.batch_size={8 // world}" in done.stdout
+        assert f"continue with `NUM_RANKS={world} EP_SIZE={ep_size} bash launch/quickstart.sh " in done.stdout
+        assert f"--resume --set train.batch_size={8 // world} --steps N`" in done.stdout
         written = out / tag
     else:
         written = reshard(source / "checkpoints", out, world, ep_size, tag=tag)
@@ -173,7 +174,7 @@ def test_resharded_resume_follows_the_uninterrupted_run(tmp_path, stage):
     if stage == 2:  # the unconverted checkpoint on another world size: one line that says what to do
         raw = raw_config(tmp_path / "full", ds_config, ep_size=1, batch_size=8, resume=True)
         (message,) = run_distributed(resume_error_worker, 1, tmp_path / "w_refused", raw)
-        assert "saved with ep_size=2 on 2 ranks, this run has ep_size=1 on 1 ranks" in message
+        assert "saved with ep_size=2 on 2 ranks, this run has ep_size=1 on 1 rank" in message
         assert "c2r-place reshard --checkpoint" in message
 
 
