@@ -89,6 +89,7 @@ from placement.layout import ExpertLayout  # noqa: E402
 from placement.methods import plan_layer, plan_placement  # noqa: E402
 from placement.replicate import replicate_layer  # noqa: E402
 from placement.synthetic import synthetic_expert_ids  # noqa: E402
+from profiling.files import atomic_write_text  # noqa: E402
 from profiling.host_syncs import count_host_syncs  # noqa: E402
 from profiling.kernels import profile_steps  # noqa: E402
 
@@ -704,9 +705,7 @@ class Report:
             return
         data = {"args": {k: str(v) for k, v in vars(self.args).items()}, "world": self.world, "complete": complete}
         data.update(plans=self.plans, rows=self.rows)
-        partial = self.args.json.with_name(self.args.json.name + ".partial")
-        partial.write_text(json.dumps(data, indent=1))
-        partial.replace(self.args.json)  # never a half-written file, whenever the run is stopped
+        atomic_write_text(self.args.json, json.dumps(data, indent=1))  # never half a file, whenever the run stops
 
 
 def parse_args(argv=None):

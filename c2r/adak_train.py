@@ -57,6 +57,7 @@ from c2r.run_setup import (
     flatten,
     global_mean,
     merge,
+    nested,
     plural,
     progress_bar,
     run_config_record,
@@ -126,18 +127,6 @@ FIXED_SETTINGS: dict[str, Any] = {
     "model.dropout": 0.0,
     "profile.enabled": False,
 }
-
-
-def nested(flat: dict[str, Any]) -> dict[str, Any]:
-    """``{"train.lr": 1e-3}`` -> ``{"train": {"lr": 1e-3}}``."""
-    settings: dict[str, Any] = {}
-    for key, value in flat.items():
-        *parents, leaf = key.split(".")
-        node = settings
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return settings
 
 
 @dataclass

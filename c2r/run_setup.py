@@ -195,6 +195,18 @@ def flatten(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def nested(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"train.lr": 1e-3}`` -> ``{"train": {"lr": 1e-3}}`` (the inverse of `flatten`)."""
+    settings: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = settings
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return settings
+
+
 def dataclass_defaults(cls: type, prefix: str = "") -> dict[str, Any]:
     """Every field's default by dotted key, sections included (a field without a default is left out)."""
     defaults, hints = {}, typing.get_type_hints(cls)
